@@ -1,0 +1,190 @@
+//! The one error type every backend returns.
+//!
+//! Variants are what a caller decides on (retry, reload and retry, fix the input, give up);
+//! backends keep their own private error types and convert into these.
+
+use crate::stream_id::StreamId;
+use crate::version::{ExpectedVersion, Version};
+use uuid::Uuid;
+
+/// A boxed error from a driver or codec, kept as the source.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong talking to an event store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The stream was not at the version the append expected: someone else wrote first. Reload
+    /// and decide again. Nothing of this append was stored.
+    #[error("wrong expected version on stream {stream}: expected {expected}, the stream is at {}", .actual.map(|v| format!("version {v}")).unwrap_or_else(|| "no stream".into()))]
+    WrongExpectedVersion {
+        /// The stream written to.
+        stream: StreamId,
+        /// What the append expected.
+        expected: ExpectedVersion,
+        /// The stream's last version when the store checked (None: no stream).
+        actual: Option<Version>,
+    },
+
+    /// An event id of the batch is already stored in the stream, but the batch is not a retry of
+    /// the append that stored it (other ids, other order or other place). Nothing was stored.
+    #[error("event {event_id} is already stored in stream {stream} at version {version}, and this batch is not a retry of that append")]
+    IdempotencyConflict {
+        /// The stream written to.
+        stream: StreamId,
+        /// The id found stored.
+        event_id: Uuid,
+        /// Where it is stored.
+        version: Version,
+    },
+
+    /// Input that can never succeed: a malformed name, an empty batch, a bad URL, a start that
+    /// does not fit the mode. `what` names the input, `reason` the rule.
+    #[error("invalid {what}: {reason}")]
+    InvalidInput {
+        /// The offending input, e.g. `stream "account-"`.
+        what: String,
+        /// The rule it breaks.
+        reason: String,
+    },
+
+    /// One event is larger than the store's configured limit. Nothing of the batch was stored.
+    #[error("event {event_id} (index {index} of the batch for stream {stream}) is {size} bytes, the limit is {limit}")]
+    EventTooLarge {
+        /// The stream written to.
+        stream: StreamId,
+        /// The oversize event.
+        event_id: Uuid,
+        /// Its index in the batch.
+        index: usize,
+        /// Its size as [`crate::EventData::size`] counts.
+        size: usize,
+        /// The store's limit.
+        limit: usize,
+    },
+
+    /// A checkpoint made by another backend (or another kind of subscription) was handed in.
+    #[error("checkpoint {checkpoint} was not made by the {expected_backend} backend")]
+    ForeignCheckpoint {
+        /// The backend that received it.
+        expected_backend: String,
+        /// The checkpoint, in text form.
+        checkpoint: String,
+    },
+
+    /// A stored payload does not decode as the requested type. The stored event is unchanged.
+    #[error(
+        "cannot decode event {stream}@{version} of type {event_type} ({content_type}): {reason}"
+    )]
+    Decode {
+        /// The event's stream.
+        stream: StreamId,
+        /// The event's version.
+        version: Version,
+        /// The event's type name.
+        event_type: String,
+        /// The payload's content type.
+        content_type: String,
+        /// What the decoder said.
+        reason: String,
+    },
+
+    /// A value could not be encoded as a payload.
+    #[error("cannot encode payload as {content_type}: {source}")]
+    Encode {
+        /// The target content type.
+        content_type: String,
+        /// The encoder's error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The backend cannot be reached or did not answer in time. Retryable: the operation may or
+    /// may not have taken effect, which is why appends are idempotent by event id.
+    #[error("{backend} backend unavailable: {message}")]
+    Unavailable {
+        /// Which backend.
+        backend: &'static str,
+        /// What failed, with the address or the timeout.
+        message: String,
+        /// The driver's error, when there is one.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// The backend cannot do this at all; see its `Capabilities`.
+    #[error("{backend} backend does not support {operation}")]
+    Unsupported {
+        /// Which backend.
+        backend: &'static str,
+        /// What was asked.
+        operation: String,
+    },
+
+    /// The URL names a backend that exists but was not compiled in.
+    #[error("{url:?} needs the {backend} backend: enable cargo feature {feature:?}")]
+    BackendNotCompiled {
+        /// The URL given (credentials removed).
+        url: String,
+        /// The backend it names.
+        backend: &'static str,
+        /// The cargo feature that compiles it in.
+        feature: &'static str,
+    },
+
+    /// Any other failure inside a backend (a driver error that is not a timeout, corrupt data).
+    #[error("{backend} backend error: {source}")]
+    Backend {
+        /// Which backend.
+        backend: &'static str,
+        /// The underlying error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl Error {
+    /// Whether retrying the same call later can succeed without changing it.
+    ///
+    /// Only [`Error::Unavailable`]: a `WrongExpectedVersion` needs a reload first, the rest need
+    /// different input or code.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Unavailable { .. })
+    }
+
+    /// A `Backend` error from any driver error.
+    pub fn backend(backend: &'static str, source: impl Into<BoxError>) -> Self {
+        Error::Backend {
+            backend,
+            source: source.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_stream_and_versions() {
+        let e = Error::WrongExpectedVersion {
+            stream: StreamId::parse("account-7").unwrap(),
+            expected: ExpectedVersion::Exact(Version(2)),
+            actual: Some(Version(5)),
+        };
+        assert_eq!(
+            e.to_string(),
+            "wrong expected version on stream account-7: expected version 2, the stream is at version 5"
+        );
+        assert!(!e.is_retryable());
+        let u = Error::Unavailable {
+            backend: "kafka",
+            message: "127.0.0.1:9092 did not answer in 5s".into(),
+            source: None,
+        };
+        assert!(u.is_retryable());
+    }
+}

@@ -1,0 +1,195 @@
+//! Input checks every backend runs before it writes, so that all backends refuse the same input
+//! with the same error, and refuse it before anything is stored.
+
+use std::collections::HashSet;
+
+use uuid::Uuid;
+
+use crate::error::Error;
+use crate::event::EventData;
+use crate::stream_id::StreamId;
+use crate::subscription::{Start, SubscriptionMode};
+use crate::version::Version;
+
+/// The default limit on one event's size ([`EventData::size`]): 1 MiB.
+pub const DEFAULT_MAX_EVENT_SIZE: usize = 1024 * 1024;
+
+/// Checks a batch before it is appended to `stream`.
+///
+/// # Errors
+/// - [`Error::InvalidInput`] for an empty batch, a nil event id, or an id given twice.
+/// - [`Error::EventTooLarge`] for the first event over `max_event_size`.
+pub fn validate_batch(
+    stream: &StreamId,
+    events: &[EventData],
+    max_event_size: usize,
+) -> Result<(), Error> {
+    if events.is_empty() {
+        return Err(Error::InvalidInput {
+            what: format!("append to stream {stream}"),
+            reason: "the batch is empty; an append stores at least one event".into(),
+        });
+    }
+    let mut seen = HashSet::with_capacity(events.len());
+    for (index, e) in events.iter().enumerate() {
+        if e.event_id.is_nil() {
+            return Err(Error::InvalidInput {
+                what: format!("event at index {index} of the batch for stream {stream}"),
+                reason: "the event id is the nil UUID; ids are the idempotency key".into(),
+            });
+        }
+        if !seen.insert(e.event_id) {
+            return Err(Error::InvalidInput {
+                what: format!("event at index {index} of the batch for stream {stream}"),
+                reason: format!("event id {} appears twice in the batch", e.event_id),
+            });
+        }
+        let size = e.size();
+        if size > max_event_size {
+            return Err(Error::EventTooLarge {
+                stream: stream.clone(),
+                event_id: e.event_id,
+                index,
+                size,
+                limit: max_event_size,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks that a subscription's start fits its mode.
+///
+/// # Errors
+/// - [`Error::InvalidInput`] for a `Hot` subscription with a start other than `Now`: history is
+///   what `HotCold` is for, and silently ignoring the start would hide a bug.
+pub fn validate_subscription(start: &Start, mode: SubscriptionMode) -> Result<(), Error> {
+    if mode == SubscriptionMode::Hot && *start != Start::Now {
+        return Err(Error::InvalidInput {
+            what: format!("Hot subscription starting at {start:?}"),
+            reason: "Hot subscriptions deliver only live events and start Now; use HotCold to replay from a point".into(),
+        });
+    }
+    Ok(())
+}
+
+/// What a batch is, given which of its ids the stream already holds.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum BatchKind {
+    /// No id is stored yet: check the expected version and write.
+    New,
+    /// Every id is stored, in this order, at consecutive versions from `first`: a retry of an
+    /// append that already landed. Report success, store nothing.
+    Retry {
+        /// The version of the batch's first event.
+        first: Version,
+    },
+}
+
+/// Classifies a batch by looking up where each of its ids is stored in the stream.
+///
+/// # Errors
+/// - [`Error::IdempotencyConflict`] when some ids are stored and the batch is not exactly the
+///   stored run: storing it would duplicate those events, refusing it loses nothing.
+pub fn classify_batch(
+    stream: &StreamId,
+    events: &[EventData],
+    mut stored_version: impl FnMut(&Uuid) -> Option<Version>,
+) -> Result<BatchKind, Error> {
+    let found: Vec<Option<Version>> = events.iter().map(|e| stored_version(&e.event_id)).collect();
+    let Some(hit) = found.iter().position(Option::is_some) else {
+        return Ok(BatchKind::New);
+    };
+    if let Some(Some(first)) = found.first() {
+        let run = found
+            .iter()
+            .enumerate()
+            .all(|(i, v)| *v == Some(Version(first.0 + i as u64)));
+        if run {
+            return Ok(BatchKind::Retry { first: *first });
+        }
+    }
+    Err(Error::IdempotencyConflict {
+        stream: stream.clone(),
+        event_id: events[hit].event_id,
+        version: found[hit].expect("hit is a found position"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{ContentType, EventType, Payload};
+
+    fn event(size: usize) -> EventData {
+        EventData::new(
+            EventType::new("T").unwrap(),
+            Payload::raw(ContentType::Json, vec![b'1'; size]),
+        )
+    }
+
+    #[test]
+    fn batch_errors() {
+        let s = StreamId::parse("a-1").unwrap();
+        assert!(matches!(
+            validate_batch(&s, &[], 10),
+            Err(Error::InvalidInput { .. })
+        ));
+        let e = event(1);
+        assert!(matches!(
+            validate_batch(&s, &[e.clone(), e.clone()], 10),
+            Err(Error::InvalidInput { reason, .. }) if reason.contains("twice")
+        ));
+        assert!(matches!(
+            validate_batch(&s, &[event(1).with_id(Uuid::nil())], 10),
+            Err(Error::InvalidInput { reason, .. }) if reason.contains("nil")
+        ));
+        let big = event(10);
+        assert!(matches!(
+            validate_batch(&s, &[event(1), big.clone()], 10),
+            Err(Error::EventTooLarge { index: 1, size: 11, limit: 10, event_id, .. }) if event_id == big.event_id
+        ));
+        assert!(validate_batch(&s, &[event(9)], 10).is_ok());
+    }
+
+    #[test]
+    fn classify_new_retry_conflict() {
+        let s = StreamId::parse("a-1").unwrap();
+        let (a, b, c) = (event(1), event(1), event(1));
+        let stored = |ids: Vec<(Uuid, u64)>| {
+            move |id: &Uuid| ids.iter().find(|(i, _)| i == id).map(|(_, v)| Version(*v))
+        };
+        assert_eq!(
+            classify_batch(&s, &[a.clone(), b.clone()], stored(vec![])).unwrap(),
+            BatchKind::New
+        );
+        assert_eq!(
+            classify_batch(
+                &s,
+                &[a.clone(), b.clone()],
+                stored(vec![(a.event_id, 3), (b.event_id, 4)])
+            )
+            .unwrap(),
+            BatchKind::Retry { first: Version(3) }
+        );
+        // Reordered, partial, or extended: conflict naming the first stored id.
+        for (batch, ids) in [
+            (
+                vec![b.clone(), a.clone()],
+                vec![(a.event_id, 3), (b.event_id, 4)],
+            ),
+            (vec![a.clone(), c.clone()], vec![(a.event_id, 3)]),
+            (vec![c.clone(), a.clone()], vec![(a.event_id, 3)]),
+        ] {
+            let err = classify_batch(&s, &batch, stored(ids)).unwrap_err();
+            assert!(matches!(err, Error::IdempotencyConflict { .. }), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn hot_needs_now() {
+        assert!(validate_subscription(&Start::Now, SubscriptionMode::Hot).is_ok());
+        assert!(validate_subscription(&Start::Beginning, SubscriptionMode::Hot).is_err());
+        assert!(validate_subscription(&Start::Beginning, SubscriptionMode::HotCold).is_ok());
+    }
+}

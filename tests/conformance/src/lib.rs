@@ -1,0 +1,162 @@
+#![doc = include_str!("../README.md")]
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use photon_api::{Category, EventStore};
+
+pub mod cases;
+mod support;
+
+pub use support::{collect_cold, fresh_category, fresh_stream, number_of, numbered};
+
+type Connect = Arc<dyn Fn() -> BoxFuture<'static, Arc<dyn EventStore>> + Send + Sync>;
+
+/// How the suite reaches one backend.
+///
+/// `connect` must return a *new client* of the *same* data each time (for a server backend, a new
+/// connection; for the in-memory one, a clone of one store), because the concurrency cases race
+/// separate clients as separate processes would.
+#[derive(Clone)]
+pub struct Harness {
+    backend: &'static str,
+    connect: Connect,
+    unreachable: Option<Connect>,
+    /// How long a case waits for an event that must arrive before it fails.
+    pub patience: Duration,
+}
+
+impl Harness {
+    /// A harness for `backend` whose `connect` opens a new client of the same data.
+    pub fn new<F, Fut>(backend: &'static str, connect: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Arc<dyn EventStore>> + Send + 'static,
+    {
+        Self {
+            backend,
+            connect: Arc::new(move || connect().boxed()),
+            unreachable: None,
+            patience: Duration::from_secs(30),
+        }
+    }
+
+    /// Adds a way to build a client pointed at an address where no server listens, for the
+    /// "unreachable server gives `Unavailable` in bounded time" case. Backends without a server
+    /// (in-memory) leave it out and the case says so.
+    pub fn with_unreachable<F, Fut>(mut self, connect: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Arc<dyn EventStore>> + Send + 'static,
+    {
+        self.unreachable = Some(Arc::new(move || connect().boxed()));
+        self
+    }
+
+    /// The backend's name as the store reports it.
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    /// A new client of the shared data.
+    pub async fn client(&self) -> Arc<dyn EventStore> {
+        let store = (self.connect)().await;
+        assert_eq!(
+            store.backend(),
+            self.backend,
+            "harness built the wrong backend"
+        );
+        store
+    }
+
+    /// A client of nothing (a closed port), if the backend has a server.
+    pub async fn unreachable_client(&self) -> Option<Arc<dyn EventStore>> {
+        match &self.unreachable {
+            Some(f) => Some(f().await),
+            None => None,
+        }
+    }
+
+    /// A fresh random category for one case.
+    pub fn category(&self) -> Category {
+        fresh_category()
+    }
+}
+
+impl fmt::Debug for Harness {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Harness")
+            .field("backend", &self.backend)
+            .field("unreachable", &self.unreachable.is_some())
+            .field("patience", &self.patience)
+            .finish()
+    }
+}
+
+/// The URL of a real server to test against, from `var`; None (skip) when unset.
+///
+/// Prints which variable to set when skipping. Panics instead when `PHOTON_TEST_REQUIRE` (a comma
+/// list such as `kafka,cassandra,mongo`) names `backend`, so that CI cannot pass by skipping.
+pub fn server_url(backend: &str, var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.trim().is_empty() => Some(url),
+        _ => {
+            let required = std::env::var("PHOTON_TEST_REQUIRE").unwrap_or_default();
+            if required.split(',').any(|b| b.trim() == backend) {
+                panic!(
+                    "PHOTON_TEST_REQUIRE names {backend}, but {var} is not set: start the servers (scripts/servers up) and export its URL"
+                );
+            }
+            println!(
+                "skipping {backend} conformance case: set {var} to run it against a real server"
+            );
+            None
+        }
+    }
+}
+
+/// Expands every case of [`cases`] into one `#[tokio::test]` for the harness returned by the
+/// async function `$harness` (returning `Option<Harness>`; None skips).
+#[macro_export]
+macro_rules! conformance_suite {
+    ($harness:path) => {
+        $crate::conformance_suite!(@cases $harness;
+            append_read_round_trip,
+            expected_version_matrix,
+            concurrent_appenders_exactly_one_wins,
+            idempotent_retry,
+            atomic_batches_seen_whole,
+            read_backwards_and_from_version,
+            versions_contiguous_under_concurrency,
+            durable_for_new_clients,
+            category_complete_and_ordered,
+            all_stream_complete,
+            cold_ends_at_head,
+            hot_sees_only_later_events,
+            hot_cold_with_concurrent_writers,
+            stream_subscription_hot_cold,
+            resume_from_every_checkpoint,
+            subscribe_from_time,
+            foreign_checkpoint_rejected,
+            bad_input_rejected_and_nothing_lost,
+            undecodable_payload_is_typed_error,
+            slow_subscriber_gets_everything,
+            replay_does_not_stall_appends,
+            unreachable_server_is_unavailable,
+            listing_and_health,
+        );
+    };
+    (@cases $harness:path; $($case:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let Some(harness) = $harness().await else { return };
+                $crate::cases::$case(&harness).await;
+            }
+        )+
+    };
+}
