@@ -1,0 +1,422 @@
+//! A small bank on Newton: one aggregate (accounts), three views, a side-by-side view version and
+//! a rebuild. Runs on the in-memory store by default; the same code runs on any backend compiled
+//! in, chosen by `PHOTON_URL`.
+//!
+//! ```text
+//! cargo run --example bank
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use newton::store::Timestamp;
+use newton::{
+    Aggregate, BoxError, Category, CommandContext, DomainEvent, EventStoreCheckpointStore,
+    ExecuteError, RecordedEvent, Repository, Uuid, View, ViewRunner,
+};
+use serde::{Deserialize, Serialize};
+
+// ---- The aggregate -------------------------------------------------------------------------
+
+/// One bank account. Balances are whole cents, never negative.
+#[derive(Default, Debug)]
+struct Account {
+    open: bool,
+    closed: bool,
+    balance: u64,
+}
+
+#[derive(Debug, Clone)]
+enum AccountCommand {
+    Open { owner: String },
+    Deposit { amount: u64 },
+    Withdraw { amount: u64 },
+    Close,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+enum AccountEvent {
+    Opened { owner: String },
+    Deposited { amount: u64 },
+    Withdrawn { amount: u64 },
+    Closed,
+}
+
+impl DomainEvent for AccountEvent {
+    fn event_type(&self) -> &'static str {
+        match self {
+            AccountEvent::Opened { .. } => "AccountOpened",
+            AccountEvent::Deposited { .. } => "MoneyDeposited",
+            AccountEvent::Withdrawn { .. } => "MoneyWithdrawn",
+            AccountEvent::Closed => "AccountClosed",
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, thiserror::Error)]
+enum AccountError {
+    #[error("the account is already open")]
+    AlreadyOpen,
+    #[error("the account is not open")]
+    NotOpen,
+    #[error("amounts must be positive")]
+    ZeroAmount,
+    #[error("insufficient funds: balance {balance}, requested {requested}")]
+    InsufficientFunds { balance: u64, requested: u64 },
+    #[error("the balance must be zero to close, it is {0}")]
+    NotEmpty(u64),
+}
+
+impl Aggregate for Account {
+    const CATEGORY: &'static str = "account";
+    type Command = AccountCommand;
+    type Event = AccountEvent;
+    type Error = AccountError;
+
+    fn handle(&self, command: &AccountCommand) -> Result<Vec<AccountEvent>, AccountError> {
+        use AccountCommand::*;
+        match command {
+            Open { .. } if self.open || self.closed => Err(AccountError::AlreadyOpen),
+            Open { owner } => Ok(vec![AccountEvent::Opened {
+                owner: owner.clone(),
+            }]),
+            _ if !self.open => Err(AccountError::NotOpen),
+            Deposit { amount: 0 } | Withdraw { amount: 0 } => Err(AccountError::ZeroAmount),
+            Deposit { amount } => Ok(vec![AccountEvent::Deposited { amount: *amount }]),
+            Withdraw { amount } if *amount > self.balance => Err(AccountError::InsufficientFunds {
+                balance: self.balance,
+                requested: *amount,
+            }),
+            Withdraw { amount } => Ok(vec![AccountEvent::Withdrawn { amount: *amount }]),
+            Close if self.balance > 0 => Err(AccountError::NotEmpty(self.balance)),
+            Close => Ok(vec![AccountEvent::Closed]),
+        }
+    }
+
+    fn apply(&mut self, event: &AccountEvent) {
+        match event {
+            AccountEvent::Opened { .. } => self.open = true,
+            AccountEvent::Deposited { amount } => self.balance += amount,
+            AccountEvent::Withdrawn { amount } => self.balance -= amount,
+            AccountEvent::Closed => {
+                self.open = false;
+                self.closed = true;
+            }
+        }
+    }
+}
+
+// ---- Views ---------------------------------------------------------------------------------
+
+fn accounts() -> Vec<Category> {
+    vec![Category::new(Account::CATEGORY).expect("valid category")]
+}
+
+/// Balance per account. Idempotent: remembers the last version applied per account.
+struct Balances;
+
+#[derive(Default, Serialize, Deserialize)]
+struct BalanceRow {
+    owner: String,
+    balance: u64,
+    version: u64,
+}
+
+#[async_trait::async_trait]
+impl View for Balances {
+    type State = BTreeMap<String, BalanceRow>;
+
+    fn name(&self) -> &str {
+        "balances-v1"
+    }
+
+    fn categories(&self) -> Vec<Category> {
+        accounts()
+    }
+
+    async fn handle(&self, state: &mut Self::State, event: &RecordedEvent) -> Result<(), BoxError> {
+        let row = state.entry(event.stream.id().to_owned()).or_default();
+        if event.version.value() < row.version {
+            return Ok(()); // already applied (at-least-once delivery)
+        }
+        row.version = event.version.value() + 1;
+        match event.decode::<AccountEvent>()? {
+            AccountEvent::Opened { owner } => row.owner = owner,
+            AccountEvent::Deposited { amount } => row.balance += amount,
+            AccountEvent::Withdrawn { amount } => row.balance -= amount,
+            AccountEvent::Closed => {}
+        }
+        Ok(())
+    }
+}
+
+/// Version 2 of the balances view: also flags low balances. Runs beside v1 during a migration,
+/// with its own checkpoint, replaying from the beginning.
+struct BalancesV2;
+
+#[derive(Default, Serialize, Deserialize)]
+struct BalancesV2State {
+    rows: BTreeMap<String, BalanceRow>,
+    low: Vec<String>,
+}
+
+#[async_trait::async_trait]
+impl View for BalancesV2 {
+    type State = BalancesV2State;
+
+    fn name(&self) -> &str {
+        "balances-v2"
+    }
+
+    fn categories(&self) -> Vec<Category> {
+        accounts()
+    }
+
+    async fn handle(&self, state: &mut Self::State, event: &RecordedEvent) -> Result<(), BoxError> {
+        Balances.handle(&mut state.rows, event).await?;
+        state.low = state
+            .rows
+            .iter()
+            .filter(|(_, r)| r.balance < 100)
+            .map(|(id, _)| id.clone())
+            .collect();
+        Ok(())
+    }
+}
+
+/// Money movements: counts, volume and completed transfers (two events sharing a correlation id).
+struct Activity;
+
+#[derive(Default, Serialize, Deserialize)]
+struct ActivityState {
+    deposits: u64,
+    withdrawals: u64,
+    volume: u64,
+    transfer_legs: BTreeMap<Uuid, u8>,
+    last_event_at: Option<Timestamp>,
+}
+
+#[async_trait::async_trait]
+impl View for Activity {
+    type State = ActivityState;
+
+    fn name(&self) -> &str {
+        "activity-v1"
+    }
+
+    fn categories(&self) -> Vec<Category> {
+        accounts()
+    }
+
+    async fn handle(&self, state: &mut Self::State, event: &RecordedEvent) -> Result<(), BoxError> {
+        match event.decode::<AccountEvent>()? {
+            AccountEvent::Deposited { amount } => {
+                state.deposits += 1;
+                state.volume += amount;
+            }
+            AccountEvent::Withdrawn { amount } => {
+                state.withdrawals += 1;
+                state.volume += amount;
+            }
+            _ => {}
+        }
+        if let Some(transfer) = event.metadata.correlation_id {
+            *state.transfer_legs.entry(transfer).or_default() += 1;
+        }
+        state.last_event_at = Some(event.recorded_at);
+        Ok(())
+    }
+}
+
+// ---- The application -----------------------------------------------------------------------
+
+/// Moves money between two accounts: a withdrawal and a deposit sharing one correlation id.
+/// The deposit leg is compensated if it is refused, so money is never lost.
+async fn transfer(
+    accounts: &Repository<Account>,
+    from: &str,
+    to: &str,
+    amount: u64,
+) -> Result<Uuid, ExecuteError<AccountError>> {
+    let transfer_id = Uuid::now_v7();
+    let context = CommandContext {
+        correlation_id: Some(transfer_id),
+        headers: vec![("transfer".into(), format!("{from}->{to}"))],
+        ..CommandContext::default()
+    };
+    accounts
+        .execute_with(from, &AccountCommand::Withdraw { amount }, &context)
+        .await?;
+    if let Err(e) = accounts
+        .execute_with(to, &AccountCommand::Deposit { amount }, &context)
+        .await
+    {
+        accounts
+            .execute_with(from, &AccountCommand::Deposit { amount }, &context)
+            .await?;
+        return Err(e);
+    }
+    Ok(transfer_id)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let url = std::env::var(newton::URL_VARIABLE).unwrap_or_else(|_| newton::DEFAULT_URL.into());
+    let store = newton::connect(&url).await?;
+    println!(
+        "connected to {} ({})",
+        store.backend(),
+        store.health().await?.detail
+    );
+
+    // Fresh account ids per run, so the example runs again and again on a persistent backend.
+    let run = Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let id = |name: &str| format!("{name}-{run}");
+    let (ada, bob, cy) = (id("ada"), id("bob"), id("cy"));
+    let accounts = Repository::<Account>::new(store.clone());
+
+    println!("\n== commands");
+    for (account, owner) in [(&ada, "Ada"), (&bob, "Bob"), (&cy, "Cy")] {
+        accounts
+            .execute(
+                account,
+                &AccountCommand::Open {
+                    owner: owner.into(),
+                },
+            )
+            .await?;
+        println!("opened {account} for {owner}");
+    }
+    accounts
+        .execute(&ada, &AccountCommand::Deposit { amount: 500 })
+        .await?;
+    accounts
+        .execute(&bob, &AccountCommand::Deposit { amount: 120 })
+        .await?;
+    let done = accounts
+        .execute(&ada, &AccountCommand::Withdraw { amount: 80 })
+        .await?;
+    println!(
+        "ada: deposit 500, withdraw 80 -> balance {} at version {:?}",
+        done.state.balance, done.version
+    );
+    let t = transfer(&accounts, &ada, &bob, 150).await?;
+    println!("transfer {t}: 150 from {ada} to {bob}");
+    match accounts
+        .execute(&cy, &AccountCommand::Withdraw { amount: 1 })
+        .await
+    {
+        Err(ExecuteError::Rejected { source, .. }) => {
+            println!("cy withdraws 1: refused ({source})")
+        }
+        other => return Err(format!("expected a refusal, got {other:?}").into()),
+    }
+
+    // Two clients deposit into one account at once: the store's version check makes one of
+    // them reload and decide again; both deposits land.
+    let (a, b) = (accounts.clone(), accounts.clone());
+    let (ra, rb) = tokio::join!(
+        a.execute(&cy, &AccountCommand::Deposit { amount: 30 }),
+        b.execute(&cy, &AccountCommand::Deposit { amount: 40 })
+    );
+    println!(
+        "concurrent deposits to {cy}: both landed (attempts {} and {}; a loser reloads and retries), balance now {}",
+        ra?.attempts,
+        rb?.attempts,
+        accounts.load(&cy).await?.state.balance
+    );
+    match accounts.execute(&cy, &AccountCommand::Close).await {
+        Err(ExecuteError::Rejected { source, .. }) => println!("close {cy}: refused ({source})"),
+        other => return Err(format!("expected a refusal, got {other:?}").into()),
+    }
+
+    println!("\n== views (replaying history, then live)");
+    let checkpoints = Arc::new(EventStoreCheckpointStore::new(store.clone()));
+    let runner = ViewRunner::new(store.clone(), checkpoints.clone());
+    let balances = runner.start(Balances)?;
+    let activity = runner.start(Activity)?;
+    balances.wait_until_live().await?;
+    activity.wait_until_live().await?;
+    print_balances("balances-v1", &balances.read(|s| render(s, &run)).await);
+
+    // A live event reaches the views without a restart.
+    accounts
+        .execute(&bob, &AccountCommand::Withdraw { amount: 200 })
+        .await?;
+    let bob_id = bob.clone();
+    balances
+        .wait_until(|s| s.get(&bob_id).is_some_and(|r| r.balance == 70))
+        .await?;
+    println!(
+        "live: bob withdrew 200 -> balances-v1 shows {}",
+        balances.read(|s| s[&bob].balance).await
+    );
+    activity
+        .read(|s| {
+            let transfers = s.transfer_legs.values().filter(|legs| **legs == 2).count();
+            println!(
+                "activity-v1: {} deposits, {} withdrawals, volume {}, {} completed transfer(s), last event at {}",
+                s.deposits,
+                s.withdrawals,
+                s.volume,
+                transfers,
+                s.last_event_at.map(|t| t.to_string()).unwrap_or_default()
+            )
+        })
+        .await;
+
+    println!("\n== balances-v2 beside balances-v1 (a migration)");
+    let v2 = runner.start(BalancesV2)?;
+    v2.wait_until_live().await?;
+    let low = v2
+        .read(|s| {
+            s.low
+                .iter()
+                .filter(|id| id.ends_with(&run))
+                .cloned()
+                .collect::<Vec<_>>()
+        })
+        .await;
+    print_balances("balances-v2", &v2.read(|s| render(&s.rows, &run)).await);
+    println!("balances-v2 low balances: {low:?}");
+
+    println!("\n== rebuild balances-v1 from scratch");
+    let before = balances.read(|s| render(s, &run)).await;
+    balances.rebuild().await?;
+    let after = balances.read(|s| render(s, &run)).await;
+    println!(
+        "rebuilt: {} events replayed, same balances: {}",
+        balances.handled(),
+        before == after
+    );
+    if before != after {
+        return Err("a rebuild changed the balances".into());
+    }
+
+    println!("\n== restart: views resume from their saved checkpoints");
+    balances.stop().await?;
+    activity.stop().await?;
+    v2.stop().await?;
+    let restarted = ViewRunner::new(store.clone(), checkpoints).start(Balances)?;
+    restarted.wait_until_live().await?;
+    println!(
+        "balances-v1 restarted: {} events handled after resuming, balances equal: {}",
+        restarted.handled(),
+        restarted.read(|s| render(s, &run)).await == after
+    );
+    restarted.stop().await?;
+    Ok(())
+}
+
+fn render(rows: &BTreeMap<String, BalanceRow>, run: &str) -> Vec<(String, String, u64)> {
+    rows.iter()
+        .filter(|(id, _)| id.ends_with(run))
+        .map(|(id, r)| (id.clone(), r.owner.clone(), r.balance))
+        .collect()
+}
+
+fn print_balances(view: &str, rows: &[(String, String, u64)]) {
+    for (id, owner, balance) in rows {
+        println!("{view}: {id:<14} {owner:<4} {balance:>5}");
+    }
+}

@@ -1,0 +1,45 @@
+//! Aggregates: the pure decision and evolution logic of one kind of entity.
+//!
+//! Nothing here does I/O; the repository loads, decides through [`Aggregate::handle`] and stores.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// An event of an aggregate, stored as MessagePack with field names.
+///
+/// The type name is stored beside the payload so that tools and other languages can tell events
+/// apart without this Rust type; keep names stable (renaming a variant is a schema change).
+pub trait DomainEvent: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The stable type name, e.g. `"Deposited"`.
+    fn event_type(&self) -> &'static str;
+
+    /// The payload's schema version; bump it when the shape changes incompatibly.
+    fn schema_version(&self) -> u32 {
+        1
+    }
+}
+
+/// One kind of event-sourced entity: decides on commands, evolves by events.
+///
+/// State is rebuilt by applying the aggregate's events in order from `Default`, so `apply` must
+/// be deterministic and must not fail: an event is a fact that already happened.
+pub trait Aggregate: Default + Send + Sync + 'static {
+    /// The category of its streams: instance `42` lives in stream `<CATEGORY>-42`.
+    const CATEGORY: &'static str;
+    /// What callers ask of it.
+    type Command: Send + Sync;
+    /// What it records.
+    type Event: DomainEvent;
+    /// Why it refuses a command.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Decides what happens: the events to record, or a refusal. Pure: no I/O, no clock reads
+    /// that should be in the command.
+    ///
+    /// # Errors
+    /// - The aggregate's refusal, e.g. insufficient funds.
+    fn handle(&self, command: &Self::Command) -> Result<Vec<Self::Event>, Self::Error>;
+
+    /// Evolves the state by one event.
+    fn apply(&mut self, event: &Self::Event);
+}

@@ -1,0 +1,26 @@
+#![doc = include_str!("../README.md")]
+
+mod aggregate;
+mod checkpoint_store;
+mod connect;
+mod repository;
+pub mod testing;
+mod view;
+
+pub use aggregate::{Aggregate, DomainEvent};
+pub use checkpoint_store::{
+    CheckpointStore, EventStoreCheckpointStore, InMemoryCheckpointStore,
+    Loaded as LoadedCheckpoint, SavedView, CHECKPOINT_CATEGORY,
+};
+pub use connect::{connect, connect_from_env, DEFAULT_URL, URL_VARIABLE};
+pub use repository::{
+    encode, CommandContext, ExecuteError, Executed, Loaded, Repository, RetryPolicy,
+};
+pub use view::{RunnerOptions, View, ViewError, ViewHandle, ViewRunner, ViewStatus};
+
+/// The event-store contract, re-exported so applications depend on `newton` alone.
+pub use photon_api as store;
+pub use photon_api::{
+    BoxError, Category, Checkpoint, Error, EventStore, EventStoreExt, RecordedEvent, StreamId,
+    Uuid, Version,
+};

@@ -1,0 +1,590 @@
+//! Views (projections) and the runner that feeds them.
+//!
+//! A view reads category streams from the store, never from an in-process callback, so a crash
+//! between an append and a view update loses nothing: the view resumes from its saved checkpoint
+//! and the store still has the event. The runner saves the checkpoint *after* handling, together
+//! with the view's state, so a restart neither skips nor (for state kept by the runner) repeats.
+
+// `ViewError` carries the store's error unboxed so callers can match on it; errors are the cold
+// path, so their size does not matter.
+#![allow(clippy::result_large_err)]
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::{select_all, StreamExt};
+use photon_api::{
+    BoxError, Category, Checkpoint, Error, EventStore, RecordedEvent, Selector, Start, StreamId,
+    SubscriptionItem, SubscriptionMode, Version,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch, Notify, RwLock};
+
+use crate::checkpoint_store::{CheckpointStore, SavedView};
+
+/// A read model built from events of one or more categories.
+///
+/// `State` is owned by the runner, saved with the checkpoint (MessagePack) and readable through
+/// the [`ViewHandle`]. A view that writes to its own database instead keeps `State = ()` and
+/// makes `handle` idempotent (by event id or stream version), since delivery is at-least-once
+/// for effects outside the runner.
+#[async_trait]
+pub trait View: Send + Sync + 'static {
+    /// The state the view builds.
+    type State: Default + Serialize + DeserializeOwned + Send + Sync + 'static;
+
+    /// Unique name including its version, e.g. `balances-v2`: the key of its checkpoint, so two
+    /// versions of one view run side by side with separate positions. Allowed characters are
+    /// those of a stream id (letters, digits, `_ - . : @`).
+    fn name(&self) -> &str;
+
+    /// The categories it reads.
+    fn categories(&self) -> Vec<Category>;
+
+    /// Applies one event to the state.
+    ///
+    /// # Errors
+    /// - Any error stops the view (status `Failed`) without saving past this event, so after a
+    ///   fix and a restart it is handled again.
+    async fn handle(&self, state: &mut Self::State, event: &RecordedEvent) -> Result<(), BoxError>;
+}
+
+/// Where a view is.
+#[derive(Clone, Debug)]
+pub enum ViewStatus {
+    /// Loading its checkpoint.
+    Starting,
+    /// Replaying history (at start or during a rebuild).
+    Replaying,
+    /// Caught up with every category; handling live events.
+    Live,
+    /// Stopped by an error; the state is as of the last handled event.
+    Failed(Arc<ViewError>),
+    /// Stopped on request.
+    Stopped,
+}
+
+/// Why a view stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    /// The view's `handle` refused an event.
+    #[error("view {view}: handler failed on {stream}@{version}: {source}")]
+    Handler {
+        /// The view.
+        view: String,
+        /// The event's stream.
+        stream: StreamId,
+        /// The event's version.
+        version: Version,
+        /// The handler's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The event or checkpoint store failed.
+    #[error("view {view}: {source}")]
+    Store {
+        /// The view.
+        view: String,
+        /// The store's error.
+        #[source]
+        source: Error,
+    },
+    /// The saved state does not decode as the view's `State` (its shape changed: give the new
+    /// shape a new view name, or rebuild).
+    #[error("view {view}: saved state does not decode: {reason}")]
+    State {
+        /// The view.
+        view: String,
+        /// What the decoder said.
+        reason: String,
+    },
+    /// The view failed earlier.
+    #[error("view {view} failed: {reason}")]
+    Failed {
+        /// The view.
+        view: String,
+        /// The failure.
+        reason: String,
+    },
+    /// The view was stopped.
+    #[error("view {view} is stopped")]
+    Stopped {
+        /// The view.
+        view: String,
+    },
+}
+
+/// Tuning of a [`ViewRunner`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunnerOptions {
+    /// Save after this many handled events at the latest.
+    pub save_every: usize,
+    /// Save this long after the first unsaved event at the latest, when events trickle in.
+    pub save_interval: Duration,
+    /// Wait before resubscribing after a retryable store error.
+    pub retry_delay: Duration,
+}
+
+impl Default for RunnerOptions {
+    fn default() -> Self {
+        Self {
+            save_every: 500,
+            save_interval: Duration::from_millis(500),
+            retry_delay: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Starts views: each in its own task, fed HotCold from its categories, with its checkpoint kept
+/// in a [`CheckpointStore`].
+#[derive(Clone)]
+pub struct ViewRunner {
+    store: Arc<dyn EventStore>,
+    checkpoints: Arc<dyn CheckpointStore>,
+    options: RunnerOptions,
+}
+
+impl fmt::Debug for ViewRunner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ViewRunner")
+            .field("store", &self.store.backend())
+            .field("checkpoints", &self.checkpoints)
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+enum Control {
+    Rebuild(oneshot::Sender<()>),
+    Stop(oneshot::Sender<()>),
+}
+
+struct Shared<S> {
+    state: RwLock<S>,
+    handled: AtomicU64,
+    /// Woken after every handled event, for [`ViewHandle::wait_until`].
+    progress: Notify,
+}
+
+/// A running view: read its state, watch its status, rebuild or stop it. Clones share the view.
+pub struct ViewHandle<V: View> {
+    name: Arc<str>,
+    shared: Arc<Shared<V::State>>,
+    control: mpsc::Sender<Control>,
+    status: watch::Receiver<ViewStatus>,
+}
+
+impl<V: View> Clone for ViewHandle<V> {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            shared: self.shared.clone(),
+            control: self.control.clone(),
+            status: self.status.clone(),
+        }
+    }
+}
+
+impl<V: View> fmt::Debug for ViewHandle<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ViewHandle")
+            .field("name", &self.name)
+            .field("status", &*self.status.borrow())
+            .field("handled", &self.handled())
+            .finish()
+    }
+}
+
+impl ViewRunner {
+    /// A runner reading `store` and keeping checkpoints in `checkpoints`.
+    pub fn new(store: Arc<dyn EventStore>, checkpoints: Arc<dyn CheckpointStore>) -> Self {
+        Self {
+            store,
+            checkpoints,
+            options: RunnerOptions::default(),
+        }
+    }
+
+    /// Replaces the tuning.
+    pub fn with_options(mut self, options: RunnerOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Starts `view` in a task: loads its saved state and checkpoint (or starts from the
+    /// beginning), replays, then follows live events. Returns at once; use
+    /// [`ViewHandle::wait_until_live`] to wait for the replay.
+    ///
+    /// # Errors
+    /// - [`ViewError::Store`] with [`Error::InvalidInput`] when the view reads no category or its
+    ///   name is not usable as a checkpoint key.
+    pub fn start<V: View>(&self, view: V) -> Result<ViewHandle<V>, ViewError> {
+        let name: Arc<str> = Arc::from(view.name());
+        let invalid = |reason: &str| ViewError::Store {
+            view: name.to_string(),
+            source: Error::InvalidInput {
+                what: format!("view {name:?}"),
+                reason: reason.to_owned(),
+            },
+        };
+        if view.categories().is_empty() {
+            return Err(invalid("reads no category"));
+        }
+        let checkpoint_key = Category::new(crate::checkpoint_store::CHECKPOINT_CATEGORY)
+            .and_then(|c| StreamId::new(&c, &*name));
+        if let Err(Error::InvalidInput { reason, .. }) = checkpoint_key {
+            return Err(invalid(&format!(
+                "name is not a valid checkpoint key: {reason}"
+            )));
+        }
+        let shared = Arc::new(Shared {
+            state: RwLock::new(V::State::default()),
+            handled: AtomicU64::new(0),
+            progress: Notify::new(),
+        });
+        let (control_tx, control_rx) = mpsc::channel(8);
+        let (status_tx, status_rx) = watch::channel(ViewStatus::Starting);
+        let task = Task {
+            view,
+            name: name.clone(),
+            shared: shared.clone(),
+            store: self.store.clone(),
+            checkpoints: self.checkpoints.clone(),
+            options: self.options,
+            status: status_tx,
+            revision: None,
+            positions: BTreeMap::new(),
+            unsaved: 0,
+            waiting_rebuilds: Vec::new(),
+        };
+        tokio::spawn(task.run(control_rx));
+        Ok(ViewHandle {
+            name,
+            shared,
+            control: control_tx,
+            status: status_rx,
+        })
+    }
+}
+
+impl<V: View> ViewHandle<V> {
+    /// The view's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Reads the state; the runner waits while `f` runs, so keep it short.
+    pub async fn read<R>(&self, f: impl FnOnce(&V::State) -> R) -> R {
+        f(&*self.shared.state.read().await)
+    }
+
+    /// The current status.
+    pub fn status(&self) -> ViewStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Events handled since the task started (rebuilds included).
+    pub fn handled(&self) -> u64 {
+        self.shared.handled.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the view has caught up with every category.
+    ///
+    /// # Errors
+    /// - [`ViewError::Failed`] or [`ViewError::Stopped`] when the view ends first.
+    pub async fn wait_until_live(&self) -> Result<(), ViewError> {
+        let mut status = self.status.clone();
+        loop {
+            match &*status.borrow_and_update() {
+                ViewStatus::Live => return Ok(()),
+                ViewStatus::Failed(e) => {
+                    return Err(ViewError::Failed {
+                        view: self.name.to_string(),
+                        reason: e.to_string(),
+                    })
+                }
+                ViewStatus::Stopped => return Err(self.stopped()),
+                ViewStatus::Starting | ViewStatus::Replaying => {}
+            }
+            if status.changed().await.is_err() {
+                return Err(self.stopped());
+            }
+        }
+    }
+
+    /// Waits until `condition` holds for the state, re-checking after every handled event; for
+    /// "read your own writes" after a command, e.g. until an account shows a deposit.
+    ///
+    /// # Errors
+    /// - [`ViewError::Failed`] or [`ViewError::Stopped`] when the view ends first.
+    pub async fn wait_until(
+        &self,
+        mut condition: impl FnMut(&V::State) -> bool,
+    ) -> Result<(), ViewError> {
+        let mut status = self.status.clone();
+        loop {
+            // Registered before the check, so an event handled in between still wakes us.
+            let progress = self.shared.progress.notified();
+            tokio::pin!(progress);
+            progress.as_mut().enable();
+            if condition(&*self.shared.state.read().await) {
+                return Ok(());
+            }
+            match &*status.borrow_and_update() {
+                ViewStatus::Failed(e) => {
+                    return Err(ViewError::Failed {
+                        view: self.name.to_string(),
+                        reason: e.to_string(),
+                    })
+                }
+                ViewStatus::Stopped => return Err(self.stopped()),
+                _ => {}
+            }
+            tokio::select! {
+                _ = progress => {}
+                changed = status.changed() => if changed.is_err() { return Err(self.stopped()) },
+            }
+        }
+    }
+
+    /// Throws the state away and replays every category from the beginning; returns once the
+    /// view is live again. Readers see the state being rebuilt meanwhile; to keep serving the old
+    /// state, start the new version under a new name beside the old one instead.
+    ///
+    /// # Errors
+    /// - [`ViewError::Failed`] or [`ViewError::Stopped`] when the view ends first.
+    pub async fn rebuild(&self) -> Result<(), ViewError> {
+        let (ack, done) = oneshot::channel();
+        self.control
+            .send(Control::Rebuild(ack))
+            .await
+            .map_err(|_| self.stopped())?;
+        match done.await {
+            Ok(()) => Ok(()),
+            Err(_) => self.wait_until_live().await,
+        }
+    }
+
+    /// Saves the checkpoint and stops the view.
+    ///
+    /// # Errors
+    /// - [`ViewError::Stopped`] when it had already stopped.
+    pub async fn stop(&self) -> Result<(), ViewError> {
+        let (ack, done) = oneshot::channel();
+        self.control
+            .send(Control::Stop(ack))
+            .await
+            .map_err(|_| self.stopped())?;
+        done.await.map_err(|_| self.stopped())
+    }
+
+    fn stopped(&self) -> ViewError {
+        ViewError::Stopped {
+            view: self.name.to_string(),
+        }
+    }
+}
+
+struct Task<V: View> {
+    view: V,
+    name: Arc<str>,
+    shared: Arc<Shared<V::State>>,
+    store: Arc<dyn EventStore>,
+    checkpoints: Arc<dyn CheckpointStore>,
+    options: RunnerOptions,
+    status: watch::Sender<ViewStatus>,
+    revision: Option<u64>,
+    positions: BTreeMap<String, Checkpoint>,
+    unsaved: usize,
+    waiting_rebuilds: Vec<oneshot::Sender<()>>,
+}
+
+/// Why the inner loop of a task returned.
+enum Next {
+    Resubscribe,
+    Stop,
+}
+
+impl<V: View> Task<V> {
+    async fn run(mut self, mut control: mpsc::Receiver<Control>) {
+        let outcome = self.run_inner(&mut control).await;
+        let status = match outcome {
+            Ok(()) => ViewStatus::Stopped,
+            Err(e) => {
+                tracing::error!(view = %self.name, error = %e, "view failed");
+                ViewStatus::Failed(Arc::new(e))
+            }
+        };
+        self.status.send_replace(status);
+    }
+
+    fn store_error(&self, source: Error) -> ViewError {
+        ViewError::Store {
+            view: self.name.to_string(),
+            source,
+        }
+    }
+
+    async fn run_inner(&mut self, control: &mut mpsc::Receiver<Control>) -> Result<(), ViewError> {
+        if let Some(loaded) = self
+            .checkpoints
+            .load(&self.name)
+            .await
+            .map_err(|e| self.store_error(e))?
+        {
+            let state: V::State =
+                rmp_serde::from_slice(&loaded.saved.state).map_err(|e| ViewError::State {
+                    view: self.name.to_string(),
+                    reason: e.to_string(),
+                })?;
+            *self.shared.state.write().await = state;
+            self.positions = loaded.saved.positions;
+            self.revision = Some(loaded.revision);
+        }
+        loop {
+            match self.follow(control).await? {
+                Next::Resubscribe => continue,
+                Next::Stop => {
+                    self.save().await?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Subscribes to every category from the saved positions and handles events until a rebuild,
+    /// a retryable error (both resubscribe) or a stop.
+    async fn follow(&mut self, control: &mut mpsc::Receiver<Control>) -> Result<Next, ViewError> {
+        self.status.send_replace(ViewStatus::Replaying);
+        let categories = self.view.categories();
+        let subscriptions = categories.iter().map(|category| {
+            let start = match self.positions.get(category.as_str()) {
+                Some(c) => Start::After(c.clone()),
+                None => Start::Beginning,
+            };
+            self.store.subscribe(
+                Selector::Category(category.clone()),
+                start,
+                SubscriptionMode::HotCold,
+            )
+        });
+        let mut merged = select_all(subscriptions);
+        let mut caught_up = 0;
+        let mut tick = tokio::time::interval(self.options.save_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                command = control.recv() => match command {
+                    Some(Control::Rebuild(ack)) => {
+                        tracing::info!(view = %self.name, "rebuilding from the beginning");
+                        *self.shared.state.write().await = V::State::default();
+                        self.positions.clear();
+                        // Saved at the first save point, so a crash mid-rebuild resumes the old
+                        // state consistently with its old checkpoint.
+                        self.unsaved = 1;
+                        self.waiting_rebuilds.push(ack);
+                        return Ok(Next::Resubscribe);
+                    }
+                    Some(Control::Stop(ack)) => {
+                        self.save().await?;
+                        let _ = ack.send(());
+                        return Ok(Next::Stop);
+                    }
+                    None => return Ok(Next::Stop),
+                },
+                item = merged.next() => match item {
+                    Some(Ok(SubscriptionItem::Event(event))) => {
+                        self.handle(&event).await?;
+                        if self.unsaved >= self.options.save_every {
+                            self.save().await?;
+                        }
+                    }
+                    Some(Ok(SubscriptionItem::CaughtUp)) => {
+                        caught_up += 1;
+                        if caught_up == categories.len() {
+                            self.save().await?;
+                            self.status.send_replace(ViewStatus::Live);
+                            for ack in self.waiting_rebuilds.drain(..) {
+                                let _ = ack.send(());
+                            }
+                        }
+                    }
+                    Some(Err(e)) if e.is_retryable() => {
+                        tracing::warn!(view = %self.name, error = %e, "store unavailable; resubscribing");
+                        tokio::time::sleep(self.options.retry_delay).await;
+                        return Ok(Next::Resubscribe);
+                    }
+                    Some(Err(e)) => return Err(self.store_error(e)),
+                    None => {
+                        return Err(self.store_error(Error::Unavailable {
+                            backend: self.store.backend(),
+                            message: "a live subscription ended".into(),
+                            source: None,
+                        }))
+                    }
+                },
+                _ = tick.tick(), if self.unsaved > 0 => self.save().await?,
+            }
+        }
+    }
+
+    async fn handle(&mut self, event: &RecordedEvent) -> Result<(), ViewError> {
+        {
+            let mut state = self.shared.state.write().await;
+            self.view
+                .handle(&mut state, event)
+                .await
+                .map_err(|source| ViewError::Handler {
+                    view: self.name.to_string(),
+                    stream: event.stream.clone(),
+                    version: event.version,
+                    source,
+                })?;
+        }
+        // Overwrite in place: no allocation per event once a category has a position.
+        match self.positions.get_mut(event.stream.category_name()) {
+            Some(position) => position.clone_from(&event.checkpoint),
+            None => {
+                self.positions.insert(
+                    event.stream.category_name().to_owned(),
+                    event.checkpoint.clone(),
+                );
+            }
+        }
+        self.unsaved += 1;
+        self.shared.handled.fetch_add(1, Ordering::Relaxed);
+        self.shared.progress.notify_waiters();
+        Ok(())
+    }
+
+    async fn save(&mut self) -> Result<(), ViewError> {
+        if self.unsaved == 0 {
+            return Ok(());
+        }
+        let state = {
+            let state = self.shared.state.read().await;
+            rmp_serde::to_vec_named(&*state).map_err(|e| ViewError::State {
+                view: self.name.to_string(),
+                reason: format!("state does not encode: {e}"),
+            })?
+        };
+        let saved = SavedView {
+            positions: self.positions.clone(),
+            state: Bytes::from(state),
+        };
+        let revision = self
+            .checkpoints
+            .save(&self.name, &saved, self.revision)
+            .await
+            .map_err(|e| self.store_error(e))?;
+        self.revision = Some(revision);
+        self.unsaved = 0;
+        Ok(())
+    }
+}

@@ -1,0 +1,66 @@
+//! Backend choice by URL: the compiled-in ones connect, the others say which feature to enable.
+
+use newton::store::EventStore;
+use newton::Error;
+
+#[tokio::test]
+async fn memory_url_connects_with_options() {
+    let store = newton::connect("memory://?max_event_size=2048")
+        .await
+        .unwrap();
+    assert_eq!(store.backend(), "memory");
+    assert_eq!(store.capabilities().max_event_size, 2048);
+    assert_eq!(store.health().await.unwrap().backend, "memory");
+}
+
+#[tokio::test]
+async fn known_backends_not_compiled_name_their_feature() {
+    for (url, feature) in [
+        ("kafka://127.0.0.1:9092", "kafka"),
+        ("cassandra://127.0.0.1:9042/photon", "cassandra"),
+        ("mongodb://user:secret@127.0.0.1:27017/photon", "mongo"),
+    ] {
+        match newton::connect(url).await {
+            Err(e @ Error::BackendNotCompiled { .. }) => {
+                let Error::BackendNotCompiled {
+                    feature: f,
+                    url: shown,
+                    ..
+                } = &e
+                else {
+                    unreachable!()
+                };
+                assert_eq!(*f, feature);
+                assert!(!shown.contains("secret"), "{shown}");
+                assert!(e
+                    .to_string()
+                    .contains(&format!("enable cargo feature \"{feature}\"")));
+            }
+            other => panic!("{url}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn unknown_schemes_and_bad_options_are_invalid_input() {
+    for url in [
+        "redis://localhost",
+        "no-scheme",
+        "memory://?nope=1",
+        "memory://host",
+    ] {
+        assert!(
+            matches!(newton::connect(url).await, Err(Error::InvalidInput { .. })),
+            "{url}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn photon_url_defaults_to_memory() {
+    // Only asserts the default when the variable is unset, so a developer's PHOTON_URL is honoured.
+    if std::env::var(newton::URL_VARIABLE).is_err() {
+        let store = newton::connect_from_env().await.unwrap();
+        assert_eq!(store.backend(), "memory");
+    }
+}
