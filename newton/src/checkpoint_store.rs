@@ -90,9 +90,7 @@ impl CheckpointStore for InMemoryCheckpointStore {
         if current != expected {
             return Err(Error::WrongExpectedVersion {
                 stream: checkpoint_stream(view)?,
-                expected: expected.map_or(ExpectedVersion::NoStream, |r| {
-                    ExpectedVersion::Exact(Version(r))
-                }),
+                expected: expected_revision(expected),
                 actual: current.map(Version),
             });
         }
@@ -116,6 +114,13 @@ fn checkpoint_stream(view: &str) -> Result<StreamId, Error> {
         &Category::new(CHECKPOINT_CATEGORY).expect("valid category"),
         view,
     )
+}
+
+/// A revision expectation as the event store's: revision r is version r of the checkpoint stream.
+fn expected_revision(expected: Option<u64>) -> ExpectedVersion {
+    expected.map_or(ExpectedVersion::NoStream, |r| {
+        ExpectedVersion::Exact(Version(r))
+    })
 }
 
 /// Checkpoints kept in the event store itself, so views resume on every backend with nothing

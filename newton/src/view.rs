@@ -301,17 +301,11 @@ impl<V: View> ViewHandle<V> {
     pub async fn wait_until_live(&self) -> Result<(), ViewError> {
         let mut status = self.status.clone();
         loop {
-            match &*status.borrow_and_update() {
-                ViewStatus::Live => return Ok(()),
-                ViewStatus::Failed(e) => {
-                    return Err(ViewError::Failed {
-                        view: self.name.to_string(),
-                        reason: e.to_string(),
-                    })
-                }
-                ViewStatus::Stopped => return Err(self.stopped()),
-                ViewStatus::Starting | ViewStatus::Replaying => {}
+            let current = status.borrow_and_update().clone();
+            if let ViewStatus::Live = current {
+                return Ok(());
             }
+            self.ended(&current)?;
             if status.changed().await.is_err() {
                 return Err(self.stopped());
             }
@@ -336,16 +330,8 @@ impl<V: View> ViewHandle<V> {
             if condition(&*self.shared.state.read().await) {
                 return Ok(());
             }
-            match &*status.borrow_and_update() {
-                ViewStatus::Failed(e) => {
-                    return Err(ViewError::Failed {
-                        view: self.name.to_string(),
-                        reason: e.to_string(),
-                    })
-                }
-                ViewStatus::Stopped => return Err(self.stopped()),
-                _ => {}
-            }
+            let current = status.borrow_and_update().clone();
+            self.ended(&current)?;
             tokio::select! {
                 _ = progress => {}
                 changed = status.changed() => if changed.is_err() { return Err(self.stopped()) },
@@ -382,6 +368,18 @@ impl<V: View> ViewHandle<V> {
             .await
             .map_err(|_| self.stopped())?;
         done.await.map_err(|_| self.stopped())
+    }
+
+    /// The error for a status in which the view no longer runs.
+    fn ended(&self, status: &ViewStatus) -> Result<(), ViewError> {
+        match status {
+            ViewStatus::Failed(e) => Err(ViewError::Failed {
+                view: self.name.to_string(),
+                reason: e.to_string(),
+            }),
+            ViewStatus::Stopped => Err(self.stopped()),
+            ViewStatus::Starting | ViewStatus::Replaying | ViewStatus::Live => Ok(()),
+        }
     }
 
     fn stopped(&self) -> ViewError {

@@ -13,7 +13,8 @@ use photon_api::{
 };
 
 use crate::support::{
-    assert_quiet, collect_cold, fresh_stream, next_event, next_within, number_of, numbered,
+    assert_quiet, collect_cold, expect_caught_up, fresh_stream, next_event, next_within, number_of,
+    numbered,
 };
 use crate::Harness;
 
@@ -339,10 +340,7 @@ pub async fn atomic_batches_seen_whole(h: &Harness) {
         Start::Beginning,
         SubscriptionMode::HotCold,
     );
-    assert_eq!(
-        next_within(&mut sub, h.patience, "CaughtUp").await.unwrap(),
-        SubscriptionItem::CaughtUp
-    );
+    expect_caught_up(&mut sub, h.patience).await;
     let mut writers = Vec::new();
     for s in 0..STREAMS {
         let store = h.client().await;
@@ -682,10 +680,7 @@ pub async fn hot_sees_only_later_events(h: &Harness) {
         Start::Now,
         SubscriptionMode::Hot,
     );
-    assert_eq!(
-        next_within(&mut sub, h.patience, "CaughtUp").await.unwrap(),
-        SubscriptionItem::CaughtUp
-    );
+    expect_caught_up(&mut sub, h.patience).await;
     append_numbered(
         &*h.client().await,
         &stream,
@@ -789,10 +784,7 @@ pub async fn hot_cold_with_concurrent_writers(h: &Harness) {
     if caught_up == 0 {
         // The writers may still have been running when the last event arrived; CaughtUp must
         // then come now that they stopped.
-        assert_eq!(
-            next_within(&mut sub, h.patience, "CaughtUp").await.unwrap(),
-            SubscriptionItem::CaughtUp
-        );
+        expect_caught_up(&mut sub, h.patience).await;
     }
 }
 
@@ -812,10 +804,7 @@ pub async fn stream_subscription_hot_cold(h: &Harness) {
     let a = next_event(&mut sub, h.patience, "replayed 0").await;
     let b = next_event(&mut sub, h.patience, "replayed 1").await;
     assert_eq!(numbers(&[a, b]), vec![0, 1]);
-    assert_eq!(
-        next_within(&mut sub, h.patience, "CaughtUp").await.unwrap(),
-        SubscriptionItem::CaughtUp
-    );
+    expect_caught_up(&mut sub, h.patience).await;
     append_numbered(&*store, &other, ExpectedVersion::Any, 102, 1).await;
     append_numbered(&*store, &mine, ExpectedVersion::Exact(Version(1)), 2, 1).await;
     let c = next_event(&mut sub, h.patience, "live 2").await;
@@ -869,10 +858,7 @@ pub async fn resume_from_every_checkpoint(h: &Harness) {
     // HotCold resumed from the last checkpoint goes straight to CaughtUp, then live.
     let last = run.last().unwrap().checkpoint.clone();
     let mut sub = store.subscribe(selector, Start::After(last), SubscriptionMode::HotCold);
-    assert_eq!(
-        next_within(&mut sub, h.patience, "CaughtUp").await.unwrap(),
-        SubscriptionItem::CaughtUp
-    );
+    expect_caught_up(&mut sub, h.patience).await;
     let stream = fresh_stream(&category, "r0");
     append_numbered(&*store, &stream, ExpectedVersion::Exact(Version(5)), 6, 1).await;
     assert_eq!(
@@ -1136,10 +1122,7 @@ pub async fn slow_subscriber_gets_everything(h: &Harness) {
         Start::Beginning,
         SubscriptionMode::HotCold,
     );
-    assert_eq!(
-        next_within(&mut sub, h.patience, "CaughtUp").await.unwrap(),
-        SubscriptionItem::CaughtUp
-    );
+    expect_caught_up(&mut sub, h.patience).await;
     let writer = h.client().await;
     let w = tokio::spawn(async move {
         for b in 0..EVENTS / 10 {

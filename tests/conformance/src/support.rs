@@ -79,6 +79,17 @@ where
     }
 }
 
+/// Asserts that the next item is `CaughtUp`.
+pub(crate) async fn expect_caught_up<S>(sub: &mut S, patience: Duration)
+where
+    S: Stream<Item = Result<SubscriptionItem, Error>> + Unpin,
+{
+    match next_within(sub, patience, "CaughtUp").await {
+        Ok(SubscriptionItem::CaughtUp) => {}
+        other => panic!("expected CaughtUp, got {other:?}"),
+    }
+}
+
 /// Asserts that nothing arrives for a short while.
 pub(crate) async fn assert_quiet<S>(sub: &mut S, wait: Duration, what: &str)
 where
