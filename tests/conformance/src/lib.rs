@@ -97,26 +97,35 @@ impl fmt::Debug for Harness {
     }
 }
 
+/// The variable listing the backends whose real-server tests must not be skipped.
+pub const REQUIRE_VAR: &str = "PHOTON_TEST_REQUIRE";
+
 /// The URL of a real server to test against, from `var`; None (skip) when unset.
 ///
 /// Prints which variable to set when skipping. Panics instead when `PHOTON_TEST_REQUIRE` (a comma
 /// list such as `kafka,cassandra,mongo`) names `backend`, so that CI cannot pass by skipping.
+#[track_caller]
 pub fn server_url(backend: &str, var: &str) -> Option<String> {
     match std::env::var(var) {
-        Ok(url) if !url.trim().is_empty() => Some(url),
+        Ok(url) if !url.trim().is_empty() => Some(url.trim().to_owned()),
         _ => {
-            let required = std::env::var("PHOTON_TEST_REQUIRE").unwrap_or_default();
-            if required.split(',').any(|b| b.trim() == backend) {
+            let required = std::env::var(REQUIRE_VAR).unwrap_or_default();
+            if is_required(&required, backend) {
                 panic!(
-                    "PHOTON_TEST_REQUIRE names {backend}, but {var} is not set: start the servers (scripts/servers up) and export its URL"
+                    "{REQUIRE_VAR} names {backend}, but {var} is not set: start the servers (scripts/servers up) and export its URL"
                 );
             }
-            println!(
-                "skipping {backend} conformance case: set {var} to run it against a real server"
-            );
+            println!("skipping {backend} test: set {var} to run it against a real server");
             None
         }
     }
+}
+
+/// Whether the comma list `list` (the value of `PHOTON_TEST_REQUIRE`) names `backend`.
+pub fn is_required(list: &str, backend: &str) -> bool {
+    list.split(',')
+        .map(str::trim)
+        .any(|item| item.eq_ignore_ascii_case(backend))
 }
 
 /// Expands every case of [`cases`] into one `#[tokio::test]` for the harness returned by the
@@ -159,4 +168,17 @@ macro_rules! conformance_suite {
             }
         )+
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_required;
+
+    #[test]
+    fn require_list() {
+        assert!(is_required("kafka,cassandra,mongo", "cassandra"));
+        assert!(is_required(" kafka , Mongo ", "mongo"));
+        assert!(!is_required("kafka", "mongo"));
+        assert!(!is_required("", "kafka"));
+    }
 }
