@@ -14,7 +14,7 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use photon_api::{
     Category, Checkpoint, Error, EventData, EventStore, ExpectedVersion, ReadOptions, StreamId,
-    Version,
+    Uuid, Version,
 };
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +34,8 @@ pub struct Loaded {
     pub saved: SavedView,
     /// Its revision.
     pub revision: u64,
+    /// The id of the save that wrote it.
+    pub save_id: Uuid,
 }
 
 /// Persists view checkpoints.
@@ -47,16 +49,18 @@ pub trait CheckpointStore: Send + Sync + fmt::Debug + 'static {
     async fn load(&self, view: &str) -> Result<Option<Loaded>, Error>;
 
     /// Saves `saved` if the last save has revision `expected` (None: never saved); returns the
-    /// new revision.
+    /// new revision. `save_id` names this save across retries: re-sending a save that landed
+    /// (after a timeout) succeeds with the same revision instead of looking like a rival runner.
     ///
     /// # Errors
     /// - [`Error::WrongExpectedVersion`] when another runner of the same view saved in between.
-    /// - [`Error::Unavailable`] when the storage does not answer.
+    /// - [`Error::Unavailable`] when the storage does not answer (retry with the same `save_id`).
     async fn save(
         &self,
         view: &str,
         saved: &SavedView,
         expected: Option<u64>,
+        save_id: Uuid,
     ) -> Result<u64, Error>;
 }
 
@@ -84,8 +88,12 @@ impl CheckpointStore for InMemoryCheckpointStore {
         view: &str,
         saved: &SavedView,
         expected: Option<u64>,
+        save_id: Uuid,
     ) -> Result<u64, Error> {
         let mut saves = self.saves.lock().expect("not poisoned");
+        if let Some(last) = saves.get(view).filter(|l| l.save_id == save_id) {
+            return Ok(last.revision); // a retry of the save that landed
+        }
         let current = saves.get(view).map(|l| l.revision);
         if current != expected {
             return Err(Error::WrongExpectedVersion {
@@ -100,6 +108,7 @@ impl CheckpointStore for InMemoryCheckpointStore {
             Loaded {
                 saved: saved.clone(),
                 revision,
+                save_id,
             },
         );
         Ok(revision)
@@ -128,7 +137,9 @@ fn expected_revision(expected: Option<u64>) -> ExpectedVersion {
 /// version, and loading reads the last event only.
 ///
 /// Each save is limited by the store's event size limit (1 MiB by default); views with large
-/// state should keep it in their own database and save only positions (state `()`).
+/// state should keep it in their own database and save only positions (state `()`). Every save is
+/// a new event (the store has no delete), so the stream grows by one event per save: the runner
+/// saves at most every `RunnerOptions::save_interval` while events arrive and never while idle.
 #[derive(Debug, Clone)]
 pub struct EventStoreCheckpointStore {
     store: Arc<dyn EventStore>,
@@ -157,6 +168,7 @@ impl CheckpointStore for EventStoreCheckpointStore {
             Some(e) => Ok(Some(Loaded {
                 saved: e.decode()?,
                 revision: e.version.0,
+                save_id: e.event_id,
             })),
         }
     }
@@ -166,18 +178,14 @@ impl CheckpointStore for EventStoreCheckpointStore {
         view: &str,
         saved: &SavedView,
         expected: Option<u64>,
+        save_id: Uuid,
     ) -> Result<u64, Error> {
         let stream = checkpoint_stream(view)?;
-        let expected = expected.map_or(ExpectedVersion::NoStream, |r| {
-            ExpectedVersion::Exact(Version(r))
-        });
+        // The save id is the event id, so the store's idempotency makes a re-sent save a no-op.
+        let event = EventData::msgpack(SAVED_TYPE, saved)?.with_id(save_id);
         let result = self
             .store
-            .append(
-                &stream,
-                expected,
-                vec![EventData::msgpack(SAVED_TYPE, saved)?],
-            )
+            .append(&stream, expected_revision(expected), vec![event])
             .await?;
         Ok(result.last_version.0)
     }

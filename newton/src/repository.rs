@@ -17,7 +17,8 @@ use photon_api::{
 
 use crate::aggregate::{Aggregate, DomainEvent};
 
-/// How many times `execute` retries after a concurrent writer won, and how long it waits.
+/// How many times `execute` retries after a concurrent writer won (reload and decide again) or
+/// the store was unavailable (re-send the same events), and how long it waits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Attempts in total, the first included. At least 1.
@@ -183,7 +184,9 @@ impl<A: Aggregate> Repository<A> {
     /// # Errors
     /// - [`ExecuteError::Rejected`] when the aggregate refuses.
     /// - [`ExecuteError::TooManyConflicts`] when concurrent writers won every attempt.
-    /// - [`ExecuteError::Store`] for store failures.
+    /// - [`ExecuteError::Store`] for store failures, including [`Error::Unavailable`] once the
+    ///   re-sends are used up (the events may then have landed; re-sending the same command
+    ///   decides again on the state it finds).
     pub async fn execute(
         &self,
         id: &str,
@@ -226,11 +229,18 @@ impl<A: Aggregate> Repository<A> {
                 .iter()
                 .map(|e| encode(e, context))
                 .collect::<Result<Vec<_>, _>>()?;
-            match self
-                .store
-                .append(&stream, ExpectedVersion::from_current(version), data)
-                .await
-            {
+            let expected = ExpectedVersion::from_current(version);
+            let mut outcome = self.store.append(&stream, expected, data.clone()).await;
+            // A timeout says nothing about whether the batch landed: re-send the very same
+            // events (same ids), which the store's idempotency turns into a no-op if it did.
+            let mut resends = 1;
+            while matches!(&outcome, Err(e) if e.is_retryable()) && resends < max_attempts {
+                tracing::debug!(%stream, resends, "store unavailable; re-sending the same events");
+                tokio::time::sleep(self.retry.initial_backoff * resends).await;
+                resends += 1;
+                outcome = self.store.append(&stream, expected, data.clone()).await;
+            }
+            match outcome {
                 Ok(result) => {
                     for e in &events {
                         state.apply(e);

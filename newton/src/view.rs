@@ -20,7 +20,7 @@ use bytes::Bytes;
 use futures::stream::{select_all, StreamExt};
 use photon_api::{
     BoxError, Category, Checkpoint, Error, EventStore, RecordedEvent, Selector, Start, StreamId,
-    SubscriptionItem, SubscriptionMode, Version,
+    SubscriptionItem, SubscriptionMode, Uuid, Version,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -47,11 +47,14 @@ pub trait View: Send + Sync + 'static {
     /// The categories it reads.
     fn categories(&self) -> Vec<Category>;
 
-    /// Applies one event to the state.
+    /// Applies one event to the state. The runner holds the state's write lock meanwhile, so
+    /// readers wait, and `handle` must not read this view through its own handle.
     ///
     /// # Errors
     /// - Any error stops the view (status `Failed`) without saving past this event, so after a
-    ///   fix and a restart it is handled again.
+    ///   fix and a restart it is handled again from the last save. The in-memory state may show
+    ///   part of the failed event's effect until then; make `handle` change the state only once
+    ///   it cannot fail any more (decode first, then mutate).
     async fn handle(&self, state: &mut Self::State, event: &RecordedEvent) -> Result<(), BoxError>;
 }
 
@@ -64,7 +67,7 @@ pub enum ViewStatus {
     Replaying,
     /// Caught up with every category; handling live events.
     Live,
-    /// Stopped by an error; the state is as of the last handled event.
+    /// Stopped by an error; restarting resumes from the last save.
     Failed(Arc<ViewError>),
     /// Stopped on request.
     Stopped,
@@ -94,6 +97,17 @@ pub enum ViewError {
         /// The store's error.
         #[source]
         source: Error,
+    },
+    /// Another runner of the same view saved since this one loaded: two processes run the view.
+    /// This one stops so that only one writes the view's state.
+    #[error("view {view}: another runner saved this view (expected revision {expected:?}, found {actual:?}); stopping this one")]
+    Fenced {
+        /// The view.
+        view: String,
+        /// The revision this runner last saw.
+        expected: Option<u64>,
+        /// The revision found.
+        actual: Option<u64>,
     },
     /// The saved state does not decode as the view's `State` (its shape changed: give the new
     /// shape a new view name, or rebuild).
@@ -163,6 +177,7 @@ impl fmt::Debug for ViewRunner {
 enum Control {
     Rebuild(oneshot::Sender<()>),
     Stop(oneshot::Sender<()>),
+    Detach,
 }
 
 struct Shared<S> {
@@ -172,7 +187,9 @@ struct Shared<S> {
     progress: Notify,
 }
 
-/// A running view: read its state, watch its status, rebuild or stop it. Clones share the view.
+/// A running view: read its state, watch its status, rebuild or stop it. Clones share the view;
+/// when the last one is dropped the view saves and stops, unless it was [detached](Self::detach).
+#[must_use = "dropping every handle of a view stops it; keep one, or call detach()"]
 pub struct ViewHandle<V: View> {
     name: Arc<str>,
     shared: Arc<Shared<V::State>>,
@@ -262,6 +279,7 @@ impl ViewRunner {
             positions: BTreeMap::new(),
             unsaved: 0,
             waiting_rebuilds: Vec::new(),
+            detached: false,
         };
         tokio::spawn(task.run(control_rx));
         Ok(ViewHandle {
@@ -357,6 +375,13 @@ impl<V: View> ViewHandle<V> {
         }
     }
 
+    /// Lets the view run on when every handle is dropped (by default that stops it), e.g. for a
+    /// view whose state lives in its own database and is never read through a handle. It then
+    /// runs until the process ends or it fails.
+    pub async fn detach(self) {
+        let _ = self.control.send(Control::Detach).await;
+    }
+
     /// Saves the checkpoint and stops the view.
     ///
     /// # Errors
@@ -401,7 +426,12 @@ struct Task<V: View> {
     positions: BTreeMap<String, Checkpoint>,
     unsaved: usize,
     waiting_rebuilds: Vec<oneshot::Sender<()>>,
+    /// Keeps running when every handle is dropped.
+    detached: bool,
 }
+
+/// Attempts of one checkpoint save when the checkpoint store is unavailable.
+const SAVE_ATTEMPTS: u32 = 10;
 
 /// Why the inner loop of a task returned.
 enum Next {
@@ -466,11 +496,20 @@ impl<V: View> Task<V> {
                 Some(c) => Start::After(c.clone()),
                 None => Start::Beginning,
             };
-            self.store.subscribe(
-                Selector::Category(category.clone()),
-                start,
-                SubscriptionMode::HotCold,
-            )
+            // A live subscription never ends; if one does (a backend dropped it), say so as a
+            // retryable error, so the view resubscribes instead of silently losing a category.
+            let ended = Error::Unavailable {
+                backend: self.store.backend(),
+                message: format!("the subscription to category {category} ended"),
+                source: None,
+            };
+            self.store
+                .subscribe(
+                    Selector::Category(category.clone()),
+                    start,
+                    SubscriptionMode::HotCold,
+                )
+                .chain(futures::stream::iter([Err(ended)]))
         });
         let mut merged = select_all(subscriptions);
         let mut caught_up = 0;
@@ -478,7 +517,7 @@ impl<V: View> Task<V> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                command = control.recv() => match command {
+                command = control.recv(), if !self.detached => match command {
                     Some(Control::Rebuild(ack)) => {
                         tracing::info!(view = %self.name, "rebuilding from the beginning");
                         *self.shared.state.write().await = V::State::default();
@@ -494,6 +533,7 @@ impl<V: View> Task<V> {
                         let _ = ack.send(());
                         return Ok(Next::Stop);
                     }
+                    Some(Control::Detach) => self.detached = true,
                     None => return Ok(Next::Stop),
                 },
                 item = merged.next() => match item {
@@ -519,13 +559,7 @@ impl<V: View> Task<V> {
                         return Ok(Next::Resubscribe);
                     }
                     Some(Err(e)) => return Err(self.store_error(e)),
-                    None => {
-                        return Err(self.store_error(Error::Unavailable {
-                            backend: self.store.backend(),
-                            message: "a live subscription ended".into(),
-                            source: None,
-                        }))
-                    }
+                    None => unreachable!("each subscription ends with an error item first"),
                 },
                 _ = tick.tick(), if self.unsaved > 0 => self.save().await?,
             }
@@ -576,11 +610,31 @@ impl<V: View> Task<V> {
             positions: self.positions.clone(),
             state: Bytes::from(state),
         };
-        let revision = self
-            .checkpoints
-            .save(&self.name, &saved, self.revision)
-            .await
-            .map_err(|e| self.store_error(e))?;
+        // One id for this save across its retries: a re-sent save that had landed is a no-op.
+        let save_id = Uuid::now_v7();
+        let mut attempt = 1;
+        let revision = loop {
+            match self
+                .checkpoints
+                .save(&self.name, &saved, self.revision, save_id)
+                .await
+            {
+                Ok(revision) => break revision,
+                Err(e) if e.is_retryable() && attempt < SAVE_ATTEMPTS => {
+                    tracing::warn!(view = %self.name, error = %e, attempt, "checkpoint save failed; retrying");
+                    tokio::time::sleep(self.options.retry_delay * attempt).await;
+                    attempt += 1;
+                }
+                Err(Error::WrongExpectedVersion { actual, .. }) => {
+                    return Err(ViewError::Fenced {
+                        view: self.name.to_string(),
+                        expected: self.revision,
+                        actual: actual.map(Version::value),
+                    })
+                }
+                Err(e) => return Err(self.store_error(e)),
+            }
+        };
         self.revision = Some(revision);
         self.unsaved = 0;
         Ok(())

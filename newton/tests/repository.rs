@@ -264,3 +264,84 @@ async fn undecodable_history_and_bad_ids_are_typed_errors() {
         Some(Version(0))
     );
 }
+
+/// A store whose first append lands but answers `Unavailable`, like a timeout after the write.
+#[derive(Debug)]
+struct LostAnswer {
+    inner: MemoryStore,
+    failed_once: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl EventStore for LostAnswer {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Result<AppendResult, Error> {
+        let result = self.inner.append(stream, expected, events).await?;
+        if !self
+            .failed_once
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(Error::Unavailable {
+                backend: "memory",
+                message: "timed out waiting for the answer".into(),
+                source: None,
+            });
+        }
+        Ok(result)
+    }
+    fn read_stream(
+        &self,
+        stream: &StreamId,
+        options: ReadOptions,
+    ) -> BoxStream<'static, Result<RecordedEvent, Error>> {
+        self.inner.read_stream(stream, options)
+    }
+    fn subscribe(
+        &self,
+        selector: Selector,
+        start: Start,
+        mode: SubscriptionMode,
+    ) -> BoxStream<'static, Result<SubscriptionItem, Error>> {
+        self.inner.subscribe(selector, start, mode)
+    }
+    async fn stream_version(&self, stream: &StreamId) -> Result<Option<Version>, Error> {
+        self.inner.stream_version(stream).await
+    }
+    async fn list_categories(&self) -> Result<Vec<Category>, Error> {
+        self.inner.list_categories().await
+    }
+    fn list_streams(&self, category: &Category) -> BoxStream<'static, Result<StreamId, Error>> {
+        self.inner.list_streams(category)
+    }
+    async fn health(&self) -> Result<Health, Error> {
+        self.inner.health().await
+    }
+}
+
+#[tokio::test]
+async fn a_lost_answer_is_resent_with_the_same_ids_and_stored_once() {
+    let inner = MemoryStore::new();
+    let repo = Repository::<Tally>::new(Arc::new(LostAnswer {
+        inner: inner.clone(),
+        failed_once: Default::default(),
+    }));
+    let id = fresh_id();
+    let done = repo.execute(&id, &TallyCommand::Add(4)).await.unwrap();
+    assert_eq!(done.version, Some(Version(0)));
+    assert_eq!(done.state.total, 4);
+    let stored = inner
+        .read_to_vec(&repo.stream_of(&id).unwrap(), ReadOptions::forwards())
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1, "the re-sent events were stored twice");
+}

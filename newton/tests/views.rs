@@ -12,7 +12,8 @@ use async_trait::async_trait;
 use newton::store::{EventStore, EventStoreExt, ExpectedVersion};
 use newton::{
     BoxError, Category, CheckpointStore, Error, EventStoreCheckpointStore, InMemoryCheckpointStore,
-    RecordedEvent, Repository, RunnerOptions, SavedView, View, ViewError, ViewRunner, ViewStatus,
+    RecordedEvent, Repository, RunnerOptions, SavedView, Uuid, View, ViewError, ViewRunner,
+    ViewStatus,
 };
 use photon_memory::MemoryStore;
 use support::{fresh_id, Tally, TallyCommand};
@@ -271,8 +272,9 @@ async fn a_second_runner_of_the_same_view_is_fenced_off() {
     assert!(
         matches!(
             &*failed,
-            ViewError::Store {
-                source: Error::WrongExpectedVersion { .. },
+            ViewError::Fenced {
+                expected: Some(0),
+                actual: Some(1),
                 ..
             }
         ),
@@ -307,6 +309,7 @@ async fn bad_views_and_bad_saved_state_are_typed_errors() {
                 state: newton::store::Bytes::from_static(b"\xc1"),
             },
             None,
+            Uuid::new_v4(),
         )
         .await
         .unwrap();
@@ -320,7 +323,7 @@ async fn bad_views_and_bad_saved_state_are_typed_errors() {
     // The in-memory checkpoint store fences like the event-store one.
     assert!(matches!(
         checkpoints
-            .save("garbled-v1", &SavedView::default(), None)
+            .save("garbled-v1", &SavedView::default(), None, Uuid::new_v4())
             .await,
         Err(Error::WrongExpectedVersion { .. })
     ));
@@ -335,9 +338,86 @@ async fn bad_views_and_bad_saved_state_are_typed_errors() {
                     positions: Default::default(),
                     state: vec![0u8; 64].into()
                 },
-                None
+                None,
+                Uuid::new_v4()
             )
             .await,
         Err(Error::EventTooLarge { .. })
     ));
+}
+
+#[tokio::test]
+async fn a_resent_save_is_idempotent_and_a_stale_one_is_fenced() {
+    let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+    let stores: [Arc<dyn CheckpointStore>; 2] = [
+        Arc::new(InMemoryCheckpointStore::new()),
+        Arc::new(EventStoreCheckpointStore::new(store)),
+    ];
+    for checkpoints in stores {
+        let saved = SavedView::default();
+        let first = Uuid::new_v4();
+        assert_eq!(
+            checkpoints
+                .save("idem-v1", &saved, None, first)
+                .await
+                .unwrap(),
+            0
+        );
+        // The same save re-sent after a timeout: same revision, nothing new stored.
+        assert_eq!(
+            checkpoints
+                .save("idem-v1", &saved, None, first)
+                .await
+                .unwrap(),
+            0
+        );
+        let second = Uuid::new_v4();
+        assert_eq!(
+            checkpoints
+                .save("idem-v1", &saved, Some(0), second)
+                .await
+                .unwrap(),
+            1
+        );
+        // Another runner still at revision 0 is refused.
+        match checkpoints
+            .save("idem-v1", &saved, Some(0), Uuid::new_v4())
+            .await
+        {
+            Err(Error::WrongExpectedVersion { actual, .. }) => {
+                assert_eq!(actual.map(|v| v.value()), Some(1))
+            }
+            other => panic!("{other:?}"),
+        }
+        let loaded = checkpoints.load("idem-v1").await.unwrap().unwrap();
+        assert_eq!((loaded.revision, loaded.save_id), (1, second));
+    }
+}
+
+#[tokio::test]
+async fn a_detached_view_keeps_running_without_handles() {
+    let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+    let checkpoints = Arc::new(InMemoryCheckpointStore::new());
+    let id = fresh_id();
+    let handle = ViewRunner::new(store.clone(), checkpoints.clone())
+        .with_options(quick())
+        .start(totals("detached-v1", &["tally"]))
+        .unwrap();
+    handle.wait_until_live().await.unwrap();
+    handle.detach().await;
+    add(&store, &id, 9).await;
+    let saved = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(l) = checkpoints.load("detached-v1").await.unwrap() {
+                let state: TotalsState = rmp_serde::from_slice(&l.saved.state).unwrap();
+                if state.events == 1 {
+                    return state;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the detached view handled and saved the new event");
+    assert_eq!(saved.per_stream[&format!("tally-{id}")], 9);
 }

@@ -78,13 +78,15 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
     /// - Returns only once the events are durable by the backend's strongest ordinary setting.
     /// - All events of the batch become visible together, to every read and subscription, or none.
     /// - `expected` is checked atomically with the write; versions continue contiguously.
-    /// - A retry of a batch that already landed (the same ids, same order) stores nothing and
-    ///   returns the original versions, whatever `expected` says.
+    /// - A retry of a batch that already landed (exactly the ids of one earlier append to this
+    ///   stream, in order) stores nothing and returns the original versions, whatever `expected`
+    ///   says. Event ids are the idempotency key within one stream.
     /// - The store adds the events to their category stream (and the all stream) itself.
     ///
     /// # Errors
     /// - [`Error::WrongExpectedVersion`] with the actual version when `expected` does not hold.
-    /// - [`Error::IdempotencyConflict`] when some ids are stored but this is not a retry.
+    /// - [`Error::IdempotencyConflict`] when some ids are stored but the batch is not exactly one
+    ///   earlier append (a prefix, a run spanning two appends, new ids mixed in).
     /// - [`Error::InvalidInput`] for an empty batch or ids that repeat or are nil.
     /// - [`Error::EventTooLarge`] for an event over `Capabilities::max_event_size`.
     /// - [`Error::Unavailable`] when the backend does not answer in time (retry with the same ids).
@@ -114,11 +116,16 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
     /// Subscribes to one stream, a category or everything.
     ///
     /// # Behavior
-    /// - `Cold`: from `start` up to the head as of the first poll, then the stream ends.
+    /// - `Cold`: from `start` up to the head as of the call (remote backends: as of the first
+    ///   poll), then the stream ends.
+    /// - `HotCold` sends `CaughtUp` once it has delivered the history as of the call, even while
+    ///   writers keep appending faster than the consumer reads.
     /// - `Hot`: `CaughtUp` once live, then only events stored after that.
     /// - `HotCold`: replay from `start`, `CaughtUp` once at the head, then live; no event missed
     ///   or repeated at the switch, even with writers running.
-    /// - Per-stream order always holds; each event carries the checkpoint to resume after it.
+    /// - Per-stream order always holds; each event carries the checkpoint to resume the same
+    ///   selector after it (checkpoints from `append` and `read_stream` resume that stream, and
+    ///   any selector where `Capabilities::total_order` holds).
     /// - Pull-based: a slow consumer slows the subscription, memory does not grow with backlog.
     ///
     /// # Errors

@@ -86,33 +86,53 @@ pub enum BatchKind {
     },
 }
 
+/// Where an event id is stored, as [`classify_batch`] needs to know it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct StoredId {
+    /// The version of the event with this id.
+    pub version: Version,
+    /// The first version of the append that stored it.
+    pub batch_first: Version,
+    /// How many events that append stored.
+    pub batch_len: usize,
+}
+
 /// Classifies a batch by looking up where each of its ids is stored in the stream.
 ///
+/// Ids are the idempotency key *within one stream*: the same id in another stream is another
+/// event. A batch is a retry only when it is exactly one earlier append: the same ids, in the same
+/// order, no more and no fewer; then the original append's versions are reported.
+///
 /// # Errors
-/// - [`Error::IdempotencyConflict`] when some ids are stored and the batch is not exactly the
-///   stored run: storing it would duplicate those events, refusing it loses nothing.
+/// - [`Error::IdempotencyConflict`] when some ids are stored but the batch is not exactly one
+///   earlier append (a prefix of one, a run spanning two, new ids mixed in): storing it would
+///   duplicate those events, refusing it loses nothing.
 pub fn classify_batch(
     stream: &StreamId,
     events: &[EventData],
-    mut stored_version: impl FnMut(&Uuid) -> Option<Version>,
+    mut stored: impl FnMut(&Uuid) -> Option<StoredId>,
 ) -> Result<BatchKind, Error> {
-    let found: Vec<Option<Version>> = events.iter().map(|e| stored_version(&e.event_id)).collect();
+    let found: Vec<Option<StoredId>> = events.iter().map(|e| stored(&e.event_id)).collect();
     let Some(hit) = found.iter().position(Option::is_some) else {
         return Ok(BatchKind::New);
     };
     if let Some(Some(first)) = found.first() {
-        let run = found
-            .iter()
-            .enumerate()
-            .all(|(i, v)| *v == Some(Version(first.0 + i as u64)));
-        if run {
-            return Ok(BatchKind::Retry { first: *first });
+        let whole_append = first.version == first.batch_first
+            && first.batch_len == events.len()
+            && found
+                .iter()
+                .enumerate()
+                .all(|(i, s)| s.is_some_and(|s| s.version == Version(first.version.0 + i as u64)));
+        if whole_append {
+            return Ok(BatchKind::Retry {
+                first: first.version,
+            });
         }
     }
     Err(Error::IdempotencyConflict {
         stream: stream.clone(),
         event_id: events[hit].event_id,
-        version: found[hit].expect("hit is a found position"),
+        version: found[hit].expect("hit is a found position").version,
     })
 }
 
@@ -155,34 +175,52 @@ mod tests {
     #[test]
     fn classify_new_retry_conflict() {
         let s = StreamId::parse("a-1").unwrap();
-        let (a, b, c) = (event(1), event(1), event(1));
-        let stored = |ids: Vec<(Uuid, u64)>| {
-            move |id: &Uuid| ids.iter().find(|(i, _)| i == id).map(|(_, v)| Version(*v))
+        let (a, b, c, d) = (event(1), event(1), event(1), event(1));
+        // Stored: [a, b] at versions 3-4 (one append), then [c] at 5.
+        let stored = |id: &Uuid| {
+            let at = |v, first, len| {
+                Some(StoredId {
+                    version: Version(v),
+                    batch_first: Version(first),
+                    batch_len: len,
+                })
+            };
+            match *id {
+                x if x == a.event_id => at(3, 3, 2),
+                x if x == b.event_id => at(4, 3, 2),
+                x if x == c.event_id => at(5, 5, 1),
+                _ => None,
+            }
         };
         assert_eq!(
-            classify_batch(&s, &[a.clone(), b.clone()], stored(vec![])).unwrap(),
+            classify_batch(&s, std::slice::from_ref(&d), stored).unwrap(),
             BatchKind::New
         );
         assert_eq!(
-            classify_batch(
-                &s,
-                &[a.clone(), b.clone()],
-                stored(vec![(a.event_id, 3), (b.event_id, 4)])
-            )
-            .unwrap(),
+            classify_batch(&s, &[a.clone(), b.clone()], stored).unwrap(),
             BatchKind::Retry { first: Version(3) }
         );
-        // Reordered, partial, or extended: conflict naming the first stored id.
-        for (batch, ids) in [
-            (
-                vec![b.clone(), a.clone()],
-                vec![(a.event_id, 3), (b.event_id, 4)],
-            ),
-            (vec![a.clone(), c.clone()], vec![(a.event_id, 3)]),
-            (vec![c.clone(), a.clone()], vec![(a.event_id, 3)]),
+        assert_eq!(
+            classify_batch(&s, std::slice::from_ref(&c), stored).unwrap(),
+            BatchKind::Retry { first: Version(5) }
+        );
+        // Reordered, a prefix, a suffix, spanning two appends, or mixed with a new id: conflict
+        // naming the first stored id of the batch.
+        for (batch, first_stored) in [
+            (vec![b.clone(), a.clone()], &b),
+            (vec![a.clone()], &a),
+            (vec![b.clone()], &b),
+            (vec![b.clone(), c.clone()], &b),
+            (vec![a.clone(), b.clone(), c.clone()], &a),
+            (vec![a.clone(), d.clone()], &a),
+            (vec![d.clone(), a.clone()], &a),
         ] {
-            let err = classify_batch(&s, &batch, stored(ids)).unwrap_err();
-            assert!(matches!(err, Error::IdempotencyConflict { .. }), "{err:?}");
+            match classify_batch(&s, &batch, stored) {
+                Err(Error::IdempotencyConflict { event_id, .. }) => {
+                    assert_eq!(event_id, first_stored.event_id)
+                }
+                other => panic!("{other:?}"),
+            }
         }
     }
 

@@ -6,7 +6,9 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use async_trait::async_trait;
 use futures::stream::{self, BoxStream, StreamExt};
-use photon_api::validate::{classify_batch, validate_batch, validate_subscription, BatchKind};
+use photon_api::validate::{
+    classify_batch, validate_batch, validate_subscription, BatchKind, StoredId,
+};
 use photon_api::{
     error_stream, AppendResult, Capabilities, Category, Checkpoint, Direction, Error, EventData,
     EventStore, ExpectedVersion, Health, ReadOptions, RecordedEvent, Selector, Start, StreamId,
@@ -134,8 +136,8 @@ struct State {
 struct StreamIndex {
     /// Log position of each version.
     positions: Vec<u64>,
-    /// Where each event id is stored, for idempotent retries.
-    ids: HashMap<Uuid, Version>,
+    /// Where each event id is stored and by which append, for idempotent retries.
+    ids: HashMap<Uuid, StoredId>,
 }
 
 #[derive(Default)]
@@ -248,12 +250,20 @@ impl State {
         if index.positions.is_empty() {
             category.streams.insert(stream.clone());
         }
-        let mut checkpoints = Vec::with_capacity(events.len());
+        let batch_len = events.len();
+        let mut checkpoints = Vec::with_capacity(batch_len);
         for (i, e) in events.into_iter().enumerate() {
             let position = self.log.len() as u64;
             let version = Version(first_version.0 + i as u64);
             index.positions.push(position);
-            index.ids.insert(e.event_id, version);
+            index.ids.insert(
+                e.event_id,
+                StoredId {
+                    version,
+                    batch_first: first_version,
+                    batch_len,
+                },
+            );
             category.positions.push(position);
             checkpoints.push(checkpoint(position));
             self.log.push(RecordedEvent {
@@ -292,9 +302,17 @@ impl State {
         }
     }
 
-    /// Copies up to [`CHUNK`] events of `selector` at positions >= `next` and < `end` into `out`.
-    fn fetch(&self, selector: &Selector, next: u64, end: u64, out: &mut VecDeque<RecordedEvent>) {
-        let end = end.min(self.log.len() as u64);
+    /// Copies up to [`CHUNK`] events of `selector` at positions >= `next` and < `end` into `out`;
+    /// returns the log length it saw.
+    fn fetch(
+        &self,
+        selector: &Selector,
+        next: u64,
+        end: u64,
+        out: &mut VecDeque<RecordedEvent>,
+    ) -> u64 {
+        let len = self.log.len() as u64;
+        let end = end.min(len);
         match self.positions(selector) {
             Positions::All => {
                 let to = end.min(next + CHUNK as u64);
@@ -313,6 +331,7 @@ impl State {
                 );
             }
         }
+        len
     }
 
     /// The first log position recorded at or after `t`.
@@ -330,22 +349,31 @@ enum Positions<'a> {
 struct Cursor {
     store: MemoryStore,
     selector: Selector,
-    start: Start,
     mode: SubscriptionMode,
-    /// The smallest log position still to deliver; None until the first poll resolves `start`.
-    next: Option<u64>,
-    /// Cold only: the log length at the first poll.
+    /// The smallest log position still to deliver.
+    next: u64,
+    /// The end (exclusive) of the current phase: the log length when the subscription was made
+    /// while replaying, unbounded once live. Bounding the replay is what lets `CaughtUp` come
+    /// even while writers keep appending faster than the consumer reads.
     end: u64,
+    live: bool,
     buffer: VecDeque<RecordedEvent>,
-    caught_up_sent: bool,
     head: watch::Receiver<u64>,
 }
 
 impl Cursor {
-    fn resolve_start(&mut self) -> Result<(), Error> {
-        let state = self.store.read();
+    /// Resolves `start` against the log as it is now, so `Start::Now` and the Cold end mean "when
+    /// `subscribe` was called", not "when first polled".
+    fn new(
+        store: &MemoryStore,
+        selector: Selector,
+        start: &Start,
+        mode: SubscriptionMode,
+    ) -> Result<Self, Error> {
+        let head = store.shared.head.subscribe();
+        let state = store.read();
         let len = state.log.len() as u64;
-        let next = match &self.start {
+        let next = match start {
             Start::Beginning => 0,
             Start::Now => len,
             Start::Time(t) => state.position_at(*t),
@@ -362,52 +390,46 @@ impl Cursor {
                 p + 1
             }
         };
-        self.next = Some(next);
-        self.end = if self.mode == SubscriptionMode::Cold {
-            len
-        } else {
-            u64::MAX
-        };
-        Ok(())
+        drop(state);
+        Ok(Self {
+            store: store.clone(),
+            selector,
+            mode,
+            next,
+            end: len,
+            live: false,
+            buffer: VecDeque::with_capacity(CHUNK),
+            head,
+        })
     }
 
     async fn next_item(&mut self) -> Option<Result<SubscriptionItem, Error>> {
-        if self.next.is_none() {
-            if let Err(e) = self.resolve_start() {
-                self.mode = SubscriptionMode::Cold;
-                self.end = 0;
-                self.next = Some(0);
-                return Some(Err(e));
-            }
-            if self.mode == SubscriptionMode::Hot {
-                self.caught_up_sent = true;
-                return Some(Ok(SubscriptionItem::CaughtUp));
-            }
-        }
         loop {
             if let Some(e) = self.buffer.pop_front() {
-                self.next = Some(e.checkpoint.position_for(BACKEND).ok()? + 1);
+                self.next = e.checkpoint.position_for(BACKEND).ok()? + 1;
                 return Some(Ok(SubscriptionItem::Event(e)));
             }
             // Mark the head seen before reading, so an append landing after the read wakes us.
             self.head.borrow_and_update();
-            let next = self.next.expect("start resolved");
-            self.store
-                .read()
-                .fetch(&self.selector, next, self.end, &mut self.buffer);
+            let len =
+                self.store
+                    .read()
+                    .fetch(&self.selector, self.next, self.end, &mut self.buffer);
             if !self.buffer.is_empty() {
                 continue;
             }
-            if self.mode == SubscriptionMode::Cold {
+            // Nothing of ours below min(end, len): skip the cursor past it.
+            self.next = self.next.max(self.end.min(len));
+            if self.live {
+                if self.head.changed().await.is_err() {
+                    return None; // the store is gone: no more events can come
+                }
+            } else if self.mode == SubscriptionMode::Cold {
                 return None;
-            }
-            if !self.caught_up_sent {
-                self.caught_up_sent = true;
+            } else {
+                self.live = true;
+                self.end = u64::MAX;
                 return Some(Ok(SubscriptionItem::CaughtUp));
-            }
-            if self.head.changed().await.is_err() {
-                // The store is gone: no more events can come.
-                return None;
             }
         }
     }
@@ -516,21 +538,9 @@ impl EventStore for MemoryStore {
         if let Err(e) = validate_subscription(&start, mode) {
             return error_stream(e);
         }
-        if let Start::After(c) = &start {
-            if let Err(e) = c.token_for(BACKEND) {
-                return error_stream(e);
-            }
-        }
-        let cursor = Cursor {
-            head: self.shared.head.subscribe(),
-            store: self.clone(),
-            selector,
-            start,
-            mode,
-            next: None,
-            end: u64::MAX,
-            buffer: VecDeque::with_capacity(CHUNK),
-            caught_up_sent: false,
+        let cursor = match Cursor::new(self, selector, &start, mode) {
+            Ok(c) => c,
+            Err(e) => return error_stream(e),
         };
         stream::unfold(cursor, |mut cursor| async move {
             let item = cursor.next_item().await?;
