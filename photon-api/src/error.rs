@@ -66,6 +66,18 @@ pub enum Error {
         limit: usize,
     },
 
+    /// A whole batch is larger than the backend can store in one atomic write (e.g. MongoDB's
+    /// 16 MiB document limit). Nothing was stored; split the batch, if atomicity allows.
+    #[error("the batch for stream {stream} is {size} bytes, the backend stores at most {limit} in one append")]
+    BatchTooLarge {
+        /// The stream written to.
+        stream: StreamId,
+        /// The batch's size, the sum of [`crate::EventData::size`].
+        size: usize,
+        /// The backend's limit (`Capabilities::max_append_size`).
+        limit: usize,
+    },
+
     /// A checkpoint made by another backend (or another kind of subscription) was handed in.
     #[error("checkpoint {checkpoint} was not made by the {expected_backend} backend")]
     ForeignCheckpoint {

@@ -30,6 +30,9 @@ pub struct Capabilities {
     pub total_order: bool,
     /// The largest event accepted, as [`EventData::size`] counts.
     pub max_event_size: usize,
+    /// The largest batch one append stores atomically (sum of event sizes); None: no limit
+    /// beyond memory.
+    pub max_append_size: Option<usize>,
 }
 
 /// The outcome of a successful append.
@@ -89,6 +92,7 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
     ///   earlier append (a prefix, a run spanning two appends, new ids mixed in).
     /// - [`Error::InvalidInput`] for an empty batch or ids that repeat or are nil.
     /// - [`Error::EventTooLarge`] for an event over `Capabilities::max_event_size`.
+    /// - [`Error::BatchTooLarge`] for a batch over `Capabilities::max_append_size`.
     /// - [`Error::Unavailable`] when the backend does not answer in time (retry with the same ids).
     async fn append(
         &self,

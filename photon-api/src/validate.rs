@@ -14,16 +14,19 @@ use crate::version::Version;
 /// The default limit on one event's size ([`EventData::size`]): 1 MiB.
 pub const DEFAULT_MAX_EVENT_SIZE: usize = 1024 * 1024;
 
-/// Checks a batch before it is appended to `stream`.
+/// Checks a batch before it is appended to `stream`; returns its size (the sum of
+/// [`EventData::size`]).
 ///
 /// # Errors
 /// - [`Error::InvalidInput`] for an empty batch, a nil event id, or an id given twice.
 /// - [`Error::EventTooLarge`] for the first event over `max_event_size`.
+/// - [`Error::BatchTooLarge`] when the whole batch is over `max_append_size`.
 pub fn validate_batch(
     stream: &StreamId,
     events: &[EventData],
     max_event_size: usize,
-) -> Result<(), Error> {
+    max_append_size: Option<usize>,
+) -> Result<usize, Error> {
     if events.is_empty() {
         return Err(Error::InvalidInput {
             what: format!("append to stream {stream}"),
@@ -31,6 +34,7 @@ pub fn validate_batch(
         });
     }
     let mut seen = HashSet::with_capacity(events.len());
+    let mut total = 0;
     for (index, e) in events.iter().enumerate() {
         if e.event_id.is_nil() {
             return Err(Error::InvalidInput {
@@ -54,8 +58,16 @@ pub fn validate_batch(
                 limit: max_event_size,
             });
         }
+        total += size;
     }
-    Ok(())
+    if let Some(limit) = max_append_size.filter(|limit| total > *limit) {
+        return Err(Error::BatchTooLarge {
+            stream: stream.clone(),
+            size: total,
+            limit,
+        });
+    }
+    Ok(total)
 }
 
 /// Checks that a subscription's start fits its mode.
@@ -152,24 +164,32 @@ mod tests {
     fn batch_errors() {
         let s = StreamId::parse("a-1").unwrap();
         assert!(matches!(
-            validate_batch(&s, &[], 10),
+            validate_batch(&s, &[], 10, None),
             Err(Error::InvalidInput { .. })
         ));
         let e = event(1);
         assert!(matches!(
-            validate_batch(&s, &[e.clone(), e.clone()], 10),
+            validate_batch(&s, &[e.clone(), e.clone()], 10, None),
             Err(Error::InvalidInput { reason, .. }) if reason.contains("twice")
         ));
         assert!(matches!(
-            validate_batch(&s, &[event(1).with_id(Uuid::nil())], 10),
+            validate_batch(&s, &[event(1).with_id(Uuid::nil())], 10, None),
             Err(Error::InvalidInput { reason, .. }) if reason.contains("nil")
         ));
         let big = event(10);
         assert!(matches!(
-            validate_batch(&s, &[event(1), big.clone()], 10),
+            validate_batch(&s, &[event(1), big.clone()], 10, None),
             Err(Error::EventTooLarge { index: 1, size: 11, limit: 10, event_id, .. }) if event_id == big.event_id
         ));
-        assert!(validate_batch(&s, &[event(9)], 10).is_ok());
+        assert_eq!(validate_batch(&s, &[event(9)], 10, None).unwrap(), 10);
+        assert!(matches!(
+            validate_batch(&s, &[event(5), event(5)], 10, Some(11)),
+            Err(Error::BatchTooLarge {
+                size: 12,
+                limit: 11,
+                ..
+            })
+        ));
     }
 
     #[test]

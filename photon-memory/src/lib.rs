@@ -447,6 +447,7 @@ impl EventStore for MemoryStore {
             subscribe_from_time: true,
             total_order: true,
             max_event_size: self.shared.config.max_event_size,
+            max_append_size: None,
         }
     }
 
@@ -456,7 +457,7 @@ impl EventStore for MemoryStore {
         expected: ExpectedVersion,
         events: Vec<EventData>,
     ) -> Result<AppendResult, Error> {
-        validate_batch(stream, &events, self.shared.config.max_event_size)?;
+        validate_batch(stream, &events, self.shared.config.max_event_size, None)?;
         let (result, len) = {
             let mut state = self.write();
             let result = state.append(stream, expected, events)?;

@@ -1227,6 +1227,30 @@ pub async fn bad_input_rejected_and_nothing_lost(h: &Harness) {
         .await
         .expect("an event of exactly max_event_size is accepted");
 
+    // A batch over the backend's atomic-write limit, each event within the event limit.
+    if let Some(batch_limit) = store.capabilities().max_append_size {
+        let per = limit.min(batch_limit);
+        let count = batch_limit / per + 1;
+        let batch: Vec<EventData> = (0..count)
+            .map(|_| {
+                EventData::new(
+                    EventType::new("Part").unwrap(),
+                    Payload::raw(ContentType::Json, vec![b'1'; per - 4]),
+                )
+            })
+            .collect();
+        match store.append(&stream, ExpectedVersion::Any, batch).await {
+            Err(Error::BatchTooLarge {
+                stream: s,
+                size,
+                limit: l,
+            }) => {
+                assert_eq!((s, l), (stream.clone(), batch_limit));
+                assert_eq!(size, count * per);
+            }
+            other => panic!("oversize batch: {other:?}"),
+        }
+    }
     for bad in [
         "",
         "nocategory",
