@@ -13,8 +13,11 @@ pub const URL_VARIABLE: &str = "PHOTON_URL";
 /// The URL used when [`URL_VARIABLE`] is unset.
 pub const DEFAULT_URL: &str = "memory://";
 
-/// Connects to the store `url` names: `memory://` (feature `memory`, default), later
-/// `kafka://`, `cassandra://`, `mongodb://` with their features.
+/// Connects to the store `url` names: `memory://` (feature `memory`, default), `mongodb://`
+/// (feature `mongo`); `kafka://` and `cassandra://` come with their backends.
+///
+/// `memory://` makes a new, private store on every call: share the returned `Arc` rather than
+/// connecting twice.
 ///
 /// # Errors
 /// - [`Error::BackendNotCompiled`] naming the cargo feature for a known scheme that is off.
@@ -25,6 +28,10 @@ pub async fn connect(url: &str) -> Result<Arc<dyn EventStore>, Error> {
     match scheme.as_str() {
         #[cfg(feature = "memory")]
         photon_memory::SCHEME => Ok(Arc::new(photon_memory::MemoryStore::from_url(url)?)),
+        #[cfg(feature = "mongo")]
+        photon_mongo::SCHEME | "mongodb+srv" => {
+            Ok(Arc::new(photon_mongo::MongoStore::from_url(url).await?))
+        }
         _ => Err(url::not_compiled(url)),
     }
 }

@@ -18,7 +18,6 @@ async fn known_backends_not_compiled_name_their_feature() {
     for (url, feature) in [
         ("kafka://127.0.0.1:9092", "kafka"),
         ("cassandra://127.0.0.1:9042/photon", "cassandra"),
-        ("mongodb://user:secret@127.0.0.1:27017/photon", "mongo"),
     ] {
         match newton::connect(url).await {
             Err(e @ Error::BackendNotCompiled { .. }) => {
@@ -39,6 +38,31 @@ async fn known_backends_not_compiled_name_their_feature() {
             other => panic!("{url}: {other:?}"),
         }
     }
+}
+
+#[cfg(not(feature = "mongo"))]
+#[tokio::test]
+async fn mongo_without_its_feature_names_it() {
+    match newton::connect("mongodb://user:secret@127.0.0.1:27017/photon").await {
+        Err(Error::BackendNotCompiled { feature, url, .. }) => {
+            assert_eq!(feature, "mongo");
+            assert!(!url.contains("secret"), "{url}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[cfg(feature = "mongo")]
+#[tokio::test]
+async fn mongo_url_connects_lazily_and_reports_an_unreachable_server() {
+    let store = newton::connect("mongodb://127.0.0.1:1/photon?photon_timeout_ms=500")
+        .await
+        .unwrap();
+    assert_eq!(store.backend(), "mongo");
+    assert!(matches!(
+        store.health().await,
+        Err(Error::Unavailable { .. })
+    ));
 }
 
 #[tokio::test]

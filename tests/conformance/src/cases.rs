@@ -439,6 +439,7 @@ pub async fn atomic_batches_seen_whole(h: &Harness) {
                     );
                 }
                 snapshots += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
             snapshots
         })

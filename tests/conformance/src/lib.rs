@@ -28,6 +28,8 @@ pub struct Harness {
     unreachable: Option<Connect>,
     /// How long a case waits for an event that must arrive before it fails.
     pub patience: Duration,
+    /// At most this many cases of this backend run at once (0: no limit).
+    max_parallel_cases: usize,
 }
 
 impl Harness {
@@ -42,7 +44,42 @@ impl Harness {
             connect: Arc::new(move || connect().boxed()),
             unreachable: None,
             patience: Duration::from_secs(30),
+            max_parallel_cases: 0,
         }
+    }
+
+    /// Waits this long for an event that must arrive: a slow server (FerretDB on SQLite, a
+    /// loaded CI machine) needs more than the default 30 s.
+    pub fn with_patience(mut self, patience: Duration) -> Self {
+        self.patience = patience;
+        self
+    }
+
+    /// Runs at most `n` cases of this backend at once. The test harness runs every case in
+    /// parallel; a small server answers a few well and starves the rest, which would fail on
+    /// timeouts that say nothing about the backend.
+    pub fn with_max_parallel_cases(mut self, n: usize) -> Self {
+        self.max_parallel_cases = n;
+        self
+    }
+
+    /// Waits for a turn to run a case (see [`Self::with_max_parallel_cases`]); hold the permit
+    /// for the whole case. Used by [`conformance_suite!`].
+    pub async fn case_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if self.max_parallel_cases == 0 {
+            return None;
+        }
+        static LIMITS: std::sync::OnceLock<
+            std::sync::Mutex<std::collections::HashMap<&'static str, Arc<tokio::sync::Semaphore>>>,
+        > = std::sync::OnceLock::new();
+        let semaphore = LIMITS
+            .get_or_init(Default::default)
+            .lock()
+            .expect("not poisoned")
+            .entry(self.backend)
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.max_parallel_cases)))
+            .clone();
+        Some(semaphore.acquire_owned().await.expect("never closed"))
     }
 
     /// Adds a way to build a client pointed at an address where no server listens, for the
@@ -93,6 +130,7 @@ impl fmt::Debug for Harness {
             .field("backend", &self.backend)
             .field("unreachable", &self.unreachable.is_some())
             .field("patience", &self.patience)
+            .field("max_parallel_cases", &self.max_parallel_cases)
             .finish()
     }
 }
@@ -166,6 +204,7 @@ macro_rules! conformance_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $case() {
                 let Some(harness) = $harness().await else { return };
+                let _turn = harness.case_permit().await;
                 $crate::cases::$case(&harness).await;
             }
         )+
