@@ -187,6 +187,71 @@ async fn live(
     })
 }
 
+/// The same shapes written and read with the plain `mongodb` driver: the floor under
+/// photon-mongo's figures (one insert per event or per 100, one indexed find).
+#[cfg(feature = "mongo")]
+async fn raw_mongo(o: &Options) -> Result<Vec<Row>, Box<dyn std::error::Error + Send + Sync>> {
+    use mongodb::bson::{doc, spec::BinarySubtype, Binary, Document};
+    let client = mongodb::Client::with_uri_str(&o.url).await?;
+    let db = client
+        .default_database()
+        .unwrap_or_else(|| client.database("photon"));
+    let coll = db.collection::<Document>(&format!(
+        "rawbench_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    ));
+    coll.create_index(
+        mongodb::IndexModel::builder()
+            .keys(doc! { "category": 1, "position": 1 })
+            .build(),
+    )
+    .await?;
+    let payload = Binary {
+        subtype: BinarySubtype::Generic,
+        bytes: vec![7u8; o.payload],
+    };
+    let shaped = |position: u64| {
+        doc! {
+            "stream": format!("raw-s{}", position % o.streams), "category": "raw",
+            "version": position as i64, "count": 1_i64, "position": position as i64,
+            "events": [ { "type": "BenchEvent", "payload": payload.clone() } ],
+        }
+    };
+    let mut rows = Vec::new();
+    let started = Instant::now();
+    for p in 0..o.events {
+        coll.insert_one(shaped(p)).await?;
+    }
+    rows.push(Row {
+        scenario: "raw driver: insert_one per event".into(),
+        events: o.events,
+        elapsed: started.elapsed(),
+    });
+    let started = Instant::now();
+    for chunk in (o.events..2 * o.events).collect::<Vec<_>>().chunks(100) {
+        coll.insert_many(chunk.iter().map(|p| shaped(*p))).await?;
+    }
+    rows.push(Row {
+        scenario: "raw driver: insert_many of 100".into(),
+        events: o.events,
+        elapsed: started.elapsed(),
+    });
+    let started = Instant::now();
+    let n = coll
+        .find(doc! { "category": "raw" })
+        .sort(doc! { "position": 1 })
+        .await?
+        .try_fold(0u64, |n, _| async move { Ok(n + 1) })
+        .await?;
+    rows.push(Row {
+        scenario: "raw driver: find by category".into(),
+        events: n,
+        elapsed: started.elapsed(),
+    });
+    coll.drop().await?;
+    Ok(rows)
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let o = Options::parse();
@@ -208,6 +273,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     rows.push(replay(&store, &category).await?);
     rows.push(read_streams(&store, &category).await?);
     rows.push(live(&o, &store).await?);
+    #[cfg(feature = "mongo")]
+    if o.url.starts_with("mongodb") {
+        rows.extend(raw_mongo(&o).await?);
+    }
 
     println!();
     println!(

@@ -1,0 +1,136 @@
+//! Behaviour specific to the MongoDB backend, against a real server (`PHOTON_TEST_MONGO_URL`):
+//! the documented document layout, and refusing to run without its indexes when creation is off.
+
+use futures::TryStreamExt;
+use mongodb::bson::{doc, Bson, Document};
+use photon_api::{
+    Category, Error, EventData, EventStore, EventStoreExt, ExpectedVersion, Selector, Start,
+    StreamId,
+};
+use photon_conformance::server_url;
+use photon_mongo::MongoStore;
+
+fn with_options(url: &str, options: &str) -> String {
+    format!(
+        "{url}{}{options}",
+        if url.contains('?') { "&" } else { "?" }
+    )
+}
+
+fn fresh_prefix() -> String {
+    format!("b{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+#[tokio::test]
+async fn commits_are_readable_with_the_plain_driver_as_documented() {
+    let Some(url) = server_url("mongo", "PHOTON_TEST_MONGO_URL") else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let store = MongoStore::from_url(&with_options(&url, &format!("photon_prefix={prefix}")))
+        .await
+        .unwrap();
+    let stream = StreamId::parse("account-7").unwrap();
+    let events = vec![
+        EventData::json("Opened", &serde_json::json!({"owner": "ada"}))
+            .unwrap()
+            .with_header("a.b", "dotted key")
+            .with_header("$x", "dollar key"),
+        EventData::json("Deposited", &serde_json::json!({"amount": 5})).unwrap(),
+    ];
+    let ids: Vec<_> = events.iter().map(|e| e.event_id).collect();
+    store
+        .append(&stream, ExpectedVersion::NoStream, events)
+        .await
+        .unwrap();
+
+    // Read back with nothing but the driver and the README's layout.
+    let client = mongodb::Client::with_uri_str(&url).await.unwrap();
+    let db = client
+        .default_database()
+        .unwrap_or_else(|| client.database("photon"));
+    let commits: Vec<Document> = db
+        .collection::<Document>(&format!("{prefix}_commits"))
+        .find(doc! { "stream": "account-7" })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(commits.len(), 1, "one document per append");
+    let c = &commits[0];
+    assert_eq!(c.get_str("category").unwrap(), "account");
+    assert_eq!(c.get_i64("version").unwrap(), 0);
+    assert_eq!(c.get_i64("count").unwrap(), 2);
+    assert_eq!(c.get_i64("position").unwrap(), 1);
+    let events = c.get_array("events").unwrap();
+    let Bson::Document(first) = &events[0] else {
+        panic!("events[0] is a document")
+    };
+    assert_eq!(first.get_str("type").unwrap(), "Opened");
+    assert_eq!(first.get_str("content_type").unwrap(), "application/json");
+    let Some(Bson::Binary(payload)) = first.get("payload") else {
+        panic!("payload is binary")
+    };
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&payload.bytes).unwrap(),
+        serde_json::json!({"owner": "ada"})
+    );
+    let Some(Bson::Binary(id)) = first.get("id") else {
+        panic!("id is binary")
+    };
+    assert_eq!(id.bytes, ids[0].as_bytes().to_vec());
+    let headers = first.get_array("headers").unwrap();
+    assert_eq!(
+        headers[0],
+        Bson::Document(doc! { "key": "$x", "value": "dollar key" })
+    );
+    assert_eq!(
+        headers[1],
+        Bson::Document(doc! { "key": "a.b", "value": "dotted key" })
+    );
+
+    // And the store reads the headers back unchanged.
+    let read = store
+        .replay_to_vec(
+            Selector::Category(Category::new("account").unwrap()),
+            Start::Beginning,
+        )
+        .await
+        .unwrap();
+    assert_eq!(read[0].metadata.headers.get("a.b"), Some("dotted key"));
+    assert_eq!(read[0].metadata.headers.get("$x"), Some("dollar key"));
+}
+
+#[tokio::test]
+async fn without_creation_a_missing_index_is_a_clear_error() {
+    let Some(url) = server_url("mongo", "PHOTON_TEST_MONGO_URL") else {
+        return;
+    };
+    let url = with_options(
+        &url,
+        &format!("photon_prefix={}&photon_create=false", fresh_prefix()),
+    );
+    let store = MongoStore::from_url(&url).await.unwrap();
+    let stream = StreamId::parse("account-1").unwrap();
+    match store
+        .append(
+            &stream,
+            ExpectedVersion::Any,
+            vec![EventData::json("Opened", &1).unwrap()],
+        )
+        .await
+    {
+        Err(Error::InvalidInput { what, reason }) => {
+            assert!(what.contains("_commits"), "{what}");
+            assert!(reason.contains("stream_version"), "{reason}");
+            assert!(reason.contains("photon_create=false"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Nothing was created or stored.
+    assert!(matches!(
+        store.stream_version(&stream).await,
+        Err(Error::InvalidInput { .. })
+    ));
+}
