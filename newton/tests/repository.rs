@@ -129,14 +129,29 @@ async fn concurrent_commands_from_separate_clients_all_land() {
     assert_eq!(loaded.version, Some(Version(15)));
 }
 
-/// A store where another writer always gets in between a load and an append.
-#[derive(Debug)]
-struct Interloper {
+type AppendFuture = futures::future::BoxFuture<'static, Result<AppendResult, Error>>;
+
+/// The in-memory store with its `append` replaced, to stage what a real server does at the worst
+/// moment (another writer getting in first, an answer lost after the write landed).
+struct StagedStore {
     inner: MemoryStore,
+    append: Box<
+        dyn Fn(MemoryStore, StreamId, ExpectedVersion, Vec<EventData>) -> AppendFuture
+            + Send
+            + Sync,
+    >,
+}
+
+impl std::fmt::Debug for StagedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagedStore")
+            .field("inner", &self.inner)
+            .finish()
+    }
 }
 
 #[async_trait]
-impl EventStore for Interloper {
+impl EventStore for StagedStore {
     fn backend(&self) -> &'static str {
         self.inner.backend()
     }
@@ -149,14 +164,7 @@ impl EventStore for Interloper {
         expected: ExpectedVersion,
         events: Vec<EventData>,
     ) -> Result<AppendResult, Error> {
-        let other = newton::encode(
-            &TallyEvent::Added { amount: 1000 },
-            &CommandContext::default(),
-        )?;
-        self.inner
-            .append(stream, ExpectedVersion::Any, vec![other])
-            .await?;
-        self.inner.append(stream, expected, events).await
+        (self.append)(self.inner.clone(), stream.clone(), expected, events).await
     }
     fn read_stream(
         &self,
@@ -187,16 +195,33 @@ impl EventStore for Interloper {
     }
 }
 
+/// Another writer always gets in between a load and an append.
+fn interloper(inner: MemoryStore) -> StagedStore {
+    StagedStore {
+        inner,
+        append: Box::new(|inner, stream, expected, events| {
+            Box::pin(async move {
+                let other = newton::encode(
+                    &TallyEvent::Added { amount: 1000 },
+                    &CommandContext::default(),
+                )?;
+                inner
+                    .append(&stream, ExpectedVersion::Any, vec![other])
+                    .await?;
+                inner.append(&stream, expected, events).await
+            })
+        }),
+    }
+}
+
 #[tokio::test]
 async fn retries_are_bounded_and_store_nothing_of_the_command() {
     let inner = MemoryStore::new();
-    let repo = Repository::<Tally>::new(Arc::new(Interloper {
-        inner: inner.clone(),
-    }))
-    .with_retry(RetryPolicy {
-        max_attempts: 3,
-        initial_backoff: Duration::from_millis(1),
-    });
+    let repo =
+        Repository::<Tally>::new(Arc::new(interloper(inner.clone()))).with_retry(RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(1),
+        });
     let id = fresh_id();
     match repo.execute(&id, &TallyCommand::Add(1)).await {
         Err(ExecuteError::TooManyConflicts { stream, attempts }) => {
@@ -265,76 +290,32 @@ async fn undecodable_history_and_bad_ids_are_typed_errors() {
     );
 }
 
-/// A store whose first append lands but answers `Unavailable`, like a timeout after the write.
-#[derive(Debug)]
-struct LostAnswer {
-    inner: MemoryStore,
-    failed_once: std::sync::atomic::AtomicBool,
-}
-
-#[async_trait]
-impl EventStore for LostAnswer {
-    fn backend(&self) -> &'static str {
-        self.inner.backend()
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    async fn append(
-        &self,
-        stream: &StreamId,
-        expected: ExpectedVersion,
-        events: Vec<EventData>,
-    ) -> Result<AppendResult, Error> {
-        let result = self.inner.append(stream, expected, events).await?;
-        if !self
-            .failed_once
-            .swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
-            return Err(Error::Unavailable {
-                backend: "memory",
-                message: "timed out waiting for the answer".into(),
-                source: None,
-            });
-        }
-        Ok(result)
-    }
-    fn read_stream(
-        &self,
-        stream: &StreamId,
-        options: ReadOptions,
-    ) -> BoxStream<'static, Result<RecordedEvent, Error>> {
-        self.inner.read_stream(stream, options)
-    }
-    fn subscribe(
-        &self,
-        selector: Selector,
-        start: Start,
-        mode: SubscriptionMode,
-    ) -> BoxStream<'static, Result<SubscriptionItem, Error>> {
-        self.inner.subscribe(selector, start, mode)
-    }
-    async fn stream_version(&self, stream: &StreamId) -> Result<Option<Version>, Error> {
-        self.inner.stream_version(stream).await
-    }
-    async fn list_categories(&self) -> Result<Vec<Category>, Error> {
-        self.inner.list_categories().await
-    }
-    fn list_streams(&self, category: &Category) -> BoxStream<'static, Result<StreamId, Error>> {
-        self.inner.list_streams(category)
-    }
-    async fn health(&self) -> Result<Health, Error> {
-        self.inner.health().await
+/// The first append lands but answers `Unavailable`, like a timeout after the write.
+fn lost_first_answer(inner: MemoryStore) -> StagedStore {
+    let failed_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    StagedStore {
+        inner,
+        append: Box::new(move |inner, stream, expected, events| {
+            let failed_once = failed_once.clone();
+            Box::pin(async move {
+                let result = inner.append(&stream, expected, events).await?;
+                if !failed_once.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    return Err(Error::Unavailable {
+                        backend: "memory",
+                        message: "timed out waiting for the answer".into(),
+                        source: None,
+                    });
+                }
+                Ok(result)
+            })
+        }),
     }
 }
 
 #[tokio::test]
 async fn a_lost_answer_is_resent_with_the_same_ids_and_stored_once() {
     let inner = MemoryStore::new();
-    let repo = Repository::<Tally>::new(Arc::new(LostAnswer {
-        inner: inner.clone(),
-        failed_once: Default::default(),
-    }));
+    let repo = Repository::<Tally>::new(Arc::new(lost_first_answer(inner.clone())));
     let id = fresh_id();
     let done = repo.execute(&id, &TallyCommand::Add(4)).await.unwrap();
     assert_eq!(done.version, Some(Version(0)));
