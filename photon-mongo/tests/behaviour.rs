@@ -134,3 +134,31 @@ async fn without_creation_a_missing_index_is_a_clear_error() {
         Err(Error::InvalidInput { .. })
     ));
 }
+
+#[tokio::test]
+async fn a_commit_over_the_document_limit_is_refused_before_it_is_sent() {
+    let Some(url) = server_url("mongo", "PHOTON_TEST_MONGO_URL") else {
+        return;
+    };
+    let url = with_options(&url, &format!("photon_prefix={}", fresh_prefix()));
+    let store = MongoStore::from_url(&url).await.unwrap();
+    let stream = StreamId::parse("account-big").unwrap();
+    // Tiny events (well under the 12 MiB size limit in sum) whose per-event document overhead
+    // (ids, field names) takes the commit past MongoDB's 16 MiB.
+    let events: Vec<EventData> = (0..120_000)
+        .map(|_| EventData::json("T", &0).unwrap())
+        .collect();
+    match store.append(&stream, ExpectedVersion::Any, events).await {
+        Err(Error::BatchTooLarge {
+            stream: s,
+            size,
+            limit,
+        }) => {
+            assert_eq!(s, stream);
+            assert!(size > limit, "{size} <= {limit}");
+            assert!(limit < 16 * 1024 * 1024);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.stream_version(&stream).await.unwrap(), None);
+}
