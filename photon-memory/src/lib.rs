@@ -309,7 +309,7 @@ impl State {
         selector: &Selector,
         next: u64,
         end: u64,
-        out: &mut VecDeque<RecordedEvent>,
+        out: &mut VecDeque<(u64, RecordedEvent)>,
     ) -> u64 {
         let len = self.log.len() as u64;
         let end = end.min(len);
@@ -317,7 +317,7 @@ impl State {
             Positions::All => {
                 let to = end.min(next + CHUNK as u64);
                 if next < to {
-                    out.extend(self.log[next as usize..to as usize].iter().cloned());
+                    out.extend((next..to).map(|p| (p, self.log[p as usize].clone())));
                 }
             }
             Positions::Some(positions) => {
@@ -327,7 +327,7 @@ impl State {
                         .iter()
                         .take(CHUNK)
                         .take_while(|p| **p < end)
-                        .map(|p| self.log[*p as usize].clone()),
+                        .map(|p| (*p, self.log[*p as usize].clone())),
                 );
             }
         }
@@ -357,7 +357,9 @@ struct Cursor {
     /// even while writers keep appending faster than the consumer reads.
     end: u64,
     live: bool,
-    buffer: VecDeque<RecordedEvent>,
+    /// Fetched events with their log positions, so the cursor advances without re-reading
+    /// each event's checkpoint.
+    buffer: VecDeque<(u64, RecordedEvent)>,
     head: watch::Receiver<u64>,
 }
 
@@ -405,8 +407,8 @@ impl Cursor {
 
     async fn next_item(&mut self) -> Option<Result<SubscriptionItem, Error>> {
         loop {
-            if let Some(e) = self.buffer.pop_front() {
-                self.next = e.checkpoint.position_for(BACKEND).ok()? + 1;
+            if let Some((position, e)) = self.buffer.pop_front() {
+                self.next = position + 1;
                 return Some(Ok(SubscriptionItem::Event(e)));
             }
             // Mark the head seen before reading, so an append landing after the read wakes us.

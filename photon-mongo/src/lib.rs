@@ -564,7 +564,8 @@ impl MongoStore {
     }
 }
 
-/// A short pause, doubling from `from` up to `max`: how live subscriptions poll without spinning.
+/// The next pause of a poll loop: double the current one, at least 5 ms, at most `max`; how live
+/// subscriptions poll without spinning.
 pub(crate) fn next_pause(current: Duration, max: Duration) -> Duration {
     (current * 2).clamp(Duration::from_millis(5), max)
 }
