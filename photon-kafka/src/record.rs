@@ -1,0 +1,318 @@
+//! The Kafka record format (documented in the crate README, which other tools rely on): the
+//! partition of a stream, the `photon.*` headers, and the conversion of records to events. Nothing
+//! here talks to a broker.
+
+use std::collections::BTreeMap;
+
+use photon_api::{
+    Bytes, Checkpoint, ContentType, Error, EventData, EventType, Headers, Metadata, Payload,
+    RecordedEvent, StreamId, Timestamp, Uuid, Version,
+};
+use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders};
+use rdkafka::Message;
+
+/// Header names. Every value is UTF-8 text so any client can read it.
+pub(crate) mod header {
+    pub(crate) const EVENT_ID: &str = "photon.event_id";
+    pub(crate) const VERSION: &str = "photon.version";
+    pub(crate) const EVENT_TYPE: &str = "photon.event_type";
+    pub(crate) const SCHEMA_VERSION: &str = "photon.schema_version";
+    pub(crate) const CONTENT_TYPE: &str = "photon.content_type";
+    pub(crate) const OCCURRED_AT: &str = "photon.occurred_at";
+    pub(crate) const RECORDED_AT: &str = "photon.recorded_at";
+    pub(crate) const BATCH: &str = "photon.batch";
+    pub(crate) const CAUSATION_ID: &str = "photon.causation_id";
+    pub(crate) const CORRELATION_ID: &str = "photon.correlation_id";
+    /// Headers with this prefix are ours; an application header may not start with it.
+    pub(crate) const PREFIX: &str = "photon.";
+}
+
+/// Kafka's default partitioner for keyed records (murmur2 of the key, as the Java client and
+/// librdkafka's `murmur2_random` do), so a tool producing with the stream as key agrees with us.
+pub(crate) fn partition_for(stream: &StreamId, partitions: i32) -> i32 {
+    ((murmur2(stream.as_str().as_bytes()) & 0x7fff_ffff) as i32) % partitions
+}
+
+/// Kafka's murmur2 (`org.apache.kafka.common.utils.Utils.murmur2`).
+pub(crate) fn murmur2(data: &[u8]) -> u32 {
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        if rest.len() >= 3 {
+            h ^= (rest[2] as u32) << 16;
+        }
+        if rest.len() >= 2 {
+            h ^= (rest[1] as u32) << 8;
+        }
+        h ^= rest[0] as u32;
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h
+}
+
+/// Refuses application headers that would be read back as ours.
+pub(crate) fn check_headers(stream: &StreamId, events: &[EventData]) -> Result<(), Error> {
+    for (i, e) in events.iter().enumerate() {
+        if let Some((k, _)) = e
+            .metadata
+            .headers
+            .iter()
+            .find(|(k, _)| k.starts_with(header::PREFIX))
+        {
+            return Err(Error::InvalidInput {
+                what: format!("header {k:?} of event {i} ({}) for {stream}", e.event_id),
+                reason: format!(
+                    "names starting with {:?} are reserved for photon-kafka's own headers",
+                    header::PREFIX
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The headers of one event as photon-kafka writes them.
+pub(crate) fn headers_of(
+    event: &EventData,
+    version: Version,
+    recorded_at: Timestamp,
+    batch_first: Version,
+    batch_len: usize,
+) -> OwnedHeaders {
+    let text = |h: OwnedHeaders, key: &str, value: &str| {
+        h.insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        })
+    };
+    let mut h = OwnedHeaders::new_with_capacity(10 + event.metadata.headers.len());
+    h = text(h, header::EVENT_ID, &event.event_id.to_string());
+    h = text(h, header::VERSION, &version.0.to_string());
+    h = text(h, header::EVENT_TYPE, event.event_type.as_str());
+    h = text(h, header::SCHEMA_VERSION, &event.schema_version.to_string());
+    h = text(h, header::CONTENT_TYPE, event.payload.content_type.as_str());
+    h = text(
+        h,
+        header::OCCURRED_AT,
+        &event.occurred_at.unix_micros().to_string(),
+    );
+    h = text(
+        h,
+        header::RECORDED_AT,
+        &recorded_at.unix_micros().to_string(),
+    );
+    h = text(h, header::BATCH, &format!("{}+{batch_len}", batch_first.0));
+    if let Some(c) = event.metadata.causation_id {
+        h = text(h, header::CAUSATION_ID, &c.to_string());
+    }
+    if let Some(c) = event.metadata.correlation_id {
+        h = text(h, header::CORRELATION_ID, &c.to_string());
+    }
+    for (k, v) in event.metadata.headers.iter() {
+        h = text(h, k, v);
+    }
+    h
+}
+
+/// What the version index keeps of a record.
+#[derive(Debug)]
+pub(crate) struct IndexEntry {
+    pub(crate) stream: String,
+    pub(crate) event_id: Uuid,
+    pub(crate) version: u64,
+    pub(crate) batch_first: u64,
+    pub(crate) batch_len: u32,
+    pub(crate) recorded_at: i64,
+}
+
+fn bad(msg: &BorrowedMessage<'_>, reason: String) -> Error {
+    Error::backend(
+        crate::BACKEND,
+        format!(
+            "record {}/{}@{} is not a photon event: {reason}",
+            msg.topic(),
+            msg.partition(),
+            msg.offset()
+        ),
+    )
+}
+
+/// The `photon.*` headers of a record; None when it has no `photon.event_id` (not written by
+/// photon, e.g. by another tool into our topic: skipped, never an error).
+fn photon_headers<'m>(msg: &'m BorrowedMessage<'_>) -> Option<BTreeMap<&'m str, &'m str>> {
+    let headers = msg.headers()?;
+    let mut map = BTreeMap::new();
+    for h in headers.iter() {
+        if h.key.starts_with(header::PREFIX) {
+            if let Some(v) = h.value.and_then(|v| std::str::from_utf8(v).ok()) {
+                map.insert(h.key, v);
+            }
+        }
+    }
+    map.contains_key(header::EVENT_ID).then_some(map)
+}
+
+fn field<'m, T: std::str::FromStr>(
+    msg: &BorrowedMessage<'_>,
+    map: &BTreeMap<&'m str, &'m str>,
+    name: &str,
+) -> Result<T, Error> {
+    let raw = map
+        .get(name)
+        .ok_or_else(|| bad(msg, format!("header {name} missing")))?;
+    raw.parse()
+        .map_err(|_| bad(msg, format!("header {name} is {raw:?}")))
+}
+
+fn key_of<'m>(msg: &'m BorrowedMessage<'_>) -> Result<&'m str, Error> {
+    msg.key()
+        .and_then(|k| std::str::from_utf8(k).ok())
+        .ok_or_else(|| bad(msg, "key is not a UTF-8 stream name".into()))
+}
+
+/// The record's stream name, when it is a photon event.
+pub(crate) fn stream_key<'m>(msg: &'m BorrowedMessage<'_>) -> Option<&'m str> {
+    photon_headers(msg)?;
+    key_of(msg).ok()
+}
+
+/// Reads what the index needs; Ok(None) for a record that is not a photon event.
+pub(crate) fn index_entry(msg: &BorrowedMessage<'_>) -> Result<Option<IndexEntry>, Error> {
+    let Some(map) = photon_headers(msg) else {
+        return Ok(None);
+    };
+    let batch: &str = map
+        .get(header::BATCH)
+        .ok_or_else(|| bad(msg, "header photon.batch missing".into()))?;
+    let (first, len) = batch
+        .split_once('+')
+        .and_then(|(f, l)| Some((f.parse().ok()?, l.parse().ok()?)))
+        .ok_or_else(|| bad(msg, format!("header photon.batch is {batch:?}")))?;
+    Ok(Some(IndexEntry {
+        stream: key_of(msg)?.to_owned(),
+        event_id: field(msg, &map, header::EVENT_ID)?,
+        version: field(msg, &map, header::VERSION)?,
+        batch_first: first,
+        batch_len: len,
+        recorded_at: field(msg, &map, header::RECORDED_AT)?,
+    }))
+}
+
+/// Decodes a record into an event carrying `checkpoint`; Ok(None) for a record that is not a
+/// photon event.
+pub(crate) fn recorded_event(
+    msg: &BorrowedMessage<'_>,
+    checkpoint: Checkpoint,
+) -> Result<Option<RecordedEvent>, Error> {
+    let Some(map) = photon_headers(msg) else {
+        return Ok(None);
+    };
+    let stream = StreamId::parse(key_of(msg)?).map_err(|e| bad(msg, e.to_string()))?;
+    let micros = |name: &str| -> Result<Timestamp, Error> {
+        let us: i64 = field(msg, &map, name)?;
+        Timestamp::from_unix_micros(us).ok_or_else(|| bad(msg, format!("{name} out of range")))
+    };
+    let uuid = |name: &str| -> Result<Option<Uuid>, Error> {
+        map.get(name)
+            .map(|v| v.parse().map_err(|_| bad(msg, format!("{name} is {v:?}"))))
+            .transpose()
+    };
+    let event_type: String = field(msg, &map, header::EVENT_TYPE)?;
+    let content_type: String = field(msg, &map, header::CONTENT_TYPE)?;
+    let user: Headers = msg
+        .headers()
+        .map(|hs| {
+            hs.iter()
+                .filter(|h| !h.key.starts_with(header::PREFIX))
+                .map(|h| {
+                    let v = h.value.map(String::from_utf8_lossy).unwrap_or_default();
+                    (h.key.to_owned(), v.into_owned())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Some(RecordedEvent {
+        stream,
+        version: Version(field(msg, &map, header::VERSION)?),
+        event_id: field(msg, &map, header::EVENT_ID)?,
+        event_type: EventType::new(&event_type).map_err(|e| bad(msg, e.to_string()))?,
+        schema_version: field(msg, &map, header::SCHEMA_VERSION)?,
+        occurred_at: micros(header::OCCURRED_AT)?,
+        recorded_at: micros(header::RECORDED_AT)?,
+        payload: Payload {
+            content_type: ContentType::from_mime(&content_type),
+            bytes: Bytes::copy_from_slice(msg.payload().unwrap_or_default()),
+        },
+        metadata: Metadata {
+            causation_id: uuid(header::CAUSATION_ID)?,
+            correlation_id: uuid(header::CORRELATION_ID)?,
+            headers: user,
+        },
+        checkpoint,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The values of Kafka's own `UtilsTest.testMurmur2`, checked against the Java client.
+    #[test]
+    fn murmur2_matches_kafka() {
+        for (key, want) in [
+            ("21", -973932308),
+            ("foobar", -790332482),
+            ("a-little-bit-long-string", -985981536),
+            ("a-little-bit-longer-string", -1486304829),
+            (
+                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58897971,
+            ),
+            ("abc", 479470107),
+        ] {
+            assert_eq!(murmur2(key.as_bytes()) as i32, want, "{key}");
+        }
+    }
+
+    #[test]
+    fn partitions_stay_in_range_and_stable() {
+        let s = StreamId::parse("account-42").unwrap();
+        let p = partition_for(&s, 6);
+        assert!((0..6).contains(&p));
+        assert_eq!(p, partition_for(&s, 6));
+        assert_eq!(partition_for(&s, 1), 0);
+    }
+
+    #[test]
+    fn reserved_header_names_are_refused() {
+        let s = StreamId::parse("account-1").unwrap();
+        let ok = EventData::new(
+            EventType::new("T").unwrap(),
+            Payload::raw(ContentType::Json, b"{}".to_vec()),
+        )
+        .with_header("tenant", "a");
+        assert!(check_headers(&s, std::slice::from_ref(&ok)).is_ok());
+        let bad = ok.with_header("photon.version", "7");
+        match check_headers(&s, &[bad]) {
+            Err(Error::InvalidInput { what, reason }) => {
+                assert!(what.contains("photon.version") && what.contains("account-1"));
+                assert!(reason.contains("reserved"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
