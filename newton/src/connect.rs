@@ -14,7 +14,7 @@ pub const URL_VARIABLE: &str = "PHOTON_URL";
 pub const DEFAULT_URL: &str = "memory://";
 
 /// Connects to the store `url` names: `memory://` (feature `memory`, default), `mongodb://`
-/// (feature `mongo`); `kafka://` and `cassandra://` come with their backends.
+/// (feature `mongo`), `kafka://` (feature `kafka`); `cassandra://` comes with its backend.
 ///
 /// `memory://` makes a new, private store on every call: share the returned `Arc` rather than
 /// connecting twice.
@@ -32,6 +32,8 @@ pub async fn connect(url: &str) -> Result<Arc<dyn EventStore>, Error> {
         photon_mongo::SCHEME | "mongodb+srv" => {
             Ok(Arc::new(photon_mongo::MongoStore::from_url(url).await?))
         }
+        #[cfg(feature = "kafka")]
+        photon_kafka::SCHEME => Ok(Arc::new(photon_kafka::KafkaStore::from_url(url).await?)),
         _ => Err(url::not_compiled(url)),
     }
 }
