@@ -276,7 +276,10 @@ impl KafkaConfig {
         let ms = self.timeout.as_millis();
         c.set("socket.timeout.ms", ms.to_string());
         // librdkafka's floor for this one is a second.
-        c.set("socket.connection.setup.timeout.ms", ms.max(1000).to_string());
+        c.set(
+            "socket.connection.setup.timeout.ms",
+            ms.max(1000).to_string(),
+        );
         // librdkafka's own log lines go through the `log` facade; errors reach us as results.
         c.set("log_level", "3");
         for (k, v) in &self.client_settings {

@@ -71,6 +71,8 @@ pub(crate) struct Shared {
     /// Partition counts of topics seen to exist.
     topics: Mutex<HashMap<String, i32>>,
     partitions: Mutex<HashMap<(String, i32), SharedPartition>>,
+    /// Appends waiting for each partition's writer (see writer.rs).
+    queues: Mutex<HashMap<(String, i32), Arc<writer::Queue>>>,
     /// Idle consumers for index catch-up and stream reads.
     pub(crate) readers: Mutex<Vec<rdkafka::consumer::StreamConsumer>>,
     /// Producers alive in this store (each holds librdkafka threads).
@@ -154,6 +156,7 @@ impl KafkaStore {
                 admin,
                 topics: Mutex::default(),
                 partitions: Mutex::default(),
+                queues: Mutex::default(),
                 readers: Mutex::default(),
                 live_writers: AtomicUsize::new(0),
                 config,
@@ -296,6 +299,22 @@ impl Shared {
             .entry((topic.to_owned(), p))
             .or_default()
             .clone()
+    }
+
+    /// The shared state of one partition and its queue of appends.
+    pub(crate) fn partition_with_queue(
+        &self,
+        topic: &str,
+        p: i32,
+    ) -> (SharedPartition, Arc<writer::Queue>) {
+        let queue = self
+            .queues
+            .lock()
+            .expect("queues lock")
+            .entry((topic.to_owned(), p))
+            .or_default()
+            .clone();
+        (self.partition(topic, p), queue)
     }
 
     /// Drops the producers of idle partitions, oldest use first, while more than `keep` live:

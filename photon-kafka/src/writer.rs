@@ -4,9 +4,12 @@
 //! aborted and its later sends and commits fail. The new writer then reads the partition to its
 //! stable end before it checks an expected version, so the check sees every committed event.
 //!
-//! An append is one transaction: all of its records become visible to read_committed readers at
-//! once, or none do.
+//! Appends to one partition from one process are committed in groups: whoever holds the
+//! partition takes every queued append (one per stream, so each is decided against committed
+//! state only) into one transaction. The events of each append become visible to read_committed
+//! readers together, and a group costs one commit however many appends it carries.
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,6 +21,7 @@ use rand::Rng;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
+use tokio::sync::oneshot;
 
 use crate::index::PartitionIndex;
 use crate::position::Position;
@@ -27,6 +31,9 @@ use crate::{blocking, map_kafka, PartitionState, Shared};
 
 /// Live producers kept per store before idle ones are closed.
 const MAX_WRITERS: usize = 32;
+
+/// Most appends one transaction carries.
+const MAX_GROUP: usize = 256;
 
 /// This process's producer for one partition while it holds the partition's writer role.
 pub(crate) struct Writer {
@@ -41,16 +48,17 @@ impl Drop for Writer {
     }
 }
 
-/// Why one attempt did not finish.
-enum Attempt {
-    /// Another process took the partition over (or the outcome is unknown): take it back, read
-    /// what changed, decide again.
-    Again(Error),
-    /// Final.
-    Done(Result<AppendResult, Error>),
-    /// Final, and the producer's state is unknown: replace it before the next append.
-    Stop(Error),
+/// An append waiting for the partition's writer.
+pub(crate) struct Queued {
+    stream: StreamId,
+    expected: ExpectedVersion,
+    events: Vec<EventData>,
+    size: usize,
+    reply: oneshot::Sender<Result<AppendResult, Error>>,
 }
+
+/// Appends queued for one partition, taken by whoever holds the partition next.
+pub(crate) type Queue = std::sync::Mutex<VecDeque<Queued>>;
 
 /// The transactional id of a partition's writer: the same in every process, which is what makes
 /// a second writer fence the first.
@@ -65,7 +73,7 @@ pub(crate) async fn append(
     events: Vec<EventData>,
 ) -> Result<AppendResult, Error> {
     let config = &shared.config;
-    validate_batch(
+    let size = validate_batch(
         stream,
         &events,
         config.max_event_size,
@@ -75,30 +83,112 @@ pub(crate) async fn append(
     let topic = config.topic(stream.category_name());
     let n = shared.ensure_topic(&topic).await?;
     let p = partition_for(stream, n);
-    let state = shared.partition(&topic, p);
+    let (state, queue) = shared.partition_with_queue(&topic, p);
+    let (reply, mut answer) = oneshot::channel();
+    queue.lock().expect("queue lock").push_back(Queued {
+        stream: stream.clone(),
+        expected,
+        events,
+        size,
+        reply,
+    });
     let mut state = state.lock().await;
+    // An earlier holder may have committed this append with its group already.
+    if let Ok(result) = answer.try_recv() {
+        return result;
+    }
+    // Hold the partition until the queue is empty: every append queued meanwhile rides along.
+    loop {
+        let group = take_group(&queue, config.max_append_size);
+        if group.is_empty() {
+            break;
+        }
+        commit_group(shared, &topic, p, &mut state, group).await;
+    }
+    drop(state);
+    answer.await.unwrap_or_else(|_| {
+        // The task committing it was cancelled: it may or may not have landed.
+        Err(crate::unavailable(format!(
+            "the append to {stream} was interrupted; its outcome is unknown, retry with the same ids"
+        )))
+    })
+}
+
+/// The next group: queued appends in arrival order, one per stream (a second append to the same
+/// stream must be decided against the first one's committed result, so it waits for the next
+/// group), within the byte and count limits.
+fn take_group(queue: &Queue, max_bytes: usize) -> Vec<Queued> {
+    let mut queue = queue.lock().expect("queue lock");
+    let mut group = Vec::new();
+    let mut streams = HashSet::new();
+    let mut bytes = 0;
+    let mut waiting = VecDeque::new();
+    while let Some(q) = queue.pop_front() {
+        let fits = group.is_empty() || (bytes + q.size <= max_bytes && group.len() < MAX_GROUP);
+        if fits && !streams.contains(q.stream.as_str()) {
+            streams.insert(q.stream.as_str().to_owned());
+            bytes += q.size;
+            group.push(q);
+        } else {
+            waiting.push_back(q);
+        }
+    }
+    *queue = waiting;
+    group
+}
+
+/// Why one attempt did not finish.
+enum Attempt {
+    /// Another process took the partition over (or the outcome is unknown): take it back, read
+    /// what changed, decide again.
+    Again(Error),
+    /// Final for every append still undecided, and the producer's state is unknown.
+    Stop(Error),
+}
+
+/// Decides and commits a group, answering each append once its outcome is final.
+async fn commit_group(
+    shared: &Arc<Shared>,
+    topic: &str,
+    p: i32,
+    state: &mut PartitionState,
+    mut group: Vec<Queued>,
+) {
     // Contention between processes ends when one of them commits; bound the whole append by
     // a few request timeouts so a caller always hears back.
-    let deadline = Instant::now() + config.timeout * 3;
+    let deadline = Instant::now() + shared.config.timeout * 3;
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        match try_append(shared, &topic, p, &mut state, stream, expected, &events).await {
-            Attempt::Done(result) => return result,
-            Attempt::Stop(e) => {
+        match try_group(shared, topic, p, state, &mut group).await {
+            Ok(()) => return,
+            Err(Attempt::Stop(e)) => {
                 state.producer = None;
-                return Err(e);
+                answer_all(group, &e);
+                return;
             }
-            Attempt::Again(why) => {
+            Err(Attempt::Again(why)) => {
                 state.producer = None;
                 if Instant::now() >= deadline {
-                    return Err(why);
+                    answer_all(group, &why);
+                    return;
                 }
-                tracing::debug!(%stream, attempt, error = %why, "photon-kafka: append retried");
+                tracing::debug!(topic, p, attempt, error = %why, "photon-kafka: group retried");
                 let jitter = rand::rng().random_range(5..30 * attempt.min(10) as u64);
                 tokio::time::sleep(Duration::from_millis(jitter)).await;
             }
         }
+    }
+}
+
+/// Answers every append of `group` with `e` (the same error for each; it says what failed).
+fn answer_all(group: Vec<Queued>, e: &Error) {
+    for q in group {
+        let copy = match e {
+            Error::Unavailable { message, .. } => crate::unavailable(message.clone()),
+            other => Error::backend(crate::BACKEND, other.to_string()),
+        };
+        let _ = q.reply.send(Err(copy));
     }
 }
 
@@ -135,7 +225,6 @@ async fn take_over(
 fn result_of(
     index: &PartitionIndex,
     stream: &StreamId,
-    category: &str,
     p: i32,
     first: Version,
     len: usize,
@@ -144,7 +233,7 @@ fn result_of(
     let checkpoints = (first.0..first.0 + len as u64)
         .map(|v| {
             Position::Partition {
-                category: category.to_owned(),
+                category: stream.category_name().to_owned(),
                 partition: p,
                 next: offsets[v as usize] + 1,
             }
@@ -158,55 +247,89 @@ fn result_of(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn try_append(
+/// One attempt at a group. Appends decided (refused, or retries of stored batches) are answered
+/// and removed from `group` as soon as that is final; the rest are written in one transaction.
+async fn try_group(
     shared: &Arc<Shared>,
     topic: &str,
     p: i32,
     state: &mut PartitionState,
-    stream: &StreamId,
-    expected: ExpectedVersion,
-    events: &[EventData],
-) -> Attempt {
-    let category = stream.category_name();
+    group: &mut Vec<Queued>,
+) -> Result<(), Attempt> {
     let fresh = state.producer.is_none();
     if fresh {
-        if let Err(e) = take_over(shared, topic, p, state).await {
-            // init_transactions already waits out other writers' transactions; a failure here
-            // is an unreachable broker or a refused setting.
-            return Attempt::Stop(e);
-        }
+        // init_transactions already waits out other writers' transactions; a failure here is
+        // an unreachable broker or a refused setting.
+        take_over(shared, topic, p, state)
+            .await
+            .map_err(Attempt::Stop)?;
     }
     // Decide from the index. A writer that has not been fenced has seen every committed event;
     // one that has been fenced without knowing it may be behind, so a refusal is only final
     // once the index is confirmed current.
-    let decision = decide(&state.index, stream, expected, events);
-    let decision = match decision {
-        Ok(d) => d,
-        Err(refusal) if !fresh => match catch_up(shared, topic, p, &mut state.index).await {
-            Ok(false) => return Attempt::Done(Err(refusal)),
-            // Someone else wrote here: this producer has been fenced; take over and decide again.
-            Ok(true) => return Attempt::Again(refusal),
-            Err(e) => return Attempt::Done(Err(e)),
-        },
-        Err(refusal) => return Attempt::Done(Err(refusal)),
-    };
-    let first = match decision {
-        BatchKind::Retry { first } => {
-            return Attempt::Done(Ok(result_of(
-                &state.index,
-                stream,
-                category,
-                p,
-                first,
-                events.len(),
-            )))
+    let decisions: Vec<Result<BatchKind, Error>> = group
+        .iter()
+        .map(|q| decide(&state.index, &q.stream, q.expected, &q.events))
+        .collect();
+    if !fresh && decisions.iter().any(Result::is_err) {
+        match catch_up(shared, topic, p, &mut state.index).await {
+            Ok(false) => {}
+            // Someone else wrote here: this producer has been fenced; take over, decide again.
+            Ok(true) => {
+                return Err(Attempt::Again(crate::unavailable(format!(
+                    "{topic}/{p} was written by another process"
+                ))))
+            }
+            Err(e) => return Err(Attempt::Stop(e)),
         }
-        BatchKind::New => state
-            .index
-            .current(stream.as_str())
-            .map_or(Version(0), Version::next),
-    };
+    }
+    let mut writes = Vec::new();
+    for (q, decision) in std::mem::take(group).into_iter().zip(decisions) {
+        match decision {
+            Err(refusal) => {
+                let _ = q.reply.send(Err(refusal));
+            }
+            Ok(BatchKind::Retry { first }) => {
+                let r = result_of(&state.index, &q.stream, p, first, q.events.len());
+                let _ = q.reply.send(Ok(r));
+            }
+            Ok(BatchKind::New) => {
+                let first = state
+                    .index
+                    .current(q.stream.as_str())
+                    .map_or(Version(0), Version::next);
+                writes.push((q, first));
+            }
+        }
+    }
+    if writes.is_empty() {
+        return Ok(());
+    }
+    let outcome = write(shared, topic, p, state, &writes).await;
+    match outcome {
+        Ok(()) => {
+            for (q, first) in writes {
+                let r = result_of(&state.index, &q.stream, p, first, q.events.len());
+                let _ = q.reply.send(Ok(r));
+            }
+            Ok(())
+        }
+        Err(attempt) => {
+            // Undecided: back into the group, decided again after the take-over.
+            group.extend(writes.into_iter().map(|(q, _)| q));
+            Err(attempt)
+        }
+    }
+}
+
+/// Writes `writes` in one transaction and indexes them once it is committed and readable.
+async fn write(
+    shared: &Arc<Shared>,
+    topic: &str,
+    p: i32,
+    state: &mut PartitionState,
+    writes: &[(Queued, Version)],
+) -> Result<(), Attempt> {
     let writer = state.producer.as_mut().expect("taken over above");
     writer.last_used = Instant::now();
     let producer = writer.producer.clone();
@@ -215,24 +338,27 @@ async fn try_append(
         .unix_micros()
         .max(state.index.last_recorded);
     let recorded_at = Timestamp::from_unix_micros(now).expect("a current time");
-    if let Err(e) = producer.begin_transaction() {
-        return failed("begin transaction", e);
-    }
-    let key = stream.as_str();
+    producer
+        .begin_transaction()
+        .map_err(|e| failed("begin transaction", e))?;
     let timeout = Timeout::After(shared.config.timeout);
-    let deliveries = join_all(events.iter().enumerate().map(|(i, e)| {
-        let version = Version(first.0 + i as u64);
-        let headers = record::headers_of(e, version, recorded_at, first, events.len());
-        let record = FutureRecord::to(topic)
-            .partition(p)
-            .key(key)
-            .payload(&e.payload.bytes[..])
-            .timestamp(recorded_at.unix_millis())
-            .headers(headers);
-        producer.send(record, timeout)
-    }))
-    .await;
-    let mut offsets = Vec::with_capacity(events.len());
+    let sends = writes.iter().flat_map(|(q, first)| {
+        let key = q.stream.as_str();
+        let producer = &producer;
+        q.events.iter().enumerate().map(move |(i, e)| {
+            let version = Version(first.0 + i as u64);
+            let headers = record::headers_of(e, version, recorded_at, *first, q.events.len());
+            let record = FutureRecord::to(topic)
+                .partition(p)
+                .key(key)
+                .payload(&e.payload.bytes[..])
+                .timestamp(recorded_at.unix_millis())
+                .headers(headers);
+            producer.send(record, timeout)
+        })
+    });
+    let deliveries = join_all(sends).await;
+    let mut offsets = Vec::with_capacity(deliveries.len());
     let mut failure = None;
     for d in deliveries {
         match d {
@@ -246,28 +372,31 @@ async fn try_append(
     if let Some(e) = failure {
         // Nothing is committed; abort so a replacement writer need not wait for the timeout.
         let _ = blocking(move || pr.abort_transaction(t)).await;
-        return failed(&format!("appending to {stream} in {topic}/{p}"), e);
+        return Err(failed(&format!("appending to {topic}/{p}"), e));
     }
     match blocking(move || pr.commit_transaction(t)).await {
         Ok(Ok(())) => {}
         // The outcome is unknown (a commit can land and still report an error): the next
         // attempt takes the partition over, which settles the transaction, then reads it, so a
         // landed batch is recognised by its ids.
-        Ok(Err(e)) => return failed(&format!("committing to {stream}"), e),
-        Err(e) => return Attempt::Again(e),
+        Ok(Err(e)) => return Err(failed(&format!("committing to {topic}/{p}"), e)),
+        Err(e) => return Err(Attempt::Again(e)),
     }
-    for (i, (e, offset)) in events.iter().zip(&offsets).enumerate() {
-        state.index.apply(
-            *offset,
-            record::IndexEntry {
-                stream: key.to_owned(),
-                event_id: e.event_id,
-                version: first.0 + i as u64,
-                batch_first: first.0,
-                batch_len: events.len() as u32,
-                recorded_at: now,
-            },
-        );
+    let mut offset = offsets.iter();
+    for (q, first) in writes {
+        for (i, e) in q.events.iter().enumerate() {
+            state.index.apply(
+                *offset.next().expect("one offset per event"),
+                record::IndexEntry {
+                    stream: q.stream.as_str().to_owned(),
+                    event_id: e.event_id,
+                    version: first.0 + i as u64,
+                    batch_first: first.0,
+                    batch_len: q.events.len() as u32,
+                    recorded_at: now,
+                },
+            );
+        }
     }
     // Our own records are indexed; the next catch-up starts after them. Offsets of transaction
     // markers are read past then.
@@ -277,16 +406,33 @@ async fn try_append(
     // readable reach the partition a moment later. Wait for them, so that whoever reads after
     // this append returns sees it.
     if let Err(e) = wait_visible(shared, topic, p, last).await {
-        tracing::warn!(%stream, error = %e, "photon-kafka: committed, not yet readable");
+        tracing::warn!(topic, p, error = %e, "photon-kafka: committed, not yet readable");
     }
-    Attempt::Done(Ok(result_of(
-        &state.index,
-        stream,
-        category,
-        p,
-        first,
-        events.len(),
-    )))
+    Ok(())
+}
+
+/// A failed send, commit or begin: decided again after a take-over, unless retrying cannot help
+/// (a record the broker refuses as too large, a missing permission). The transaction did not
+/// commit, or its outcome is unknown; either way the producer is replaced.
+fn failed(context: &str, e: KafkaError) -> Attempt {
+    use RDKafkaErrorCode as C;
+    let last = matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::MessageBatchTooLarge
+                | C::TopicAuthorizationFailed
+                | C::TransactionalIdAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+        )
+    );
+    let error = map_kafka(context, e);
+    if last {
+        Attempt::Stop(error)
+    } else {
+        Attempt::Again(error)
+    }
 }
 
 /// Waits until the stable end of `topic`/`p` is past `last`, bounded by the request timeout.
@@ -326,28 +472,4 @@ fn decide(
         }
     }
     Ok(kind)
-}
-
-/// A failed send, commit or begin: decided again after a take-over, unless retrying cannot help
-/// (a record the broker refuses as too large, a missing permission). The transaction did not
-/// commit, or its outcome is unknown; either way the producer is replaced.
-fn failed(context: &str, e: KafkaError) -> Attempt {
-    use RDKafkaErrorCode as C;
-    let last = matches!(
-        e.rdkafka_error_code(),
-        Some(
-            C::MessageSizeTooLarge
-                | C::InvalidMessageSize
-                | C::MessageBatchTooLarge
-                | C::TopicAuthorizationFailed
-                | C::TransactionalIdAuthorizationFailed
-                | C::ClusterAuthorizationFailed
-        )
-    );
-    let error = map_kafka(context, e);
-    if last {
-        Attempt::Stop(error)
-    } else {
-        Attempt::Again(error)
-    }
 }

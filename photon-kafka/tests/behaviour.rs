@@ -429,3 +429,78 @@ fn store_metadata_missing(url: &str, topic: &str) -> bool {
         .iter()
         .all(|t| t.name() != topic || t.error().is_some() || t.partitions().is_empty())
 }
+
+/// Appends from many tasks of one process to one partition are committed in shared
+/// transactions: each lands once, versions stay contiguous per stream, and a batch sent twice at
+/// once (same ids) is stored once.
+#[tokio::test]
+async fn concurrent_appends_in_one_store_are_grouped_correctly() {
+    let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
+        return;
+    };
+    let url = with_options(&url, &format!("prefix={}&partitions=1", fresh_prefix()));
+    let shared = std::sync::Arc::new(store(&url).await);
+    let twice = vec![numbered(7000), numbered(7001)];
+    let mut tasks = Vec::new();
+    for t in 0..32u64 {
+        let store = shared.clone();
+        let twice = twice.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream = StreamId::parse(format!("load-{}", t % 16)).unwrap();
+            for i in 0..10u64 {
+                store
+                    .append(&stream, ExpectedVersion::Any, vec![numbered(t * 100 + i)])
+                    .await
+                    .unwrap();
+            }
+            if t < 2 {
+                let same = StreamId::parse("load-twice").unwrap();
+                store
+                    .append(&same, ExpectedVersion::Any, twice)
+                    .await
+                    .unwrap()
+                    .first_version
+            } else {
+                Version(0)
+            }
+        }));
+    }
+    for t in tasks {
+        assert_eq!(
+            t.await.unwrap(),
+            Version(0),
+            "the repeated batch kept its versions"
+        );
+    }
+    let fresh = store(&url).await;
+    for s in 0..16u64 {
+        let stream = StreamId::parse(format!("load-{s}")).unwrap();
+        let events = fresh
+            .read_to_vec(&stream, ReadOptions::forwards())
+            .await
+            .unwrap();
+        assert_eq!(
+            events.iter().map(|e| e.version.0).collect::<Vec<_>>(),
+            (0..20).collect::<Vec<_>>()
+        );
+        let mut numbers: Vec<u64> = events.iter().map(number).collect();
+        numbers.sort();
+        let mut want: Vec<u64> = (0..10).map(|i| s * 100 + i).collect();
+        want.extend((0..10).map(|i| (s + 16) * 100 + i));
+        assert_eq!(numbers, want);
+    }
+    let same = StreamId::parse("load-twice").unwrap();
+    assert_eq!(
+        fresh
+            .read_to_vec(&same, ReadOptions::forwards())
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    let replay = fresh
+        .replay_to_vec(Selector::Category(same.category()), Start::Beginning)
+        .await
+        .unwrap();
+    assert_eq!(replay.len(), 16 * 20 + 2);
+}
