@@ -301,15 +301,25 @@ impl KafkaConfig {
                 "batch.size",
                 self.max_record_bytes().min(1_000_000).to_string(),
             )
+            // Brokers refuse transaction timeouts over transaction.max.timeout.ms (15 minutes by
+            // default); librdkafka wants message.timeout.ms within the transaction timeout.
             .set(
                 "transaction.timeout.ms",
-                (self.timeout.as_millis().max(1000) * 6).to_string(),
+                self.transaction_timeout_ms().to_string(),
             )
             .set(
                 "message.timeout.ms",
-                (self.timeout.as_millis().max(1000) * 3).to_string(),
+                (self.timeout.as_millis() as u64 * 2)
+                    .min(self.transaction_timeout_ms())
+                    .to_string(),
             );
         c
+    }
+
+    /// How long an open transaction may live: long enough for an append, short enough that a
+    /// writer that died mid-append holds readers of its partition up only briefly.
+    pub(crate) fn transaction_timeout_ms(&self) -> u64 {
+        (self.timeout.as_millis() as u64 * 3).clamp(5_000, 900_000)
     }
 
     /// A reader config: read_committed, so aborted and open transactions are never seen; no
@@ -362,6 +372,17 @@ mod tests {
         assert_eq!(c.category_of("app.v1.account"), Some("account"));
         assert_eq!(c.category_of("app.v1.bad name"), None);
         assert_eq!(c.category_of("other.account"), None);
+    }
+
+    #[test]
+    fn transaction_timeouts_stay_within_broker_limits() {
+        for (ms, txn) in [(100, 5_000), (10_000, 30_000), (600_000, 900_000)] {
+            let c = KafkaConfig::from_url(&format!("kafka://a:1?timeout_ms={ms}")).unwrap();
+            assert_eq!(c.transaction_timeout_ms(), txn);
+            let p = c.producer("t");
+            let message: u64 = p.get("message.timeout.ms").unwrap().parse().unwrap();
+            assert!(message <= txn, "{ms}: {message} > {txn}");
+        }
     }
 
     #[test]

@@ -76,7 +76,7 @@ pub(crate) struct Shared {
     /// Idle consumers for index catch-up and stream reads.
     pub(crate) readers: Mutex<Vec<rdkafka::consumer::StreamConsumer>>,
     /// Producers alive in this store (each holds librdkafka threads).
-    pub(crate) live_writers: AtomicUsize,
+    pub(crate) live_writers: Arc<AtomicUsize>,
 }
 
 /// A librdkafka error as ours: timeouts and transport failures are `Unavailable` (retry with the
@@ -120,6 +120,27 @@ pub(crate) fn unavailable(message: String) -> Error {
     }
 }
 
+/// Whether an error a consumer hands out belongs to no partition and passes by itself: librdkafka
+/// forwards the client's connection trouble (and group errors: our readers carry a `group.id`
+/// but never join) into the consumer queue. Reads bound their waits with timeouts anyway.
+pub(crate) fn is_passing(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e,
+        KafkaError::MessageConsumption(
+            C::BrokerTransportFailure
+                | C::AllBrokersDown
+                | C::Resolve
+                | C::NetworkException
+                | C::OperationTimedOut
+                | C::RequestTimedOut
+                | C::GroupAuthorizationFailed
+                | C::CoordinatorNotAvailable
+                | C::NotCoordinator
+        )
+    )
+}
+
 /// Runs a blocking librdkafka call off the async threads.
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
@@ -158,7 +179,7 @@ impl KafkaStore {
                 partitions: Mutex::default(),
                 queues: Mutex::default(),
                 readers: Mutex::default(),
-                live_writers: AtomicUsize::new(0),
+                live_writers: Arc::new(AtomicUsize::new(0)),
                 config,
             }),
         })
@@ -194,7 +215,11 @@ impl Shared {
                     .insert(topic.to_owned(), n);
                 Ok(Some(n))
             }
-            Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) => Ok(None),
+            // Just created (or being deleted): not usable yet, as if absent.
+            Some(
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART
+                | RDKafkaRespErr::RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE,
+            ) => Ok(None),
             None => Ok(None),
             Some(e) => Err(unavailable(format!(
                 "metadata of topic {topic}: {}",

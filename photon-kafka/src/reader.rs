@@ -86,11 +86,7 @@ pub(crate) fn position_of(consumer: &StreamConsumer, topic: &str, p: i32) -> Opt
 /// The last stable offset of each partition of `topic` (read_committed watermarks): everything
 /// committed so far lies below it.
 pub(crate) async fn stable_ends(shared: &Shared, topic: &str, n: i32) -> Result<Vec<i64>, Error> {
-    let mut ends = Vec::with_capacity(n as usize);
-    for p in 0..n {
-        ends.push(stable_end(shared, topic, p).await?);
-    }
-    Ok(ends)
+    futures::future::try_join_all((0..n).map(|p| stable_end(shared, topic, p))).await
 }
 
 /// The last stable offset of `topic`/`p`. Right after a topic is created a client may not know
@@ -158,9 +154,15 @@ pub(crate) async fn catch_up(
                     index.next_offset = msg.offset();
                     break;
                 }
-                if let Some(entry) = record::index_entry(&msg)? {
-                    added |= index.apply(msg.offset(), entry);
+                match record::index_entry(&msg) {
+                    Ok(Some(entry)) => added |= index.apply(msg.offset(), entry),
+                    Ok(None) => {}
+                    // Not written by photon's writer: left out, like any foreign record.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "photon-kafka: record left out of the index")
+                    }
                 }
+                tokio::task::consume_budget().await;
                 index.next_offset = msg.offset() + 1;
             }
             Err(KafkaError::PartitionEOF(_)) => {
@@ -170,6 +172,9 @@ pub(crate) async fn catch_up(
                 if let Some(pos) = position_of(&consumer, topic, p) {
                     index.next_offset = index.next_offset.max(pos.min(end));
                 }
+            }
+            Err(e) if crate::is_passing(&e) => {
+                tracing::debug!(error = %e, "photon-kafka: passing client error while reading")
             }
             Err(e) => return Err(map_kafka(&format!("reading {topic}/{p}"), e)),
         }
@@ -238,6 +243,9 @@ pub(crate) async fn fetch(
                         format!("{topic}/{p}: the indexed record at offset {want} was not found"),
                     ));
                 }
+            }
+            Err(e) if crate::is_passing(&e) => {
+                tracing::debug!(error = %e, "photon-kafka: passing client error while reading")
             }
             Err(e) => return Err(map_kafka(&format!("reading {topic}/{p}"), e)),
         }

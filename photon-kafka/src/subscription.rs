@@ -64,6 +64,7 @@ struct Sub {
     since: Option<i64>,
     caught_up_sent: bool,
     last_discovery: Instant,
+    last_progress: Instant,
 }
 
 pub(crate) fn subscribe(
@@ -162,6 +163,7 @@ impl Sub {
             since,
             caught_up_sent: false,
             last_discovery: Instant::now(),
+            last_progress: Instant::now(),
         };
         for c in categories {
             sub.add_topic(&c, true).await?;
@@ -389,6 +391,15 @@ impl Sub {
                 tokio::time::sleep(POLL_WAIT).await;
                 continue;
             }
+            // A replay that makes no progress at all (a partition without a leader) ends with
+            // an error instead of waiting for ever; a live subscription may idle.
+            if !self.replay_done() && self.last_progress.elapsed() > self.shared.config.timeout * 3
+            {
+                return Err(crate::unavailable(format!(
+                    "replay made no progress for {:?}: a partition is not readable",
+                    self.shared.config.timeout * 3
+                )));
+            }
             let got = match tokio::time::timeout(POLL_WAIT, self.consumer.recv()).await {
                 Err(_) => {
                     self.check_positions();
@@ -399,11 +410,18 @@ impl Sub {
             let msg = match got {
                 Ok(msg) => msg,
                 Err(KafkaError::PartitionEOF(_)) => {
+                    self.last_progress = Instant::now();
                     self.check_positions();
+                    continue;
+                }
+                Err(e) if crate::is_passing(&e) => {
+                    tracing::debug!(error = %e, "photon-kafka: passing client error in a subscription");
                     continue;
                 }
                 Err(e) => return Err(map_kafka("subscription", e)),
             };
+            self.last_progress = Instant::now();
+            tokio::task::consume_budget().await;
             let Some(category) = self.shared.config.category_of(msg.topic()) else {
                 continue;
             };
@@ -437,8 +455,14 @@ impl Sub {
                 }
             }
             let checkpoint = self.checkpoint();
-            let Some(event) = record::recorded_event(&msg, checkpoint)? else {
-                continue;
+            let event = match record::recorded_event(&msg, checkpoint) {
+                Ok(Some(event)) => event,
+                Ok(None) => continue,
+                // Not written by photon's writer: skipped, like any foreign record.
+                Err(e) => {
+                    tracing::warn!(error = %e, "photon-kafka: record skipped");
+                    continue;
+                }
             };
             if self
                 .since

@@ -10,7 +10,7 @@
 //! readers together, and a group costs one commit however many appends it carries.
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,6 @@ use photon_api::{AppendResult, Error, EventData, ExpectedVersion, StreamId, Time
 use rand::Rng;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::util::Timeout;
 use tokio::sync::oneshot;
 
 use crate::index::PartitionIndex;
@@ -35,16 +34,32 @@ const MAX_WRITERS: usize = 32;
 /// Most appends one transaction carries.
 const MAX_GROUP: usize = 256;
 
+/// Groups one holder commits before it lets the partition go (others waiting take over).
+const MAX_GROUPS_PER_TURN: usize = 8;
+
 /// This process's producer for one partition while it holds the partition's writer role.
 pub(crate) struct Writer {
     producer: Arc<FutureProducer>,
     pub(crate) last_used: Instant,
-    shared: Arc<Shared>,
+    live: Arc<AtomicUsize>,
 }
 
 impl Drop for Writer {
     fn drop(&mut self) {
-        self.shared.live_writers.fetch_sub(1, Ordering::Relaxed);
+        self.live.fetch_sub(1, Ordering::Relaxed);
+        // Closing a producer joins its threads and may flush; an open transaction is aborted
+        // first so readers of the partition are not held up until it times out.
+        let producer = self.producer.clone();
+        let close = move || {
+            let _ = producer.abort_transaction(Duration::from_secs(2));
+            drop(producer);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(close);
+            }
+            Err(_) => close(),
+        }
     }
 }
 
@@ -92,26 +107,36 @@ pub(crate) async fn append(
         size,
         reply,
     });
-    let mut state = state.lock().await;
-    // An earlier holder may have committed this append with its group already.
-    if let Ok(result) = answer.try_recv() {
-        return result;
-    }
-    // Hold the partition until the queue is empty: every append queued meanwhile rides along.
+    // Whoever gets the partition first commits what is queued, in a task of its own: a caller
+    // that goes away (a cancelled request) cannot leave a transaction half done, and a caller
+    // whose append is committed returns at once, however busy the partition stays.
     loop {
-        let group = take_group(&queue, config.max_append_size);
-        if group.is_empty() {
-            break;
+        tokio::select! {
+            biased;
+            result = &mut answer => {
+                return result.unwrap_or_else(|_| {
+                    Err(crate::unavailable(format!(
+                        "the append to {stream} was interrupted; its outcome is unknown, retry with the same ids"
+                    )))
+                });
+            }
+            guard = state.clone().lock_owned() => {
+                let (shared, topic, queue) = (shared.clone(), topic.clone(), queue.clone());
+                tokio::spawn(async move {
+                    let mut guard = guard;
+                    for _ in 0..MAX_GROUPS_PER_TURN {
+                        let group = take_group(&queue, shared.config.max_append_size);
+                        if group.is_empty() {
+                            break;
+                        }
+                        commit_group(&shared, &topic, p, &mut guard, group).await;
+                    }
+                });
+                // Let the holder take the queue before competing for the partition again.
+                tokio::task::yield_now().await;
+            }
         }
-        commit_group(shared, &topic, p, &mut state, group).await;
     }
-    drop(state);
-    answer.await.unwrap_or_else(|_| {
-        // The task committing it was cancelled: it may or may not have landed.
-        Err(crate::unavailable(format!(
-            "the append to {stream} was interrupted; its outcome is unknown, retry with the same ids"
-        )))
-    })
 }
 
 /// The next group: queued appends in arrival order, one per stream (a second append to the same
@@ -164,7 +189,14 @@ async fn commit_group(
             Ok(()) => return,
             Err(Attempt::Stop(e)) => {
                 state.producer = None;
-                answer_all(group, &e);
+                if group.len() > 1 {
+                    // One append the broker refuses must not fail the others: each alone.
+                    for q in group {
+                        Box::pin(commit_group(shared, topic, p, state, vec![q])).await;
+                    }
+                } else {
+                    answer_all(group, &e);
+                }
                 return;
             }
             Err(Attempt::Again(why)) => {
@@ -174,8 +206,10 @@ async fn commit_group(
                     return;
                 }
                 tracing::debug!(topic, p, attempt, error = %why, "photon-kafka: group retried");
-                let jitter = rand::rng().random_range(5..30 * attempt.min(10) as u64);
-                tokio::time::sleep(Duration::from_millis(jitter)).await;
+                // Exponential backoff with jitter, so racing processes stop fencing each other.
+                let cap = 10u64 << attempt.min(7);
+                let pause = rand::rng().random_range(cap / 2..=cap);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
             }
         }
     }
@@ -216,7 +250,7 @@ async fn take_over(
     state.producer = Some(Writer {
         producer,
         last_used: Instant::now(),
-        shared: shared.clone(),
+        live: shared.live_writers.clone(),
     });
     catch_up(shared, topic, p, &mut state.index).await?;
     Ok(())
@@ -249,6 +283,10 @@ fn result_of(
 
 /// One attempt at a group. Appends decided (refused, or retries of stored batches) are answered
 /// and removed from `group` as soon as that is final; the rest are written in one transaction.
+///
+/// A refusal is final only against an index read up to the partition's stable end, and that
+/// read needs no writer role: a process that lost a race learns it without fencing the winner.
+/// The writer role is taken (fencing any other) only when something is left to write.
 async fn try_group(
     shared: &Arc<Shared>,
     topic: &str,
@@ -256,57 +294,44 @@ async fn try_group(
     state: &mut PartitionState,
     group: &mut Vec<Queued>,
 ) -> Result<(), Attempt> {
-    let fresh = state.producer.is_none();
-    if fresh {
+    let mut current = state.producer.is_none();
+    if !current && group.iter().any(|q| decide(&state.index, q).is_err()) {
+        current = true;
+    }
+    if current {
+        match catch_up(shared, topic, p, &mut state.index).await {
+            // Records this writer did not write: another process holds the partition now.
+            Ok(true) if state.producer.is_some() => state.producer = None,
+            Ok(_) => {}
+            Err(e) => return Err(Attempt::Stop(e)),
+        }
+    }
+    settle_decided(state, p, group);
+    if group.is_empty() {
+        return Ok(());
+    }
+    if state.producer.is_none() {
         // init_transactions already waits out other writers' transactions; a failure here is
         // an unreachable broker or a refused setting.
         take_over(shared, topic, p, state)
             .await
             .map_err(Attempt::Stop)?;
+        settle_decided(state, p, group);
+        if group.is_empty() {
+            return Ok(());
+        }
     }
-    // Decide from the index. A writer that has not been fenced has seen every committed event;
-    // one that has been fenced without knowing it may be behind, so a refusal is only final
-    // once the index is confirmed current.
-    let decisions: Vec<Result<BatchKind, Error>> = group
-        .iter()
-        .map(|q| decide(&state.index, &q.stream, q.expected, &q.events))
+    let writes: Vec<(Queued, Version)> = std::mem::take(group)
+        .into_iter()
+        .map(|q| {
+            let first = state
+                .index
+                .current(q.stream.as_str())
+                .map_or(Version(0), Version::next);
+            (q, first)
+        })
         .collect();
-    if !fresh && decisions.iter().any(Result::is_err) {
-        match catch_up(shared, topic, p, &mut state.index).await {
-            Ok(false) => {}
-            // Someone else wrote here: this producer has been fenced; take over, decide again.
-            Ok(true) => {
-                return Err(Attempt::Again(crate::unavailable(format!(
-                    "{topic}/{p} was written by another process"
-                ))))
-            }
-            Err(e) => return Err(Attempt::Stop(e)),
-        }
-    }
-    let mut writes = Vec::new();
-    for (q, decision) in std::mem::take(group).into_iter().zip(decisions) {
-        match decision {
-            Err(refusal) => {
-                let _ = q.reply.send(Err(refusal));
-            }
-            Ok(BatchKind::Retry { first }) => {
-                let r = result_of(&state.index, &q.stream, p, first, q.events.len());
-                let _ = q.reply.send(Ok(r));
-            }
-            Ok(BatchKind::New) => {
-                let first = state
-                    .index
-                    .current(q.stream.as_str())
-                    .map_or(Version(0), Version::next);
-                writes.push((q, first));
-            }
-        }
-    }
-    if writes.is_empty() {
-        return Ok(());
-    }
-    let outcome = write(shared, topic, p, state, &writes).await;
-    match outcome {
+    match write(shared, topic, p, state, &writes).await {
         Ok(()) => {
             for (q, first) in writes {
                 let r = result_of(&state.index, &q.stream, p, first, q.events.len());
@@ -315,11 +340,30 @@ async fn try_group(
             Ok(())
         }
         Err(attempt) => {
-            // Undecided: back into the group, decided again after the take-over.
+            // Undecided: back into the group, decided again next attempt.
             group.extend(writes.into_iter().map(|(q, _)| q));
             Err(attempt)
         }
     }
+}
+
+/// Answers the appends of `group` that the index decides (refusals, retries of stored batches);
+/// leaves those to be written.
+fn settle_decided(state: &PartitionState, p: i32, group: &mut Vec<Queued>) {
+    let mut left = Vec::with_capacity(group.len());
+    for q in std::mem::take(group) {
+        match decide(&state.index, &q) {
+            Err(refusal) => {
+                let _ = q.reply.send(Err(refusal));
+            }
+            Ok(BatchKind::Retry { first }) => {
+                let r = result_of(&state.index, &q.stream, p, first, q.events.len());
+                let _ = q.reply.send(Ok(r));
+            }
+            Ok(BatchKind::New) => left.push(q),
+        }
+    }
+    *group = left;
 }
 
 /// Writes `writes` in one transaction and indexes them once it is committed and readable.
@@ -338,35 +382,60 @@ async fn write(
         .unix_micros()
         .max(state.index.last_recorded);
     let recorded_at = Timestamp::from_unix_micros(now).expect("a current time");
-    producer
-        .begin_transaction()
+    let pr = producer.clone();
+    blocking(move || pr.begin_transaction())
+        .await
+        .map_err(Attempt::Again)?
         .map_err(|e| failed("begin transaction", e))?;
-    let timeout = Timeout::After(shared.config.timeout);
-    let sends = writes.iter().flat_map(|(q, first)| {
+    // Records are queued strictly in order (a full queue is waited out on the record that met
+    // it, never skipped ahead of), so each stream's versions get rising offsets.
+    let mut deliveries = Vec::new();
+    let mut failure = None;
+    'queueing: for (q, first) in writes {
         let key = q.stream.as_str();
-        let producer = &producer;
-        q.events.iter().enumerate().map(move |(i, e)| {
+        for (i, e) in q.events.iter().enumerate() {
             let version = Version(first.0 + i as u64);
             let headers = record::headers_of(e, version, recorded_at, *first, q.events.len());
-            let record = FutureRecord::to(topic)
+            let mut record = FutureRecord::to(topic)
                 .partition(p)
                 .key(key)
                 .payload(&e.payload.bytes[..])
                 .timestamp(recorded_at.unix_millis())
                 .headers(headers);
-            producer.send(record, timeout)
-        })
-    });
-    let deliveries = join_all(sends).await;
-    let mut offsets = Vec::with_capacity(deliveries.len());
-    let mut failure = None;
-    for d in deliveries {
-        match d {
-            Ok(delivery) => offsets.push(delivery.offset),
-            Err((e, _)) => {
-                failure.get_or_insert(e);
+            loop {
+                match producer.send_result(record) {
+                    Ok(delivery) => {
+                        deliveries.push(delivery);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) => {
+                        failure = Some(e);
+                        break 'queueing;
+                    }
+                }
             }
         }
+    }
+    let mut offsets = Vec::with_capacity(deliveries.len());
+    for d in join_all(deliveries).await {
+        match d {
+            Ok(Ok(delivery)) => offsets.push(delivery.offset),
+            Ok(Err((e, _))) => {
+                failure.get_or_insert(e);
+            }
+            Err(_) => {
+                failure.get_or_insert(KafkaError::Canceled);
+            }
+        }
+    }
+    if failure.is_none() && offsets.windows(2).any(|w| w[0] >= w[1]) {
+        failure = Some(KafkaError::MessageProduction(
+            RDKafkaErrorCode::InvalidRecord,
+        ));
     }
     let (pr, t) = (producer.clone(), shared.config.timeout);
     if let Some(e) = failure {
@@ -454,12 +523,8 @@ async fn wait_visible(shared: &Arc<Shared>, topic: &str, p: i32, last: i64) -> R
     }
 }
 
-fn decide(
-    index: &PartitionIndex,
-    stream: &StreamId,
-    expected: ExpectedVersion,
-    events: &[EventData],
-) -> Result<BatchKind, Error> {
+fn decide(index: &PartitionIndex, q: &Queued) -> Result<BatchKind, Error> {
+    let (stream, expected, events) = (&q.stream, q.expected, &q.events);
     let kind = classify_batch(stream, events, |id| index.stored(stream.as_str(), id))?;
     if kind == BatchKind::New {
         let current = index.current(stream.as_str());
