@@ -244,8 +244,10 @@ impl Shared {
     }
 
     /// Writes a committed append's category and all-stream rows and clears its pending markers
-    /// (its time bucket was registered with the markers):
-    /// the second write of an append, and the repair of one whose writer died before it.
+    /// (its time bucket was registered with the markers): the second write of an append, and
+    /// the repair of one whose writer died before it. The rows carry the events, so they are
+    /// written one by one (a batch of them would exceed `batch_size_fail_threshold`, 50 KiB by
+    /// default); the markers go only once all are written, so any failure is repaired whole.
     pub(crate) async fn index_commit(&self, commit: &Commit, count: i32) -> Result<(), Error> {
         let (session, st) = self.ready().await?;
         let category = commit.stream.category_name();
@@ -255,19 +257,25 @@ impl Shared {
         let stream = commit.stream.as_str();
         let first = commit.first as i64;
         let events: &[u8] = &commit.events;
+        let context = || format!("indexing {stream}@{first}");
+        let (a, b, c) = tokio::join!(
+            session.execute_unpaged(
+                &st.insert_category,
+                (category, tb, t, stream, first, count, events)
+            ),
+            session.execute_unpaged(
+                &st.insert_category,
+                (ALL, tb, t, stream, first, count, events)
+            ),
+            session.execute_unpaged(&st.insert_stream, (category, stream)),
+        );
+        for r in [a, b, c] {
+            r.map_err(|e| map_error(&context(), e))?;
+        }
         session
-            .batch(
-                &st.index_commit,
-                (
-                    (category, tb, t, stream, first, count, events),
-                    (ALL, tb, t, stream, first, count, events),
-                    (category, stream),
-                    (category, tb, t),
-                    (ALL, tb, t),
-                ),
-            )
+            .batch(&st.clear_pending, ((category, tb, t), (ALL, tb, t)))
             .await
-            .map_err(|e| map_error(&format!("indexing {stream}@{first}"), e))?;
+            .map_err(|e| map_error(&context(), e))?;
         Ok(())
     }
 

@@ -62,7 +62,8 @@ pub(crate) struct Statements {
     pub(crate) commits_down_from: PreparedStatement,
     pub(crate) pending: Batch,
     pub(crate) clear_pending: Batch,
-    pub(crate) index_commit: Batch,
+    pub(crate) insert_category: PreparedStatement,
+    pub(crate) insert_stream: PreparedStatement,
     pub(crate) pending_in: PreparedStatement,
     pub(crate) category_page: PreparedStatement,
     pub(crate) category_page_incl: PreparedStatement,
@@ -279,18 +280,10 @@ async fn prepare(session: &Session, config: &CassandraConfig) -> Result<Statemen
         ),
         clear_pending: batch(
             BatchType::Unlogged,
-            vec![delete_pending.clone(), delete_pending.clone()],
+            vec![delete_pending.clone(), delete_pending],
         ),
-        index_commit: batch(
-            BatchType::Logged,
-            vec![
-                insert_category.clone(),
-                insert_category,
-                insert_stream,
-                delete_pending.clone(),
-                delete_pending,
-            ],
-        ),
+        insert_category,
+        insert_stream,
         pending_in: prep(
             format!("SELECT time_id, stream, version FROM {ks}.pending WHERE category = ? AND bucket = ?"),
             c,

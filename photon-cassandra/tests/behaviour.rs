@@ -1,0 +1,368 @@
+//! Behaviour specific to the Cassandra backend, against a real server
+//! (`PHOTON_TEST_CASSANDRA_URL`): the repair of an append whose writer died between its two
+//! writes, long streams spread over partitions, and the schema settings.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use photon_api::{
+    Category, Error, EventData, EventStore, EventStoreExt, ExpectedVersion, ReadOptions,
+    RecordedEvent, Selector, Start, StreamId, SubscriptionItem, SubscriptionMode, Uuid, Version,
+};
+use photon_cassandra::CassandraStore;
+use photon_conformance::server_url;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+
+fn with_options(url: &str, options: &str) -> String {
+    format!(
+        "{url}{}{options}",
+        if url.contains('?') { "&" } else { "?" }
+    )
+}
+
+fn fresh(prefix: &str) -> String {
+    format!("{prefix}{}", &Uuid::new_v4().simple().to_string()[..12])
+}
+
+fn numbered(n: u64) -> EventData {
+    EventData::json("Numbered", &serde_json::json!({ "n": n })).unwrap()
+}
+
+fn number(e: &RecordedEvent) -> u64 {
+    e.decode::<serde_json::Value>().unwrap()["n"]
+        .as_u64()
+        .unwrap()
+}
+
+async fn session(url: &str) -> Session {
+    let host = url
+        .strip_prefix("cassandra://")
+        .unwrap()
+        .split(['/', '?'])
+        .next()
+        .unwrap()
+        .to_owned();
+    SessionBuilder::new()
+        .known_node(host)
+        .build()
+        .await
+        .unwrap()
+}
+
+async fn next_event(
+    sub: &mut futures::stream::BoxStream<'static, Result<SubscriptionItem, Error>>,
+) -> RecordedEvent {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), sub.next())
+            .await
+            .expect("an event within 30 s")
+        {
+            Some(Ok(SubscriptionItem::Event(e))) => return e,
+            Some(Ok(SubscriptionItem::CaughtUp)) => continue,
+            other => panic!("want an event, got {other:?}"),
+        }
+    }
+}
+
+/// Guarantee 6 with a crash between the commit and the category rows: live and replaying
+/// readers wait for the pending append, repair it, and deliver it exactly once, in order.
+#[tokio::test]
+async fn an_append_whose_writer_died_before_its_category_rows_is_repaired() {
+    let Some(url) = server_url("cassandra", "PHOTON_TEST_CASSANDRA_URL") else {
+        return;
+    };
+    let url = with_options(&url, "settle_ms=200&repair_after_ms=1500");
+    let category = Category::new(fresh("crash")).unwrap();
+    let stream = StreamId::new(&category, "a").unwrap();
+    let other = StreamId::new(&category, "b").unwrap();
+    let writer = CassandraStore::from_url(&url).await.unwrap();
+    writer
+        .append(&stream, ExpectedVersion::NoStream, vec![numbered(0)])
+        .await
+        .unwrap();
+
+    // A live subscriber, caught up before the crash.
+    let reader = CassandraStore::from_url(&url).await.unwrap();
+    let mut live = reader.subscribe(
+        Selector::Category(category.clone()),
+        Start::Beginning,
+        SubscriptionMode::HotCold,
+    );
+    assert_eq!(number(&next_event(&mut live).await), 0);
+
+    writer.set_crash_after_commit(true);
+    match writer
+        .append(
+            &stream,
+            ExpectedVersion::Exact(Version(0)),
+            vec![numbered(1), numbered(2)],
+        )
+        .await
+    {
+        Err(Error::Backend { source, .. }) => {
+            assert!(source.to_string().contains("simulated crash"))
+        }
+        other => panic!("want the simulated crash, got {other:?}"),
+    }
+    writer.set_crash_after_commit(false);
+    // The commit itself is stored: the stream reads it at once.
+    let read = writer
+        .read_to_vec(&stream, ReadOptions::forwards())
+        .await
+        .unwrap();
+    assert_eq!(read.iter().map(number).collect::<Vec<_>>(), vec![0, 1, 2]);
+    // A later append by another writer, with a later time id.
+    let other_writer = CassandraStore::from_url(&url).await.unwrap();
+    other_writer
+        .append(&other, ExpectedVersion::NoStream, vec![numbered(100)])
+        .await
+        .unwrap();
+
+    // The live reader does not pass the pending append: after the repair delay it delivers the
+    // crashed append first, then the later one.
+    let got: Vec<u64> = vec![
+        number(&next_event(&mut live).await),
+        number(&next_event(&mut live).await),
+        number(&next_event(&mut live).await),
+    ];
+    assert_eq!(got, vec![1, 2, 100]);
+
+    // Replays of the category and the all stream hold everything exactly once.
+    let replay = reader
+        .replay_to_vec(Selector::Category(category.clone()), Start::Beginning)
+        .await
+        .unwrap();
+    assert_eq!(
+        replay.iter().map(number).collect::<Vec<_>>(),
+        vec![0, 1, 2, 100]
+    );
+    let minute_ago = photon_api::Timestamp::from_unix_micros(
+        photon_api::Timestamp::now().unix_micros() - 60_000_000,
+    )
+    .unwrap();
+    let all = reader
+        .replay_to_vec(Selector::All, Start::Time(minute_ago))
+        .await
+        .unwrap();
+    let ours: Vec<u64> = all
+        .iter()
+        .filter(|e| e.stream.category_name() == category.as_str())
+        .map(number)
+        .collect();
+    assert_eq!(ours, vec![0, 1, 2, 100]);
+    let streams: Vec<String> = reader
+        .list_streams(&category)
+        .map(|s| s.unwrap().id().to_owned())
+        .collect()
+        .await;
+    assert_eq!(streams, vec!["a", "b"]);
+}
+
+/// An append that crashed before its commit (the conditional write never ran) leaves a marker
+/// that readers drop after the repair delay, delivering nothing for it.
+#[tokio::test]
+async fn a_marker_without_a_commit_is_dropped() {
+    let Some(url) = server_url("cassandra", "PHOTON_TEST_CASSANDRA_URL") else {
+        return;
+    };
+    let url = with_options(&url, "settle_ms=200&repair_after_ms=1000");
+    let store = CassandraStore::from_url(&url).await.unwrap();
+    let category = Category::new(fresh("ghost")).unwrap();
+    let stream = StreamId::new(&category, "a").unwrap();
+    store
+        .append(&stream, ExpectedVersion::NoStream, vec![numbered(0)])
+        .await
+        .unwrap();
+    // A marker as a writer leaves it just before its conditional write, for version 1.
+    let s = session(&url).await;
+    let ks = store.config().keyspace.clone();
+    let now = photon_api::Timestamp::now().unix_micros();
+    let bucket = now.div_euclid(store.config().time_bucket.as_micros() as i64);
+    let t = scylla::value::CqlTimeuuid::from(uuid::Uuid::now_v1(&[1, 2, 3, 4, 5, 6]));
+    for key in [category.as_str(), "$all"] {
+        s.query_unpaged(
+            format!("INSERT INTO {ks}.pending (category, bucket, time_id, stream, version) VALUES (?, ?, ?, ?, ?)"),
+            (key, bucket, t, stream.as_str(), 1_i64),
+        )
+        .await
+        .unwrap();
+    }
+    let replay = store
+        .replay_to_vec(Selector::Category(category.clone()), Start::Beginning)
+        .await
+        .unwrap();
+    assert_eq!(replay.iter().map(number).collect::<Vec<_>>(), vec![0]);
+    let left = s
+        .query_unpaged(
+            format!("SELECT time_id FROM {ks}.pending WHERE category = ? AND bucket = ?"),
+            (category.as_str(), bucket),
+        )
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap()
+        .rows_num();
+    assert_eq!(left, 0, "the marker was dropped");
+}
+
+/// Long streams: commits go to partition `(stream, first version / bucket_size)`, and reads
+/// cross partitions forwards, backwards, from any version, with limits.
+#[tokio::test]
+async fn long_streams_are_spread_over_partitions() {
+    let Some(url) = server_url("cassandra", "PHOTON_TEST_CASSANDRA_URL") else {
+        return;
+    };
+    let url = with_options(&url, "bucket_size=10");
+    let store = CassandraStore::from_url(&url).await.unwrap();
+    let stream = StreamId::new(&Category::new(fresh("long")).unwrap(), "x").unwrap();
+    let mut n = 0;
+    // Batches of varying size, one of 25 running over two bucket boundaries.
+    for size in [3, 7, 1, 25, 4, 9, 30, 16] {
+        let batch: Vec<EventData> = (n..n + size).map(numbered).collect();
+        store
+            .append(&stream, ExpectedVersion::Any, batch)
+            .await
+            .unwrap();
+        n += size;
+    }
+    let all = store
+        .read_to_vec(&stream, ReadOptions::forwards())
+        .await
+        .unwrap();
+    assert_eq!(
+        all.iter().map(number).collect::<Vec<_>>(),
+        (0..n).collect::<Vec<_>>()
+    );
+    for from in [0, 9, 10, 11, 20, 36, 37, 94] {
+        let got = store
+            .read_to_vec(&stream, ReadOptions::forwards().from_version(Version(from)))
+            .await
+            .unwrap();
+        assert_eq!(
+            got.iter().map(number).collect::<Vec<_>>(),
+            (from..n).collect::<Vec<_>>()
+        );
+        let back = store
+            .read_to_vec(
+                &stream,
+                ReadOptions::backwards()
+                    .from_version(Version(from))
+                    .limit(12),
+            )
+            .await
+            .unwrap();
+        let want: Vec<u64> = (0..=from).rev().take(12).collect();
+        assert_eq!(
+            back.iter().map(number).collect::<Vec<_>>(),
+            want,
+            "backwards from {from}"
+        );
+    }
+    assert_eq!(
+        store.stream_version(&stream).await.unwrap(),
+        Some(Version(n - 1))
+    );
+    // Every commit lies in the partition of its first version.
+    let s = session(&url).await;
+    let ks = store.config().keyspace.clone();
+    let mut commits = 0;
+    for bucket in 0..12_i64 {
+        let rows = s
+            .query_unpaged(
+                format!("SELECT version FROM {ks}.commits WHERE stream = ? AND bucket = ?"),
+                (stream.as_str(), bucket),
+            )
+            .await
+            .unwrap()
+            .into_rows_result()
+            .unwrap();
+        for r in rows.rows::<(i64,)>().unwrap() {
+            let (first,) = r.unwrap();
+            assert_eq!(first / 10, bucket);
+            commits += 1;
+        }
+    }
+    assert_eq!(commits, 8);
+}
+
+#[tokio::test]
+async fn the_keyspace_is_created_with_the_configured_replication() {
+    let Some(url) = server_url("cassandra", "PHOTON_TEST_CASSANDRA_URL") else {
+        return;
+    };
+    let base = url.split('?').next().unwrap();
+    let base = &base[..base.rfind('/').unwrap()];
+    let ks = fresh("ks");
+    let store = CassandraStore::from_url(&format!("{base}/{ks}?replication=datacenter1:1"))
+        .await
+        .unwrap();
+    let stream = StreamId::parse("acc-1").unwrap();
+    store
+        .append(&stream, ExpectedVersion::NoStream, vec![numbered(1)])
+        .await
+        .unwrap();
+    let s = session(&url).await;
+    let (replication,) = s
+        .query_unpaged(
+            "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = ?",
+            (ks.as_str(),),
+        )
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap()
+        .single_row::<(std::collections::HashMap<String, String>,)>()
+        .unwrap();
+    assert!(
+        replication["class"].ends_with("NetworkTopologyStrategy"),
+        "{replication:?}"
+    );
+    assert_eq!(replication["datacenter1"], "1");
+    s.query_unpaged(format!("DROP KEYSPACE {ks}"), ())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn without_schema_creation_missing_tables_are_named() {
+    let Some(url) = server_url("cassandra", "PHOTON_TEST_CASSANDRA_URL") else {
+        return;
+    };
+    let base = url.split('?').next().unwrap();
+    let base = &base[..base.rfind('/').unwrap()];
+    let ks = fresh("none");
+    let store = CassandraStore::from_url(&format!("{base}/{ks}?create=false"))
+        .await
+        .unwrap();
+    match store
+        .append(
+            &StreamId::parse("acc-1").unwrap(),
+            ExpectedVersion::Any,
+            vec![numbered(1)],
+        )
+        .await
+    {
+        Err(Error::Backend { source, .. }) => {
+            let m = source.to_string();
+            assert!(
+                m.contains(&ks) && m.contains("commits") && m.contains("create=false"),
+                "{m}"
+            );
+        }
+        other => panic!("want a Backend error naming the tables, got {other:?}"),
+    }
+    // Nothing was created.
+    let s = session(&url).await;
+    let n = s
+        .query_unpaged(
+            "SELECT keyspace_name FROM system_schema.keyspaces WHERE keyspace_name = ?",
+            (ks.as_str(),),
+        )
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap()
+        .rows_num();
+    assert_eq!(n, 0);
+}
