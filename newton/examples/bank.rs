@@ -353,6 +353,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     print_balances("balances-v1", &balances.read(|s| render(s, &run)).await);
 
     // A live event reaches the views without a restart.
+    let volume_before = activity.read(|s| s.volume).await;
     accounts
         .execute(&bob, &AccountCommand::Withdraw { amount: 200 })
         .await?;
@@ -364,6 +365,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "live: bob withdrew 200 -> balances-v1 shows {}",
         balances.read(|s| s[&bob].balance).await
     );
+    // Every view follows on its own schedule: wait for this one to see the withdrawal too.
+    activity
+        .wait_until(|s| s.volume >= volume_before + 200)
+        .await?;
     activity
         .read(|s| {
             let transfers = s.transfer_legs.values().filter(|legs| legs.len() == 2).count();

@@ -14,7 +14,8 @@ pub const URL_VARIABLE: &str = "PHOTON_URL";
 pub const DEFAULT_URL: &str = "memory://";
 
 /// Connects to the store `url` names: `memory://` (feature `memory`, default), `mongodb://`
-/// (feature `mongo`), `kafka://` (feature `kafka`); `cassandra://` comes with its backend.
+/// (feature `mongo`), `kafka://` (feature `kafka`), `cassandra://` or `scylla://` (feature
+/// `cassandra`).
 ///
 /// `memory://` makes a new, private store on every call: share the returned `Arc` rather than
 /// connecting twice.
@@ -34,6 +35,10 @@ pub async fn connect(url: &str) -> Result<Arc<dyn EventStore>, Error> {
         }
         #[cfg(feature = "kafka")]
         photon_kafka::SCHEME => Ok(Arc::new(photon_kafka::KafkaStore::from_url(url).await?)),
+        #[cfg(feature = "cassandra")]
+        photon_cassandra::SCHEME | "scylla" => Ok(Arc::new(
+            photon_cassandra::CassandraStore::from_url(url).await?,
+        )),
         _ => Err(url::not_compiled(url)),
     }
 }

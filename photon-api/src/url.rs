@@ -34,6 +34,11 @@ pub const KNOWN_BACKENDS: &[KnownBackend] = &[
         feature: "cassandra",
     },
     KnownBackend {
+        scheme: "scylla",
+        backend: "cassandra",
+        feature: "cassandra",
+    },
+    KnownBackend {
         scheme: "mongodb",
         backend: "mongo",
         feature: "mongo",
