@@ -244,7 +244,7 @@ impl CassandraConfig {
                 "timeout_ms" => c.timeout = Duration::from_millis(number(100, 600_000)?),
                 "bucket_size" => c.bucket_size = number(10, 10_000_000)?,
                 "time_bucket_s" => c.time_bucket = Duration::from_secs(number(1, 30 * 86_400)?),
-                "settle_ms" => c.settle = Duration::from_millis(number(0, 600_000)?),
+                "settle_ms" => c.settle = Duration::from_millis(number(50, 600_000)?),
                 "repair_after_ms" => c.repair_after = Duration::from_millis(number(10, 3_600_000)?),
                 "max_event_size" => c.max_event_size = number(1, 256 * 1024 * 1024)? as usize,
                 "max_append_size" => c.max_append_size = number(1, 256 * 1024 * 1024)? as usize,
@@ -254,6 +254,15 @@ impl CassandraConfig {
                     )))
                 }
             }
+        }
+        // A marker must be settled before readers may repair it: an append gives up on a time
+        // id it could not commit within `repair_after - timeout` (see the README).
+        if c.repair_after < c.settle + c.timeout * 2 {
+            return Err(invalid(format!(
+                "repair_after_ms ({}) must be at least settle_ms + 2 x timeout_ms ({})",
+                c.repair_after.as_millis(),
+                (c.settle + c.timeout * 2).as_millis()
+            )));
         }
         Ok(c)
     }
@@ -301,7 +310,7 @@ mod tests {
     #[test]
     fn parses_every_option() {
         let c = CassandraConfig::from_url(
-            "cassandra://ann:p%40ss@a,b:9043/Events?replication=dc1:3,dc2:2&create=false&local_dc=dc1&tls_ca=/ca.pem&consistency=local_quorum&serial_consistency=local_serial&timeout_ms=500&bucket_size=100&time_bucket_s=60&settle_ms=200&repair_after_ms=1000&max_event_size=10&max_append_size=20",
+            "cassandra://ann:p%40ss@a,b:9043/Events?replication=dc1:3,dc2:2&create=false&local_dc=dc1&tls_ca=/ca.pem&consistency=local_quorum&serial_consistency=local_serial&timeout_ms=400&bucket_size=100&time_bucket_s=60&settle_ms=200&repair_after_ms=1000&max_event_size=10&max_append_size=20",
         )
         .unwrap();
         assert_eq!(c.contact_points, vec!["a:9042", "b:9043"]);
@@ -348,6 +357,8 @@ mod tests {
             ("cassandra://h/ks?replication=simple:1,dc:2", "replication"),
             ("cassandra://h/ks?consistency=most", "consistency"),
             ("cassandra://h/ks?bucket_size=1", "bucket_size"),
+            ("cassandra://h/ks?settle_ms=0", "settle_ms"),
+            ("cassandra://h/ks?repair_after_ms=5000", "repair_after_ms"),
             ("cassandra://u:secret@h/ks?nope=1", "nope"),
         ] {
             match CassandraConfig::from_url(url) {

@@ -272,15 +272,81 @@ impl Shared {
         for r in [a, b, c] {
             r.map_err(|e| map_error(&context(), e))?;
         }
-        session
-            .batch(&st.clear_pending, ((category, tb, t), (ALL, tb, t)))
+        self.clear_markers(commit.stream.category_name(), commit.time_id)
             .await
-            .map_err(|e| map_error(&context(), e))?;
+            .map_err(|e| Error::backend(BACKEND, format!("{}: {e}", context())))
+    }
+
+    /// Deletes an append's pending markers. The delete carries the marker's own time plus one
+    /// as its write timestamp, so it wins over the insert whatever the coordinators' clocks say.
+    pub(crate) async fn clear_markers(&self, category: &str, time_id: Uuid) -> Result<(), Error> {
+        let (session, st) = self.ready().await?;
+        let micros = codec::time_micros(&time_id);
+        let tb = self.time_bucket_of(micros);
+        let t = CqlTimeuuid::from(time_id);
+        session
+            .batch(
+                &st.clear_pending,
+                ((micros + 1, category, tb, t), (micros + 1, ALL, tb, t)),
+            )
+            .await
+            .map_err(|e| map_error("clearing pending markers", e))?;
         Ok(())
     }
 
-    async fn append(
+    /// Settles a pending marker: with a serial read (which also completes a conditional write
+    /// still in flight), the commit is either there with this time id (its category rows are
+    /// written, the marker cleared) or not (the marker is dropped). Readers call it for markers
+    /// older than `repair_after`; an append calls it when its own outcome is unknown.
+    pub(crate) async fn settle_marker(
         &self,
+        time_id: Uuid,
+        stream: &StreamId,
+        version: u64,
+    ) -> Result<(), Error> {
+        match self.stored_commit(stream, version).await? {
+            Some((commit, count)) if commit.time_id == time_id => {
+                tracing::info!(%stream, version, "photon-cassandra: writing the category rows of a committed append");
+                self.index_commit(&commit, count).await
+            }
+            _ => self.clear_markers(stream.category_name(), time_id).await,
+        }
+    }
+
+    /// The commit at `version` by a serial read.
+    async fn stored_commit(
+        &self,
+        stream: &StreamId,
+        version: u64,
+    ) -> Result<Option<(Commit, i32)>, Error> {
+        let (session, st) = self.ready().await?;
+        let rows = session
+            .execute_unpaged(
+                &st.commit_at_serial,
+                (stream.as_str(), self.bucket_of(version), version as i64),
+            )
+            .await
+            .map_err(|e| map_error(&format!("reading {stream}@{version}"), e))?
+            .into_rows_result()
+            .map_err(|e| rows_error("reading a commit", e))?;
+        Ok(rows
+            .maybe_first_row::<(i32, CqlTimeuuid, Vec<u8>)>()
+            .map_err(|e| rows_error("reading a commit", e))?
+            .map(|(count, t, events)| {
+                (
+                    Commit {
+                        stream: stream.clone(),
+                        first: version,
+                        time_id: t.into(),
+                        events: Bytes::from(events),
+                    },
+                    count,
+                )
+            }))
+    }
+
+    async fn append(
+        self: &Arc<Self>,
         stream: &StreamId,
         expected: ExpectedVersion,
         events: Vec<EventData>,
@@ -316,6 +382,14 @@ impl Shared {
                 other => other?,
             };
             if let BatchKind::Retry { first } = kind {
+                // The earlier attempt may have stopped before its category rows: settle it now
+                // (idempotent) rather than leave readers waiting for the repair delay.
+                let (me, s) = (self.clone(), stream.clone());
+                tokio::spawn(async move {
+                    if let Ok(Some((commit, count))) = me.stored_commit(&s, first.0).await {
+                        let _ = me.index_commit(&commit, count).await;
+                    }
+                });
                 return Ok(self.result(&meta, stream, first, events.len()));
             }
             let current = meta.next_first.checked_sub(1).map(Version);
@@ -344,14 +418,20 @@ impl Shared {
                 .batch(
                     &st.pending,
                     (
-                        (category, tb, t, stream.as_str(), first as i64),
-                        (ALL, tb, t, stream.as_str(), first as i64),
+                        (category, tb, t, stream.as_str(), first as i64, micros),
+                        (ALL, tb, t, stream.as_str(), first as i64, micros),
                         (category, tb),
                         (ALL, tb),
                     ),
                 )
                 .await
                 .map_err(|e| map_error(&format!("appending to {stream}"), e))?;
+            // Readers pass a time once it is `settle` old. A marker that took that long to
+            // write may have been missed: give this time id up and take a new one.
+            if Timestamp::now().unix_micros() - micros > self.config.settle.as_micros() as i64 / 2 {
+                let _ = self.clear_markers(category, time_id).await;
+                continue;
+            }
             let answer = session
                 .execute_unpaged(
                     &st.insert_commit,
@@ -365,14 +445,22 @@ impl Shared {
                         &blob[..],
                     ),
                 )
-                .await
-                // The outcome is unknown: a re-send with the same ids finds out which.
-                .map_err(|e| map_error(&format!("appending to {stream} at {first}"), e))?;
+                .await;
+            let answer = match answer {
+                Ok(answer) => answer,
+                Err(e) => {
+                    // The outcome is unknown: a re-send with the same ids finds out which. Settle
+                    // the marker now so readers need not wait for the repair delay.
+                    let (me, s) = (self.clone(), stream.clone());
+                    tokio::spawn(async move {
+                        let _ = me.settle_marker(time_id, &s, first).await;
+                    });
+                    return Err(map_error(&format!("appending to {stream} at {first}"), e));
+                }
+            };
             if !schema::lwt_applied(answer)? {
                 // Another commit took this version (maybe our own earlier attempt).
-                let _ = session
-                    .batch(&st.clear_pending, ((category, tb, t), (ALL, tb, t)))
-                    .await;
+                let _ = self.clear_markers(category, time_id).await;
                 meta = self.refresh(stream, true).await?;
                 fresh = true;
                 continue;
@@ -403,10 +491,19 @@ impl Shared {
                 time_id,
                 events: blob.clone(),
             };
-            // The append is committed. If indexing fails, the pending markers stay and readers
-            // repair the category rows; the caller's events are stored either way.
-            if let Err(e) = self.index_commit(&commit, events.len() as i32).await {
-                tracing::warn!(%stream, first, error = %e, "photon-cassandra: category rows left to repair");
+            // The append is committed. The category rows are written in a task of their own, so
+            // a caller that goes away does not stop them; if they fail, the pending markers stay
+            // and readers repair them. The caller's events are stored either way.
+            let (me, count) = (self.clone(), events.len() as i32);
+            let indexing = tokio::spawn(async move { me.index_commit(&commit, count).await });
+            match indexing.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(%stream, first, error = %e, "photon-cassandra: category rows left to repair")
+                }
+                Err(e) => {
+                    tracing::warn!(%stream, first, error = %e, "photon-cassandra: indexing task failed")
+                }
             }
             return Ok(self.result(&meta, stream, Version(first), events.len()));
         }
@@ -574,7 +671,7 @@ impl ReadCursor {
                 }
                 // The next commit, if any, starts in the bucket of its first version.
                 let next = self.shared.bucket_of(self.at);
-                if next == self.bucket || page.is_empty() {
+                if next == self.bucket {
                     self.done = true;
                 } else {
                     self.bucket = next;
@@ -601,6 +698,10 @@ fn read_stream(
         let left = options.limit.unwrap_or(usize::MAX);
         let (at, lo, hi, bucket) = if forwards {
             let from = options.from.map_or(0, |v| v.0);
+            // Past the head there is nothing to find (and no partition to look in).
+            if from >= shared.refresh(&stream, false).await?.next_first {
+                return Ok(None);
+            }
             match shared.commit_holding(&stream, from).await? {
                 Some(first) => (first, from, u64::MAX, shared.bucket_of(first)),
                 None => return Ok(None),

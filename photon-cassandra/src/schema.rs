@@ -43,6 +43,10 @@ const TABLES: &[(&str, &str)] = &[
             category text, stream text, PRIMARY KEY ((category), stream))",
     ),
     (
+        "settings",
+        "CREATE TABLE IF NOT EXISTS {ks}.settings (name text PRIMARY KEY, value bigint)",
+    ),
+    (
         "pending",
         "CREATE TABLE IF NOT EXISTS {ks}.pending (
             category text, bucket bigint, time_id timeuuid, stream text, version bigint,
@@ -107,6 +111,7 @@ pub(crate) async fn connect(config: &CassandraConfig) -> Result<(Session, Statem
     } else {
         check_schema(&session, ks).await?;
     }
+    check_settings(&session, config).await?;
     let statements = prepare(&session, config).await?;
     Ok((session, statements))
 }
@@ -140,6 +145,61 @@ fn builder(config: &CassandraConfig) -> Result<SessionBuilder, Error> {
         b = b.tls_context(Some(ctx.build()));
     }
     Ok(b)
+}
+
+/// The layout settings every client of a keyspace must share: a stream's partition and a
+/// category's time bucket are computed from them. The first client records its values; a client
+/// configured differently is refused rather than writing where others do not look.
+async fn check_settings(session: &Session, config: &CassandraConfig) -> Result<(), Error> {
+    let ks = &config.keyspace;
+    for (name, value) in [
+        ("bucket_size", config.bucket_size as i64),
+        ("time_bucket_s", config.time_bucket.as_secs() as i64),
+    ] {
+        if config.create {
+            let mut insert = scylla::statement::unprepared::Statement::new(format!(
+                "INSERT INTO {ks}.settings (name, value) VALUES (?, ?) IF NOT EXISTS"
+            ));
+            insert.set_serial_consistency(Some(config.serial_consistency));
+            session
+                .query_unpaged(insert, (name, value))
+                .await
+                .map_err(|e| map_error("recording the layout settings", e))?;
+        }
+        let mut select = scylla::statement::unprepared::Statement::new(format!(
+            "SELECT value FROM {ks}.settings WHERE name = ?"
+        ));
+        select.set_consistency(match config.serial_consistency {
+            SerialConsistency::Serial => Consistency::Serial,
+            SerialConsistency::LocalSerial => Consistency::LocalSerial,
+        });
+        let stored = session
+            .query_unpaged(select, (name,))
+            .await
+            .map_err(|e| map_error("reading the layout settings", e))?
+            .into_rows_result()
+            .map_err(|e| rows_error("reading the layout settings", e))?
+            .maybe_first_row::<(i64,)>()
+            .map_err(|e| rows_error("reading the layout settings", e))?;
+        match stored {
+            Some((v,)) if v == value => {}
+            Some((v,)) => {
+                return Err(Error::InvalidInput {
+                    what: format!("{name}={value} for keyspace {ks}"),
+                    reason: format!(
+                        "the keyspace was created with {name}={v}; every client of a keyspace must use the same value (it decides where events are stored)"
+                    ),
+                })
+            }
+            None => {
+                return Err(Error::backend(
+                    BACKEND,
+                    format!("keyspace {ks} has no {name} in its settings table and schema creation is off (create=false)"),
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn run(session: &Session, cql: &str) -> Result<(), Error> {
@@ -215,12 +275,12 @@ async fn prepare(session: &Session, config: &CassandraConfig) -> Result<Statemen
         b
     };
     let insert_pending = prep(
-        format!("INSERT INTO {ks}.pending (category, bucket, time_id, stream, version) VALUES (?, ?, ?, ?, ?)"),
+        format!("INSERT INTO {ks}.pending (category, bucket, time_id, stream, version) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"),
         c,
     )
     .await?;
     let delete_pending = prep(
-        format!("DELETE FROM {ks}.pending WHERE category = ? AND bucket = ? AND time_id = ?"),
+        format!("DELETE FROM {ks}.pending USING TIMESTAMP ? WHERE category = ? AND bucket = ? AND time_id = ?"),
         c,
     )
     .await?;
@@ -285,7 +345,7 @@ async fn prepare(session: &Session, config: &CassandraConfig) -> Result<Statemen
         insert_category,
         insert_stream,
         pending_in: prep(
-            format!("SELECT time_id, stream, version FROM {ks}.pending WHERE category = ? AND bucket = ?"),
+            format!("SELECT time_id, stream, version FROM {ks}.pending WHERE category = ? AND bucket = ? AND time_id > ?"),
             c,
         )
         .await?,

@@ -112,7 +112,7 @@ impl Sub {
             Selector::Stream(stream) => {
                 let head = self.shared.refresh(stream, false).await?.next_first;
                 let next = match (&self.start, &self.after) {
-                    (_, Some(p)) => p.version + 1,
+                    (_, Some(p)) => p.version.saturating_add(1),
                     (Start::Now, _) => head,
                     _ => 0,
                 };
@@ -244,10 +244,12 @@ async fn timeline_step(
     let config = &shared.config;
     let now = Timestamp::now().unix_micros();
     let mut horizon = now - config.settle.as_micros() as i64;
-    for (time_id, stream, version) in pending_in(shared, &t.key, t.bucket).await? {
+    // Only markers after our position matter (and reading from there skips the tombstones of
+    // markers already cleared behind it).
+    for (time_id, stream, version) in pending_in(shared, &t.key, t.bucket, t.lower).await? {
         let at = codec::time_micros(&time_id);
         if now - at > config.repair_after.as_micros() as i64 {
-            repair(shared, time_id, &stream, version).await?;
+            shared.settle_marker(time_id, &stream, version).await?;
         } else {
             horizon = horizon.min(at - 1);
         }
@@ -333,10 +335,11 @@ async fn pending_in(
     shared: &Arc<Shared>,
     key: &str,
     bucket: i64,
+    after: Uuid,
 ) -> Result<Vec<(Uuid, StreamId, u64)>, Error> {
     let (session, st) = shared.ready().await?;
     let rows = session
-        .execute_unpaged(&st.pending_in, (key, bucket))
+        .execute_unpaged(&st.pending_in, (key, bucket, CqlTimeuuid::from(after)))
         .await
         .map_err(|e| map_error("reading pending appends", e))?
         .into_rows_result()
@@ -348,55 +351,6 @@ async fn pending_in(
             Ok((t.into(), StreamId::parse(s)?, v as u64))
         })
         .collect()
-}
-
-/// Settles an append whose writer stopped between its commit and its category rows: with a
-/// serial read (which also completes a conditional write still in flight), the commit is
-/// either there with this time id (write its category rows) or not (drop the markers).
-async fn repair(
-    shared: &Arc<Shared>,
-    time_id: Uuid,
-    stream: &StreamId,
-    version: u64,
-) -> Result<(), Error> {
-    let (session, st) = shared.ready().await?;
-    let rows = session
-        .execute_unpaged(
-            &st.commit_at_serial,
-            (stream.as_str(), shared.bucket_of(version), version as i64),
-        )
-        .await
-        .map_err(|e| map_error(&format!("repairing {stream}@{version}"), e))?
-        .into_rows_result()
-        .map_err(|e| rows_error("repairing", e))?;
-    let found = rows
-        .maybe_first_row::<(i32, CqlTimeuuid, Vec<u8>)>()
-        .map_err(|e| rows_error("repairing", e))?;
-    match found {
-        Some((count, t, events)) if Uuid::from(t) == time_id => {
-            tracing::info!(%stream, version, "photon-cassandra: repairing category rows of a committed append");
-            let commit = Commit {
-                stream: stream.clone(),
-                first: version,
-                time_id,
-                events: Bytes::from(events),
-            };
-            shared.index_commit(&commit, count).await
-        }
-        _ => {
-            let micros = codec::time_micros(&time_id);
-            let tb = shared.time_bucket_of(micros);
-            let t = CqlTimeuuid::from(time_id);
-            session
-                .batch(
-                    &st.clear_pending,
-                    ((stream.category_name(), tb, t), (ALL, tb, t)),
-                )
-                .await
-                .map_err(|e| map_error("dropping a pending marker", e))?;
-            Ok(())
-        }
-    }
 }
 
 async fn category_page(

@@ -72,7 +72,10 @@ async fn an_append_whose_writer_died_before_its_category_rows_is_repaired() {
     let Some(url) = server_url("cassandra", "PHOTON_TEST_CASSANDRA_URL") else {
         return;
     };
-    let url = with_options(&url, "settle_ms=200&repair_after_ms=1500");
+    let url = with_options(
+        &url,
+        "settle_ms=200&timeout_ms=600&repair_after_ms=1500&bucket_size=16",
+    );
     let category = Category::new(fresh("crash")).unwrap();
     let stream = StreamId::new(&category, "a").unwrap();
     let other = StreamId::new(&category, "b").unwrap();
@@ -166,7 +169,10 @@ async fn a_marker_without_a_commit_is_dropped() {
     let Some(url) = server_url("cassandra", "PHOTON_TEST_CASSANDRA_URL") else {
         return;
     };
-    let url = with_options(&url, "settle_ms=200&repair_after_ms=1000");
+    let url = with_options(
+        &url,
+        "settle_ms=200&timeout_ms=400&repair_after_ms=1000&bucket_size=16",
+    );
     let store = CassandraStore::from_url(&url).await.unwrap();
     let category = Category::new(fresh("ghost")).unwrap();
     let stream = StreamId::new(&category, "a").unwrap();
@@ -179,11 +185,15 @@ async fn a_marker_without_a_commit_is_dropped() {
     let ks = store.config().keyspace.clone();
     let now = photon_api::Timestamp::now().unix_micros();
     let bucket = now.div_euclid(store.config().time_bucket.as_micros() as i64);
-    let t = scylla::value::CqlTimeuuid::from(uuid::Uuid::now_v1(&[1, 2, 3, 4, 5, 6]));
+    let id = uuid::Uuid::now_v1(&[1, 2, 3, 4, 5, 6]);
+    let (secs, nanos) = id.get_timestamp().unwrap().to_unix();
+    let micros = secs as i64 * 1_000_000 + nanos as i64 / 1_000;
+    let t = scylla::value::CqlTimeuuid::from(id);
     for key in [category.as_str(), "$all"] {
+        // As a writer writes it: the marker's write time is its time id's.
         s.query_unpaged(
-            format!("INSERT INTO {ks}.pending (category, bucket, time_id, stream, version) VALUES (?, ?, ?, ?, ?)"),
-            (key, bucket, t, stream.as_str(), 1_i64),
+            format!("INSERT INTO {ks}.pending (category, bucket, time_id, stream, version) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"),
+            (key, bucket, t, stream.as_str(), 1_i64, micros),
         )
         .await
         .unwrap();
@@ -213,7 +223,10 @@ async fn long_streams_are_spread_over_partitions() {
     let Some(url) = server_url("cassandra", "PHOTON_TEST_CASSANDRA_URL") else {
         return;
     };
-    let url = with_options(&url, "bucket_size=10");
+    // A keyspace of its own: the bucket size is a property of the keyspace.
+    let base = url.split('?').next().unwrap();
+    let ks = fresh("long");
+    let url = format!("{}/{ks}?bucket_size=10", &base[..base.rfind('/').unwrap()]);
     let store = CassandraStore::from_url(&url).await.unwrap();
     let stream = StreamId::new(&Category::new(fresh("long")).unwrap(), "x").unwrap();
     let mut n = 0;
@@ -284,6 +297,20 @@ async fn long_streams_are_spread_over_partitions() {
         }
     }
     assert_eq!(commits, 8);
+    // A client with another bucket size is refused: it would write where others do not look.
+    let other = CassandraStore::from_url(&url.replace("bucket_size=10", "bucket_size=20"))
+        .await
+        .unwrap();
+    match other.stream_version(&stream).await {
+        Err(Error::InvalidInput { what, reason }) => {
+            assert!(what.contains("bucket_size=20"), "{what}");
+            assert!(reason.contains("bucket_size=10"), "{reason}");
+        }
+        other => panic!("want InvalidInput for a different bucket size, got {other:?}"),
+    }
+    s.query_unpaged(format!("DROP KEYSPACE {ks}"), ())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@ async fn harness() -> Option<Harness> {
     // A short settle delay keeps the many Cold replays of the suite quick on one local node,
     // where clocks cannot disagree; a small bucket size makes streams span buckets.
     let url = format!(
-        "{url}{}settle_ms=250&repair_after_ms=3000&bucket_size=16",
+        "{url}{}settle_ms=250&timeout_ms=2000&repair_after_ms=5000&bucket_size=16",
         if url.contains('?') { "&" } else { "?" }
     );
     let unreachable = "cassandra://127.0.0.1:1/photon_test?timeout_ms=1500";
