@@ -6,7 +6,11 @@
 //!
 //! ```text
 //! cargo run -p photon-bench --release -- --url memory:// --events 100000
+//! cargo run -p photon-bench --release --features kafka -- --url 'kafka://127.0.0.1:9092?prefix=bench'
 //! ```
+//!
+//! For `mongodb://` (feature `mongo`) and `kafka://` (feature `kafka`) URLs the table also has
+//! rows from the plain driver doing the same I/O, so photon's overhead reads as a ratio.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -252,6 +256,318 @@ async fn raw_mongo(o: &Options) -> Result<Vec<Row>, Box<dyn std::error::Error + 
     Ok(rows)
 }
 
+/// The same shapes written and read with plain rdkafka, against the broker of a `kafka://` URL:
+/// the floor under photon-kafka's figures, with the settings photon-kafka's guarantees rest on.
+///
+/// photon-kafka makes each append one transaction of a transactional producer (acks=all,
+/// idempotence, linger.ms=0) whose records carry the stream as key, an explicit partition and
+/// eight text headers, and it returns once the commit is done and the partition's
+/// read_committed high watermark has passed the last record. The raw rows do the same minus
+/// everything photon adds: no version index, no expected-version check, no wait for the
+/// watermark. A category replay is one read_committed consumer assigned every partition from
+/// the beginning, read to the end.
+///
+/// Every run writes to fresh topics (`bench-raw-<id>-…`, 6 partitions, replication factor 1),
+/// one per append row, and deletes them at the end. Creating the topics and the producers
+/// (`init_transactions`) happens before the clock starts; the rows use one writer whatever
+/// `--writers` says.
+#[cfg(feature = "kafka")]
+mod raw_kafka {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+    use futures::future::join_all;
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+    use rdkafka::error::KafkaError;
+    use rdkafka::message::{Header, Headers, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+    use rdkafka::util::Timeout;
+    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+    use super::{Options, Row};
+
+    type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+    /// Partitions of the raw topics: photon-kafka's default.
+    const PARTITIONS: i32 = 6;
+
+    /// Bound on every request, photon-kafka's default `timeout_ms`.
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// photon-kafka's largest record (1 MiB event plus 64 KiB for key and headers), which it
+    /// hands librdkafka as `message.max.bytes` and `fetch.message.max.bytes`.
+    const MAX_RECORD_BYTES: usize = 1024 * 1024 + 64 * 1024;
+
+    /// The `host:port[,host:port...]` of a `kafka://` URL: no scheme, no options. (Credentials
+    /// and TLS options are not carried over; the raw rows speak plaintext.)
+    fn bootstrap_servers(url: &str) -> &str {
+        let rest = url.strip_prefix("kafka://").unwrap_or(url);
+        let authority = rest.split_once('?').map_or(rest, |(a, _)| a);
+        let hosts = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        hosts.trim_end_matches('/')
+    }
+
+    /// Settings every client shares, as photon-kafka sets them.
+    fn base(bootstrap: &str) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        let ms = TIMEOUT.as_millis().to_string();
+        c.set("bootstrap.servers", bootstrap)
+            .set("socket.timeout.ms", &ms)
+            .set("socket.connection.setup.timeout.ms", &ms)
+            .set("log_level", "3");
+        c
+    }
+
+    /// photon-kafka's producer settings; transactional when `transactional_id` is given,
+    /// otherwise only idempotent (acks=all either way).
+    fn producer(
+        bootstrap: &str,
+        transactional_id: Option<&str>,
+    ) -> Result<FutureProducer, BoxError> {
+        let mut c = base(bootstrap);
+        c.set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "0")
+            .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
+            .set("batch.size", MAX_RECORD_BYTES.min(1_000_000).to_string())
+            .set("message.timeout.ms", (TIMEOUT.as_millis() * 3).to_string());
+        if let Some(id) = transactional_id {
+            c.set("transactional.id", id).set(
+                "transaction.timeout.ms",
+                (TIMEOUT.as_millis() * 6).to_string(),
+            );
+        }
+        Ok(c.create()?)
+    }
+
+    /// photon-kafka's reader settings: read_committed, no group offsets, end-of-partition
+    /// notices, bounded prefetch.
+    fn consumer_config(bootstrap: &str) -> ClientConfig {
+        let mut c = base(bootstrap);
+        c.set("group.id", "photon-bench-raw")
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "error")
+            .set("fetch.wait.max.ms", "50")
+            .set("fetch.message.max.bytes", MAX_RECORD_BYTES.to_string())
+            .set("queued.max.messages.kbytes", "8192")
+            .set("queued.min.messages", "1000");
+        c
+    }
+
+    /// Microseconds since the Unix epoch.
+    fn now_micros() -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as i64)
+    }
+
+    /// The eight text headers photon-kafka puts on a record of a bench event (names and value
+    /// shapes alike, so records are the same size).
+    fn headers(version: u64, batch_first: u64, batch_len: u64, now: i64) -> OwnedHeaders {
+        let (id, now) = (uuid::Uuid::new_v4().to_string(), now.to_string());
+        let (version, batch) = (version.to_string(), format!("{batch_first}+{batch_len}"));
+        [
+            ("photon.event_id", id.as_str()),
+            ("photon.version", version.as_str()),
+            ("photon.event_type", "BenchEvent"),
+            ("photon.schema_version", "1"),
+            ("photon.content_type", "application/octet-stream"),
+            ("photon.occurred_at", now.as_str()),
+            ("photon.recorded_at", now.as_str()),
+            ("photon.batch", batch.as_str()),
+        ]
+        .into_iter()
+        .fold(OwnedHeaders::new_with_capacity(8), |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            })
+        })
+    }
+
+    /// Writes `--events` records to `topic` in batches of `batch`, each batch to one stream
+    /// (the streams taken in turn, as the photon append rows do) and awaited before the next.
+    /// With `transactional`, each batch is one committed transaction.
+    async fn produce(
+        o: &Options,
+        producer: &Arc<FutureProducer>,
+        topic: &str,
+        batch: u64,
+        transactional: bool,
+    ) -> Result<Row, BoxError> {
+        let payload = vec![7u8; o.payload];
+        let streams = o.streams.max(1);
+        let mut versions = vec![0u64; streams as usize];
+        let (mut written, mut i) = (0u64, 0u64);
+        let started = Instant::now();
+        while written < o.events {
+            let n = batch.min(o.events - written);
+            let s = i % streams;
+            let key = format!("raw-s{s}");
+            let partition = (s % PARTITIONS as u64) as i32;
+            let first = versions[s as usize];
+            let now = now_micros();
+            if transactional {
+                producer.begin_transaction()?;
+            }
+            let sends = (0..n).map(|k| {
+                let record = FutureRecord::to(topic)
+                    .partition(partition)
+                    .key(key.as_str())
+                    .payload(&payload[..])
+                    .timestamp(now / 1000)
+                    .headers(headers(first + k, first, n, now));
+                producer.send(record, Timeout::After(TIMEOUT))
+            });
+            for delivery in join_all(sends).await {
+                delivery.map_err(|(e, _)| e)?;
+            }
+            if transactional {
+                let p = producer.clone();
+                tokio::task::spawn_blocking(move || p.commit_transaction(TIMEOUT)).await??;
+            }
+            versions[s as usize] += n;
+            written += n;
+            i += 1;
+        }
+        let kind = if transactional {
+            "transactional append"
+        } else {
+            "idempotent produce acks=all"
+        };
+        Ok(Row {
+            scenario: format!("raw rdkafka: {kind}, batches of {batch}"),
+            events: written,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// Reads every partition of `topic` from the beginning to its end with one read_committed
+    /// consumer (manual assignment), touching each record's key, payload and headers. Like the
+    /// photon row it includes creating the consumer, resolving `Offset::Beginning` and
+    /// photon-kafka's prefetch limits, each of which can add fixed delays on small topics.
+    async fn replay(bootstrap: &str, topic: &str) -> Result<Row, BoxError> {
+        let started = Instant::now();
+        let consumer: StreamConsumer = consumer_config(bootstrap).create()?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..PARTITIONS {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        let mut at_end = [false; PARTITIONS as usize];
+        let (mut n, mut touched) = (0u64, 0usize);
+        while !at_end.iter().all(|e| *e) {
+            let got = tokio::time::timeout(TIMEOUT, consumer.recv())
+                .await
+                .map_err(|_| format!("replay of {topic}: nothing within {TIMEOUT:?}"))?;
+            match got {
+                Ok(msg) => {
+                    n += 1;
+                    touched += msg.key().map_or(0, <[u8]>::len);
+                    touched += msg.payload().map_or(0, <[u8]>::len);
+                    if let Some(hs) = msg.headers() {
+                        touched += hs
+                            .iter()
+                            .map(|h| h.value.map_or(0, <[u8]>::len))
+                            .sum::<usize>();
+                    }
+                }
+                Err(KafkaError::PartitionEOF(p)) => at_end[p as usize] = true,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        std::hint::black_box(touched);
+        Ok(Row {
+            scenario: "raw rdkafka: replay (read_committed consumer, assign)".into(),
+            events: n,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// Creates `topics` and waits until their partitions show in the metadata.
+    async fn create_topics(
+        admin: &AdminClient<DefaultClientContext>,
+        bootstrap: &str,
+        topics: &[String],
+    ) -> Result<(), BoxError> {
+        let new: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|t| NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(1)))
+            .collect();
+        let options = AdminOptions::new()
+            .operation_timeout(Some(TIMEOUT))
+            .request_timeout(Some(TIMEOUT));
+        for r in admin.create_topics(&new, &options).await? {
+            r.map_err(|(t, code)| format!("creating topic {t}: {code}"))?;
+        }
+        let meta: Arc<BaseConsumer> = Arc::new(consumer_config(bootstrap).create()?);
+        let deadline = Instant::now() + TIMEOUT;
+        for t in topics {
+            loop {
+                let (m, name) = (meta.clone(), t.clone());
+                let md =
+                    tokio::task::spawn_blocking(move || m.fetch_metadata(Some(&name), TIMEOUT))
+                        .await??;
+                let ready = md.topics().iter().any(|mt| {
+                    mt.name() == t
+                        && mt.error().is_none()
+                        && mt.partitions().len() == PARTITIONS as usize
+                });
+                if ready {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("topic {t} was created but did not appear").into());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The raw rows: transactional and idempotent appends in batches of 1 and 100, then a
+    /// replay of what the transactional batches of 100 wrote (as the photon replay row reads
+    /// the category its batches of 100 wrote).
+    pub(super) async fn raw_kafka(o: &Options) -> Result<Vec<Row>, BoxError> {
+        let bootstrap = bootstrap_servers(&o.url);
+        let id = &uuid::Uuid::new_v4().simple().to_string()[..12];
+        let topic = |row: &str| format!("bench-raw-{id}-{row}");
+        let topics = [
+            topic("tx1"),
+            topic("tx100"),
+            topic("idem1"),
+            topic("idem100"),
+        ];
+        let admin: AdminClient<DefaultClientContext> = base(bootstrap).create()?;
+        create_topics(&admin, bootstrap, &topics).await?;
+
+        let transactional = Arc::new(producer(bootstrap, Some(&format!("bench-raw-{id}")))?);
+        let p = transactional.clone();
+        tokio::task::spawn_blocking(move || p.init_transactions(TIMEOUT)).await??;
+        let idempotent = Arc::new(producer(bootstrap, None)?);
+
+        let mut rows = vec![
+            produce(o, &transactional, &topics[0], 1, true).await?,
+            produce(o, &transactional, &topics[1], 100, true).await?,
+            produce(o, &idempotent, &topics[2], 1, false).await?,
+            produce(o, &idempotent, &topics[3], 100, false).await?,
+        ];
+        rows.push(replay(bootstrap, &topics[1]).await?);
+
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let options = AdminOptions::new().request_timeout(Some(TIMEOUT));
+        for r in admin.delete_topics(&names, &options).await? {
+            r.map_err(|(t, code)| format!("deleting topic {t}: {code}"))?;
+        }
+        Ok(rows)
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let o = Options::parse();
@@ -277,17 +593,35 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     if o.url.starts_with("mongodb") {
         rows.extend(raw_mongo(&o).await?);
     }
+    #[cfg(feature = "kafka")]
+    if o.url.starts_with("kafka://") {
+        rows.extend(raw_kafka::raw_kafka(&o).await?);
+    }
 
+    // The scenario column fits the longest name (raw-driver rows are long).
+    let w = rows
+        .iter()
+        .map(|r| r.scenario.len())
+        .max()
+        .unwrap_or(0)
+        .max(42);
     println!();
     println!(
-        "| {:<42} | {:>9} | {:>9} | {:>12} |",
+        "| {:<w$} | {:>9} | {:>9} | {:>12} |",
         "scenario", "events", "seconds", "events/s"
     );
-    println!("|{:-<44}|{:->11}|{:->11}|{:->14}|", "", "", "", "");
+    println!(
+        "|{:-<w2$}|{:->11}|{:->11}|{:->14}|",
+        "",
+        "",
+        "",
+        "",
+        w2 = w + 2
+    );
     for r in rows {
         let secs = r.elapsed.as_secs_f64();
         println!(
-            "| {:<42} | {:>9} | {:>9.3} | {:>12.0} |",
+            "| {:<w$} | {:>9} | {:>9.3} | {:>12.0} |",
             r.scenario,
             r.events,
             secs,
