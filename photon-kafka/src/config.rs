@@ -339,7 +339,10 @@ impl KafkaConfig {
             )
             // Bounded prefetch: a slow subscriber holds at most this much, however long the backlog.
             .set("queued.max.messages.kbytes", "8192")
-            .set("queued.min.messages", "1000");
+            .set("queued.min.messages", "1000")
+            // librdkafka pauses fetching for a second whenever its queue is full; a reader that
+            // drains the queue quickly should not wait that long for more.
+            .set("fetch.queue.backoff.ms", "10");
         c
     }
 

@@ -89,6 +89,23 @@ pub(crate) async fn stable_ends(shared: &Shared, topic: &str, n: i32) -> Result<
     futures::future::try_join_all((0..n).map(|p| stable_end(shared, topic, p))).await
 }
 
+/// The first offset of each partition of `topic` still in the log (0 unless records were
+/// deleted): where "from the beginning" starts, without librdkafka's slower lookup of it.
+pub(crate) async fn log_starts(shared: &Shared, topic: &str, n: i32) -> Result<Vec<i64>, Error> {
+    let meta = shared.meta.clone();
+    let (t, timeout) = (topic.to_owned(), shared.config.timeout);
+    blocking(move || {
+        (0..n)
+            .map(|p| {
+                meta.fetch_watermarks(&t, p, timeout)
+                    .map(|(low, _)| low.max(0))
+                    .map_err(|e| map_kafka(&format!("start of {t}/{p}"), e))
+            })
+            .collect()
+    })
+    .await?
+}
+
 /// The last stable offset of `topic`/`p`. Right after a topic is created a client may not know
 /// its leader yet; that answer is retried within the request timeout.
 pub(crate) async fn stable_end(shared: &Shared, topic: &str, p: i32) -> Result<i64, Error> {

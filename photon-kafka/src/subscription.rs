@@ -23,7 +23,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::position::Position;
-use crate::reader::{position_of, stable_ends};
+use crate::reader::{log_starts, position_of, stable_ends};
 use crate::record::{self, partition_for};
 use crate::{blocking, map_kafka, Shared};
 
@@ -201,7 +201,7 @@ impl Sub {
         }
         let ends = stable_ends(&self.shared, &topic, n).await?;
         let next: Vec<i64> = match &self.start {
-            Start::Beginning => vec![0; n as usize],
+            Start::Beginning => log_starts(&self.shared, &topic, n).await?,
             Start::Now => ends.clone(),
             Start::After(cp) => {
                 let pos = Position::from_checkpoint(cp)?;
@@ -272,12 +272,9 @@ impl Sub {
         let mut tpl = TopicPartitionList::new();
         for t in self.topics.values() {
             for &p in &t.read {
-                let at = t.next[p as usize];
-                let offset = if at == 0 {
-                    Offset::Beginning
-                } else {
-                    Offset::Offset(at)
-                };
+                // An explicit offset: librdkafka resolves `Beginning` with an extra lookup that
+                // costs about half a second.
+                let offset = Offset::Offset(t.next[p as usize]);
                 tpl.add_partition_offset(&t.topic, p, offset)
                     .map_err(|e| map_kafka("assign", e))?;
             }
