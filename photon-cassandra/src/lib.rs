@@ -824,24 +824,23 @@ impl EventStore for CassandraStore {
     fn list_streams(&self, category: &Category) -> BoxStream<'static, Result<StreamId, Error>> {
         let inner = self.inner.clone();
         let category = category.clone();
+        // Paged by the driver as the caller pulls: a category may hold millions of streams.
         stream::once(async move {
             let (session, st) = inner.ready().await?;
-            let rows = session
-                .execute_unpaged(&st.streams, (category.as_str(),))
+            session
+                .execute_iter(st.streams.clone(), (category.as_str().to_owned(),))
                 .await
-                .map_err(|e| map_error("listing streams", e))?
-                .into_rows_result()
-                .map_err(|e| rows_error("listing streams", e))?;
-            rows.rows::<(String,)>()
                 .map_err(|e| rows_error("listing streams", e))?
-                .map(|r| {
-                    let (s,) = r.map_err(|e| rows_error("listing streams", e))?;
-                    StreamId::parse(s)
-                })
-                .collect::<Result<Vec<_>, Error>>()
+                .rows_stream::<(String,)>()
+                .map_err(|e| rows_error("listing streams", e))
         })
         .flat_map(|r| match r {
-            Ok(names) => stream::iter(names.into_iter().map(Ok)).boxed(),
+            Ok(rows) => rows
+                .map(|row| {
+                    let (s,) = row.map_err(|e| rows_error("listing streams", e))?;
+                    StreamId::parse(s)
+                })
+                .boxed(),
             Err(e) => stream::iter([Err(e)]).boxed(),
         })
         .boxed()
