@@ -7,10 +7,12 @@
 //! ```text
 //! cargo run -p photon-bench --release -- --url memory:// --events 100000
 //! cargo run -p photon-bench --release --features kafka -- --url 'kafka://127.0.0.1:9092?prefix=bench'
+//! cargo run -p photon-bench --release --features cassandra -- --url 'cassandra://127.0.0.1:9042/bench_1?settle_ms=200'
 //! ```
 //!
-//! For `mongodb://` (feature `mongo`) and `kafka://` (feature `kafka`) URLs the table also has
-//! rows from the plain driver doing the same I/O, so photon's overhead reads as a ratio.
+//! For `mongodb://` (feature `mongo`), `kafka://` (feature `kafka`) and `cassandra://` (feature
+//! `cassandra`) URLs the table also has rows from the plain driver doing the same I/O, so
+//! photon's overhead reads as a ratio.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -568,6 +570,385 @@ mod raw_kafka {
     }
 }
 
+/// The same shapes written and read with the plain `scylla` driver, against the cluster of a
+/// `cassandra://` URL: the floor under photon-cassandra's figures, with its consistency (QUORUM
+/// for reads and writes, SERIAL for conditional writes) and request timeout.
+///
+/// photon-cassandra stores each append as one row of `commits((stream, bucket), version)`
+/// (count, time id, event ids, and all the append's events MessagePack-encoded in one blob),
+/// written with `INSERT ... IF NOT EXISTS` (a Paxos round). Around it, per append, it writes a
+/// logged batch of four small inserts before (pending markers, time buckets), then three plain
+/// inserts (two copies of the blob into `category_commits((category, bucket), time_id)`, one
+/// `streams` row) and an unlogged batch of two deletes (the markers). The raw rows do the two
+/// writes that carry the blob, each on its own, minus everything photon adds: the conditional
+/// commit row (a blob of the same length as photon's, event ids included) and the plain
+/// category row. A category replay reads one category partition (one time bucket holding every
+/// append of the row) in pages of 64 rows by time id, as photon does, touching each blob; it
+/// reads what the plain inserts in batches of 100 wrote with `--writers` writers (as the photon
+/// replay row reads the category its batches of 100 wrote).
+///
+/// Every run works in a fresh keyspace (`bench_raw_<id>`, SimpleStrategy with one replica) with
+/// photon's two tables, created before the clock starts and dropped at the end. Each append
+/// row runs with 1 writer and, when `--writers` is more, again with that many concurrent
+/// writers on one shared session, the `--events` split among them; each writer appends to a
+/// stream of its own, one append after the other, versions increasing. (Credentials and TLS
+/// options of the URL are not carried over.)
+#[cfg(feature = "cassandra")]
+mod raw_cassandra {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+    use scylla::client::session::Session;
+    use scylla::client::session_builder::SessionBuilder;
+    use scylla::response::query_result::QueryResult;
+    use scylla::statement::prepared::PreparedStatement;
+    use scylla::statement::{Consistency, SerialConsistency};
+    use scylla::value::{CqlTimeuuid, CqlValue, Row as CqlRow};
+    use uuid::Uuid;
+
+    use super::{Options, Row};
+
+    type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+    /// Bound on every request, photon-cassandra's default `timeout_ms`.
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// Rows fetched per page of a read: photon-cassandra's `PAGE`.
+    const PAGE: i32 = 64;
+
+    /// Width of a category partition in time: photon-cassandra's default `time_bucket_s`.
+    const TIME_BUCKET_MICROS: i64 = 3_600 * 1_000_000;
+
+    /// 100-nanosecond intervals between the UUID epoch (1582-10-15) and the Unix epoch.
+    const UUID_EPOCH_OFFSET: u64 = 0x01B2_1DD2_1381_4000;
+
+    /// photon-cassandra's two tables that carry an append's events, as it creates them.
+    const TABLES: &[&str] = &[
+        "CREATE TABLE {ks}.commits (
+            stream text, bucket bigint, version bigint,
+            count int, time_id timeuuid, event_ids list<uuid>, events blob,
+            PRIMARY KEY ((stream, bucket), version))",
+        "CREATE TABLE {ks}.category_commits (
+            category text, bucket bigint, time_id timeuuid,
+            stream text, version bigint, count int, events blob,
+            PRIMARY KEY ((category, bucket), time_id))",
+    ];
+
+    /// The `host:port` contact points of a `cassandra://` URL (port 9042 when none is given):
+    /// no credentials, keyspace or options.
+    fn contact_points(url: &str) -> Vec<String> {
+        let rest = url.strip_prefix("cassandra://").unwrap_or(url);
+        let rest = rest.split_once('?').map_or(rest, |(a, _)| a);
+        let authority = rest.split_once('/').map_or(rest, |(a, _)| a);
+        let hosts = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        hosts
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(|h| {
+                if h.contains(':') {
+                    h.to_owned()
+                } else {
+                    format!("{h}:9042")
+                }
+            })
+            .collect()
+    }
+
+    /// Microseconds since the Unix epoch.
+    fn now_micros() -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as i64)
+    }
+
+    /// A version-1 (time) UUID for `micros` with the given clock sequence and node bytes, laid
+    /// out as photon-cassandra's time ids are.
+    fn time_uuid(micros: i64, tail: [u8; 8]) -> Uuid {
+        let ticks = micros as u64 * 10 + UUID_EPOCH_OFFSET;
+        let mut b = [0u8; 16];
+        b[0..4].copy_from_slice(&((ticks & 0xffff_ffff) as u32).to_be_bytes());
+        b[4..6].copy_from_slice(&(((ticks >> 32) & 0xffff) as u16).to_be_bytes());
+        b[6..8].copy_from_slice(&((((ticks >> 48) & 0x0fff) as u16) | 0x1000).to_be_bytes());
+        b[8..16].copy_from_slice(&tail);
+        b[8] = (b[8] & 0x3f) | 0x80;
+        Uuid::from_bytes(b)
+    }
+
+    /// A time id of `micros` with random clock sequence and node, as photon-cassandra's.
+    fn time_id(micros: i64) -> Uuid {
+        let random = Uuid::new_v4();
+        let mut tail = [0u8; 8];
+        tail.copy_from_slice(&random.as_bytes()[8..16]);
+        time_uuid(micros, tail)
+    }
+
+    /// The length of photon-cassandra's blob of `n` bench events of `payload` bytes: a
+    /// MessagePack array of maps (id, type, schema_version, occurred_at, content_type,
+    /// payload), 121 bytes around each payload and its own bin header.
+    fn blob_len(n: u64, payload: usize) -> usize {
+        let array = match n {
+            0..=15 => 1,
+            16..=65_535 => 3,
+            _ => 5,
+        };
+        let bin = match payload {
+            0..=255 => 2,
+            256..=65_535 => 3,
+            _ => 5,
+        };
+        array + n as usize * (121 + bin + payload)
+    }
+
+    /// The statements of the raw rows, prepared with photon-cassandra's settings.
+    struct Statements {
+        /// The commit row, conditional (`IF NOT EXISTS`).
+        insert_commit: PreparedStatement,
+        /// The category row, plain.
+        insert_category: PreparedStatement,
+        /// One page of a category partition after a time id (photon's `category_page`).
+        category_page: PreparedStatement,
+    }
+
+    async fn prepare(session: &Session, ks: &str) -> Result<Statements, BoxError> {
+        let prep = |cql: String| async move {
+            let mut p = session.prepare(cql).await?;
+            p.set_consistency(Consistency::Quorum);
+            p.set_serial_consistency(Some(SerialConsistency::Serial));
+            p.set_request_timeout(Some(TIMEOUT));
+            Ok::<_, BoxError>(p)
+        };
+        Ok(Statements {
+            insert_commit: prep(format!(
+                "INSERT INTO {ks}.commits (stream, bucket, version, count, time_id, event_ids, events) VALUES (?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"
+            ))
+            .await?,
+            insert_category: prep(format!(
+                "INSERT INTO {ks}.category_commits (category, bucket, time_id, stream, version, count, events) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            ))
+            .await?,
+            category_page: prep(format!(
+                "SELECT time_id, stream, version, count, events FROM {ks}.category_commits WHERE category = ? AND bucket = ? AND time_id > ? AND time_id <= ? LIMIT ?"
+            ))
+            .await?,
+        })
+    }
+
+    /// Whether a conditional write applied: the `[applied]` column of its answer.
+    fn applied(answer: QueryResult) -> Result<bool, BoxError> {
+        let rows = answer.into_rows_result()?;
+        let first = rows.rows::<CqlRow>()?.next().transpose()?;
+        Ok(matches!(
+            first.and_then(|r| r.columns.into_iter().next()),
+            Some(Some(CqlValue::Boolean(true)))
+        ))
+    }
+
+    /// Which write an append row makes.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Write {
+        /// The commit row, `IF NOT EXISTS`, in the writer's stream partition.
+        Lwt,
+        /// The category row, plain, in the row's one category partition.
+        Plain,
+    }
+
+    /// Writes `--events` events in appends of `batch`, one row per append, from `writers`
+    /// concurrent writers (each on a stream of its own, appends in sequence). `key` names the
+    /// row's streams and category; returns the row and the category partition's bucket.
+    async fn append(
+        o: &Options,
+        session: &Arc<Session>,
+        st: &Arc<Statements>,
+        write: Write,
+        batch: u64,
+        writers: u64,
+        key: &str,
+    ) -> Result<(Row, i64), BoxError> {
+        let per_writer = o.events / writers;
+        let bucket = now_micros().div_euclid(TIME_BUCKET_MICROS);
+        let full = Arc::new(vec![7u8; blob_len(batch, o.payload)]);
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for w in 0..writers {
+            let (session, st, full) = (session.clone(), st.clone(), full.clone());
+            let (category, stream) = (key.to_owned(), format!("{key}-w{w}"));
+            let payload = o.payload;
+            tasks.push(tokio::spawn(async move {
+                let (mut written, mut last) = (0u64, 0i64);
+                while written < per_writer {
+                    let n = batch.min(per_writer - written);
+                    let short;
+                    let blob: &[u8] = if n == batch {
+                        &full
+                    } else {
+                        short = vec![7u8; blob_len(n, payload)];
+                        &short
+                    };
+                    // A stream's time ids only grow, as photon's do.
+                    let micros = now_micros().max(last + 1);
+                    last = micros;
+                    let t = CqlTimeuuid::from(time_id(micros));
+                    let version = written as i64;
+                    match write {
+                        Write::Lwt => {
+                            let ids: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
+                            let answer = session
+                                .execute_unpaged(
+                                    &st.insert_commit,
+                                    (stream.as_str(), 0_i64, version, n as i32, t, &ids, blob),
+                                )
+                                .await?;
+                            if !applied(answer)? {
+                                return Err::<u64, BoxError>(
+                                    format!("{stream}@{version}: IF NOT EXISTS did not apply")
+                                        .into(),
+                                );
+                            }
+                        }
+                        Write::Plain => {
+                            session
+                                .execute_unpaged(
+                                    &st.insert_category,
+                                    (
+                                        category.as_str(),
+                                        bucket,
+                                        t,
+                                        stream.as_str(),
+                                        version,
+                                        n as i32,
+                                        blob,
+                                    ),
+                                )
+                                .await?;
+                        }
+                    }
+                    written += n;
+                }
+                Ok(written)
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await??;
+        }
+        let kind = match write {
+            Write::Lwt => "LWT insert per append (IF NOT EXISTS)",
+            Write::Plain => "plain insert per append (QUORUM)",
+        };
+        Ok((
+            Row {
+                scenario: format!("raw scylla: {kind}, batches of {batch}, {writers} writer(s)"),
+                events: total,
+                elapsed: started.elapsed(),
+            },
+            bucket,
+        ))
+    }
+
+    /// Reads the category partition `(category, bucket)` from its start to now in pages of
+    /// [`PAGE`] rows, each page after the last time id seen, touching each row's stream and
+    /// blob; counts the events the rows hold.
+    async fn replay(
+        session: &Session,
+        st: &Statements,
+        category: &str,
+        bucket: i64,
+    ) -> Result<Row, BoxError> {
+        let started = Instant::now();
+        let mut lower = CqlTimeuuid::from(time_uuid(bucket * TIME_BUCKET_MICROS, [0x80; 8]));
+        let upper = CqlTimeuuid::from(time_uuid(now_micros(), [0x7f; 8]));
+        let (mut n, mut touched) = (0u64, 0usize);
+        loop {
+            let rows = session
+                .execute_unpaged(&st.category_page, (category, bucket, lower, upper, PAGE))
+                .await?
+                .into_rows_result()?;
+            let mut seen = 0;
+            for row in rows.rows::<(CqlTimeuuid, String, i64, i32, Vec<u8>)>()? {
+                let (t, stream, _version, count, events) = row?;
+                n += count as u64;
+                touched += stream.len() + events.len();
+                lower = t;
+                seen += 1;
+            }
+            if seen < PAGE {
+                break;
+            }
+        }
+        std::hint::black_box(touched);
+        Ok(Row {
+            scenario: "raw scylla: category replay (paged SELECT by partition)".into(),
+            events: n,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// The raw rows: LWT and plain inserts in batches of 1 and 100, each with 1 writer and
+    /// with `--writers`, then a replay of what the plain inserts in batches of 100 with
+    /// `--writers` wrote.
+    pub(super) async fn raw_cassandra(o: &Options) -> Result<Vec<Row>, BoxError> {
+        let session = Arc::new(
+            SessionBuilder::new()
+                .known_nodes(contact_points(&o.url))
+                .connection_timeout(TIMEOUT)
+                .build()
+                .await?,
+        );
+        let ks = format!(
+            "bench_raw_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        session
+            .query_unpaged(
+                format!(
+                    "CREATE KEYSPACE {ks} WITH replication = \
+                     {{'class': 'SimpleStrategy', 'replication_factor': 1}}"
+                ),
+                (),
+            )
+            .await?;
+        for table in TABLES {
+            session
+                .query_unpaged(table.replace("{ks}", &ks), ())
+                .await?;
+        }
+        session.await_schema_agreement().await?;
+        let st = Arc::new(prepare(&session, &ks).await?);
+
+        let mut writer_counts = vec![1];
+        if o.writers > 1 {
+            writer_counts.push(o.writers);
+        }
+        let mut rows = Vec::new();
+        let mut replayed = None;
+        for write in [Write::Lwt, Write::Plain] {
+            for batch in [1, 100] {
+                for &writers in &writer_counts {
+                    let key = match write {
+                        Write::Lwt => format!("lwt{batch}-{writers}w"),
+                        Write::Plain => format!("plain{batch}-{writers}w"),
+                    };
+                    let (row, bucket) =
+                        append(o, &session, &st, write, batch, writers, &key).await?;
+                    rows.push(row);
+                    if write == Write::Plain && batch == 100 && writers == o.writers.max(1) {
+                        replayed = Some((key, bucket));
+                    }
+                }
+            }
+        }
+        if let Some((category, bucket)) = replayed {
+            rows.push(replay(&session, &st, &category, bucket).await?);
+        }
+
+        session
+            .query_unpaged(format!("DROP KEYSPACE {ks}"), ())
+            .await?;
+        Ok(rows)
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let o = Options::parse();
@@ -596,6 +977,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     #[cfg(feature = "kafka")]
     if o.url.starts_with("kafka://") {
         rows.extend(raw_kafka::raw_kafka(&o).await?);
+    }
+    #[cfg(feature = "cassandra")]
+    if o.url.starts_with("cassandra://") {
+        rows.extend(raw_cassandra::raw_cassandra(&o).await?);
     }
 
     // The scenario column fits the longest name (raw-driver rows are long).
