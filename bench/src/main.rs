@@ -357,7 +357,8 @@ mod raw_kafka {
             .set("fetch.wait.max.ms", "50")
             .set("fetch.message.max.bytes", MAX_RECORD_BYTES.to_string())
             .set("queued.max.messages.kbytes", "8192")
-            .set("queued.min.messages", "1000");
+            .set("queued.min.messages", "1000")
+            .set("fetch.queue.backoff.ms", "10");
         c
     }
 
@@ -451,14 +452,15 @@ mod raw_kafka {
 
     /// Reads every partition of `topic` from the beginning to its end with one read_committed
     /// consumer (manual assignment), touching each record's key, payload and headers. Like the
-    /// photon row it includes creating the consumer, resolving `Offset::Beginning` and
+    /// photon row it includes creating the consumer, starting at offset 0 and
     /// photon-kafka's prefetch limits, each of which can add fixed delays on small topics.
     async fn replay(bootstrap: &str, topic: &str) -> Result<Row, BoxError> {
         let started = Instant::now();
         let consumer: StreamConsumer = consumer_config(bootstrap).create()?;
         let mut tpl = TopicPartitionList::new();
         for p in 0..PARTITIONS {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+            // Offset 0 as photon uses the log start (0 on a fresh topic): no Beginning lookup.
+            tpl.add_partition_offset(topic, p, Offset::Offset(0))?;
         }
         consumer.assign(&tpl)?;
         let mut at_end = [false; PARTITIONS as usize];
