@@ -63,7 +63,7 @@ pub struct CassandraConfig {
     pub consistency: Consistency,
     /// Conditional writes (`serial_consistency`, default `serial`; or `local_serial`).
     pub serial_consistency: SerialConsistency,
-    /// Bound on each request and on connecting (`timeout_ms`, default 10 000).
+    /// Bound on each request (`timeout_ms`, default 10 000), and on connecting (at least 5 s).
     pub timeout: Duration,
     /// Versions per stream partition (`bucket_size`, default 5 000): a stream's commits are
     /// spread over partitions `(stream, first version / bucket_size)`, so a long stream never

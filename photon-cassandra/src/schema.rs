@@ -78,14 +78,17 @@ pub(crate) struct Statements {
 
 /// Connects, creates the schema when allowed (or checks it), and prepares the statements.
 pub(crate) async fn connect(config: &CassandraConfig) -> Result<(Session, Statements), Error> {
-    let session = tokio::time::timeout(config.timeout, builder(config)?.build())
+    // A first connection fetches the cluster's metadata, which a node that just started can be
+    // slow to give: at least 5 s for it.
+    let connect_bound = config.timeout.max(Duration::from_secs(5));
+    let session = tokio::time::timeout(connect_bound, builder(config)?.build())
         .await
         .map_err(|_| Error::Unavailable {
             backend: BACKEND,
             message: format!(
                 "no answer from {} within {:?}",
                 config.contact_points.join(","),
-                config.timeout
+                connect_bound
             ),
             source: None,
         })?

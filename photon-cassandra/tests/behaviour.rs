@@ -74,7 +74,7 @@ async fn an_append_whose_writer_died_before_its_category_rows_is_repaired() {
     };
     let url = with_options(
         &url,
-        "settle_ms=200&timeout_ms=600&repair_after_ms=1500&bucket_size=16",
+        "settle_ms=200&timeout_ms=2000&repair_after_ms=4500&bucket_size=16",
     );
     let category = Category::new(fresh("crash")).unwrap();
     let stream = StreamId::new(&category, "a").unwrap();
@@ -171,7 +171,7 @@ async fn a_marker_without_a_commit_is_dropped() {
     };
     let url = with_options(
         &url,
-        "settle_ms=200&timeout_ms=400&repair_after_ms=1000&bucket_size=16",
+        "settle_ms=200&timeout_ms=2000&repair_after_ms=4500&bucket_size=16",
     );
     let store = CassandraStore::from_url(&url).await.unwrap();
     let category = Category::new(fresh("ghost")).unwrap();
