@@ -42,7 +42,8 @@ pub(crate) const ALL: &str = "$all";
 /// Commits fetched per page of a read: memory holds one page however long the stream.
 pub(crate) const PAGE: i32 = 64;
 
-/// The event store on Apache Cassandra (4.x, 5.x) or ScyllaDB. Clones share one session.
+/// The event store on Apache Cassandra or ScyllaDB (tested on Cassandra 5.0). Clones share one
+/// session.
 #[derive(Clone)]
 pub struct CassandraStore {
     inner: Arc<Shared>,
