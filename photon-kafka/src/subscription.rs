@@ -54,7 +54,7 @@ struct TopicState {
 
 struct Sub {
     shared: Arc<Shared>,
-    consumer: StreamConsumer,
+    consumer: ClosingConsumer,
     mode: SubscriptionMode,
     scope: Scope,
     start: Start,
@@ -155,7 +155,7 @@ impl Sub {
         };
         let mut sub = Sub {
             shared,
-            consumer,
+            consumer: ClosingConsumer(Some(consumer)),
             mode,
             scope,
             start,
@@ -477,4 +477,28 @@ fn pause(consumer: &StreamConsumer, topic: &str, p: i32) {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(topic, p);
     let _ = consumer.pause(&tpl);
+}
+
+/// A subscription's consumer, closed off the async threads when the subscription is dropped
+/// (closing waits for librdkafka's threads).
+struct ClosingConsumer(Option<StreamConsumer>);
+
+impl std::ops::Deref for ClosingConsumer {
+    type Target = StreamConsumer;
+    fn deref(&self) -> &StreamConsumer {
+        self.0.as_ref().expect("present until drop")
+    }
+}
+
+impl Drop for ClosingConsumer {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.0.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn_blocking(move || drop(consumer));
+                }
+                Err(_) => drop(consumer),
+            }
+        }
+    }
 }
