@@ -16,8 +16,8 @@ use futures::stream::{self, BoxStream};
 use futures::StreamExt;
 use photon_api::validate::{classify_batch, validate_batch, BatchKind, StoredId};
 use photon_api::{
-    AppendResult, Bytes, Capabilities, Category, Direction, Error, EventData, EventStore,
-    ExpectedVersion, Health, ReadOptions, RecordedEvent, Selector, Start, StreamId,
+    error_stream, AppendResult, Bytes, Capabilities, Category, Direction, Error, EventData,
+    EventStore, ExpectedVersion, Health, ReadOptions, RecordedEvent, Selector, Start, StreamId,
     SubscriptionItem, SubscriptionMode, Timestamp, Uuid, Version,
 };
 use scylla::client::session::Session;
@@ -374,10 +374,10 @@ impl Shared {
         for _attempt in 0..100 {
             let kind = classify_batch(stream, &events, |id| meta.ids.get(id).copied());
             let kind = match kind {
-                Err(e) if !fresh => {
+                // A conflict against a stale view is checked against a fresh one first.
+                Err(_) if !fresh => {
                     meta = self.refresh(stream, true).await?;
                     fresh = true;
-                    let _ = e;
                     continue;
                 }
                 other => other?,
@@ -391,7 +391,7 @@ impl Shared {
                         let _ = me.index_commit(&commit, count).await;
                     }
                 });
-                return Ok(self.result(&meta, stream, first, events.len()));
+                return Ok(self.result(&meta, first, events.len()));
             }
             let current = meta.next_first.checked_sub(1).map(Version);
             if !expected.matches(current) {
@@ -506,7 +506,7 @@ impl Shared {
                     tracing::warn!(%stream, first, error = %e, "photon-cassandra: indexing task failed")
                 }
             }
-            return Ok(self.result(&meta, stream, Version(first), events.len()));
+            return Ok(self.result(&meta, Version(first), events.len()));
         }
         Err(Error::Unavailable {
             backend: BACKEND,
@@ -515,19 +515,12 @@ impl Shared {
         })
     }
 
-    fn result(
-        &self,
-        meta: &StreamMeta,
-        stream: &StreamId,
-        first: Version,
-        len: usize,
-    ) -> AppendResult {
+    fn result(&self, meta: &StreamMeta, first: Version, len: usize) -> AppendResult {
         let time_id = meta
             .times
             .get(&first.0)
             .copied()
             .unwrap_or_else(|| codec::time_id(0));
-        let _ = stream;
         AppendResult {
             first_version: first,
             last_version: Version(first.0 + len as u64 - 1),
@@ -732,7 +725,7 @@ fn read_stream(
     };
     stream::once(start)
         .flat_map(|r| match r {
-            Err(e) => stream::iter([Err(e)]).boxed(),
+            Err(e) => error_stream(e),
             Ok(None) => stream::empty().boxed(),
             Ok(Some(cursor)) => stream::unfold(Some(cursor), |cursor| async move {
                 let mut cursor = cursor?;
@@ -742,7 +735,7 @@ fn read_stream(
                         stream::iter(events.into_iter().map(Ok)).boxed(),
                         Some(cursor),
                     )),
-                    Err(e) => Some((stream::iter([Err(e)]).boxed(), None)),
+                    Err(e) => Some((error_stream(e), None)),
                 }
             })
             .flatten()
@@ -842,7 +835,7 @@ impl EventStore for CassandraStore {
                     StreamId::parse(s)
                 })
                 .boxed(),
-            Err(e) => stream::iter([Err(e)]).boxed(),
+            Err(e) => error_stream(e),
         })
         .boxed()
     }

@@ -17,9 +17,9 @@ use async_trait::async_trait;
 use futures::stream::{self, BoxStream};
 use futures::StreamExt;
 use photon_api::{
-    AppendResult, Capabilities, Category, Error, EventData, EventStore, ExpectedVersion, Health,
-    ReadOptions, RecordedEvent, Selector, Start, StreamId, SubscriptionItem, SubscriptionMode,
-    Version,
+    error_stream, AppendResult, Capabilities, Category, Error, EventData, EventStore,
+    ExpectedVersion, Health, ReadOptions, RecordedEvent, Selector, Start, StreamId,
+    SubscriptionItem, SubscriptionMode, Version,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -439,7 +439,7 @@ impl EventStore for KafkaStore {
         stream::once(async move { reader::stream_names(&inner, &category).await })
             .flat_map(|r| match r {
                 Ok(names) => stream::iter(names.into_iter().map(Ok)).boxed(),
-                Err(e) => stream::iter([Err(e)]).boxed(),
+                Err(e) => error_stream(e),
             })
             .boxed()
     }

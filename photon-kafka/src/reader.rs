@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use futures::stream::{self, BoxStream};
 use futures::StreamExt;
-use photon_api::{Category, Direction, Error, ReadOptions, RecordedEvent, StreamId, Version};
+use photon_api::{
+    error_stream, Category, Direction, Error, ReadOptions, RecordedEvent, StreamId, Version,
+};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -83,39 +85,37 @@ pub(crate) fn position_of(consumer: &StreamConsumer, topic: &str, p: i32) -> Opt
     }
 }
 
-/// The last stable offset of each partition of `topic` (read_committed watermarks): everything
-/// committed so far lies below it.
-pub(crate) async fn stable_ends(shared: &Shared, topic: &str, n: i32) -> Result<Vec<i64>, Error> {
-    futures::future::try_join_all((0..n).map(|p| stable_end(shared, topic, p))).await
+/// Per partition of `topic`: the first offset still in the log (0 unless records were deleted,
+/// where "from the beginning" starts, without librdkafka's slower lookup of it) and the last
+/// stable offset (everything committed so far lies below it).
+pub(crate) async fn partition_bounds(
+    shared: &Shared,
+    topic: &str,
+    n: i32,
+) -> Result<Vec<(i64, i64)>, Error> {
+    futures::future::try_join_all((0..n).map(|p| async move {
+        let (low, high) = watermarks(shared, topic, p).await?;
+        Ok::<_, Error>((low.max(0), high))
+    }))
+    .await
 }
 
-/// The first offset of each partition of `topic` still in the log (0 unless records were
-/// deleted): where "from the beginning" starts, without librdkafka's slower lookup of it.
-pub(crate) async fn log_starts(shared: &Shared, topic: &str, n: i32) -> Result<Vec<i64>, Error> {
-    let meta = shared.meta.clone();
-    let (t, timeout) = (topic.to_owned(), shared.config.timeout);
-    blocking(move || {
-        (0..n)
-            .map(|p| {
-                meta.fetch_watermarks(&t, p, timeout)
-                    .map(|(low, _)| low.max(0))
-                    .map_err(|e| map_kafka(&format!("start of {t}/{p}"), e))
-            })
-            .collect()
-    })
-    .await?
-}
-
-/// The last stable offset of `topic`/`p`. Right after a topic is created a client may not know
-/// its leader yet; that answer is retried within the request timeout.
+/// The last stable offset of `topic`/`p`.
 pub(crate) async fn stable_end(shared: &Shared, topic: &str, p: i32) -> Result<i64, Error> {
+    Ok(watermarks(shared, topic, p).await?.1)
+}
+
+/// The log start and last stable offset (read_committed watermarks) of `topic`/`p`. Right after
+/// a topic is created a client may not know its leader yet; that answer is retried within the
+/// request timeout.
+async fn watermarks(shared: &Shared, topic: &str, p: i32) -> Result<(i64, i64), Error> {
     use rdkafka::error::RDKafkaErrorCode as C;
     let deadline = tokio::time::Instant::now() + shared.config.timeout;
     loop {
         let meta = shared.meta.clone();
         let (t, timeout) = (topic.to_owned(), shared.config.timeout);
         match blocking(move || meta.fetch_watermarks(&t, p, timeout)).await? {
-            Ok((_, high)) => return Ok(high),
+            Ok(marks) => return Ok(marks),
             Err(e)
                 if matches!(
                     e.rdkafka_error_code(),
@@ -129,7 +129,7 @@ pub(crate) async fn stable_end(shared: &Shared, topic: &str, p: i32) -> Result<i
             {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
-            Err(e) => return Err(map_kafka(&format!("end of {topic}/{p}"), e)),
+            Err(e) => return Err(map_kafka(&format!("watermarks of {topic}/{p}"), e)),
         }
     }
 }
@@ -302,7 +302,10 @@ pub(crate) async fn holds_events(shared: &Arc<Shared>, topic: &str) -> Result<bo
     let Some(n) = shared.partition_count(topic).await? else {
         return Ok(false);
     };
-    Ok(stable_ends(shared, topic, n).await?.iter().any(|e| *e > 0))
+    Ok(partition_bounds(shared, topic, n)
+        .await?
+        .iter()
+        .any(|(low, high)| high > low))
 }
 
 /// Every stream of `category`, sorted, from the partitions' indexes.
@@ -360,7 +363,7 @@ pub(crate) fn read_stream(
     stream::once(start)
         .flat_map(|r| match r {
             Ok(None) => stream::empty().boxed(),
-            Err(e) => stream::iter([Err(e)]).boxed(),
+            Err(e) => error_stream(e),
             Ok(Some((shared, topic, p, offsets, versions))) => {
                 let category = topic
                     .rsplit_once('.')
@@ -390,7 +393,7 @@ pub(crate) fn read_stream(
                 })
                 .flat_map(|r| match r {
                     Ok(events) => stream::iter(events.into_iter().map(Ok)).boxed(),
-                    Err(e) => stream::iter([Err(e)]).boxed(),
+                    Err(e) => error_stream(e),
                 })
                 .boxed()
             }

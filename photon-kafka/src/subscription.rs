@@ -23,7 +23,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::position::Position;
-use crate::reader::{log_starts, position_of, stable_ends};
+use crate::reader::{partition_bounds, position_of};
 use crate::record::{self, partition_for};
 use crate::{blocking, map_kafka, Shared};
 
@@ -199,9 +199,10 @@ impl Sub {
             );
             return Ok(());
         }
-        let ends = stable_ends(&self.shared, &topic, n).await?;
+        let bounds = partition_bounds(&self.shared, &topic, n).await?;
+        let ends: Vec<i64> = bounds.iter().map(|(_, end)| *end).collect();
         let next: Vec<i64> = match &self.start {
-            Start::Beginning => log_starts(&self.shared, &topic, n).await?,
+            Start::Beginning => bounds.iter().map(|(start, _)| *start).collect(),
             Start::Now => ends.clone(),
             Start::After(cp) => {
                 let pos = Position::from_checkpoint(cp)?;

@@ -169,6 +169,9 @@ enum Attempt {
     Again(Error),
     /// Final for every append still undecided, and the producer's state is unknown.
     Stop(Error),
+    /// The broker refused a record (too large, not permitted): retrying the group cannot help,
+    /// but its other appends may be fine alone.
+    Refused(Error),
 }
 
 /// Decides and commits a group, answering each append once its outcome is final.
@@ -188,6 +191,11 @@ async fn commit_group(
         match try_group(shared, topic, p, state, &mut group).await {
             Ok(()) => return,
             Err(Attempt::Stop(e)) => {
+                state.producer = None;
+                answer_all(group, &e);
+                return;
+            }
+            Err(Attempt::Refused(e)) => {
                 state.producer = None;
                 if group.len() > 1 {
                     // One append the broker refuses must not fail the others: each alone.
@@ -294,19 +302,16 @@ async fn try_group(
     state: &mut PartitionState,
     group: &mut Vec<Queued>,
 ) -> Result<(), Attempt> {
-    let mut current = state.producer.is_none();
-    if !current && group.iter().any(|q| decide(&state.index, q).is_err()) {
-        current = true;
+    // Without a producer the index may be behind: read up to the stable end first. With one it
+    // is current unless another process took the partition over, which a refusal checks.
+    let behind = state.producer.is_none();
+    if behind {
+        catch_up_or_stop(shared, topic, p, state).await?;
     }
-    if current {
-        match catch_up(shared, topic, p, &mut state.index).await {
-            // Records this writer did not write: another process holds the partition now.
-            Ok(true) if state.producer.is_some() => state.producer = None,
-            Ok(_) => {}
-            Err(e) => return Err(Attempt::Stop(e)),
-        }
+    if settle_decided(state, p, group, behind) {
+        catch_up_or_stop(shared, topic, p, state).await?;
+        settle_decided(state, p, group, true);
     }
-    settle_decided(state, p, group);
     if group.is_empty() {
         return Ok(());
     }
@@ -316,7 +321,7 @@ async fn try_group(
         take_over(shared, topic, p, state)
             .await
             .map_err(Attempt::Stop)?;
-        settle_decided(state, p, group);
+        settle_decided(state, p, group, true);
         if group.is_empty() {
             return Ok(());
         }
@@ -347,14 +352,41 @@ async fn try_group(
     }
 }
 
-/// Answers the appends of `group` that the index decides (refusals, retries of stored batches);
-/// leaves those to be written.
-fn settle_decided(state: &PartitionState, p: i32, group: &mut Vec<Queued>) {
+/// Reads the partition up to its stable end. Records this writer did not write mean another
+/// process holds the partition now: the producer is given up.
+async fn catch_up_or_stop(
+    shared: &Arc<Shared>,
+    topic: &str,
+    p: i32,
+    state: &mut PartitionState,
+) -> Result<(), Attempt> {
+    match catch_up(shared, topic, p, &mut state.index).await {
+        Ok(true) => state.producer = None,
+        Ok(false) => {}
+        Err(e) => return Err(Attempt::Stop(e)),
+    }
+    Ok(())
+}
+
+/// Answers the appends of `group` that the index decides (retries of stored batches, and
+/// refusals when `refusals_final`); leaves the rest in `group`. Returns whether a refusal was
+/// held back for a check against a current index.
+fn settle_decided(
+    state: &PartitionState,
+    p: i32,
+    group: &mut Vec<Queued>,
+    refusals_final: bool,
+) -> bool {
     let mut left = Vec::with_capacity(group.len());
+    let mut held = false;
     for q in std::mem::take(group) {
         match decide(&state.index, &q) {
-            Err(refusal) => {
+            Err(refusal) if refusals_final => {
                 let _ = q.reply.send(Err(refusal));
+            }
+            Err(_) => {
+                held = true;
+                left.push(q);
             }
             Ok(BatchKind::Retry { first }) => {
                 let r = result_of(&state.index, &q.stream, p, first, q.events.len());
@@ -364,6 +396,7 @@ fn settle_decided(state: &PartitionState, p: i32, group: &mut Vec<Queued>) {
         }
     }
     *group = left;
+    held
 }
 
 /// Writes `writes` in one transaction and indexes them once it is committed and readable.
@@ -481,8 +514,8 @@ async fn write(
 }
 
 /// A failed send, commit or begin: decided again after a take-over, unless retrying cannot help
-/// (a record the broker refuses as too large, a missing permission). The transaction did not
-/// commit, or its outcome is unknown; either way the producer is replaced.
+/// (a record the broker refuses as too large, a missing permission: `Refused`). The transaction
+/// did not commit, or its outcome is unknown; either way the producer is replaced.
 fn failed(context: &str, e: KafkaError) -> Attempt {
     use RDKafkaErrorCode as C;
     let last = matches!(
@@ -498,7 +531,7 @@ fn failed(context: &str, e: KafkaError) -> Attempt {
     );
     let error = map_kafka(context, e);
     if last {
-        Attempt::Stop(error)
+        Attempt::Refused(error)
     } else {
         Attempt::Again(error)
     }
