@@ -358,19 +358,19 @@ async fn topics_are_created_with_the_configured_settings() {
         value("max.message.bytes"),
         (200_000 + 64 * 1024).to_string()
     );
-    let md = store_metadata(&url, &topic);
-    assert_eq!(md, 5, "partitions");
+    let md = topic_metadata(&url, &topic);
+    assert_eq!(md.topics()[0].partitions().len(), 5, "partitions");
 }
 
-fn store_metadata(url: &str, topic: &str) -> usize {
+/// The broker's metadata of `topic`, read with a plain client.
+fn topic_metadata(url: &str, topic: &str) -> rdkafka::metadata::Metadata {
     let consumer: rdkafka::consumer::BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap(url))
         .create()
         .unwrap();
-    let md = consumer
+    consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    md.topics()[0].partitions().len()
+        .unwrap()
 }
 
 #[tokio::test]
@@ -414,20 +414,11 @@ async fn without_topic_creation_a_missing_topic_is_named() {
         .unwrap()
         .iter()
         .any(|c| c.as_str() == "ghost"));
-    assert!(store_metadata_missing(&url, &format!("{prefix}.ghost")));
-}
-
-fn store_metadata_missing(url: &str, topic: &str) -> bool {
-    let consumer: rdkafka::consumer::BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap(url))
-        .create()
-        .unwrap();
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    md.topics()
+    let ghost = format!("{prefix}.ghost");
+    assert!(topic_metadata(&url, &ghost)
+        .topics()
         .iter()
-        .all(|t| t.name() != topic || t.error().is_some() || t.partitions().is_empty())
+        .all(|t| t.name() != ghost || t.error().is_some() || t.partitions().is_empty()));
 }
 
 /// Appends from many tasks of one process to one partition are committed in shared
