@@ -1,0 +1,310 @@
+//! Measures photon on every backend side by side with the limit it is read against: the raw
+//! client of the same server doing the same I/O, a bare in-process loop, and a peer framework.
+//!
+//! Users choose an event store by its numbers, so the harness answers their questions with
+//! ratios from one run on one machine: how fast appends are, how long loading an aggregate
+//! takes, how long a new view takes to replay a big category and whether that slows everyone
+//! else, how soon a live subscriber sees an append. Timing lives here, never in unit tests.
+//!
+//! ```text
+//! cargo run --release -p photon-bench                                  # memory://, 1M replay
+//! cargo run --release -p photon-bench -- --replay-events 20000000      # the 20M replay
+//! cargo run --release -p photon-bench --features kafka,cassandra,mongo -- --url all
+//! ```
+//!
+//! The binary prints a markdown table and writes `RESULTS.md`, `results.json` and `chart.svg` into
+//! `--out`. See `bench/README.md` for what each workload does and how to read the figures.
+
+pub mod bare;
+pub mod domain;
+pub mod measure;
+pub mod peer;
+pub mod photon;
+pub mod progress;
+pub mod raw;
+pub mod report;
+pub mod system;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::measure::Measurement;
+use crate::photon::Target;
+use crate::report::Report;
+
+/// The error of the harness: anything stops the run with its message.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The workloads of the issue, selectable with `--workloads`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// Batches of 1 and 100, 1 and 16 writers: events/s and latency per append.
+    Append,
+    /// Loading aggregates of 10, 1,000 and 10,000 events: latency per load.
+    Load,
+    /// A new view replays a category, decoding every payload: events/s and peak RSS.
+    Replay,
+    /// A second client's appends during that replay, as a ratio to alone.
+    Isolation,
+    /// Append to HotCold delivery, one event at a time.
+    Live,
+    /// Aggregate commands: newton on photon-memory against cqrs-es.
+    Commands,
+}
+
+/// Command-line options.
+#[derive(Parser, Debug)]
+#[command(
+    about = "Every Photon backend side by side with its raw client, the limit and a peer",
+    args_override_self = true
+)]
+pub struct Options {
+    /// A store URL (repeat for several), or `all`: memory:// plus every backend compiled in
+    /// (features kafka, cassandra, mongo), at PHOTON_BENCH_<KAFKA|CASSANDRA|MONGO>_URL or the
+    /// servers of `scripts/servers`.
+    #[arg(long, env = "PHOTON_URL", default_value = "memory://")]
+    pub url: Vec<String>,
+    /// Events per append case (split among the writers).
+    #[arg(long, default_value_t = 100_000)]
+    pub append_events: u64,
+    /// Events in the category a new view replays (20000000 for the big replay).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub replay_events: u64,
+    /// Stream lengths of the aggregate-load workload.
+    #[arg(long, value_delimiter = ',', default_value = "10,1000,10000")]
+    pub load_lengths: Vec<u64>,
+    /// Aggregates loaded per length (each a fresh stream, loaded once).
+    #[arg(long, default_value_t = 20)]
+    pub loads: u64,
+    /// Events of the live-latency workload.
+    #[arg(long, default_value_t = 1_000)]
+    pub live_events: u64,
+    /// Commands of the peer workload.
+    #[arg(long, default_value_t = 20_000)]
+    pub commands: u64,
+    /// Longest time any one phase may take (seconds); a phase cut short says so.
+    #[arg(long, default_value_t = 60)]
+    pub max_seconds: u64,
+    /// Which workloads to run (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub workloads: Vec<Workload>,
+    /// Where RESULTS.md, results.json and chart.svg go.
+    #[arg(long, default_value = "target/photon-bench")]
+    pub out: PathBuf,
+    /// No progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// The sizes every workload reads.
+#[derive(Clone, Debug)]
+pub struct Sizes {
+    /// Events per append case.
+    pub append_events: u64,
+    /// Events of the replay.
+    pub replay_events: u64,
+    /// Stream lengths of the load workload.
+    pub load_lengths: Vec<u64>,
+    /// Loads per length.
+    pub loads: u64,
+    /// Events of the live workload.
+    pub live_events: u64,
+    /// Commands of the peer workload.
+    pub commands: u64,
+    /// The duration cap of one phase.
+    pub cap: Duration,
+}
+
+/// The URLs `all` stands for: memory, then each compiled backend at its bench variable or the
+/// local server `scripts/servers` starts.
+fn all_urls() -> Vec<String> {
+    let mut urls = vec!["memory://".to_owned()];
+    let compiled = [
+        (
+            cfg!(feature = "mongo"),
+            "PHOTON_BENCH_MONGO_URL",
+            "mongodb://127.0.0.1:27017/photon_bench?directConnection=true",
+        ),
+        (
+            cfg!(feature = "kafka"),
+            "PHOTON_BENCH_KAFKA_URL",
+            "kafka://127.0.0.1:9092?prefix=bench",
+        ),
+        (
+            cfg!(feature = "cassandra"),
+            "PHOTON_BENCH_CASSANDRA_URL",
+            "cassandra://127.0.0.1:9042/photon_bench",
+        ),
+    ];
+    for (on, var, default) in compiled {
+        if on {
+            urls.push(std::env::var(var).unwrap_or_else(|_| default.to_owned()));
+        } else {
+            eprintln!(
+                "note: {} is not compiled in; build with --features {}",
+                default.split(':').next().unwrap_or(default),
+                var.trim_start_matches("PHOTON_BENCH_")
+                    .trim_end_matches("_URL")
+                    .to_lowercase()
+            );
+        }
+    }
+    urls
+}
+
+/// Every workload on one backend, photon and its baselines in turn.
+async fn run_backend(
+    url: &str,
+    sizes: &Sizes,
+    workloads: &[Workload],
+    out: &mut Vec<Measurement>,
+) -> Result<(), BoxError> {
+    let store = newton::connect(url).await?;
+    let backend = store.backend().to_owned();
+    let target = Target {
+        backend: backend.clone(),
+        url: url.to_owned(),
+        store,
+    };
+    let raw = raw::connect(url).await?;
+    let on = |w: Workload| workloads.is_empty() || workloads.contains(&w);
+    let push = |m: Vec<Measurement>, out: &mut Vec<Measurement>| {
+        for m in m {
+            println!("{}", one_line(&m));
+            out.push(m);
+        }
+    };
+    progress::phase(&format!("{backend}: {}", newton::store::url::redact(url)));
+
+    if on(Workload::Append) {
+        for (batch, writers) in [(1, 1), (100, 1), (1, 16), (100, 16)] {
+            progress::phase(&format!(
+                "{backend}: append, batch {batch}, {writers} writer(s)"
+            ));
+            push(
+                vec![photon::append(&target, sizes, batch, writers).await?],
+                out,
+            );
+            if let Some(raw) = &raw {
+                push(raw.append(sizes, batch, writers).await?, out);
+            }
+        }
+    }
+    if on(Workload::Load) {
+        progress::phase(&format!("{backend}: aggregate loads"));
+        push(photon::load(&target, sizes).await?, out);
+        if backend == "memory" {
+            push(bare::load(sizes)?, out);
+        }
+        if let Some(raw) = &raw {
+            push(raw.load(sizes).await?, out);
+        }
+    }
+    if on(Workload::Replay) || on(Workload::Isolation) {
+        progress::phase(&format!(
+            "{backend}: writing {} events to replay",
+            sizes.replay_events
+        ));
+        let set = photon::write_replay_set(&target, sizes).await?;
+        let replay = photon::replay(&target, &set).await?;
+        let took = Duration::from_secs_f64(replay.seconds);
+        if on(Workload::Replay) {
+            push(vec![replay], out);
+            if backend == "memory" {
+                push(vec![bare::replay(set.events)?], out);
+            }
+            if let Some(raw) = &raw {
+                push(raw.replay(set.events, sizes).await?, out);
+            }
+        }
+        if on(Workload::Isolation) {
+            progress::phase(&format!("{backend}: appends beside a replay"));
+            push(
+                vec![photon::isolation(&target, &set, took, sizes).await?],
+                out,
+            );
+        }
+    }
+    if on(Workload::Live) {
+        progress::phase(&format!("{backend}: live latency"));
+        push(vec![photon::live(&target, sizes).await?], out);
+        if let Some(raw) = &raw {
+            push(raw.live(sizes).await?, out);
+        }
+    }
+    if on(Workload::Commands) && backend == "memory" {
+        for clients in [1, 16] {
+            progress::phase(&format!(
+                "commands, {clients} client(s): newton and cqrs-es"
+            ));
+            push(vec![peer::newton(sizes, clients).await?], out);
+            push(vec![peer::cqrs_es(sizes, clients).await?], out);
+        }
+    }
+    if let Some(raw) = raw {
+        raw.clean_up().await?;
+    }
+    Ok(())
+}
+
+/// A measurement as one line, printed as it lands so a long run shows progress.
+fn one_line(m: &Measurement) -> String {
+    let mut s = format!(
+        "{} | {} | {} | {}",
+        m.backend, m.workload, m.case, m.subject
+    );
+    if let Some(r) = m.per_second {
+        s += &format!(" | {r:.0}/s");
+    }
+    if let (Some(p50), Some(p99)) = (m.p50_us, m.p99_us) {
+        s += &format!(" | p50 {p50:.0} µs, p99 {p99:.0} µs");
+    }
+    if let Some(r) = m.peak_rss_mib {
+        s += &format!(" | peak RSS {r:.0} MiB");
+    }
+    s
+}
+
+/// Runs every selected workload on every URL and writes the report into `o.out`.
+///
+/// # Errors
+/// - The first failure of any workload, prefixed with the (redacted) URL it ran against.
+pub async fn run(o: &Options) -> Result<Report, BoxError> {
+    progress::set_quiet(o.quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let sizes = Sizes {
+        append_events: o.append_events,
+        replay_events: o.replay_events,
+        load_lengths: o.load_lengths.clone(),
+        loads: o.loads,
+        live_events: o.live_events,
+        commands: o.commands,
+        cap: Duration::from_secs(o.max_seconds),
+    };
+    let urls: Vec<String> = if o.url.iter().any(|u| u == "all") {
+        all_urls()
+    } else {
+        o.url.clone()
+    };
+    let machine = system::Machine::describe();
+    let mut measurements = Vec::new();
+    for url in &urls {
+        run_backend(url, &sizes, &o.workloads, &mut measurements)
+            .await
+            .map_err(|e| format!("{}: {e}", newton::store::url::redact(url)))?;
+    }
+    report::fill_ratios(&mut measurements);
+    let targets = report::check_targets(&measurements);
+    let report = Report {
+        machine,
+        command: std::env::args()
+            .map(|a| newton::store::url::redact(&a))
+            .collect::<Vec<_>>()
+            .join(" "),
+        measurements,
+        targets,
+    };
+    report::write(&report, &o.out)?;
+    Ok(report)
+}

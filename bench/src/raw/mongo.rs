@@ -1,0 +1,287 @@
+//! The plain `mongodb` driver doing photon-mongo's I/O shape with its durability: a document
+//! per append (`stream`, `version`, `category`, `position`, an `events` array carrying the
+//! payloads), inserted with write concern majority + journal into a collection with photon's
+//! three indexes (unique `(stream, version)`, unique `position`, `(category, position)`),
+//! read back with read concern majority. Everything photon adds is left out: reading the
+//! stream's head and the global head before each insert (two more round trips), ids,
+//! metadata.
+//!
+//! Every run writes to a fresh collection `rawbench_<id>` in the URL's database and drops it.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::TryStreamExt;
+use mongodb::bson::{doc, spec::BinarySubtype, Binary, Bson, Document};
+use mongodb::options::{Acknowledgment, ClientOptions, IndexOptions, ReadConcern, WriteConcern};
+use mongodb::{Client, Collection, IndexModel};
+
+use super::Raw;
+use crate::domain::{self, Balances};
+use crate::measure::{Cap, Latencies, Measurement, Role};
+use crate::photon::{append_case, load_case};
+use crate::{progress, BoxError, Sizes};
+
+const SUBJECT: &str = "raw mongodb (insert_one, w:majority, j:true)";
+
+/// The raw client and its collection.
+pub struct RawMongo {
+    coll: Collection<Document>,
+    /// The next global position, handed out locally (photon reads it from the server).
+    position: Arc<AtomicI64>,
+}
+
+impl std::fmt::Debug for RawMongo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawMongo")
+            .field("collection", &self.coll.name())
+            .finish()
+    }
+}
+
+impl RawMongo {
+    /// Connects with photon-mongo's concerns and creates a fresh collection with its indexes.
+    ///
+    /// # Errors
+    /// - The driver's error.
+    pub async fn connect(url: &str) -> Result<Self, BoxError> {
+        let mut options = ClientOptions::parse(url).await?;
+        options.server_selection_timeout = Some(Duration::from_secs(10));
+        options.write_concern = Some(
+            WriteConcern::builder()
+                .w(Acknowledgment::Majority)
+                .journal(true)
+                .build(),
+        );
+        options.read_concern = Some(ReadConcern::majority());
+        let client = Client::with_options(options)?;
+        let db = client
+            .default_database()
+            .unwrap_or_else(|| client.database("photon_bench"));
+        let coll = db.collection::<Document>(&format!(
+            "rawbench_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        ));
+        for (name, keys, unique) in [
+            ("stream_version", doc! { "stream": 1, "version": 1 }, true),
+            ("position", doc! { "position": 1 }, true),
+            (
+                "category_position",
+                doc! { "category": 1, "position": 1 },
+                false,
+            ),
+        ] {
+            coll.create_index(
+                IndexModel::builder()
+                    .keys(keys)
+                    .options(
+                        IndexOptions::builder()
+                            .name(name.to_owned())
+                            .unique(unique)
+                            .build(),
+                    )
+                    .build(),
+            )
+            .await?;
+        }
+        Ok(Self {
+            coll,
+            position: Arc::new(AtomicI64::new(1)),
+        })
+    }
+
+    /// The document of one append.
+    fn commit(&self, category: &str, stream: &str, version: u64, payloads: &[Bytes]) -> Document {
+        let events: Vec<Bson> = payloads
+            .iter()
+            .map(|p| {
+                Bson::Document(doc! {
+                    "type": domain::EVENT_TYPE,
+                    "payload": Binary { subtype: BinarySubtype::Generic, bytes: p.to_vec() },
+                })
+            })
+            .collect();
+        doc! {
+            "stream": stream, "category": category, "version": version as i64,
+            "count": payloads.len() as i64,
+            "position": self.position.fetch_add(1, Ordering::Relaxed),
+            "events": events,
+        }
+    }
+
+    /// Writes `streams` streams of `length` events in documents of up to 1,000 (not timed).
+    async fn write(&self, category: &str, streams: u64, length: u64) -> Result<(), BoxError> {
+        let bar = progress::bar(streams * length, "raw mongodb: writing");
+        for s in 0..streams {
+            let mut done = 0;
+            while done < length {
+                let n = (length - done).min(1_000);
+                let doc = self.commit(
+                    category,
+                    &format!("{category}-{s}"),
+                    done,
+                    &domain::payloads(n as usize),
+                );
+                self.coll.insert_one(doc).await?;
+                done += n;
+                bar.inc(n);
+            }
+        }
+        bar.finish_and_clear();
+        Ok(())
+    }
+}
+
+/// Decodes every payload of a commit document into the view.
+fn apply(view: &mut Balances, commit: &Document) -> Result<(), BoxError> {
+    for e in commit.get_array("events")? {
+        let Bson::Document(e) = e else {
+            return Err("an event that is not a document".into());
+        };
+        view.apply_bytes(e.get_binary_generic("payload")?)?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Raw for RawMongo {
+    async fn append(
+        &self,
+        sizes: &Sizes,
+        batch: u64,
+        writers: u64,
+    ) -> Result<Vec<Measurement>, BoxError> {
+        let category = format!("append{batch}x{writers}");
+        let per_writer = (sizes.append_events / writers).max(1);
+        let cap = Cap::new(sizes.cap);
+        let started = Instant::now();
+        let tasks = (0..writers).map(|w| {
+            let category = category.clone();
+            let plan: Vec<Document> = (0..per_writer.div_ceil(batch))
+                .map(|i| {
+                    let n = batch.min(per_writer - i * batch);
+                    let stream = format!("{category}-w{w}-{}", i % 100);
+                    self.commit(
+                        &category,
+                        &stream,
+                        i / 100 * batch,
+                        &domain::payloads(n as usize),
+                    )
+                })
+                .collect();
+            let coll = self.coll.clone();
+            async move {
+                let mut latencies = Latencies::default();
+                let mut written = 0u64;
+                for doc in plan {
+                    if cap.reached() {
+                        break;
+                    }
+                    let n = doc.get_i64("count")? as u64;
+                    let t0 = Instant::now();
+                    coll.insert_one(doc).await?;
+                    latencies.record(t0.elapsed());
+                    written += n;
+                }
+                Ok::<_, BoxError>((written, latencies))
+            }
+        });
+        let results = futures::future::try_join_all(tasks).await?;
+        let elapsed = started.elapsed();
+        let mut latencies = Latencies::default();
+        let mut total = 0;
+        for (n, l) in results {
+            total += n;
+            latencies.merge(&l);
+        }
+        Ok(vec![Measurement::throughput(
+            "mongo",
+            "append",
+            append_case(batch, writers),
+            SUBJECT,
+            Role::Baseline,
+            total,
+            elapsed,
+        )
+        .with_latency(&latencies)
+        .capped(total < per_writer * writers)])
+    }
+
+    async fn load(&self, sizes: &Sizes) -> Result<Vec<Measurement>, BoxError> {
+        let mut rows = Vec::new();
+        for &length in &sizes.load_lengths {
+            let category = format!("load{length}");
+            self.write(&category, sizes.loads, length).await?;
+            let mut latencies = Latencies::default();
+            let started = Instant::now();
+            for s in 0..sizes.loads {
+                let t0 = Instant::now();
+                let mut view = Balances::default();
+                let mut cursor = self
+                    .coll
+                    .find(doc! { "stream": format!("{category}-{s}") })
+                    .sort(doc! { "version": 1 })
+                    .await?;
+                while let Some(commit) = cursor.try_next().await? {
+                    apply(&mut view, &commit)?;
+                }
+                latencies.record(t0.elapsed());
+                if view.events() != length {
+                    return Err(format!("raw mongodb load: {} of {length}", view.events()).into());
+                }
+            }
+            rows.push(
+                Measurement::throughput(
+                    "mongo",
+                    "load",
+                    load_case(length),
+                    "raw mongodb (find by stream, sorted)",
+                    Role::Baseline,
+                    sizes.loads,
+                    started.elapsed(),
+                )
+                .with_latency(&latencies)
+                .latency_only(),
+            );
+        }
+        Ok(rows)
+    }
+
+    async fn replay(&self, events: u64, _sizes: &Sizes) -> Result<Vec<Measurement>, BoxError> {
+        let category = "replay";
+        self.write(category, 1, events).await?;
+        let started = Instant::now();
+        let mut view = Balances::default();
+        let mut cursor = self
+            .coll
+            .find(doc! { "category": category })
+            .sort(doc! { "position": 1 })
+            .await?;
+        while let Some(commit) = cursor.try_next().await? {
+            apply(&mut view, &commit)?;
+        }
+        Ok(vec![Measurement::throughput(
+            "mongo",
+            "replay",
+            format!("{events} events"),
+            "raw mongodb (find by category, sorted by position)",
+            Role::Baseline,
+            view.events(),
+            started.elapsed(),
+        )])
+    }
+
+    async fn live(&self, _sizes: &Sizes) -> Result<Vec<Measurement>, BoxError> {
+        // The driver's push is change streams, which FerretDB does not offer; photon-mongo
+        // polls. No raw row.
+        Ok(vec![])
+    }
+
+    async fn clean_up(&self) -> Result<(), BoxError> {
+        self.coll.drop().await?;
+        Ok(())
+    }
+}

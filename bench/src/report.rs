@@ -1,0 +1,396 @@
+//! The results: ratios against the baselines, the targets, a markdown report, JSON and a chart.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use plotters::coord::ranged1d::SegmentValue;
+use plotters::prelude::*;
+use serde::Serialize;
+
+use crate::measure::{Measurement, Role};
+use crate::system::Machine;
+use crate::BoxError;
+
+/// Everything one run measured.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Where.
+    pub machine: Machine,
+    /// The command line, to run it again.
+    pub command: String,
+    /// Every figure, in the order measured.
+    pub measurements: Vec<Measurement>,
+    /// The targets, checked against the figures.
+    pub targets: Vec<TargetCheck>,
+}
+
+/// One of the targets, as measured.
+#[derive(Debug, Serialize)]
+pub struct TargetCheck {
+    /// What is asked.
+    pub target: String,
+    /// The figure that decides it.
+    pub measured: String,
+    /// Whether it is met.
+    pub met: bool,
+}
+
+fn same_case(a: &Measurement, b: &Measurement) -> bool {
+    a.backend == b.backend && a.workload == b.workload && a.case == b.case
+}
+
+/// Fills in each photon row's ratio to the baseline of the same case (throughput rows).
+pub fn fill_ratios(rows: &mut [Measurement]) {
+    for i in 0..rows.len() {
+        if rows[i].role != Role::Photon || rows[i].ratio.is_some() {
+            continue;
+        }
+        let Some(photon) = rows[i].per_second else {
+            continue;
+        };
+        let baseline = rows
+            .iter()
+            .find(|b| b.role == Role::Baseline && same_case(b, &rows[i]))
+            .and_then(|b| b.per_second);
+        if let Some(b) = baseline.filter(|b| *b > 0.0) {
+            rows[i].ratio = Some(photon / b);
+        }
+    }
+}
+
+/// Checks the targets against whatever this run measured.
+pub fn check_targets(rows: &[Measurement]) -> Vec<TargetCheck> {
+    let mut checks = Vec::new();
+    fn photon<'a>(
+        rows: &'a [Measurement],
+        backend: &'static str,
+        workload: &'static str,
+    ) -> impl Iterator<Item = &'a Measurement> {
+        rows.iter()
+            .filter(move |m| m.role == Role::Photon && m.backend == backend)
+            .filter(move |m| m.workload == workload)
+    }
+    // The largest memory replay decides the replay target.
+    if let Some(m) = photon(rows, "memory", "replay").max_by_key(|m| m.count) {
+        if let Some(r) = m.ratio {
+            checks.push(TargetCheck {
+                target: format!(
+                    "photon-memory replay ({}) at least 0.6 of the bare loop",
+                    m.case
+                ),
+                measured: format!("{r:.2} ({:.0} events/s)", m.per_second.unwrap_or(0.0)),
+                met: r >= 0.6,
+            });
+        }
+        if let (Some(peak), Some(stored)) = (m.peak_rss_mib, m.stored_rss_mib) {
+            let growth = m.note.clone().unwrap_or_default();
+            checks.push(TargetCheck {
+                target:
+                    "photon-memory replay: resident memory does not grow beyond the stored events"
+                        .into(),
+                measured: format!("stored events {stored:.0} MiB, peak {peak:.0} MiB; {growth}"),
+                met: !growth.is_empty() && grew_mib(&growth).is_some_and(|g| g < 64.0),
+            });
+        }
+    }
+    if let Some(m) = photon(rows, "memory", "append").find(|m| m.case == "batch 100, 1 writer") {
+        let rate = m.per_second.unwrap_or(0.0);
+        checks.push(TargetCheck {
+            target: "photon-memory appends in batches of 100: at least 1,000,000 events/s".into(),
+            measured: format!("{rate:.0} events/s"),
+            met: rate >= 1_000_000.0,
+        });
+    }
+    if let Some(m) = photon(rows, "kafka", "replay").next() {
+        if let Some(r) = m.ratio {
+            checks.push(TargetCheck {
+                target: "photon-kafka replay at least 0.8 of the raw consumer".into(),
+                measured: format!("{r:.2}"),
+                met: r >= 0.8,
+            });
+        }
+    }
+    for backend in ["kafka", "cassandra", "mongo"] {
+        for m in photon(rows, backend, "append") {
+            if let Some(r) = m.ratio {
+                checks.push(TargetCheck {
+                    target: format!(
+                        "photon-{backend} append ({}) at least 0.7 of the raw client",
+                        m.case
+                    ),
+                    measured: format!("{r:.2}"),
+                    met: r >= 0.7,
+                });
+            }
+        }
+    }
+    for m in photon(rows, "memory", "commands") {
+        if let Some(r) = m.ratio {
+            checks.push(TargetCheck {
+                target: format!(
+                    "newton on photon-memory at least cqrs-es's commands/s ({})",
+                    m.case
+                ),
+                measured: format!("{r:.2}"),
+                met: r >= 1.0,
+            });
+        }
+    }
+    checks
+}
+
+/// The MiB figure of a "grew N MiB" note.
+fn grew_mib(note: &str) -> Option<f64> {
+    note.split_whitespace()
+        .skip_while(|w| *w != "grew")
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(String::new, |v| format!("{v:.digits$}"))
+}
+
+/// Thousands separated, for events/s.
+fn count(v: f64) -> String {
+    let s = format!("{:.0}", v);
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The results as markdown: machine, targets, then one table per backend.
+pub fn markdown(r: &Report, chart: Option<&str>) -> String {
+    let mut s = String::new();
+    let m = &r.machine;
+    let _ = writeln!(s, "# Photon benchmark results\n");
+    let _ = writeln!(
+        s,
+        "Measured {} on {} ({} cores available, {:.0} GiB memory, Linux {}){}.\n",
+        m.started,
+        m.cpu,
+        m.cores,
+        m.memory_gib,
+        m.kernel,
+        m.commit
+            .as_ref()
+            .map_or(String::new(), |c| format!(", commit {c}"))
+    );
+    let _ = writeln!(s, "Command: `{}`\n", r.command);
+    if let Some(chart) = chart {
+        let _ = writeln!(s, "![photon ÷ baseline]({chart})\n");
+    }
+    if !r.targets.is_empty() {
+        let _ = writeln!(s, "## Targets\n");
+        let _ = writeln!(s, "| target | measured | met |\n|---|---|---|");
+        for t in &r.targets {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} |",
+                t.target,
+                t.measured,
+                if t.met { "yes" } else { "**no**" }
+            );
+        }
+        let _ = writeln!(s);
+    }
+    let mut backends: Vec<&str> = Vec::new();
+    for x in &r.measurements {
+        if !backends.contains(&x.backend.as_str()) {
+            backends.push(&x.backend);
+        }
+    }
+    for backend in backends {
+        let _ = writeln!(s, "## {backend}\n");
+        let _ = writeln!(
+            s,
+            "| workload | case | subject | count | per second | p50 µs | p99 µs | peak RSS MiB | ratio | notes |"
+        );
+        let _ = writeln!(s, "|---|---|---|---:|---:|---:|---:|---:|---:|---|");
+        for x in r.measurements.iter().filter(|x| x.backend == backend) {
+            let mut notes = Vec::new();
+            if x.capped {
+                notes.push("stopped by the duration cap".to_owned());
+            }
+            if let Some(st) = x.stored_rss_mib {
+                notes.push(format!("stored events took {st:.0} MiB"));
+            }
+            if let Some(n) = &x.note {
+                notes.push(n.clone());
+            }
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                x.workload,
+                x.case,
+                x.subject,
+                x.count,
+                x.per_second.map_or_else(String::new, count),
+                opt(x.p50_us, 0),
+                opt(x.p99_us, 0),
+                opt(x.peak_rss_mib, 0),
+                opt(x.ratio, 2),
+                notes.join("; ")
+            );
+        }
+        let _ = writeln!(s);
+    }
+    s
+}
+
+/// A horizontal bar per ratio (photon ÷ baseline, and isolation's during ÷ alone), with the
+/// parity line at 1.
+pub fn chart(r: &Report, path: &Path) -> Result<(), BoxError> {
+    let bars: Vec<(String, f64)> = r
+        .measurements
+        .iter()
+        .filter_map(|m| {
+            let ratio = m.ratio?;
+            Some((
+                format!("{} · {} · {}", m.backend, m.workload, m.case),
+                ratio,
+            ))
+        })
+        .collect();
+    if bars.is_empty() {
+        return Ok(());
+    }
+    let n = bars.len();
+    let xmax = bars.iter().map(|b| b.1).fold(1.2_f64, f64::max) * 1.15;
+    let height = 90 + 26 * n as u32;
+    let root = SVGBackend::new(path, (1100, height)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "photon ÷ baseline (events/s); isolation: appends during a replay ÷ alone",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(30)
+        .y_label_area_size(430)
+        .build_cartesian_2d(0f64..xmax, (0..n).into_segmented())?;
+    let labels: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .y_labels(n)
+        .y_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
+            _ => String::new(),
+        })
+        .x_desc("ratio")
+        .draw()?;
+    chart.draw_series(bars.iter().enumerate().map(|(i, (_, ratio))| {
+        let colour = if *ratio >= 1.0 {
+            RGBColor(46, 139, 87)
+        } else if *ratio >= 0.6 {
+            RGBColor(230, 159, 0)
+        } else {
+            RGBColor(200, 60, 60)
+        };
+        let mut bar = Rectangle::new(
+            [
+                (0.0, SegmentValue::Exact(i)),
+                (*ratio, SegmentValue::Exact(i + 1)),
+            ],
+            colour.filled(),
+        );
+        bar.set_margin(3, 3, 0, 0);
+        bar
+    }))?;
+    chart.draw_series(bars.iter().enumerate().map(|(i, (_, ratio))| {
+        Text::new(
+            format!(" {ratio:.2}"),
+            (*ratio, SegmentValue::CenterOf(i)),
+            ("sans-serif", 13),
+        )
+    }))?;
+    chart.draw_series(LineSeries::new(
+        [(1.0, SegmentValue::Exact(0)), (1.0, SegmentValue::Exact(n))],
+        BLACK.stroke_width(1),
+    ))?;
+    root.present()?;
+    Ok(())
+}
+
+/// Writes `RESULTS.md`, `results.json` and `chart.svg` into `dir`.
+pub fn write(r: &Report, dir: &Path) -> Result<(), BoxError> {
+    std::fs::create_dir_all(dir)?;
+    chart(r, &dir.join("chart.svg"))?;
+    let has_chart = r.measurements.iter().any(|m| m.ratio.is_some());
+    std::fs::write(
+        dir.join("RESULTS.md"),
+        markdown(r, has_chart.then_some("chart.svg")),
+    )?;
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(r)? + "\n",
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn row(role: Role, subject: &str, per_second: u64) -> Measurement {
+        Measurement::throughput(
+            "memory",
+            "replay",
+            "10 events",
+            subject,
+            role,
+            per_second,
+            Duration::from_secs(1),
+        )
+    }
+
+    #[test]
+    fn ratios_divide_photon_by_the_baseline_of_the_same_case() {
+        let mut rows = vec![
+            row(Role::Photon, "photon", 60),
+            row(Role::Reference, "other", 1),
+            row(Role::Baseline, "bare", 100),
+        ];
+        fill_ratios(&mut rows);
+        assert_eq!(rows[0].ratio, Some(0.6));
+        assert_eq!(rows[1].ratio, None);
+        let checks = check_targets(&rows);
+        assert!(checks[0].met, "{checks:?}");
+    }
+
+    #[test]
+    fn a_missed_target_says_so_in_the_report() {
+        let mut rows = vec![
+            row(Role::Photon, "photon", 50),
+            row(Role::Baseline, "bare", 100),
+        ];
+        fill_ratios(&mut rows);
+        let checks = check_targets(&rows);
+        assert!(!checks[0].met);
+        let report = Report {
+            machine: Machine::describe(),
+            command: "photon-bench".into(),
+            measurements: rows,
+            targets: checks,
+        };
+        let md = markdown(&report, None);
+        assert!(md.contains("| **no** |"), "{md}");
+        assert!(md.contains("| 0.50 |"), "{md}");
+    }
+
+    #[test]
+    fn counts_are_grouped_by_thousands() {
+        assert_eq!(count(1_234_567.4), "1,234,567");
+        assert_eq!(count(999.0), "999");
+        assert_eq!(grew_mib("resident memory grew 12 MiB during"), Some(12.0));
+    }
+}
