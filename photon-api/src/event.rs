@@ -187,54 +187,68 @@ impl fmt::Display for ContentType {
 }
 
 /// Free string headers; shared on clone because every replayed copy of an event carries them.
-#[derive(Clone, PartialEq, Eq, Default)]
-pub struct Headers(Arc<BTreeMap<String, String>>);
+///
+/// No headers, the common case, is no allocation at all: an empty set is created, cloned and
+/// dropped for free, which is most of the metadata of most events.
+#[derive(Clone, Default)]
+pub struct Headers(Option<Arc<BTreeMap<String, String>>>);
 
 impl Headers {
     /// Sets a header, replacing an earlier value of the same key.
     pub fn insert(&mut self, key: impl Into<String>, value: impl Into<String>) {
-        Arc::make_mut(&mut self.0).insert(key.into(), value.into());
+        Arc::make_mut(self.0.get_or_insert_with(Default::default)).insert(key.into(), value.into());
     }
 
     /// The value of `key`.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).map(String::as_str)
+        self.0.as_ref()?.get(key).map(String::as_str)
     }
 
     /// All headers in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+        self.0
+            .iter()
+            .flat_map(|m| m.iter())
+            .map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
     /// Number of headers.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.0.as_ref().map_or(0, |m| m.len())
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len() == 0
     }
 
     /// Bytes of all keys and values, counted towards the event size limit.
     pub fn byte_len(&self) -> usize {
-        self.0.iter().map(|(k, v)| k.len() + v.len()).sum()
+        self.iter().map(|(k, v)| k.len() + v.len()).sum()
     }
 }
 
+impl PartialEq for Headers {
+    fn eq(&self, other: &Self) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Headers {}
+
 impl fmt::Debug for Headers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map().entries(self.0.iter()).finish()
+        f.debug_map().entries(self.iter()).finish()
     }
 }
 
 impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
-        Headers(Arc::new(
-            iter.into_iter()
-                .map(|(k, v)| (k.into(), v.into()))
-                .collect(),
-        ))
+        let map: BTreeMap<String, String> = iter
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        Headers((!map.is_empty()).then(|| Arc::new(map)))
     }
 }
 
@@ -526,6 +540,34 @@ mod tests {
         let t = Timestamp::now();
         assert_eq!(Timestamp::from_unix_micros(t.unix_micros()), Some(t));
         assert!(t.to_string().ends_with('Z'));
+    }
+
+    #[test]
+    fn headers_empty_or_not() {
+        let empty = Headers::default();
+        assert!(empty.is_empty());
+        assert_eq!(empty.get("k"), None);
+        assert_eq!(empty, Headers::from_iter(Vec::<(String, String)>::new()));
+        let mut h = Headers::default();
+        h.insert("b", "2");
+        h.insert("a", "1");
+        h.insert("b", "3");
+        let copy = h.clone();
+        h.insert("c", "4");
+        assert_eq!(copy.len(), 2);
+        assert_eq!(h.len(), 3);
+        assert_eq!(h.get("b"), Some("3"));
+        assert_eq!(
+            h.iter().collect::<Vec<_>>(),
+            vec![("a", "1"), ("b", "3"), ("c", "4")]
+        );
+        assert_eq!(h.byte_len(), 6);
+        assert_eq!(
+            h,
+            [("c", "4"), ("a", "1"), ("b", "3")].into_iter().collect()
+        );
+        assert_ne!(h, empty);
+        assert_eq!(format!("{copy:?}"), r#"{"a": "1", "b": "3"}"#);
     }
 
     #[test]

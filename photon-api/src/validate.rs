@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 
+use foldhash::fast::RandomState;
 use uuid::Uuid;
 
 use crate::error::Error;
@@ -33,7 +34,9 @@ pub fn validate_batch(
             reason: "the batch is empty; an append stores at least one event".into(),
         });
     }
-    let mut seen = HashSet::with_capacity(events.len());
+    // Only duplicates within the batch are looked for: a fast seeded hash of the 128-bit id is
+    // enough, SipHash would cost more than the rest of the check.
+    let mut seen = HashSet::with_capacity_and_hasher(events.len(), RandomState::default());
     let mut total = 0;
     for (index, e) in events.iter().enumerate() {
         if e.event_id.is_nil() {
@@ -42,7 +45,7 @@ pub fn validate_batch(
                 reason: "the event id is the nil UUID; ids are the idempotency key".into(),
             });
         }
-        if !seen.insert(e.event_id) {
+        if !seen.insert(e.event_id.as_u128()) {
             return Err(Error::InvalidInput {
                 what: format!("event at index {index} of the batch for stream {stream}"),
                 reason: format!("event id {} appears twice in the batch", e.event_id),
@@ -124,17 +127,22 @@ pub fn classify_batch(
     events: &[EventData],
     mut stored: impl FnMut(&Uuid) -> Option<StoredId>,
 ) -> Result<BatchKind, Error> {
-    let found: Vec<Option<StoredId>> = events.iter().map(|e| stored(&e.event_id)).collect();
-    let Some(hit) = found.iter().position(Option::is_some) else {
+    // Most batches are new: look each id up once and allocate nothing until one is found.
+    let Some((hit, hit_at)) = events
+        .iter()
+        .enumerate()
+        .find_map(|(i, e)| stored(&e.event_id).map(|s| (i, s)))
+    else {
         return Ok(BatchKind::New);
     };
-    if let Some(Some(first)) = found.first() {
+    if hit == 0 {
+        let first = hit_at;
         let whole_append = first.version == first.batch_first
             && first.batch_len == events.len()
-            && found
-                .iter()
-                .enumerate()
-                .all(|(i, s)| s.is_some_and(|s| s.version == Version(first.version.0 + i as u64)));
+            && events[1..].iter().enumerate().all(|(i, e)| {
+                stored(&e.event_id)
+                    .is_some_and(|s| s.version == Version(first.version.0 + 1 + i as u64))
+            });
         if whole_append {
             return Ok(BatchKind::Retry {
                 first: first.version,
@@ -144,7 +152,7 @@ pub fn classify_batch(
     Err(Error::IdempotencyConflict {
         stream: stream.clone(),
         event_id: events[hit].event_id,
-        version: found[hit].expect("hit is a found position").version,
+        version: hit_at.version,
     })
 }
 
