@@ -96,6 +96,10 @@ pub struct Options {
     /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
+    /// Adds the measurements of an earlier run's results.json to this report (e.g. the 20M
+    /// memory replay, run with the servers stopped, beside a run of the server backends).
+    #[arg(long)]
+    pub merge: Option<PathBuf>,
 }
 
 /// The sizes every workload reads.
@@ -118,14 +122,20 @@ pub struct Sizes {
 }
 
 /// The URLs `all` stands for: memory, then each compiled backend at its bench variable or the
-/// local server `scripts/servers` starts.
+/// local server `scripts/servers` starts. The MongoDB default takes a collection prefix of its
+/// own per run: FerretDB answers photon-mongo's queries by scanning the collection, so earlier
+/// runs' documents would slow this one (the raw baseline starts empty too).
 fn all_urls() -> Vec<String> {
     let mut urls = vec!["memory://".to_owned()];
+    let mongo = format!(
+        "mongodb://127.0.0.1:27017/photon_bench?directConnection=true&photon_prefix=run{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     let compiled = [
         (
             cfg!(feature = "mongo"),
             "PHOTON_BENCH_MONGO_URL",
-            "mongodb://127.0.0.1:27017/photon_bench?directConnection=true",
+            mongo.as_str(),
         ),
         (
             cfg!(feature = "kafka"),
@@ -288,7 +298,23 @@ pub async fn run(o: &Options) -> Result<Report, BoxError> {
         o.url.clone()
     };
     let machine = system::Machine::describe();
-    let mut measurements = Vec::new();
+    let (mut measurements, mut commands) = match &o.merge {
+        Some(path) => {
+            let earlier: Report = serde_json::from_slice(
+                &std::fs::read(path).map_err(|e| format!("--merge {}: {e}", path.display()))?,
+            )
+            .map_err(|e| format!("--merge {}: not a results.json: {e}", path.display()))?;
+            // Ratios and targets are worked out again over everything.
+            let rows = earlier.measurements.into_iter().map(|mut m| {
+                if m.workload != "isolation" {
+                    m.ratio = None;
+                }
+                m
+            });
+            (rows.collect(), earlier.commands)
+        }
+        None => (Vec::new(), Vec::new()),
+    };
     for url in &urls {
         run_backend(url, &sizes, &o.workloads, &mut measurements)
             .await
@@ -296,12 +322,15 @@ pub async fn run(o: &Options) -> Result<Report, BoxError> {
     }
     report::fill_ratios(&mut measurements);
     let targets = report::check_targets(&measurements);
-    let report = Report {
-        machine,
-        command: std::env::args()
+    commands.push(
+        std::env::args()
             .map(|a| newton::store::url::redact(&a))
             .collect::<Vec<_>>()
             .join(" "),
+    );
+    let report = Report {
+        machine,
+        commands,
         measurements,
         targets,
     };

@@ -4,10 +4,10 @@
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Who produced a figure: the point of the harness is to read photon's rows against the others.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Photon (or newton) on the backend under test.
@@ -20,7 +20,7 @@ pub enum Role {
 }
 
 /// One figure of the results table.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Measurement {
     /// The backend's name (`memory`, `kafka`, `cassandra`, `mongodb`).
     pub backend: String,

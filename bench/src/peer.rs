@@ -14,18 +14,18 @@ use crate::domain::{Account, Deposit, ACCOUNTS};
 use crate::measure::{Latencies, Measurement, Role};
 use crate::{progress, BoxError, Sizes};
 
-/// The commands of one client: deposits to every account in turn, so every account's stream
-/// grows evenly and each command replays a longer history.
+/// The commands of one client: deposits to each of its own accounts in turn, so every
+/// account's stream grows evenly and each command replays a longer history. Clients own
+/// disjoint accounts (account `a` belongs to client `a % clients`), as commands to one
+/// aggregate are serial in an application; neither framework then meets a conflict.
 fn commands(client: u64, clients: u64, total: u64) -> Vec<Deposit> {
     let per_client = total / clients;
+    let accounts = (ACCOUNTS / clients).max(1);
     (0..per_client)
-        .map(|i| {
-            let n = client * per_client + i;
-            Deposit {
-                account: n % ACCOUNTS,
-                amount: 1 + (n % 1_000) as i64,
-                reference: format!("deposit {n} by client {client}"),
-            }
+        .map(|i| Deposit {
+            account: client + clients * (i % accounts),
+            amount: 1 + (i % 1_000) as i64,
+            reference: format!("deposit {i} by client {client}"),
         })
         .collect()
 }

@@ -5,19 +5,19 @@ use std::path::Path;
 
 use plotters::coord::ranged1d::SegmentValue;
 use plotters::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::measure::{Measurement, Role};
 use crate::system::Machine;
 use crate::BoxError;
 
 /// Everything one run measured.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Report {
     /// Where.
     pub machine: Machine,
-    /// The command line, to run it again.
-    pub command: String,
+    /// The command lines, to run them again: this run's, after those of merged earlier runs.
+    pub commands: Vec<String>,
     /// Every figure, in the order measured.
     pub measurements: Vec<Measurement>,
     /// The targets, checked against the figures.
@@ -25,7 +25,7 @@ pub struct Report {
 }
 
 /// One of the targets, as measured.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct TargetCheck {
     /// What is asked.
     pub target: String,
@@ -182,7 +182,11 @@ pub fn markdown(r: &Report, chart: Option<&str>) -> String {
             .as_ref()
             .map_or(String::new(), |c| format!(", commit {c}"))
     );
-    let _ = writeln!(s, "Command: `{}`\n", r.command);
+    let _ = writeln!(s, "Commands:\n");
+    for c in &r.commands {
+        let _ = writeln!(s, "    {c}");
+    }
+    let _ = writeln!(s);
     if let Some(chart) = chart {
         let _ = writeln!(s, "![photon ÷ baseline]({chart})\n");
     }
@@ -378,7 +382,7 @@ mod tests {
         assert!(!checks[0].met);
         let report = Report {
             machine: Machine::describe(),
-            command: "photon-bench".into(),
+            commands: vec!["photon-bench".into()],
             measurements: rows,
             targets: checks,
         };

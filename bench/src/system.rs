@@ -3,7 +3,7 @@
 
 use std::fs;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A `kB` field of `/proc/self/status`, in bytes.
 fn status_field(name: &str) -> Option<u64> {
@@ -37,7 +37,7 @@ pub fn mib(bytes: u64) -> f64 {
 }
 
 /// What the figures were measured on.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Machine {
     /// The CPU model.
     pub cpu: String,

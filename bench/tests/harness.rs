@@ -147,3 +147,57 @@ async fn the_duration_cap_stops_a_phase_and_says_so() {
     assert!(md.contains("stopped by the duration cap"), "{md}");
     std::fs::remove_dir_all(out).ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_earlier_run_merges_into_the_report_and_a_bad_one_is_refused() {
+    let first = scratch("first");
+    run(&options(&first, &["--workloads", "commands"]))
+        .await
+        .expect("the first run succeeds");
+    let second = scratch("second");
+    let earlier = first.join("results.json");
+    let report = run(&options(
+        &second,
+        &[
+            "--workloads",
+            "live",
+            "--merge",
+            earlier.to_str().expect("UTF-8"),
+        ],
+    ))
+    .await
+    .expect("the second run succeeds");
+    let workloads: Vec<&str> = report
+        .measurements
+        .iter()
+        .map(|m| m.workload.as_str())
+        .collect();
+    assert!(
+        workloads.contains(&"commands") && workloads.contains(&"live"),
+        "{workloads:?}"
+    );
+    assert_eq!(report.commands.len(), 2);
+    assert!(
+        report
+            .measurements
+            .iter()
+            .any(|m| m.workload == "commands" && m.ratio.is_some()),
+        "ratios are worked out again over the merged rows"
+    );
+
+    let garbage = second.join("garbage.json");
+    std::fs::write(&garbage, b"{ not json").expect("written");
+    let e = run(&options(
+        &second,
+        &["--merge", garbage.to_str().expect("UTF-8")],
+    ))
+    .await
+    .expect_err("garbage is refused");
+    assert!(e.to_string().contains("not a results.json"), "{e}");
+    let e = run(&options(&second, &["--merge", "/nonexistent/results.json"]))
+        .await
+        .expect_err("a missing file is refused");
+    assert!(e.to_string().contains("/nonexistent/results.json"), "{e}");
+    std::fs::remove_dir_all(first).ok();
+    std::fs::remove_dir_all(second).ok();
+}

@@ -48,7 +48,7 @@ impl RawMongo {
     /// # Errors
     /// - The driver's error.
     pub async fn connect(url: &str) -> Result<Self, BoxError> {
-        let mut options = ClientOptions::parse(url).await?;
+        let mut options = ClientOptions::parse(driver_url(url)).await?;
         options.server_selection_timeout = Some(Duration::from_secs(10));
         options.write_concern = Some(
             WriteConcern::builder()
@@ -132,6 +132,22 @@ impl RawMongo {
         }
         bar.finish_and_clear();
         Ok(())
+    }
+}
+
+/// The URL without photon-mongo's own `photon_*` options, which the driver refuses.
+fn driver_url(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_owned();
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|kv| !kv.starts_with("photon_"))
+        .collect();
+    if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
     }
 }
 
@@ -283,5 +299,20 @@ impl Raw for RawMongo {
     async fn clean_up(&self) -> Result<(), BoxError> {
         self.coll.drop().await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::driver_url;
+
+    #[test]
+    fn photon_options_are_left_out_of_the_driver_url() {
+        assert_eq!(
+            driver_url("mongodb://h/db?directConnection=true&photon_prefix=x"),
+            "mongodb://h/db?directConnection=true"
+        );
+        assert_eq!(driver_url("mongodb://h/db?photon_prefix=x"), "mongodb://h/db");
+        assert_eq!(driver_url("mongodb://h/db"), "mongodb://h/db");
     }
 }
