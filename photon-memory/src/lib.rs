@@ -154,6 +154,24 @@ struct State {
     payloads: BytesMut,
     /// Handed out for every event stored without metadata, so those events keep none.
     no_metadata: Metadata,
+    /// One shared copy of every event type name: stored events point at it instead of each
+    /// keeping its own allocation, so a replay touches one hot reference count, not one cold
+    /// one per event, and a stored event takes less memory.
+    event_types: std::collections::HashSet<EventType, foldhash::fast::RandomState>,
+}
+
+/// The shared copy of `t`, kept in `types` from its first use on.
+fn intern(
+    types: &mut std::collections::HashSet<EventType, foldhash::fast::RandomState>,
+    t: EventType,
+) -> EventType {
+    match types.get(&t) {
+        Some(shared) => shared.clone(),
+        None => {
+            types.insert(t.clone());
+            t
+        }
+    }
 }
 
 /// An event as stored: a [`RecordedEvent`] without what the log already knows (its checkpoint is
@@ -402,7 +420,7 @@ impl State {
                 version,
                 stream: index.number,
                 schema_version: e.schema_version,
-                event_type: e.event_type,
+                event_type: intern(&mut self.event_types, e.event_type),
                 occurred_at: e.occurred_at,
                 recorded_at,
                 payload,

@@ -312,7 +312,10 @@ mod tests {
             driver_url("mongodb://h/db?directConnection=true&photon_prefix=x"),
             "mongodb://h/db?directConnection=true"
         );
-        assert_eq!(driver_url("mongodb://h/db?photon_prefix=x"), "mongodb://h/db");
+        assert_eq!(
+            driver_url("mongodb://h/db?photon_prefix=x"),
+            "mongodb://h/db"
+        );
         assert_eq!(driver_url("mongodb://h/db"), "mongodb://h/db");
     }
 }
