@@ -101,7 +101,8 @@ pub struct Options {
     #[arg(long)]
     pub quiet: bool,
     /// Adds the measurements of an earlier run's results.json to this report (e.g. the 20M
-    /// memory replay, run with the servers stopped, beside a run of the server backends).
+    /// memory replay, run with the servers stopped, beside a run of the server backends); a
+    /// workload this run measures again replaces the earlier rows of its backend.
     #[arg(long)]
     pub merge: Option<PathBuf>,
 }
@@ -366,11 +367,19 @@ pub async fn run(o: &Options) -> Result<Report, BoxError> {
         }
         None => (Vec::new(), Vec::new()),
     };
+    let mut fresh = Vec::new();
     for url in &urls {
-        run_backend(url, &sizes, &o.workloads, &mut measurements)
+        run_backend(url, &sizes, &o.workloads, &mut fresh)
             .await
             .map_err(|e| format!("{}: {e}", newton::store::url::redact(url)))?;
     }
+    // A workload measured again replaces the merged rows of the same backend and workload.
+    measurements.retain(|m: &Measurement| {
+        !fresh
+            .iter()
+            .any(|f| f.backend == m.backend && f.workload == m.workload)
+    });
+    measurements.extend(fresh);
     report::fill_ratios(&mut measurements);
     let targets = report::check_targets(&measurements);
     commands.push(

@@ -177,6 +177,27 @@ async fn an_earlier_run_merges_into_the_report_and_a_bad_one_is_refused() {
         "{workloads:?}"
     );
     assert_eq!(report.commands.len(), 2);
+    // Measuring a merged workload again replaces its rows instead of adding a second set.
+    let third = scratch("third");
+    let again = run(&options(
+        &third,
+        &[
+            "--workloads",
+            "commands",
+            "--merge",
+            second.join("results.json").to_str().expect("UTF-8"),
+        ],
+    ))
+    .await
+    .expect("the third run succeeds");
+    let commands = again
+        .measurements
+        .iter()
+        .filter(|m| m.workload == "commands")
+        .count();
+    assert_eq!(commands, 4, "two cases, newton and cqrs-es each, once");
+    assert!(again.measurements.iter().any(|m| m.workload == "live"));
+    std::fs::remove_dir_all(third).ok();
     assert!(
         report
             .measurements

@@ -40,6 +40,26 @@ fn put_offsets(out: &mut Vec<u8>, next: &[i64]) {
     }
 }
 
+/// The checkpoint of `Position::Category` from borrowed parts: a subscription makes one per
+/// event, so it does not clone its offsets first.
+pub(crate) fn category_checkpoint(category: &str, next: &[i64]) -> Checkpoint {
+    let mut out = Vec::with_capacity(4 + category.len() + 8 * next.len());
+    out.push(1);
+    put_name(&mut out, category);
+    put_offsets(&mut out, next);
+    Checkpoint::new(BACKEND, &out)
+}
+
+/// The checkpoint of `Position::Partition` from borrowed parts.
+pub(crate) fn partition_checkpoint(category: &str, partition: i32, next: i64) -> Checkpoint {
+    let mut out = Vec::with_capacity(12 + category.len());
+    out.push(2);
+    put_name(&mut out, category);
+    out.extend_from_slice(&(partition as u16).to_be_bytes());
+    out.extend_from_slice(&next.to_be_bytes());
+    Checkpoint::new(BACKEND, &out)
+}
+
 impl Position {
     pub(crate) fn to_checkpoint(&self) -> Checkpoint {
         let mut out = Vec::with_capacity(64);

@@ -14,7 +14,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::index::PartitionIndex;
-use crate::position::Position;
+use crate::position;
 use crate::record::{self, partition_for};
 use crate::{blocking, map_kafka, unavailable, Shared};
 
@@ -212,6 +212,7 @@ pub(crate) async fn fetch(
         return Ok(out);
     }
     let consumer = pooled_reader(shared)?;
+    let mut names = record::Names::default();
     let mut i = 0;
     assign(&consumer, topic, p, offsets[0])?;
     while i < offsets.len() {
@@ -235,18 +236,14 @@ pub(crate) async fn fetch(
                         format!("{topic}/{p}: the indexed record at offset {want} is gone (was the topic deleted or truncated?)"),
                     ));
                 }
-                let checkpoint = Position::Partition {
-                    category: category.to_owned(),
-                    partition: p,
-                    next: want + 1,
-                }
-                .to_checkpoint();
-                let event = record::recorded_event(&msg, checkpoint)?.ok_or_else(|| {
-                    Error::backend(
-                        crate::BACKEND,
-                        format!("{topic}/{p}@{want} is indexed but not a photon event"),
-                    )
-                })?;
+                let checkpoint = position::partition_checkpoint(category, p, want + 1);
+                let event =
+                    record::recorded_event(&msg, checkpoint, &mut names)?.ok_or_else(|| {
+                        Error::backend(
+                            crate::BACKEND,
+                            format!("{topic}/{p}@{want} is indexed but not a photon event"),
+                        )
+                    })?;
                 out.push(event);
                 i += 1;
                 if i < offsets.len() && offsets[i] - want > SEEK_GAP {

@@ -2,8 +2,6 @@
 //! partition of a stream, the `photon.*` headers, and the conversion of records to events. Nothing
 //! here talks to a broker.
 
-use std::collections::BTreeMap;
-
 use photon_api::{
     Bytes, Checkpoint, ContentType, Error, EventData, EventType, Headers, Metadata, Payload,
     RecordedEvent, StreamId, Timestamp, Uuid, Version,
@@ -153,29 +151,97 @@ fn bad(msg: &BorrowedMessage<'_>, reason: String) -> Error {
 
 /// The `photon.*` headers of a record; None when it has no `photon.event_id` (not written by
 /// photon, e.g. by another tool into our topic: skipped, never an error).
-fn photon_headers<'m>(msg: &'m BorrowedMessage<'_>) -> Option<BTreeMap<&'m str, &'m str>> {
+/// The `photon.*` headers of a record, looked up by name. photon writes at most ten, so a
+/// fixed array searched in order beats a map: decoding a record allocates nothing for them.
+struct PhotonHeaders<'m> {
+    entries: [(&'m str, &'m str); MAX_PHOTON_HEADERS],
+    len: usize,
+}
+
+/// More `photon.*` headers than photon writes; further ones are ignored.
+const MAX_PHOTON_HEADERS: usize = 16;
+
+impl<'m> PhotonHeaders<'m> {
+    fn get(&self, name: &str) -> Option<&'m str> {
+        self.entries[..self.len]
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| *v)
+    }
+}
+
+fn photon_headers<'m>(msg: &'m BorrowedMessage<'_>) -> Option<PhotonHeaders<'m>> {
     let headers = msg.headers()?;
-    let mut map = BTreeMap::new();
+    let mut map = PhotonHeaders {
+        entries: [("", ""); MAX_PHOTON_HEADERS],
+        len: 0,
+    };
     for h in headers.iter() {
+        if map.len == MAX_PHOTON_HEADERS {
+            break;
+        }
         if h.key.starts_with(header::PREFIX) {
             if let Some(v) = h.value.and_then(|v| std::str::from_utf8(v).ok()) {
-                map.insert(h.key, v);
+                // The first of a repeated name wins, as a map's lookup would find one.
+                if map.get(h.key).is_none() {
+                    map.entries[map.len] = (h.key, v);
+                    map.len += 1;
+                }
             }
         }
     }
-    map.contains_key(header::EVENT_ID).then_some(map)
+    map.get(header::EVENT_ID).is_some().then_some(map)
 }
 
-fn field<'m, T: std::str::FromStr>(
+fn field<T: std::str::FromStr>(
     msg: &BorrowedMessage<'_>,
-    map: &BTreeMap<&'m str, &'m str>,
+    map: &PhotonHeaders<'_>,
     name: &str,
 ) -> Result<T, Error> {
-    let raw = map
-        .get(name)
-        .ok_or_else(|| bad(msg, format!("header {name} missing")))?;
+    let raw = text(msg, map, name)?;
     raw.parse()
         .map_err(|_| bad(msg, format!("header {name} is {raw:?}")))
+}
+
+fn text<'m>(
+    msg: &BorrowedMessage<'_>,
+    map: &PhotonHeaders<'m>,
+    name: &str,
+) -> Result<&'m str, Error> {
+    map.get(name)
+        .ok_or_else(|| bad(msg, format!("header {name} missing")))
+}
+
+/// The stream and event type of the last record decoded: consecutive records of one append
+/// repeat them, and reusing them saves validating and allocating both per event.
+#[derive(Default)]
+pub(crate) struct Names {
+    stream: Option<StreamId>,
+    event_type: Option<EventType>,
+}
+
+impl Names {
+    fn stream(&mut self, msg: &BorrowedMessage<'_>, key: &str) -> Result<StreamId, Error> {
+        match &self.stream {
+            Some(s) if s.as_str() == key => Ok(s.clone()),
+            _ => {
+                let s = StreamId::parse(key).map_err(|e| bad(msg, e.to_string()))?;
+                self.stream = Some(s.clone());
+                Ok(s)
+            }
+        }
+    }
+
+    fn event_type(&mut self, msg: &BorrowedMessage<'_>, name: &str) -> Result<EventType, Error> {
+        match &self.event_type {
+            Some(t) if t.as_str() == name => Ok(t.clone()),
+            _ => {
+                let t = EventType::new(name).map_err(|e| bad(msg, e.to_string()))?;
+                self.event_type = Some(t.clone());
+                Ok(t)
+            }
+        }
+    }
 }
 
 fn key_of<'m>(msg: &'m BorrowedMessage<'_>) -> Result<&'m str, Error> {
@@ -195,9 +261,7 @@ pub(crate) fn index_entry(msg: &BorrowedMessage<'_>) -> Result<Option<IndexEntry
     let Some(map) = photon_headers(msg) else {
         return Ok(None);
     };
-    let batch: &str = map
-        .get(header::BATCH)
-        .ok_or_else(|| bad(msg, "header photon.batch missing".into()))?;
+    let batch = text(msg, &map, header::BATCH)?;
     let (first, len) = batch
         .split_once('+')
         .and_then(|(f, l)| Some((f.parse().ok()?, l.parse().ok()?)))
@@ -217,11 +281,12 @@ pub(crate) fn index_entry(msg: &BorrowedMessage<'_>) -> Result<Option<IndexEntry
 pub(crate) fn recorded_event(
     msg: &BorrowedMessage<'_>,
     checkpoint: Checkpoint,
+    names: &mut Names,
 ) -> Result<Option<RecordedEvent>, Error> {
     let Some(map) = photon_headers(msg) else {
         return Ok(None);
     };
-    let stream = StreamId::parse(key_of(msg)?).map_err(|e| bad(msg, e.to_string()))?;
+    let stream = names.stream(msg, key_of(msg)?)?;
     let micros = |name: &str| -> Result<Timestamp, Error> {
         let us: i64 = field(msg, &map, name)?;
         Timestamp::from_unix_micros(us).ok_or_else(|| bad(msg, format!("{name} out of range")))
@@ -231,8 +296,8 @@ pub(crate) fn recorded_event(
             .map(|v| v.parse().map_err(|_| bad(msg, format!("{name} is {v:?}"))))
             .transpose()
     };
-    let event_type: String = field(msg, &map, header::EVENT_TYPE)?;
-    let content_type: String = field(msg, &map, header::CONTENT_TYPE)?;
+    let event_type = names.event_type(msg, text(msg, &map, header::EVENT_TYPE)?)?;
+    let content_type = text(msg, &map, header::CONTENT_TYPE)?;
     let user: Headers = msg
         .headers()
         .map(|hs| {
@@ -249,12 +314,12 @@ pub(crate) fn recorded_event(
         stream,
         version: Version(field(msg, &map, header::VERSION)?),
         event_id: field(msg, &map, header::EVENT_ID)?,
-        event_type: EventType::new(&event_type).map_err(|e| bad(msg, e.to_string()))?,
+        event_type,
         schema_version: field(msg, &map, header::SCHEMA_VERSION)?,
         occurred_at: micros(header::OCCURRED_AT)?,
         recorded_at: micros(header::RECORDED_AT)?,
         payload: Payload {
-            content_type: ContentType::from_mime(&content_type),
+            content_type: ContentType::from_mime(content_type),
             bytes: Bytes::copy_from_slice(msg.payload().unwrap_or_default()),
         },
         metadata: Metadata {

@@ -22,7 +22,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use crate::position::Position;
+use crate::position::{self, Position};
 use crate::reader::{partition_bounds, position_of};
 use crate::record::{self, partition_for};
 use crate::{blocking, map_kafka, Shared};
@@ -65,6 +65,8 @@ struct Sub {
     caught_up_sent: bool,
     last_discovery: Instant,
     last_progress: Instant,
+    /// The last stream and event type decoded, shared by the events that repeat them.
+    names: record::Names,
 }
 
 pub(crate) fn subscribe(
@@ -162,6 +164,7 @@ impl Sub {
             topics: BTreeMap::new(),
             since,
             caught_up_sent: false,
+            names: record::Names::default(),
             last_discovery: Instant::now(),
             last_progress: Instant::now(),
         };
@@ -341,28 +344,20 @@ impl Sub {
                     .topics
                     .get(s.category_name())
                     .map_or(0, |t| t.next[*p as usize]);
-                Position::Partition {
-                    category: s.category_name().to_owned(),
-                    partition: *p,
-                    next,
-                }
+                position::partition_checkpoint(s.category_name(), *p, next)
             }
-            Scope::Category(c) => Position::Category {
-                category: c.clone(),
-                next: self
-                    .topics
-                    .get(c)
-                    .map(|t| t.next.clone())
-                    .unwrap_or_default(),
-            },
+            Scope::Category(c) => position::category_checkpoint(
+                c,
+                self.topics.get(c).map_or(&[][..], |t| &t.next[..]),
+            ),
             Scope::All => Position::All(
                 self.topics
                     .iter()
                     .map(|(c, t)| (c.clone(), t.next.clone()))
                     .collect(),
-            ),
+            )
+            .to_checkpoint(),
         }
-        .to_checkpoint()
     }
 
     async fn next(&mut self) -> Result<Option<SubscriptionItem>, Error> {
@@ -453,7 +448,7 @@ impl Sub {
                 }
             }
             let checkpoint = self.checkpoint();
-            let event = match record::recorded_event(&msg, checkpoint) {
+            let event = match record::recorded_event(&msg, checkpoint, &mut self.names) {
                 Ok(Some(event)) => event,
                 Ok(None) => continue,
                 // Not written by photon's writer: skipped, like any foreign record.
