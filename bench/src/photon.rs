@@ -441,7 +441,8 @@ pub async fn isolation(
             .await?;
         first += 1;
     }
-    let alone_for = replay_took.clamp(Duration::from_secs(2), sizes.cap);
+    // At least 2 s, at most the cap (which may be shorter).
+    let alone_for = replay_took.max(Duration::from_secs(2)).min(sizes.cap);
     let started = Instant::now();
     let (alone, alone_took) = append_until(
         &second,
@@ -476,6 +477,8 @@ pub async fn isolation(
         Cap::new(sizes.cap * 4),
     )
     .await?;
+    // The cap stopped the appends before the replay ended: the rate is not "during" it all.
+    let cut_short = !done.load(Ordering::Relaxed);
     let (_, replay_elapsed) = replay.await??;
     let during_rate = during as f64 / during_took.as_secs_f64();
     let mut m = Measurement::throughput(
@@ -486,7 +489,8 @@ pub async fn isolation(
         Role::Photon,
         during,
         during_took,
-    );
+    )
+    .capped(cut_short);
     let note = format!(
         "alone: {alone_rate:.0} events/s; the replay took {:.2} s beside it ({:.2} s alone)",
         replay_elapsed.as_secs_f64(),

@@ -151,15 +151,26 @@ fn bad(msg: &BorrowedMessage<'_>, reason: String) -> Error {
 
 /// The `photon.*` headers of a record; None when it has no `photon.event_id` (not written by
 /// photon, e.g. by another tool into our topic: skipped, never an error).
-/// The `photon.*` headers of a record, looked up by name. photon writes at most ten, so a
-/// fixed array searched in order beats a map: decoding a record allocates nothing for them.
+/// The `photon.*` headers photon reads, looked up by name: a fixed array searched in order
+/// beats a map, and decoding a record allocates nothing for them.
 struct PhotonHeaders<'m> {
-    entries: [(&'m str, &'m str); MAX_PHOTON_HEADERS],
+    entries: [(&'m str, &'m str); KNOWN.len()],
     len: usize,
 }
 
-/// More `photon.*` headers than photon writes; further ones are ignored.
-const MAX_PHOTON_HEADERS: usize = 16;
+/// Every header photon reads; other `photon.*` names are ignored.
+const KNOWN: [&str; 10] = [
+    header::EVENT_ID,
+    header::VERSION,
+    header::EVENT_TYPE,
+    header::SCHEMA_VERSION,
+    header::CONTENT_TYPE,
+    header::OCCURRED_AT,
+    header::RECORDED_AT,
+    header::BATCH,
+    header::CAUSATION_ID,
+    header::CORRELATION_ID,
+];
 
 impl<'m> PhotonHeaders<'m> {
     fn get(&self, name: &str) -> Option<&'m str> {
@@ -172,19 +183,27 @@ impl<'m> PhotonHeaders<'m> {
 
 fn photon_headers<'m>(msg: &'m BorrowedMessage<'_>) -> Option<PhotonHeaders<'m>> {
     let headers = msg.headers()?;
+    collect_headers(headers.iter().map(|h| (h.key, h.value)))
+}
+
+/// The known headers among `(name, value)` pairs; None without an event id.
+fn collect_headers<'m>(
+    pairs: impl Iterator<Item = (&'m str, Option<&'m [u8]>)>,
+) -> Option<PhotonHeaders<'m>> {
     let mut map = PhotonHeaders {
-        entries: [("", ""); MAX_PHOTON_HEADERS],
+        entries: [("", ""); KNOWN.len()],
         len: 0,
     };
-    for h in headers.iter() {
-        if map.len == MAX_PHOTON_HEADERS {
-            break;
+    for (key, value) in pairs {
+        if !KNOWN.contains(&key) {
+            continue;
         }
-        if h.key.starts_with(header::PREFIX) {
-            if let Some(v) = h.value.and_then(|v| std::str::from_utf8(v).ok()) {
-                // The first of a repeated name wins, as a map's lookup would find one.
-                if map.get(h.key).is_none() {
-                    map.entries[map.len] = (h.key, v);
+        if let Some(v) = value.and_then(|v| std::str::from_utf8(v).ok()) {
+            // A repeated name keeps its last value, as inserting into a map would.
+            match map.entries[..map.len].iter_mut().find(|(k, _)| *k == key) {
+                Some(entry) => entry.1 = v,
+                None => {
+                    map.entries[map.len] = (key, v);
                     map.len += 1;
                 }
             }
@@ -334,6 +353,28 @@ pub(crate) fn recorded_event(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn known_headers_are_found_whatever_else_a_record_carries() {
+        let junk: Vec<String> = (0..40).map(|i| format!("photon.other{i}")).collect();
+        let mut pairs: Vec<(&str, Option<&[u8]>)> =
+            junk.iter().map(|k| (k.as_str(), Some(&b"x"[..]))).collect();
+        pairs.push((header::VERSION, Some(b"1")));
+        pairs.push((header::VERSION, Some(b"2")));
+        pairs.push((header::EVENT_TYPE, Some(&[0xff][..])));
+        pairs.push(("app.header", Some(b"v")));
+        pairs.push((header::EVENT_ID, Some(b"id")));
+        let map = collect_headers(pairs.iter().copied()).expect("an event id is there");
+        assert_eq!(map.get(header::EVENT_ID), Some("id"));
+        assert_eq!(map.get(header::VERSION), Some("2"), "the last value wins");
+        assert_eq!(
+            map.get(header::EVENT_TYPE),
+            None,
+            "a non-UTF-8 value is skipped"
+        );
+        assert_eq!(map.get("photon.other3"), None, "unknown names are ignored");
+        assert!(collect_headers([(header::VERSION, Some(&b"1"[..]))].into_iter()).is_none());
+    }
 
     /// The values of Kafka's own `UtilsTest.testMurmur2`, checked against the Java client.
     #[test]

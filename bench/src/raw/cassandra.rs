@@ -288,35 +288,38 @@ impl RawCassandra {
         let per_writer = (sizes.append_events / writers).max(1);
         let bucket = now_micros().div_euclid(TIME_BUCKET_MICROS);
         let cap = Cap::new(sizes.cap);
-        let started = Instant::now();
-        let tasks = (0..writers).map(|w| {
-            let (session, st, key) = (self.session.clone(), self.st.clone(), key.clone());
-            let plan: Vec<Vec<Bytes>> = (0..per_writer.div_ceil(batch))
-                .map(|i| domain::payloads(batch.min(per_writer - i * batch) as usize))
-                .collect();
-            async move {
-                let mut latencies = Latencies::default();
-                let (mut written, mut last) = (0u64, 0i64);
-                for (i, payloads) in plan.iter().enumerate() {
-                    if cap.reached() {
-                        break;
+        let tasks = (0..writers)
+            .map(|w| {
+                let (session, st, key) = (self.session.clone(), self.st.clone(), key.clone());
+                let plan: Vec<Vec<Bytes>> = (0..per_writer.div_ceil(batch))
+                    .map(|i| domain::payloads(batch.min(per_writer - i * batch) as usize))
+                    .collect();
+                async move {
+                    let mut latencies = Latencies::default();
+                    let (mut written, mut last) = (0u64, 0i64);
+                    for (i, payloads) in plan.iter().enumerate() {
+                        if cap.reached() {
+                            break;
+                        }
+                        let stream = format!("{key}-w{w}-{}", i % 100);
+                        // A stream's time ids only grow, as photon's do.
+                        let micros = now_micros().max(last + 1);
+                        last = micros;
+                        let t0 = Instant::now();
+                        let version = (i / 100) as u64 * batch;
+                        Self::write_one(
+                            &session, &st, write, &key, bucket, &stream, version, payloads, micros,
+                        )
+                        .await?;
+                        latencies.record(t0.elapsed());
+                        written += payloads.len() as u64;
                     }
-                    let stream = format!("{key}-w{w}-{}", i % 100);
-                    // A stream's time ids only grow, as photon's do.
-                    let micros = now_micros().max(last + 1);
-                    last = micros;
-                    let t0 = Instant::now();
-                    let version = (i / 100) as u64 * batch;
-                    Self::write_one(
-                        &session, &st, write, &key, bucket, &stream, version, payloads, micros,
-                    )
-                    .await?;
-                    latencies.record(t0.elapsed());
-                    written += payloads.len() as u64;
+                    Ok::<_, BoxError>((written, latencies))
                 }
-                Ok::<_, BoxError>((written, latencies))
-            }
-        });
+            })
+            .collect::<Vec<_>>();
+        // Every writer's appends are built above, before the clock starts, as photon's are.
+        let started = Instant::now();
         let results = futures::future::try_join_all(tasks).await?;
         let elapsed = started.elapsed();
         let mut latencies = Latencies::default();

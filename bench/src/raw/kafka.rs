@@ -6,7 +6,9 @@
 //! read_committed high watermark has passed the last record. The baseline does the same minus
 //! everything photon adds (no version index, no expected-version check, no wait for the
 //! watermark): a transaction per append, one transactional producer per writer. A reference
-//! row produces idempotently (acks=all) without transactions. The replay is one
+//! row produces idempotently (acks=all) without transactions. The replay set is written by an
+//! idempotent producer (photon's is written in transactions, so its topic also holds one
+//! commit marker per append of 1,000, which its consumer skips); the replay is one
 //! read_committed consumer assigned every partition from offset 0, read to the end, decoding
 //! every payload into the same view. Live latency is a transaction of one record until a
 //! read_committed consumer receives it.
@@ -288,36 +290,42 @@ impl RawKafka {
         }
         let per_writer = (sizes.append_events / writers).max(1);
         let cap = Cap::new(sizes.cap);
-        let started = Instant::now();
-        let tasks = producers.into_iter().enumerate().map(|(w, producer)| {
-            let topic = topic.clone();
-            let plan: Vec<Vec<Bytes>> = (0..per_writer.div_ceil(batch))
-                .map(|i| domain::payloads(batch.min(per_writer - i * batch) as usize))
-                .collect();
-            async move {
-                let mut latencies = Latencies::default();
-                let mut written = 0u64;
-                for (i, payloads) in plan.iter().enumerate() {
-                    if cap.reached() {
-                        break;
+        let tasks = producers
+            .into_iter()
+            .enumerate()
+            .map(|(w, producer)| {
+                let topic = topic.clone();
+                let plan: Vec<Vec<Bytes>> = (0..per_writer.div_ceil(batch))
+                    .map(|i| domain::payloads(batch.min(per_writer - i * batch) as usize))
+                    .collect();
+                async move {
+                    let mut latencies = Latencies::default();
+                    let mut written = 0u64;
+                    for (i, payloads) in plan.iter().enumerate() {
+                        if cap.reached() {
+                            break;
+                        }
+                        let s = (w as u64) * 100 + (i as u64 % 100);
+                        let version = (i as u64 / 100) * batch;
+                        let t0 = Instant::now();
+                        if transactional {
+                            producer.begin_transaction()?;
+                        }
+                        let key = format!("raw-{s}");
+                        send_batch(&producer, &topic, partition_of(s), &key, version, payloads)
+                            .await?;
+                        if transactional {
+                            blocking(&producer, |p| p.commit_transaction(TIMEOUT)).await?;
+                        }
+                        latencies.record(t0.elapsed());
+                        written += payloads.len() as u64;
                     }
-                    let s = (w as u64) * 100 + (i as u64 % 100);
-                    let version = (i as u64 / 100) * batch;
-                    let t0 = Instant::now();
-                    if transactional {
-                        producer.begin_transaction()?;
-                    }
-                    let key = format!("raw-{s}");
-                    send_batch(&producer, &topic, partition_of(s), &key, version, payloads).await?;
-                    if transactional {
-                        blocking(&producer, |p| p.commit_transaction(TIMEOUT)).await?;
-                    }
-                    latencies.record(t0.elapsed());
-                    written += payloads.len() as u64;
+                    Ok::<_, BoxError>((written, latencies))
                 }
-                Ok::<_, BoxError>((written, latencies))
-            }
-        });
+            })
+            .collect::<Vec<_>>();
+        // Every writer's appends are built above, before the clock starts, as photon's are.
+        let started = Instant::now();
         let results = futures::future::try_join_all(tasks).await?;
         let elapsed = started.elapsed();
         let mut latencies = Latencies::default();
@@ -436,6 +444,13 @@ impl Raw for RawKafka {
                 Err(e) => return Err(e.into()),
             }
         }
+        if view.events() != events {
+            return Err(format!(
+                "raw replay of {topic}: {} events, {events} written",
+                view.events()
+            )
+            .into());
+        }
         Ok(vec![Measurement::throughput(
             "kafka",
             "replay",
@@ -505,7 +520,8 @@ impl Raw for RawKafka {
             started.elapsed(),
         )
         .with_latency(&latencies)
-        .latency_only()])
+        .latency_only()
+        .capped(n < sizes.live_events)])
     }
 
     async fn clean_up(&self) -> Result<(), BoxError> {

@@ -173,38 +173,41 @@ impl Raw for RawMongo {
         let category = format!("append{batch}x{writers}");
         let per_writer = (sizes.append_events / writers).max(1);
         let cap = Cap::new(sizes.cap);
-        let started = Instant::now();
-        let tasks = (0..writers).map(|w| {
-            let category = category.clone();
-            let plan: Vec<Document> = (0..per_writer.div_ceil(batch))
-                .map(|i| {
-                    let n = batch.min(per_writer - i * batch);
-                    let stream = format!("{category}-w{w}-{}", i % 100);
-                    self.commit(
-                        &category,
-                        &stream,
-                        i / 100 * batch,
-                        &domain::payloads(n as usize),
-                    )
-                })
-                .collect();
-            let coll = self.coll.clone();
-            async move {
-                let mut latencies = Latencies::default();
-                let mut written = 0u64;
-                for doc in plan {
-                    if cap.reached() {
-                        break;
+        let tasks = (0..writers)
+            .map(|w| {
+                let category = category.clone();
+                let plan: Vec<Document> = (0..per_writer.div_ceil(batch))
+                    .map(|i| {
+                        let n = batch.min(per_writer - i * batch);
+                        let stream = format!("{category}-w{w}-{}", i % 100);
+                        self.commit(
+                            &category,
+                            &stream,
+                            i / 100 * batch,
+                            &domain::payloads(n as usize),
+                        )
+                    })
+                    .collect();
+                let coll = self.coll.clone();
+                async move {
+                    let mut latencies = Latencies::default();
+                    let mut written = 0u64;
+                    for doc in plan {
+                        if cap.reached() {
+                            break;
+                        }
+                        let n = doc.get_i64("count")? as u64;
+                        let t0 = Instant::now();
+                        coll.insert_one(doc).await?;
+                        latencies.record(t0.elapsed());
+                        written += n;
                     }
-                    let n = doc.get_i64("count")? as u64;
-                    let t0 = Instant::now();
-                    coll.insert_one(doc).await?;
-                    latencies.record(t0.elapsed());
-                    written += n;
+                    Ok::<_, BoxError>((written, latencies))
                 }
-                Ok::<_, BoxError>((written, latencies))
-            }
-        });
+            })
+            .collect::<Vec<_>>();
+        // Every writer's appends are built above, before the clock starts, as photon's are.
+        let started = Instant::now();
         let results = futures::future::try_join_all(tasks).await?;
         let elapsed = started.elapsed();
         let mut latencies = Latencies::default();
