@@ -1,6 +1,7 @@
 //! What a run records: one [`Measurement`] per subject and case, latency histograms, and the
 //! phase clock that enforces the duration cap.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -165,4 +166,25 @@ impl Cap {
     pub fn reached(&self) -> bool {
         Instant::now() >= self.deadline
     }
+}
+
+/// Runs writers that were built beforehand, all at once, on one clock: the operations they
+/// completed, their latencies merged, and the wall time from start to the last one's end.
+///
+/// # Errors
+/// - The first writer's error.
+pub async fn run_writers<F>(writers: Vec<F>) -> Result<(u64, Latencies, Duration), crate::BoxError>
+where
+    F: Future<Output = Result<(u64, Latencies), crate::BoxError>>,
+{
+    let started = Instant::now();
+    let results = futures::future::try_join_all(writers).await?;
+    let elapsed = started.elapsed();
+    let mut latencies = Latencies::default();
+    let mut total = 0;
+    for (n, l) in results {
+        total += n;
+        latencies.merge(&l);
+    }
+    Ok((total, latencies, elapsed))
 }

@@ -2,16 +2,16 @@
 //! `cqrs-es` crate with its own in-memory store. Each command loads the account by replaying
 //! its events, decides, and appends, in both frameworks.
 
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cqrs_es::mem_store::MemStore;
 use cqrs_es::CqrsFramework;
-use futures::future::try_join_all;
 use newton::Repository;
 
 use crate::domain::{Account, Deposit, ACCOUNTS};
-use crate::measure::{Latencies, Measurement, Role};
+use crate::measure::{run_writers, Latencies, Measurement, Role};
 use crate::{progress, BoxError, Sizes};
 
 /// The commands of one client: deposits to each of its own accounts in turn, so every
@@ -37,40 +37,68 @@ fn case(clients: u64) -> String {
     )
 }
 
+/// Runs `clients` concurrent clients, each its own commands through `execute`, each on its own
+/// task; returns the commands done, their latencies and the wall time.
+async fn drive<E, F>(
+    clients: u64,
+    total: u64,
+    what: &str,
+    execute: E,
+) -> Result<(u64, Latencies, Duration), BoxError>
+where
+    E: Fn(Deposit) -> F + Clone + Send + 'static,
+    F: Future<Output = Result<(), BoxError>> + Send,
+{
+    let bar = progress::bar(total, what);
+    // Commands are built before the clock starts; each client runs on a task of its own.
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let (execute, bar, commands) =
+                (execute.clone(), bar.clone(), commands(c, clients, total));
+            let task = tokio::spawn(async move {
+                let mut latencies = Latencies::default();
+                let mut done = 0;
+                for cmd in commands {
+                    let t0 = Instant::now();
+                    execute(cmd).await?;
+                    latencies.record(t0.elapsed());
+                    bar.inc(1);
+                    done += 1;
+                }
+                Ok::<_, BoxError>((done, latencies))
+            });
+            async move { task.await? }
+        })
+        .collect();
+    let result = run_writers(tasks).await;
+    bar.finish_and_clear();
+    result
+}
+
 /// Newton's repository on a fresh photon-memory store.
 pub async fn newton(sizes: &Sizes, clients: u64) -> Result<Measurement, BoxError> {
     let store = newton::connect("memory://").await?;
     let repo: Repository<Account> = Repository::new(store);
-    let bar = progress::bar(sizes.commands, "newton commands");
-    let total = sizes.commands;
-    let started = Instant::now();
-    let tasks = (0..clients).map(|c| {
-        let (repo, bar) = (repo.clone(), bar.clone());
-        tokio::spawn(async move {
-            let mut latencies = Latencies::default();
-            for cmd in commands(c, clients, total) {
-                let t0 = Instant::now();
+    let (done, latencies, elapsed) = drive(
+        clients,
+        sizes.commands,
+        "newton commands",
+        move |cmd: Deposit| {
+            let repo = repo.clone();
+            async move {
                 repo.execute(&cmd.account.to_string(), &cmd).await?;
-                latencies.record(t0.elapsed());
-                bar.inc(1);
+                Ok(())
             }
-            Ok::<_, BoxError>(latencies)
-        })
-    });
-    let results = try_join_all(tasks).await?;
-    let elapsed = started.elapsed();
-    bar.finish_and_clear();
-    let mut latencies = Latencies::default();
-    for l in results {
-        latencies.merge(&l?);
-    }
+        },
+    )
+    .await?;
     Ok(Measurement::throughput(
         "memory",
         "commands",
         case(clients),
         "newton on photon-memory",
         Role::Photon,
-        sizes.commands / clients * clients,
+        done,
         elapsed,
     )
     .with_latency(&latencies))
@@ -83,38 +111,28 @@ pub async fn cqrs_es(sizes: &Sizes, clients: u64) -> Result<Measurement, BoxErro
         vec![],
         (),
     ));
-    let bar = progress::bar(sizes.commands, "cqrs-es commands");
-    let total = sizes.commands;
-    let started = Instant::now();
-    let tasks = (0..clients).map(|c| {
-        let (cqrs, bar) = (cqrs.clone(), bar.clone());
-        tokio::spawn(async move {
-            let mut latencies = Latencies::default();
-            for cmd in commands(c, clients, total) {
-                let t0 = Instant::now();
+    let (done, latencies, elapsed) = drive(
+        clients,
+        sizes.commands,
+        "cqrs-es commands",
+        move |cmd: Deposit| {
+            let cqrs = cqrs.clone();
+            async move {
                 cqrs.execute(&cmd.account.to_string(), cmd)
                     .await
                     .map_err(|e| e.to_string())?;
-                latencies.record(t0.elapsed());
-                bar.inc(1);
+                Ok(())
             }
-            Ok::<_, BoxError>(latencies)
-        })
-    });
-    let results = try_join_all(tasks).await?;
-    let elapsed = started.elapsed();
-    bar.finish_and_clear();
-    let mut latencies = Latencies::default();
-    for l in results {
-        latencies.merge(&l?);
-    }
+        },
+    )
+    .await?;
     Ok(Measurement::throughput(
         "memory",
         "commands",
         case(clients),
         "cqrs-es 0.4 (MemStore)",
         Role::Baseline,
-        sizes.commands / clients * clients,
+        done,
         elapsed,
     )
     .with_latency(&latencies))

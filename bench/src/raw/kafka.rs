@@ -34,7 +34,7 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 use super::Raw;
 use crate::domain::{self, Balances};
-use crate::measure::{Cap, Latencies, Measurement, Role};
+use crate::measure::{run_writers, Cap, Latencies, Measurement, Role};
 use crate::photon::append_case;
 use crate::{progress, BoxError, Sizes};
 
@@ -325,15 +325,7 @@ impl RawKafka {
             })
             .collect::<Vec<_>>();
         // Every writer's appends are built above, before the clock starts, as photon's are.
-        let started = Instant::now();
-        let results = futures::future::try_join_all(tasks).await?;
-        let elapsed = started.elapsed();
-        let mut latencies = Latencies::default();
-        let mut total = 0;
-        for (n, l) in results {
-            total += n;
-            latencies.merge(&l);
-        }
+        let (total, latencies, elapsed) = run_writers(tasks).await?;
         let (subject, role) = if transactional {
             ("raw rdkafka (a transaction per append)", Role::Baseline)
         } else {
