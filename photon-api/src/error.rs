@@ -147,11 +147,16 @@ pub enum Error {
         feature: &'static str,
     },
 
-    /// Any other failure inside a backend (a driver error that is not a timeout, corrupt data).
-    #[error("{backend} backend error: {source}")]
+    /// Any other failure inside a backend (a driver error that is not a timeout, corrupt data,
+    /// a refused permission). Not retryable: the same call fails the same way until something
+    /// changes. `source()` is the driver's own error, so a caller can tell a TLS failure from an
+    /// authorization failure by walking the chain.
+    #[error("{backend} backend error while {context}: {source}")]
     Backend {
         /// Which backend.
         backend: &'static str,
+        /// What was being done, e.g. `appending to account-7` or `creating table events`.
+        context: String,
         /// The underlying error.
         #[source]
         source: BoxError,
@@ -167,11 +172,30 @@ impl Error {
         matches!(self, Error::Unavailable { .. })
     }
 
-    /// A `Backend` error from any driver error.
-    pub fn backend(backend: &'static str, source: impl Into<BoxError>) -> Self {
+    /// A `Backend` error: `source` (kept as [`std::error::Error::source`]) happened while doing
+    /// `context`.
+    pub fn backend(
+        backend: &'static str,
+        context: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
         Error::Backend {
             backend,
+            context: context.into(),
             source: source.into(),
+        }
+    }
+
+    /// An `Unavailable` error keeping the driver's error as its source.
+    pub fn unavailable(
+        backend: &'static str,
+        message: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Error::Unavailable {
+            backend,
+            message: message.into(),
+            source: Some(source.into()),
         }
     }
 }
@@ -198,5 +222,28 @@ mod tests {
             source: None,
         };
         assert!(u.is_retryable());
+    }
+
+    #[test]
+    fn backend_errors_keep_their_source_and_context() {
+        use std::error::Error as _;
+        let driver = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "not authorized");
+        let e = Error::backend("kafka", "creating topic photon.account", driver);
+        assert_eq!(
+            e.to_string(),
+            "kafka backend error while creating topic photon.account: not authorized"
+        );
+        let source = e.source().expect("kept");
+        let io = source
+            .downcast_ref::<std::io::Error>()
+            .expect("the driver's own error");
+        assert_eq!(io.kind(), std::io::ErrorKind::PermissionDenied);
+        assert!(!e.is_retryable());
+        let u = Error::unavailable("mongo", "127.0.0.1:27017 did not answer", driver_timeout());
+        assert!(u.is_retryable() && u.source().is_some());
+    }
+
+    fn driver_timeout() -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out")
     }
 }

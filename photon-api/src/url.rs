@@ -1,54 +1,408 @@
-//! Connection URLs: which scheme means which backend, and which cargo feature compiles it in.
+//! Store URLs: the one parser every backend and tool reads its connection string with.
 //!
-//! The dispatcher itself lives in `newton` (the crate that knows the features); this table lives
-//! here so that every crate gives the same answer for a scheme that was not compiled in.
+//! A backend URL is `scheme://[user[:password]@]host[:port][,host[:port]...][/path][?k=v&...]`.
+//! The `url` crate parses each host (IPv4, IPv6 in brackets, names) and the path; this module adds
+//! what it does not know: several comma-separated hosts, options with typed getters whose errors
+//! name the option and the rule, a refusal of unknown options that lists the known ones, and
+//! credentials that never reach `Debug`, `Display` or an error message.
+//!
+//! Which scheme belongs to which backend is each backend crate's `SCHEMES`; which cargo feature
+//! compiles it in is newton's business (it owns the features).
+
+use std::fmt;
+use std::ops::RangeInclusive;
+use std::str::FromStr;
+use std::time::Duration;
+
+use percent_encoding::percent_decode_str;
 
 use crate::error::Error;
 
-/// A backend this project knows, compiled in or not.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct KnownBackend {
-    /// URL scheme, without `://`.
-    pub scheme: &'static str,
-    /// Backend name (also its checkpoint tag).
-    pub backend: &'static str,
-    /// The `newton` cargo feature that compiles it in.
-    pub feature: &'static str,
+/// One `host[:port]` of a URL.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct HostPort {
+    /// The host as written: a name, an IPv4 address, or an IPv6 address in brackets.
+    pub host: String,
+    /// The port, when one was given.
+    pub port: Option<u16>,
 }
 
-/// Every backend of the project, by scheme.
-pub const KNOWN_BACKENDS: &[KnownBackend] = &[
-    KnownBackend {
-        scheme: "memory",
-        backend: "memory",
-        feature: "memory",
-    },
-    KnownBackend {
-        scheme: "kafka",
-        backend: "kafka",
-        feature: "kafka",
-    },
-    KnownBackend {
-        scheme: "cassandra",
-        backend: "cassandra",
-        feature: "cassandra",
-    },
-    KnownBackend {
-        scheme: "scylla",
-        backend: "cassandra",
-        feature: "cassandra",
-    },
-    KnownBackend {
-        scheme: "mongodb",
-        backend: "mongo",
-        feature: "mongo",
-    },
-    KnownBackend {
-        scheme: "mongodb+srv",
-        backend: "mongo",
-        feature: "mongo",
-    },
-];
+impl HostPort {
+    /// `host:port`, with `default_port` when the URL gave none; the form drivers take.
+    pub fn with_default_port(&self, default_port: u16) -> String {
+        format!("{}:{}", self.host, self.port.unwrap_or(default_port))
+    }
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some(port) => write!(f, "{}:{port}", self.host),
+            None => f.write_str(&self.host),
+        }
+    }
+}
+
+/// A parsed store URL.
+///
+/// Options are read with the typed getters ([`StoreUrl::bool_option`],
+/// [`StoreUrl::number_option`], ...), whose errors name the URL (without its password), the
+/// option and the rule; [`StoreUrl::check_options`] refuses the ones a backend does not know.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoreUrl {
+    what: &'static str,
+    scheme: String,
+    username: Option<String>,
+    password: Option<String>,
+    hosts: Vec<HostPort>,
+    path: String,
+    /// Decoded `(key, value)` pairs, in URL order.
+    options: Vec<(String, String)>,
+    /// The same pairs as written, for [`StoreUrl::to_string_keeping`].
+    raw_options: Vec<String>,
+    /// Everything before `?`, as written (credentials included).
+    raw_base: String,
+}
+
+impl StoreUrl {
+    /// Parses `url`, whose scheme must be one of `schemes`; `what` names the URL in errors
+    /// (e.g. `"Kafka URL"`).
+    ///
+    /// # Errors
+    /// - [`Error::InvalidInput`] for another scheme, a malformed host or port, or a part that is
+    ///   not percent-encoded UTF-8.
+    ///   (An option given twice is refused by [`StoreUrl::check_options`], since some drivers'
+    ///   own options may repeat.)
+    pub fn parse(url: &str, what: &'static str, schemes: &[&str]) -> Result<Self, Error> {
+        let shown = redact(url);
+        let invalid = |reason: String| Error::InvalidInput {
+            what: format!("{what} {shown:?}"),
+            reason,
+        };
+        let wanted = || {
+            schemes
+                .iter()
+                .map(|s| format!("{s}://"))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        };
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| invalid(format!("must start with {}", wanted())))?;
+        let scheme = scheme.to_ascii_lowercase();
+        if !schemes.contains(&scheme.as_str()) {
+            return Err(invalid(format!("must start with {}", wanted())));
+        }
+        let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
+        // Credentials end at the last '@' before the query, so a password holding an unencoded
+        // '/', '#' or '@' still parses (and is still hidden) as the old parsers allowed.
+        let (userinfo, after_userinfo) = split_userinfo(before_query);
+        let authority_end = after_userinfo.find('/').unwrap_or(after_userinfo.len());
+        let (host_list, path) = after_userinfo.split_at(authority_end);
+        // Errors name the part, never its value: it may be a password.
+        let decode = |s: &str, part: &str| -> Result<String, Error> {
+            percent_decode_str(s)
+                .decode_utf8()
+                .map(|c| c.into_owned())
+                .map_err(|_| invalid(format!("the {part} is not percent-encoded UTF-8")))
+        };
+        let (username, password) = match userinfo {
+            None => (None, None),
+            Some(u) => {
+                let (user, password) = match u.split_once(':') {
+                    Some((user, password)) => (user, Some(decode(password, "password")?)),
+                    None => (u, None),
+                };
+                (Some(decode(user, "user name")?), password)
+            }
+        };
+        let hosts = if host_list.is_empty() {
+            Vec::new()
+        } else {
+            host_list
+                .split(',')
+                .map(|h| parse_host(h.trim()).map_err(&invalid))
+                .collect::<Result<_, _>>()?
+        };
+        let path = decode(path.strip_prefix('/').unwrap_or(path), "path")?;
+        let mut options: Vec<(String, String)> = Vec::new();
+        let mut raw_options = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let key = decode(key, "name of an option")?;
+            let value = decode(value, &format!("value of option {key}"))?;
+            options.push((key, value));
+            raw_options.push(pair.to_owned());
+        }
+        Ok(Self {
+            what,
+            scheme,
+            username,
+            password,
+            hosts,
+            path,
+            options,
+            raw_options,
+            raw_base: format!(
+                "{}://{before_query}",
+                url.split_once("://").map_or("", |p| p.0)
+            ),
+        })
+    }
+
+    /// The scheme, lower-cased.
+    pub fn scheme(&self) -> &str {
+        &self.scheme
+    }
+
+    /// The hosts, in URL order; empty when the URL names none (`memory://`).
+    pub fn hosts(&self) -> &[HostPort] {
+        &self.hosts
+    }
+
+    /// Each host as `host:port`, with `default_port` where none was given.
+    pub fn host_ports(&self, default_port: u16) -> Vec<String> {
+        self.hosts
+            .iter()
+            .map(|h| h.with_default_port(default_port))
+            .collect()
+    }
+
+    /// The percent-decoded path without its leading `/` (a database or keyspace); empty when
+    /// there is none.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The percent-decoded user name, when the URL has `user@`.
+    pub fn username(&self) -> Option<&str> {
+        self.username.as_deref()
+    }
+
+    /// The percent-decoded password, when the URL has `user:password@`. Never log it.
+    pub fn password(&self) -> Option<&str> {
+        self.password.as_deref()
+    }
+
+    /// Every option as `(key, value)`, decoded, in URL order.
+    pub fn options(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.options.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// The value of option `name`, when given (checked options are given at most once).
+    pub fn option(&self, name: &str) -> Option<&str> {
+        self.options
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Refuses options outside `known`, and any option given twice; an entry ending in `*`
+    /// admits every name with that prefix (`rdkafka.*`).
+    ///
+    /// # Errors
+    /// - [`Error::InvalidInput`] naming the first unknown or repeated option and listing the
+    ///   known ones.
+    pub fn check_options(&self, known: &[&str]) -> Result<(), Error> {
+        self.check_options_matching(|_| true, known)
+    }
+
+    /// As [`StoreUrl::check_options`], for the options whose key `ours` accepts only: a backend
+    /// whose URL also carries its driver's options (which the driver checks) checks its own.
+    ///
+    /// # Errors
+    /// - As [`StoreUrl::check_options`].
+    pub fn check_options_matching(
+        &self,
+        ours: impl Fn(&str) -> bool,
+        known: &[&str],
+    ) -> Result<(), Error> {
+        let is_known = |key: &str| {
+            known.iter().any(|k| match k.strip_suffix('*') {
+                Some(prefix) => key.starts_with(prefix) && key.len() > prefix.len(),
+                None => *k == key,
+            })
+        };
+        let checked = self.options.iter().map(|(k, _)| k).filter(|k| ours(k));
+        for (i, key) in checked.clone().enumerate() {
+            if !is_known(key) {
+                return Err(self.invalid(format!(
+                    "unknown option {key:?}; known options are {}",
+                    known.join(", ")
+                )));
+            }
+            if checked.clone().skip(i + 1).any(|k| k == key) {
+                return Err(self.invalid(format!("option {key} is given twice")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Option `name` read by `parse`, which returns None for a value breaking `rule` (the
+    /// error's wording, e.g. "must be a letter then up to 47 of A-Z a-z 0-9 _").
+    ///
+    /// # Errors
+    /// - [`Error::InvalidInput`] naming the option, the rule and the value given.
+    pub fn parsed_option<T>(
+        &self,
+        name: &str,
+        rule: &str,
+        parse: impl FnOnce(&str) -> Option<T>,
+    ) -> Result<Option<T>, Error> {
+        match self.option(name) {
+            None => Ok(None),
+            Some(value) => parse(value)
+                .map(Some)
+                .ok_or_else(|| self.invalid(format!("{name} {rule}, got {value:?}"))),
+        }
+    }
+
+    /// Option `name` as `true` or `false`.
+    ///
+    /// # Errors
+    /// - [`Error::InvalidInput`] for any other value.
+    pub fn bool_option(&self, name: &str) -> Result<Option<bool>, Error> {
+        self.parsed_option(name, "must be true or false", |v| match v {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        })
+    }
+
+    /// Option `name` as a whole number within `range`.
+    ///
+    /// # Errors
+    /// - [`Error::InvalidInput`] naming the range for a value outside it or not a number.
+    pub fn number_option<T>(&self, name: &str, range: RangeInclusive<T>) -> Result<Option<T>, Error>
+    where
+        T: FromStr + PartialOrd + fmt::Display,
+    {
+        let rule = format!(
+            "must be a whole number from {} to {}",
+            range.start(),
+            range.end()
+        );
+        self.parsed_option(name, &rule, |v| {
+            v.parse::<T>().ok().filter(|n| range.contains(n))
+        })
+    }
+
+    /// Option `name` as milliseconds within `range`.
+    ///
+    /// # Errors
+    /// - As [`StoreUrl::number_option`].
+    pub fn millis_option(
+        &self,
+        name: &str,
+        range: RangeInclusive<u64>,
+    ) -> Result<Option<Duration>, Error> {
+        Ok(self.number_option(name, range)?.map(Duration::from_millis))
+    }
+
+    /// An [`Error::InvalidInput`] naming this URL (without its password) and `reason`.
+    pub fn invalid(&self, reason: impl Into<String>) -> Error {
+        Error::InvalidInput {
+            what: format!("{} {:?}", self.what, self.to_string()),
+            reason: reason.into(),
+        }
+    }
+
+    /// The URL as written, credentials included, keeping only the options `keep` accepts: the
+    /// string to hand a driver that parses its own options. Treat it as a secret.
+    pub fn to_string_keeping(&self, keep: impl Fn(&str) -> bool) -> String {
+        let kept: Vec<&str> = self
+            .options
+            .iter()
+            .zip(&self.raw_options)
+            .filter(|((k, _), _)| keep(k))
+            .map(|(_, raw)| raw.as_str())
+            .collect();
+        if kept.is_empty() {
+            self.raw_base.clone()
+        } else {
+            format!("{}?{}", self.raw_base, kept.join("&"))
+        }
+    }
+}
+
+/// The URL with its password shown as `***`; secret-looking option values too.
+impl fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://", self.scheme)?;
+        if let Some(user) = &self.username {
+            f.write_str(user)?;
+            if self.password.is_some() {
+                f.write_str(":***")?;
+            }
+            f.write_str("@")?;
+        }
+        let hosts: Vec<String> = self.hosts.iter().map(ToString::to_string).collect();
+        f.write_str(&hosts.join(","))?;
+        if !self.path.is_empty() {
+            write!(f, "/{}", self.path)?;
+        }
+        for (i, (k, v)) in self.options.iter().enumerate() {
+            let v = if is_secret_option(k) { "***" } else { v };
+            write!(f, "{}{k}={v}", if i == 0 { '?' } else { '&' })?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("StoreUrl").field(&self.to_string()).finish()
+    }
+}
+
+/// Whether an option's value is a secret (a password, a key, a token), hidden wherever the URL
+/// is shown.
+pub fn is_secret_option(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "pem",
+        "token",
+        "jaas",
+        "oauthbearer.config",
+        "credential",
+        "authmechanismproperties",
+    ]
+    .iter()
+    .any(|s| key.contains(s))
+}
+
+/// `(user info, the rest)` of what stands between `://` and `?`: the user info ends at the last
+/// `@`, so an unencoded `/`, `#` or `@` in a password stays in the password.
+fn split_userinfo(before_query: &str) -> (Option<&str>, &str) {
+    match before_query.rsplit_once('@') {
+        Some((userinfo, rest)) => (Some(userinfo), rest),
+        None => (None, before_query),
+    }
+}
+
+fn parse_host(host: &str) -> Result<HostPort, String> {
+    if host.is_empty() {
+        return Err("names an empty host (host[:port][,host[:port]...])".into());
+    }
+    // A scheme without special rules, so that the url crate keeps every port as given.
+    let parsed =
+        url::Url::parse(&format!("photon://{host}")).map_err(|e| format!("host {host:?}: {e}"))?;
+    let name = match parsed.host() {
+        Some(url::Host::Domain(d)) => d.to_owned(),
+        Some(url::Host::Ipv4(ip)) => ip.to_string(),
+        Some(url::Host::Ipv6(ip)) => format!("[{ip}]"),
+        None => return Err(format!("host {host:?} names no host")),
+    };
+    if !parsed.path().is_empty() || !parsed.username().is_empty() {
+        return Err(format!("host {host:?} is not host[:port]"));
+    }
+    Ok(HostPort {
+        host: name,
+        port: parsed.port(),
+    })
+}
 
 /// The scheme of `url` (before `://`), lower-cased.
 ///
@@ -66,87 +420,163 @@ pub fn scheme(url: &str) -> Result<String, Error> {
     }
 }
 
-/// The error for a URL whose backend is not compiled in (or does not exist).
-pub fn not_compiled(url: &str) -> Error {
-    let shown = redact(url);
-    let scheme = match scheme(url) {
-        Ok(s) => s,
-        Err(e) => return e,
-    };
-    match KNOWN_BACKENDS.iter().find(|b| b.scheme == scheme) {
-        Some(b) => Error::BackendNotCompiled {
-            url: shown,
-            backend: b.backend,
-            feature: b.feature,
-        },
-        None => Error::InvalidInput {
-            what: format!("store URL {shown:?}"),
-            reason: format!(
-                "unknown scheme {scheme:?}; known are {}",
-                KNOWN_BACKENDS
-                    .iter()
-                    .map(|b| b.scheme)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        },
-    }
-}
-
-/// `url` with any password replaced by `***`, for errors and logs.
+/// `url` with any password replaced by `***`, for errors and logs; works on URLs that do not
+/// parse, so an error about a malformed URL can still show it.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{host}{tail}")
+    let query_start = rest.find('?').unwrap_or(rest.len());
+    let (before_query, tail) = rest.split_at(query_start);
+    let (userinfo, after_userinfo) = split_userinfo(before_query);
+    let authority = match userinfo {
+        Some(userinfo) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{after_userinfo}"),
+            None => format!("{userinfo}@{after_userinfo}"),
+        },
+        None => after_userinfo.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        None => tail.to_owned(),
+        Some((path, query)) => {
+            let pairs: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((k, _)) if is_secret_option(k) => format!("{k}=***"),
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", pairs.join("&"))
         }
-        None => url.to_owned(),
-    }
+    };
+    format!("{scheme}://{authority}{tail}")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn known_scheme_names_its_feature() {
-        let e = not_compiled("kafka://127.0.0.1:9092");
-        assert!(
-            matches!(
-                e,
-                Error::BackendNotCompiled {
-                    feature: "kafka",
-                    ..
-                }
-            ),
-            "{e:?}"
-        );
-        assert!(e.to_string().contains("enable cargo feature \"kafka\""));
-        let e = not_compiled("mongodb://u:secret@h/db");
-        assert!(matches!(
-            e,
-            Error::BackendNotCompiled {
-                feature: "mongo",
-                ..
-            }
-        ));
-        assert!(!e.to_string().contains("secret"));
+    fn parse(url: &str) -> Result<StoreUrl, Error> {
+        StoreUrl::parse(url, "Test URL", &["test", "test+srv"])
+    }
+
+    fn reason(e: Error) -> String {
+        match e {
+            Error::InvalidInput { reason, .. } => reason,
+            other => panic!("not InvalidInput: {other:?}"),
+        }
     }
 
     #[test]
-    fn unknown_or_missing_scheme_is_invalid_input() {
-        assert!(
-            matches!(not_compiled("redis://x"), Error::InvalidInput { reason, .. } if reason.contains("unknown scheme \"redis\""))
+    fn hosts_ports_path_and_credentials() {
+        let u =
+            parse("test://al%40ce:p%3Ass@h1:1,10.0.0.1,[::1]:3/key%20space?a=1&b=x%26y").unwrap();
+        assert_eq!(u.scheme(), "test");
+        assert_eq!(u.username(), Some("al@ce"));
+        assert_eq!(u.password(), Some("p:ss"));
+        assert_eq!(u.host_ports(9), vec!["h1:1", "10.0.0.1:9", "[::1]:3"]);
+        assert_eq!(u.path(), "key space");
+        assert_eq!(u.option("b"), Some("x&y"));
+        assert_eq!(u.options().count(), 2);
+        let bare = parse("TEST://").unwrap();
+        assert!(bare.hosts().is_empty());
+        assert_eq!(bare.path(), "");
+    }
+
+    #[test]
+    fn malformed_urls_are_invalid_input_naming_the_rule() {
+        assert!(reason(parse("kafka://h").unwrap_err()).contains("test:// or test+srv://"));
+        assert!(reason(parse("test://h:99999").unwrap_err()).contains("h:99999"));
+        assert!(reason(parse("test://h1,,h2").unwrap_err()).contains("empty host"));
+        let twice = parse("test://h?a=1&a=2&t=x&t=y").unwrap();
+        assert!(reason(twice.check_options(&["a", "t"]).unwrap_err()).contains("a is given twice"));
+        // A driver's own options may repeat (MongoDB's readPreferenceTags); only ours are checked.
+        twice
+            .check_options_matching(|k| k != "t", &["a"])
+            .unwrap_err();
+        parse("test://h?p_a=1&t=x&t=y")
+            .unwrap()
+            .check_options_matching(|k| k.starts_with("p_"), &["p_a"])
+            .unwrap();
+        let e = parse("test://h?p_b=1&t=x")
+            .unwrap()
+            .check_options_matching(|k| k.starts_with("p_"), &["p_a"])
+            .unwrap_err();
+        assert!(reason(e).contains("unknown option \"p_b\""));
+    }
+
+    #[test]
+    fn typed_getters_name_the_option_and_rule() {
+        let u = parse("test://h?n=7&big=900&flag=yes&ms=250").unwrap();
+        assert_eq!(u.number_option::<u32>("n", 1..=10).unwrap(), Some(7));
+        assert_eq!(u.number_option::<u32>("absent", 1..=10).unwrap(), None);
+        let e = reason(u.number_option::<u32>("big", 1..=10).unwrap_err());
+        assert_eq!(e, "big must be a whole number from 1 to 10, got \"900\"");
+        let e = reason(u.bool_option("flag").unwrap_err());
+        assert_eq!(e, "flag must be true or false, got \"yes\"");
+        assert_eq!(
+            u.millis_option("ms", 1..=1000).unwrap(),
+            Some(Duration::from_millis(250))
         );
-        assert!(matches!(
-            not_compiled("nothing"),
-            Error::InvalidInput { .. }
-        ));
+    }
+
+    #[test]
+    fn unknown_options_are_refused_with_the_known_list() {
+        let u = parse("test://h?prefix=a&rdkafka.linger.ms=5&typo=1").unwrap();
+        let e = reason(u.check_options(&["prefix", "rdkafka.*"]).unwrap_err());
+        assert_eq!(
+            e,
+            "unknown option \"typo\"; known options are prefix, rdkafka.*"
+        );
+        let u = parse("test://h?prefix=a&rdkafka.linger.ms=5").unwrap();
+        u.check_options(&["prefix", "rdkafka.*"]).unwrap();
+        // A bare prefix is not an option name.
+        let u = parse("test://h?rdkafka.=5").unwrap();
+        assert!(u.check_options(&["rdkafka.*"]).is_err());
+    }
+
+    #[test]
+    fn secrets_never_show() {
+        let u = parse("test://user:hunter2@h/db?sasl_password=s3cret&x=1").unwrap();
+        for shown in [u.to_string(), format!("{u:?}")] {
+            assert!(
+                !shown.contains("hunter2") && !shown.contains("s3cret"),
+                "{shown}"
+            );
+        }
+        assert_eq!(u.to_string(), "test://user:***@h/db?sasl_password=***&x=1");
+        let e = u.invalid("bad").to_string();
+        assert!(!e.contains("hunter2") && !e.contains("s3cret"), "{e}");
+        // An error about a URL that does not parse hides the password too.
+        for bad in [
+            "test://user:hunter2@h:bad",
+            "test://user:hunter2%FF@h",
+            "test://h?sasl_password=hunter2%FF",
+            "test://user:hun/ter2@h:bad",
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(!e.contains("hunter2") && !e.contains("ter2"), "{e}");
+        }
+        // Unencoded '/', '#' and '@' in a password stay in the password.
+        let u = parse("test://user:p/a#s@s@h:1/db?x=1").unwrap();
+        assert_eq!(u.password(), Some("p/a#s@s"));
+        assert_eq!(u.host_ports(0), vec!["h:1"]);
+        assert_eq!(u.path(), "db");
+        assert_eq!(u.to_string(), "test://user:***@h:1/db?x=1");
+        assert_eq!(
+            redact("test://user:p/a#s@s@h:1/db"),
+            "test://user:***@h:1/db"
+        );
+    }
+
+    #[test]
+    fn driver_url_keeps_chosen_options_as_written() {
+        let u = parse("test://u:p%40ss@h:1/db?photon_x=1&w=majority&tls=true").unwrap();
+        assert_eq!(
+            u.to_string_keeping(|k| !k.starts_with("photon_")),
+            "test://u:p%40ss@h:1/db?w=majority&tls=true"
+        );
+        assert_eq!(u.to_string_keeping(|_| false), "test://u:p%40ss@h:1/db");
     }
 
     #[test]
@@ -154,6 +584,10 @@ mod tests {
         assert_eq!(
             redact("mongodb://u:p@h:1/db?x=y"),
             "mongodb://u:***@h:1/db?x=y"
+        );
+        assert_eq!(
+            redact("kafka://h:1?sasl_password=x"),
+            "kafka://h:1?sasl_password=***"
         );
         assert_eq!(redact("kafka://h:1"), "kafka://h:1");
         assert_eq!(redact("memory://"), "memory://");

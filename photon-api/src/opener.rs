@@ -1,0 +1,240 @@
+//! Opening a subscription, the part every backend does the same way: check the start against the
+//! mode, decode the checkpoint into the backend's own position, build the backend's cursor, and
+//! hand out a stream that ends after its first error (a subscription that failed resumes from
+//! the consumer's last checkpoint, never past a hole).
+//!
+//! What a cursor does between its items (polling a log, paging a table, waiting for a commit)
+//! stays in the backend.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::stream::{self, BoxStream, FusedStream, Stream};
+use futures::StreamExt;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::Error;
+use crate::store::error_stream;
+use crate::subscription::{Selector, Start, SubscriptionItem, SubscriptionMode};
+use crate::validate::validate_subscription;
+
+/// A subscription's arguments, checked, with the checkpoint decoded into the backend's position
+/// type `P`.
+#[derive(Clone, Debug)]
+pub struct SubscriptionRequest<P> {
+    /// What to deliver.
+    pub selector: Selector,
+    /// Where to start, as given (for `Start::After`, `after` holds the decoded position).
+    pub start: Start,
+    /// The position decoded from `Start::After`'s checkpoint.
+    pub after: Option<P>,
+    /// Cold, Hot or HotCold; already checked against `start`.
+    pub mode: SubscriptionMode,
+}
+
+/// A backend's cursor over one subscription: yields the next item, `None` at the end (Cold), or
+/// an error, after which it is not asked again.
+pub trait SubscriptionCursor: Send + 'static {
+    /// The next item; waits for it when live.
+    fn next_item(
+        &mut self,
+    ) -> impl Future<Output = Result<Option<SubscriptionItem>, Error>> + Send + '_;
+}
+
+/// Opens a subscription the way every backend does.
+///
+/// `decode` turns `Start::After`'s checkpoint into the backend's position (refusing a foreign or
+/// mismatched one); `open` builds the backend's item stream from the checked request. The
+/// returned stream yields the first error of either, or of the items, and then ends.
+///
+/// # Errors
+/// - [`Error::InvalidInput`] as the first item for `Hot` with a start other than `Now`.
+/// - Whatever `decode` or `open` return, as the first item.
+pub fn open_subscription<P, S>(
+    selector: Selector,
+    start: Start,
+    mode: SubscriptionMode,
+    decode: impl FnOnce(&Checkpoint, &Selector) -> Result<P, Error>,
+    open: impl FnOnce(SubscriptionRequest<P>) -> Result<S, Error>,
+) -> BoxStream<'static, Result<SubscriptionItem, Error>>
+where
+    S: Stream<Item = Result<SubscriptionItem, Error>> + Send + 'static,
+{
+    let request = validate_subscription(&start, mode)
+        .and_then(|()| match &start {
+            Start::After(cp) => decode(cp, &selector).map(Some),
+            _ => Ok(None),
+        })
+        .map(|after| SubscriptionRequest {
+            selector,
+            start,
+            after,
+            mode,
+        });
+    match request.and_then(open) {
+        Ok(items) => EndAfterError {
+            inner: items.boxed(),
+            done: false,
+        }
+        .boxed(),
+        Err(e) => error_stream(e),
+    }
+}
+
+/// The items of a cursor that `open` builds asynchronously (connecting a consumer, reading a
+/// head): the error of `open` is the first item, then each of the cursor's items in turn.
+pub fn cursor_stream<C, F>(open: F) -> impl Stream<Item = Result<SubscriptionItem, Error>> + Send
+where
+    C: SubscriptionCursor,
+    F: Future<Output = Result<C, Error>> + Send + 'static,
+{
+    enum State<C, F> {
+        Opening(F),
+        Open(C),
+    }
+    stream::unfold(Some(State::Opening(open)), |state| async move {
+        let mut cursor = match state? {
+            State::Open(cursor) => cursor,
+            State::Opening(open) => match open.await {
+                Ok(cursor) => cursor,
+                Err(e) => return Some((Err(e), None)),
+            },
+        };
+        match cursor.next_item().await {
+            Ok(Some(item)) => Some((Ok(item), Some(State::Open(cursor)))),
+            Ok(None) => None,
+            Err(e) => Some((Err(e), None)),
+        }
+    })
+}
+
+/// Ends a stream after its first error, without allocating per item.
+struct EndAfterError {
+    inner: BoxStream<'static, Result<SubscriptionItem, Error>>,
+    done: bool,
+}
+
+impl Stream for EndAfterError {
+    type Item = Result<SubscriptionItem, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let polled = self.inner.poll_next_unpin(cx);
+        match &polled {
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.done = true,
+            _ => {}
+        }
+        polled
+    }
+}
+
+impl FusedStream for EndAfterError {
+    fn is_terminated(&self) -> bool {
+        self.done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::executor::block_on;
+
+    struct Counter {
+        left: u32,
+        fail_at_end: bool,
+    }
+
+    impl SubscriptionCursor for Counter {
+        async fn next_item(&mut self) -> Result<Option<SubscriptionItem>, Error> {
+            if self.left == 0 {
+                return if self.fail_at_end {
+                    Err(Error::Unavailable {
+                        backend: "test",
+                        message: "gone".into(),
+                        source: None,
+                    })
+                } else {
+                    Ok(None)
+                };
+            }
+            self.left -= 1;
+            Ok(Some(SubscriptionItem::CaughtUp))
+        }
+    }
+
+    fn open(
+        start: Start,
+        mode: SubscriptionMode,
+        fail_at_end: bool,
+    ) -> Vec<Result<SubscriptionItem, Error>> {
+        let s = open_subscription(
+            Selector::All,
+            start,
+            mode,
+            |cp, _| {
+                if cp.backend() == "test" {
+                    Ok(7u64)
+                } else {
+                    Err(Error::ForeignCheckpoint {
+                        expected_backend: "test".into(),
+                        checkpoint: cp.to_string(),
+                    })
+                }
+            },
+            move |request| {
+                let left = request.after.map_or(2, |p| p as u32 - 5);
+                Ok(cursor_stream(
+                    async move { Ok(Counter { left, fail_at_end }) },
+                ))
+            },
+        );
+        block_on(s.collect())
+    }
+
+    #[test]
+    fn a_hot_subscription_must_start_now() {
+        let items = open(Start::Beginning, SubscriptionMode::Hot, false);
+        assert!(matches!(&items[..], [Err(Error::InvalidInput { .. })]));
+    }
+
+    #[test]
+    fn a_foreign_checkpoint_is_the_only_item() {
+        let cp = Checkpoint::from_position("other", 1);
+        let items = open(Start::After(cp), SubscriptionMode::Cold, false);
+        assert!(matches!(&items[..], [Err(Error::ForeignCheckpoint { .. })]));
+    }
+
+    #[test]
+    fn the_checkpoint_reaches_the_cursor_and_the_stream_ends_after_an_error() {
+        let cp = Checkpoint::from_position("test", 1);
+        let items = open(Start::After(cp), SubscriptionMode::Cold, true);
+        assert_eq!(items.len(), 3, "two items, then the error, then nothing");
+        assert!(items[..2].iter().all(|i| i.is_ok()));
+        assert!(matches!(items[2], Err(Error::Unavailable { .. })));
+        let items = open(Start::Beginning, SubscriptionMode::Cold, false);
+        assert_eq!(items.len(), 2);
+    }
+
+    #[test]
+    fn an_open_that_fails_is_the_only_item() {
+        let s = open_subscription(
+            Selector::All,
+            Start::Now,
+            SubscriptionMode::Hot,
+            |_, _| Ok(()),
+            |_| {
+                Ok(cursor_stream(async {
+                    Err::<Counter, _>(Error::Unsupported {
+                        backend: "test",
+                        operation: "all".into(),
+                    })
+                }))
+            },
+        );
+        let items: Vec<_> = block_on(s.collect());
+        assert!(matches!(&items[..], [Err(Error::Unsupported { .. })]));
+    }
+}
