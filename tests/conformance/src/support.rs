@@ -1,11 +1,14 @@
-//! Small tools the cases share: fresh names, numbered events, bounded waits.
+//! Small tools the cases share: fresh names, numbered events, reads, appends that retry, bounded
+//! waits. A tool used by one case file only stays in that file; nothing here asserts a guarantee
+//! on its own.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt, TryStreamExt};
 use photon_api::{
-    Category, Error, EventData, EventStore, RecordedEvent, Selector, Start, StreamId,
-    SubscriptionItem, SubscriptionMode,
+    AppendResult, Category, Error, EventData, EventStore, EventStoreExt, ExpectedVersion,
+    ReadOptions, RecordedEvent, Selector, Start, StreamId, SubscriptionItem, SubscriptionMode,
 };
 use serde::{Deserialize, Serialize};
 
@@ -98,4 +101,77 @@ where
     if let Ok(item) = tokio::time::timeout(wait, sub.next()).await {
         panic!("expected nothing {what}, got {item:?}");
     }
+}
+
+/// The versions of `events`, in order.
+pub(crate) fn versions(events: &[RecordedEvent]) -> Vec<u64> {
+    events.iter().map(|e| e.version.0).collect()
+}
+
+/// The numbers of events made by [`numbered`], in order.
+pub(crate) fn numbers(events: &[RecordedEvent]) -> Vec<u64> {
+    events.iter().map(number_of).collect()
+}
+
+/// The whole of `stream`, read forwards.
+pub(crate) async fn read_all(store: &dyn EventStore, stream: &StreamId) -> Vec<RecordedEvent> {
+    store
+        .read_to_vec(stream, ReadOptions::forwards())
+        .await
+        .expect("read")
+}
+
+/// Appends `count` numbered events (numbers `first..first+count`) in one batch.
+pub(crate) async fn append_numbered(
+    store: &dyn EventStore,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    first: u64,
+    count: u64,
+) -> AppendResult {
+    append_until_definite(
+        store,
+        stream,
+        expected,
+        (first..first + count).map(numbered).collect(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("append to {stream}: {e}"))
+}
+
+/// Appends, re-sending the same batch (same ids) after a retryable error, as a careful client
+/// does: a timeout says nothing about whether the batch landed, and idempotency makes the resend
+/// safe. Real servers time out now and then under the concurrency cases' load.
+pub(crate) async fn append_until_definite(
+    store: &dyn EventStore,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    events: Vec<EventData>,
+) -> Result<AppendResult, Error> {
+    let mut attempt = 1;
+    loop {
+        match store.append(stream, expected, events.clone()).await {
+            Err(e) if e.is_retryable() && attempt < 5 => {
+                println!("retrying append to {stream} after: {e}");
+                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Checks per-stream order: within each stream, versions come 0, 1, 2, ... with no gap or repeat.
+pub(crate) fn assert_per_stream_order(events: &[RecordedEvent]) -> BTreeMap<StreamId, u64> {
+    let mut next: BTreeMap<StreamId, u64> = BTreeMap::new();
+    for e in events {
+        let want = next.entry(e.stream.clone()).or_insert(0);
+        assert_eq!(
+            e.version.0, *want,
+            "stream {} delivered version {} where {} was due",
+            e.stream, e.version, want
+        );
+        *want += 1;
+    }
+    next
 }
