@@ -1,15 +1,72 @@
-//! The `kafka://` URL and the librdkafka settings derived from it. This module owns every client
-//! setting photon-kafka relies on for its guarantees (acks, idempotence, isolation level), so they
-//! cannot be overridden by accident from the URL.
+//! The `kafka://` URL and every librdkafka setting derived from it. This module owns the client
+//! settings photon-kafka relies on for its guarantees (acks, idempotence, isolation level) and
+//! the settings of the topics it creates, so the URL cannot override them by accident and the
+//! bench's raw baseline reads the same ones. It opens no connection (that is `client.rs`).
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use percent_encoding::percent_decode_str;
+use photon_api::url::{is_secret_option, StoreUrl};
 use photon_api::validate::DEFAULT_MAX_EVENT_SIZE;
 use photon_api::Error;
 use rdkafka::ClientConfig;
+
+/// The URL scheme of this backend.
+pub const SCHEME: &str = "kafka";
+
+/// Every URL scheme this backend answers; newton's `connect` dispatches on these.
+pub const SCHEMES: &[&str] = &[SCHEME];
+
+/// The broker port of a URL host written without one: Kafka's.
+const DEFAULT_PORT: u16 = 9092;
+
+/// Room for the key, the `photon.*` headers and the record framing above the event's own size.
+const RECORD_OVERHEAD: usize = 64 * 1024;
+
+/// The options a `kafka://` URL may carry; `rdkafka.*` passes any other librdkafka setting.
+const OPTIONS: &[&str] = &[
+    "prefix",
+    "partitions",
+    "replication_factor",
+    "create",
+    "timeout_ms",
+    "max_event_size",
+    "max_append_size",
+    "security_protocol",
+    "sasl_mechanism",
+    "sasl_username",
+    "sasl_password",
+    "ssl_ca_location",
+    "ssl_certificate_location",
+    "ssl_key_location",
+    "ssl_key_password",
+    "rdkafka.*",
+];
+
+/// URL options passed to librdkafka under their librdkafka names.
+const SECURITY_OPTIONS: &[(&str, &str)] = &[
+    ("security_protocol", "security.protocol"),
+    ("sasl_mechanism", "sasl.mechanisms"),
+    ("sasl_username", "sasl.username"),
+    ("sasl_password", "sasl.password"),
+    ("ssl_ca_location", "ssl.ca.location"),
+    ("ssl_certificate_location", "ssl.certificate.location"),
+    ("ssl_key_location", "ssl.key.location"),
+    ("ssl_key_password", "ssl.key.password"),
+];
+
+/// The settings this crate's guarantees depend on; the URL may not override them.
+const RESERVED: &[&str] = &[
+    "bootstrap.servers",
+    "acks",
+    "enable.idempotence",
+    "transactional.id",
+    "isolation.level",
+    "enable.auto.commit",
+    "enable.partition.eof",
+    "group.id",
+];
 
 /// Settings of a [`crate::KafkaStore`].
 #[derive(Clone, PartialEq, Eq)]
@@ -42,31 +99,16 @@ pub struct KafkaConfig {
     pub client_settings: BTreeMap<String, String>,
 }
 
-/// The settings this crate's guarantees depend on; the URL may not override them.
-const RESERVED: &[&str] = &[
-    "bootstrap.servers",
-    "acks",
-    "enable.idempotence",
-    "transactional.id",
-    "isolation.level",
-    "enable.auto.commit",
-    "enable.partition.eof",
-    "group.id",
-];
-
-/// Whether a librdkafka setting holds a secret, hidden from `Debug` and logs.
-fn is_secret(key: &str) -> bool {
-    ["password", "secret", "pem", "oauthbearer.config", "jaas"]
-        .iter()
-        .any(|s| key.contains(s))
-}
-
 impl fmt::Debug for KafkaConfig {
+    /// Hides passwords and keys: a config ends up in logs and error messages.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let settings: BTreeMap<&str, &str> = self
             .client_settings
             .iter()
-            .map(|(k, v)| (k.as_str(), if is_secret(k) { "***" } else { v.as_str() }))
+            .map(|(k, v)| {
+                let shown = if is_secret_option(k) { "***" } else { v };
+                (k.as_str(), shown)
+            })
             .collect();
         f.debug_struct("KafkaConfig")
             .field("bootstrap_servers", &self.bootstrap_servers)
@@ -81,11 +123,6 @@ impl fmt::Debug for KafkaConfig {
             .finish()
     }
 }
-
-const OPTIONS: &str = "prefix, partitions, replication_factor, create, timeout_ms, max_event_size, max_append_size, security_protocol, sasl_mechanism, sasl_username, sasl_password, ssl_ca_location, ssl_certificate_location, ssl_key_location, ssl_key_password, rdkafka.<setting>";
-
-/// Room for the key, the `photon.*` headers and the record framing above the event's own size.
-pub(crate) const RECORD_OVERHEAD: usize = 64 * 1024;
 
 impl KafkaConfig {
     /// A configuration for `bootstrap_servers` with every default.
@@ -106,149 +143,87 @@ impl KafkaConfig {
     /// Parses `kafka://[user:password@]host:port[,host:port...][?option=value&...]`.
     ///
     /// # Errors
-    /// - [`Error::InvalidInput`] for another scheme, no host, an unknown option, a bad value, or
-    ///   an `rdkafka.` option that would override a setting the guarantees rely on.
+    /// - [`Error::InvalidInput`] for another scheme, no host, a path, an unknown option, a bad
+    ///   value, or an `rdkafka.` option that would override a setting the guarantees rely on.
     pub fn from_url(url: &str) -> Result<Self, Error> {
-        let shown = photon_api::url::redact(url);
-        let invalid = |reason: String| Error::InvalidInput {
-            what: format!("Kafka URL {shown:?}"),
-            reason,
-        };
-        let rest = url
-            .strip_prefix("kafka://")
-            .ok_or_else(|| invalid("must start with kafka://".into()))?;
-        let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let authority = authority.trim_end_matches('/');
-        let (userinfo, hosts) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, authority),
-        };
-        if hosts.is_empty() || hosts.split(',').any(|h| h.trim().is_empty()) {
-            return Err(invalid("names no broker (host:port[,host:port...])".into()));
+        let url = StoreUrl::parse(url, "Kafka URL", SCHEMES)?;
+        url.check_options(OPTIONS)?;
+        if url.hosts().is_empty() {
+            return Err(url.invalid("names no broker (host:port[,host:port...])"));
         }
-        let mut config = Self::new(hosts);
-        let decode = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
-        if let Some(userinfo) = userinfo {
-            let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-            config
-                .client_settings
-                .insert("sasl.username".into(), decode(user));
-            config
-                .client_settings
-                .insert("sasl.password".into(), decode(password));
+        if !url.path().is_empty() {
+            return Err(url.invalid("takes no path: topics are named by the prefix option"));
         }
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (key, raw) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = decode(raw);
-            let number = |what: &str| -> Result<i64, Error> {
-                value
-                    .parse::<i64>()
-                    .map_err(|_| invalid(format!("{what} must be a whole number, got {value:?}")))
+        let mut config = Self::new(url.host_ports(DEFAULT_PORT).join(","));
+        config.read_options(&url)?;
+        config.read_client_settings(&url)?;
+        Ok(config)
+    }
+
+    /// The store's own options, each checked against its rule.
+    fn read_options(&mut self, url: &StoreUrl) -> Result<(), Error> {
+        let prefix_rule = "must be 1 to 180 of A-Z a-z 0-9 . _ - (it starts topic names)";
+        if let Some(prefix) = url.parsed_option("prefix", prefix_rule, valid_prefix)? {
+            self.topic_prefix = prefix;
+        }
+        if let Some(n) = url.number_option("partitions", 1..=10_000)? {
+            self.partitions = n;
+        }
+        let replication_rule = "must be -1 (broker default) or 1 to 100";
+        let replication = |v: &str| {
+            v.parse::<i32>()
+                .ok()
+                .filter(|n| *n == -1 || (1..=100).contains(n))
+        };
+        if let Some(n) = url.parsed_option("replication_factor", replication_rule, replication)? {
+            self.replication_factor = n;
+        }
+        if let Some(create) = url.bool_option("create")? {
+            self.create_topics = create;
+        }
+        if let Some(timeout) = url.millis_option("timeout_ms", 100..=600_000)? {
+            self.timeout = timeout;
+        }
+        if let Some(n) = url.number_option("max_event_size", 1..=256 * 1024 * 1024)? {
+            self.max_event_size = n;
+        }
+        if let Some(n) = url.number_option("max_append_size", 1..=1024 * 1024 * 1024)? {
+            self.max_append_size = n;
+        }
+        Ok(())
+    }
+
+    /// Credentials, TLS and `rdkafka.*` settings, in URL order (a later one wins).
+    fn read_client_settings(&mut self, url: &StoreUrl) -> Result<(), Error> {
+        if let Some(user) = url.username() {
+            let password = url.password().unwrap_or_default();
+            self.client_settings
+                .insert("sasl.username".into(), user.to_owned());
+            self.client_settings
+                .insert("sasl.password".into(), password.to_owned());
+        }
+        for (key, value) in url.options() {
+            let Some(setting) = librdkafka_name(key) else {
+                continue;
             };
-            match key {
-                "prefix" => {
-                    let ok = !value.is_empty()
-                        && value.len() <= 180
-                        && value
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-                    if !ok {
-                        return Err(invalid(format!(
-                            "prefix {value:?} must be 1 to 180 of A-Z a-z 0-9 . _ - (it starts topic names)"
-                        )));
-                    }
-                    config.topic_prefix = value;
-                }
-                "partitions" => {
-                    let n = number("partitions")?;
-                    if !(1..=10_000).contains(&n) {
-                        return Err(invalid(format!("partitions must be 1 to 10000, got {n}")));
-                    }
-                    config.partitions = n as i32;
-                }
-                "replication_factor" => {
-                    let n = number("replication_factor")?;
-                    if n == 0 || !(-1..=100).contains(&n) {
-                        return Err(invalid(format!(
-                            "replication_factor must be -1 (broker default) or 1 to 100, got {n}"
-                        )));
-                    }
-                    config.replication_factor = n as i32;
-                }
-                "create" => {
-                    config.create_topics = match value.as_str() {
-                        "true" => true,
-                        "false" => false,
-                        _ => {
-                            return Err(invalid(format!(
-                                "create must be true or false, got {value:?}"
-                            )))
-                        }
-                    }
-                }
-                "timeout_ms" => {
-                    let n = number("timeout_ms")?;
-                    if !(100..=600_000).contains(&n) {
-                        return Err(invalid(format!("timeout_ms must be 100 to 600000, got {n}")));
-                    }
-                    config.timeout = Duration::from_millis(n as u64);
-                }
-                "max_event_size" => {
-                    let n = number("max_event_size")?;
-                    if !(1..=256 * 1024 * 1024).contains(&n) {
-                        return Err(invalid(format!(
-                            "max_event_size must be 1 to 268435456, got {n}"
-                        )));
-                    }
-                    config.max_event_size = n as usize;
-                }
-                "max_append_size" => {
-                    let n = number("max_append_size")?;
-                    if !(1..=1024 * 1024 * 1024).contains(&n) {
-                        return Err(invalid(format!(
-                            "max_append_size must be 1 to 1073741824, got {n}"
-                        )));
-                    }
-                    config.max_append_size = n as usize;
-                }
-                "security_protocol" | "sasl_mechanism" | "sasl_username" | "sasl_password"
-                | "ssl_ca_location" | "ssl_certificate_location" | "ssl_key_location"
-                | "ssl_key_password" => {
-                    let name = match key {
-                        "sasl_mechanism" => "sasl.mechanisms".to_owned(),
-                        k => k.replace('_', "."),
-                    };
-                    config.client_settings.insert(name, value);
-                }
-                other => match other.strip_prefix("rdkafka.") {
-                    Some(setting) if RESERVED.contains(&setting) => {
-                        return Err(invalid(format!(
-                            "{setting} is set by photon-kafka for its guarantees and cannot be overridden"
-                        )))
-                    }
-                    Some(setting) if !setting.is_empty() => {
-                        config.client_settings.insert(setting.to_owned(), value);
-                    }
-                    _ => {
-                        return Err(invalid(format!(
-                            "unknown option {other:?}; known: {OPTIONS}"
-                        )))
-                    }
-                },
+            if RESERVED.contains(&setting) {
+                return Err(url.invalid(format!(
+                    "{setting} is set by photon-kafka for its guarantees and cannot be overridden"
+                )));
             }
+            self.client_settings
+                .insert(setting.to_owned(), value.to_owned());
         }
-        if userinfo.is_some() {
+        if url.username().is_some() {
             // Credentials in the URL mean SASL; over TLS unless the URL says otherwise.
-            config
-                .client_settings
+            self.client_settings
                 .entry("security.protocol".into())
                 .or_insert_with(|| "sasl_ssl".into());
-            config
-                .client_settings
+            self.client_settings
                 .entry("sasl.mechanisms".into())
                 .or_insert_with(|| "PLAIN".into());
         }
-        Ok(config)
+        Ok(())
     }
 
     /// The topic of `category`.
@@ -264,13 +239,30 @@ impl KafkaConfig {
         photon_api::Category::new(category).ok().map(|_| category)
     }
 
-    /// The `max.message.bytes` of created topics and the producer's `message.max.bytes`.
-    pub(crate) fn max_record_bytes(&self) -> usize {
+    /// The largest record photon-kafka writes or reads: the largest event plus room for its key
+    /// and headers. Created topics get it as `max.message.bytes`, producers as
+    /// `message.max.bytes`, consumers as `fetch.message.max.bytes`.
+    pub fn max_record_bytes(&self) -> usize {
         self.max_event_size + RECORD_OVERHEAD
     }
 
-    /// Settings every client shares: brokers, security, timeouts.
-    fn base(&self) -> ClientConfig {
+    /// The settings of topics this store creates: events are the record of what happened, so
+    /// never deleted by age or size, stamped with the writer's time (offsets-for-times relies on
+    /// it), and never lost to an unclean leader election.
+    pub(crate) fn topic_settings(&self) -> [(&'static str, String); 6] {
+        [
+            ("retention.ms", "-1".into()),
+            ("retention.bytes", "-1".into()),
+            ("cleanup.policy", "delete".into()),
+            ("message.timestamp.type", "CreateTime".into()),
+            ("max.message.bytes", self.max_record_bytes().to_string()),
+            ("unclean.leader.election.enable", "false".into()),
+        ]
+    }
+
+    /// The settings every client shares (brokers, security, timeouts); what admin and metadata
+    /// clients are built with.
+    pub fn client_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.bootstrap_servers);
         let ms = self.timeout.as_millis();
@@ -288,25 +280,21 @@ impl KafkaConfig {
         c
     }
 
-    /// A transactional producer config for `transactional_id`: acks=all and idempotence come with
-    /// transactions, and are set explicitly so no setting can weaken them.
-    pub(crate) fn producer(&self, transactional_id: &str) -> ClientConfig {
-        let mut c = self.base();
-        c.set("transactional.id", transactional_id)
-            .set("acks", "all")
+    /// The settings of photon-kafka's producers without the transaction: acks=all and
+    /// idempotence set explicitly so no setting can weaken them, no lingering, records up to
+    /// [`KafkaConfig::max_record_bytes`], and no topic created by a send.
+    pub fn producer_config(&self) -> ClientConfig {
+        let mut c = self.client_config();
+        c.set("acks", "all")
             .set("enable.idempotence", "true")
             .set("linger.ms", "0")
+            .set("allow.auto.create.topics", "false")
             .set("message.max.bytes", self.max_record_bytes().to_string())
             .set(
                 "batch.size",
                 self.max_record_bytes().min(1_000_000).to_string(),
             )
-            // Brokers refuse transaction timeouts over transaction.max.timeout.ms (15 minutes by
-            // default); librdkafka wants message.timeout.ms within the transaction timeout.
-            .set(
-                "transaction.timeout.ms",
-                self.transaction_timeout_ms().to_string(),
-            )
+            // librdkafka wants message.timeout.ms within the transaction timeout.
             .set(
                 "message.timeout.ms",
                 (self.timeout.as_millis() as u64 * 2)
@@ -316,16 +304,30 @@ impl KafkaConfig {
         c
     }
 
+    /// The settings of the writer of one partition: [`KafkaConfig::producer_config`] with
+    /// `transactional_id` and the transaction timeout.
+    pub fn transactional_producer_config(&self, transactional_id: &str) -> ClientConfig {
+        let mut c = self.producer_config();
+        // Brokers refuse transaction timeouts over transaction.max.timeout.ms (15 minutes by
+        // default).
+        c.set("transactional.id", transactional_id).set(
+            "transaction.timeout.ms",
+            self.transaction_timeout_ms().to_string(),
+        );
+        c
+    }
+
     /// How long an open transaction may live: long enough for an append, short enough that a
     /// writer that died mid-append holds readers of its partition up only briefly.
     pub(crate) fn transaction_timeout_ms(&self) -> u64 {
         (self.timeout.as_millis() as u64 * 3).clamp(5_000, 900_000)
     }
 
-    /// A reader config: read_committed, so aborted and open transactions are never seen; no
-    /// group and no commits, since positions live in checkpoints.
-    pub(crate) fn consumer(&self) -> ClientConfig {
-        let mut c = self.base();
+    /// The settings of photon-kafka's readers: read_committed, so aborted and open transactions
+    /// are never seen; no group membership and no commits, since positions live in checkpoints;
+    /// end-of-partition notices; a bounded prefetch.
+    pub fn consumer_config(&self) -> ClientConfig {
+        let mut c = self.client_config();
         c.set("group.id", "photon-reader")
             .set("isolation.level", "read_committed")
             .set("enable.auto.commit", "false")
@@ -345,11 +347,28 @@ impl KafkaConfig {
             .set("fetch.queue.backoff.ms", "10");
         c
     }
+}
 
-    /// An admin or metadata client config.
-    pub(crate) fn admin(&self) -> ClientConfig {
-        self.base()
-    }
+/// The librdkafka setting a URL option sets, when it is one: `rdkafka.<setting>` or one of
+/// [`SECURITY_OPTIONS`].
+fn librdkafka_name(option: &str) -> Option<&str> {
+    option.strip_prefix("rdkafka.").or_else(|| {
+        SECURITY_OPTIONS
+            .iter()
+            .find(|(name, _)| *name == option)
+            .map(|(_, setting)| *setting)
+    })
+}
+
+/// A topic prefix: 1 to 180 of `A-Z a-z 0-9 . _ -`, which leaves room for the category in
+/// Kafka's 249-character topic names.
+fn valid_prefix(value: &str) -> Option<String> {
+    let ok = !value.is_empty()
+        && value.len() <= 180
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    ok.then(|| value.to_owned())
 }
 
 #[cfg(test)]
@@ -375,6 +394,9 @@ mod tests {
         assert_eq!(c.category_of("app.v1.account"), Some("account"));
         assert_eq!(c.category_of("app.v1.bad name"), None);
         assert_eq!(c.category_of("other.account"), None);
+        let defaults = KafkaConfig::from_url("kafka://broker,[::1]").unwrap();
+        assert_eq!(defaults.bootstrap_servers, "broker:9092,[::1]:9092");
+        assert_eq!(defaults, KafkaConfig::new("broker:9092,[::1]:9092"));
     }
 
     #[test]
@@ -382,7 +404,7 @@ mod tests {
         for (ms, txn) in [(100, 5_000), (10_000, 30_000), (600_000, 900_000)] {
             let c = KafkaConfig::from_url(&format!("kafka://a:1?timeout_ms={ms}")).unwrap();
             assert_eq!(c.transaction_timeout_ms(), txn);
-            let p = c.producer("t");
+            let p = c.transactional_producer_config("t");
             let message: u64 = p.get("message.timeout.ms").unwrap().parse().unwrap();
             assert!(message <= txn, "{ms}: {message} > {txn}");
         }
@@ -408,6 +430,10 @@ mod tests {
             Err(Error::InvalidInput { what, reason }) => {
                 assert!(!what.contains("topsecret"), "{what}");
                 assert!(reason.contains("nope"), "{reason}");
+                assert!(
+                    reason.contains("prefix, partitions"),
+                    "lists the known: {reason}"
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -418,9 +444,15 @@ mod tests {
         for (url, needle) in [
             ("mongodb://x", "kafka://"),
             ("kafka://", "no broker"),
-            ("kafka://a:1,", "no broker"),
+            ("kafka://a:1,", "empty host"),
+            ("kafka://a:1/topics", "no path"),
+            ("kafka://a:1?colour=blue", "unknown option \"colour\""),
+            ("kafka://a:1?sasl_password=x&sasl_password=y", "given twice"),
             ("kafka://a:1?partitions=0", "partitions"),
             ("kafka://a:1?partitions=x", "whole number"),
+            ("kafka://a:1?partitions=10001", "from 1 to 10000"),
+            ("kafka://a:1?max_event_size=0", "max_event_size"),
+            ("kafka://a:1?max_append_size=1073741825", "max_append_size"),
             ("kafka://a:1?replication_factor=0", "replication_factor"),
             ("kafka://a:1?prefix=bad/name", "prefix"),
             ("kafka://a:1?create=yes", "create"),

@@ -4,13 +4,16 @@
 //! topic, and a partition is read in full at most once per process.
 //!
 //! Memory: about 40 bytes per event plus each stream name once.
+//!
+//! The index talks to no broker: reader.rs feeds it the records it reads, writer.rs its own
+//! committed records, and both hold the partition's lock while they do.
 
 use std::collections::HashMap;
 
 use photon_api::validate::StoredId;
 use photon_api::{Uuid, Version};
 
-use crate::record::IndexEntry;
+use crate::codec::IndexEntry;
 
 /// One stream's entry.
 #[derive(Default, Debug)]

@@ -5,10 +5,13 @@
 //! - `1, len, category, n: u16, n × next offset: i64`: one category topic, all its partitions.
 //! - `2, len, category, partition: u16, next offset: i64`: one partition (a stream's).
 //! - `3, topics: u16, then per topic len, category, n: u16, n × i64`: the all stream.
+//!
+//! Kept beside codec.rs rather than in it: the checkpoint layout is a format of its own, with its
+//! own tests, and knows nothing of records.
 
-use photon_api::{Checkpoint, Error};
+use photon_api::{Checkpoint, Error, Selector};
 
-use crate::BACKEND;
+use crate::client::BACKEND;
 
 /// The next offset to read of each partition of one topic, indexed by partition.
 pub(crate) type Offsets = Vec<i64>;
@@ -131,6 +134,38 @@ impl Position {
         Ok(pos)
     }
 
+    /// Decodes a checkpoint to resume `selector` from: one taken from a subscription to the same
+    /// category (or to the all stream) fits, a stream's fits its category's streams.
+    ///
+    /// # Errors
+    /// - As [`Position::from_checkpoint`].
+    /// - [`Error::InvalidInput`] for a checkpoint taken from another selector.
+    pub(crate) fn for_selector(
+        checkpoint: &Checkpoint,
+        selector: &Selector,
+    ) -> Result<Self, Error> {
+        let pos = Self::from_checkpoint(checkpoint)?;
+        let fits = match (selector, &pos) {
+            (Selector::All, Position::All(_)) => true,
+            (Selector::All, _) => false,
+            (Selector::Category(c), Position::Category { category, .. }) => category == c.as_str(),
+            (Selector::Category(_), Position::All(_)) => true,
+            (Selector::Category(_), Position::Partition { .. }) => false,
+            (Selector::Stream(s), Position::Category { category, .. })
+            | (Selector::Stream(s), Position::Partition { category, .. }) => {
+                category == s.category_name()
+            }
+            (Selector::Stream(_), Position::All(_)) => true,
+        };
+        if !fits {
+            return Err(Error::InvalidInput {
+                what: format!("checkpoint {checkpoint} for {selector:?}"),
+                reason: "it was taken from another selector; resume a category or the all stream from its own subscription's checkpoints".into(),
+            });
+        }
+        Ok(pos)
+    }
+
     /// Where `partition` of `category` resumes: Some(next offset) when the checkpoint covers it.
     pub(crate) fn next_for(&self, wanted: &str, wanted_partition: i32) -> Option<i64> {
         let pick = |next: &Offsets| next.get(wanted_partition as usize).copied();
@@ -230,6 +265,43 @@ mod tests {
             (all.next_for("a", 1), all.next_for("z", 0)),
             (Some(2), None)
         );
+    }
+
+    #[test]
+    fn a_checkpoint_fits_only_the_selectors_it_can_resume() {
+        let stream = photon_api::StreamId::parse("a-1").unwrap();
+        let category = Selector::Category(stream.category());
+        let cat = Position::Category {
+            category: "a".into(),
+            next: vec![3],
+        }
+        .to_checkpoint();
+        let one = Position::Partition {
+            category: "a".into(),
+            partition: 0,
+            next: 3,
+        }
+        .to_checkpoint();
+        let all = Position::All(vec![("a".into(), vec![3])]).to_checkpoint();
+        for (cp, selector, fits) in [
+            (&cat, &category, true),
+            (&cat, &Selector::Stream(stream.clone()), true),
+            (&cat, &Selector::All, false),
+            (&one, &Selector::Stream(stream.clone()), true),
+            (&one, &category, false),
+            (&all, &Selector::All, true),
+            (&all, &category, true),
+        ] {
+            match Position::for_selector(cp, selector) {
+                Ok(_) => assert!(fits, "{cp} for {selector:?}"),
+                Err(Error::InvalidInput { reason, .. }) => {
+                    assert!(!fits && reason.contains("another selector"), "{reason}")
+                }
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+        let other = Selector::Category(photon_api::Category::new("b").unwrap());
+        assert!(Position::for_selector(&cat, &other).is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Reading partitions: the pool of reader consumers, keeping a partition's version index current,
-//! and fetching one stream's records by the offsets the index gives. Subscriptions have their own
-//! long-lived consumers (subscription.rs); appends go through writer.rs.
+//! fetching one stream's records by the offsets the index gives, and the listings of categories
+//! and streams. Subscriptions have their own long-lived consumers (subscription.rs); appends go
+//! through writer.rs. Nothing here writes.
 
 use std::sync::Arc;
 
@@ -10,19 +11,25 @@ use photon_api::{
     error_stream, Category, Direction, Error, ReadOptions, RecordedEvent, StreamId, Version,
 };
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
+use crate::client::{blocking, Shared, SharedPartition, MAX_POOLED_READERS};
+use crate::codec::{self, partition_for};
+use crate::error::{self, Fault};
 use crate::index::PartitionIndex;
 use crate::position;
-use crate::record::{self, partition_for};
-use crate::{blocking, map_kafka, unavailable, Shared};
 
 /// Events fetched per step of a stream read: the read is lazy, so memory holds one step.
 const READ_STEP: usize = 500;
 
 /// Offsets further apart than this are reached by a new fetch position rather than read through.
 const SEEK_GAP: i64 = 256;
+
+/// How long a reader waits before asking again for the watermarks of a partition whose leader
+/// is not known yet.
+const LEADER_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// A pooled consumer, handed back (unassigned) when dropped.
 pub(crate) struct PooledReader {
@@ -42,7 +49,7 @@ impl Drop for PooledReader {
         if let Some(c) = self.consumer.take() {
             if c.unassign().is_ok() {
                 let mut pool = self.shared.readers.lock().expect("readers lock");
-                if pool.len() < 8 {
+                if pool.len() < MAX_POOLED_READERS {
                     pool.push(c);
                 }
             }
@@ -50,15 +57,16 @@ impl Drop for PooledReader {
     }
 }
 
+/// An idle consumer from the pool, or a new one.
 pub(crate) fn pooled_reader(shared: &Arc<Shared>) -> Result<PooledReader, Error> {
     let pooled = shared.readers.lock().expect("readers lock").pop();
     let consumer = match pooled {
         Some(c) => c,
         None => shared
             .config
-            .consumer()
+            .consumer_config()
             .create()
-            .map_err(|e| map_kafka("creating a reader", e))?,
+            .map_err(|e| error::from_kafka("creating a reader", e))?,
     };
     Ok(PooledReader {
         consumer: Some(consumer),
@@ -67,12 +75,13 @@ pub(crate) fn pooled_reader(shared: &Arc<Shared>) -> Result<PooledReader, Error>
 }
 
 fn assign(consumer: &StreamConsumer, topic: &str, p: i32, offset: i64) -> Result<(), Error> {
+    let context = || format!("reading {topic}/{p} from offset {offset}");
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, p, Offset::Offset(offset))
-        .map_err(|e| map_kafka("assign", e))?;
+        .map_err(|e| error::from_kafka(context(), e))?;
     consumer
         .assign(&tpl)
-        .map_err(|e| map_kafka(&format!("reading {topic}/{p}"), e))
+        .map_err(|e| error::from_kafka(context(), e))
 }
 
 /// The app position of `topic`/`p` on `consumer`: the next offset it will hand out, past any
@@ -127,11 +136,27 @@ async fn watermarks(shared: &Shared, topic: &str, p: i32) -> Result<(i64, i64), 
                     )
                 ) && tokio::time::Instant::now() < deadline =>
             {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(LEADER_POLL).await;
             }
-            Err(e) => return Err(map_kafka(&format!("watermarks of {topic}/{p}"), e)),
+            Err(e) => {
+                let context = format!("fetching the watermarks of {topic}/{p}");
+                return Err(error::from_kafka(context, e));
+            }
         }
     }
+}
+
+/// The next message or consumer error on `consumer`, within the request timeout; `at` says
+/// where the read is, for the error when nothing comes.
+async fn next_message<'c>(
+    shared: &Shared,
+    consumer: &'c StreamConsumer,
+    at: impl FnOnce() -> String,
+) -> Result<KafkaResult<BorrowedMessage<'c>>, Error> {
+    let timeout = shared.config.timeout;
+    tokio::time::timeout(timeout, consumer.recv())
+        .await
+        .map_err(|_| error::unavailable(format!("{}: no answer within {timeout:?}", at())))
 }
 
 /// Reads `topic`/`p` from `index.next_offset` to its current stable end. Returns whether photon
@@ -150,18 +175,14 @@ pub(crate) async fn catch_up(
     assign(&consumer, topic, p, index.next_offset)?;
     let mut added = false;
     while index.next_offset < end {
-        let got = tokio::time::timeout(shared.config.timeout, consumer.recv())
-            .await
-            .map_err(|_| {
-                unavailable(format!(
-                    "reading {topic}/{p} from offset {} to {end}: no answer within {:?}",
-                    index.next_offset, shared.config.timeout
-                ))
-            })?;
+        let from = index.next_offset;
+        let got = next_message(shared, &consumer, || {
+            format!("reading {topic}/{p} from offset {from} to {end}")
+        })
+        .await?;
         match got {
             Ok(msg) => {
-                if msg.topic() != topic || msg.partition() != p || msg.offset() < index.next_offset
-                {
+                if msg.topic() != topic || msg.partition() != p || msg.offset() < from {
                     continue;
                 }
                 if msg.offset() >= end {
@@ -171,14 +192,7 @@ pub(crate) async fn catch_up(
                     index.next_offset = msg.offset();
                     break;
                 }
-                match record::index_entry(&msg) {
-                    Ok(Some(entry)) => added |= index.apply(msg.offset(), entry),
-                    Ok(None) => {}
-                    // Not written by photon's writer: left out, like any foreign record.
-                    Err(e) => {
-                        tracing::warn!(error = %e, "photon-kafka: record left out of the index")
-                    }
-                }
+                added |= index_record(index, &msg);
                 tokio::task::consume_budget().await;
                 index.next_offset = msg.offset() + 1;
             }
@@ -190,13 +204,32 @@ pub(crate) async fn catch_up(
                     index.next_offset = index.next_offset.max(pos.min(end));
                 }
             }
-            Err(e) if crate::is_passing(&e) => {
-                tracing::debug!(error = %e, "photon-kafka: passing client error while reading")
-            }
-            Err(e) => return Err(map_kafka(&format!("reading {topic}/{p}"), e)),
+            Err(e) => pass_or_fail(e, topic, p)?,
         }
     }
     Ok(added)
+}
+
+/// Adds a record to the index; whether it was a photon event that fits.
+fn index_record(index: &mut PartitionIndex, msg: &BorrowedMessage<'_>) -> bool {
+    match codec::index_entry(msg) {
+        Ok(Some(entry)) => index.apply(msg.offset(), entry),
+        Ok(None) => false,
+        // Not written by photon's writer: left out, like any foreign record.
+        Err(e) => {
+            tracing::warn!(error = %e, "photon-kafka: record left out of the index");
+            false
+        }
+    }
+}
+
+/// A consumer error while reading `topic`/`p`: Ok for one that passes by itself, else the error.
+fn pass_or_fail(e: KafkaError, topic: &str, p: i32) -> Result<(), Error> {
+    if error::is_passing(&e) {
+        tracing::debug!(error = %e, "photon-kafka: passing client error while reading");
+        return Ok(());
+    }
+    Err(error::from_kafka(format!("reading {topic}/{p}"), e))
 }
 
 /// Fetches the records at `offsets` (ascending) of `topic`/`p` as events.
@@ -212,67 +245,55 @@ pub(crate) async fn fetch(
         return Ok(out);
     }
     let consumer = pooled_reader(shared)?;
-    let mut names = record::Names::default();
-    let mut i = 0;
+    let mut names = codec::Names::default();
+    let missing = |offset| {
+        let fault = Fault::IndexedRecordMissing {
+            topic: topic.to_owned(),
+            partition: p,
+            offset,
+        };
+        error::fault(format!("reading {topic}/{p}"), fault)
+    };
     assign(&consumer, topic, p, offsets[0])?;
-    while i < offsets.len() {
-        let want = offsets[i];
-        let got = tokio::time::timeout(shared.config.timeout, consumer.recv())
-            .await
-            .map_err(|_| {
-                unavailable(format!(
-                    "reading {topic}/{p} at offset {want}: no answer within {:?}",
-                    shared.config.timeout
-                ))
-            })?;
+    while out.len() < offsets.len() {
+        let want = offsets[out.len()];
+        let got = next_message(shared, &consumer, || {
+            format!("reading {topic}/{p} at offset {want}")
+        })
+        .await?;
         match got {
             Ok(msg) => {
                 if msg.topic() != topic || msg.partition() != p || msg.offset() < want {
                     continue;
                 }
                 if msg.offset() > want {
-                    return Err(Error::backend(
-                        crate::BACKEND,
-                        format!("{topic}/{p}: the indexed record at offset {want} is gone (was the topic deleted or truncated?)"),
-                    ));
+                    return Err(missing(want));
                 }
                 let checkpoint = position::partition_checkpoint(category, p, want + 1);
-                let event =
-                    record::recorded_event(&msg, checkpoint, &mut names)?.ok_or_else(|| {
-                        Error::backend(
-                            crate::BACKEND,
-                            format!("{topic}/{p}@{want} is indexed but not a photon event"),
-                        )
-                    })?;
+                let event = codec::recorded_event(&msg, checkpoint, &mut names)?
+                    .ok_or_else(|| missing(want))?;
                 out.push(event);
-                i += 1;
-                if i < offsets.len() && offsets[i] - want > SEEK_GAP {
-                    assign(&consumer, topic, p, offsets[i])?;
+                if let Some(next) = offsets.get(out.len()).filter(|o| **o - want > SEEK_GAP) {
+                    assign(&consumer, topic, p, *next)?;
                 }
             }
             Err(KafkaError::PartitionEOF(_)) => {
                 if position_of(&consumer, topic, p).is_some_and(|pos| pos > want) {
-                    return Err(Error::backend(
-                        crate::BACKEND,
-                        format!("{topic}/{p}: the indexed record at offset {want} was not found"),
-                    ));
+                    return Err(missing(want));
                 }
             }
-            Err(e) if crate::is_passing(&e) => {
-                tracing::debug!(error = %e, "photon-kafka: passing client error while reading")
-            }
-            Err(e) => return Err(map_kafka(&format!("reading {topic}/{p}"), e)),
+            Err(e) => pass_or_fail(e, topic, p)?,
         }
     }
     Ok(out)
 }
 
-/// Where `stream` lives, and its partition's index brought up to date: None when its topic does
-/// not exist (the stream has no events).
+/// Where `stream` lives, and its partition's shared state: None when its topic does not exist
+/// (the stream has no events).
 async fn locate(
     shared: &Arc<Shared>,
     stream: &StreamId,
-) -> Result<Option<(String, i32, crate::SharedPartition)>, Error> {
+) -> Result<Option<(String, i32, SharedPartition)>, Error> {
     let topic = shared.config.topic(stream.category_name());
     let Some(n) = shared.partition_count(&topic).await? else {
         return Ok(None);
@@ -282,6 +303,7 @@ async fn locate(
     Ok(Some((topic, p, state)))
 }
 
+/// The last version of `stream`, from its partition's index brought up to date.
 pub(crate) async fn stream_version(
     shared: &Arc<Shared>,
     stream: &StreamId,
@@ -295,7 +317,7 @@ pub(crate) async fn stream_version(
 }
 
 /// Whether any partition of `topic` holds a record.
-pub(crate) async fn holds_events(shared: &Arc<Shared>, topic: &str) -> Result<bool, Error> {
+async fn holds_events(shared: &Arc<Shared>, topic: &str) -> Result<bool, Error> {
     let Some(n) = shared.partition_count(topic).await? else {
         return Ok(false);
     };
@@ -305,11 +327,33 @@ pub(crate) async fn holds_events(shared: &Arc<Shared>, topic: &str) -> Result<bo
         .any(|(low, high)| high > low))
 }
 
+/// Our categories, sorted. A topic exists from the first append; it is listed once it holds a
+/// record.
+pub(crate) async fn list_categories(shared: &Arc<Shared>) -> Result<Vec<Category>, Error> {
+    let mut out = Vec::new();
+    for (c, topic) in shared.categories().await? {
+        if holds_events(shared, &topic).await? {
+            out.push(Category::new(c)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Every stream of `category`, sorted, as a stream of names.
+pub(crate) fn list_streams(
+    shared: Arc<Shared>,
+    category: Category,
+) -> BoxStream<'static, Result<StreamId, Error>> {
+    stream::once(async move { stream_names(&shared, &category).await })
+        .flat_map(|r| match r {
+            Ok(names) => stream::iter(names.into_iter().map(Ok)).boxed(),
+            Err(e) => error_stream(e),
+        })
+        .boxed()
+}
+
 /// Every stream of `category`, sorted, from the partitions' indexes.
-pub(crate) async fn stream_names(
-    shared: &Arc<Shared>,
-    category: &Category,
-) -> Result<Vec<StreamId>, Error> {
+async fn stream_names(shared: &Arc<Shared>, category: &Category) -> Result<Vec<StreamId>, Error> {
     let topic = shared.config.topic(category.as_str());
     let Some(n) = shared.partition_count(&topic).await? else {
         return Ok(Vec::new());
@@ -327,73 +371,100 @@ pub(crate) async fn stream_names(
     Ok(names)
 }
 
+/// What a stream read fetches: the offsets of the versions to read, in delivery order.
+struct ReadPlan {
+    shared: Arc<Shared>,
+    topic: String,
+    category: String,
+    p: i32,
+    offsets: Vec<i64>,
+}
+
 /// Reads one stream lazily, [`READ_STEP`] events at a time, by the offsets its index holds.
 pub(crate) fn read_stream(
     shared: Arc<Shared>,
     stream: StreamId,
     options: ReadOptions,
 ) -> BoxStream<'static, Result<RecordedEvent, Error>> {
-    let start = async move {
-        let Some((topic, p, state)) = locate(&shared, &stream).await? else {
-            return Ok::<_, Error>(None);
-        };
-        let offsets: Vec<i64> = {
-            let mut state = state.lock().await;
-            catch_up(&shared, &topic, p, &mut state.index).await?;
-            state.index.offsets(stream.as_str()).to_vec()
-        };
-        // The versions to read, in delivery order.
-        let len = offsets.len() as u64;
-        let limit = options.limit.unwrap_or(usize::MAX) as u64;
-        let versions: Vec<u64> = match options.direction {
-            Direction::Forwards => {
-                let from = options.from.map_or(0, |v| v.0);
-                (from..len).take(limit as usize).collect()
-            }
-            Direction::Backwards => {
-                let from = options.from.map_or(len, |v| (v.0 + 1).min(len));
-                (0..from).rev().take(limit as usize).collect()
-            }
-        };
-        Ok(Some((shared, topic, p, offsets, versions)))
-    };
-    stream::once(start)
+    stream::once(plan_read(shared, stream, options))
         .flat_map(|r| match r {
             Ok(None) => stream::empty().boxed(),
             Err(e) => error_stream(e),
-            Ok(Some((shared, topic, p, offsets, versions))) => {
-                let category = topic
-                    .rsplit_once('.')
-                    .map(|(_, c)| c.to_owned())
-                    .unwrap_or_default();
-                stream::iter(
-                    versions
-                        .chunks(READ_STEP)
-                        .map(<[u64]>::to_vec)
-                        .collect::<Vec<_>>(),
-                )
-                .then(move |chunk| {
-                    let (shared, topic, category) =
-                        (shared.clone(), topic.clone(), category.clone());
-                    let mut wanted: Vec<i64> = chunk.iter().map(|v| offsets[*v as usize]).collect();
-                    let backwards = chunk.len() > 1 && chunk[0] > chunk[1];
-                    async move {
-                        if backwards {
-                            wanted.reverse();
-                        }
-                        let mut events = fetch(&shared, &topic, &category, p, &wanted).await?;
-                        if backwards {
-                            events.reverse();
-                        }
-                        Ok::<_, Error>(events)
-                    }
-                })
-                .flat_map(|r| match r {
-                    Ok(events) => stream::iter(events.into_iter().map(Ok)).boxed(),
-                    Err(e) => error_stream(e),
-                })
-                .boxed()
+            Ok(Some(plan)) => read_planned(plan),
+        })
+        .boxed()
+}
+
+/// The offsets to read, from the stream's partition's index brought up to date; None when the
+/// stream's topic does not exist.
+async fn plan_read(
+    shared: Arc<Shared>,
+    stream: StreamId,
+    options: ReadOptions,
+) -> Result<Option<ReadPlan>, Error> {
+    let Some((topic, p, state)) = locate(&shared, &stream).await? else {
+        return Ok(None);
+    };
+    let mut state = state.lock().await;
+    catch_up(&shared, &topic, p, &mut state.index).await?;
+    let all = state.index.offsets(stream.as_str());
+    let offsets = versions_to_read(all.len() as u64, &options)
+        .map(|v| all[v as usize])
+        .collect();
+    drop(state);
+    Ok(Some(ReadPlan {
+        category: stream.category_name().to_owned(),
+        shared,
+        topic,
+        p,
+        offsets,
+    }))
+}
+
+/// The versions a read of a stream of `len` events delivers, in delivery order.
+fn versions_to_read(len: u64, options: &ReadOptions) -> Box<dyn Iterator<Item = u64>> {
+    let limit = options.limit.unwrap_or(usize::MAX);
+    match options.direction {
+        Direction::Forwards => {
+            let from = options.from.map_or(0, |v| v.0);
+            Box::new((from..len).take(limit))
+        }
+        Direction::Backwards => {
+            let from = options.from.map_or(len, |v| (v.0 + 1).min(len));
+            Box::new((0..from).rev().take(limit))
+        }
+    }
+}
+
+/// Fetches a planned read step by step. A backwards step is fetched forwards (offsets ascend)
+/// and delivered reversed.
+fn read_planned(plan: ReadPlan) -> BoxStream<'static, Result<RecordedEvent, Error>> {
+    let ReadPlan {
+        shared,
+        topic,
+        category,
+        p,
+        offsets,
+    } = plan;
+    let steps: Vec<Vec<i64>> = offsets.chunks(READ_STEP).map(<[i64]>::to_vec).collect();
+    stream::iter(steps)
+        .then(move |mut wanted| {
+            let (shared, topic, category) = (shared.clone(), topic.clone(), category.clone());
+            let backwards = wanted.len() > 1 && wanted[0] > wanted[1];
+            async move {
+                if backwards {
+                    wanted.reverse();
+                }
+                let mut events = fetch(&shared, &topic, &category, p, &wanted).await?;
+                if backwards {
+                    events.reverse();
+                }
+                Ok::<_, Error>(events)
             }
+        })
+        .flat_map(|r| match r {
+            Ok(events) => stream::iter(events.into_iter().map(Ok)).boxed(),
+            Err(e) => error_stream(e),
         })
         .boxed()
 }

@@ -7,25 +7,30 @@
 //! the consumer's position (which counts transaction markers) reaches it. Because the consumer
 //! is the same before and after `CaughtUp`, HotCold has no switch at which to lose or repeat an
 //! event.
+//!
+//! Opening (checking the start against the mode, decoding the checkpoint, ending after the first
+//! error) is `photon_api::open_subscription`'s; this module owns only the cursor. It never
+//! touches the version indexes or the writers.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::stream::{self, BoxStream};
-use futures::StreamExt;
-use photon_api::validate::validate_subscription;
+use futures::stream::BoxStream;
 use photon_api::{
-    error_stream, Error, Selector, Start, StreamId, SubscriptionItem, SubscriptionMode,
+    cursor_stream, open_subscription, Checkpoint, Error, RecordedEvent, Selector, Start, StreamId,
+    SubscriptionCursor, SubscriptionItem, SubscriptionMode, SubscriptionRequest, Timestamp,
 };
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
+use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
+use crate::client::{blocking, Shared};
+use crate::codec::{self, partition_for};
+use crate::error;
 use crate::position::{self, Position};
 use crate::reader::{partition_bounds, position_of};
-use crate::record::{self, partition_for};
-use crate::{blocking, map_kafka, Shared};
 
 /// How often a live subscription looks for topics created since it started (the all stream, or
 /// a category whose first event has not been written yet).
@@ -34,6 +39,18 @@ const DISCOVERY_INTERVAL: Duration = Duration::from_secs(1);
 /// How long one wait for a record lasts before the subscription re-checks replay ends and
 /// new topics.
 const POLL_WAIT: Duration = Duration::from_millis(300);
+
+/// Opens a subscription: checked and decoded by photon-api, read by a [`Subscription`].
+pub(crate) fn subscribe(
+    shared: Arc<Shared>,
+    selector: Selector,
+    start: Start,
+    mode: SubscriptionMode,
+) -> BoxStream<'static, Result<SubscriptionItem, Error>> {
+    open_subscription(selector, start, mode, Position::for_selector, |request| {
+        Ok(cursor_stream(Subscription::open(shared, request)))
+    })
+}
 
 enum Scope {
     Stream(StreamId, i32),
@@ -52,12 +69,56 @@ struct TopicState {
     read: Vec<i32>,
 }
 
-struct Sub {
-    shared: Arc<Shared>,
+/// What to do with a record of a topic.
+enum Advance {
+    /// Already delivered, or not this subscription's.
+    Skip,
+    /// Past the end of a Cold replay: stop fetching its partition.
+    Pause,
+    /// Next in its partition: deliver it if it is an event of the selector.
+    Deliver,
+}
+
+impl TopicState {
+    /// Moves partition `p` past offset `o`, ending its replay when `o` reaches the replay end.
+    fn advance(&mut self, p: i32, o: i64, cold: bool) -> Advance {
+        let slot = p as usize;
+        if slot >= self.next.len() || o < self.next[slot] {
+            return Advance::Skip;
+        }
+        if let Some(end) = self.end[slot] {
+            if o >= end {
+                // Past the history of the call: live for HotCold, beyond the end for Cold.
+                self.end[slot] = None;
+                if cold {
+                    return Advance::Pause;
+                }
+            } else if o + 1 >= end {
+                self.end[slot] = None;
+            }
+        } else if cold {
+            return Advance::Skip;
+        }
+        self.next[slot] = o + 1;
+        Advance::Deliver
+    }
+}
+
+/// A subscription's consumer and what it has read.
+struct Subscription {
     consumer: ClosingConsumer,
+    progress: Progress,
+}
+
+/// Everything of a subscription but its consumer (kept apart so a record borrowed from the
+/// consumer can be handled while this changes).
+struct Progress {
+    shared: Arc<Shared>,
     mode: SubscriptionMode,
     scope: Scope,
     start: Start,
+    /// `Start::After`'s checkpoint, decoded.
+    after: Option<Position>,
     /// By category.
     topics: BTreeMap<String, TopicState>,
     /// Only events recorded at or after this (µs), for `Start::Time`.
@@ -66,76 +127,31 @@ struct Sub {
     last_discovery: Instant,
     last_progress: Instant,
     /// The last stream and event type decoded, shared by the events that repeat them.
-    names: record::Names,
+    names: codec::Names,
 }
 
-pub(crate) fn subscribe(
-    shared: Arc<Shared>,
-    selector: Selector,
-    start: Start,
-    mode: SubscriptionMode,
-) -> BoxStream<'static, Result<SubscriptionItem, Error>> {
-    if let Err(e) = validate_subscription(&start, mode) {
-        return error_stream(e);
+impl SubscriptionCursor for Subscription {
+    async fn next_item(&mut self) -> Result<Option<SubscriptionItem>, Error> {
+        self.next().await
     }
-    if let Start::After(cp) = &start {
-        let pos = match Position::from_checkpoint(cp) {
-            Ok(pos) => pos,
-            Err(e) => return error_stream(e),
-        };
-        let fits = match (&selector, &pos) {
-            (Selector::All, Position::All(_)) => true,
-            (Selector::All, _) => false,
-            (Selector::Category(c), Position::Category { category, .. }) => category == c.as_str(),
-            (Selector::Category(_), Position::All(_)) => true,
-            (Selector::Category(_), Position::Partition { .. }) => false,
-            (Selector::Stream(s), Position::Category { category, .. })
-            | (Selector::Stream(s), Position::Partition { category, .. }) => {
-                category == s.category_name()
-            }
-            (Selector::Stream(_), Position::All(_)) => true,
-        };
-        if !fits {
-            return error_stream(Error::InvalidInput {
-                what: format!("checkpoint {cp} for {selector:?}"),
-                reason: "it was taken from another selector; resume a category or the all stream from its own subscription's checkpoints".into(),
-            });
-        }
-    }
-    let setup = async move { Sub::open(shared, selector, start, mode).await };
-    stream::once(setup)
-        .flat_map(|opened| match opened {
-            Err(e) => error_stream(e),
-            Ok(sub) => stream::unfold(Some(sub), |sub| async move {
-                let mut sub = sub?;
-                match sub.next().await {
-                    Ok(Some(item)) => Some((Ok(item), Some(sub))),
-                    Ok(None) => None,
-                    // An error ends the subscription; resume from the last checkpoint.
-                    Err(e) => Some((Err(e), None)),
-                }
-            })
-            .boxed(),
-        })
-        .boxed()
 }
 
-impl Sub {
+impl Subscription {
     async fn open(
         shared: Arc<Shared>,
-        selector: Selector,
-        start: Start,
-        mode: SubscriptionMode,
+        request: SubscriptionRequest<Position>,
     ) -> Result<Self, Error> {
         let consumer: StreamConsumer = shared
             .config
-            .consumer()
+            .consumer_config()
             .create()
-            .map_err(|e| map_kafka("creating a subscriber", e))?;
-        let since = match &start {
-            Start::Time(t) => Some(t.unix_micros()),
-            _ => None,
-        };
+            .map_err(|e| error::from_kafka("creating a subscriber", e))?;
+        let SubscriptionRequest {
+            selector,
+            start,
+            after,
+            mode,
+        } = request;
         let (scope, categories) = match &selector {
             Selector::Stream(s) => (
                 Scope::Stream(s.clone(), -1),
@@ -145,36 +161,87 @@ impl Sub {
                 Scope::Category(c.as_str().to_owned()),
                 vec![c.as_str().to_owned()],
             ),
-            Selector::All => (
-                Scope::All,
-                shared
-                    .categories()
-                    .await?
-                    .into_iter()
-                    .map(|(c, _)| c)
-                    .collect(),
-            ),
+            Selector::All => (Scope::All, category_names(&shared).await?),
         };
-        let mut sub = Sub {
+        let mut progress = Progress {
             shared,
-            consumer: ClosingConsumer(Some(consumer)),
             mode,
             scope,
+            since: match &start {
+                Start::Time(t) => Some(t.unix_micros()),
+                _ => None,
+            },
             start,
+            after,
             topics: BTreeMap::new(),
-            since,
             caught_up_sent: false,
-            names: record::Names::default(),
+            names: codec::Names::default(),
             last_discovery: Instant::now(),
             last_progress: Instant::now(),
         };
         for c in categories {
-            sub.add_topic(&c, true).await?;
+            progress.add_topic(&c, true).await?;
         }
-        sub.assign()?;
-        Ok(sub)
+        progress.assign(&consumer)?;
+        Ok(Subscription {
+            consumer: ClosingConsumer(Some(consumer)),
+            progress,
+        })
     }
 
+    async fn next(&mut self) -> Result<Option<SubscriptionItem>, Error> {
+        loop {
+            if let Some(item) = self.progress.after_replay() {
+                return Ok(item);
+            }
+            if !self.progress.topics_to_read(&self.consumer).await? {
+                if self.progress.mode == SubscriptionMode::Cold {
+                    return Ok(None);
+                }
+                tokio::time::sleep(POLL_WAIT).await;
+                continue;
+            }
+            self.progress.check_stall()?;
+            let got = match tokio::time::timeout(POLL_WAIT, self.consumer.recv()).await {
+                Err(_) => {
+                    self.progress.check_positions(&self.consumer);
+                    continue;
+                }
+                Ok(got) => got,
+            };
+            let msg = match got {
+                Ok(msg) => msg,
+                Err(KafkaError::PartitionEOF(_)) => {
+                    self.progress.last_progress = Instant::now();
+                    self.progress.check_positions(&self.consumer);
+                    continue;
+                }
+                Err(e) if error::is_passing(&e) => {
+                    tracing::debug!(error = %e, "photon-kafka: passing client error in a subscription");
+                    continue;
+                }
+                Err(e) => return Err(error::from_kafka("reading a subscription's partitions", e)),
+            };
+            self.progress.last_progress = Instant::now();
+            tokio::task::consume_budget().await;
+            if let Some(event) = self.progress.accept(&msg, &self.consumer) {
+                return Ok(Some(SubscriptionItem::Event(event)));
+            }
+        }
+    }
+}
+
+/// The categories of every topic of ours.
+async fn category_names(shared: &Shared) -> Result<Vec<String>, Error> {
+    Ok(shared
+        .categories()
+        .await?
+        .into_iter()
+        .map(|(c, _)| c)
+        .collect())
+}
+
+impl Progress {
     /// Starts reading `category`'s topic, if it exists. `at_open`: the topic existed when the
     /// subscription started, so `start` applies; a topic found later is read from its beginning
     /// (all of it was written after the start) and has no history to replay.
@@ -190,89 +257,87 @@ impl Sub {
             }
             _ => (0..n).collect(),
         };
-        if !at_open {
-            self.topics.insert(
-                category.to_owned(),
-                TopicState {
-                    topic,
-                    next: vec![0; n as usize],
-                    end: vec![None; n as usize],
-                    read,
-                },
-            );
-            return Ok(());
-        }
+        let state = if at_open {
+            self.replay_state(category, topic, n, read).await?
+        } else {
+            TopicState {
+                topic,
+                next: vec![0; n as usize],
+                end: vec![None; n as usize],
+                read,
+            }
+        };
+        self.topics.insert(category.to_owned(), state);
+        Ok(())
+    }
+
+    /// Where each partition of a topic that existed at the start begins, and where its replay
+    /// ends.
+    async fn replay_state(
+        &self,
+        category: &str,
+        topic: String,
+        n: i32,
+        read: Vec<i32>,
+    ) -> Result<TopicState, Error> {
         let bounds = partition_bounds(&self.shared, &topic, n).await?;
         let ends: Vec<i64> = bounds.iter().map(|(_, end)| *end).collect();
         let next: Vec<i64> = match &self.start {
             Start::Beginning => bounds.iter().map(|(start, _)| *start).collect(),
             Start::Now => ends.clone(),
             Start::After(cp) => {
-                let pos = Position::from_checkpoint(cp)?;
-                let mut next = vec![0; n as usize];
-                for &p in &read {
-                    next[p as usize] = match pos.next_for(category, p) {
-                        Some(o) => o,
-                        // The all stream's checkpoint lists the topics it had seen; a newer
-                        // topic is read from its beginning.
-                        None if matches!(pos, Position::All(_)) => 0,
-                        None => {
-                            return Err(Error::InvalidInput {
-                                what: format!("checkpoint {cp}"),
-                                reason: format!("it does not cover partition {p} of {topic}"),
-                            })
-                        }
-                    };
-                }
-                next
+                let after = self.after.as_ref().expect("decoded by open_subscription");
+                offsets_after(after, cp, category, &topic, n, &read)?
             }
-            Start::Time(t) => {
-                let mut tpl = TopicPartitionList::new();
-                for &p in &read {
-                    tpl.add_partition_offset(&topic, p, Offset::Offset(t.unix_millis()))
-                        .map_err(|e| map_kafka("offsets for time", e))?;
-                }
-                let meta = self.shared.meta.clone();
-                let timeout = self.shared.config.timeout;
-                let found = blocking(move || meta.offsets_for_times(tpl, timeout))
-                    .await?
-                    .map_err(|e| map_kafka(&format!("offsets for time in {topic}"), e))?;
-                let mut next = ends.clone();
-                for &p in &read {
-                    if let Some(Offset::Offset(o)) =
-                        found.find_partition(&topic, p).map(|e| e.offset())
-                    {
-                        next[p as usize] = o;
-                    }
-                }
-                next
-            }
+            Start::Time(t) => self.offsets_for_time(&topic, *t, &read, &ends).await?,
         };
         let end = (0..n as usize)
             .map(|p| {
-                let done = self.mode == SubscriptionMode::Hot || next[p] >= ends[p];
+                let done = self.mode == SubscriptionMode::Hot
+                    || next[p] >= ends[p]
+                    || !read.contains(&(p as i32));
                 (!done).then_some(ends[p])
             })
-            .collect::<Vec<_>>();
-        let mut end = end;
-        for (p, e) in end.iter_mut().enumerate() {
-            if !read.contains(&(p as i32)) {
-                *e = None;
-            }
-        }
-        self.topics.insert(
-            category.to_owned(),
-            TopicState {
-                topic,
-                next,
-                end,
-                read,
-            },
-        );
-        Ok(())
+            .collect();
+        Ok(TopicState {
+            topic,
+            next,
+            end,
+            read,
+        })
     }
 
-    fn assign(&self) -> Result<(), Error> {
+    /// The first offset at or after `t` in each partition read (offsets-for-times); the
+    /// partition's end where there is none.
+    async fn offsets_for_time(
+        &self,
+        topic: &str,
+        t: Timestamp,
+        read: &[i32],
+        ends: &[i64],
+    ) -> Result<Vec<i64>, Error> {
+        let context = || format!("looking up offsets for time {t} in {topic}");
+        let mut tpl = TopicPartitionList::new();
+        for &p in read {
+            tpl.add_partition_offset(topic, p, Offset::Offset(t.unix_millis()))
+                .map_err(|e| error::from_kafka(context(), e))?;
+        }
+        let meta = self.shared.meta.clone();
+        let timeout = self.shared.config.timeout;
+        let found = blocking(move || meta.offsets_for_times(tpl, timeout))
+            .await?
+            .map_err(|e| error::from_kafka(context(), e))?;
+        let mut next = ends.to_vec();
+        for &p in read {
+            if let Some(Offset::Offset(o)) = found.find_partition(topic, p).map(|e| e.offset()) {
+                next[p as usize] = o;
+            }
+        }
+        Ok(next)
+    }
+
+    fn assign(&self, consumer: &StreamConsumer) -> Result<(), Error> {
+        let context = "assigning a subscription's partitions";
         let mut tpl = TopicPartitionList::new();
         for t in self.topics.values() {
             for &p in &t.read {
@@ -280,12 +345,12 @@ impl Sub {
                 // costs about half a second.
                 let offset = Offset::Offset(t.next[p as usize]);
                 tpl.add_partition_offset(&t.topic, p, offset)
-                    .map_err(|e| map_kafka("assign", e))?;
+                    .map_err(|e| error::from_kafka(context, e))?;
             }
         }
-        self.consumer
+        consumer
             .assign(&tpl)
-            .map_err(|e| map_kafka("subscribing", e))
+            .map_err(|e| error::from_kafka(context, e))
     }
 
     fn replay_done(&self) -> bool {
@@ -294,16 +359,54 @@ impl Sub {
             .all(|t| t.end.iter().all(Option::is_none))
     }
 
+    /// Once the replay is done: `Some(None)` ends a Cold subscription, `Some(CaughtUp)` is said
+    /// once by a live one; None to read on.
+    fn after_replay(&mut self) -> Option<Option<SubscriptionItem>> {
+        if !self.replay_done() {
+            return None;
+        }
+        match self.mode {
+            SubscriptionMode::Cold => Some(None),
+            _ if !self.caught_up_sent => {
+                self.caught_up_sent = true;
+                Some(Some(SubscriptionItem::CaughtUp))
+            }
+            _ => None,
+        }
+    }
+
+    /// Looks for new topics when due (live modes); whether there is any topic to read.
+    async fn topics_to_read(&mut self, consumer: &StreamConsumer) -> Result<bool, Error> {
+        let live = self.mode != SubscriptionMode::Cold;
+        let looking = matches!(self.scope, Scope::All) || self.topics.is_empty();
+        if live && looking && self.last_discovery.elapsed() >= DISCOVERY_INTERVAL {
+            self.discover(consumer).await?;
+        }
+        Ok(!self.topics.is_empty())
+    }
+
+    /// A replay that makes no progress at all (a partition without a leader) ends with an error
+    /// instead of waiting for ever; a live subscription may idle.
+    fn check_stall(&self) -> Result<(), Error> {
+        let patience = self.shared.config.timeout * 3;
+        if !self.replay_done() && self.last_progress.elapsed() > patience {
+            return Err(error::unavailable(format!(
+                "replay made no progress for {patience:?}: a partition is not readable"
+            )));
+        }
+        Ok(())
+    }
+
     /// Marks partitions whose consumer position reached their replay end.
-    fn check_positions(&mut self) {
+    fn check_positions(&mut self, consumer: &StreamConsumer) {
         for t in self.topics.values_mut() {
             for &p in &t.read {
                 if let Some(end) = t.end[p as usize] {
-                    if position_of(&self.consumer, &t.topic, p).is_some_and(|pos| pos >= end) {
+                    if position_of(consumer, &t.topic, p).is_some_and(|pos| pos >= end) {
                         t.end[p as usize] = None;
                         t.next[p as usize] = t.next[p as usize].max(end);
                         if self.mode == SubscriptionMode::Cold {
-                            pause(&self.consumer, &t.topic, p);
+                            pause(consumer, &t.topic, p);
                         }
                     }
                 }
@@ -312,16 +415,10 @@ impl Sub {
     }
 
     /// Looks for topics that appeared since the start (live modes only).
-    async fn discover(&mut self) -> Result<(), Error> {
+    async fn discover(&mut self, consumer: &StreamConsumer) -> Result<(), Error> {
         self.last_discovery = Instant::now();
         let wanted: Vec<String> = match &self.scope {
-            Scope::All => self
-                .shared
-                .categories()
-                .await?
-                .into_iter()
-                .map(|(c, _)| c)
-                .collect(),
+            Scope::All => category_names(&self.shared).await?,
             Scope::Stream(s, _) => vec![s.category_name().to_owned()],
             Scope::Category(c) => vec![c.clone()],
         };
@@ -332,12 +429,49 @@ impl Sub {
             }
         }
         if self.topics.len() != before {
-            self.assign()?;
+            self.assign(consumer)?;
         }
         Ok(())
     }
 
-    fn checkpoint(&self) -> photon_api::Checkpoint {
+    /// The event `msg` carries when it is the next one for this subscription.
+    fn accept(
+        &mut self,
+        msg: &BorrowedMessage<'_>,
+        consumer: &StreamConsumer,
+    ) -> Option<RecordedEvent> {
+        let category = self.shared.config.category_of(msg.topic())?;
+        let cold = self.mode == SubscriptionMode::Cold;
+        let t = self.topics.get_mut(category)?;
+        match t.advance(msg.partition(), msg.offset(), cold) {
+            Advance::Skip => return None,
+            Advance::Pause => {
+                pause(consumer, &t.topic, msg.partition());
+                return None;
+            }
+            Advance::Deliver => {}
+        }
+        if let Scope::Stream(s, _) = &self.scope {
+            if codec::stream_key(msg) != Some(s.as_str()) {
+                return None;
+            }
+        }
+        let checkpoint = self.checkpoint();
+        let event = match codec::recorded_event(msg, checkpoint, &mut self.names) {
+            Ok(event) => event?,
+            // Not written by photon's writer: skipped, like any foreign record.
+            Err(e) => {
+                tracing::warn!(error = %e, "photon-kafka: record skipped");
+                return None;
+            }
+        };
+        let early = self
+            .since
+            .is_some_and(|since| event.recorded_at.unix_micros() < since);
+        (!early).then_some(event)
+    }
+
+    fn checkpoint(&self) -> Checkpoint {
         match &self.scope {
             Scope::Stream(s, p) => {
                 let next = self
@@ -359,113 +493,36 @@ impl Sub {
             .to_checkpoint(),
         }
     }
+}
 
-    async fn next(&mut self) -> Result<Option<SubscriptionItem>, Error> {
-        loop {
-            if self.replay_done() {
-                match self.mode {
-                    SubscriptionMode::Cold => return Ok(None),
-                    _ if !self.caught_up_sent => {
-                        self.caught_up_sent = true;
-                        return Ok(Some(SubscriptionItem::CaughtUp));
-                    }
-                    _ => {}
-                }
+/// Where each partition read resumes after `after` (decoded from `checkpoint`).
+///
+/// # Errors
+/// - [`Error::InvalidInput`] when a category checkpoint does not cover a partition read.
+fn offsets_after(
+    after: &Position,
+    checkpoint: &Checkpoint,
+    category: &str,
+    topic: &str,
+    n: i32,
+    read: &[i32],
+) -> Result<Vec<i64>, Error> {
+    let mut next = vec![0; n as usize];
+    for &p in read {
+        next[p as usize] = match after.next_for(category, p) {
+            Some(o) => o,
+            // The all stream's checkpoint lists the topics it had seen; a newer topic is read
+            // from its beginning.
+            None if matches!(after, Position::All(_)) => 0,
+            None => {
+                return Err(Error::InvalidInput {
+                    what: format!("checkpoint {checkpoint}"),
+                    reason: format!("it does not cover partition {p} of {topic}"),
+                })
             }
-            let live = self.mode != SubscriptionMode::Cold;
-            let looking = matches!(self.scope, Scope::All) || self.topics.is_empty();
-            if live && looking && self.last_discovery.elapsed() >= DISCOVERY_INTERVAL {
-                self.discover().await?;
-            }
-            if self.topics.is_empty() {
-                if !live {
-                    return Ok(None);
-                }
-                tokio::time::sleep(POLL_WAIT).await;
-                continue;
-            }
-            // A replay that makes no progress at all (a partition without a leader) ends with
-            // an error instead of waiting for ever; a live subscription may idle.
-            if !self.replay_done() && self.last_progress.elapsed() > self.shared.config.timeout * 3
-            {
-                return Err(crate::unavailable(format!(
-                    "replay made no progress for {:?}: a partition is not readable",
-                    self.shared.config.timeout * 3
-                )));
-            }
-            let got = match tokio::time::timeout(POLL_WAIT, self.consumer.recv()).await {
-                Err(_) => {
-                    self.check_positions();
-                    continue;
-                }
-                Ok(got) => got,
-            };
-            let msg = match got {
-                Ok(msg) => msg,
-                Err(KafkaError::PartitionEOF(_)) => {
-                    self.last_progress = Instant::now();
-                    self.check_positions();
-                    continue;
-                }
-                Err(e) if crate::is_passing(&e) => {
-                    tracing::debug!(error = %e, "photon-kafka: passing client error in a subscription");
-                    continue;
-                }
-                Err(e) => return Err(map_kafka("subscription", e)),
-            };
-            self.last_progress = Instant::now();
-            tokio::task::consume_budget().await;
-            let Some(category) = self.shared.config.category_of(msg.topic()) else {
-                continue;
-            };
-            let (p, o) = (msg.partition(), msg.offset());
-            let cold = self.mode == SubscriptionMode::Cold;
-            let Some(t) = self.topics.get_mut(category) else {
-                continue;
-            };
-            let slot = p as usize;
-            if slot >= t.next.len() || o < t.next[slot] {
-                continue;
-            }
-            if let Some(end) = t.end[slot] {
-                if o >= end {
-                    // Past the history of the call: live for HotCold, beyond the end for Cold.
-                    t.end[slot] = None;
-                    if cold {
-                        pause(&self.consumer, &t.topic, p);
-                        continue;
-                    }
-                } else if o + 1 >= end {
-                    t.end[slot] = None;
-                }
-            } else if cold {
-                continue;
-            }
-            t.next[slot] = o + 1;
-            if let Scope::Stream(s, _) = &self.scope {
-                if record::stream_key(&msg) != Some(s.as_str()) {
-                    continue;
-                }
-            }
-            let checkpoint = self.checkpoint();
-            let event = match record::recorded_event(&msg, checkpoint, &mut self.names) {
-                Ok(Some(event)) => event,
-                Ok(None) => continue,
-                // Not written by photon's writer: skipped, like any foreign record.
-                Err(e) => {
-                    tracing::warn!(error = %e, "photon-kafka: record skipped");
-                    continue;
-                }
-            };
-            if self
-                .since
-                .is_some_and(|since| event.recorded_at.unix_micros() < since)
-            {
-                continue;
-            }
-            return Ok(Some(SubscriptionItem::Event(event)));
-        }
+        };
     }
+    Ok(next)
 }
 
 /// Stops fetching a partition whose Cold replay is complete.

@@ -8,6 +8,9 @@
 //! partition takes every queued append (one per stream, so each is decided against committed
 //! state only) into one transaction. The events of each append become visible to read_committed
 //! readers together, and a group costs one commit however many appends it carries.
+//!
+//! This module owns the append protocol and the producers; it reads partitions only through
+//! reader.rs (the catch-up) and builds records only through codec.rs.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,14 +22,15 @@ use photon_api::validate::{classify_batch, validate_batch, BatchKind};
 use photon_api::{AppendResult, Error, EventData, ExpectedVersion, StreamId, Timestamp, Version};
 use rand::Rng;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::sync::oneshot;
 
+use crate::client::{blocking, PartitionState, Shared};
+use crate::codec::{self, partition_for};
+use crate::error;
 use crate::index::PartitionIndex;
 use crate::position::Position;
 use crate::reader::{catch_up, stable_end};
-use crate::record::{self, partition_for};
-use crate::{blocking, map_kafka, PartitionState, Shared};
 
 /// Live producers kept per store before idle ones are closed.
 const MAX_WRITERS: usize = 32;
@@ -36,6 +40,12 @@ const MAX_GROUP: usize = 256;
 
 /// Groups one holder commits before it lets the partition go (others waiting take over).
 const MAX_GROUPS_PER_TURN: usize = 8;
+
+/// How long a record waits before it is queued again when librdkafka's send queue is full.
+const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
+
+/// The longest pause between two looks at whether a commit is readable yet.
+const VISIBLE_POLL_MAX: Duration = Duration::from_millis(20);
 
 /// This process's producer for one partition while it holds the partition's writer role.
 pub(crate) struct Writer {
@@ -81,6 +91,8 @@ fn transactional_id(topic: &str, p: i32) -> String {
     format!("photon.{topic}.{p}")
 }
 
+/// Appends `events` to `stream` if it is at `expected`: validated, queued for the stream's
+/// partition, and committed by whichever caller holds the partition next.
 pub(crate) async fn append(
     shared: &Arc<Shared>,
     stream: &StreamId,
@@ -94,7 +106,7 @@ pub(crate) async fn append(
         config.max_event_size,
         Some(config.max_append_size),
     )?;
-    record::check_headers(stream, &events)?;
+    codec::check_headers(stream, &events)?;
     let topic = config.topic(stream.category_name());
     let n = shared.ensure_topic(&topic).await?;
     let p = partition_for(stream, n);
@@ -115,27 +127,36 @@ pub(crate) async fn append(
             biased;
             result = &mut answer => {
                 return result.unwrap_or_else(|_| {
-                    Err(crate::unavailable(format!(
+                    Err(error::unavailable(format!(
                         "the append to {stream} was interrupted; its outcome is unknown, retry with the same ids"
                     )))
                 });
             }
             guard = state.clone().lock_owned() => {
                 let (shared, topic, queue) = (shared.clone(), topic.clone(), queue.clone());
-                tokio::spawn(async move {
-                    let mut guard = guard;
-                    for _ in 0..MAX_GROUPS_PER_TURN {
-                        let group = take_group(&queue, shared.config.max_append_size);
-                        if group.is_empty() {
-                            break;
-                        }
-                        commit_group(&shared, &topic, p, &mut guard, group).await;
-                    }
-                });
+                tokio::spawn(hold_partition(shared, topic, p, guard, queue));
                 // Let the holder take the queue before competing for the partition again.
                 tokio::task::yield_now().await;
             }
         }
+    }
+}
+
+/// One turn as the holder of a partition: commits up to [`MAX_GROUPS_PER_TURN`] groups of what
+/// is queued, then lets the partition go.
+async fn hold_partition(
+    shared: Arc<Shared>,
+    topic: String,
+    p: i32,
+    mut guard: tokio::sync::OwnedMutexGuard<PartitionState>,
+    queue: Arc<Queue>,
+) {
+    for _ in 0..MAX_GROUPS_PER_TURN {
+        let group = take_group(&queue, shared.config.max_append_size);
+        if group.is_empty() {
+            break;
+        }
+        commit_group(&shared, &topic, p, &mut guard, group).await;
     }
 }
 
@@ -192,26 +213,23 @@ async fn commit_group(
             Ok(()) => return,
             Err(Attempt::Stop(e)) => {
                 state.producer = None;
-                answer_all(group, &e);
-                return;
+                return answer_all(group, e);
             }
             Err(Attempt::Refused(e)) => {
                 state.producer = None;
-                if group.len() > 1 {
-                    // One append the broker refuses must not fail the others: each alone.
-                    for q in group {
-                        Box::pin(commit_group(shared, topic, p, state, vec![q])).await;
-                    }
-                } else {
-                    answer_all(group, &e);
+                if group.len() == 1 {
+                    return answer_all(group, e);
+                }
+                // One append the broker refuses must not fail the others: each alone.
+                for q in group {
+                    Box::pin(commit_group(shared, topic, p, state, vec![q])).await;
                 }
                 return;
             }
             Err(Attempt::Again(why)) => {
                 state.producer = None;
                 if Instant::now() >= deadline {
-                    answer_all(group, &why);
-                    return;
+                    return answer_all(group, why);
                 }
                 tracing::debug!(topic, p, attempt, error = %why, "photon-kafka: group retried");
                 // Exponential backoff with jitter, so racing processes stop fencing each other.
@@ -223,14 +241,17 @@ async fn commit_group(
     }
 }
 
-/// Answers every append of `group` with `e` (the same error for each; it says what failed).
-fn answer_all(group: Vec<Queued>, e: &Error) {
-    for q in group {
-        let copy = match e {
-            Error::Unavailable { message, .. } => crate::unavailable(message.clone()),
-            other => Error::backend(crate::BACKEND, other.to_string()),
+/// Answers every append of `group` with `e` (the same failure for each; it says what failed).
+fn answer_all(group: Vec<Queued>, e: Error) {
+    let last = group.len().saturating_sub(1);
+    let mut e = Some(e);
+    for (i, q) in group.into_iter().enumerate() {
+        let answer = if i == last {
+            e.take().expect("answered once")
+        } else {
+            error::duplicate(e.as_ref().expect("kept for the last"))
         };
-        let _ = q.reply.send(Err(copy));
+        let _ = q.reply.send(Err(answer));
     }
 }
 
@@ -245,15 +266,14 @@ async fn take_over(
     shared.evict_writers(MAX_WRITERS.saturating_sub(1));
     let producer: FutureProducer = shared
         .config
-        .producer(&transactional_id(topic, p))
-        .set("allow.auto.create.topics", "false")
+        .transactional_producer_config(&transactional_id(topic, p))
         .create()
-        .map_err(|e| map_kafka("creating a producer", e))?;
+        .map_err(|e| error::from_kafka("creating a producer", e))?;
     let producer = Arc::new(producer);
     let (pr, timeout) = (producer.clone(), shared.config.timeout);
     blocking(move || pr.init_transactions(timeout))
         .await?
-        .map_err(|e| map_kafka(&format!("becoming the writer of {topic}/{p}"), e))?;
+        .map_err(|e| error::from_kafka(format!("becoming the writer of {topic}/{p}"), e))?;
     shared.live_writers.fetch_add(1, Ordering::Relaxed);
     state.producer = Some(Writer {
         producer,
@@ -291,9 +311,6 @@ fn result_of(
 
 /// One attempt at a group. Appends decided (refused, or retries of stored batches) are answered
 /// and removed from `group` as soon as that is final; the rest are written in one transaction.
-///
-/// A refusal is final only against an index read up to the partition's stable end, and that
-/// read needs no writer role: a process that lost a race learns it without fencing the winner.
 /// The writer role is taken (fencing any other) only when something is left to write.
 async fn try_group(
     shared: &Arc<Shared>,
@@ -302,16 +319,7 @@ async fn try_group(
     state: &mut PartitionState,
     group: &mut Vec<Queued>,
 ) -> Result<(), Attempt> {
-    // Without a producer the index may be behind: read up to the stable end first. With one it
-    // is current unless another process took the partition over, which a refusal checks.
-    let behind = state.producer.is_none();
-    if behind {
-        catch_up_or_stop(shared, topic, p, state).await?;
-    }
-    if settle_decided(state, p, group, behind) {
-        catch_up_or_stop(shared, topic, p, state).await?;
-        settle_decided(state, p, group, true);
-    }
+    settle_against_committed(shared, topic, p, state, group).await?;
     if group.is_empty() {
         return Ok(());
     }
@@ -350,6 +358,29 @@ async fn try_group(
             Err(attempt)
         }
     }
+}
+
+/// Answers the appends of `group` the committed state decides. A refusal is final only against
+/// an index read up to the partition's stable end, and that read needs no writer role: a
+/// process that lost a race learns it without fencing the winner.
+async fn settle_against_committed(
+    shared: &Arc<Shared>,
+    topic: &str,
+    p: i32,
+    state: &mut PartitionState,
+    group: &mut Vec<Queued>,
+) -> Result<(), Attempt> {
+    // Without a producer the index may be behind: read up to the stable end first. With one it
+    // is current unless another process took the partition over, which a refusal checks.
+    let behind = state.producer.is_none();
+    if behind {
+        catch_up_or_stop(shared, topic, p, state).await?;
+    }
+    if settle_decided(state, p, group, behind) {
+        catch_up_or_stop(shared, topic, p, state).await?;
+        settle_decided(state, p, group, true);
+    }
+    Ok(())
 }
 
 /// Reads the partition up to its stable end. Records this writer did not write mean another
@@ -415,44 +446,64 @@ async fn write(
         .unix_micros()
         .max(state.index.last_recorded);
     let recorded_at = Timestamp::from_unix_micros(now).expect("a current time");
-    let pr = producer.clone();
+    let (pr, timeout) = (producer.clone(), shared.config.timeout);
     blocking(move || pr.begin_transaction())
         .await
         .map_err(Attempt::Again)?
-        .map_err(|e| failed("begin transaction", e))?;
-    // Records are queued strictly in order (a full queue is waited out on the record that met
-    // it, never skipped ahead of), so each stream's versions get rising offsets.
+        .map_err(|e| failed(format!("beginning a transaction on {topic}/{p}"), e))?;
+    let offsets = match send_all(&producer, topic, p, writes, recorded_at).await {
+        Ok(offsets) => offsets,
+        Err(e) => {
+            // Nothing is committed; abort so a replacement writer need not wait for the timeout.
+            let _ = blocking(move || producer.abort_transaction(timeout)).await;
+            return Err(failed(format!("appending to {topic}/{p}"), e));
+        }
+    };
+    commit(&producer, timeout, topic, p).await?;
+    index_written(&mut state.index, writes, &offsets, now);
+    // A commit returns once the coordinator has decided it; the markers that make the records
+    // readable reach the partition a moment later. Wait for them, so that whoever reads after
+    // this append returns sees it.
+    let last = offsets.iter().copied().max().unwrap_or_default();
+    if let Err(e) = wait_visible(shared, topic, p, last).await {
+        tracing::warn!(topic, p, error = %e, "photon-kafka: committed, not yet readable");
+    }
+    Ok(())
+}
+
+/// Queues the records of `writes` strictly in order (a full queue is waited out on the record
+/// that met it, never skipped ahead of, so each stream's versions get rising offsets) and waits
+/// for every delivery: their offsets, or the first failure.
+async fn send_all(
+    producer: &FutureProducer,
+    topic: &str,
+    p: i32,
+    writes: &[(Queued, Version)],
+    recorded_at: Timestamp,
+) -> Result<Vec<i64>, KafkaError> {
     let mut deliveries = Vec::new();
     let mut failure = None;
     'queueing: for (q, first) in writes {
         let key = q.stream.as_str();
         for (i, e) in q.events.iter().enumerate() {
             let version = Version(first.0 + i as u64);
-            let headers = record::headers_of(e, version, recorded_at, *first, q.events.len());
-            let mut record = FutureRecord::to(topic)
+            let headers = codec::headers_of(e, version, recorded_at, *first, q.events.len());
+            let record = FutureRecord::to(topic)
                 .partition(p)
                 .key(key)
                 .payload(&e.payload.bytes[..])
                 .timestamp(recorded_at.unix_millis())
                 .headers(headers);
-            loop {
-                match producer.send_result(record) {
-                    Ok(delivery) => {
-                        deliveries.push(delivery);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        record = back;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    Err((e, _)) => {
-                        failure = Some(e);
-                        break 'queueing;
-                    }
+            match send_waiting(producer, record).await {
+                Ok(delivery) => deliveries.push(delivery),
+                Err(e) => {
+                    failure = Some(e);
+                    break 'queueing;
                 }
             }
         }
     }
+    // Every queued record is waited for, also after a failure: none is left in flight.
     let mut offsets = Vec::with_capacity(deliveries.len());
     for d in join_all(deliveries).await {
         match d {
@@ -470,32 +521,63 @@ async fn write(
             RDKafkaErrorCode::InvalidRecord,
         ));
     }
-    let (pr, t) = (producer.clone(), shared.config.timeout);
-    if let Some(e) = failure {
-        // Nothing is committed; abort so a replacement writer need not wait for the timeout.
-        let _ = blocking(move || pr.abort_transaction(t)).await;
-        return Err(failed(&format!("appending to {topic}/{p}"), e));
+    failure.map_or(Ok(offsets), Err)
+}
+
+/// Queues `record`, waiting while librdkafka's send queue is full.
+async fn send_waiting(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, str, [u8]>,
+) -> Result<DeliveryFuture, KafkaError> {
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                tokio::time::sleep(QUEUE_FULL_PAUSE).await;
+            }
+            Err((e, _)) => return Err(e),
+        }
     }
-    match blocking(move || pr.commit_transaction(t)).await {
-        Ok(Ok(())) => {}
+}
+
+/// Commits the open transaction.
+async fn commit(
+    producer: &Arc<FutureProducer>,
+    timeout: Duration,
+    topic: &str,
+    p: i32,
+) -> Result<(), Attempt> {
+    let pr = producer.clone();
+    match blocking(move || pr.commit_transaction(timeout)).await {
+        Ok(Ok(())) => Ok(()),
         // The outcome is unknown (a commit can land and still report an error): the next
         // attempt takes the partition over, which settles the transaction, then reads it, so a
         // landed batch is recognised by its ids.
-        Ok(Err(e)) => return Err(failed(&format!("committing to {topic}/{p}"), e)),
-        Err(e) => return Err(Attempt::Again(e)),
+        Ok(Err(e)) => Err(failed(format!("committing to {topic}/{p}"), e)),
+        Err(e) => Err(Attempt::Again(e)),
     }
+}
+
+/// Indexes the committed records of `writes` at `offsets` (one per event, in order).
+fn index_written(
+    index: &mut PartitionIndex,
+    writes: &[(Queued, Version)],
+    offsets: &[i64],
+    recorded_at: i64,
+) {
     let mut offset = offsets.iter();
     for (q, first) in writes {
         for (i, e) in q.events.iter().enumerate() {
-            state.index.apply(
+            index.apply(
                 *offset.next().expect("one offset per event"),
-                record::IndexEntry {
+                codec::IndexEntry {
                     stream: q.stream.as_str().to_owned(),
                     event_id: e.event_id,
                     version: first.0 + i as u64,
                     batch_first: first.0,
                     batch_len: q.events.len() as u32,
-                    recorded_at: now,
+                    recorded_at,
                 },
             );
         }
@@ -503,20 +585,13 @@ async fn write(
     // Our own records are indexed; the next catch-up starts after them. Offsets of transaction
     // markers are read past then.
     let last = offsets.iter().copied().max().unwrap_or_default();
-    state.index.next_offset = state.index.next_offset.max(last + 1);
-    // A commit returns once the coordinator has decided it; the markers that make the records
-    // readable reach the partition a moment later. Wait for them, so that whoever reads after
-    // this append returns sees it.
-    if let Err(e) = wait_visible(shared, topic, p, last).await {
-        tracing::warn!(topic, p, error = %e, "photon-kafka: committed, not yet readable");
-    }
-    Ok(())
+    index.next_offset = index.next_offset.max(last + 1);
 }
 
 /// A failed send, commit or begin: decided again after a take-over, unless retrying cannot help
 /// (a record the broker refuses as too large, a missing permission: `Refused`). The transaction
 /// did not commit, or its outcome is unknown; either way the producer is replaced.
-fn failed(context: &str, e: KafkaError) -> Attempt {
+fn failed(context: String, e: KafkaError) -> Attempt {
     use RDKafkaErrorCode as C;
     let last = matches!(
         e.rdkafka_error_code(),
@@ -529,7 +604,7 @@ fn failed(context: &str, e: KafkaError) -> Attempt {
                 | C::ClusterAuthorizationFailed
         )
     );
-    let error = map_kafka(context, e);
+    let error = error::from_kafka(context, e);
     if last {
         Attempt::Refused(error)
     } else {
@@ -546,16 +621,17 @@ async fn wait_visible(shared: &Arc<Shared>, topic: &str, p: i32, last: i64) -> R
             return Ok(());
         }
         if Instant::now() >= deadline {
-            return Err(crate::unavailable(format!(
+            return Err(error::unavailable(format!(
                 "{topic}/{p}: offset {last} not readable after {:?}",
                 shared.config.timeout
             )));
         }
         tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(20));
+        pause = (pause * 2).min(VISIBLE_POLL_MAX);
     }
 }
 
+/// Whether `q` is new (to be written), a retry of a stored batch, or refused, by the index.
 fn decide(index: &PartitionIndex, q: &Queued) -> Result<BatchKind, Error> {
     let (stream, expected, events) = (&q.stream, q.expected, &q.events);
     let kind = classify_batch(stream, events, |id| index.stored(stream.as_str(), id))?;

@@ -1,6 +1,7 @@
 //! Behaviour specific to the Kafka backend, against a real broker (`PHOTON_TEST_KAFKA_URL`): the
 //! documented record format read by a plain consumer, fencing between store instances, topic
-//! creation settings, and refusing to create topics when told not to.
+//! creation settings, refusing to create topics when told not to, and librdkafka's errors
+//! reaching the caller whole.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use photon_api::{
     StreamId, SubscriptionMode, Uuid, Version,
 };
 use photon_conformance::server_url;
-use photon_kafka::KafkaStore;
+use photon_kafka::{KafkaConfig, KafkaStore};
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -31,12 +32,7 @@ fn fresh_prefix() -> String {
 }
 
 fn bootstrap(url: &str) -> String {
-    let rest = url.strip_prefix("kafka://").unwrap();
-    rest.split('?')
-        .next()
-        .unwrap()
-        .trim_end_matches('/')
-        .to_owned()
+    KafkaConfig::from_url(url).unwrap().bootstrap_servers
 }
 
 fn numbered(n: u64) -> EventData {
@@ -389,7 +385,10 @@ async fn without_topic_creation_a_missing_topic_is_named() {
         .append(&stream, ExpectedVersion::Any, vec![numbered(1)])
         .await
     {
-        Err(Error::Backend { source, .. }) => {
+        Err(Error::Backend {
+            context, source, ..
+        }) => {
+            assert!(context.contains(&format!("{prefix}.ghost")), "{context}");
             let m = source.to_string();
             assert!(m.contains(&format!("{prefix}.ghost")), "{m}");
             assert!(m.contains("create=false"), "{m}");
@@ -494,4 +493,73 @@ async fn concurrent_appends_in_one_store_are_grouped_correctly() {
         .await
         .unwrap();
     assert_eq!(replay.len(), 16 * 20 + 2);
+}
+
+/// librdkafka's own error reaches the caller as the `source()` of ours: a topic the broker
+/// refuses to create (a replication factor above the brokers there are; the test cluster has
+/// one broker) is a `Backend` error whose chain holds the broker's refusal, and an unreachable
+/// broker is `Unavailable`, retryable, with librdkafka's error behind it too.
+#[tokio::test]
+async fn driver_errors_reach_the_caller_and_transient_ones_stay_unavailable() {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let brokers = topic_metadata(&url, &format!("{prefix}.none"))
+        .brokers()
+        .len();
+    let refusing = store(&with_options(
+        &url,
+        &format!("prefix={prefix}&replication_factor={}", brokers + 1),
+    ))
+    .await;
+    let stream = StreamId::parse("refused-1").unwrap();
+    let e = refusing
+        .append(&stream, ExpectedVersion::Any, vec![numbered(1)])
+        .await
+        .expect_err("the broker refuses the topic");
+    let Error::Backend { ref context, .. } = e else {
+        panic!("want a Backend error, got {e:?}");
+    };
+    assert_eq!(context, &format!("creating topic {prefix}.refused"));
+    assert!(!e.is_retryable());
+    let kafka = driver_error(&e).expect("librdkafka's error is in the chain");
+    assert_eq!(
+        kafka,
+        &KafkaError::AdminOp(RDKafkaErrorCode::InvalidReplicationFactor),
+        "the broker's answer to CreateTopics"
+    );
+
+    let unreachable = store("kafka://127.0.0.1:1?timeout_ms=1500").await;
+    for result in [
+        unreachable.health().await.map(|_| ()),
+        unreachable
+            .append(&stream, ExpectedVersion::Any, vec![numbered(1)])
+            .await
+            .map(|_| ()),
+    ] {
+        let e = result.expect_err("nothing listens on port 1");
+        assert!(
+            matches!(e, Error::Unavailable { .. }) && e.is_retryable(),
+            "{e:?}"
+        );
+        let kafka = driver_error(&e).expect("librdkafka's error is in the chain");
+        assert!(
+            kafka.rdkafka_error_code().is_some(),
+            "a librdkafka error code: {kafka:?}"
+        );
+    }
+}
+
+/// The first `KafkaError` in `e`'s chain of sources.
+fn driver_error(e: &Error) -> Option<&rdkafka::error::KafkaError> {
+    let mut next = std::error::Error::source(e);
+    while let Some(source) = next {
+        if let Some(kafka) = source.downcast_ref() {
+            return Some(kafka);
+        }
+        next = source.source();
+    }
+    None
 }

@@ -1,6 +1,7 @@
 //! The Kafka record format (documented in the crate README, which other tools rely on): the
-//! partition of a stream, the `photon.*` headers, and the conversion of records to events. Nothing
-//! here talks to a broker.
+//! partition of a stream, the `photon.*` headers, and the conversion between an event and its
+//! record. Checkpoints (partition offsets) have their own layout in position.rs. Nothing here
+//! talks to a broker.
 
 use photon_api::{
     Bytes, Checkpoint, ContentType, Error, EventData, EventType, Headers, Metadata, Payload,
@@ -9,20 +10,33 @@ use photon_api::{
 use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders};
 use rdkafka::Message;
 
-/// Header names. Every value is UTF-8 text so any client can read it.
-pub(crate) mod header {
-    pub(crate) const EVENT_ID: &str = "photon.event_id";
-    pub(crate) const VERSION: &str = "photon.version";
-    pub(crate) const EVENT_TYPE: &str = "photon.event_type";
-    pub(crate) const SCHEMA_VERSION: &str = "photon.schema_version";
-    pub(crate) const CONTENT_TYPE: &str = "photon.content_type";
-    pub(crate) const OCCURRED_AT: &str = "photon.occurred_at";
-    pub(crate) const RECORDED_AT: &str = "photon.recorded_at";
-    pub(crate) const BATCH: &str = "photon.batch";
-    pub(crate) const CAUSATION_ID: &str = "photon.causation_id";
-    pub(crate) const CORRELATION_ID: &str = "photon.correlation_id";
+use crate::error::{self, Fault};
+
+/// The names of the `photon.*` record headers (the README's record format). Every value is
+/// UTF-8 text so any client can read it.
+pub mod header {
+    /// The event id, a UUID.
+    pub const EVENT_ID: &str = "photon.event_id";
+    /// The event's version in its stream, decimal, from 0.
+    pub const VERSION: &str = "photon.version";
+    /// The event type name.
+    pub const EVENT_TYPE: &str = "photon.event_type";
+    /// The payload's schema version, decimal.
+    pub const SCHEMA_VERSION: &str = "photon.schema_version";
+    /// The payload's MIME type.
+    pub const CONTENT_TYPE: &str = "photon.content_type";
+    /// When the event happened, microseconds since the Unix epoch.
+    pub const OCCURRED_AT: &str = "photon.occurred_at";
+    /// When it was stored, microseconds since the Unix epoch.
+    pub const RECORDED_AT: &str = "photon.recorded_at";
+    /// `<first version>+<count>`: the append the event was part of.
+    pub const BATCH: &str = "photon.batch";
+    /// The causation id, a UUID, when set.
+    pub const CAUSATION_ID: &str = "photon.causation_id";
+    /// The correlation id, a UUID, when set.
+    pub const CORRELATION_ID: &str = "photon.correlation_id";
     /// Headers with this prefix are ours; an application header may not start with it.
-    pub(crate) const PREFIX: &str = "photon.";
+    pub const PREFIX: &str = "photon.";
 }
 
 /// Kafka's default partitioner for keyed records (murmur2 of the key, as the Java client and
@@ -138,15 +152,13 @@ pub(crate) struct IndexEntry {
 }
 
 fn bad(msg: &BorrowedMessage<'_>, reason: String) -> Error {
-    Error::backend(
-        crate::BACKEND,
-        format!(
-            "record {}/{}@{} is not a photon event: {reason}",
-            msg.topic(),
-            msg.partition(),
-            msg.offset()
-        ),
-    )
+    let fault = Fault::NotAnEvent {
+        topic: msg.topic().to_owned(),
+        partition: msg.partition(),
+        offset: msg.offset(),
+        reason,
+    };
+    error::fault("decoding a record", fault)
 }
 
 /// The `photon.*` headers of a record; None when it has no `photon.event_id` (not written by
