@@ -1,6 +1,9 @@
 //! What photon-cassandra stores and hands out, as bytes: the events of a commit (MessagePack,
-//! documented in the README so other languages can read them), time ids, checkpoint tokens and
-//! the answer to a conditional write. Nothing here talks to a server.
+//! documented in the README so other languages can read them), commits as `RecordedEvent`s,
+//! time ids, checkpoint tokens and the answer to a conditional write.
+//!
+//! Nothing here talks to a server: the rows come in and go out through `writer`, `reader` and
+//! `subscription`.
 
 use std::collections::BTreeMap;
 
@@ -8,9 +11,12 @@ use photon_api::{
     Bytes, Checkpoint, ContentType, Error, EventData, EventType, Headers, Metadata, Payload,
     RecordedEvent, StreamId, Timestamp, Uuid, Version,
 };
+use scylla::response::query_result::QueryResult;
+use scylla::value::{CqlValue, Row};
 use serde::{Deserialize, Serialize};
 
-use crate::BACKEND;
+use crate::client::BACKEND;
+use crate::error;
 
 /// One event inside a commit's `events` blob: a MessagePack array of maps with these names.
 #[derive(Serialize, Deserialize)]
@@ -71,26 +77,22 @@ pub(crate) fn decode_events(
     commit: &Commit,
     checkpoint: impl Fn(usize) -> Checkpoint,
 ) -> Result<Vec<RecordedEvent>, Error> {
-    let stored: Vec<StoredEvent> = rmp_serde::from_slice(&commit.events).map_err(|e| {
-        Error::backend(
-            BACKEND,
-            format!(
-                "commit {}@{} does not decode as photon events: {e}",
-                commit.stream, commit.first
-            ),
-        )
-    })?;
+    let context = || format!("decoding commit {}@{}", commit.stream, commit.first);
+    let stored: Vec<StoredEvent> =
+        rmp_serde::from_slice(&commit.events).map_err(|e| error::driver(context(), e))?;
     let recorded_at = Timestamp::from_unix_micros(time_micros(&commit.time_id))
-        .ok_or_else(|| Error::backend(BACKEND, "time id out of range"))?;
+        .ok_or_else(|| error::corrupt(context(), "its time id is out of range"))?;
     stored
         .into_iter()
         .enumerate()
         .map(|(i, s)| {
             let bad = |what: &str| {
-                Error::backend(
-                    BACKEND,
-                    format!("{}@{}: {what}", commit.stream, commit.first + i as u64),
-                )
+                let event = format!(
+                    "decoding event {}@{}",
+                    commit.stream,
+                    commit.first + i as u64
+                );
+                error::corrupt(event, what)
             };
             Ok(RecordedEvent {
                 stream: commit.stream.clone(),
@@ -116,12 +118,24 @@ pub(crate) fn decode_events(
         .collect()
 }
 
+/// Decodes a commit's events with their checkpoints.
+pub(crate) fn events_of(commit: &Commit) -> Result<Vec<RecordedEvent>, Error> {
+    decode_events(commit, |i| {
+        Position {
+            time_id: commit.time_id,
+            index: i as u32,
+            version: commit.first + i as u64,
+        }
+        .to_checkpoint()
+    })
+}
+
 /// 100-nanosecond intervals between the UUID epoch (1582-10-15) and the Unix epoch.
 const UUID_EPOCH_OFFSET: u64 = 0x01B2_1DD2_1381_4000;
 
 /// A version-1 (time) UUID for `micros` since the Unix epoch, with random clock sequence and
-/// node, as Cassandra's `timeuuid` orders them: by time first.
-pub(crate) fn time_id(micros: i64) -> Uuid {
+/// node, as Cassandra's `timeuuid` orders them: by time first. The `time_id` of a commit.
+pub fn time_id(micros: i64) -> Uuid {
     let ticks = micros as u64 * 10 + UUID_EPOCH_OFFSET;
     let random: [u8; 8] = rand::random();
     let mut b = [0u8; 16];
@@ -133,8 +147,8 @@ pub(crate) fn time_id(micros: i64) -> Uuid {
     Uuid::from_bytes(b)
 }
 
-/// The smallest time UUID of `micros` (to start a range there).
-pub(crate) fn min_time_id(micros: i64) -> Uuid {
+/// The smallest time UUID of `micros` (to start a range of `time_id`s there).
+pub fn min_time_id(micros: i64) -> Uuid {
     let mut b = *time_id(micros).as_bytes();
     // Cassandra compares the rest as signed bytes: 0x80 is the smallest.
     for x in &mut b[8..16] {
@@ -143,8 +157,8 @@ pub(crate) fn min_time_id(micros: i64) -> Uuid {
     Uuid::from_bytes(b)
 }
 
-/// The largest time UUID of `micros` (to end a range there, inclusive).
-pub(crate) fn max_time_id(micros: i64) -> Uuid {
+/// The largest time UUID of `micros` (to end a range of `time_id`s there, inclusive).
+pub fn max_time_id(micros: i64) -> Uuid {
     let mut b = *time_id(micros).as_bytes();
     for x in &mut b[8..16] {
         *x = 0x7f;
@@ -202,19 +216,43 @@ impl Position {
     }
 }
 
+/// Whether a conditional write (`IF NOT EXISTS`) applied, from the server's answer.
+///
+/// # Errors
+/// - [`Error::Backend`] for an answer without an `[applied]` column or without rows.
+pub fn conditional_write_applied(answer: QueryResult) -> Result<bool, Error> {
+    let context = "reading a conditional write's answer";
+    let rows = answer
+        .into_rows_result()
+        .map_err(|e| error::driver(context, e))?;
+    let names: Vec<&str> = rows.column_specs().iter().map(|c| c.name()).collect();
+    let values: Vec<Vec<Option<bool>>> = rows
+        .rows::<Row>()
+        .map_err(|e| error::driver(context, e))?
+        .map(|r| r.map(|row| row.columns.into_iter().map(as_bool).collect()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| error::driver(context, e))?;
+    applied(&names, &values)
+}
+
+fn as_bool(value: Option<CqlValue>) -> Option<bool> {
+    match value {
+        Some(CqlValue::Boolean(b)) => Some(b),
+        _ => None,
+    }
+}
+
 /// Whether a conditional write applied, from its result rows. Cassandra answers one row for a
 /// conditional statement or batch; ScyllaDB one row per statement of a batch. Either way each
 /// row has an `[applied]` column, and the write applied only if every row says so.
-pub(crate) fn applied(column_names: &[&str], rows: &[Vec<Option<bool>>]) -> Result<bool, Error> {
+fn applied(column_names: &[&str], rows: &[Vec<Option<bool>>]) -> Result<bool, Error> {
+    let context = "reading a conditional write's answer";
     let at = column_names
         .iter()
         .position(|c| *c == "[applied]")
-        .ok_or_else(|| Error::backend(BACKEND, "a conditional write answered without [applied]"))?;
+        .ok_or_else(|| error::corrupt(context, "it has no [applied] column"))?;
     if rows.is_empty() {
-        return Err(Error::backend(
-            BACKEND,
-            "a conditional write answered no rows",
-        ));
+        return Err(error::corrupt(context, "it has no rows"));
     }
     Ok(rows
         .iter()

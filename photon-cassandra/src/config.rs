@@ -1,14 +1,50 @@
-//! The `cassandra://` URL. Consistency defaults are the safe ones (QUORUM for reads and writes,
-//! SERIAL for conditional writes); the URL may choose the LOCAL_ variants for multi-datacenter
-//! clusters.
+//! The `cassandra://` URL and the settings it makes. Consistency defaults are the safe ones
+//! (QUORUM for reads and writes, SERIAL for conditional writes); the URL may choose the LOCAL_
+//! variants for multi-datacenter clusters.
+//!
+//! Parsing goes through `photon_api::url::StoreUrl`; this module owns only the options, their
+//! defaults and rules (the README's URL table). Nothing here connects.
 
 use std::fmt;
 use std::time::Duration;
 
-use percent_encoding::percent_decode_str;
+use photon_api::url::StoreUrl;
 use photon_api::validate::DEFAULT_MAX_EVENT_SIZE;
 use photon_api::Error;
 use scylla::statement::{Consistency, SerialConsistency};
+
+/// The URL scheme of this backend (`scylla://` is accepted too).
+pub const SCHEME: &str = "cassandra";
+
+/// Every URL scheme this backend answers; newton's `connect` dispatches on these.
+pub const SCHEMES: &[&str] = &["cassandra", "scylla"];
+
+/// The port of a contact point given without one.
+const DEFAULT_PORT: u16 = 9042;
+
+/// The keyspace of a URL without a path.
+const DEFAULT_KEYSPACE: &str = "photon";
+
+/// Every option the URL may carry (the README's table).
+const OPTIONS: &[&str] = &[
+    "replication",
+    "create",
+    "local_dc",
+    "tls",
+    "tls_ca",
+    "consistency",
+    "serial_consistency",
+    "timeout_ms",
+    "bucket_size",
+    "time_bucket_s",
+    "settle_ms",
+    "repair_after_ms",
+    "max_event_size",
+    "max_append_size",
+];
+
+/// The largest `max_event_size` and `max_append_size` accepted.
+const MAX_SIZE_OPTION: usize = 256 * 1024 * 1024;
 
 /// How the keyspace is replicated when this store creates it.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -112,8 +148,6 @@ impl fmt::Debug for CassandraConfig {
     }
 }
 
-const OPTIONS: &str = "replication, create, local_dc, tls, tls_ca, consistency, serial_consistency, timeout_ms, bucket_size, time_bucket_s, settle_ms, repair_after_ms, max_event_size, max_append_size";
-
 impl CassandraConfig {
     /// Parses `cassandra://[user:password@]host[:port][,host[:port]...][/keyspace][?options]`
     /// (`scylla://` is accepted too; the port defaults to 9042).
@@ -122,149 +156,79 @@ impl CassandraConfig {
     /// - [`Error::InvalidInput`] for another scheme, no host, a bad keyspace name, an unknown
     ///   option or a bad value.
     pub fn from_url(url: &str) -> Result<Self, Error> {
-        let shown = photon_api::url::redact(url);
-        let invalid = |reason: String| Error::InvalidInput {
-            what: format!("Cassandra URL {shown:?}"),
-            reason,
-        };
-        let rest = url
-            .strip_prefix("cassandra://")
-            .or_else(|| url.strip_prefix("scylla://"))
-            .ok_or_else(|| invalid("must start with cassandra:// or scylla://".into()))?;
-        let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let (authority, keyspace) = before_query.split_once('/').unwrap_or((before_query, ""));
-        let (userinfo, hosts) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, authority),
-        };
-        let decode = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
-        let contact_points: Vec<String> = hosts
-            .split(',')
-            .map(str::trim)
-            .map(|h| {
-                if h.contains(':') {
-                    h.to_owned()
-                } else {
-                    format!("{h}:9042")
-                }
-            })
-            .collect();
-        if hosts.is_empty() || contact_points.iter().any(|h| h.starts_with(':')) {
-            return Err(invalid("names no contact point (host[:port][,...])".into()));
+        let url = StoreUrl::parse(url, "Cassandra URL", SCHEMES)?;
+        url.check_options(OPTIONS)?;
+        if url.hosts().is_empty() {
+            return Err(url.invalid("names no contact point (host[:port][,...])"));
         }
-        let keyspace = if keyspace.is_empty() {
-            "photon".to_owned()
-        } else {
-            keyspace.to_owned()
+        let tls_ca = url.option("tls_ca").map(str::to_owned);
+        let config = CassandraConfig {
+            contact_points: url.host_ports(DEFAULT_PORT),
+            keyspace: keyspace(&url)?,
+            replication: url
+                .parsed_option("replication", REPLICATION_RULE, parse_replication)?
+                .unwrap_or(Replication::Simple(1)),
+            create: url.bool_option("create")?.unwrap_or(true),
+            local_dc: url.option("local_dc").map(str::to_owned),
+            credentials: url
+                .username()
+                .map(|user| (user.to_owned(), url.password().unwrap_or("").to_owned())),
+            // A CA to verify the servers against means TLS.
+            tls: match (url.bool_option("tls")?, &tls_ca) {
+                (Some(false), Some(_)) => {
+                    return Err(url.invalid("tls=false contradicts tls_ca (a CA is for TLS)"))
+                }
+                (tls, ca) => tls.unwrap_or(false) || ca.is_some(),
+            },
+            tls_ca,
+            consistency: url
+                .parsed_option("consistency", CONSISTENCY_RULE, parse_consistency)?
+                .unwrap_or(Consistency::Quorum),
+            serial_consistency: url
+                .parsed_option(
+                    "serial_consistency",
+                    "must be serial or local_serial",
+                    parse_serial_consistency,
+                )?
+                .unwrap_or(SerialConsistency::Serial),
+            timeout: url
+                .millis_option("timeout_ms", 100..=600_000)?
+                .unwrap_or(Duration::from_secs(10)),
+            bucket_size: url
+                .number_option("bucket_size", 10..=10_000_000)?
+                .unwrap_or(5_000),
+            time_bucket: url
+                .number_option("time_bucket_s", 1..=30 * 86_400)?
+                .map_or(Duration::from_secs(3_600), Duration::from_secs),
+            settle: url
+                .millis_option("settle_ms", 50..=600_000)?
+                .unwrap_or(Duration::from_millis(1_000)),
+            repair_after: url
+                .millis_option("repair_after_ms", 10..=3_600_000)?
+                .unwrap_or(Duration::from_secs(30)),
+            max_event_size: url
+                .number_option("max_event_size", 1..=MAX_SIZE_OPTION)?
+                .unwrap_or(DEFAULT_MAX_EVENT_SIZE),
+            max_append_size: url
+                .number_option("max_append_size", 1..=MAX_SIZE_OPTION)?
+                .unwrap_or(8 * 1024 * 1024),
         };
-        let valid_name = keyspace.len() <= 48
-            && keyspace
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic())
-            && keyspace
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !valid_name {
-            return Err(invalid(format!(
-                "keyspace {keyspace:?} must be a letter then up to 47 of A-Z a-z 0-9 _"
-            )));
-        }
-        let mut c = CassandraConfig {
-            contact_points,
-            keyspace: keyspace.to_ascii_lowercase(),
-            replication: Replication::Simple(1),
-            create: true,
-            local_dc: None,
-            credentials: userinfo.map(|u| {
-                let (user, password) = u.split_once(':').unwrap_or((u, ""));
-                (decode(user), decode(password))
-            }),
-            tls: false,
-            tls_ca: None,
-            consistency: Consistency::Quorum,
-            serial_consistency: SerialConsistency::Serial,
-            timeout: Duration::from_secs(10),
-            bucket_size: 5_000,
-            time_bucket: Duration::from_secs(3_600),
-            settle: Duration::from_millis(1_000),
-            repair_after: Duration::from_secs(30),
-            max_event_size: DEFAULT_MAX_EVENT_SIZE,
-            max_append_size: 8 * 1024 * 1024,
-        };
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (key, raw) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = decode(raw);
-            let number = |lo: u64, hi: u64| -> Result<u64, Error> {
-                value
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|n| (lo..=hi).contains(n))
-                    .ok_or_else(|| invalid(format!("{key} must be {lo} to {hi}, got {value:?}")))
-            };
-            match key {
-                "replication" => c.replication = parse_replication(&value).map_err(invalid)?,
-                "create" | "tls" => {
-                    let b = match value.as_str() {
-                        "true" => true,
-                        "false" => false,
-                        _ => return Err(invalid(format!("{key} must be true or false"))),
-                    };
-                    if key == "create" {
-                        c.create = b
-                    } else {
-                        c.tls = b
-                    }
-                }
-                "local_dc" => c.local_dc = Some(value),
-                "tls_ca" => {
-                    c.tls_ca = Some(value);
-                    c.tls = true;
-                }
-                "consistency" => {
-                    c.consistency = match value.to_ascii_lowercase().as_str() {
-                        "one" => Consistency::One,
-                        "two" => Consistency::Two,
-                        "three" => Consistency::Three,
-                        "quorum" => Consistency::Quorum,
-                        "all" => Consistency::All,
-                        "local_quorum" => Consistency::LocalQuorum,
-                        "each_quorum" => Consistency::EachQuorum,
-                        "local_one" => Consistency::LocalOne,
-                        _ => return Err(invalid(format!("unknown consistency {value:?}"))),
-                    }
-                }
-                "serial_consistency" => {
-                    c.serial_consistency = match value.to_ascii_lowercase().as_str() {
-                        "serial" => SerialConsistency::Serial,
-                        "local_serial" => SerialConsistency::LocalSerial,
-                        _ => return Err(invalid(format!("unknown serial consistency {value:?}"))),
-                    }
-                }
-                "timeout_ms" => c.timeout = Duration::from_millis(number(100, 600_000)?),
-                "bucket_size" => c.bucket_size = number(10, 10_000_000)?,
-                "time_bucket_s" => c.time_bucket = Duration::from_secs(number(1, 30 * 86_400)?),
-                "settle_ms" => c.settle = Duration::from_millis(number(50, 600_000)?),
-                "repair_after_ms" => c.repair_after = Duration::from_millis(number(10, 3_600_000)?),
-                "max_event_size" => c.max_event_size = number(1, 256 * 1024 * 1024)? as usize,
-                "max_append_size" => c.max_append_size = number(1, 256 * 1024 * 1024)? as usize,
-                other => {
-                    return Err(invalid(format!(
-                        "unknown option {other:?}; known: {OPTIONS}"
-                    )))
-                }
-            }
-        }
-        // A marker must be settled before readers may repair it: an append gives up on a time
-        // id it could not commit within `repair_after - timeout` (see the README).
-        if c.repair_after < c.settle + c.timeout * 2 {
-            return Err(invalid(format!(
+        config.check_repair_after(&url)?;
+        Ok(config)
+    }
+
+    /// A marker must be settled before readers may repair it: an append gives up on a time id
+    /// it could not commit within `repair_after - timeout` (see the README).
+    fn check_repair_after(&self, url: &StoreUrl) -> Result<(), Error> {
+        let least = self.settle + self.timeout * 2;
+        if self.repair_after < least {
+            return Err(url.invalid(format!(
                 "repair_after_ms ({}) must be at least settle_ms + 2 x timeout_ms ({})",
-                c.repair_after.as_millis(),
-                (c.settle + c.timeout * 2).as_millis()
+                self.repair_after.as_millis(),
+                least.as_millis()
             )));
         }
-        Ok(c)
+        Ok(())
     }
 
     /// Micro-seconds in one category time bucket.
@@ -273,33 +237,74 @@ impl CassandraConfig {
     }
 }
 
-fn parse_replication(value: &str) -> Result<Replication, String> {
-    let bad = || {
-        format!(
-            "replication {value:?} must be simple:<factor> or <datacenter>:<factor>[,<datacenter>:<factor>...]"
-        )
+/// The URL path, or `photon`: a valid CQL name, lower-cased as Cassandra folds unquoted names.
+fn keyspace(url: &StoreUrl) -> Result<String, Error> {
+    let keyspace = match url.path() {
+        "" => DEFAULT_KEYSPACE,
+        path => path,
     };
+    let valid = keyspace.len() <= 48
+        && keyspace
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic())
+        && keyspace
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        return Err(url.invalid(format!(
+            "keyspace {keyspace:?} must be a letter then up to 47 of A-Z a-z 0-9 _"
+        )));
+    }
+    Ok(keyspace.to_ascii_lowercase())
+}
+
+const REPLICATION_RULE: &str =
+    "must be simple:<factor> or <datacenter>:<factor>[,<datacenter>:<factor>...] (factor 1 to 100)";
+
+fn parse_replication(value: &str) -> Option<Replication> {
     let mut dcs = Vec::new();
     for part in value.split(',') {
-        let (name, n) = part.split_once(':').ok_or_else(bad)?;
-        let n: u32 = n
-            .parse()
-            .ok()
-            .filter(|n| (1..=100).contains(n))
-            .ok_or_else(bad)?;
+        let (name, n) = part.split_once(':')?;
+        let n: u32 = n.parse().ok().filter(|n| (1..=100).contains(n))?;
         let name_ok = !name.is_empty()
             && name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
         if !name_ok {
-            return Err(bad());
+            return None;
         }
         dcs.push((name.to_owned(), n));
     }
     match dcs.as_slice() {
-        [(name, n)] if name == "simple" => Ok(Replication::Simple(*n)),
-        _ if dcs.iter().any(|(n, _)| n == "simple") => Err(bad()),
-        _ => Ok(Replication::NetworkTopology(dcs)),
+        [(name, n)] if name == "simple" => Some(Replication::Simple(*n)),
+        _ if dcs.iter().any(|(n, _)| n == "simple") => None,
+        _ => Some(Replication::NetworkTopology(dcs)),
+    }
+}
+
+const CONSISTENCY_RULE: &str =
+    "must be one of one, two, three, quorum, all, local_quorum, each_quorum, local_one";
+
+fn parse_consistency(value: &str) -> Option<Consistency> {
+    Some(match value.to_ascii_lowercase().as_str() {
+        "one" => Consistency::One,
+        "two" => Consistency::Two,
+        "three" => Consistency::Three,
+        "quorum" => Consistency::Quorum,
+        "all" => Consistency::All,
+        "local_quorum" => Consistency::LocalQuorum,
+        "each_quorum" => Consistency::EachQuorum,
+        "local_one" => Consistency::LocalOne,
+        _ => return None,
+    })
+}
+
+fn parse_serial_consistency(value: &str) -> Option<SerialConsistency> {
+    match value.to_ascii_lowercase().as_str() {
+        "serial" => Some(SerialConsistency::Serial),
+        "local_serial" => Some(SerialConsistency::LocalSerial),
+        _ => None,
     }
 }
 
@@ -335,6 +340,32 @@ mod tests {
     }
 
     #[test]
+    fn unknown_options_are_refused_with_the_known_ones() {
+        match CassandraConfig::from_url("cassandra://h/ks?settle=5") {
+            Err(Error::InvalidInput { reason, .. }) => {
+                assert!(reason.contains("\"settle\""), "{reason}");
+                assert!(reason.contains(&OPTIONS.join(", ")), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn hosts_take_the_default_port_and_tls_ca_means_tls() {
+        let c = CassandraConfig::from_url("scylla://[::1],h:9000/ks?tls_ca=/ca.pem").unwrap();
+        assert_eq!(c.contact_points, vec!["[::1]:9042", "h:9000"]);
+        assert!(c.tls);
+        assert_eq!(c.tls_ca.as_deref(), Some("/ca.pem"));
+        let e = CassandraConfig::from_url("cassandra://h?tls_ca=/ca.pem&tls=false").unwrap_err();
+        assert!(
+            e.to_string().contains("tls=false contradicts tls_ca"),
+            "{e}"
+        );
+        let c = CassandraConfig::from_url("cassandra://h?tls=true").unwrap();
+        assert!(c.tls && c.tls_ca.is_none() && c.credentials.is_none());
+    }
+
+    #[test]
     fn defaults_are_safe() {
         let c = CassandraConfig::from_url("cassandra://127.0.0.1").unwrap();
         assert_eq!(c.keyspace, "photon");
@@ -360,6 +391,11 @@ mod tests {
             ("cassandra://h/ks?settle_ms=0", "settle_ms"),
             ("cassandra://h/ks?repair_after_ms=5000", "repair_after_ms"),
             ("cassandra://u:secret@h/ks?nope=1", "nope"),
+            ("cassandra://h1,,h2/ks", "empty host"),
+            (
+                "cassandra://h/ks?create=yes",
+                "create must be true or false",
+            ),
         ] {
             match CassandraConfig::from_url(url) {
                 Err(Error::InvalidInput { what, reason }) => {

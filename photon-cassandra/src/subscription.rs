@@ -4,68 +4,52 @@
 //! (its marker is written before its commit). Pending markers older than `repair_after` belong
 //! to writers that died between the commit and the category rows: the reader repairs them
 //! (writes the rows from the commit) or drops them (the commit never happened), then goes on.
+//!
+//! This module reads the category tables and asks `writer` to settle old markers; it never
+//! writes a row itself, and stream reads are `reader`'s.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::stream::{self, BoxStream};
-use futures::StreamExt;
-use photon_api::validate::validate_subscription;
+use futures::stream::BoxStream;
+use futures::TryStreamExt;
 use photon_api::{
-    error_stream, Bytes, Error, EventStoreExt as _, ReadOptions, RecordedEvent, Selector, Start,
-    StreamId, SubscriptionItem, SubscriptionMode, Timestamp, Uuid, Version,
+    cursor_stream, open_subscription, Bytes, Error, ReadOptions, RecordedEvent, Selector, Start,
+    StreamId, SubscriptionCursor, SubscriptionItem, SubscriptionMode, SubscriptionRequest,
+    Timestamp, Uuid, Version,
 };
 use scylla::value::CqlTimeuuid;
 
+use crate::client::{Shared, ALL, COMMITS_PER_PAGE, MAX_POLL, POLL};
 use crate::codec::{self, Commit, Position};
-use crate::{events_of, map_error, rows_error, Shared, ALL, PAGE, POLL};
+use crate::error;
+use crate::reader;
 
+/// Events a stream subscription reads per step.
+const STREAM_STEP: usize = 256;
+
+/// A subscription, opened (and its checkpoint decoded) the way every backend does it.
 pub(crate) fn subscribe(
     shared: Arc<Shared>,
     selector: Selector,
     start: Start,
     mode: SubscriptionMode,
 ) -> BoxStream<'static, Result<SubscriptionItem, Error>> {
-    if let Err(e) = validate_subscription(&start, mode) {
-        return error_stream(e);
-    }
-    let after = match &start {
-        Start::After(cp) => match Position::from_checkpoint(cp) {
-            Ok(p) => Some(p),
-            Err(e) => return error_stream(e),
-        },
-        _ => None,
-    };
-    let sub = Sub {
-        shared,
+    open_subscription(
         selector,
         start,
-        after,
         mode,
-        state: None,
-        buffer: VecDeque::new(),
-        caught_up_sent: false,
-        pause: POLL,
-    };
-    stream::unfold(Some(sub), |sub| async move {
-        let mut sub = sub?;
-        match sub.next().await {
-            Ok(Some(item)) => Some((Ok(item), Some(sub))),
-            Ok(None) => None,
-            Err(e) => Some((Err(e), None)),
-        }
-    })
-    .boxed()
+        |checkpoint, _| Position::from_checkpoint(checkpoint),
+        |request| Ok(cursor_stream(Sub::open(shared, request))),
+    )
 }
 
+/// A subscription between its items.
 struct Sub {
     shared: Arc<Shared>,
-    selector: Selector,
-    start: Start,
-    after: Option<Position>,
     mode: SubscriptionMode,
-    state: Option<State>,
+    state: State,
     buffer: VecDeque<RecordedEvent>,
     caught_up_sent: bool,
     pause: Duration,
@@ -102,80 +86,56 @@ struct Timeline {
 }
 
 impl Sub {
-    async fn open(&mut self) -> Result<State, Error> {
-        let now = Timestamp::now().unix_micros();
-        let since = match &self.start {
+    /// Finds where the subscription starts: the stream's head, or the first category bucket.
+    async fn open(
+        shared: Arc<Shared>,
+        request: SubscriptionRequest<Position>,
+    ) -> Result<Self, Error> {
+        let since = match &request.start {
             Start::Time(t) => Some(t.unix_micros()),
             _ => None,
         };
-        match &self.selector {
+        let state = match &request.selector {
             Selector::Stream(stream) => {
-                let head = self.shared.refresh(stream, false).await?.next_first;
-                let next = match (&self.start, &self.after) {
-                    (_, Some(p)) => p.version.saturating_add(1),
-                    (Start::Now, _) => head,
-                    _ => 0,
-                };
-                Ok(State::Stream(StreamState {
-                    stream: stream.clone(),
-                    next,
-                    end: head,
-                    since,
-                }))
+                State::Stream(open_stream(&shared, stream, &request, since).await?)
             }
-            Selector::Category(_) | Selector::All => {
-                let key = match &self.selector {
-                    Selector::Category(c) => c.as_str().to_owned(),
-                    _ => ALL.to_owned(),
-                };
-                let (lower, inclusive, skip_through) = match (&self.start, &self.after) {
-                    (_, Some(p)) => (p.time_id, true, Some((p.time_id, p.index))),
-                    (Start::Time(t), _) => (codec::min_time_id(t.unix_micros()), true, None),
-                    (Start::Now, _) => (codec::max_time_id(now), false, None),
-                    _ => (codec::min_time_id(0), false, None),
-                };
-                let at = codec::time_micros(&lower);
-                // Start in the first registered bucket at or after the start time.
-                let bucket =
-                    first_bucket(&self.shared, &key, self.shared.time_bucket_of(at), i64::MAX)
-                        .await?
-                        .unwrap_or_else(|| self.shared.time_bucket_of(now));
-                Ok(State::Timeline(Timeline {
-                    key,
-                    bucket,
-                    lower,
-                    inclusive,
-                    skip_through,
-                    delivered_through: at - 1,
-                    end: now,
-                    since,
-                }))
+            Selector::Category(c) => {
+                State::Timeline(open_timeline(&shared, c.as_str(), &request, since).await?)
             }
-        }
+            Selector::All => State::Timeline(open_timeline(&shared, ALL, &request, since).await?),
+        };
+        Ok(Sub {
+            shared,
+            mode: request.mode,
+            state,
+            buffer: VecDeque::new(),
+            caught_up_sent: false,
+            pause: POLL,
+        })
     }
 
-    async fn next(&mut self) -> Result<Option<SubscriptionItem>, Error> {
-        if self.state.is_none() {
-            self.state = Some(self.open().await?);
-            if self.mode == SubscriptionMode::Hot {
-                self.caught_up_sent = true;
-                return Ok(Some(SubscriptionItem::CaughtUp));
-            }
+    /// Reads one step further: (progressed, history delivered).
+    async fn step(&mut self) -> Result<(bool, bool), Error> {
+        let shared = &self.shared;
+        match &mut self.state {
+            State::Stream(s) => stream_step(shared, s, self.mode, &mut self.buffer).await,
+            State::Timeline(t) => timeline_step(shared, t, self.mode, &mut self.buffer).await,
+        }
+    }
+}
+
+impl SubscriptionCursor for Sub {
+    async fn next_item(&mut self) -> Result<Option<SubscriptionItem>, Error> {
+        // Hot: caught up as soon as it is open, with nothing replayed.
+        if self.mode == SubscriptionMode::Hot && !self.caught_up_sent {
+            self.caught_up_sent = true;
+            return Ok(Some(SubscriptionItem::CaughtUp));
         }
         loop {
             if let Some(e) = self.buffer.pop_front() {
                 return Ok(Some(SubscriptionItem::Event(e)));
             }
-            let (progressed, history_done) = match self.state.as_mut().expect("opened") {
-                State::Stream(s) => {
-                    let shared = self.shared.clone();
-                    stream_step(&shared, s, self.mode, &mut self.buffer).await?
-                }
-                State::Timeline(t) => {
-                    let shared = self.shared.clone();
-                    timeline_step(&shared, t, self.mode, &mut self.buffer).await?
-                }
-            };
+            let (progressed, history_done) = self.step().await?;
             if !self.buffer.is_empty() {
                 self.pause = POLL;
                 continue;
@@ -192,10 +152,60 @@ impl Sub {
             }
             if !progressed {
                 tokio::time::sleep(self.pause).await;
-                self.pause = (self.pause * 2).min(Duration::from_millis(500));
+                self.pause = (self.pause * 2).min(MAX_POLL);
             }
         }
     }
+}
+
+async fn open_stream(
+    shared: &Shared,
+    stream: &StreamId,
+    request: &SubscriptionRequest<Position>,
+    since: Option<i64>,
+) -> Result<StreamState, Error> {
+    let head = shared.refresh(stream, false).await?.next_first;
+    let next = match (&request.start, &request.after) {
+        (_, Some(p)) => p.version.saturating_add(1),
+        (Start::Now, _) => head,
+        _ => 0,
+    };
+    Ok(StreamState {
+        stream: stream.clone(),
+        next,
+        end: head,
+        since,
+    })
+}
+
+async fn open_timeline(
+    shared: &Shared,
+    key: &str,
+    request: &SubscriptionRequest<Position>,
+    since: Option<i64>,
+) -> Result<Timeline, Error> {
+    let now = Timestamp::now().unix_micros();
+    let (lower, inclusive, skip_through) = match (&request.start, &request.after) {
+        (_, Some(p)) => (p.time_id, true, Some((p.time_id, p.index))),
+        (Start::Time(t), _) => (codec::min_time_id(t.unix_micros()), true, None),
+        (Start::Now, _) => (codec::max_time_id(now), false, None),
+        _ => (codec::min_time_id(0), false, None),
+    };
+    let at = codec::time_micros(&lower);
+    // Start in the first registered bucket at or after the start time.
+    let bucket = first_bucket(shared, key, shared.time_bucket_of(at), i64::MAX)
+        .await?
+        .unwrap_or_else(|| shared.time_bucket_of(now));
+    Ok(Timeline {
+        key: key.to_owned(),
+        bucket,
+        lower,
+        inclusive,
+        skip_through,
+        delivered_through: at - 1,
+        end: now,
+        since,
+    })
 }
 
 /// One page of a stream subscription. Returns (progressed, history delivered).
@@ -208,16 +218,11 @@ async fn stream_step(
     if mode == SubscriptionMode::Cold && s.next >= s.end {
         return Ok((false, true));
     }
-    let store = crate::CassandraStore {
-        inner: shared.clone(),
-    };
-    let events = store
-        .read_to_vec(
-            &s.stream,
-            ReadOptions::forwards()
-                .from_version(Version(s.next))
-                .limit(256),
-        )
+    let options = ReadOptions::forwards()
+        .from_version(Version(s.next))
+        .limit(STREAM_STEP);
+    let events: Vec<RecordedEvent> = reader::read_stream(shared.clone(), s.stream.clone(), options)
+        .try_collect()
         .await?;
     let progressed = !events.is_empty();
     for e in events {
@@ -234,13 +239,42 @@ async fn stream_step(
 }
 
 /// One step of a category or all-stream subscription: resolve old pending appends in the
-/// current bucket, then read a page up to the horizon, or move to the next bucket.
+/// current bucket, then read a page up to the horizon, or move to the next bucket. Returns
+/// (progressed, history delivered).
 async fn timeline_step(
-    shared: &Arc<Shared>,
+    shared: &Shared,
     t: &mut Timeline,
     mode: SubscriptionMode,
     out: &mut VecDeque<RecordedEvent>,
 ) -> Result<(bool, bool), Error> {
+    let mut horizon = horizon(shared, t).await?;
+    if mode == SubscriptionMode::Cold {
+        horizon = horizon.min(t.end);
+    }
+    let bucket_end = (t.bucket + 1) * shared.config.time_bucket_micros() - 1;
+    let upper = horizon.min(bucket_end);
+    let mut progressed = false;
+    if upper >= codec::time_micros(&t.lower) {
+        let page = category_page(shared, t, upper).await?;
+        progressed = !page.is_empty();
+        let full = page.len() == COMMITS_PER_PAGE as usize;
+        t.deliver(page, out)?;
+        if full {
+            return Ok((true, false));
+        }
+    }
+    // Everything up to `upper` in this bucket is delivered.
+    if upper >= bucket_end {
+        progressed |= t.next_bucket(shared, horizon).await?;
+    } else {
+        t.delivered_through = t.delivered_through.max(upper);
+    }
+    Ok((progressed, t.delivered_through >= t.end))
+}
+
+/// How far a reader may read now: `settle` behind the present, and before every pending append
+/// after its position (markers older than `repair_after` are settled instead).
+async fn horizon(shared: &Shared, t: &Timeline) -> Result<i64, Error> {
     let config = &shared.config;
     let now = Timestamp::now().unix_micros();
     let mut horizon = now - config.settle.as_micros() as i64;
@@ -254,63 +288,60 @@ async fn timeline_step(
             horizon = horizon.min(at - 1);
         }
     }
-    if mode == SubscriptionMode::Cold {
-        horizon = horizon.min(t.end);
-    }
-    let bucket_end = (t.bucket + 1) * config.time_bucket_micros() - 1;
-    let upper = horizon.min(bucket_end);
-    let mut progressed = false;
-    if upper >= codec::time_micros(&t.lower) {
-        let page = category_page(shared, t, upper).await?;
-        let full = page.len() == PAGE as usize;
+    Ok(horizon)
+}
+
+impl Timeline {
+    /// Delivers a page of commits into `out`, skipping what a resumed checkpoint already had.
+    fn deliver(
+        &mut self,
+        page: Vec<(Commit, i32)>,
+        out: &mut VecDeque<RecordedEvent>,
+    ) -> Result<(), Error> {
         for (commit, _count) in page {
-            progressed = true;
-            let mut events = events_of(&commit)?;
-            if let Some((id, index)) = t.skip_through {
+            let mut events = codec::events_of(&commit)?;
+            if let Some((id, index)) = self.skip_through {
                 if id == commit.time_id {
                     events.retain(|e| e.version.0 > commit.first + index as u64);
                 }
             }
-            t.lower = commit.time_id;
-            t.inclusive = false;
-            t.skip_through = None;
-            for e in events {
-                if t.since.is_some_and(|s| e.recorded_at.unix_micros() < s) {
-                    continue;
-                }
-                out.push_back(e);
-            }
+            self.lower = commit.time_id;
+            self.inclusive = false;
+            self.skip_through = None;
+            let since = self.since;
+            out.extend(
+                events
+                    .into_iter()
+                    .filter(|e| since.is_none_or(|s| e.recorded_at.unix_micros() >= s)),
+            );
         }
-        if full {
-            return Ok((true, false));
-        }
+        Ok(())
     }
-    // Everything up to `upper` in this bucket is delivered.
-    if upper >= bucket_end {
-        // The bucket is complete: move to the next one with rows (or pending appends).
+
+    /// The current bucket is complete up to its end: moves to the next one with rows (or
+    /// pending appends), or to the horizon's. Returns whether it moved.
+    async fn next_bucket(&mut self, shared: &Shared, horizon: i64) -> Result<bool, Error> {
         let last = shared.time_bucket_of(horizon);
-        match first_bucket(shared, &t.key, t.bucket + 1, last).await? {
+        match first_bucket(shared, &self.key, self.bucket + 1, last).await? {
             Some(next) => {
-                t.bucket = next;
-                t.delivered_through = next * config.time_bucket_micros() - 1;
-                progressed = true;
+                self.bucket = next;
+                self.delivered_through = next * shared.config.time_bucket_micros() - 1;
+                Ok(true)
             }
             None => {
-                t.delivered_through = horizon;
-                if last > t.bucket {
-                    t.bucket = last;
-                    progressed = true;
+                self.delivered_through = horizon;
+                let moved = last > self.bucket;
+                if moved {
+                    self.bucket = last;
                 }
+                Ok(moved)
             }
         }
-    } else {
-        t.delivered_through = t.delivered_through.max(upper);
     }
-    Ok((progressed, t.delivered_through >= t.end))
 }
 
 async fn first_bucket(
-    shared: &Arc<Shared>,
+    shared: &Shared,
     key: &str,
     from: i64,
     to: i64,
@@ -319,46 +350,49 @@ async fn first_bucket(
         return Ok(None);
     }
     let (session, st) = shared.ready().await?;
+    let context = || format!("reading the time buckets of {key}");
     let rows = session
         .execute_unpaged(&st.buckets_from, (key, from, to))
         .await
-        .map_err(|e| map_error("reading category buckets", e))?
+        .map_err(|e| error::request(context(), e))?
         .into_rows_result()
-        .map_err(|e| rows_error("reading category buckets", e))?;
+        .map_err(|e| error::driver(context(), e))?;
     Ok(rows
         .maybe_first_row::<(i64,)>()
-        .map_err(|e| rows_error("reading category buckets", e))?
+        .map_err(|e| error::driver(context(), e))?
         .map(|(b,)| b))
 }
 
 async fn pending_in(
-    shared: &Arc<Shared>,
+    shared: &Shared,
     key: &str,
     bucket: i64,
     after: Uuid,
 ) -> Result<Vec<(Uuid, StreamId, u64)>, Error> {
     let (session, st) = shared.ready().await?;
+    let context = || format!("reading the pending appends of {key}");
     let rows = session
         .execute_unpaged(&st.pending_in, (key, bucket, CqlTimeuuid::from(after)))
         .await
-        .map_err(|e| map_error("reading pending appends", e))?
+        .map_err(|e| error::request(context(), e))?
         .into_rows_result()
-        .map_err(|e| rows_error("reading pending appends", e))?;
+        .map_err(|e| error::driver(context(), e))?;
     rows.rows::<(CqlTimeuuid, String, i64)>()
-        .map_err(|e| rows_error("reading pending appends", e))?
+        .map_err(|e| error::driver(context(), e))?
         .map(|r| {
-            let (t, s, v) = r.map_err(|e| rows_error("reading pending appends", e))?;
+            let (t, s, v) = r.map_err(|e| error::driver(context(), e))?;
             Ok((t.into(), StreamId::parse(s)?, v as u64))
         })
         .collect()
 }
 
 async fn category_page(
-    shared: &Arc<Shared>,
+    shared: &Shared,
     t: &Timeline,
     upper: i64,
 ) -> Result<Vec<(Commit, i32)>, Error> {
     let (session, st) = shared.ready().await?;
+    let context = || format!("reading the category {}", t.key);
     let q = if t.inclusive {
         &st.category_page_incl
     } else {
@@ -372,18 +406,18 @@ async fn category_page(
                 t.bucket,
                 CqlTimeuuid::from(t.lower),
                 CqlTimeuuid::from(codec::max_time_id(upper)),
-                PAGE,
+                COMMITS_PER_PAGE,
             ),
         )
         .await
-        .map_err(|e| map_error("reading a category", e))?
+        .map_err(|e| error::request(context(), e))?
         .into_rows_result()
-        .map_err(|e| rows_error("reading a category", e))?;
+        .map_err(|e| error::driver(context(), e))?;
     rows.rows::<(CqlTimeuuid, String, i64, i32, Vec<u8>)>()
-        .map_err(|e| rows_error("reading a category", e))?
+        .map_err(|e| error::driver(context(), e))?
         .map(|r| {
             let (time_id, stream, first, count, events) =
-                r.map_err(|e| rows_error("reading a category", e))?;
+                r.map_err(|e| error::driver(context(), e))?;
             Ok((
                 Commit {
                     stream: StreamId::parse(stream)?,

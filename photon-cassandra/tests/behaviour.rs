@@ -1,6 +1,7 @@
 //! Behaviour specific to the Cassandra backend, against a real server
 //! (`PHOTON_TEST_CASSANDRA_URL`): the repair of an append whose writer died between its two
-//! writes, long streams spread over partitions, and the schema settings.
+//! writes, long streams spread over partitions, the schema settings, and driver errors that
+//! reach the caller whole.
 
 use std::time::Duration;
 
@@ -9,10 +10,10 @@ use photon_api::{
     Category, Error, EventData, EventStore, EventStoreExt, ExpectedVersion, ReadOptions,
     RecordedEvent, Selector, Start, StreamId, SubscriptionItem, SubscriptionMode, Uuid, Version,
 };
-use photon_cassandra::CassandraStore;
+use photon_cassandra::{CassandraConfig, CassandraStore};
 use photon_conformance::server_url;
 use scylla::client::session::Session;
-use scylla::client::session_builder::SessionBuilder;
+use scylla::errors::{DbError, ExecutionError, NewSessionError, RequestAttemptError};
 
 fn with_options(url: &str, options: &str) -> String {
     format!(
@@ -35,19 +36,26 @@ fn number(e: &RecordedEvent) -> u64 {
         .unwrap()
 }
 
+/// A plain driver session, connected as the store connects.
 async fn session(url: &str) -> Session {
-    let host = url
-        .strip_prefix("cassandra://")
+    let config = CassandraConfig::from_url(url).unwrap();
+    photon_cassandra::session_builder(&config)
         .unwrap()
-        .split(['/', '?'])
-        .next()
-        .unwrap()
-        .to_owned();
-    SessionBuilder::new()
-        .known_node(host)
         .build()
         .await
         .unwrap()
+}
+
+/// The first error of type `T` in `error`'s chain of sources.
+fn find_source<T: std::error::Error + 'static>(error: &Error) -> Option<&T> {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = next {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        next = e.source();
+    }
+    None
 }
 
 async fn next_event(
@@ -392,4 +400,63 @@ async fn without_schema_creation_missing_tables_are_named() {
         .unwrap()
         .rows_num();
     assert_eq!(n, 0);
+}
+
+/// Errors keep their source: a schema change the server refuses (a keyspace replicated to a
+/// datacenter the cluster does not have) reaches the caller as `Backend`, with a context saying
+/// what was being done and the driver's own error, down to the server's `DbError`, in its chain.
+#[tokio::test]
+async fn a_refused_schema_change_reaches_the_caller_with_the_drivers_error() {
+    let Some(url) = server_url("cassandra", "PHOTON_TEST_CASSANDRA_URL") else {
+        return;
+    };
+    let base = url.split('?').next().unwrap();
+    let base = &base[..base.rfind('/').unwrap()];
+    let ks = fresh("refused");
+    let store = CassandraStore::from_url(&format!("{base}/{ks}?replication=nosuchdc:1"))
+        .await
+        .unwrap();
+    let err = store
+        .append(
+            &StreamId::parse("acc-1").unwrap(),
+            ExpectedVersion::Any,
+            vec![numbered(1)],
+        )
+        .await
+        .expect_err("a keyspace in an unknown datacenter is refused");
+    match &err {
+        Error::Backend { context, .. } => {
+            assert!(
+                context.contains("creating the schema") && context.contains(&ks),
+                "{context}"
+            );
+        }
+        other => panic!("want a Backend error, got {other:?}"),
+    }
+    assert!(!err.is_retryable());
+    let driver = find_source::<ExecutionError>(&err).expect("the driver's error in the chain");
+    match driver {
+        ExecutionError::LastAttemptError(RequestAttemptError::DbError(DbError::ConfigError, m)) => {
+            assert!(m.contains("nosuchdc"), "{m}")
+        }
+        other => panic!("want the server's ConfigError, got {other:?}"),
+    }
+}
+
+/// A transient error stays `Unavailable` (retryable), and keeps the driver's error too.
+#[tokio::test]
+async fn an_unreachable_cluster_is_unavailable_with_the_drivers_error() {
+    let store = CassandraStore::from_url("cassandra://127.0.0.1:1/photon_test?timeout_ms=1500")
+        .await
+        .unwrap();
+    let err = store.health().await.expect_err("nothing listens on port 1");
+    assert!(
+        matches!(&err, Error::Unavailable { message, .. } if message.contains("127.0.0.1:1")),
+        "{err:?}"
+    );
+    assert!(err.is_retryable());
+    assert!(
+        find_source::<NewSessionError>(&err).is_some(),
+        "the driver's error is the source: {err:?}"
+    );
 }

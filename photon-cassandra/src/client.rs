@@ -1,0 +1,202 @@
+//! The connection and the state every clone of a store shares: the session with its prepared
+//! statements (made on first use), this process's cache of what it knows of each stream, and
+//! the constants the other modules share.
+//!
+//! This module connects and remembers; what an append or a read means is `writer` and
+//! `reader`, and the keyspace's layout is `schema`. Nothing here reaches up into the crate root.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use photon_api::validate::StoredId;
+use photon_api::{Error, Health, StreamId, Uuid};
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use tokio::sync::OnceCell;
+
+use crate::config::CassandraConfig;
+use crate::error;
+use crate::schema::{self, Statements};
+
+/// The backend name, also the tag of its checkpoints.
+pub const BACKEND: &str = "cassandra";
+
+/// Commits fetched per page of a read or a subscription (`LIMIT` of each page's `SELECT`):
+/// memory holds one page however long the stream or category.
+pub const COMMITS_PER_PAGE: i32 = 64;
+
+/// The category key under which the all stream is kept in the category tables.
+pub(crate) const ALL: &str = "$all";
+
+/// How long live readers pause between polls when nothing is new (doubling up to
+/// [`MAX_POLL`] while nothing comes).
+pub(crate) const POLL: Duration = Duration::from_millis(100);
+
+/// The longest pause of a live reader between polls.
+pub(crate) const MAX_POLL: Duration = Duration::from_millis(500);
+
+/// Streams whose metadata is cached, at most; beyond it the cache is emptied (it is rebuilt
+/// from the table on demand).
+const META_CACHE_STREAMS: usize = 10_000;
+
+/// A first connection fetches the cluster's metadata, which a node that just started can be
+/// slow to give: connecting may take at least this long, whatever `timeout_ms` says.
+const MIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Schema agreement after creating tables may take at least this long.
+const MIN_SCHEMA_AGREEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What this process knows of one stream: where its next commit goes, the time of its last
+/// commit, and its event ids (for idempotent re-sends).
+#[derive(Default, Clone)]
+pub(crate) struct StreamMeta {
+    pub(crate) next_first: u64,
+    pub(crate) last_time: i64,
+    pub(crate) ids: HashMap<Uuid, StoredId>,
+    /// Time id of each commit, by first version.
+    pub(crate) times: HashMap<u64, Uuid>,
+}
+
+/// What every clone of a store shares.
+pub(crate) struct Shared {
+    pub(crate) config: CassandraConfig,
+    ready: OnceCell<(Session, Statements)>,
+    meta: Mutex<HashMap<String, StreamMeta>>,
+    crash_after_commit: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn new(config: CassandraConfig) -> Self {
+        Self {
+            config,
+            ready: OnceCell::new(),
+            meta: Mutex::default(),
+            crash_after_commit: AtomicBool::new(false),
+        }
+    }
+
+    /// The session and prepared statements, connecting and creating the schema on first use.
+    pub(crate) async fn ready(&self) -> Result<&(Session, Statements), Error> {
+        self.ready.get_or_try_init(|| connect(&self.config)).await
+    }
+
+    /// The stream partition (`bucket` of `commits`) holding the commit that starts at `version`.
+    pub(crate) fn bucket_of(&self, version: u64) -> i64 {
+        (version / self.config.bucket_size) as i64
+    }
+
+    /// The category partition (`bucket` of `category_commits`) of a time, in µs.
+    pub(crate) fn time_bucket_of(&self, micros: i64) -> i64 {
+        micros.div_euclid(self.config.time_bucket_micros())
+    }
+
+    /// What this process knows of `stream`, possibly nothing (a default).
+    pub(crate) fn cached_meta(&self, stream: &StreamId) -> StreamMeta {
+        self.meta
+            .lock()
+            .expect("meta lock")
+            .get(stream.as_str())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Keeps `meta` unless the cache already knows more of the stream.
+    pub(crate) fn remember(&self, stream: &StreamId, meta: &StreamMeta) {
+        let mut cache = self.meta.lock().expect("meta lock");
+        if cache.len() >= META_CACHE_STREAMS && !cache.contains_key(stream.as_str()) {
+            cache.clear();
+        }
+        let known = cache.entry(stream.as_str().to_owned()).or_default();
+        if meta.next_first >= known.next_first {
+            *known = meta.clone();
+        }
+    }
+
+    /// See `CassandraStore::set_crash_after_commit`.
+    pub(crate) fn set_crash_after_commit(&self, on: bool) {
+        self.crash_after_commit.store(on, Ordering::SeqCst);
+    }
+
+    pub(crate) fn crash_after_commit(&self) -> bool {
+        self.crash_after_commit.load(Ordering::SeqCst)
+    }
+
+    /// The server's release, read through the store's session.
+    pub(crate) async fn health(&self) -> Result<Health, Error> {
+        let (session, _) = self.ready().await?;
+        let context = "reading the release for health";
+        let (version,) = session
+            .query_unpaged("SELECT release_version FROM system.local", ())
+            .await
+            .map_err(|e| error::request(context, e))?
+            .into_rows_result()
+            .map_err(|e| error::driver(context, e))?
+            .single_row::<(String,)>()
+            .map_err(|e| error::driver(context, e))?;
+        Ok(Health {
+            backend: BACKEND,
+            detail: format!(
+                "{} (release {version}), keyspace {}",
+                self.config.contact_points.join(","),
+                self.config.keyspace
+            ),
+        })
+    }
+}
+
+/// Connects, creates the schema when allowed (or checks it), and prepares the statements.
+async fn connect(config: &CassandraConfig) -> Result<(Session, Statements), Error> {
+    let bound = config.timeout.max(MIN_CONNECT_TIMEOUT);
+    let session = tokio::time::timeout(bound, session_builder(config)?.build())
+        .await
+        .map_err(|e| error::connect_timeout(&config.contact_points, bound, e))?
+        .map_err(|e| error::connecting(&config.contact_points, e))?;
+    schema::create_or_check(&session, config).await?;
+    let statements = schema::prepare_statements(&session, config).await?;
+    Ok((session, statements))
+}
+
+/// A session builder with the store's client settings: the contact points, the timeouts, the
+/// credentials, the preferred datacenter and TLS of `config`. Tools that talk to the store's
+/// keyspace directly (the benchmark's raw baseline) connect with it, as the store does.
+///
+/// # Errors
+/// - [`Error::InvalidInput`] when the TLS settings cannot be used (a CA file that does not
+///   load).
+pub fn session_builder(config: &CassandraConfig) -> Result<SessionBuilder, Error> {
+    let mut b = SessionBuilder::new()
+        .known_nodes(&config.contact_points)
+        .connection_timeout(config.timeout)
+        .schema_agreement_timeout(config.timeout.max(MIN_SCHEMA_AGREEMENT_TIMEOUT))
+        .metadata_request_serverside_timeout(config.timeout)
+        .hostname_resolution_timeout(Some(config.timeout));
+    if let Some((user, password)) = &config.credentials {
+        b = b.user(user, password);
+    }
+    if let Some(dc) = &config.local_dc {
+        b = b.prefer_datacenter(dc.clone());
+    }
+    if config.tls {
+        b = b.tls_context(Some(tls_context(config)?));
+    }
+    Ok(b)
+}
+
+/// TLS verifying the servers against `tls_ca`, or the system's CAs.
+fn tls_context(config: &CassandraConfig) -> Result<openssl::ssl::SslContext, Error> {
+    use openssl::ssl::{SslContextBuilder, SslMethod, SslVerifyMode};
+    // A setting that does not load is the caller's to fix: named, with OpenSSL's reason.
+    let invalid = |e: openssl::error::ErrorStack| Error::InvalidInput {
+        what: format!("TLS settings of {config:?}"),
+        reason: e.to_string(),
+    };
+    let mut ctx = SslContextBuilder::new(SslMethod::tls()).map_err(invalid)?;
+    match &config.tls_ca {
+        Some(ca) => ctx.set_ca_file(ca).map_err(invalid)?,
+        None => ctx.set_default_verify_paths().map_err(invalid)?,
+    }
+    ctx.set_verify(SslVerifyMode::PEER);
+    Ok(ctx.build())
+}

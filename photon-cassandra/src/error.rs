@@ -1,0 +1,134 @@
+//! The `scylla` driver's errors as `photon_api::Error`, each with a short context saying what was
+//! being done and the driver's own error kept as `source()`, so a caller can walk the chain down
+//! to, say, the `DbError` the server answered.
+//!
+//! This module decides only which errors are transient (`Unavailable`: the request may or may not
+//! have taken effect; retry with the same event ids) and which are not (`Backend`). Refusals of
+//! the caller's input are built where the input is checked, not here.
+
+use std::time::Duration;
+
+use photon_api::Error;
+use scylla::errors::{DbError, ExecutionError, NewSessionError, RequestAttemptError};
+
+use crate::client::BACKEND;
+
+/// A failed request: timeouts, unavailable replicas and lost connections are `Unavailable`,
+/// the rest `Backend`.
+pub(crate) fn request(context: impl Into<String>, e: impl Into<ExecutionError>) -> Error {
+    let e = e.into();
+    if is_transient(&e) {
+        // The driver's words in the message too: a log line that prints only Display still
+        // says which replica timed out.
+        Error::unavailable(BACKEND, format!("{}: {e}", context.into()), e)
+    } else {
+        Error::backend(BACKEND, context, e)
+    }
+}
+
+/// A driver error that is not a request's (reading rows of an answer, a pager's page): kept
+/// whole as the source of a `Backend` error.
+pub(crate) fn driver(
+    context: impl Into<String>,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> Error {
+    Error::backend(BACKEND, context, e)
+}
+
+/// Stored data or an answer that is not what this store writes or expects: `reason` is the
+/// source, as there is no driver error to keep.
+pub(crate) fn corrupt(context: impl Into<String>, reason: impl Into<String>) -> Error {
+    Error::backend(BACKEND, context, reason.into())
+}
+
+/// The session could not be built: the cluster is unreachable (or not answering yet).
+pub(crate) fn connecting(contact_points: &[String], e: NewSessionError) -> Error {
+    Error::unavailable(
+        BACKEND,
+        format!("connecting to {}", contact_points.join(",")),
+        e,
+    )
+}
+
+/// No session within `bound`: the cluster is unreachable or too slow to give its metadata.
+pub(crate) fn connect_timeout(
+    contact_points: &[String],
+    bound: Duration,
+    elapsed: tokio::time::error::Elapsed,
+) -> Error {
+    Error::unavailable(
+        BACKEND,
+        format!(
+            "no answer from {} within {bound:?}",
+            contact_points.join(",")
+        ),
+        elapsed,
+    )
+}
+
+/// Whether the request may succeed if sent again: the driver gave up waiting, the connection
+/// went away, or the replicas could not (yet) serve it.
+fn is_transient(e: &ExecutionError) -> bool {
+    match e {
+        ExecutionError::RequestTimeout(_)
+        | ExecutionError::ConnectionPoolError(_)
+        | ExecutionError::EmptyPlan => true,
+        ExecutionError::LastAttemptError(a) => match a {
+            RequestAttemptError::BrokenConnectionError(_)
+            | RequestAttemptError::UnableToAllocStreamId => true,
+            RequestAttemptError::DbError(db, _) => matches!(
+                db,
+                DbError::Unavailable { .. }
+                    | DbError::Overloaded
+                    | DbError::IsBootstrapping
+                    | DbError::ReadTimeout { .. }
+                    | DbError::WriteTimeout { .. }
+                    | DbError::ReadFailure { .. }
+                    | DbError::WriteFailure { .. }
+                    | DbError::RateLimitReached { .. }
+            ),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn timeouts_are_unavailable_and_keep_the_driver_error() {
+        let e = request(
+            "appending to acc-1",
+            ExecutionError::RequestTimeout(Duration::from_secs(1)),
+        );
+        assert!(e.is_retryable(), "{e:?}");
+        let source = e.source().expect("kept");
+        assert!(matches!(
+            source.downcast_ref::<ExecutionError>(),
+            Some(ExecutionError::RequestTimeout(_))
+        ));
+    }
+
+    #[test]
+    fn refusals_are_backend_errors_with_their_context() {
+        let refused = RequestAttemptError::DbError(DbError::Invalid, "no such column".into());
+        let e = request(
+            "preparing a read",
+            ExecutionError::LastAttemptError(refused),
+        );
+        match &e {
+            Error::Backend { context, .. } => assert_eq!(context, "preparing a read"),
+            other => panic!("want Backend, got {other:?}"),
+        }
+        assert!(!e.is_retryable());
+        assert!(e
+            .source()
+            .unwrap()
+            .downcast_ref::<ExecutionError>()
+            .is_some());
+    }
+}

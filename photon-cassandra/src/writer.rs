@@ -1,0 +1,387 @@
+//! The append protocol (README, "How an append works"): decide the version, write the pending
+//! markers, the one conditional write of the commit, then the category rows and the markers'
+//! deletes; and the repair of an append whose writer stopped between the commit and its
+//! category rows (which readers call too).
+//!
+//! This module owns every write to the keyspace except the schema's. It reads only what an
+//! append must know (the stream's head and ids, by `reader`'s serial refresh).
+
+use std::sync::Arc;
+
+use photon_api::validate::{classify_batch, validate_batch, BatchKind, StoredId};
+use photon_api::{
+    AppendResult, Bytes, Error, EventData, ExpectedVersion, StreamId, Timestamp, Uuid, Version,
+};
+use scylla::value::CqlTimeuuid;
+
+use crate::client::{Shared, StreamMeta, ALL, BACKEND};
+use crate::codec::{self, Commit, Position};
+use crate::error;
+
+/// Attempts of one append before it gives up (each lost a race for the next version, or took
+/// too long to write its markers).
+const MAX_ATTEMPTS: usize = 100;
+
+impl Shared {
+    /// Appends `events` to `stream` if its version is `expected`, or recognises a re-send.
+    pub(crate) async fn append(
+        self: &Arc<Self>,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Result<AppendResult, Error> {
+        let config = &self.config;
+        validate_batch(
+            stream,
+            &events,
+            config.max_event_size,
+            Some(config.max_append_size),
+        )?;
+        let mut append = Append::start(self, stream, expected, &events).await?;
+        for _ in 0..MAX_ATTEMPTS {
+            if let Some(result) = append.attempt().await? {
+                return Ok(result);
+            }
+        }
+        Err(Error::Unavailable {
+            backend: BACKEND,
+            message: format!(
+                "{stream}: {MAX_ATTEMPTS} attempts lost the race for the next version"
+            ),
+            source: None,
+        })
+    }
+
+    /// Writes a committed append's category and all-stream rows and clears its pending markers
+    /// (its time bucket was registered with the markers): the second write of an append, and
+    /// the repair of one whose writer died before it. The rows carry the events, so they are
+    /// written one by one (a batch of them would exceed `batch_size_fail_threshold`, 50 KiB by
+    /// default); the markers go only once all are written, so any failure is repaired whole.
+    pub(crate) async fn index_commit(&self, commit: &Commit, count: i32) -> Result<(), Error> {
+        let (session, st) = self.ready().await?;
+        let category = commit.stream.category_name();
+        let tb = self.time_bucket_of(codec::time_micros(&commit.time_id));
+        let t = CqlTimeuuid::from(commit.time_id);
+        let stream = commit.stream.as_str();
+        let first = commit.first as i64;
+        let events: &[u8] = &commit.events;
+        let (a, b, c) = tokio::join!(
+            session.execute_unpaged(
+                &st.insert_category,
+                (category, tb, t, stream, first, count, events)
+            ),
+            session.execute_unpaged(
+                &st.insert_category,
+                (ALL, tb, t, stream, first, count, events)
+            ),
+            session.execute_unpaged(&st.insert_stream, (category, stream)),
+        );
+        let context = || format!("indexing {stream}@{first}");
+        for r in [a, b, c] {
+            r.map_err(|e| error::request(context(), e))?;
+        }
+        // As before this layout: a failure to clear the markers is reported as this indexing's
+        // (a `Backend` error whose source is the clearing's error).
+        self.clear_markers(category, commit.time_id)
+            .await
+            .map_err(|e| error::driver(context(), e))
+    }
+
+    /// Deletes an append's pending markers. The delete carries the marker's own time plus one
+    /// as its write timestamp, so it wins over the insert whatever the coordinators' clocks say.
+    pub(crate) async fn clear_markers(&self, category: &str, time_id: Uuid) -> Result<(), Error> {
+        let (session, st) = self.ready().await?;
+        let micros = codec::time_micros(&time_id);
+        let tb = self.time_bucket_of(micros);
+        let t = CqlTimeuuid::from(time_id);
+        session
+            .batch(
+                &st.clear_pending,
+                ((micros + 1, category, tb, t), (micros + 1, ALL, tb, t)),
+            )
+            .await
+            .map_err(|e| {
+                error::request(format!("clearing the pending markers of {category}"), e)
+            })?;
+        Ok(())
+    }
+
+    /// Settles a pending marker: with a serial read (which also completes a conditional write
+    /// still in flight), the commit is either there with this time id (its category rows are
+    /// written, the marker cleared) or not (the marker is dropped). Readers call it for markers
+    /// older than `repair_after`; an append calls it when its own outcome is unknown.
+    pub(crate) async fn settle_marker(
+        &self,
+        time_id: Uuid,
+        stream: &StreamId,
+        version: u64,
+    ) -> Result<(), Error> {
+        match self.stored_commit(stream, version).await? {
+            Some((commit, count)) if commit.time_id == time_id => {
+                tracing::info!(%stream, version, "photon-cassandra: writing the category rows of a committed append");
+                self.index_commit(&commit, count).await
+            }
+            _ => self.clear_markers(stream.category_name(), time_id).await,
+        }
+    }
+}
+
+/// One append in progress: its batch, encoded once, and what it knows of the stream.
+struct Append<'a> {
+    shared: &'a Arc<Shared>,
+    stream: &'a StreamId,
+    expected: ExpectedVersion,
+    events: &'a [EventData],
+    ids: Vec<Uuid>,
+    blob: Bytes,
+    meta: StreamMeta,
+    /// Whether `meta` was read (serially) during this append, so a conflict is real.
+    fresh: bool,
+}
+
+/// Where a batch goes, once decided.
+enum Decision {
+    /// Write it at this first version.
+    Write(u64),
+    /// Nothing to write: the append is done (a re-send of a stored batch).
+    Done(AppendResult),
+    /// What was known of the stream was stale and is refreshed: decide again.
+    Again,
+}
+
+impl<'a> Append<'a> {
+    /// Encodes the batch and loads what is known of the stream (serially, when nothing is).
+    async fn start(
+        shared: &'a Arc<Shared>,
+        stream: &'a StreamId,
+        expected: ExpectedVersion,
+        events: &'a [EventData],
+    ) -> Result<Self, Error> {
+        let mut append = Append {
+            shared,
+            stream,
+            expected,
+            events,
+            ids: events.iter().map(|e| e.event_id).collect(),
+            blob: Bytes::from(codec::encode_events(events)?),
+            meta: shared.cached_meta(stream),
+            fresh: false,
+        };
+        if append.meta.next_first == 0 {
+            append.refresh().await?;
+        }
+        Ok(append)
+    }
+
+    async fn refresh(&mut self) -> Result<(), Error> {
+        self.meta = self.shared.refresh(self.stream, true).await?;
+        self.fresh = true;
+        Ok(())
+    }
+
+    /// One try at the next version: the result, or None to try again.
+    async fn attempt(&mut self) -> Result<Option<AppendResult>, Error> {
+        let first = match self.decide().await? {
+            Decision::Write(first) => first,
+            Decision::Done(result) => return Ok(Some(result)),
+            Decision::Again => return Ok(None),
+        };
+        // A stream's time ids only grow, so its commits keep their order in the category,
+        // whatever the writers' clocks say.
+        let micros = Timestamp::now().unix_micros().max(self.meta.last_time + 1);
+        let time_id = codec::time_id(micros);
+        if !self.write_markers(first, time_id, micros).await? {
+            return Ok(None);
+        }
+        if !self.write_commit(first, time_id).await? {
+            // Another commit took this version (maybe our own earlier attempt).
+            let _ = self.clear_markers(time_id).await;
+            self.refresh().await?;
+            return Ok(None);
+        }
+        self.remember_commit(first, time_id, micros);
+        if self.shared.crash_after_commit() {
+            return Err(error::corrupt(
+                format!("appending to {}", self.stream),
+                format!(
+                    "simulated crash after the commit of {}@{first}",
+                    self.stream
+                ),
+            ));
+        }
+        self.index(first, time_id).await;
+        Ok(Some(self.result(Version(first))))
+    }
+
+    /// Checks the batch against what is known of the stream: a re-send, a conflict, or the
+    /// version to write at. A refusal against a stale view is checked against a fresh one first.
+    async fn decide(&mut self) -> Result<Decision, Error> {
+        let meta = &self.meta;
+        let kind = classify_batch(self.stream, self.events, |id| meta.ids.get(id).copied());
+        let kind = match kind {
+            Err(_) if !self.fresh => {
+                self.refresh().await?;
+                return Ok(Decision::Again);
+            }
+            other => other?,
+        };
+        if let BatchKind::Retry { first } = kind {
+            self.reindex_in_background(first.0);
+            return Ok(Decision::Done(self.result(first)));
+        }
+        let current = self.meta.next_first.checked_sub(1).map(Version);
+        if self.expected.matches(current) {
+            return Ok(Decision::Write(self.meta.next_first));
+        }
+        if !self.fresh {
+            self.refresh().await?;
+            return Ok(Decision::Again);
+        }
+        Err(Error::WrongExpectedVersion {
+            stream: self.stream.clone(),
+            expected: self.expected,
+            actual: current,
+        })
+    }
+
+    /// A re-send of a stored batch: the earlier attempt may have stopped before its category
+    /// rows, so settle it now (idempotent) rather than leave readers waiting for the repair
+    /// delay.
+    fn reindex_in_background(&self, first: u64) {
+        let (shared, stream) = (self.shared.clone(), self.stream.clone());
+        tokio::spawn(async move {
+            if let Ok(Some((commit, count))) = shared.stored_commit(&stream, first).await {
+                let _ = shared.index_commit(&commit, count).await;
+            }
+        });
+    }
+
+    /// The pending markers go first: readers of the category do not pass a pending append's
+    /// time until it is indexed, or repair it when its writer died. False when writing them
+    /// took so long that a reader may have passed their time: they are cleared, and the append
+    /// must take a new time id.
+    async fn write_markers(&self, first: u64, time_id: Uuid, micros: i64) -> Result<bool, Error> {
+        let (session, st) = self.shared.ready().await?;
+        let category = self.stream.category_name();
+        let stream = self.stream.as_str();
+        let tb = self.shared.time_bucket_of(micros);
+        let t = CqlTimeuuid::from(time_id);
+        let first = first as i64;
+        session
+            .batch(
+                &st.pending,
+                (
+                    (category, tb, t, stream, first, micros),
+                    (ALL, tb, t, stream, first, micros),
+                    (category, tb),
+                    (ALL, tb),
+                ),
+            )
+            .await
+            .map_err(|e| error::request(format!("appending to {stream}"), e))?;
+        // Readers pass a time once it is `settle` old.
+        let settle_micros = self.shared.config.settle.as_micros() as i64;
+        if Timestamp::now().unix_micros() - micros > settle_micros / 2 {
+            let _ = self.clear_markers(time_id).await;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// The one conditional write: whether it applied. When its outcome is unknown the error is
+    /// `Unavailable` (a re-send with the same ids finds out which), and the markers are settled
+    /// in the background so readers need not wait for the repair delay.
+    async fn write_commit(&self, first: u64, time_id: Uuid) -> Result<bool, Error> {
+        let (session, st) = self.shared.ready().await?;
+        let values = (
+            self.stream.as_str(),
+            self.shared.bucket_of(first),
+            first as i64,
+            self.events.len() as i32,
+            CqlTimeuuid::from(time_id),
+            &self.ids,
+            &self.blob[..],
+        );
+        match session.execute_unpaged(&st.insert_commit, values).await {
+            Ok(answer) => codec::conditional_write_applied(answer),
+            Err(e) => {
+                let (shared, stream) = (self.shared.clone(), self.stream.clone());
+                tokio::spawn(async move {
+                    let _ = shared.settle_marker(time_id, &stream, first).await;
+                });
+                let context = format!("appending to {} at {first}", self.stream);
+                Err(error::request(context, e))
+            }
+        }
+    }
+
+    async fn clear_markers(&self, time_id: Uuid) -> Result<(), Error> {
+        self.shared
+            .clear_markers(self.stream.category_name(), time_id)
+            .await
+    }
+
+    /// Records the commit in what this process knows of the stream.
+    fn remember_commit(&mut self, first: u64, time_id: Uuid, micros: i64) {
+        let len = self.events.len();
+        for (i, id) in self.ids.iter().enumerate() {
+            let stored = StoredId {
+                version: Version(first + i as u64),
+                batch_first: Version(first),
+                batch_len: len,
+            };
+            self.meta.ids.insert(*id, stored);
+        }
+        self.meta.times.insert(first, time_id);
+        self.meta.next_first = first + len as u64;
+        self.meta.last_time = micros;
+        self.shared.remember(self.stream, &self.meta);
+    }
+
+    /// The append is committed. The category rows are written in a task of their own, so a
+    /// caller that goes away does not stop them; if they fail, the pending markers stay and
+    /// readers repair them. The caller's events are stored either way.
+    async fn index(&self, first: u64, time_id: Uuid) {
+        let commit = Commit {
+            stream: self.stream.clone(),
+            first,
+            time_id,
+            events: self.blob.clone(),
+        };
+        let (shared, count) = (self.shared.clone(), self.events.len() as i32);
+        let stream = self.stream;
+        match tokio::spawn(async move { shared.index_commit(&commit, count).await }).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(%stream, first, error = %e, "photon-cassandra: category rows left to repair")
+            }
+            Err(e) => {
+                tracing::warn!(%stream, first, error = %e, "photon-cassandra: indexing task failed")
+            }
+        }
+    }
+
+    /// The versions and checkpoints of the batch stored from `first`.
+    fn result(&self, first: Version) -> AppendResult {
+        let len = self.events.len();
+        let time_id = self
+            .meta
+            .times
+            .get(&first.0)
+            .copied()
+            .unwrap_or_else(|| codec::time_id(0));
+        let checkpoint = |i: usize| {
+            Position {
+                time_id,
+                index: i as u32,
+                version: first.0 + i as u64,
+            }
+            .to_checkpoint()
+        };
+        AppendResult {
+            first_version: first,
+            last_version: Version(first.0 + len as u64 - 1),
+            checkpoints: (0..len).map(checkpoint).collect(),
+        }
+    }
+}
