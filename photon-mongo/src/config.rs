@@ -1,18 +1,43 @@
-//! The `mongodb://` URL: the driver's own connection string plus our options, which are taken out
-//! before the driver sees the string (it refuses options it does not know).
+//! The settings of a Mongo store and how a `mongodb://` URL sets them.
+//!
+//! The URL is the driver's own connection string plus photon's options, all named `photon_*`:
+//! ours are read and checked here and taken out, the rest is handed to the driver untouched
+//! (it refuses options it does not know). Connecting with these settings is `client.rs`'s job.
 
 use std::fmt;
 use std::time::Duration;
 
-use photon_api::url::redact;
+use photon_api::url::StoreUrl;
 use photon_api::validate::DEFAULT_MAX_EVENT_SIZE;
 use photon_api::Error;
+
+/// The URL scheme of this backend (`mongodb+srv://` works too).
+pub const SCHEME: &str = "mongodb";
+
+/// Every URL scheme this backend answers; newton's `connect` dispatches on these.
+pub const SCHEMES: &[&str] = &["mongodb", "mongodb+srv"];
+
+/// How errors name the URL.
+const WHAT: &str = "MongoDB URL";
+
+/// Our options in the query string; every other option is the driver's.
+const OPTIONS: &[&str] = &[
+    "photon_prefix",
+    "photon_create",
+    "photon_max_event_size",
+    "photon_gap_timeout_ms",
+    "photon_timeout_ms",
+    "photon_max_poll_ms",
+];
+
+/// The database when the URL names none.
+const DEFAULT_DATABASE: &str = "photon";
 
 /// Settings of a [`crate::MongoStore`].
 #[derive(Clone, PartialEq, Eq)]
 pub struct MongoConfig {
-    /// The connection string handed to the driver (credentials included, hence the `Debug`).
-    pub(crate) driver_url: String,
+    /// The URL as given (credentials included, hence the hand-written `Debug`).
+    url: StoreUrl,
     /// The database; from the URL path, default `photon`.
     pub database: String,
     /// Prefix of the collection: `<prefix>_commits`.
@@ -34,7 +59,8 @@ pub struct MongoConfig {
 impl fmt::Debug for MongoConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MongoConfig")
-            .field("url", &redact(&self.driver_url))
+            // StoreUrl's Display hides the password and secret-looking options.
+            .field("url", &format_args!("{}", self.url))
             .field("database", &self.database)
             .field("collection_prefix", &self.collection_prefix)
             .field("create", &self.create)
@@ -46,114 +72,84 @@ impl fmt::Debug for MongoConfig {
     }
 }
 
-/// Our options in the query string; all start with `photon_`.
-const OPTIONS: &str = "photon_prefix, photon_create, photon_max_event_size, photon_gap_timeout_ms, photon_timeout_ms, photon_max_poll_ms";
-
 impl MongoConfig {
     /// Parses `mongodb://[user:pass@]host[:port][,host...]/[database][?options]`.
     ///
     /// # Errors
-    /// - [`Error::InvalidInput`] for another scheme, an unknown `photon_` option or a bad value.
+    /// - [`Error::InvalidInput`] for another scheme, a malformed host, an unknown `photon_`
+    ///   option or a bad value; options the driver does not know are its to refuse, at connect.
     pub fn from_url(url: &str) -> Result<Self, Error> {
-        let shown = redact(url);
-        let invalid = |reason: String| Error::InvalidInput {
-            what: format!("MongoDB URL {shown:?}"),
-            reason,
+        let url = StoreUrl::parse(url, WHAT, SCHEMES)?;
+        check_our_options(&url)?;
+        let database = match url.path() {
+            "" => DEFAULT_DATABASE.to_owned(),
+            path => path.to_owned(),
         };
-        let Some((scheme, rest)) = url.split_once("://") else {
-            return Err(invalid(
-                "must start with mongodb:// or mongodb+srv://".into(),
-            ));
-        };
-        if scheme != "mongodb" && scheme != "mongodb+srv" {
-            return Err(invalid(
-                "must start with mongodb:// or mongodb+srv://".into(),
-            ));
-        }
-        let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let database = before_query
-            .split_once('/')
-            .map(|(_, db)| db)
-            .filter(|db| !db.is_empty())
-            .unwrap_or("photon")
-            .to_owned();
-        let mut config = Self {
-            driver_url: String::new(),
+        Ok(Self {
             database,
-            collection_prefix: "photon".into(),
-            create: true,
-            max_event_size: DEFAULT_MAX_EVENT_SIZE,
-            gap_timeout: Duration::from_secs(5),
-            timeout: Duration::from_secs(5),
-            max_poll_interval: Duration::from_millis(250),
-        };
-        let mut kept = Vec::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let millis = || {
-                value
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .map(Duration::from_millis)
-                    .ok_or_else(|| {
-                        invalid(format!(
-                            "{key}={value:?} is not a positive number of milliseconds"
-                        ))
-                    })
-            };
-            match key {
-                "photon_prefix" => {
-                    if value.is_empty()
-                        || !value
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-                    {
-                        return Err(invalid(format!(
-                            "photon_prefix={value:?}: use ASCII letters, digits and '_'"
-                        )));
-                    }
-                    config.collection_prefix = value.to_owned();
-                }
-                "photon_create" => {
-                    config.create = match value {
-                        "true" => true,
-                        "false" => false,
-                        _ => {
-                            return Err(invalid(format!(
-                                "photon_create={value:?}: use true or false"
-                            )))
-                        }
-                    }
-                }
-                "photon_max_event_size" => {
-                    config.max_event_size =
-                        value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
-                            invalid(format!(
-                                "photon_max_event_size={value:?} is not a positive number of bytes"
-                            ))
-                        })?
-                }
-                "photon_gap_timeout_ms" => config.gap_timeout = millis()?,
-                "photon_timeout_ms" => config.timeout = millis()?,
-                "photon_max_poll_ms" => config.max_poll_interval = millis()?,
-                k if k.starts_with("photon_") => {
-                    return Err(invalid(format!("unknown option {k:?}; ours are {OPTIONS}")))
-                }
-                _ => kept.push(pair),
-            }
-        }
-        config.driver_url = if kept.is_empty() {
-            format!("{scheme}://{before_query}")
-        } else {
-            format!("{scheme}://{before_query}?{}", kept.join("&"))
-        };
-        Ok(config)
+            collection_prefix: url
+                .parsed_option(
+                    "photon_prefix",
+                    "must be ASCII letters, digits and '_'",
+                    |v| is_prefix(v).then(|| v.to_owned()),
+                )?
+                .unwrap_or_else(|| "photon".into()),
+            create: url.bool_option("photon_create")?.unwrap_or(true),
+            max_event_size: url
+                .parsed_option(
+                    "photon_max_event_size",
+                    "must be a positive number of bytes",
+                    |v| v.parse().ok().filter(|n| *n > 0),
+                )?
+                .unwrap_or(DEFAULT_MAX_EVENT_SIZE),
+            gap_timeout: millis(&url, "photon_gap_timeout_ms")?.unwrap_or(Duration::from_secs(5)),
+            timeout: millis(&url, "photon_timeout_ms")?.unwrap_or(Duration::from_secs(5)),
+            max_poll_interval: millis(&url, "photon_max_poll_ms")?
+                .unwrap_or(Duration::from_millis(250)),
+            url,
+        })
     }
 
+    /// The connection string handed to the driver: the URL as written without our options.
+    /// It holds the credentials: never show it.
+    pub(crate) fn driver_url(&self) -> String {
+        self.url.to_string_keeping(|key| !is_ours(key))
+    }
+
+    /// An [`Error::InvalidInput`] naming this URL (without its password) and `reason`.
+    pub(crate) fn invalid(&self, reason: impl Into<String>) -> Error {
+        self.url.invalid(reason)
+    }
+
+    /// The name of the commits collection.
     pub(crate) fn commits(&self) -> String {
         format!("{}_commits", self.collection_prefix)
     }
+}
+
+fn is_ours(key: &str) -> bool {
+    key.starts_with("photon_")
+}
+
+/// Refuses a `photon_*` option we do not know, listing ours. The rest are the driver's: it
+/// checks them itself, and a list of its options here would only drift from it.
+fn check_our_options(url: &StoreUrl) -> Result<(), Error> {
+    url.check_options_matching(is_ours, OPTIONS)
+}
+
+/// A collection prefix: ASCII letters, digits and `_`, so it is a valid collection name on
+/// MongoDB and FerretDB alike.
+fn is_prefix(v: &str) -> bool {
+    !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn millis(url: &StoreUrl, name: &str) -> Result<Option<Duration>, Error> {
+    url.parsed_option(name, "must be a positive number of milliseconds", |v| {
+        v.parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .map(Duration::from_millis)
+    })
 }
 
 #[cfg(test)]
@@ -170,7 +166,7 @@ mod tests {
         assert_eq!(c.collection_prefix, "app");
         assert_eq!(c.gap_timeout, Duration::from_millis(900));
         assert_eq!(
-            c.driver_url,
+            c.driver_url(),
             "mongodb://u:secret@h1:27017,h2/events?directConnection=true&w=majority"
         );
         assert_eq!(c.commits(), "app_commits");
@@ -178,18 +174,28 @@ mod tests {
         assert!(!shown.contains("secret"), "{shown}");
         let d = MongoConfig::from_url("mongodb://h").unwrap();
         assert_eq!((d.database.as_str(), d.create), ("photon", true));
+        assert_eq!(d.driver_url(), "mongodb://h");
+        let srv = MongoConfig::from_url("mongodb+srv://cluster.example.com/?photon_create=false");
+        assert_eq!(
+            srv.unwrap().driver_url(),
+            "mongodb+srv://cluster.example.com/"
+        );
     }
 
     #[test]
     fn rejects_bad_options_naming_them() {
         for (url, needle) in [
             (
-                "mongodb://h/?photon_nope=1",
-                "unknown option \"photon_nope\"",
+                "mongodb://h/?photon_nope=1&w=majority",
+                "unknown option \"photon_nope\"; known options are photon_prefix,",
             ),
-            ("mongodb://h/?photon_create=yes", "use true or false"),
-            ("mongodb://h/?photon_prefix=a-b", "photon_prefix"),
-            ("mongodb://h/?photon_timeout_ms=0", "positive number"),
+            ("mongodb://h/?photon_create=yes", "must be true or false"),
+            ("mongodb://h/?photon_prefix=a-b", "photon_prefix must be"),
+            ("mongodb://h/?photon_prefix=", "photon_prefix must be"),
+            (
+                "mongodb://h/?photon_timeout_ms=0",
+                "photon_timeout_ms must be a positive number",
+            ),
             (
                 "mongodb://h/?photon_max_event_size=x",
                 "positive number of bytes",

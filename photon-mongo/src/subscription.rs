@@ -1,74 +1,66 @@
 //! Subscriptions: commits read in global position order, never past a position that may still
 //! be filled.
 //!
-//! A writer reserves a position (an atomic counter) and then inserts its commit, so positions
-//! can become visible out of order, and a writer can die between the two steps. A reader never
-//! delivers a commit while a lower position is missing: it waits, polling, for up to
-//! `gap_timeout`; then it inserts a tombstone at that position. The unique index on `position`
-//! makes the tombstone and a late commit exclusive: if the tombstone lands, the late writer's
-//! insert fails and it retries at a new position, so no event is skipped or delivered twice.
+//! Writers claim a position with the insert of their commit, so a position should never stay
+//! empty; but a reader behind the writer (a lagging node) may see a higher position before a
+//! lower one. A reader never delivers a commit while a lower position is missing: it waits,
+//! polling, for up to `gap_timeout`; then it inserts a tombstone at that position. The unique
+//! index on `position` makes the tombstone and a late commit exclusive: if the tombstone lands,
+//! the late writer's insert fails and it retries at a new position, so no event is skipped or
+//! delivered twice. Opening (checking the start, decoding the checkpoint, ending after an
+//! error) is `photon_api::open_subscription`'s; this module owns only the cursor.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
-use mongodb::bson::{doc, Bson, Document};
-use photon_api::validate::validate_subscription;
+use futures::stream::{BoxStream, TryStreamExt};
+use mongodb::bson::{doc, Document};
 use photon_api::{
-    error_stream, Error, RecordedEvent, Selector, Start, SubscriptionItem, SubscriptionMode,
+    cursor_stream, open_subscription, Checkpoint, Error, RecordedEvent, Selector, Start,
+    SubscriptionCursor, SubscriptionItem, SubscriptionMode, SubscriptionRequest,
 };
 
-use crate::document::{self, TOMBSTONE_STREAM};
-use crate::{map_error, next_pause, MongoStore};
+use crate::client::Shared;
+use crate::codec::{self, TOMBSTONE_STREAM};
+use crate::error;
 
 /// Commits fetched per query.
 const PAGE: i64 = 64;
 
+/// The shortest pause between two polls with nothing new.
+const MIN_PAUSE: Duration = Duration::from_millis(5);
+
+/// The longest pause while waiting for a missing position (shorter than an idle poll's: a gap
+/// is expected to fill soon).
+const MAX_GAP_PAUSE: Duration = Duration::from_millis(50);
+
+/// Opens a subscription to `selector`'s commits.
 pub(crate) fn subscribe(
-    store: MongoStore,
+    shared: Arc<Shared>,
     selector: Selector,
     start: Start,
     mode: SubscriptionMode,
 ) -> BoxStream<'static, Result<SubscriptionItem, Error>> {
-    if let Err(e) = validate_subscription(&start, mode) {
-        return error_stream(e);
-    }
-    if let Start::After(c) = &start {
-        if let Err(e) = document::parse_checkpoint(c) {
-            return error_stream(e);
-        }
-    }
-    let filter = match &selector {
-        Selector::All => doc! { "stream": { "$ne": TOMBSTONE_STREAM } },
-        Selector::Category(c) => doc! { "category": c.as_str() },
-        Selector::Stream(s) => doc! { "stream": s.as_str() },
-    };
-    let reader = Reader {
-        store,
-        filter,
-        start: Some(start),
+    open_subscription(
+        selector,
+        start,
         mode,
-        after: 0,
-        skip: None,
-        checked: 0,
-        end: u64::MAX,
-        live: false,
-        failed: false,
-        buffer: VecDeque::new(),
-        pause: Duration::ZERO,
-        missing_since: HashMap::new(),
-    };
-    stream::unfold(reader, |mut reader| async move {
-        let item = reader.next_item().await?;
-        Some((item, reader))
-    })
-    .boxed()
+        |checkpoint, _| codec::parse_checkpoint(checkpoint),
+        |request| Ok(cursor_stream(Reader::open(shared, request))),
+    )
 }
 
+/// The next pause of a poll loop: double the current one, at least 5 ms, at most `max`; how
+/// live subscriptions poll without spinning.
+fn next_pause(current: Duration, max: Duration) -> Duration {
+    (current * 2).clamp(MIN_PAUSE, max)
+}
+
+/// A subscription's cursor over the commits collection.
 struct Reader {
-    store: MongoStore,
+    shared: Arc<Shared>,
     filter: Document,
-    start: Option<Start>,
     mode: SubscriptionMode,
     /// The position of the last commit fully handed to the buffer.
     after: u64,
@@ -79,7 +71,8 @@ struct Reader {
     /// The last position of the replay (the head when the subscription started); unbounded live.
     end: u64,
     live: bool,
-    failed: bool,
+    /// A Hot subscription says `CaughtUp` before anything else.
+    caught_up_due: bool,
     buffer: VecDeque<RecordedEvent>,
     pause: Duration,
     /// When each missing position was first seen missing.
@@ -87,140 +80,62 @@ struct Reader {
 }
 
 impl Reader {
-    async fn resolve_start(&mut self, start: Start) -> Result<(), Error> {
-        self.store.ready().await?;
-        let head = self.store.head().await?;
-        self.after = match start {
-            Start::Beginning => 0,
-            Start::Now => head,
-            Start::Time(t) => {
-                let mut filter = self.filter.clone();
-                filter.insert("recorded_at", doc! { "$gte": t.unix_micros() });
-                let first = self
-                    .store
-                    .commits()
-                    .find_one(filter)
-                    .sort(doc! { "position": 1 })
-                    .projection(doc! { "position": 1, "version": 1, "count": 1 })
-                    .await
-                    .map_err(|e| map_error("finding the start time", e))?;
-                match first.as_ref().map(document::head).transpose()? {
-                    Some(h) => h.position - 1,
-                    None => head,
-                }
-            }
+    /// Resolves the start against the store's head: the position to read after and, for a
+    /// replay, where it ends.
+    async fn open(
+        shared: Arc<Shared>,
+        request: SubscriptionRequest<(u64, u32)>,
+    ) -> Result<Self, Error> {
+        shared.ready().await?;
+        let head = shared.head().await?;
+        let filter = match &request.selector {
+            Selector::All => doc! { "stream": { "$ne": TOMBSTONE_STREAM } },
+            Selector::Category(c) => doc! { "category": c.as_str() },
+            Selector::Stream(s) => doc! { "stream": s.as_str() },
+        };
+        let (after, skip) = match &request.start {
+            Start::Beginning => (0, None),
+            Start::Now => (head, None),
+            Start::Time(t) => (first_after(&shared, &filter, *t, head).await?, None),
             Start::After(c) => {
-                let (position, index) = document::parse_checkpoint(&c)?;
-                if position == 0 || position > head {
-                    return Err(Error::InvalidInput {
-                        what: format!("checkpoint {c}"),
-                        reason: format!(
-                            "position {position} is not in this store (last position {head})"
-                        ),
-                    });
-                }
-                self.skip = Some((position, index));
-                position - 1
+                let (position, index) = request.after.expect("decoded by open_subscription");
+                check_in_store(c, position, head)?;
+                (position - 1, Some((position, index)))
             }
         };
-        self.checked = self.after;
-        self.end = match self.mode {
-            SubscriptionMode::Hot => {
-                self.live = true;
-                u64::MAX
-            }
-            _ => head,
-        };
-        Ok(())
-    }
-
-    async fn next_item(&mut self) -> Option<Result<SubscriptionItem, Error>> {
-        if self.failed {
-            return None;
-        }
-        if let Some(start) = self.start.take() {
-            if let Err(e) = self.resolve_start(start).await {
-                self.failed = true;
-                return Some(Err(e));
-            }
-            if self.mode == SubscriptionMode::Hot {
-                return Some(Ok(SubscriptionItem::CaughtUp));
-            }
-        }
-        loop {
-            if let Some(e) = self.buffer.pop_front() {
-                return Some(Ok(SubscriptionItem::Event(e)));
-            }
-            match self.fill().await {
-                Ok(true) => continue,
-                Ok(false) => {}
-                Err(e) => {
-                    // A retryable error ends nothing: the consumer may poll again and the
-                    // reader resumes from where it was.
-                    if !e.is_retryable() {
-                        self.failed = true;
-                    }
-                    return Some(Err(e));
-                }
-            }
-            if !self.live {
-                if self.mode == SubscriptionMode::Cold {
-                    return None;
-                }
-                self.live = true;
-                self.end = u64::MAX;
-                self.pause = Duration::ZERO;
-                return Some(Ok(SubscriptionItem::CaughtUp));
-            }
-            self.pause = next_pause(self.pause, self.store.config().max_poll_interval);
-            tokio::time::sleep(self.pause).await;
-        }
+        let hot = request.mode == SubscriptionMode::Hot;
+        Ok(Self {
+            shared,
+            filter,
+            mode: request.mode,
+            after,
+            skip,
+            checked: after,
+            end: if hot { u64::MAX } else { head },
+            live: hot,
+            caught_up_due: hot,
+            buffer: VecDeque::new(),
+            pause: Duration::ZERO,
+            missing_since: HashMap::new(),
+        })
     }
 
     /// Reads the next commits of the selector into the buffer, as far as no lower position is
     /// missing. Ok(true) when events were added or a wait is due and it should look again at
     /// once; Ok(false) when there is nothing (more) up to `end`.
     async fn fill(&mut self) -> Result<bool, Error> {
-        let context = "reading commits";
-        let mut filter = self.filter.clone();
-        let mut range = doc! { "$gt": self.after as i64 };
-        if self.end != u64::MAX {
-            range.insert("$lte", self.end as i64);
-        }
-        filter.insert("position", range);
-        let commits: Vec<Document> = self
-            .store
-            .commits()
-            .find(filter)
-            .sort(doc! { "position": 1 })
-            .limit(PAGE)
-            .await
-            .map_err(|e| map_error(context, e))?
-            .try_collect()
-            .await
-            .map_err(|e| map_error(context, e))?;
+        let commits = self.next_page().await?;
         let Some(last) = commits.last() else {
             return Ok(false);
         };
-        let highest = document::head(last)?.position;
-        let deliverable_below = self.first_missing(highest).await?;
+        let deliverable_below = self.first_missing(codec::position(last)?).await?;
         let mut added = false;
         for commit in &commits {
-            let position = document::head(commit)?.position;
-            if let Some(missing) = deliverable_below {
-                if position > missing {
-                    break;
-                }
+            let position = codec::position(commit)?;
+            if deliverable_below.is_some_and(|missing| position > missing) {
+                break;
             }
-            let mut events = document::events(commit)?;
-            if let Some((p, index)) = self.skip {
-                if p == position {
-                    events.drain(..(index as usize + 1).min(events.len()));
-                }
-                self.skip = None;
-            }
-            self.buffer.extend(events);
-            self.after = position;
+            self.take_events(commit, position)?;
             added = true;
         }
         if added {
@@ -233,6 +148,40 @@ impl Reader {
         Ok(true)
     }
 
+    /// The selector's next commits after `after`, up to `end`, in position order.
+    async fn next_page(&self) -> Result<Vec<Document>, Error> {
+        let context = "reading commits";
+        let mut filter = self.filter.clone();
+        let mut range = doc! { "$gt": self.after as i64 };
+        if self.end != u64::MAX {
+            range.insert("$lte", self.end as i64);
+        }
+        filter.insert("position", range);
+        self.shared
+            .commits
+            .find(filter)
+            .sort(doc! { "position": 1 })
+            .limit(PAGE)
+            .await
+            .map_err(|e| error::driver(context, e))?
+            .try_collect()
+            .await
+            .map_err(|e| error::driver(context, e))
+    }
+
+    /// Buffers the events of the commit at `position`, less those a resumed checkpoint skips.
+    fn take_events(&mut self, commit: &Document, position: u64) -> Result<(), Error> {
+        let mut events = codec::events(commit)?;
+        if let Some((p, index)) = self.skip.take() {
+            if p == position {
+                events.drain(..(index as usize + 1).min(events.len()));
+            }
+        }
+        self.buffer.extend(events);
+        self.after = position;
+        Ok(())
+    }
+
     /// The lowest missing position in (checked, up_to], or None; advances `checked`.
     async fn first_missing(&mut self, up_to: u64) -> Result<Option<u64>, Error> {
         if up_to <= self.checked {
@@ -241,35 +190,30 @@ impl Reader {
         let context = "checking for positions in flight";
         let range = doc! { "$gt": self.checked as i64, "$lte": up_to as i64 };
         let present = self
-            .store
-            .commits()
+            .shared
+            .commits
             .count_documents(doc! { "position": range.clone() })
             .await
-            .map_err(|e| map_error(context, e))?;
+            .map_err(|e| error::driver(context, e))?;
         if present == up_to - self.checked {
             self.checked = up_to;
             self.missing_since.clear();
             return Ok(None);
         }
         let positions: Vec<Document> = self
-            .store
-            .commits()
+            .shared
+            .commits
             .find(doc! { "position": range })
             .projection(doc! { "position": 1 })
             .sort(doc! { "position": 1 })
             .await
-            .map_err(|e| map_error(context, e))?
+            .map_err(|e| error::driver(context, e))?
             .try_collect()
             .await
-            .map_err(|e| map_error(context, e))?;
+            .map_err(|e| error::driver(context, e))?;
         let mut expected = self.checked + 1;
         for d in &positions {
-            let p = match d.get("position") {
-                Some(Bson::Int64(p)) => *p as u64,
-                Some(Bson::Int32(p)) => *p as u64,
-                _ => return Err(Error::backend(crate::BACKEND, "a commit has no position")),
-            };
-            if p != expected {
+            if codec::position(d)? != expected {
                 break;
             }
             expected += 1;
@@ -284,17 +228,85 @@ impl Reader {
             .missing_since
             .entry(missing)
             .or_insert_with(Instant::now);
-        if first_seen.elapsed() >= self.store.config().gap_timeout {
+        if first_seen.elapsed() >= self.shared.config.gap_timeout {
             tracing::warn!(
                 position = missing,
                 "position still empty after the gap timeout; writing a tombstone"
             );
-            self.store.tombstone(missing).await?;
+            tombstone(&self.shared, missing).await?;
             self.missing_since.remove(&missing);
             return Ok(());
         }
-        self.pause = next_pause(self.pause, Duration::from_millis(50));
+        self.pause = next_pause(self.pause, MAX_GAP_PAUSE);
         tokio::time::sleep(self.pause).await;
         Ok(())
+    }
+}
+
+impl SubscriptionCursor for Reader {
+    async fn next_item(&mut self) -> Result<Option<SubscriptionItem>, Error> {
+        if std::mem::take(&mut self.caught_up_due) {
+            return Ok(Some(SubscriptionItem::CaughtUp));
+        }
+        loop {
+            if let Some(e) = self.buffer.pop_front() {
+                return Ok(Some(SubscriptionItem::Event(e)));
+            }
+            if self.fill().await? {
+                continue;
+            }
+            if !self.live {
+                if self.mode == SubscriptionMode::Cold {
+                    return Ok(None);
+                }
+                self.live = true;
+                self.end = u64::MAX;
+                self.pause = Duration::ZERO;
+                return Ok(Some(SubscriptionItem::CaughtUp));
+            }
+            self.pause = next_pause(self.pause, self.shared.config.max_poll_interval);
+            tokio::time::sleep(self.pause).await;
+        }
+    }
+}
+
+/// The position just before the selector's first commit recorded at or after `t` (`head` when
+/// there is none yet).
+async fn first_after(
+    shared: &Shared,
+    filter: &Document,
+    t: photon_api::Timestamp,
+    head: u64,
+) -> Result<u64, Error> {
+    let mut filter = filter.clone();
+    filter.insert("recorded_at", doc! { "$gte": t.unix_micros() });
+    let first = shared
+        .commits
+        .find_one(filter)
+        .sort(doc! { "position": 1 })
+        .projection(codec::head_fields())
+        .await
+        .map_err(|e| error::driver("finding the start time", e))?;
+    Ok(match first.as_ref().map(codec::head).transpose()? {
+        Some(h) => h.position - 1,
+        None => head,
+    })
+}
+
+/// Refuses a checkpoint past this store's head: another store made it.
+fn check_in_store(checkpoint: &Checkpoint, position: u64, head: u64) -> Result<(), Error> {
+    if position == 0 || position > head {
+        return Err(error::checkpoint_not_here(checkpoint, position, head));
+    }
+    Ok(())
+}
+
+/// Gives up a missing position for good, so readers do not wait for it. A duplicate means the
+/// position is taken already (by its commit or an earlier tombstone): nothing to do.
+async fn tombstone(shared: &Shared, position: u64) -> Result<(), Error> {
+    match shared.commits.insert_one(codec::tombstone(position)).await {
+        Ok(_) => Ok(()),
+        Err(e) if error::is_duplicate_key(&e) => Ok(()),
+        Err(e) => Err(error::driver("writing a tombstone", e)),
     }
 }

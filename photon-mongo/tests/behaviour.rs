@@ -1,5 +1,6 @@
 //! Behaviour specific to the MongoDB backend, against a real server (`PHOTON_TEST_MONGO_URL`):
-//! the documented document layout, and refusing to run without its indexes when creation is off.
+//! the documented document layout, refusing to run without its indexes when creation is off,
+//! and driver errors that reach the caller as their source.
 
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document};
@@ -161,4 +162,95 @@ async fn a_commit_over_the_document_limit_is_refused_before_it_is_sent() {
         other => panic!("{other:?}"),
     }
     assert_eq!(store.stream_version(&stream).await.unwrap(), None);
+}
+
+/// The driver's own error, found by walking `source()` from `e`.
+fn driver_error(e: &Error) -> Option<&mongodb::error::Error> {
+    let mut next = std::error::Error::source(e);
+    while let Some(source) = next {
+        if let Some(driver) = source.downcast_ref::<mongodb::error::Error>() {
+            return Some(driver);
+        }
+        next = source.source();
+    }
+    None
+}
+
+/// `url` with its path (the database) replaced by `database`.
+fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let authority_end = base.find("://").map_or(0, |i| i + 3);
+    let host_end = base[authority_end..]
+        .find('/')
+        .map_or(base.len(), |i| authority_end + i);
+    format!("{}/{database}?{query}", &base[..host_end])
+}
+
+#[tokio::test]
+async fn a_refused_command_reaches_the_caller_with_the_drivers_error() {
+    let Some(url) = server_url("mongo", "PHOTON_TEST_MONGO_URL") else {
+        return;
+    };
+    // MongoDB and FerretDB both refuse a database name of 64 bytes or more, when the first
+    // command reaches the server (the driver does not check it).
+    let store = MongoStore::from_url(&with_database(&url, &"d".repeat(70)))
+        .await
+        .unwrap();
+    let stream = StreamId::parse("account-1").unwrap();
+    let err = store
+        .append(
+            &stream,
+            ExpectedVersion::Any,
+            vec![EventData::json("Opened", &1).unwrap()],
+        )
+        .await
+        .unwrap_err();
+    let Error::Backend {
+        backend, context, ..
+    } = &err
+    else {
+        panic!("not a Backend error: {err:?}");
+    };
+    assert_eq!((*backend, context.as_str()), ("mongo", "listing indexes"));
+    assert!(
+        !err.is_retryable(),
+        "the same call fails the same way again"
+    );
+    let driver = driver_error(&err).expect("the driver's error is in the chain");
+    match &*driver.kind {
+        mongodb::error::ErrorKind::Command(c) => {
+            assert_eq!((c.code, c.code_name.as_str()), (73, "InvalidNamespace"))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_server_stays_unavailable_with_the_drivers_error() {
+    let store = MongoStore::from_url(
+        "mongodb://127.0.0.1:1/photon_test?directConnection=true&photon_timeout_ms=500",
+    )
+    .await
+    .unwrap();
+    let stream = StreamId::parse("account-1").unwrap();
+    let err = store.stream_version(&stream).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::Unavailable {
+                source: Some(_),
+                ..
+            }
+        ) && err.is_retryable(),
+        "{err:?}"
+    );
+    let driver = driver_error(&err).expect("the driver's error is in the chain");
+    assert!(
+        matches!(
+            *driver.kind,
+            mongodb::error::ErrorKind::ServerSelection { .. }
+        ),
+        "{driver:?}"
+    );
+    assert!(err.to_string().contains("no server answered"), "{err}");
 }

@@ -1,0 +1,211 @@
+//! The connection and what every part of the store shares: the driver client with the concerns
+//! the guarantees rest on, the commits collection and its indexes, the global head.
+//!
+//! The append protocol, reads and subscriptions live in their own modules and reach the server
+//! through [`Shared`]; the document layout is `codec.rs`'s.
+
+use mongodb::bson::{doc, Document};
+use mongodb::options::{Acknowledgment, ClientOptions, IndexOptions, ReadConcern, WriteConcern};
+use mongodb::{Client, Collection, IndexModel};
+use photon_api::{Error, Health};
+use tokio::sync::OnceCell;
+
+use crate::codec;
+use crate::config::MongoConfig;
+use crate::error;
+
+/// The backend name, also the tag of its checkpoints.
+pub const BACKEND: &str = "mongo";
+
+/// The largest batch (sum of event sizes) one append accepts: a commit is one document, and
+/// MongoDB refuses documents over 16 MiB; the rest is room for field names and ids.
+pub const MAX_APPEND_SIZE: usize = 12 * 1024 * 1024;
+
+/// The driver settings photon-mongo connects with: the URL's own options, `config`'s timeouts,
+/// and the concerns durability rests on (write concern `majority` with journal, read concern
+/// `majority`). Public so that tools reading the commits directly (the bench's raw baseline)
+/// use exactly these.
+///
+/// # Errors
+/// - [`Error::InvalidInput`] for a connection string the driver refuses.
+pub async fn client_options(config: &MongoConfig) -> Result<ClientOptions, Error> {
+    let mut options = ClientOptions::parse(config.driver_url())
+        .await
+        .map_err(|e| error::refused_url(config, &e))?;
+    options.server_selection_timeout = Some(config.timeout);
+    options.connect_timeout = Some(config.timeout);
+    options.app_name.get_or_insert_with(|| "photon".into());
+    // Acknowledged only once a majority has it in its journal: the strongest ordinary setting.
+    options.write_concern = Some(
+        WriteConcern::builder()
+            .w(Acknowledgment::Majority)
+            .journal(true)
+            .build(),
+    );
+    // Readers see only majority-committed commits, which a failover cannot roll back.
+    options.read_concern = Some(ReadConcern::majority());
+    Ok(options)
+}
+
+/// The indexes of the commits collection, each named: `stream_version` unique on
+/// `{stream, version}` (the concurrency check), `position` unique (the global order),
+/// `category_position` (category subscriptions). Public for the same reason as
+/// [`client_options`].
+pub fn commit_indexes() -> Vec<IndexModel> {
+    [
+        ("stream_version", doc! { "stream": 1, "version": 1 }, true),
+        ("position", doc! { "position": 1 }, true),
+        (
+            "category_position",
+            doc! { "category": 1, "position": 1 },
+            false,
+        ),
+    ]
+    .into_iter()
+    .map(|(name, keys, unique)| {
+        let options = IndexOptions::builder()
+            .name(name.to_owned())
+            .unique(unique)
+            .build();
+        IndexModel::builder().keys(keys).options(options).build()
+    })
+    .collect()
+}
+
+/// The connection, the commits collection and the settings, shared by every clone of a store.
+pub(crate) struct Shared {
+    client: Client,
+    pub(crate) commits: Collection<Document>,
+    pub(crate) config: MongoConfig,
+    ready: OnceCell<()>,
+}
+
+impl Shared {
+    /// A lazily connecting client for `config`: nothing is sent before the first operation.
+    pub(crate) async fn connect(config: MongoConfig) -> Result<Self, Error> {
+        let options = client_options(&config).await?;
+        let client =
+            Client::with_options(options).map_err(|e| error::driver("creating the client", e))?;
+        Ok(Self {
+            commits: client
+                .database(&config.database)
+                .collection(&config.commits()),
+            client,
+            config,
+            ready: OnceCell::new(),
+        })
+    }
+
+    /// Creates (or checks) the indexes the guarantees rest on, once per store.
+    pub(crate) async fn ready(&self) -> Result<(), Error> {
+        self.ready
+            .get_or_try_init(|| self.create_missing_indexes())
+            .await
+            .copied()
+    }
+
+    /// Only the missing indexes, one per command: FerretDB 1.24 drops the connection when one
+    /// createIndexes names several indexes of which some exist already.
+    async fn create_missing_indexes(&self) -> Result<(), Error> {
+        let existing = self.index_names().await?;
+        for model in commit_indexes() {
+            let name = model
+                .options
+                .as_ref()
+                .and_then(|o| o.name.clone())
+                .expect("every index is named");
+            if existing.contains(&name) {
+                continue;
+            }
+            if !self.config.create {
+                return Err(error::missing_index(self.commits.name(), &name));
+            }
+            self.commits
+                .create_index(model)
+                .await
+                .map_err(|e| error::driver(format!("creating index {name}"), e))?;
+        }
+        Ok(())
+    }
+
+    async fn index_names(&self) -> Result<Vec<String>, Error> {
+        match self.commits.list_index_names().await {
+            Ok(names) => Ok(names),
+            // A collection that does not exist yet has no indexes.
+            Err(e) if error::is_namespace_missing(&e) => Ok(vec![]),
+            Err(e) => Err(error::driver("listing indexes", e)),
+        }
+    }
+
+    /// The highest global position taken (0 before the first append).
+    pub(crate) async fn head(&self) -> Result<u64, Error> {
+        let top = self
+            .commits
+            .find_one(doc! {})
+            .sort(doc! { "position": -1 })
+            .projection(codec::head_fields())
+            .await
+            .map_err(|e| error::driver("reading the last position", e))?;
+        Ok(top
+            .as_ref()
+            .map(codec::head)
+            .transpose()?
+            .map_or(0, |h| h.position))
+    }
+
+    /// Pings the database, then makes sure the indexes are there.
+    pub(crate) async fn health(&self) -> Result<Health, Error> {
+        self.client
+            .database(&self.config.database)
+            .run_command(doc! { "ping": 1 })
+            .await
+            .map_err(|e| error::driver("ping", e))?;
+        self.ready().await?;
+        Ok(Health {
+            backend: BACKEND,
+            detail: format!(
+                "database {} answers ping; collection {}",
+                self.config.database,
+                self.commits.name()
+            ),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_driver_gets_its_options_and_ours_are_applied() {
+        let config = MongoConfig::from_url("mongodb://h/db?photon_timeout_ms=1500&appName=x")
+            .expect("parses");
+        let options = client_options(&config)
+            .await
+            .expect("the driver accepts it");
+        assert_eq!(
+            options.server_selection_timeout,
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(options.app_name.as_deref(), Some("x"));
+        let write = options.write_concern.expect("set");
+        assert_eq!(
+            (write.w, write.journal),
+            (Some(Acknowledgment::Majority), Some(true))
+        );
+        assert_eq!(options.read_concern, Some(ReadConcern::majority()));
+    }
+
+    #[tokio::test]
+    async fn options_the_driver_does_not_know_are_refused_by_it() {
+        let config = MongoConfig::from_url("mongodb://h/?photon_prefix=a&nope=1").expect("ours");
+        match client_options(&config).await {
+            Err(Error::InvalidInput { reason, .. }) => {
+                assert!(reason.contains("nope is an invalid option"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The append protocol: one commit document per append, inserted at the stream's next version
+//! and the next global position, both claimed by unique indexes in that one insert.
+//!
+//! This module decides what an append stores and answers; it must not decide how commits are
+//! laid out (`codec.rs`) or read for callers (`reader.rs`).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use mongodb::bson::{doc, Bson, Document};
+use photon_api::validate::{classify_batch, validate_batch, BatchKind, StoredId};
+use photon_api::{
+    AppendResult, Error, EventData, ExpectedVersion, StreamId, Timestamp, Uuid, Version,
+};
+
+use crate::client::{Shared, MAX_APPEND_SIZE};
+use crate::{codec, error, reader};
+
+/// MongoDB's document size limit, checked on the encoded commit before it is sent.
+const MAX_DOCUMENT_SIZE: usize = 16 * 1024 * 1024 - 16 * 1024;
+
+/// How many times an append retries after losing a race (another commit took its version or
+/// its position) before it reports the stream as too contended.
+const APPEND_ATTEMPTS: usize = 200;
+
+/// Appends `events` to `stream` if it is at `expected`; a re-send of a stored batch answers as
+/// the first send did.
+pub(crate) async fn append(
+    shared: &Shared,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    events: Vec<EventData>,
+) -> Result<AppendResult, Error> {
+    validate_batch(
+        stream,
+        &events,
+        shared.config.max_event_size,
+        Some(MAX_APPEND_SIZE),
+    )?;
+    shared.ready().await?;
+    for attempt in 1..=APPEND_ATTEMPTS {
+        if let Some(result) = try_append(shared, stream, expected, &events).await? {
+            return Ok(result);
+        }
+        // Another commit took this version or this position: decide again. A short random
+        // pause spreads writers that collided.
+        tracing::debug!(%stream, attempt, "append lost a race; retrying");
+        let jitter = u64::from(Uuid::new_v4().as_bytes()[0] % 8);
+        tokio::time::sleep(Duration::from_millis(jitter * attempt.min(8) as u64)).await;
+    }
+    Err(error::too_contended(stream, APPEND_ATTEMPTS))
+}
+
+/// One attempt: the result, or None when another commit took the version or position first.
+async fn try_append(
+    shared: &Shared,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    events: &[EventData],
+) -> Result<Option<AppendResult>, Error> {
+    let current = reader::last_commit(shared, stream)
+        .await?
+        .map(|h| h.last_version());
+    if let Some(earlier) = check_before_writing(shared, stream, expected, current, events).await? {
+        return Ok(Some(earlier));
+    }
+    let first = current.map_or(Version(0), Version::next);
+    // The next global position is the highest one + 1, claimed by the unique index on
+    // `position`: a commit is written with its position in one insert, so no position is ever
+    // reserved and then left empty, and a position is only taken once the one below it is
+    // visible. (An $inc counter would be simpler, but FerretDB 1.24 loses concurrent
+    // increments; this works the same on both.)
+    let position = shared.head().await? + 1;
+    let commit = encode(stream, first, position, events)?;
+    match shared.commits.insert_one(commit).await {
+        Ok(_) => Ok(Some(appended(first, position, events.len()))),
+        Err(e) if error::is_duplicate_key(&e) => Ok(None),
+        // The outcome is unknown: the commit may have landed. Re-sending the same batch is
+        // safe, since the ids make it idempotent.
+        Err(e) => Err(error::driver(format!("appending to {stream}"), e)),
+    }
+}
+
+/// Before anything is written: a batch whose ids are stored already is a retry (answered as
+/// the first send was) or a conflict, whatever the expectation; then the expectation itself.
+async fn check_before_writing(
+    shared: &Shared,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    current: Option<Version>,
+    events: &[EventData],
+) -> Result<Option<AppendResult>, Error> {
+    // With an exact expectation that holds, the batch cannot have landed: skip the lookup.
+    if expected == ExpectedVersion::Any || !expected.matches(current) {
+        let stored = stored_ids(shared, stream, events).await?;
+        if !stored.is_empty() {
+            if let Some(result) = retry_result(stream, events, &stored)? {
+                return Ok(Some(result));
+            }
+        }
+    }
+    if !expected.matches(current) {
+        return Err(Error::WrongExpectedVersion {
+            stream: stream.clone(),
+            expected,
+            actual: current,
+        });
+    }
+    Ok(None)
+}
+
+/// The commit document, refused before it is sent when MongoDB would refuse its size.
+fn encode(
+    stream: &StreamId,
+    first: Version,
+    position: u64,
+    events: &[EventData],
+) -> Result<Document, Error> {
+    let commit = codec::commit(stream, first, position, Timestamp::now(), events);
+    let encoded = mongodb::bson::to_vec(&commit)
+        .map_err(|e| error::encoding(stream, e))?
+        .len();
+    if encoded > MAX_DOCUMENT_SIZE {
+        return Err(Error::BatchTooLarge {
+            stream: stream.clone(),
+            size: encoded,
+            limit: MAX_DOCUMENT_SIZE,
+        });
+    }
+    Ok(commit)
+}
+
+/// What an append of `count` events stored at `first` and `position` answers.
+fn appended(first: Version, position: u64, count: usize) -> AppendResult {
+    AppendResult {
+        first_version: first,
+        last_version: Version(first.0 + count as u64 - 1),
+        checkpoints: codec::checkpoints(position, count),
+    }
+}
+
+/// The stream's commits holding any of the batch's ids.
+async fn stored_ids(
+    shared: &Shared,
+    stream: &StreamId,
+    events: &[EventData],
+) -> Result<Vec<Document>, Error> {
+    let ids: Vec<Bson> = events
+        .iter()
+        .map(|e| codec::uuid_bson(e.event_id))
+        .collect();
+    let context = || format!("looking up event ids in {stream}");
+    let mut fields = codec::head_fields();
+    fields.insert("event_ids", 1);
+    shared
+        .commits
+        .find(doc! { "stream": stream.as_str(), "event_ids": { "$in": ids } })
+        .projection(fields)
+        .await
+        .map_err(|e| error::driver(context(), e))?
+        .try_collect()
+        .await
+        .map_err(|e| error::driver(context(), e))
+}
+
+/// The result of re-sending an append that landed, None for a new batch, or the conflict it is.
+fn retry_result(
+    stream: &StreamId,
+    events: &[EventData],
+    stored: &[Document],
+) -> Result<Option<AppendResult>, Error> {
+    let mut where_stored = HashMap::new();
+    let mut positions = HashMap::new();
+    for d in stored {
+        let head = codec::head(d)?;
+        positions.insert(head.version, head.position);
+        for (i, id) in codec::event_ids(d)?.into_iter().enumerate() {
+            let stored = StoredId {
+                version: Version(head.version.0 + i as u64),
+                batch_first: head.version,
+                batch_len: head.count as usize,
+            };
+            where_stored.insert(id, stored);
+        }
+    }
+    match classify_batch(stream, events, |id| where_stored.get(id).copied())? {
+        BatchKind::New => Ok(None),
+        BatchKind::Retry { first } => Ok(Some(appended(first, positions[&first], events.len()))),
+    }
+}
