@@ -1,5 +1,8 @@
-//! The plain `scylla` driver doing photon-cassandra's I/O shape with its consistency (QUORUM
-//! reads and writes, SERIAL for conditional writes) and request timeout.
+//! The plain `scylla` driver doing photon-cassandra's I/O shape with its client settings: the
+//! session is built by `photon_cassandra::session_builder` from the URL's `CassandraConfig`
+//! (contact points, timeouts, credentials, TLS), and every statement is photon-cassandra's own
+//! (`photon_cassandra::schema`), prepared with its consistency (QUORUM reads and writes, SERIAL
+//! for conditional writes by default) and request timeout.
 //!
 //! photon-cassandra stores each append as one row of `commits((stream, bucket), version)`
 //! (count, time id, event ids, and the append's events MessagePack-encoded in one blob),
@@ -8,25 +11,25 @@
 //! markers. The raw baseline does only the conditional commit row, with a blob of the
 //! append's payloads (a MessagePack array of byte strings) and its event ids; a reference row
 //! does a plain insert of the category row instead. Loads read one stream partition in pages
-//! of 64 rows; the replay reads one category partition in pages of 64 rows by time id, as
-//! photon does, decoding every payload into the same view.
+//! of `COMMITS_PER_PAGE` rows; the replay reads one category partition in pages of
+//! `COMMITS_PER_PAGE` rows by time id, as photon does, decoding every payload into the same
+//! view.
 //!
-//! Every run works in a fresh keyspace (`bench_raw_<id>`, SimpleStrategy with one replica)
-//! with photon's two tables, created before the clock starts and dropped at the end.
-//! (Credentials and TLS options of the URL are not carried over.)
+//! Every run works in a fresh keyspace (`bench_raw_<id>`, with the URL's replication, by
+//! default SimpleStrategy with one replica) with photon's two tables that carry events, created
+//! with photon's own definitions before the clock starts and dropped at the end.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use photon_cassandra::schema::{self, Cql};
+use photon_cassandra::{CassandraConfig, COMMITS_PER_PAGE};
 use scylla::client::session::Session;
-use scylla::client::session_builder::SessionBuilder;
-use scylla::response::query_result::QueryResult;
 use scylla::statement::prepared::PreparedStatement;
-use scylla::statement::{Consistency, SerialConsistency};
-use scylla::value::{CqlTimeuuid, CqlValue, Row as CqlRow};
+use scylla::value::CqlTimeuuid;
 use uuid::Uuid;
 
 use super::Raw;
@@ -35,50 +38,9 @@ use crate::measure::{run_writers, Cap, Latencies, Measurement, Role};
 use crate::photon::{append_case, load_case};
 use crate::{progress, BoxError, Sizes};
 
-/// Bound on every request, photon-cassandra's default `timeout_ms`.
-const TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Rows fetched per page of a read: photon-cassandra's `PAGE`.
-const PAGE: i32 = 64;
-
-/// Width of a category partition in time: photon-cassandra's default `time_bucket_s`.
-const TIME_BUCKET_MICROS: i64 = 3_600 * 1_000_000;
-
-/// 100-nanosecond intervals between the UUID epoch (1582-10-15) and the Unix epoch.
-const UUID_EPOCH_OFFSET: u64 = 0x01B2_1DD2_1381_4000;
-
-/// photon-cassandra's two tables that carry an append's events, as it creates them.
-const TABLES: &[&str] = &[
-    "CREATE TABLE {ks}.commits (
-        stream text, bucket bigint, version bigint,
-        count int, time_id timeuuid, event_ids list<uuid>, events blob,
-        PRIMARY KEY ((stream, bucket), version))",
-    "CREATE TABLE {ks}.category_commits (
-        category text, bucket bigint, time_id timeuuid,
-        stream text, version bigint, count int, events blob,
-        PRIMARY KEY ((category, bucket), time_id))",
-];
-
-/// The `host:port` contact points of a `cassandra://` URL (port 9042 when none is given):
-/// no credentials, keyspace or options.
-fn contact_points(url: &str) -> Vec<String> {
-    let rest = url.strip_prefix("cassandra://").unwrap_or(url);
-    let rest = rest.split_once('?').map_or(rest, |(a, _)| a);
-    let authority = rest.split_once('/').map_or(rest, |(a, _)| a);
-    let hosts = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    hosts
-        .split(',')
-        .map(str::trim)
-        .filter(|h| !h.is_empty())
-        .map(|h| {
-            if h.contains(':') {
-                h.to_owned()
-            } else {
-                format!("{h}:9042")
-            }
-        })
-        .collect()
-}
+/// The one stream partition the raw rows use (photon spreads a long stream over partitions of
+/// `bucket_size` versions; the raw baseline keeps each stream in its first).
+const STREAM_BUCKET: i64 = 0;
 
 /// Microseconds since the Unix epoch.
 fn now_micros() -> i64 {
@@ -87,75 +49,26 @@ fn now_micros() -> i64 {
         .map_or(0, |d| d.as_micros() as i64)
 }
 
-/// A version-1 (time) UUID for `micros` with the given clock sequence and node bytes, laid
-/// out as photon-cassandra's time ids are.
-fn time_uuid(micros: i64, tail: [u8; 8]) -> Uuid {
-    let ticks = micros as u64 * 10 + UUID_EPOCH_OFFSET;
-    let mut b = [0u8; 16];
-    b[0..4].copy_from_slice(&((ticks & 0xffff_ffff) as u32).to_be_bytes());
-    b[4..6].copy_from_slice(&(((ticks >> 32) & 0xffff) as u16).to_be_bytes());
-    b[6..8].copy_from_slice(&((((ticks >> 48) & 0x0fff) as u16) | 0x1000).to_be_bytes());
-    b[8..16].copy_from_slice(&tail);
-    b[8] = (b[8] & 0x3f) | 0x80;
-    Uuid::from_bytes(b)
-}
-
-/// A time id of `micros` with random clock sequence and node, as photon-cassandra's.
-fn time_id(micros: i64) -> Uuid {
-    let random = Uuid::new_v4();
-    let mut tail = [0u8; 8];
-    tail.copy_from_slice(&random.as_bytes()[8..16]);
-    time_uuid(micros, tail)
-}
-
-/// The statements of the raw rows, prepared with photon-cassandra's settings.
+/// The statements of the raw rows: photon-cassandra's, prepared with its settings.
 struct Statements {
     /// The commit row, conditional (`IF NOT EXISTS`).
     insert_commit: PreparedStatement,
     /// The category row, plain.
     insert_category: PreparedStatement,
-    /// One page of a category partition after a time id (photon's `category_page`).
+    /// One page of a category partition after a time id (photon's category read).
     category_page: PreparedStatement,
-    /// One page of a stream partition after a version (photon's stream read).
+    /// One page of a stream partition from a version (photon's stream read).
     stream_page: PreparedStatement,
 }
 
-async fn prepare(session: &Session, ks: &str) -> Result<Statements, BoxError> {
-    let prep = |cql: String| async move {
-        let mut p = session.prepare(cql).await?;
-        p.set_consistency(Consistency::Quorum);
-        p.set_serial_consistency(Some(SerialConsistency::Serial));
-        p.set_request_timeout(Some(TIMEOUT));
-        Ok::<_, BoxError>(p)
-    };
+async fn prepare(session: &Session, config: &CassandraConfig) -> Result<Statements, BoxError> {
+    let prep = |cql: Cql| schema::prepare(session, config, cql);
     Ok(Statements {
-        insert_commit: prep(format!(
-            "INSERT INTO {ks}.commits (stream, bucket, version, count, time_id, event_ids, events) VALUES (?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"
-        ))
-        .await?,
-        insert_category: prep(format!(
-            "INSERT INTO {ks}.category_commits (category, bucket, time_id, stream, version, count, events) VALUES (?, ?, ?, ?, ?, ?, ?)"
-        ))
-        .await?,
-        category_page: prep(format!(
-            "SELECT time_id, stream, version, count, events FROM {ks}.category_commits WHERE category = ? AND bucket = ? AND time_id > ? AND time_id <= ? LIMIT ?"
-        ))
-        .await?,
-        stream_page: prep(format!(
-            "SELECT version, count, events FROM {ks}.commits WHERE stream = ? AND bucket = 0 AND version >= ? LIMIT ?"
-        ))
-        .await?,
+        insert_commit: prep(schema::INSERT_COMMIT).await?,
+        insert_category: prep(schema::INSERT_CATEGORY_COMMIT).await?,
+        category_page: prep(schema::CATEGORY_PAGE).await?,
+        stream_page: prep(schema::COMMITS_FROM).await?,
     })
-}
-
-/// Whether a conditional write applied: the `[applied]` column of its answer.
-fn applied(answer: QueryResult) -> Result<bool, BoxError> {
-    let rows = answer.into_rows_result()?;
-    let first = rows.rows::<CqlRow>()?.next().transpose()?;
-    Ok(matches!(
-        first.and_then(|r| r.columns.into_iter().next()),
-        Some(Some(CqlValue::Boolean(true)))
-    ))
 }
 
 /// The blob of one append: its payloads as a MessagePack array of byte strings.
@@ -186,6 +99,8 @@ pub struct RawCassandra {
     session: Arc<Session>,
     st: Arc<Statements>,
     ks: String,
+    /// Width of a category partition in time, µs: the URL's `time_bucket_s`.
+    time_bucket_micros: i64,
 }
 
 impl std::fmt::Debug for RawCassandra {
@@ -197,39 +112,33 @@ impl std::fmt::Debug for RawCassandra {
 }
 
 impl RawCassandra {
-    /// Connects and creates the keyspace and tables.
+    /// Connects as photon-cassandra does for `url` and creates a fresh keyspace with photon's
+    /// tables that carry events.
     ///
     /// # Errors
-    /// - The driver's error.
+    /// - The URL's refusal, or the driver's error.
     pub async fn connect(url: &str) -> Result<Self, BoxError> {
-        let session = Arc::new(
-            SessionBuilder::new()
-                .known_nodes(contact_points(url))
-                .connection_timeout(TIMEOUT)
-                .build()
-                .await?,
-        );
+        let mut config = CassandraConfig::from_url(url)?;
+        let session = Arc::new(photon_cassandra::session_builder(&config)?.build().await?);
         let ks = format!(
             "bench_raw_{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
         session
-            .query_unpaged(
-                format!(
-                    "CREATE KEYSPACE {ks} WITH replication = \
-                     {{'class': 'SimpleStrategy', 'replication_factor': 1}}"
-                ),
-                (),
-            )
+            .query_unpaged(schema::create_keyspace_cql(&ks, &config.replication), ())
             .await?;
-        for table in TABLES {
-            session
-                .query_unpaged(table.replace("{ks}", &ks), ())
-                .await?;
+        for table in [schema::COMMITS, schema::CATEGORY_COMMITS] {
+            session.query_unpaged(table.create_cql(&ks), ()).await?;
         }
         session.await_schema_agreement().await?;
-        let st = Arc::new(prepare(&session, &ks).await?);
-        Ok(Self { session, st, ks })
+        config.keyspace = ks.clone();
+        let st = Arc::new(prepare(&session, &config).await?);
+        Ok(Self {
+            session,
+            st,
+            ks,
+            time_bucket_micros: config.time_bucket.as_micros() as i64,
+        })
     }
 
     /// Writes one append's row; `version` is the stream version of its first event.
@@ -245,7 +154,7 @@ impl RawCassandra {
         payloads: &[Bytes],
         micros: i64,
     ) -> Result<(), BoxError> {
-        let t = CqlTimeuuid::from(time_id(micros));
+        let t = CqlTimeuuid::from(schema::time_id(micros));
         let n = payloads.len() as i32;
         let blob = blob(payloads);
         match write {
@@ -254,10 +163,10 @@ impl RawCassandra {
                 let answer = session
                     .execute_unpaged(
                         &st.insert_commit,
-                        (stream, 0_i64, version as i64, n, t, &ids, &blob),
+                        (stream, STREAM_BUCKET, version as i64, n, t, &ids, &blob),
                     )
                     .await?;
-                if !applied(answer)? {
+                if !schema::conditional_write_applied(answer)? {
                     return Err(format!("{stream}@{version}: IF NOT EXISTS did not apply").into());
                 }
             }
@@ -286,7 +195,7 @@ impl RawCassandra {
             if write == Write::Lwt { "lwt" } else { "plain" }
         );
         let per_writer = (sizes.append_events / writers).max(1);
-        let bucket = now_micros().div_euclid(TIME_BUCKET_MICROS);
+        let bucket = now_micros().div_euclid(self.time_bucket_micros);
         let cap = Cap::new(sizes.cap);
         let tasks = (0..writers)
             .map(|w| {
@@ -349,7 +258,7 @@ impl RawCassandra {
         streams: u64,
         length: u64,
     ) -> Result<i64, BoxError> {
-        let bucket = now_micros().div_euclid(TIME_BUCKET_MICROS);
+        let bucket = now_micros().div_euclid(self.time_bucket_micros);
         let bar = progress::bar(streams * length, "raw scylla: writing");
         let mut last = 0;
         for s in 0..streams {
@@ -412,17 +321,20 @@ impl Raw for RawCassandra {
                 loop {
                     let page = self
                         .session
-                        .execute_unpaged(&self.st.stream_page, (stream.as_str(), from, PAGE))
+                        .execute_unpaged(
+                            &self.st.stream_page,
+                            (stream.as_str(), STREAM_BUCKET, from, COMMITS_PER_PAGE),
+                        )
                         .await?
                         .into_rows_result()?;
                     let mut seen = 0;
-                    for row in page.rows::<(i64, i32, Vec<u8>)>()? {
-                        let (version, count, events) = row?;
+                    for row in page.rows::<(i64, i32, CqlTimeuuid, Vec<u8>)>()? {
+                        let (version, count, _time_id, events) = row?;
                         apply(&mut view, &events)?;
                         from = version + i64::from(count);
                         seen += 1;
                     }
-                    if seen < PAGE {
+                    if seen < COMMITS_PER_PAGE {
                         break;
                     }
                 }
@@ -452,13 +364,17 @@ impl Raw for RawCassandra {
         let key = "replay";
         let bucket = self.write_set(Write::Plain, key, 1, events).await?;
         let started = Instant::now();
-        let mut lower = CqlTimeuuid::from(time_uuid(bucket * TIME_BUCKET_MICROS, [0x80; 8]));
-        let upper = CqlTimeuuid::from(time_uuid(now_micros(), [0x7f; 8]));
+        let from = bucket * self.time_bucket_micros;
+        let mut lower = CqlTimeuuid::from(schema::min_time_id(from));
+        let upper = CqlTimeuuid::from(schema::max_time_id(now_micros()));
         let mut view = Balances::default();
         loop {
             let rows = self
                 .session
-                .execute_unpaged(&self.st.category_page, (key, bucket, lower, upper, PAGE))
+                .execute_unpaged(
+                    &self.st.category_page,
+                    (key, bucket, lower, upper, COMMITS_PER_PAGE),
+                )
                 .await?
                 .into_rows_result()?;
             let mut seen = 0;
@@ -468,7 +384,7 @@ impl Raw for RawCassandra {
                 lower = t;
                 seen += 1;
             }
-            if seen < PAGE {
+            if seen < COMMITS_PER_PAGE {
                 break;
             }
         }

@@ -13,9 +13,12 @@
 //! every payload into the same view. Live latency is a transaction of one record until a
 //! read_committed consumer receives it.
 //!
-//! Every run writes to fresh topics (`bench-raw-<id>-…`, 6 partitions, replication factor 1)
-//! and deletes them at the end. Creating topics and producers (`init_transactions`) happens
-//! before the clock starts. (Credentials and TLS options of the URL are not carried over.)
+//! Every client setting (producer, consumer, timeouts, record limits, and the URL's
+//! credentials and TLS) comes from photon-kafka's own [`KafkaConfig`] for the same URL, so the
+//! baseline cannot drift from the backend it is compared with; so do the header names and the
+//! partition count. Every run writes to fresh topics (`bench-raw-<id>-…`, with a replication
+//! factor of one) and deletes them at the end. Creating topics and producers
+//! (`init_transactions`) happens before the clock starts.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -23,6 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::future::join_all;
+use photon_kafka::{header, KafkaConfig};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
@@ -30,80 +34,13 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 
 use super::Raw;
 use crate::domain::{self, Balances};
 use crate::measure::{run_writers, Cap, Latencies, Measurement, Role};
 use crate::photon::append_case;
 use crate::{progress, BoxError, Sizes};
-
-/// Partitions of the raw topics: photon-kafka's default.
-const PARTITIONS: i32 = 6;
-
-/// Bound on every request, photon-kafka's default `timeout_ms`.
-const TIMEOUT: Duration = Duration::from_secs(10);
-
-/// photon-kafka's largest record (1 MiB event plus 64 KiB for key and headers), which it
-/// hands librdkafka as `message.max.bytes` and `fetch.message.max.bytes`.
-const MAX_RECORD_BYTES: usize = 1024 * 1024 + 64 * 1024;
-
-/// The `host:port[,host:port...]` of a `kafka://` URL: no scheme, no options. (Credentials
-/// and TLS options are not carried over; the raw rows speak plaintext.)
-fn bootstrap_servers(url: &str) -> &str {
-    let rest = url.strip_prefix("kafka://").unwrap_or(url);
-    let authority = rest.split_once('?').map_or(rest, |(a, _)| a);
-    let hosts = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    hosts.trim_end_matches('/')
-}
-
-/// Settings every client shares, as photon-kafka sets them.
-fn base(bootstrap: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    let ms = TIMEOUT.as_millis().to_string();
-    c.set("bootstrap.servers", bootstrap)
-        .set("socket.timeout.ms", &ms)
-        .set("socket.connection.setup.timeout.ms", &ms)
-        .set("log_level", "3");
-    c
-}
-
-/// photon-kafka's producer settings; transactional when `transactional_id` is given,
-/// otherwise only idempotent (acks=all either way).
-fn producer(bootstrap: &str, transactional_id: Option<&str>) -> Result<FutureProducer, BoxError> {
-    let mut c = base(bootstrap);
-    c.set("acks", "all")
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "0")
-        .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
-        .set("batch.size", MAX_RECORD_BYTES.min(1_000_000).to_string())
-        .set("message.timeout.ms", (TIMEOUT.as_millis() * 3).to_string());
-    if let Some(id) = transactional_id {
-        c.set("transactional.id", id).set(
-            "transaction.timeout.ms",
-            (TIMEOUT.as_millis() * 6).to_string(),
-        );
-    }
-    Ok(c.create()?)
-}
-
-/// photon-kafka's reader settings: read_committed, no group offsets, end-of-partition
-/// notices, bounded prefetch.
-fn consumer_config(bootstrap: &str) -> ClientConfig {
-    let mut c = base(bootstrap);
-    c.set("group.id", "photon-bench-raw")
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", "error")
-        .set("fetch.wait.max.ms", "50")
-        .set("fetch.message.max.bytes", MAX_RECORD_BYTES.to_string())
-        .set("queued.max.messages.kbytes", "8192")
-        .set("queued.min.messages", "1000")
-        .set("fetch.queue.backoff.ms", "10");
-    c
-}
 
 /// Microseconds since the Unix epoch.
 fn now_micros() -> i64 {
@@ -112,20 +49,20 @@ fn now_micros() -> i64 {
         .map_or(0, |d| d.as_micros() as i64)
 }
 
-/// The eight text headers photon-kafka puts on a record of a bench event (names and value
+/// The eight text headers photon-kafka puts on a record of a bench event (its names, and value
 /// shapes alike, so records are the same size).
 fn headers(version: u64, batch_first: u64, batch_len: u64, now: i64) -> OwnedHeaders {
     let (id, now) = (uuid::Uuid::new_v4().to_string(), now.to_string());
     let (version, batch) = (version.to_string(), format!("{batch_first}+{batch_len}"));
     [
-        ("photon.event_id", id.as_str()),
-        ("photon.version", version.as_str()),
-        ("photon.event_type", "BenchEvent"),
-        ("photon.schema_version", "1"),
-        ("photon.content_type", "application/msgpack"),
-        ("photon.occurred_at", now.as_str()),
-        ("photon.recorded_at", now.as_str()),
-        ("photon.batch", batch.as_str()),
+        (header::EVENT_ID, id.as_str()),
+        (header::VERSION, version.as_str()),
+        (header::EVENT_TYPE, "BenchEvent"),
+        (header::SCHEMA_VERSION, "1"),
+        (header::CONTENT_TYPE, "application/msgpack"),
+        (header::OCCURRED_AT, now.as_str()),
+        (header::RECORDED_AT, now.as_str()),
+        (header::BATCH, batch.as_str()),
     ]
     .into_iter()
     .fold(OwnedHeaders::new_with_capacity(8), |h, (key, value)| {
@@ -136,33 +73,35 @@ fn headers(version: u64, batch_first: u64, batch_len: u64, now: i64) -> OwnedHea
     })
 }
 
-/// Creates `topics` and waits until their partitions show in the metadata.
+/// Creates `topics` with photon-kafka's partition count and waits until their partitions show
+/// in the metadata.
 async fn create_topics(
     admin: &AdminClient<DefaultClientContext>,
-    bootstrap: &str,
+    config: &KafkaConfig,
     topics: &[String],
 ) -> Result<(), BoxError> {
+    let (partitions, timeout) = (config.partitions, config.timeout);
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|t| NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(1)))
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
         .collect();
     let options = AdminOptions::new()
-        .operation_timeout(Some(TIMEOUT))
-        .request_timeout(Some(TIMEOUT));
+        .operation_timeout(Some(timeout))
+        .request_timeout(Some(timeout));
     for r in admin.create_topics(&new, &options).await? {
         r.map_err(|(t, code)| format!("creating topic {t}: {code}"))?;
     }
-    let meta: Arc<BaseConsumer> = Arc::new(consumer_config(bootstrap).create()?);
-    let deadline = Instant::now() + TIMEOUT;
+    let meta: Arc<BaseConsumer> = Arc::new(config.consumer_config().create()?);
+    let deadline = Instant::now() + timeout;
     for t in topics {
         loop {
             let (m, name) = (meta.clone(), t.clone());
-            let md = tokio::task::spawn_blocking(move || m.fetch_metadata(Some(&name), TIMEOUT))
+            let md = tokio::task::spawn_blocking(move || m.fetch_metadata(Some(&name), timeout))
                 .await??;
             let ready = md.topics().iter().any(|mt| {
                 mt.name() == t
                     && mt.error().is_none()
-                    && mt.partitions().len() == PARTITIONS as usize
+                    && mt.partitions().len() == partitions as usize
             });
             if ready {
                 break;
@@ -176,19 +115,20 @@ async fn create_topics(
     Ok(())
 }
 
-/// A stream's partition: streams are spread over the partitions in turn.
-fn partition_of(stream: u64) -> i32 {
-    (stream % PARTITIONS as u64) as i32
+/// A stream's partition: streams are spread over the `partitions` in turn.
+fn partition_of(stream: u64, partitions: i32) -> i32 {
+    (stream % partitions as u64) as i32
 }
 
-/// Sends one append's records to `partition` and waits for every delivery.
+/// Sends one append's records to `partition` and waits for every delivery (a full send queue
+/// is waited out for up to `timeout`).
 async fn send_batch(
     producer: &FutureProducer,
-    topic: &str,
-    partition: i32,
+    (topic, partition): (&str, i32),
     key: &str,
     first_version: u64,
     payloads: &[Bytes],
+    timeout: Duration,
 ) -> Result<(), BoxError> {
     let now = now_micros();
     let n = payloads.len() as u64;
@@ -199,7 +139,7 @@ async fn send_batch(
             .payload(&p[..])
             .timestamp(now / 1000)
             .headers(headers(first_version + k as u64, first_version, n, now));
-        producer.send(record, Timeout::After(TIMEOUT))
+        producer.send(record, Timeout::After(timeout))
     });
     for delivery in join_all(sends).await {
         delivery.map_err(|(e, _)| e)?;
@@ -216,9 +156,9 @@ async fn blocking<T: Send + 'static>(
     Ok(tokio::task::spawn_blocking(move || f(&p)).await??)
 }
 
-/// The raw client: an admin client and the topics it made.
+/// The raw client: photon-kafka's settings for the URL, an admin client and the topics it made.
 pub struct RawKafka {
-    bootstrap: String,
+    config: KafkaConfig,
     admin: AdminClient<DefaultClientContext>,
     id: String,
     topics: Mutex<Vec<String>>,
@@ -227,22 +167,22 @@ pub struct RawKafka {
 impl std::fmt::Debug for RawKafka {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RawKafka")
-            .field("bootstrap", &self.bootstrap)
+            .field("config", &self.config)
             .field("id", &self.id)
             .finish()
     }
 }
 
 impl RawKafka {
-    /// Connects the admin client.
+    /// Reads the URL as photon-kafka does and connects the admin client.
     ///
     /// # Errors
-    /// - librdkafka's error for bad settings.
+    /// - photon-kafka's `InvalidInput` for a URL it refuses; librdkafka's error for bad settings.
     pub async fn connect(url: &str) -> Result<Self, BoxError> {
-        let bootstrap = bootstrap_servers(url).to_owned();
+        let config = KafkaConfig::from_url(url)?;
         Ok(Self {
-            admin: base(&bootstrap).create()?,
-            bootstrap,
+            admin: config.client_config().create()?,
+            config,
             id: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
             topics: Mutex::new(Vec::new()),
         })
@@ -251,18 +191,17 @@ impl RawKafka {
     /// A fresh topic named after `row`, created and visible.
     async fn topic(&self, row: &str) -> Result<String, BoxError> {
         let name = format!("bench-raw-{}-{row}", self.id);
-        create_topics(&self.admin, &self.bootstrap, std::slice::from_ref(&name)).await?;
+        create_topics(&self.admin, &self.config, std::slice::from_ref(&name)).await?;
         self.topics.lock().expect("not poisoned").push(name.clone());
         Ok(name)
     }
 
     /// A transactional producer, initialised (fencing any earlier one of the same id).
     async fn transactional(&self, id: &str) -> Result<Arc<FutureProducer>, BoxError> {
-        let p = Arc::new(producer(
-            &self.bootstrap,
-            Some(&format!("bench-raw-{}-{id}", self.id)),
-        )?);
-        blocking(&p, |p| p.init_transactions(TIMEOUT)).await?;
+        let id = format!("bench-raw-{}-{id}", self.id);
+        let p = Arc::new(self.config.transactional_producer_config(&id).create()?);
+        let timeout = self.config.timeout;
+        blocking(&p, move |p| p.init_transactions(timeout)).await?;
         Ok(p)
     }
 
@@ -278,7 +217,7 @@ impl RawKafka {
     ) -> Result<Measurement, BoxError> {
         let kind = if transactional { "tx" } else { "idem" };
         let topic = self.topic(&format!("{kind}{batch}x{writers}")).await?;
-        let shared = Arc::new(producer(&self.bootstrap, None)?);
+        let shared: Arc<FutureProducer> = Arc::new(self.config.producer_config().create()?);
         let mut producers = Vec::new();
         for w in 0..writers {
             producers.push(if transactional {
@@ -290,6 +229,7 @@ impl RawKafka {
         }
         let per_writer = (sizes.append_events / writers).max(1);
         let cap = Cap::new(sizes.cap);
+        let (partitions, timeout) = (self.config.partitions, self.config.timeout);
         let tasks = producers
             .into_iter()
             .enumerate()
@@ -312,10 +252,10 @@ impl RawKafka {
                             producer.begin_transaction()?;
                         }
                         let key = format!("raw-{s}");
-                        send_batch(&producer, &topic, partition_of(s), &key, version, payloads)
-                            .await?;
+                        let to = (topic.as_str(), partition_of(s, partitions));
+                        send_batch(&producer, to, &key, version, payloads, timeout).await?;
                         if transactional {
-                            blocking(&producer, |p| p.commit_transaction(TIMEOUT)).await?;
+                            blocking(&producer, move |p| p.commit_transaction(timeout)).await?;
                         }
                         latencies.record(t0.elapsed());
                         written += payloads.len() as u64;
@@ -370,7 +310,8 @@ impl Raw for RawKafka {
 
     async fn replay(&self, events: u64, _sizes: &Sizes) -> Result<Vec<Measurement>, BoxError> {
         let topic = self.topic("replay").await?;
-        let producer = producer(&self.bootstrap, None)?;
+        let producer: FutureProducer = self.config.producer_config().create()?;
+        let (partitions, timeout) = (self.config.partitions, self.config.timeout);
         let bar = progress::bar(events, "raw rdkafka: writing");
         let mut done = 0u64;
         while done < events {
@@ -393,11 +334,11 @@ impl Raw for RawKafka {
                 async move {
                     send_batch(
                         producer,
-                        topic,
-                        partition_of(s),
+                        (topic.as_str(), partition_of(s, partitions)),
                         &key,
                         first / 1_000_000 * 1_000,
                         payloads,
+                        timeout,
                     )
                     .await
                 }
@@ -412,19 +353,19 @@ impl Raw for RawKafka {
         bar.finish_and_clear();
 
         let started = Instant::now();
-        let consumer: StreamConsumer = consumer_config(&self.bootstrap).create()?;
+        let consumer: StreamConsumer = self.config.consumer_config().create()?;
         let mut tpl = TopicPartitionList::new();
-        for p in 0..PARTITIONS {
+        for p in 0..partitions {
             // Offset 0 as photon uses the log start (0 on a fresh topic): no Beginning lookup.
             tpl.add_partition_offset(&topic, p, Offset::Offset(0))?;
         }
         consumer.assign(&tpl)?;
-        let mut at_end = [false; PARTITIONS as usize];
+        let mut at_end = vec![false; partitions as usize];
         let mut view = Balances::default();
         while !at_end.iter().all(|e| *e) {
-            let got = tokio::time::timeout(TIMEOUT, consumer.recv())
+            let got = tokio::time::timeout(timeout, consumer.recv())
                 .await
-                .map_err(|_| format!("replay of {topic}: nothing within {TIMEOUT:?}"))?;
+                .map_err(|_| format!("replay of {topic}: nothing within {timeout:?}"))?;
             match got {
                 Ok(msg) => {
                     if let Some(hs) = msg.headers() {
@@ -457,7 +398,10 @@ impl Raw for RawKafka {
     async fn live(&self, sizes: &Sizes) -> Result<Vec<Measurement>, BoxError> {
         let topic = self.topic("live").await?;
         let producer = self.transactional("live").await?;
-        let consumer: StreamConsumer = consumer_config(&self.bootstrap)
+        let timeout = self.config.timeout;
+        let consumer: StreamConsumer = self
+            .config
+            .consumer_config()
             .set("enable.partition.eof", "false")
             .create()?;
         let mut tpl = TopicPartitionList::new();
@@ -483,17 +427,17 @@ impl Raw for RawKafka {
             producer.begin_transaction()?;
             send_batch(
                 &producer,
-                &topic,
-                0,
+                (topic.as_str(), 0),
                 "raw-live",
                 i as u64,
                 std::slice::from_ref(payload),
+                timeout,
             )
             .await?;
-            blocking(&producer, |p| p.commit_transaction(TIMEOUT)).await?;
-            let msg = tokio::time::timeout(TIMEOUT, consumer.recv())
+            blocking(&producer, move |p| p.commit_transaction(timeout)).await?;
+            let msg = tokio::time::timeout(timeout, consumer.recv())
                 .await
-                .map_err(|_| format!("live on {topic}: nothing within {TIMEOUT:?}"))??;
+                .map_err(|_| format!("live on {topic}: nothing within {timeout:?}"))??;
             if msg.payload() != Some(&payload[..]) {
                 return Err(
                     format!("live on {topic}: unexpected record at {}", msg.offset()).into(),
@@ -522,7 +466,7 @@ impl Raw for RawKafka {
             return Ok(());
         }
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-        let options = AdminOptions::new().request_timeout(Some(TIMEOUT));
+        let options = AdminOptions::new().request_timeout(Some(self.config.timeout));
         for r in self.admin.delete_topics(&names, &options).await? {
             r.map_err(|(t, code)| format!("deleting topic {t}: {code}"))?;
         }

@@ -47,14 +47,19 @@ pub trait Raw: Send + Sync {
 /// # Errors
 /// - The driver's error when the server cannot be reached or set up.
 pub async fn connect(url: &str) -> Result<Option<Box<dyn Raw>>, BoxError> {
-    let scheme = url.split_once("://").map_or("", |(s, _)| s);
-    match scheme {
-        #[cfg(feature = "kafka")]
-        "kafka" => Ok(Some(Box::new(kafka::RawKafka::connect(url).await?))),
-        #[cfg(feature = "cassandra")]
-        "cassandra" | "scylla" => Ok(Some(Box::new(cassandra::RawCassandra::connect(url).await?))),
-        #[cfg(feature = "mongo")]
-        "mongodb" | "mongodb+srv" => Ok(Some(Box::new(mongo::RawMongo::connect(url).await?))),
-        _ => Ok(None),
+    let scheme = newton::store::url::scheme(url)?;
+    let _scheme = scheme.as_str();
+    #[cfg(feature = "kafka")]
+    if photon_kafka::SCHEMES.contains(&_scheme) {
+        return Ok(Some(Box::new(kafka::RawKafka::connect(url).await?)));
     }
+    #[cfg(feature = "cassandra")]
+    if photon_cassandra::SCHEMES.contains(&_scheme) {
+        return Ok(Some(Box::new(cassandra::RawCassandra::connect(url).await?)));
+    }
+    #[cfg(feature = "mongo")]
+    if photon_mongo::SCHEMES.contains(&_scheme) {
+        return Ok(Some(Box::new(mongo::RawMongo::connect(url).await?)));
+    }
+    Ok(None)
 }

@@ -1,23 +1,25 @@
 //! The plain `mongodb` driver doing photon-mongo's I/O shape with its durability: a document
 //! per append (`stream`, `version`, `category`, `position`, an `events` array carrying the
-//! payloads), inserted with write concern majority + journal into a collection with photon's
-//! three indexes (unique `(stream, version)`, unique `position`, `(category, position)`),
-//! read back with read concern majority. Everything photon adds is left out: reading the
+//! payloads), inserted into a collection with photon's indexes, with photon's client settings
+//! (write concern majority + journal, read concern majority, timeouts), both read from
+//! photon-mongo itself ([`photon_mongo::client_options`], [`photon_mongo::commit_indexes`]) so
+//! the baseline cannot drift from the backend. Everything photon adds is left out: reading the
 //! stream's head and the global head before each insert (two more round trips), ids,
 //! metadata.
 //!
-//! Every run writes to a fresh collection `rawbench_<id>` in the URL's database and drops it.
+//! Every run writes to a fresh collection `rawbench_<id>` in the URL's database (photon-mongo's
+//! reading of the URL, `photon` when it names none) and drops it.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use mongodb::bson::{doc, spec::BinarySubtype, Binary, Bson, Document};
-use mongodb::options::{Acknowledgment, ClientOptions, IndexOptions, ReadConcern, WriteConcern};
-use mongodb::{Client, Collection, IndexModel};
+use mongodb::{Client, Collection};
+use photon_mongo::MongoConfig;
 
 use super::Raw;
 use crate::domain::{self, Balances};
@@ -43,49 +45,23 @@ impl std::fmt::Debug for RawMongo {
 }
 
 impl RawMongo {
-    /// Connects with photon-mongo's concerns and creates a fresh collection with its indexes.
+    /// Connects with photon-mongo's client settings and creates a fresh collection with its
+    /// indexes.
     ///
     /// # Errors
-    /// - The driver's error.
+    /// - A URL photon-mongo refuses, or the driver's error.
     pub async fn connect(url: &str) -> Result<Self, BoxError> {
-        let mut options = ClientOptions::parse(driver_url(url)).await?;
-        options.server_selection_timeout = Some(Duration::from_secs(10));
-        options.write_concern = Some(
-            WriteConcern::builder()
-                .w(Acknowledgment::Majority)
-                .journal(true)
-                .build(),
-        );
-        options.read_concern = Some(ReadConcern::majority());
-        let client = Client::with_options(options)?;
-        let db = client
-            .default_database()
-            .unwrap_or_else(|| client.database("photon_bench"));
-        let coll = db.collection::<Document>(&format!(
-            "rawbench_{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        ));
-        for (name, keys, unique) in [
-            ("stream_version", doc! { "stream": 1, "version": 1 }, true),
-            ("position", doc! { "position": 1 }, true),
-            (
-                "category_position",
-                doc! { "category": 1, "position": 1 },
-                false,
-            ),
-        ] {
-            coll.create_index(
-                IndexModel::builder()
-                    .keys(keys)
-                    .options(
-                        IndexOptions::builder()
-                            .name(name.to_owned())
-                            .unique(unique)
-                            .build(),
-                    )
-                    .build(),
-            )
-            .await?;
+        let config = MongoConfig::from_url(url)?;
+        let client = Client::with_options(photon_mongo::client_options(&config).await?)?;
+        let coll = client
+            .database(&config.database)
+            .collection::<Document>(&format!(
+                "rawbench_{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..12]
+            ));
+        // One index per command, as photon-mongo creates them.
+        for index in photon_mongo::commit_indexes() {
+            coll.create_index(index).await?;
         }
         Ok(Self {
             coll,
@@ -132,22 +108,6 @@ impl RawMongo {
         }
         bar.finish_and_clear();
         Ok(())
-    }
-}
-
-/// The URL without photon-mongo's own `photon_*` options, which the driver refuses.
-fn driver_url(url: &str) -> String {
-    let Some((base, query)) = url.split_once('?') else {
-        return url.to_owned();
-    };
-    let kept: Vec<&str> = query
-        .split('&')
-        .filter(|kv| !kv.starts_with("photon_"))
-        .collect();
-    if kept.is_empty() {
-        base.to_owned()
-    } else {
-        format!("{base}?{}", kept.join("&"))
     }
 }
 
@@ -294,23 +254,5 @@ impl Raw for RawMongo {
     async fn clean_up(&self) -> Result<(), BoxError> {
         self.coll.drop().await?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::driver_url;
-
-    #[test]
-    fn photon_options_are_left_out_of_the_driver_url() {
-        assert_eq!(
-            driver_url("mongodb://h/db?directConnection=true&photon_prefix=x"),
-            "mongodb://h/db?directConnection=true"
-        );
-        assert_eq!(
-            driver_url("mongodb://h/db?photon_prefix=x"),
-            "mongodb://h/db"
-        );
-        assert_eq!(driver_url("mongodb://h/db"), "mongodb://h/db");
     }
 }
