@@ -1,0 +1,225 @@
+//! Subscriptions: a cursor on the log that replays in chunks, says `CaughtUp` once at the end of
+//! the replay, then follows the head.
+//!
+//! The [`Stream`] is written by hand (not `unfold`) because it is the replay's hot path: an event
+//! already fetched is returned without touching a future. [`open`] is the one place that checks
+//! the request and resolves where the cursor starts.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use futures::future::BoxFuture;
+use futures::stream::{BoxStream, Stream};
+use photon_api::{
+    open_subscription, Checkpoint, Error, RecordedEvent, Selector, Start, SubscriptionItem,
+    SubscriptionMode, SubscriptionRequest,
+};
+use tokio::sync::watch;
+
+use crate::client::{Sealed, Shared};
+use crate::reader::Place;
+use crate::{codec, error};
+
+/// A subscription, as [`photon_api::EventStore::subscribe`] describes, opened the way every
+/// backend opens one.
+pub(crate) fn subscribe(
+    shared: &Arc<Shared>,
+    selector: Selector,
+    start: Start,
+    mode: SubscriptionMode,
+) -> BoxStream<'static, Result<SubscriptionItem, Error>> {
+    open_subscription(
+        selector,
+        start,
+        mode,
+        |checkpoint, _| codec::position(checkpoint).map(|p| (p, checkpoint.clone())),
+        |request| {
+            let cursor = open(shared, request)?;
+            Ok(Subscription { cursor, wait: None })
+        },
+    )
+}
+
+/// Resolves the start against the log as it is now, so `Start::Now` and the Cold end mean
+/// "when `subscribe` was called", not "when first polled".
+fn open(
+    shared: &Arc<Shared>,
+    request: SubscriptionRequest<(u64, Checkpoint)>,
+) -> Result<Cursor, Error> {
+    let head = shared.head.subscribe();
+    let state = shared.read();
+    let len = state.log.len();
+    let next = match (&request.start, request.after) {
+        (_, Some((p, checkpoint))) => {
+            if p >= len {
+                return Err(error::checkpoint_past_end(&checkpoint, p, len));
+            }
+            p + 1
+        }
+        (Start::Time(t), None) => state.position_at(*t),
+        (Start::Now, None) => len,
+        _ => 0,
+    };
+    drop(state);
+    Ok(Cursor {
+        shared: shared.clone(),
+        selector: request.selector,
+        mode: request.mode,
+        place: Place::at(next),
+        end: len,
+        live: false,
+        fetched: Fetched::default(),
+        head,
+    })
+}
+
+/// A subscription's state between polls.
+struct Cursor {
+    shared: Arc<Shared>,
+    selector: Selector,
+    mode: SubscriptionMode,
+    /// The next log position to fetch.
+    place: Place,
+    /// The end (exclusive) of the current phase: the log length when the subscription was made
+    /// while replaying, unbounded once live. Bounding the replay is what lets `CaughtUp` come
+    /// even while writers keep appending faster than the consumer reads.
+    end: u64,
+    live: bool,
+    fetched: Fetched,
+    head: watch::Receiver<u64>,
+}
+
+/// Fetched events not yet delivered: positions in sealed segments, each made into an event only
+/// when it is delivered (so the consumer gets it while it is hot in the cache, and a subscriber
+/// buffers 2 KiB of positions, not 256 events), or events copied under the lock from the tail.
+#[derive(Default)]
+struct Fetched {
+    sealed: Option<Arc<Sealed>>,
+    /// The positions in `sealed`; reused from fetch to fetch.
+    positions: Vec<u64>,
+    /// How many of `positions` were delivered.
+    taken: usize,
+    copied: VecDeque<RecordedEvent>,
+}
+
+impl Fetched {
+    fn pop(&mut self) -> Option<RecordedEvent> {
+        if let Some(sealed) = &self.sealed {
+            match self.positions.get(self.taken) {
+                Some(p) => {
+                    self.taken += 1;
+                    return Some(sealed.event(*p));
+                }
+                // Let the segments go: a seal need not copy the list while a reader holds it.
+                None => self.clear(),
+            }
+        }
+        self.copied.pop_front()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.sealed.is_none() && self.copied.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.sealed = None;
+        self.positions.clear();
+        self.taken = 0;
+    }
+}
+
+/// What a subscription does next.
+// Boxing the item would cost an allocation per event; the other variants are rare.
+#[allow(clippy::large_enum_variant)]
+enum Step {
+    Item(SubscriptionItem),
+    /// Live and nothing new: wait for the head to move.
+    Wait,
+    End,
+}
+
+impl Cursor {
+    /// Fetches the next chunk; returns the log length seen.
+    fn fetch(&mut self) -> u64 {
+        if self.live {
+            // Mark the head seen before reading, so an append landing after the read wakes us.
+            // (While replaying, the end is fixed and nothing waits on the head.)
+            self.head.borrow_and_update();
+        }
+        let fetched = &mut self.fetched;
+        fetched.clear();
+        let (len, sealed) = self.shared.read().fetch(
+            &self.selector,
+            &mut self.place,
+            self.end,
+            &mut fetched.positions,
+            &mut fetched.copied,
+        );
+        fetched.sealed = sealed;
+        len
+    }
+
+    /// Takes the next item without waiting.
+    fn step(&mut self) -> Step {
+        loop {
+            if let Some(e) = self.fetched.pop() {
+                return Step::Item(SubscriptionItem::Event(e));
+            }
+            let len = self.fetch();
+            if !self.fetched.is_empty() {
+                continue;
+            }
+            // Nothing of ours below min(end, len): skip the cursor past it.
+            self.place.next = self.place.next.max(self.end.min(len));
+            if self.live {
+                return Step::Wait;
+            } else if self.mode == SubscriptionMode::Cold {
+                return Step::End;
+            } else {
+                self.live = true;
+                self.end = u64::MAX;
+                return Step::Item(SubscriptionItem::CaughtUp);
+            }
+        }
+    }
+}
+
+/// A subscription: events straight from the cursor's buffer, a wait on the head only when live
+/// and idle.
+struct Subscription {
+    cursor: Cursor,
+    /// Resolves when the head moves (true) or the store is gone (false).
+    wait: Option<BoxFuture<'static, bool>>,
+}
+
+impl Stream for Subscription {
+    type Item = Result<SubscriptionItem, Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        // The common case first: an event already fetched.
+        if let Some(e) = this.cursor.fetched.pop() {
+            return Poll::Ready(Some(Ok(SubscriptionItem::Event(e))));
+        }
+        loop {
+            if let Some(wait) = &mut this.wait {
+                let alive = ready!(wait.as_mut().poll(cx));
+                this.wait = None;
+                if !alive {
+                    return Poll::Ready(None); // the store is gone: no more events can come
+                }
+            }
+            match this.cursor.step() {
+                Step::Item(item) => return Poll::Ready(Some(Ok(item))),
+                Step::End => return Poll::Ready(None),
+                Step::Wait => {
+                    // A clone has seen what the cursor has seen, so it wakes on the next append.
+                    let mut head = this.cursor.head.clone();
+                    this.wait = Some(Box::pin(async move { head.changed().await.is_ok() }));
+                }
+            }
+        }
+    }
+}
