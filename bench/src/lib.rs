@@ -382,12 +382,7 @@ pub async fn run(o: &Options) -> Result<Report, BoxError> {
     measurements.extend(fresh);
     report::fill_ratios(&mut measurements);
     let targets = report::check_targets(&measurements);
-    commands.push(
-        std::env::args()
-            .map(|a| newton::store::url::redact(&a))
-            .collect::<Vec<_>>()
-            .join(" "),
-    );
+    commands.push(command_line(std::env::args()));
     let report = Report {
         machine,
         commands,
@@ -396,4 +391,64 @@ pub async fn run(o: &Options) -> Result<Report, BoxError> {
     };
     report::write(&report, &o.out)?;
     Ok(report)
+}
+
+/// This run's command line as a reader of the results can run it again from the repository: the
+/// binary as `cargo run`, paths under the current folder relative to it, no passwords.
+fn command_line(args: impl Iterator<Item = String>) -> String {
+    let here = std::env::current_dir().ok();
+    let features: Vec<&str> = [
+        (cfg!(feature = "kafka"), "kafka"),
+        (cfg!(feature = "cassandra"), "cassandra"),
+        (cfg!(feature = "mongo"), "mongo"),
+    ]
+    .into_iter()
+    .filter_map(|(on, name)| on.then_some(name))
+    .collect();
+    let mut line = String::from("cargo run --release -p photon-bench");
+    if !features.is_empty() {
+        line.push_str(&format!(" --features {}", features.join(",")));
+    }
+    line.push_str(" --");
+    for arg in args.skip(1) {
+        let relative = here
+            .as_deref()
+            .and_then(|h| std::path::Path::new(&arg).strip_prefix(h).ok())
+            .map(|p| p.display().to_string());
+        line.push(' ');
+        line.push_str(&newton::store::url::redact(
+            relative.as_deref().unwrap_or(&arg),
+        ));
+    }
+    line
+}
+
+#[cfg(test)]
+mod command_line_tests {
+    use super::command_line;
+
+    #[test]
+    fn names_no_folder_of_this_machine_and_no_password() {
+        let here = std::env::current_dir().unwrap();
+        let out = here.join("target/x").display().to_string();
+        let line = command_line(
+            [
+                "/somewhere/photon-bench",
+                "--url",
+                "mongodb://u:secret@h/db",
+                "--out",
+                &out,
+            ]
+            .into_iter()
+            .map(String::from),
+        );
+        assert!(
+            line.starts_with("cargo run --release -p photon-bench"),
+            "{line}"
+        );
+        assert!(
+            line.ends_with("-- --url mongodb://u:***@h/db --out target/x"),
+            "{line}"
+        );
+    }
 }
