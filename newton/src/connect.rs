@@ -125,13 +125,25 @@ mod tests {
     fn known_scheme_names_its_feature_and_hides_the_password() {
         let e = not_compiled("mongodb://u:secret@h/db", "mongodb");
         assert!(
-            matches!(&e, Error::BackendNotCompiled { feature: "mongo", .. }),
+            matches!(
+                &e,
+                Error::BackendNotCompiled {
+                    feature: "mongo",
+                    ..
+                }
+            ),
             "{e:?}"
         );
         assert!(e.to_string().contains("enable cargo feature \"mongo\""));
         assert!(!e.to_string().contains("secret"));
         let e = not_compiled("scylla://h", "scylla");
-        assert!(matches!(&e, Error::BackendNotCompiled { feature: "cassandra", .. }));
+        assert!(matches!(
+            &e,
+            Error::BackendNotCompiled {
+                feature: "cassandra",
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -161,7 +173,10 @@ mod tests {
         #[cfg(feature = "kafka")]
         assert_eq!(schemes(photon_kafka::BACKEND), photon_kafka::SCHEMES);
         #[cfg(feature = "cassandra")]
-        assert_eq!(schemes(photon_cassandra::BACKEND), photon_cassandra::SCHEMES);
+        assert_eq!(
+            schemes(photon_cassandra::BACKEND),
+            photon_cassandra::SCHEMES
+        );
         let _ = schemes;
     }
 }

@@ -12,7 +12,9 @@ pub use checkpoint_store::{
     CheckpointStore, EventStoreCheckpointStore, InMemoryCheckpointStore,
     Loaded as LoadedCheckpoint, SavedView, CHECKPOINT_CATEGORY,
 };
-pub use connect::{connect, connect_from_env, KnownBackend, DEFAULT_URL, KNOWN_BACKENDS, URL_VARIABLE};
+pub use connect::{
+    connect, connect_from_env, KnownBackend, DEFAULT_URL, KNOWN_BACKENDS, URL_VARIABLE,
+};
 pub use repository::{
     encode, CommandContext, ExecuteError, Executed, Loaded, Repository, RetryPolicy,
 };
