@@ -91,29 +91,34 @@ struct Cursor {
     head: watch::Receiver<u64>,
 }
 
-/// Fetched events not yet delivered: positions in sealed segments, each made into an event only
-/// when it is delivered (so the consumer gets it while it is hot in the cache, and a subscriber
-/// buffers 2 KiB of positions, not 256 events), or events copied under the lock from the tail.
+/// Fetched events not yet delivered: positions in sealed segments, made into events [`BATCH`]
+/// at a time as the consumer reaches them (a batch is made in one tight loop, and the consumer
+/// reads it while it is still in the cache), or events copied under the lock from the tail.
 #[derive(Default)]
 struct Fetched {
     sealed: Option<Arc<Sealed>>,
     /// The positions in `sealed`; reused from fetch to fetch.
     positions: Vec<u64>,
-    /// How many of `positions` were delivered.
+    /// How many of `positions` were made into events.
     taken: usize,
     copied: VecDeque<RecordedEvent>,
 }
 
+/// How many events of sealed segments a subscription makes at once.
+const BATCH: usize = 32;
+
 impl Fetched {
     fn pop(&mut self) -> Option<RecordedEvent> {
-        if let Some(sealed) = &self.sealed {
-            match self.positions.get(self.taken) {
-                Some(p) => {
-                    self.taken += 1;
-                    return Some(sealed.event(*p));
+        if self.copied.is_empty() {
+            if let Some(sealed) = &self.sealed {
+                let rest = &self.positions[self.taken..];
+                let batch = &rest[..rest.len().min(BATCH)];
+                self.copied.extend(batch.iter().map(|p| sealed.event(*p)));
+                self.taken += batch.len();
+                if self.taken == self.positions.len() {
+                    // Let the segments go: a seal need not copy their list while a reader holds it.
+                    self.clear();
                 }
-                // Let the segments go: a seal need not copy the list while a reader holds it.
-                None => self.clear(),
             }
         }
         self.copied.pop_front()
