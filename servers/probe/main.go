@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/gocql/gocql"
@@ -67,8 +68,13 @@ func kafka(ctx context.Context, addr string) (string, error) {
 	if len(resp.Brokers) == 0 || resp.ControllerID < 0 {
 		return "", errors.New("no broker or controller in metadata yet")
 	}
-	return fmt.Sprintf("kafka: cluster %s, %d broker(s), controller %d",
-		deref(resp.ClusterID), len(resp.Brokers), resp.ControllerID), nil
+	// The advertised addresses show which listener answered (FAULTS advertises the proxy's port).
+	addrs := make([]string, 0, len(resp.Brokers))
+	for _, b := range resp.Brokers {
+		addrs = append(addrs, fmt.Sprintf("%d@%s:%d", b.NodeID, b.Host, b.Port))
+	}
+	return fmt.Sprintf("kafka: cluster %s, broker(s) %s, controller %d",
+		deref(resp.ClusterID), strings.Join(addrs, ","), resp.ControllerID), nil
 }
 
 func cassandra(addr string) (string, error) {
