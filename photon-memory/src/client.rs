@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use crate::codec::Encoder;
 use crate::config::MemoryConfig;
+use crate::faults::FaultState;
 
 /// The backend name, also the tag of its checkpoints.
 pub const BACKEND: &str = "memory";
@@ -44,6 +45,8 @@ pub(crate) struct Shared {
     /// The log length after the last append; subscriptions wait on it.
     pub(crate) head: watch::Sender<u64>,
     pub(crate) config: MemoryConfig,
+    /// The weaker guarantees played, if any ([`crate::Faults`]); None costs each call one check.
+    pub(crate) faults: Option<FaultState>,
 }
 
 impl Shared {
@@ -53,6 +56,7 @@ impl Shared {
         Self {
             state: RwLock::new(State::default()),
             head,
+            faults: config.faults.clone().map(FaultState::new),
             config,
         }
     }

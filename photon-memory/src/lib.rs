@@ -7,6 +7,7 @@ mod client;
 mod codec;
 mod config;
 mod error;
+mod faults;
 mod reader;
 mod subscription;
 mod writer;
@@ -24,7 +25,7 @@ use photon_api::{
 
 use crate::client::Shared;
 pub use crate::client::BACKEND;
-pub use crate::config::{MemoryConfig, SCHEME, SCHEMES};
+pub use crate::config::{Faults, MemoryConfig, SCHEME, SCHEMES};
 
 /// Builds a [`MemoryStore`] from code or from a `memory://` URL.
 #[derive(Clone, Debug, Default)]
@@ -33,11 +34,14 @@ pub struct MemoryStoreBuilder {
 }
 
 impl MemoryStoreBuilder {
-    /// Reads options from a URL: `memory://` or `memory://?max_event_size=<bytes>`.
+    /// Reads options from a URL: `memory://`, `memory://?max_event_size=<bytes>`, and the fault
+    /// options that play a production store's weaker guarantees (`faults=production`, `seed`,
+    /// `partitions`, `delivery_delay_ms`, `unavailable_after`, `unavailable_before`,
+    /// `subscription_drop`; see [`Faults`] and the crate docs).
     ///
     /// # Errors
-    /// - [`Error::InvalidInput`] for another scheme, a host or path, an unknown option, or a
-    ///   value that is not a positive number.
+    /// - [`Error::InvalidInput`] for another scheme, a host or path, an unknown or repeated
+    ///   option, or a value out of its option's range, naming the option.
     pub fn from_url(url: &str) -> Result<Self, Error> {
         Ok(Self {
             config: MemoryConfig::from_url(url)?,
@@ -47,6 +51,13 @@ impl MemoryStoreBuilder {
     /// Sets the largest event accepted.
     pub fn max_event_size(mut self, bytes: usize) -> Self {
         self.config.max_event_size = bytes;
+        self
+    }
+
+    /// Plays a production store's weaker guarantees ([`Faults`]) instead of the strong default
+    /// ones, so an application's tests meet them before production does.
+    pub fn faults(mut self, faults: Faults) -> Self {
+        self.config.faults = Some(faults);
         self
     }
 
@@ -114,7 +125,13 @@ impl EventStore for MemoryStore {
         Capabilities {
             all_stream: true,
             subscribe_from_time: true,
-            total_order: true,
+            // Partitions order category and all subscriptions per partition only, as Kafka.
+            total_order: self
+                .shared
+                .config
+                .faults
+                .as_ref()
+                .is_none_or(|f| f.partitions.is_none()),
             max_event_size: self.shared.config.max_event_size,
             max_append_size: None,
         }
@@ -126,7 +143,10 @@ impl EventStore for MemoryStore {
         expected: ExpectedVersion,
         events: Vec<EventData>,
     ) -> Result<AppendResult, Error> {
-        writer::append(&self.shared, stream, expected, events)
+        match &self.shared.faults {
+            None => writer::append(&self.shared, stream, expected, events),
+            Some(faults) => faults::append(&self.shared, faults, stream, expected, events),
+        }
     }
 
     fn read_stream(
@@ -143,7 +163,10 @@ impl EventStore for MemoryStore {
         start: Start,
         mode: SubscriptionMode,
     ) -> BoxStream<'static, Result<SubscriptionItem, Error>> {
-        subscription::subscribe(&self.shared, selector, start, mode)
+        match &self.shared.faults {
+            None => subscription::subscribe(&self.shared, selector, start, mode),
+            Some(faults) => faults::subscribe(&self.shared, faults, selector, start, mode),
+        }
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<Option<Version>, Error> {
