@@ -57,6 +57,9 @@ pub(crate) struct StreamMeta {
     pub(crate) ids: HashMap<Uuid, StoredId>,
     /// Time id of each commit, by first version.
     pub(crate) times: HashMap<u64, Uuid>,
+    /// The time id of the void (a repair's fence) at `next_first`, if one was seen there: the
+    /// next commit replaces it, conditionally on that time id.
+    pub(crate) void: Option<Uuid>,
 }
 
 /// What every clone of a store shares.

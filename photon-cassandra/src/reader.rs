@@ -30,6 +30,8 @@ impl Shared {
         serial: bool,
     ) -> Result<StreamMeta, Error> {
         let mut meta = self.cached_meta(stream);
+        // A void can only be at the head, which the first read below starts at.
+        meta.void = None;
         loop {
             let bucket = self.bucket_of(meta.next_first);
             let seen = self
@@ -72,6 +74,12 @@ impl Shared {
         {
             let (first, count, time_id, ids) = row.map_err(|e| error::driver(context(), e))?;
             let (first, time_id) = (first as u64, Uuid::from(time_id));
+            if count == 0 {
+                // A repair's fence at the head: no events, not the head's time.
+                meta.void = (first == meta.next_first).then_some(time_id);
+                continue;
+            }
+            meta.void = None;
             for (i, id) in ids.iter().enumerate() {
                 let stored = StoredId {
                     version: Version(first + i as u64),
@@ -325,6 +333,13 @@ impl ReadCursor {
         count: i32,
         out: &mut Vec<RecordedEvent>,
     ) -> Result<(), Error> {
+        if count == 0 {
+            // A void (a repair's fence) holds no events and is only ever at the head.
+            if self.forwards {
+                self.at = commit.first;
+            }
+            return Ok(());
+        }
         let mut events = codec::events_of(commit)?;
         events.retain(|e| (self.lo..=self.hi).contains(&e.version.0));
         if !self.forwards {

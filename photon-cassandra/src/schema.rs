@@ -39,6 +39,8 @@ impl Table {
 
 /// One row per append (a commit): the whole batch in one row of the stream's partition for that
 /// range of versions (`bucket` = first version / `bucket_size`), written with `IF NOT EXISTS`.
+/// A row with `count = 0` is a *void*: a repair's fence at the head of the stream, taken over by
+/// the next append (`FILL_VOID`); readers skip it.
 pub const COMMITS: Table = Table {
     name: "commits",
     definition: "(
@@ -120,6 +122,12 @@ impl Cql {
 /// event ids, events.
 pub const INSERT_COMMIT: Cql = Cql("INSERT INTO {ks}.commits (stream, bucket, version, count, time_id, event_ids, events) VALUES (?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS");
 
+/// An append's commit row written over a *void* (the fence a repair leaves at a version whose
+/// append it found absent), or a void renewed for another pending append: applies only while
+/// the row is still the void of that time id, so a write prepared before the fence never lands.
+/// Values: count, time id, event ids, events, stream, bucket, first version, the void's time id.
+pub const FILL_VOID: Cql = Cql("UPDATE {ks}.commits SET count = ?, time_id = ?, event_ids = ?, events = ? WHERE stream = ? AND bucket = ? AND version = ? IF count = 0 AND time_id = ?");
+
 /// An append's row in one category (or `$all`). Values: category, time bucket, time id, stream,
 /// first version, count, events.
 pub const INSERT_CATEGORY_COMMIT: Cql = Cql("INSERT INTO {ks}.category_commits (category, bucket, time_id, stream, version, count, events) VALUES (?, ?, ?, ?, ?, ?, ?)");
@@ -157,6 +165,7 @@ const READ_SETTING: Cql = Cql("SELECT value FROM {ks}.settings WHERE name = ?");
 /// Every statement the store runs, prepared.
 pub(crate) struct Statements {
     pub(crate) insert_commit: PreparedStatement,
+    pub(crate) fill_void: PreparedStatement,
     pub(crate) commit_ids_from: PreparedStatement,
     pub(crate) commit_ids_from_serial: PreparedStatement,
     pub(crate) commit_at_or_before: PreparedStatement,
@@ -228,6 +237,7 @@ pub(crate) async fn prepare_statements(
     let delete_pending = plain(DELETE_PENDING).await?;
     Ok(Statements {
         insert_commit: plain(INSERT_COMMIT).await?,
+        fill_void: plain(FILL_VOID).await?,
         commit_ids_from: plain(COMMIT_IDS_FROM).await?,
         commit_ids_from_serial: serial(COMMIT_IDS_FROM).await?,
         commit_at_or_before: plain(COMMIT_AT_OR_BEFORE).await?,

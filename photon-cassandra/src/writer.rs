@@ -22,6 +22,9 @@ use crate::error;
 /// too long to write its markers).
 const MAX_ATTEMPTS: usize = 100;
 
+/// Rounds of one repair before it gives up (each lost a race for the version's row).
+const MAX_FENCE_ROUNDS: usize = 10;
+
 impl Shared {
     /// Appends `events` to `stream` if its version is `expected`, or recognises a re-send.
     pub(crate) async fn append(
@@ -106,23 +109,89 @@ impl Shared {
         Ok(())
     }
 
-    /// Settles a pending marker: with a serial read (which also completes a conditional write
-    /// still in flight), the commit is either there with this time id (its category rows are
-    /// written, the marker cleared) or not (the marker is dropped). Readers call it for markers
-    /// older than `repair_after`; an append calls it when its own outcome is unknown.
+    /// Settles a pending marker by *fencing*, not by observing: with serial reads and
+    /// conditional writes (which also complete a conditional write in flight), the commit at
+    /// `version` is either there with this time id (its category rows are written, the marker
+    /// cleared), or the version is taken by another commit, or it is made a *void* of this time
+    /// id (a row with no events) before the marker goes. A void is a row, so the append's own
+    /// `IF NOT EXISTS`, however late it reaches the server, can no longer apply, and a write over
+    /// an earlier void is conditional on that void's time id, which this renews. So an append
+    /// never lands at a time readers have passed: a re-send stores it afresh, at a new time.
+    /// Readers call it for markers older than `repair_after`; an append calls it when its own
+    /// outcome is unknown.
     pub(crate) async fn settle_marker(
         &self,
         time_id: Uuid,
         stream: &StreamId,
         version: u64,
     ) -> Result<(), Error> {
-        match self.stored_commit(stream, version).await? {
-            Some((commit, count)) if commit.time_id == time_id => {
-                tracing::info!(%stream, version, "photon-cassandra: writing the category rows of a committed append");
-                self.index_commit(&commit, count).await
+        // Each lost race means another writer or repairer changed the row in between; the
+        // row only moves forward (absent, void, commit), so a few rounds settle it.
+        for _ in 0..MAX_FENCE_ROUNDS {
+            let fenced = match self.stored_commit(stream, version).await? {
+                Some((commit, count)) if count > 0 && commit.time_id == time_id => {
+                    tracing::info!(%stream, version, "photon-cassandra: writing the category rows of a committed append");
+                    return self.index_commit(&commit, count).await;
+                }
+                // Another commit has the version, or this marker's void is there already.
+                Some((commit, count)) if count > 0 || commit.time_id == time_id => true,
+                Some((void, _)) => {
+                    self.void(stream, version, time_id, Some(void.time_id))
+                        .await?
+                }
+                None => self.void(stream, version, time_id, None).await?,
+            };
+            if fenced {
+                return self.clear_markers(stream.category_name(), time_id).await;
             }
-            _ => self.clear_markers(stream.category_name(), time_id).await,
         }
+        Err(Error::Unavailable {
+            backend: BACKEND,
+            message: format!(
+                "{stream}@{version}: {MAX_FENCE_ROUNDS} rounds of repair lost the race for the version"
+            ),
+            source: None,
+        })
+    }
+
+    /// Makes `version` of `stream` a void of `time_id`: a conditional insert where there is no
+    /// row, or a conditional renewal of the void of time id `over`. Whether it applied.
+    async fn void(
+        &self,
+        stream: &StreamId,
+        version: u64,
+        time_id: Uuid,
+        over: Option<Uuid>,
+    ) -> Result<bool, Error> {
+        let (session, st) = self.ready().await?;
+        let (s, bucket, v) = (stream.as_str(), self.bucket_of(version), version as i64);
+        let (t, no_ids, no_events): (_, Vec<Uuid>, &[u8]) =
+            (CqlTimeuuid::from(time_id), Vec::new(), &[]);
+        let answer = match over {
+            None => {
+                let values = (s, bucket, v, 0_i32, t, &no_ids, no_events);
+                session.execute_unpaged(&st.insert_commit, values).await
+            }
+            Some(old) => {
+                let values = (
+                    0_i32,
+                    t,
+                    &no_ids,
+                    no_events,
+                    s,
+                    bucket,
+                    v,
+                    CqlTimeuuid::from(old),
+                );
+                session.execute_unpaged(&st.fill_void, values).await
+            }
+        }
+        .map_err(|e| error::request(format!("fencing {stream}@{version}"), e))?;
+        let applied = codec::conditional_write_applied(answer)?;
+        if applied {
+            tracing::info!(%stream, version, "photon-cassandra: fenced the version of an append found absent");
+        }
+        Ok(applied)
     }
 }
 
@@ -293,16 +362,34 @@ impl<'a> Append<'a> {
     /// in the background so readers need not wait for the repair delay.
     async fn write_commit(&self, first: u64, time_id: Uuid) -> Result<bool, Error> {
         let (session, st) = self.shared.ready().await?;
-        let values = (
+        let (stream, bucket, version) = (
             self.stream.as_str(),
             self.shared.bucket_of(first),
             first as i64,
-            self.events.len() as i32,
-            CqlTimeuuid::from(time_id),
-            &self.ids,
-            &self.blob[..],
         );
-        match session.execute_unpaged(&st.insert_commit, values).await {
+        let (count, t) = (self.events.len() as i32, CqlTimeuuid::from(time_id));
+        // Where a repair left a void, the commit takes it over only while it is that void.
+        let answer = match self.meta.void {
+            None => {
+                let values = (stream, bucket, version, count, t, &self.ids, &self.blob[..]);
+                session.execute_unpaged(&st.insert_commit, values).await
+            }
+            Some(void) => {
+                let void = CqlTimeuuid::from(void);
+                let values = (
+                    count,
+                    t,
+                    &self.ids,
+                    &self.blob[..],
+                    stream,
+                    bucket,
+                    version,
+                    void,
+                );
+                session.execute_unpaged(&st.fill_void, values).await
+            }
+        };
+        match answer {
             Ok(answer) => codec::conditional_write_applied(answer),
             Err(e) => {
                 let (shared, stream) = (self.shared.clone(), self.stream.clone());
@@ -333,6 +420,7 @@ impl<'a> Append<'a> {
             self.meta.ids.insert(*id, stored);
         }
         self.meta.times.insert(first, time_id);
+        self.meta.void = None;
         self.meta.next_first = first + len as u64;
         self.meta.last_time = micros;
         self.shared.remember(self.stream, &self.meta);
