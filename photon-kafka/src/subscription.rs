@@ -125,7 +125,10 @@ struct Progress {
     since: Option<i64>,
     caught_up_sent: bool,
     last_discovery: Instant,
-    last_progress: Instant,
+    /// Time spent waiting on the broker since the replay last moved (a record or a partition's
+    /// end arrived). Only waits inside `next()` count: the time the application takes between
+    /// two calls is its own and never fails the subscription (a slow consumer only slows it).
+    waited: Duration,
     /// The last stream and event type decoded, shared by the events that repeat them.
     names: codec::Names,
 }
@@ -177,7 +180,7 @@ impl Subscription {
             caught_up_sent: false,
             names: codec::Names::default(),
             last_discovery: Instant::now(),
-            last_progress: Instant::now(),
+            waited: Duration::ZERO,
         };
         for c in categories {
             progress.add_topic(&c, true).await?;
@@ -202,8 +205,11 @@ impl Subscription {
                 continue;
             }
             self.progress.check_stall()?;
-            let got = match tokio::time::timeout(POLL_WAIT, self.consumer.recv()).await {
+            let waiting = Instant::now();
+            let got = tokio::time::timeout(POLL_WAIT, self.consumer.recv()).await;
+            let got = match got {
                 Err(_) => {
+                    self.progress.waited += waiting.elapsed();
                     self.progress.check_positions(&self.consumer);
                     continue;
                 }
@@ -212,17 +218,18 @@ impl Subscription {
             let msg = match got {
                 Ok(msg) => msg,
                 Err(KafkaError::PartitionEOF(_)) => {
-                    self.progress.last_progress = Instant::now();
+                    self.progress.waited = Duration::ZERO;
                     self.progress.check_positions(&self.consumer);
                     continue;
                 }
                 Err(e) if error::is_passing(&e) => {
+                    self.progress.waited += waiting.elapsed();
                     tracing::debug!(error = %e, "photon-kafka: passing client error in a subscription");
                     continue;
                 }
                 Err(e) => return Err(error::from_kafka("reading a subscription's partitions", e)),
             };
-            self.progress.last_progress = Instant::now();
+            self.progress.waited = Duration::ZERO;
             tokio::task::consume_budget().await;
             if let Some(event) = self.progress.accept(&msg, &self.consumer) {
                 return Ok(Some(SubscriptionItem::Event(event)));
@@ -386,12 +393,14 @@ impl Progress {
     }
 
     /// A replay that makes no progress at all (a partition without a leader) ends with an error
-    /// instead of waiting for ever; a live subscription may idle.
+    /// instead of waiting for ever; a live subscription may idle. Only time spent waiting on the
+    /// broker counts, never the application's time between two `next()` calls.
     fn check_stall(&self) -> Result<(), Error> {
         let patience = self.shared.config.timeout * 3;
-        if !self.replay_done() && self.last_progress.elapsed() > patience {
+        if !self.replay_done() && self.waited > patience {
             return Err(error::unavailable(format!(
-                "replay made no progress for {patience:?}: a partition is not readable"
+                "replay waited {:?} on the broker without progress: a partition is not readable",
+                self.waited
             )));
         }
         Ok(())

@@ -9,6 +9,13 @@
 //! state only) into one transaction. The events of each append become visible to read_committed
 //! readers together, and a group costs one commit however many appends it carries.
 //!
+//! Every append has its own deadline, three request timeouts from the call: it is stored before
+//! it or never. A transaction is committed only while every append in it is within its deadline
+//! (the commit's wait is bounded by what is left), an append whose deadline passed while it
+//! waited is answered `Unavailable` and never sent, and a caller that drops its future removes
+//! its append from the queue unless the holder has already taken it (then it is sent now). The
+//! queue of each partition is bounded; a full queue answers `Unavailable` at once.
+//!
 //! This module owns the append protocol and the producers; it reads partitions only through
 //! reader.rs (the catch-up) and builds records only through codec.rs.
 
@@ -25,7 +32,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::sync::oneshot;
 
-use crate::client::{blocking, PartitionState, Shared};
+use crate::client::{blocking, PartitionState, Shared, BACKEND};
 use crate::codec::{self, partition_for};
 use crate::error;
 use crate::index::PartitionIndex;
@@ -38,8 +45,16 @@ const MAX_WRITERS: usize = 32;
 /// Most appends one transaction carries.
 const MAX_GROUP: usize = 256;
 
-/// Groups one holder commits before it lets the partition go (others waiting take over).
+/// Groups one holder commits before it lets readers waiting for the partition's lock go first
+/// (the lock is fair; the holder queues for it again while appends are left).
 const MAX_GROUPS_PER_TURN: usize = 8;
+
+/// Most appends waiting for one partition; one more is answered `Unavailable` at once.
+const MAX_QUEUED: usize = 1024;
+
+/// Bytes of events waiting for one partition, in multiples of `max_append_size`; an append that
+/// would pass it is answered `Unavailable` (an empty queue takes any one valid append).
+const MAX_QUEUED_APPENDS_BYTES: usize = 2;
 
 /// How long a record waits before it is queued again when librdkafka's send queue is full.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
@@ -75,15 +90,66 @@ impl Drop for Writer {
 
 /// An append waiting for the partition's writer.
 pub(crate) struct Queued {
+    /// Its place in its partition's queue, so a caller that goes away can remove it.
+    id: u64,
     stream: StreamId,
     expected: ExpectedVersion,
     events: Vec<EventData>,
     size: usize,
+    /// Stored before this or never: three request timeouts from the call.
+    deadline: Instant,
     reply: oneshot::Sender<Result<AppendResult, Error>>,
 }
 
-/// Appends queued for one partition, taken by whoever holds the partition next.
-pub(crate) type Queue = std::sync::Mutex<VecDeque<Queued>>;
+/// Appends queued for one partition, taken by the partition's holder task.
+#[derive(Default)]
+pub(crate) struct Queue(std::sync::Mutex<Pending>);
+
+#[derive(Default)]
+struct Pending {
+    appends: VecDeque<Queued>,
+    /// Event bytes of `appends`.
+    bytes: usize,
+    next_id: u64,
+    /// A holder task is running (or waiting for the partition) and takes every append queued
+    /// before it sees the queue empty; set and cleared only with the queue locked.
+    holder: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.0.lock().expect("queue lock")
+    }
+
+    /// Removes the append `id` if no holder has taken it yet; whether it was still queued.
+    fn remove(&self, id: u64) -> bool {
+        let mut pending = self.lock();
+        match pending.appends.iter().position(|q| q.id == id) {
+            Some(i) => {
+                let q = pending.appends.remove(i).expect("found");
+                pending.bytes -= q.size;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Removes a caller's append from the queue when the caller goes away before its answer (a
+/// dropped future): an append not yet taken is never sent.
+struct Dequeue<'a> {
+    queue: &'a Queue,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for Dequeue<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.queue.remove(self.id);
+        }
+    }
+}
 
 /// The transactional id of a partition's writer: the same in every process, which is what makes
 /// a second writer fence the first.
@@ -92,7 +158,7 @@ fn transactional_id(topic: &str, p: i32) -> String {
 }
 
 /// Appends `events` to `stream` if it is at `expected`: validated, queued for the stream's
-/// partition, and committed by whichever caller holds the partition next.
+/// partition, and committed by the partition's holder task, before the call's deadline or never.
 pub(crate) async fn append(
     shared: &Arc<Shared>,
     stream: &StreamId,
@@ -100,6 +166,7 @@ pub(crate) async fn append(
     events: Vec<EventData>,
 ) -> Result<AppendResult, Error> {
     let config = &shared.config;
+    let deadline = Instant::now() + config.timeout * 3;
     let size = validate_batch(
         stream,
         &events,
@@ -111,65 +178,130 @@ pub(crate) async fn append(
     let n = shared.ensure_topic(&topic).await?;
     let p = partition_for(stream, n);
     let (state, queue) = shared.partition_with_queue(&topic, p);
-    let (reply, mut answer) = oneshot::channel();
-    queue.lock().expect("queue lock").push_back(Queued {
-        stream: stream.clone(),
-        expected,
-        events,
-        size,
-        reply,
-    });
-    // Whoever gets the partition first commits what is queued, in a task of its own: a caller
-    // that goes away (a cancelled request) cannot leave a transaction half done, and a caller
-    // whose append is committed returns at once, however busy the partition stays.
-    loop {
-        tokio::select! {
-            biased;
-            result = &mut answer => {
-                return result.unwrap_or_else(|_| {
-                    Err(error::unavailable(format!(
-                        "the append to {stream} was interrupted; its outcome is unknown, retry with the same ids"
-                    )))
-                });
-            }
-            guard = state.clone().lock_owned() => {
-                let (shared, topic, queue) = (shared.clone(), topic.clone(), queue.clone());
-                tokio::spawn(hold_partition(shared, topic, p, guard, queue));
-                // Let the holder take the queue before competing for the partition again.
-                tokio::task::yield_now().await;
-            }
+    let (reply, answer) = oneshot::channel();
+    let max_bytes = config.max_append_size * MAX_QUEUED_APPENDS_BYTES;
+    let (id, start_holder) = {
+        let mut pending = queue.lock();
+        let full = pending.appends.len() >= MAX_QUEUED
+            || (!pending.appends.is_empty() && pending.bytes + size > max_bytes);
+        if full {
+            return Err(error::unavailable(format!(
+                "the append to {stream} was not queued: {} appends ({} bytes) already wait for {topic}/{p}; nothing was stored, retry later",
+                pending.appends.len(),
+                pending.bytes
+            )));
         }
+        let id = pending.next_id;
+        pending.next_id += 1;
+        pending.bytes += size;
+        pending.appends.push_back(Queued {
+            id,
+            stream: stream.clone(),
+            expected,
+            events,
+            size,
+            deadline,
+            reply,
+        });
+        (id, !std::mem::replace(&mut pending.holder, true))
+    };
+    if start_holder {
+        // The commit runs in a task of its own: a caller that goes away (a cancelled request)
+        // cannot leave a transaction half done, and a caller whose append is committed returns
+        // at once, however busy the partition stays.
+        let (shared, topic, queue) = (shared.clone(), topic.clone(), queue.clone());
+        tokio::spawn(hold_partition(shared, topic, p, state, queue));
+    }
+    let mut queued = Dequeue {
+        queue: &queue,
+        id,
+        armed: true,
+    };
+    // The holder answers by the deadline (plus the commit's or visibility check's last wait);
+    // this bound is only a backstop should it be stuck on the broker.
+    let backstop = tokio::time::Instant::from_std(deadline + config.timeout);
+    let answered = tokio::time::timeout_at(backstop, answer).await;
+    queued.armed = false;
+    match answered {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(error::unavailable(format!(
+            "the append to {stream} was interrupted; its outcome is unknown, retry with the same ids"
+        ))),
+        Err(_) if queue.remove(id) => Err(error::unavailable(format!(
+            "the append to {stream} waited {:?} for {topic}/{p} and was not sent; nothing was stored",
+            config.timeout * 4
+        ))),
+        Err(_) => Err(error::unavailable(format!(
+            "the append to {stream} got no answer from {topic}/{p} within {:?}; its outcome is unknown, retry with the same ids",
+            config.timeout * 4
+        ))),
     }
 }
 
-/// One turn as the holder of a partition: commits up to [`MAX_GROUPS_PER_TURN`] groups of what
-/// is queued, then lets the partition go.
+/// The holder of a partition: commits what is queued, group by group, until the queue is empty.
+/// After [`MAX_GROUPS_PER_TURN`] groups it lets the partition's lock go and queues for it again,
+/// so readers waiting for it are not starved; nothing is left queued without a holder.
 async fn hold_partition(
     shared: Arc<Shared>,
     topic: String,
     p: i32,
-    mut guard: tokio::sync::OwnedMutexGuard<PartitionState>,
+    state: crate::client::SharedPartition,
     queue: Arc<Queue>,
 ) {
-    for _ in 0..MAX_GROUPS_PER_TURN {
-        let group = take_group(&queue, shared.config.max_append_size);
-        if group.is_empty() {
-            break;
+    let mut holding = Holding {
+        queue: &queue,
+        done: false,
+    };
+    loop {
+        let mut guard = state.lock().await;
+        for _ in 0..MAX_GROUPS_PER_TURN {
+            let Some(group) = take_group(&queue, &topic, p, shared.config.max_append_size) else {
+                holding.done = true;
+                return;
+            };
+            commit_group(&shared, &topic, p, &mut guard, group).await;
         }
-        commit_group(&shared, &topic, p, &mut guard, group).await;
+    }
+}
+
+/// Clears the holder mark should a holder end without seeing its queue empty (a panic, a runtime
+/// shutting down), so the next append starts a new holder.
+struct Holding<'a> {
+    queue: &'a Queue,
+    done: bool,
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            if let Ok(mut pending) = self.queue.0.lock() {
+                pending.holder = false;
+            }
+        }
     }
 }
 
 /// The next group: queued appends in arrival order, one per stream (a second append to the same
 /// stream must be decided against the first one's committed result, so it waits for the next
-/// group), within the byte and count limits.
-fn take_group(queue: &Queue, max_bytes: usize) -> Vec<Queued> {
-    let mut queue = queue.lock().expect("queue lock");
+/// group), within the byte and count limits. Appends whose deadline passed while queued are
+/// answered `Unavailable` (never sent, so not stored). None when nothing is queued: the caller
+/// stops holding, and the next append starts a new holder.
+fn take_group(queue: &Queue, topic: &str, p: i32, max_bytes: usize) -> Option<Vec<Queued>> {
+    let mut pending = queue.lock();
+    let now = Instant::now();
     let mut group = Vec::new();
     let mut streams = HashSet::new();
     let mut bytes = 0;
     let mut waiting = VecDeque::new();
-    while let Some(q) = queue.pop_front() {
+    while let Some(q) = pending.appends.pop_front() {
+        if q.deadline <= now {
+            pending.bytes -= q.size;
+            let _ = q.reply.send(Err(error::unavailable(format!(
+                "the append to {} waited for {topic}/{p} past its deadline and was not sent; nothing was stored",
+                q.stream
+            ))));
+            continue;
+        }
         let fits = group.is_empty() || (bytes + q.size <= max_bytes && group.len() < MAX_GROUP);
         if fits && !streams.contains(q.stream.as_str()) {
             streams.insert(q.stream.as_str().to_owned());
@@ -179,8 +311,13 @@ fn take_group(queue: &Queue, max_bytes: usize) -> Vec<Queued> {
             waiting.push_back(q);
         }
     }
-    *queue = waiting;
-    group
+    pending.appends = waiting;
+    pending.bytes -= bytes;
+    if group.is_empty() {
+        pending.holder = false;
+        return None;
+    }
+    Some(group)
 }
 
 /// Why one attempt did not finish.
@@ -195,7 +332,9 @@ enum Attempt {
     Refused(Error),
 }
 
-/// Decides and commits a group, answering each append once its outcome is final.
+/// Decides and commits a group, answering each append once its outcome is final. Each append
+/// keeps its own deadline: one that passes between attempts is answered `Unavailable` (with the
+/// last failure as its source) and is not sent again.
 async fn commit_group(
     shared: &Arc<Shared>,
     topic: &str,
@@ -203,13 +342,21 @@ async fn commit_group(
     state: &mut PartitionState,
     mut group: Vec<Queued>,
 ) {
-    // Contention between processes ends when one of them commits; bound the whole append by
-    // a few request timeouts so a caller always hears back.
-    let deadline = Instant::now() + shared.config.timeout * 3;
     let mut attempt = 0u32;
+    let mut last_failure: Option<Error> = None;
     loop {
+        let now = Instant::now();
+        let (late, live): (Vec<Queued>, Vec<Queued>) =
+            group.into_iter().partition(|q| q.deadline <= now);
+        group = live;
+        answer_late(late, topic, p, last_failure.as_ref());
+        // Contention between processes ends when one of them commits; each append gives up
+        // at its own deadline, so a caller always hears back.
+        let Some(cutoff) = group.iter().map(|q| q.deadline).min() else {
+            return;
+        };
         attempt += 1;
-        match try_group(shared, topic, p, state, &mut group).await {
+        match try_group(shared, topic, p, state, &mut group, cutoff).await {
             Ok(()) => return,
             Err(Attempt::Stop(e)) => {
                 state.producer = None;
@@ -228,16 +375,33 @@ async fn commit_group(
             }
             Err(Attempt::Again(why)) => {
                 state.producer = None;
-                if Instant::now() >= deadline {
-                    return answer_all(group, why);
-                }
                 tracing::debug!(topic, p, attempt, error = %why, "photon-kafka: group retried");
-                // Exponential backoff with jitter, so racing processes stop fencing each other.
+                // Exponential backoff with jitter, so racing processes stop fencing each other;
+                // never past the first deadline, which is answered next round.
                 let cap = 10u64 << attempt.min(7);
                 let pause = rand::rng().random_range(cap / 2..=cap);
-                tokio::time::sleep(Duration::from_millis(pause)).await;
+                let until = (Instant::now() + Duration::from_millis(pause)).min(cutoff);
+                tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
+                last_failure = Some(why);
             }
         }
+    }
+}
+
+/// Answers the appends whose deadline passed while their group was retried: `Unavailable`
+/// whatever the last failure was (a fenced commit is not a definite refusal; an earlier attempt
+/// may have landed), with that failure as the source.
+fn answer_late(late: Vec<Queued>, topic: &str, p: i32, why: Option<&Error>) {
+    for q in late {
+        let message = format!(
+            "the append to {} did not commit on {topic}/{p} before its deadline; its outcome is unknown, retry with the same ids",
+            q.stream
+        );
+        let e = match why {
+            Some(why) => Error::unavailable(BACKEND, message, error::duplicate(why)),
+            None => error::unavailable(message),
+        };
+        let _ = q.reply.send(Err(e));
     }
 }
 
@@ -262,6 +426,7 @@ async fn take_over(
     topic: &str,
     p: i32,
     state: &mut PartitionState,
+    cutoff: Instant,
 ) -> Result<(), Error> {
     shared.evict_writers(MAX_WRITERS.saturating_sub(1));
     let producer: FutureProducer = shared
@@ -270,7 +435,8 @@ async fn take_over(
         .create()
         .map_err(|e| error::from_kafka("creating a producer", e))?;
     let producer = Arc::new(producer);
-    let (pr, timeout) = (producer.clone(), shared.config.timeout);
+    let timeout = shared.config.timeout.min(remaining(cutoff));
+    let pr = producer.clone();
     blocking(move || pr.init_transactions(timeout))
         .await?
         .map_err(|e| error::from_kafka(format!("becoming the writer of {topic}/{p}"), e))?;
@@ -318,6 +484,7 @@ async fn try_group(
     p: i32,
     state: &mut PartitionState,
     group: &mut Vec<Queued>,
+    cutoff: Instant,
 ) -> Result<(), Attempt> {
     settle_against_committed(shared, topic, p, state, group).await?;
     if group.is_empty() {
@@ -326,7 +493,7 @@ async fn try_group(
     if state.producer.is_none() {
         // init_transactions already waits out other writers' transactions; a failure here is
         // an unreachable broker or a refused setting.
-        take_over(shared, topic, p, state)
+        take_over(shared, topic, p, state, cutoff)
             .await
             .map_err(Attempt::Stop)?;
         settle_decided(state, p, group, true);
@@ -344,12 +511,18 @@ async fn try_group(
             (q, first)
         })
         .collect();
-    match write(shared, topic, p, state, &writes).await {
-        Ok(()) => {
+    match write(shared, topic, p, state, &writes, cutoff).await {
+        Ok(Visible::Yes) => {
             for (q, first) in writes {
                 let r = result_of(&state.index, &q.stream, p, first, q.events.len());
                 let _ = q.reply.send(Ok(r));
             }
+            Ok(())
+        }
+        Ok(Visible::NotYet(e)) => {
+            // Committed, but a reader (another process) may not see it yet: the caller hears
+            // Unavailable, and its re-send is recognised as a retry by the index.
+            answer_all(writes.into_iter().map(|(q, _)| q).collect(), e);
             Ok(())
         }
         Err(attempt) => {
@@ -430,14 +603,30 @@ fn settle_decided(
     held
 }
 
-/// Writes `writes` in one transaction and indexes them once it is committed and readable.
+/// Whether a committed transaction was seen readable.
+enum Visible {
+    Yes,
+    /// Committed and indexed, not yet readable within the wait: the outcome to report is
+    /// `Unavailable` (this error).
+    NotYet(Error),
+}
+
+/// The time left until `cutoff`, zero once it passed.
+fn remaining(cutoff: Instant) -> Duration {
+    cutoff.saturating_duration_since(Instant::now())
+}
+
+/// Writes `writes` in one transaction and indexes them once it is committed, then waits until
+/// it is readable. The commit is asked for only before `cutoff` (the first deadline of the
+/// group) and waited for at most until then; past it the transaction is aborted instead.
 async fn write(
     shared: &Arc<Shared>,
     topic: &str,
     p: i32,
     state: &mut PartitionState,
     writes: &[(Queued, Version)],
-) -> Result<(), Attempt> {
+    cutoff: Instant,
+) -> Result<Visible, Attempt> {
     let writer = state.producer.as_mut().expect("taken over above");
     writer.last_used = Instant::now();
     let producer = writer.producer.clone();
@@ -459,16 +648,33 @@ async fn write(
             return Err(failed(format!("appending to {topic}/{p}"), e));
         }
     };
-    commit(&producer, timeout, topic, p).await?;
+    let left = remaining(cutoff);
+    if left.is_zero() {
+        // Too late to commit: abort, so the records never become readable.
+        let _ = blocking(move || producer.abort_transaction(timeout)).await;
+        return Err(Attempt::Again(error::unavailable(format!(
+            "{topic}/{p}: a deadline passed before the transaction could be committed; aborted"
+        ))));
+    }
+    commit(&producer, timeout.min(left), topic, p).await?;
     index_written(&mut state.index, writes, &offsets, now);
     // A commit returns once the coordinator has decided it; the markers that make the records
     // readable reach the partition a moment later. Wait for them, so that whoever reads after
     // this append returns sees it.
     let last = offsets.iter().copied().max().unwrap_or_default();
-    if let Err(e) = wait_visible(shared, topic, p, last).await {
-        tracing::warn!(topic, p, error = %e, "photon-kafka: committed, not yet readable");
+    match wait_visible(shared, topic, p, last).await {
+        Ok(()) => Ok(Visible::Yes),
+        Err(e) => {
+            tracing::warn!(topic, p, error = %e, "photon-kafka: committed, not yet readable");
+            let e = if e.is_retryable() {
+                e
+            } else {
+                let message = format!("{topic}/{p}: committed, not yet seen readable");
+                Error::unavailable(BACKEND, message, e)
+            };
+            Ok(Visible::NotYet(e))
+        }
     }
-    Ok(())
 }
 
 /// Queues the records of `writes` strictly in order (a full queue is waited out on the record
