@@ -384,6 +384,7 @@ pub async fn network_stall(target: &Target) {
     }
     let history = History::new();
     let live = Live::spawn(proxied.open().await, &category);
+    let view = ViewProbe::start(proxied.open().await, &category);
     let plan = WriterPlan {
         appends: 10 * scale(),
         patience: Duration::from_secs(60),
@@ -422,7 +423,10 @@ pub async fn network_stall(target: &Target) {
         )),
     }
     findings.assert_none("network stall");
-    verify("network stall", target, &category, &history, Some(&live)).await;
+    let stored = verify("network stall", target, &category, &history, Some(&live)).await;
+    view.check(target, &category, &stored)
+        .await
+        .assert_none("network stall, newton view");
 }
 
 /// Scenario 3: an append whose write is held in the proxy past the client's timeout and then
@@ -532,6 +536,7 @@ pub async fn server_restart(target: &Target) {
     }
     let history = History::new();
     let live = Live::spawn(target.open().await, &category);
+    let view = ViewProbe::start(target.open().await, &category);
     let plan = WriterPlan {
         appends: 10 * scale(),
         patience: Duration::from_secs(240),
@@ -571,7 +576,10 @@ pub async fn server_restart(target: &Target) {
         "server restart: nothing was acknowledged after the restart"
     );
     definite_errors_under_faults(&history).assert_none("server restart");
-    verify("server restart", target, &category, &history, Some(&live)).await;
+    let stored = verify("server restart", target, &category, &history, Some(&live)).await;
+    view.check(target, &category, &stored)
+        .await
+        .assert_none("server restart, newton view");
 }
 
 /// Scenario 6: callers that drop their append after a few milliseconds. Each dropped append is
@@ -1068,8 +1076,10 @@ impl newton::View for Totals {
 }
 
 /// Scenario 9: newton on top. Commands run through a `Repository` and a `ViewRunner` follows,
-/// both through a proxy that stalls for three timeouts in the middle; every command answered Ok
-/// is recorded once, no command twice, and the view ends with the state of a fresh rebuild.
+/// both through a proxy that stalls for three timeouts in the middle; then one command's append
+/// is held past the client timeout and released late. Every command answered Ok is recorded
+/// once, no command twice, and the view ends with the store's state and a fresh rebuild's.
+/// (`network_stall` and `server_restart` also run a `ViewRunner` through their faults.)
 pub async fn newton_under_stall(target: &Target) {
     let _shared = target.share().await;
     let proxied = target.proxy().await;
@@ -1106,6 +1116,34 @@ pub async fn newton_under_stall(target: &Target) {
     tokio::time::sleep(TIMEOUT * 3).await;
     proxied.proxy.resume();
     join_all(tasks).await;
+    // A command whose append reaches the server only after the client gave up (and after its
+    // re-sends, queued behind it on the held connection).
+    let mark = format!("late{}", Uuid::new_v4().simple());
+    let hold = proxied.proxy.hold_next(mark.as_bytes());
+    let late_id = format!("{}x0", &run[..12]);
+    let late = {
+        let (repository, late_id) = (repository.clone(), late_id.clone());
+        let context = newton::CommandContext {
+            headers: vec![("mark".into(), mark.clone())],
+            ..Default::default()
+        };
+        tokio::spawn(async move {
+            repository
+                .execute_with(&late_id, &Add(999_999), &context)
+                .await
+                .is_ok()
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(30), hold.matched())
+        .await
+        .expect("the command's append reached the proxy");
+    tokio::time::sleep(TIMEOUT * 2).await;
+    hold.release();
+    if late.await.expect("the late command's task") {
+        ok.lock()
+            .expect("lock")
+            .push((format!("faultcounter-{late_id}"), 999_999));
+    }
 
     // What is stored, read straight from the server.
     let direct = target.open().await;
@@ -1194,4 +1232,125 @@ pub async fn newton_under_stall(target: &Target) {
     let _ = live.stop().await;
     let _ = rebuilt.stop().await;
     findings.assert_none("newton under a stall");
+}
+
+/// A view of the event ids of every stream of one category, idempotent by stream version: what a
+/// `ViewRunner` that ran through a fault must end with, equal to the store and to a rebuild.
+#[derive(Debug)]
+pub struct Seen {
+    name: String,
+    category: Category,
+}
+
+#[async_trait::async_trait]
+impl newton::View for Seen {
+    type State = std::collections::BTreeMap<String, Vec<Uuid>>;
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn categories(&self) -> Vec<Category> {
+        vec![self.category.clone()]
+    }
+
+    async fn handle(
+        &self,
+        state: &mut Self::State,
+        event: &photon_api::RecordedEvent,
+    ) -> Result<(), newton::BoxError> {
+        let ids = state.entry(event.stream.as_str().to_owned()).or_default();
+        if ids.len() as u64 == event.version.0 {
+            ids.push(event.event_id);
+        }
+        Ok(())
+    }
+}
+
+/// A newton `ViewRunner` following a scenario's category through its faults.
+#[derive(Debug)]
+pub struct ViewProbe {
+    handle: newton::ViewHandle<Seen>,
+    _runner: newton::ViewRunner,
+    name: String,
+}
+
+impl ViewProbe {
+    /// Starts following `category` through `store` (which may go through a proxy).
+    pub fn start(store: Arc<dyn EventStore>, category: &Category) -> ViewProbe {
+        let runner = newton::ViewRunner::new(
+            store,
+            Arc::new(newton::InMemoryCheckpointStore::new()),
+        );
+        let name = format!("seen-{}", category.as_str());
+        let handle = runner
+            .start(Seen {
+                name: name.clone(),
+                category: category.clone(),
+            })
+            .expect("the view starts");
+        ViewProbe {
+            handle,
+            _runner: runner,
+            name,
+        }
+    }
+
+    /// Waits (at most the repair time and a minute) until the view holds what is `stored`, then
+    /// compares it, and a fresh rebuild on a direct store, with `stored`.
+    pub async fn check(&self, target: &Target, category: &Category, stored: &Stored) -> Findings {
+        // A stream whose only append never landed reads as empty; a view never hears of it.
+        let want: std::collections::BTreeMap<String, Vec<Uuid>> = stored
+            .iter()
+            .filter(|(_, events)| !events.is_empty())
+            .map(|(s, events)| (s.clone(), events.iter().map(|(_, id)| *id).collect()))
+            .collect();
+        let mut findings = Findings::default();
+        let reach = |handle: &newton::ViewHandle<Seen>| {
+            let handle = handle.clone();
+            let want = want.clone();
+            async move {
+                let deadline = Instant::now() + target.repair + Duration::from_secs(60);
+                loop {
+                    let state = handle.read(|s| s.clone()).await;
+                    if state == want || Instant::now() >= deadline {
+                        return state;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        let live = reach(&self.handle).await;
+        if live != want {
+            findings.0.push(format!(
+                "the view that ran through the fault ({:?}) holds {} events in {} streams, the store {} in {}",
+                self.handle.status(),
+                live.values().map(Vec::len).sum::<usize>(),
+                live.len(),
+                want.values().map(Vec::len).sum::<usize>(),
+                want.len()
+            ));
+        }
+        let runner = newton::ViewRunner::new(
+            target.open().await,
+            Arc::new(newton::InMemoryCheckpointStore::new()),
+        );
+        let rebuild = runner
+            .start(Seen {
+                name: format!("{}-rebuild", self.name),
+                category: category.clone(),
+            })
+            .expect("the rebuild starts");
+        let rebuilt = reach(&rebuild).await;
+        if rebuilt != live {
+            findings.0.push(format!(
+                "a fresh rebuild holds {} events, the view that ran through the fault {}",
+                rebuilt.values().map(Vec::len).sum::<usize>(),
+                live.values().map(Vec::len).sum::<usize>()
+            ));
+        }
+        let _ = rebuild.stop().await;
+        let _ = self.handle.stop().await;
+        findings
+    }
 }

@@ -152,9 +152,21 @@ impl Target {
         } else {
             None
         };
-        let proxy = FaultProxy::start(&listen, &upstream)
-            .await
-            .unwrap_or_else(|e| panic!("fault proxy on {listen} to {upstream}: {e}"));
+        // The previous scenario's proxy on a fixed port closes its listener as its task ends,
+        // which may be a moment after the port's lock was released: retry the bind briefly.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let proxy = loop {
+            match FaultProxy::start(&listen, &upstream).await {
+                Ok(proxy) => break proxy,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("fault proxy on {listen} to {upstream}: {e}"),
+            }
+        };
         let url = replace_host(&self.url, &proxy.local_addr().to_string());
         Proxied {
             proxy,
