@@ -4,6 +4,8 @@
 //! The append protocol, reads and subscriptions live in their own modules and reach the server
 //! through [`Shared`]; the document layout is `codec.rs`'s.
 
+use std::future::IntoFuture;
+
 use mongodb::bson::{doc, Document};
 use mongodb::options::{Acknowledgment, ClientOptions, IndexOptions, ReadConcern, WriteConcern};
 use mongodb::{Client, Collection, IndexModel};
@@ -40,6 +42,9 @@ pub async fn client_options(config: &MongoConfig) -> Result<ClientOptions, Error
         WriteConcern::builder()
             .w(Acknowledgment::Majority)
             .journal(true)
+            // A majority that does not confirm in time answers a write-concern error (an
+            // unknown outcome, `Unavailable`) instead of holding the call.
+            .w_timeout(config.timeout)
             .build(),
     );
     // Readers see only majority-committed commits, which a failover cannot roll back.
@@ -96,6 +101,29 @@ impl Shared {
         })
     }
 
+    /// One round trip to the server (or a few, e.g. a find and its getMores), answered within
+    /// the configured timeout: a driver error as [`error::driver`] maps it, no answer in time
+    /// as `Unavailable`. The driver has no socket timeout, and `maxTimeMS` and `wtimeout` only
+    /// bound the server's own work, not a request or reply lost or held on the way; this bound
+    /// is what makes every call answer. A request given up on may still reach the server
+    /// (the driver closes that connection, but the bytes may be on their way): callers that
+    /// write decide what that means (see `writer.rs`).
+    pub(crate) async fn bounded<T, F>(
+        &self,
+        context: impl FnOnce() -> String,
+        op: F,
+    ) -> Result<T, Error>
+    where
+        F: IntoFuture<Output = mongodb::error::Result<T>>,
+    {
+        let timeout = self.config.timeout;
+        match tokio::time::timeout(timeout, op.into_future()).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(error::driver(context(), e)),
+            Err(elapsed) => Err(error::timed_out(context(), timeout, elapsed)),
+        }
+    }
+
     /// Creates (or checks) the indexes the guarantees rest on, once per store.
     pub(crate) async fn ready(&self) -> Result<(), Error> {
         self.ready
@@ -120,32 +148,38 @@ impl Shared {
             if !self.config.create {
                 return Err(error::missing_index(self.commits.name(), &name));
             }
-            self.commits
-                .create_index(model)
-                .await
-                .map_err(|e| error::driver(format!("creating index {name}"), e))?;
+            self.bounded(
+                || format!("creating index {name}"),
+                self.commits.create_index(model),
+            )
+            .await?;
         }
         Ok(())
     }
 
     async fn index_names(&self) -> Result<Vec<String>, Error> {
-        match self.commits.list_index_names().await {
-            Ok(names) => Ok(names),
-            // A collection that does not exist yet has no indexes.
-            Err(e) if error::is_namespace_missing(&e) => Ok(vec![]),
-            Err(e) => Err(error::driver("listing indexes", e)),
-        }
+        let names = async {
+            match self.commits.list_index_names().await {
+                // A collection that does not exist yet has no indexes.
+                Err(e) if error::is_namespace_missing(&e) => Ok(vec![]),
+                other => other,
+            }
+        };
+        self.bounded(|| "listing indexes".into(), names).await
     }
 
     /// The highest global position taken (0 before the first append).
     pub(crate) async fn head(&self) -> Result<u64, Error> {
         let top = self
-            .commits
-            .find_one(doc! {})
-            .sort(doc! { "position": -1 })
-            .projection(codec::head_fields())
-            .await
-            .map_err(|e| error::driver("reading the last position", e))?;
+            .bounded(
+                || "reading the last position".into(),
+                self.commits
+                    .find_one(doc! {})
+                    .sort(doc! { "position": -1 })
+                    .projection(codec::head_fields())
+                    .max_time(self.config.timeout),
+            )
+            .await?;
         Ok(top
             .as_ref()
             .map(codec::head)
@@ -155,11 +189,13 @@ impl Shared {
 
     /// Pings the database, then makes sure the indexes are there.
     pub(crate) async fn health(&self) -> Result<Health, Error> {
-        self.client
-            .database(&self.config.database)
-            .run_command(doc! { "ping": 1 })
-            .await
-            .map_err(|e| error::driver("ping", e))?;
+        self.bounded(
+            || "ping".into(),
+            self.client
+                .database(&self.config.database)
+                .run_command(doc! { "ping": 1 }),
+        )
+        .await?;
         self.ready().await?;
         Ok(Health {
             backend: BACKEND,
@@ -192,8 +228,12 @@ mod tests {
         assert_eq!(options.app_name.as_deref(), Some("x"));
         let write = options.write_concern.expect("set");
         assert_eq!(
-            (write.w, write.journal),
-            (Some(Acknowledgment::Majority), Some(true))
+            (write.w, write.journal, write.w_timeout),
+            (
+                Some(Acknowledgment::Majority),
+                Some(true),
+                Some(Duration::from_millis(1500))
+            )
         );
         assert_eq!(options.read_concern, Some(ReadConcern::majority()));
     }

@@ -5,6 +5,8 @@
 //! errors are transient (`Unavailable`, retryable) is decided here and nowhere else. Validation
 //! of the caller's input (`photon_api::validate`) builds its own errors; they are not repeated.
 
+use std::time::Duration;
+
 use mongodb::error::{Error as DriverError, ErrorKind, WriteFailure};
 use photon_api::{Checkpoint, Error, StreamId};
 
@@ -19,8 +21,10 @@ const NAMESPACE_NOT_FOUND: i32 = 26;
 
 /// A driver error met while doing `context` (e.g. `appending to account-7`).
 ///
-/// Failing to reach a server (selection, I/O, DNS, a cleared pool) is `Unavailable`; anything
-/// else is `Backend`. Both keep the driver's error as their source.
+/// Every error after which the operation may or may not have taken effect, or that a retry
+/// may get past (no server, a lost connection, a write-concern error, a step-down, a time
+/// limit), is `Unavailable`; anything else is `Backend`. Both keep the driver's error as their
+/// source.
 pub(crate) fn driver(context: impl Into<String>, e: DriverError) -> Error {
     let context = context.into();
     match transient(&e) {
@@ -29,15 +33,85 @@ pub(crate) fn driver(context: impl Into<String>, e: DriverError) -> Error {
     }
 }
 
-/// What went wrong, in a few words, when `e` is a failure to reach a server.
+/// A round trip that got no answer within `timeout`: whatever it asked may still happen.
+pub(crate) fn timed_out(
+    context: impl Into<String>,
+    timeout: Duration,
+    elapsed: tokio::time::error::Elapsed,
+) -> Error {
+    Error::unavailable(
+        BACKEND,
+        format!(
+            "{}: no answer within {} ms; the outcome is unknown",
+            context.into(),
+            timeout.as_millis()
+        ),
+        elapsed,
+    )
+}
+
+/// The server's codes after which an operation may or may not have happened, or that a retry
+/// against the (new) primary may get past: a step-down or shutdown in progress, a node that is
+/// not (or no longer) primary, a network failure between nodes, a time limit, a write concern
+/// that was not satisfied in time. They are the driver's "retryable" and "state change" codes
+/// (the SDAM and retryable-writes specifications) plus the time limits.
+const UNKNOWN_OUTCOME_CODES: &[(i32, &str)] = &[
+    (6, "HostUnreachable"),
+    (7, "HostNotFound"),
+    (50, "MaxTimeMSExpired"),
+    (64, "WriteConcernFailed"),
+    (89, "NetworkTimeout"),
+    (91, "ShutdownInProgress"),
+    (189, "PrimarySteppedDown"),
+    (262, "ExceededTimeLimit"),
+    (9001, "SocketException"),
+    (10107, "NotWritablePrimary"),
+    (11600, "InterruptedAtShutdown"),
+    (11602, "InterruptedDueToReplStateChange"),
+    (13435, "NotPrimaryNoSecondaryOk"),
+    (13436, "NotPrimaryOrSecondary"),
+];
+
+/// The driver's labels for an error a retry may get past, or whose outcome is unknown.
+const UNKNOWN_OUTCOME_LABELS: &[&str] = &[
+    mongodb::error::RETRYABLE_WRITE_ERROR,
+    mongodb::error::UNKNOWN_TRANSACTION_COMMIT_RESULT,
+    mongodb::error::TRANSIENT_TRANSACTION_ERROR,
+];
+
+/// What went wrong, in a few words, when `e` leaves the outcome unknown or is transient.
 fn transient(e: &DriverError) -> Option<&'static str> {
-    match *e.kind {
+    let by_kind = match &*e.kind {
         ErrorKind::ServerSelection { .. } => Some("no server answered within the timeout"),
-        ErrorKind::Io(_) => Some("the connection failed"),
+        ErrorKind::Io(_) => Some("the connection failed; the outcome is unknown"),
         ErrorKind::ConnectionPoolCleared { .. } => Some("the connection pool was cleared"),
         ErrorKind::DnsResolve { .. } => Some("the server's name did not resolve"),
+        // The write was applied on the primary but not confirmed by a majority: it may stay
+        // or be rolled back.
+        ErrorKind::Write(WriteFailure::WriteConcernError(_)) => {
+            Some("the write concern was not satisfied; the write may or may not be stored")
+        }
+        ErrorKind::InsertMany(m) if m.write_concern_error.is_some() => {
+            Some("the write concern was not satisfied; the write may or may not be stored")
+        }
+        ErrorKind::Command(c) if unknown_outcome_code(c.code) => {
+            Some("the server could not complete it (step-down, shutdown or time limit); the outcome is unknown")
+        }
+        ErrorKind::Write(WriteFailure::WriteError(w)) if unknown_outcome_code(w.code) => {
+            Some("the server could not complete the write (step-down, shutdown or time limit); the outcome is unknown")
+        }
         _ => None,
-    }
+    };
+    // The driver's labels first: they are its own verdict on the outcome.
+    let labelled = UNKNOWN_OUTCOME_LABELS
+        .iter()
+        .any(|label| e.contains_label(label))
+        .then_some("the driver labels it retryable; the outcome is unknown");
+    labelled.or(by_kind)
+}
+
+fn unknown_outcome_code(code: i32) -> bool {
+    UNKNOWN_OUTCOME_CODES.iter().any(|(c, _)| *c == code)
 }
 
 /// Whether a unique index refused the write: another commit holds that version or position.
@@ -108,5 +182,170 @@ pub(crate) fn checkpoint_not_here(checkpoint: &Checkpoint, position: u64, head: 
     Error::InvalidInput {
         what: format!("checkpoint {checkpoint}"),
         reason: format!("position {position} is not in this store (last position {head})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Driver errors built as the driver builds them from a server's reply (its error types
+    //! deserialize from the reply document), or met for real (an unreachable server).
+
+    use std::sync::Arc;
+
+    use mongodb::bson::{doc, from_document, Document};
+    use mongodb::error::{CommandError, InsertManyError, WriteConcernError, WriteError};
+
+    use super::*;
+
+    fn command(code: i32, name: &str) -> DriverError {
+        let reply = doc! { "ok": 0, "code": code, "codeName": name, "errmsg": "from the server" };
+        ErrorKind::Command(from_document::<CommandError>(reply).expect("a command error")).into()
+    }
+
+    fn write_error(code: i32) -> DriverError {
+        let reply = doc! { "index": 0, "code": code, "errmsg": "from the server" };
+        let e: WriteError = from_document(reply).expect("a write error");
+        ErrorKind::Write(WriteFailure::WriteError(e)).into()
+    }
+
+    fn write_concern(reply: Document) -> WriteConcernError {
+        from_document(reply).expect("a write concern error")
+    }
+
+    fn wtimeout() -> Document {
+        doc! {
+            "code": 64,
+            "codeName": "WriteConcernFailed",
+            "errmsg": "waiting for replication timed out",
+            "errInfo": { "wtimeout": true },
+        }
+    }
+
+    /// `driver` answers Unavailable whose message has `needle` and whose source is the
+    /// driver's error.
+    #[track_caller]
+    fn assert_unavailable(e: DriverError, needle: &str) {
+        let shown = e.to_string();
+        match driver("appending to a-1", e) {
+            Error::Unavailable {
+                message, source, ..
+            } => {
+                assert!(message.starts_with("appending to a-1: "), "{message}");
+                assert!(message.contains(needle), "{message}");
+                let source = source.expect("the driver's error is the source");
+                let inner = source
+                    .downcast_ref::<DriverError>()
+                    .expect("a driver error");
+                assert_eq!(inner.to_string(), shown);
+            }
+            other => panic!("{shown}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn write_concern_errors_leave_the_outcome_unknown() {
+        let e: DriverError =
+            ErrorKind::Write(WriteFailure::WriteConcernError(write_concern(wtimeout()))).into();
+        assert_unavailable(e, "write concern was not satisfied");
+        // A step-down while waiting for the majority comes as a write concern error too.
+        let stepdown = doc! { "code": 189, "codeName": "PrimarySteppedDown", "errmsg": "x" };
+        let e: DriverError =
+            ErrorKind::Write(WriteFailure::WriteConcernError(write_concern(stepdown))).into();
+        assert_unavailable(e, "write concern was not satisfied");
+    }
+
+    #[test]
+    fn an_insert_many_with_a_write_concern_error_is_unknown_too() {
+        let reply = doc! { "writeConcernError": wtimeout() };
+        let e: InsertManyError = from_document(reply).expect("an insert-many error");
+        assert_unavailable(ErrorKind::InsertMany(e).into(), "write concern");
+    }
+
+    #[test]
+    fn a_label_from_the_driver_is_its_verdict() {
+        let mut reply = wtimeout();
+        reply.insert("errorLabels", vec!["RetryableWriteError"]);
+        let e: DriverError =
+            ErrorKind::Write(WriteFailure::WriteConcernError(write_concern(reply))).into();
+        assert!(e.contains_label(mongodb::error::RETRYABLE_WRITE_ERROR));
+        assert_unavailable(e, "the driver labels it retryable");
+    }
+
+    #[test]
+    fn step_downs_shutdowns_and_time_limits_are_unknown_outcomes() {
+        for (code, name) in UNKNOWN_OUTCOME_CODES {
+            assert_unavailable(command(*code, name), "the outcome is unknown");
+            assert_unavailable(write_error(*code), "the outcome is unknown");
+        }
+    }
+
+    #[test]
+    fn a_lost_connection_is_an_unknown_outcome() {
+        for kind in [
+            std::io::ErrorKind::ConnectionReset,
+            std::io::ErrorKind::UnexpectedEof,
+            std::io::ErrorKind::TimedOut,
+        ] {
+            let e: DriverError = ErrorKind::Io(Arc::new(kind.into())).into();
+            assert_unavailable(e, "the connection failed; the outcome is unknown");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_unavailable() {
+        // Port 1 on the loopback refuses connections: the driver's own server selection error.
+        let client = mongodb::Client::with_uri_str(
+            "mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=200&connectTimeoutMS=200",
+        )
+        .await
+        .expect("a client");
+        let e = client
+            .database("x")
+            .run_command(doc! { "ping": 1 })
+            .await
+            .expect_err("nothing listens there");
+        assert!(
+            matches!(*e.kind, ErrorKind::ServerSelection { .. }),
+            "{e:?}"
+        );
+        assert_unavailable(e, "no server answered");
+    }
+
+    #[tokio::test]
+    async fn a_round_trip_past_its_timeout_is_unavailable() {
+        let elapsed = tokio::time::timeout(Duration::ZERO, std::future::pending::<()>())
+            .await
+            .expect_err("never ready");
+        match timed_out("appending to a-1", Duration::from_millis(2000), elapsed) {
+            Error::Unavailable {
+                message, source, ..
+            } => {
+                assert_eq!(
+                    message,
+                    "appending to a-1: no answer within 2000 ms; the outcome is unknown"
+                );
+                assert!(source.is_some());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn definite_refusals_stay_definite() {
+        let duplicate = write_error(DUPLICATE_KEY);
+        assert!(is_duplicate_key(&duplicate));
+        for e in [
+            duplicate,
+            command(NAMESPACE_NOT_FOUND, "NamespaceNotFound"),
+            command(2, "BadValue"),
+            command(13, "Unauthorized"),
+            write_error(121),
+        ] {
+            let shown = e.to_string();
+            assert!(
+                matches!(driver("appending to a-1", e), Error::Backend { .. }),
+                "{shown}"
+            );
+        }
     }
 }

@@ -4,10 +4,12 @@
 //! Nothing here writes; reading in global position order is `subscription.rs`'s job.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::stream::{self, BoxStream};
 use futures::{StreamExt, TryStreamExt};
 use mongodb::bson::{doc, Bson, Document};
+use mongodb::Cursor;
 use photon_api::{
     error_stream, Category, Direction, Error, ReadOptions, RecordedEvent, StreamId, Version,
 };
@@ -22,12 +24,16 @@ pub(crate) async fn last_commit(
     stream: &StreamId,
 ) -> Result<Option<CommitHead>, Error> {
     let last = shared
-        .commits
-        .find_one(doc! { "stream": stream.as_str() })
-        .sort(doc! { "version": -1 })
-        .projection(codec::head_fields())
-        .await
-        .map_err(|e| error::driver(format!("reading the version of {stream}"), e))?;
+        .bounded(
+            || format!("reading the version of {stream}"),
+            shared
+                .commits
+                .find_one(doc! { "stream": stream.as_str() })
+                .sort(doc! { "version": -1 })
+                .projection(codec::head_fields())
+                .max_time(shared.config.timeout),
+        )
+        .await?;
     last.as_ref().map(codec::head).transpose()
 }
 
@@ -61,20 +67,46 @@ async fn open_read(
     let context = format!("reading {stream}");
     let (filter, sort) = read_filter(shared, &stream, &options).await?;
     let cursor = shared
-        .commits
-        .find(filter)
-        .sort(doc! { "version": sort })
-        .await
-        .map_err(|e| error::driver(&context, e))?;
+        .bounded(
+            || context.clone(),
+            shared
+                .commits
+                .find(filter)
+                .sort(doc! { "version": sort })
+                .max_time(shared.config.timeout),
+        )
+        .await?;
     let from = options.from;
     let backwards = options.direction == Direction::Backwards;
-    let events = cursor
-        .map_err(move |e| error::driver(&context, e))
+    let events = bounded_cursor(cursor, shared.config.timeout, context)
         .map(move |commit| commit_events(&commit?, from, backwards))
         .map_ok(|events| stream::iter(events.into_iter().map(Ok)))
         .try_flatten()
         .take(options.limit.unwrap_or(usize::MAX));
     Ok(events.boxed())
+}
+
+/// The cursor's documents, each fetch (a getMore when its batch is used up) bounded by
+/// `timeout`. Only the wait for the server counts: a consumer that is slow to poll is not.
+fn bounded_cursor(
+    cursor: Cursor<Document>,
+    timeout: Duration,
+    context: String,
+) -> BoxStream<'static, Result<Document, Error>> {
+    stream::unfold(Some(cursor), move |cursor| {
+        let context = context.clone();
+        async move {
+            let mut cursor = cursor?;
+            match tokio::time::timeout(timeout, cursor.next()).await {
+                Ok(None) => None,
+                Ok(Some(Ok(commit))) => Some((Ok(commit), Some(cursor))),
+                Ok(Some(Err(e))) => Some((Err(error::driver(context, e)), None)),
+                // The cursor is dropped: the driver closes its connection.
+                Err(elapsed) => Some((Err(error::timed_out(context, timeout, elapsed)), None)),
+            }
+        }
+    })
+    .boxed()
 }
 
 /// The commits to read and their order on `version` (1 or -1).
@@ -107,12 +139,16 @@ async fn holder_of(
     v: Version,
 ) -> Result<Option<CommitHead>, Error> {
     let holder = shared
-        .commits
-        .find_one(doc! { "stream": stream.as_str(), "version": { "$lte": v.0 as i64 } })
-        .sort(doc! { "version": -1 })
-        .projection(codec::head_fields())
-        .await
-        .map_err(|e| error::driver(format!("reading {stream}"), e))?;
+        .bounded(
+            || format!("reading {stream}"),
+            shared
+                .commits
+                .find_one(doc! { "stream": stream.as_str(), "version": { "$lte": v.0 as i64 } })
+                .sort(doc! { "version": -1 })
+                .projection(codec::head_fields())
+                .max_time(shared.config.timeout),
+        )
+        .await?;
     holder.as_ref().map(codec::head).transpose()
 }
 
@@ -185,10 +221,12 @@ async fn distinct_sorted<T: Ord>(
     context: impl Into<String>,
 ) -> Result<Vec<T>, Error> {
     let names = shared
-        .commits
-        .distinct(field, filter)
-        .await
-        .map_err(|e| error::driver(context, e))?;
+        .bounded(
+            || context.into(),
+            // No maxTimeMS here: FerretDB 1.24 refuses it on distinct ("unknown field").
+            shared.commits.distinct(field, filter),
+        )
+        .await?;
     let mut values = names
         .iter()
         .filter_map(Bson::as_str)

@@ -150,23 +150,24 @@ impl Reader {
 
     /// The selector's next commits after `after`, up to `end`, in position order.
     async fn next_page(&self) -> Result<Vec<Document>, Error> {
-        let context = "reading commits";
         let mut filter = self.filter.clone();
         let mut range = doc! { "$gt": self.after as i64 };
         if self.end != u64::MAX {
             range.insert("$lte", self.end as i64);
         }
         filter.insert("position", range);
-        self.shared
-            .commits
-            .find(filter)
-            .sort(doc! { "position": 1 })
-            .limit(PAGE)
-            .await
-            .map_err(|e| error::driver(context, e))?
-            .try_collect()
-            .await
-            .map_err(|e| error::driver(context, e))
+        let page = async {
+            self.shared
+                .commits
+                .find(filter)
+                .sort(doc! { "position": 1 })
+                .limit(PAGE)
+                .max_time(self.shared.config.timeout)
+                .await?
+                .try_collect()
+                .await
+        };
+        self.shared.bounded(|| "reading commits".into(), page).await
     }
 
     /// Buffers the events of the commit at `position`, less those a resumed checkpoint skips.
@@ -187,30 +188,36 @@ impl Reader {
         if up_to <= self.checked {
             return Ok(None);
         }
-        let context = "checking for positions in flight";
+        let context = || "checking for positions in flight".to_owned();
         let range = doc! { "$gt": self.checked as i64, "$lte": up_to as i64 };
+        let timeout = self.shared.config.timeout;
         let present = self
             .shared
-            .commits
-            .count_documents(doc! { "position": range.clone() })
-            .await
-            .map_err(|e| error::driver(context, e))?;
+            .bounded(
+                context,
+                self.shared
+                    .commits
+                    .count_documents(doc! { "position": range.clone() })
+                    .max_time(timeout),
+            )
+            .await?;
         if present == up_to - self.checked {
             self.checked = up_to;
             self.missing_since.clear();
             return Ok(None);
         }
-        let positions: Vec<Document> = self
-            .shared
-            .commits
-            .find(doc! { "position": range })
-            .projection(doc! { "position": 1 })
-            .sort(doc! { "position": 1 })
-            .await
-            .map_err(|e| error::driver(context, e))?
-            .try_collect()
-            .await
-            .map_err(|e| error::driver(context, e))?;
+        let positions = async {
+            self.shared
+                .commits
+                .find(doc! { "position": range })
+                .projection(doc! { "position": 1 })
+                .sort(doc! { "position": 1 })
+                .max_time(timeout)
+                .await?
+                .try_collect::<Vec<Document>>()
+                .await
+        };
+        let positions = self.shared.bounded(context, positions).await?;
         let mut expected = self.checked + 1;
         for d in &positions {
             if codec::position(d)? != expected {
@@ -281,12 +288,16 @@ async fn first_after(
     let mut filter = filter.clone();
     filter.insert("recorded_at", doc! { "$gte": t.unix_micros() });
     let first = shared
-        .commits
-        .find_one(filter)
-        .sort(doc! { "position": 1 })
-        .projection(codec::head_fields())
-        .await
-        .map_err(|e| error::driver("finding the start time", e))?;
+        .bounded(
+            || "finding the start time".into(),
+            shared
+                .commits
+                .find_one(filter)
+                .sort(doc! { "position": 1 })
+                .projection(codec::head_fields())
+                .max_time(shared.config.timeout),
+        )
+        .await?;
     Ok(match first.as_ref().map(codec::head).transpose()? {
         Some(h) => h.position - 1,
         None => head,
@@ -303,10 +314,17 @@ fn check_in_store(checkpoint: &Checkpoint, position: u64, head: u64) -> Result<(
 
 /// Gives up a missing position for good, so readers do not wait for it. A duplicate means the
 /// position is taken already (by its commit or an earlier tombstone): nothing to do.
-async fn tombstone(shared: &Shared, position: u64) -> Result<(), Error> {
-    match shared.commits.insert_one(codec::tombstone(position)).await {
-        Ok(_) => Ok(()),
-        Err(e) if error::is_duplicate_key(&e) => Ok(()),
-        Err(e) => Err(error::driver("writing a tombstone", e)),
-    }
+pub(crate) async fn tombstone(shared: &Shared, position: u64) -> Result<(), Error> {
+    let insert = async {
+        match shared.commits.insert_one(codec::tombstone(position)).await {
+            Err(e) if error::is_duplicate_key(&e) => Ok(()),
+            other => other.map(drop),
+        }
+    };
+    shared
+        .bounded(
+            || format!("writing a tombstone at position {position}"),
+            insert,
+        )
+        .await
 }

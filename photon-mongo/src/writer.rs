@@ -5,6 +5,7 @@
 //! laid out (`codec.rs`) or read for callers (`reader.rs`).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::TryStreamExt;
@@ -15,7 +16,7 @@ use photon_api::{
 };
 
 use crate::client::{Shared, MAX_APPEND_SIZE};
-use crate::{codec, error, reader};
+use crate::{codec, error, reader, subscription};
 
 /// MongoDB's document size limit, checked on the encoded commit before it is sent.
 const MAX_DOCUMENT_SIZE: usize = 16 * 1024 * 1024 - 16 * 1024;
@@ -27,7 +28,7 @@ const APPEND_ATTEMPTS: usize = 200;
 /// Appends `events` to `stream` if it is at `expected`; a re-send of a stored batch answers as
 /// the first send did.
 pub(crate) async fn append(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     stream: &StreamId,
     expected: ExpectedVersion,
     events: Vec<EventData>,
@@ -54,7 +55,7 @@ pub(crate) async fn append(
 
 /// One attempt: the result, or None when another commit took the version or position first.
 async fn try_append(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     stream: &StreamId,
     expected: ExpectedVersion,
     events: &[EventData],
@@ -73,12 +74,79 @@ async fn try_append(
     // increments; this works the same on both.)
     let position = shared.head().await? + 1;
     let commit = encode(stream, first, position, events)?;
-    match shared.commits.insert_one(commit).await {
-        Ok(_) => Ok(Some(appended(first, position, events.len()))),
-        Err(e) if error::is_duplicate_key(&e) => Ok(None),
-        // The outcome is unknown: the commit may have landed. Re-sending the same batch is
-        // safe, since the ids make it idempotent.
-        Err(e) => Err(error::driver(format!("appending to {stream}"), e)),
+    let fence = Fence::arm(shared, position);
+    let insert = async {
+        match shared.commits.insert_one(commit).await {
+            Ok(_) => Ok(true),
+            Err(e) if error::is_duplicate_key(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    };
+    match shared
+        .bounded(|| format!("appending to {stream}"), insert)
+        .await
+    {
+        Ok(true) => {
+            fence.disarm();
+            Ok(Some(appended(first, position, events.len())))
+        }
+        // Refused: another commit holds this version or this position; nothing was stored.
+        Ok(false) => {
+            fence.disarm();
+            Ok(None)
+        }
+        // The outcome is unknown: the commit may have landed, or may still land. The fence
+        // (on drop) closes that window; re-sending the same batch is safe, since the ids make
+        // it idempotent.
+        Err(e) => Err(e),
+    }
+}
+
+/// Closes the window in which an insert whose answer we did not get (a timeout, a lost
+/// connection, a dropped call) can still land: once armed and dropped, it fills the commit's
+/// position with a tombstone, in the background. The unique index on `position` then refuses
+/// the insert if it arrives later, so a write either landed before the fence or never does,
+/// and never after newer appends (they take this position or higher). If the commit did land
+/// first, the tombstone is refused and the commit stays, seen exactly once by every reader.
+/// A re-send that takes the position first is the same: the tombstone is refused.
+struct Fence {
+    shared: Option<Arc<Shared>>,
+    position: u64,
+}
+
+impl Fence {
+    fn arm(shared: &Arc<Shared>, position: u64) -> Self {
+        Self {
+            shared: Some(shared.clone()),
+            position,
+        }
+    }
+
+    /// The insert was answered: it is stored, or refused for good.
+    fn disarm(mut self) {
+        self.shared = None;
+    }
+}
+
+impl Drop for Fence {
+    fn drop(&mut self) {
+        let Some(shared) = self.shared.take() else {
+            return;
+        };
+        let position = self.position;
+        // Dropped outside a runtime (the runtime is shutting down): nothing can run the fence;
+        // the position stays open until a reader or a newer append takes it.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            match subscription::tombstone(&shared, position).await {
+                Ok(()) => tracing::debug!(position, "fenced an append with an unknown outcome"),
+                // The fence itself got no answer: the late insert may still land, but only
+                // while this position is free, i.e. before any newer append.
+                Err(e) => tracing::warn!(position, error = %e, "could not fence an append"),
+            }
+        });
     }
 }
 
@@ -150,18 +218,21 @@ async fn stored_ids(
         .iter()
         .map(|e| codec::uuid_bson(e.event_id))
         .collect();
-    let context = || format!("looking up event ids in {stream}");
     let mut fields = codec::head_fields();
     fields.insert("event_ids", 1);
+    let stored = async {
+        shared
+            .commits
+            .find(doc! { "stream": stream.as_str(), "event_ids": { "$in": ids } })
+            .projection(fields)
+            .max_time(shared.config.timeout)
+            .await?
+            .try_collect()
+            .await
+    };
     shared
-        .commits
-        .find(doc! { "stream": stream.as_str(), "event_ids": { "$in": ids } })
-        .projection(fields)
+        .bounded(|| format!("looking up event ids in {stream}"), stored)
         .await
-        .map_err(|e| error::driver(context(), e))?
-        .try_collect()
-        .await
-        .map_err(|e| error::driver(context(), e))
 }
 
 /// The result of re-sending an append that landed, None for a new batch, or the conflict it is.
