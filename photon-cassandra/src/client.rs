@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use photon_api::validate::StoredId;
@@ -17,6 +17,7 @@ use scylla::client::session_builder::SessionBuilder;
 use tokio::sync::OnceCell;
 
 use crate::config::CassandraConfig;
+use crate::durability::{self, Durability};
 use crate::error;
 use crate::schema::{self, Statements};
 
@@ -68,6 +69,8 @@ pub(crate) struct Shared {
     ready: OnceCell<(Session, Statements)>,
     meta: Mutex<HashMap<String, StreamMeta>>,
     crash_after_commit: AtomicBool,
+    /// What a crash does to an acknowledged append, as read at connect.
+    durability: OnceLock<Durability>,
 }
 
 impl Shared {
@@ -77,12 +80,23 @@ impl Shared {
             ready: OnceCell::new(),
             meta: Mutex::default(),
             crash_after_commit: AtomicBool::new(false),
+            durability: OnceLock::new(),
         }
     }
 
     /// The session and prepared statements, connecting and creating the schema on first use.
+    /// Connecting also reads what a crash does to an acknowledged append: a warning when one can
+    /// be lost, a refusal (and no session kept) with `require_durable=true`.
     pub(crate) async fn ready(&self) -> Result<&(Session, Statements), Error> {
-        self.ready.get_or_try_init(|| connect(&self.config)).await
+        self.ready
+            .get_or_try_init(|| async {
+                let ready = connect(&self.config).await?;
+                let found = durability::read(&ready.0, &self.config).await?;
+                durability::accept(&found, &self.config)?;
+                let _ = self.durability.set(found);
+                Ok(ready)
+            })
+            .await
     }
 
     /// The stream partition (`bucket` of `commits`) holding the commit that starts at `version`.
@@ -126,7 +140,8 @@ impl Shared {
         self.crash_after_commit.load(Ordering::SeqCst)
     }
 
-    /// The server's release, read through the store's session.
+    /// The server's release, read through the store's session, and what a crash does to an
+    /// acknowledged append (the settings read at connect, in words).
     pub(crate) async fn health(&self) -> Result<Health, Error> {
         let (session, _) = self.ready().await?;
         let context = "reading the release for health";
@@ -141,9 +156,12 @@ impl Shared {
         Ok(Health {
             backend: BACKEND,
             detail: format!(
-                "{} (release {version}), keyspace {}",
+                "{} (release {version}), keyspace {}; {}",
                 self.config.contact_points.join(","),
-                self.config.keyspace
+                self.config.keyspace,
+                self.durability
+                    .get()
+                    .map_or_else(|| "durability not read".to_owned(), ToString::to_string)
             ),
         })
     }

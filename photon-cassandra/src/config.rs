@@ -41,6 +41,7 @@ const OPTIONS: &[&str] = &[
     "repair_after_ms",
     "max_event_size",
     "max_append_size",
+    "require_durable",
 ];
 
 /// The largest `max_event_size` and `max_append_size` accepted.
@@ -119,6 +120,10 @@ pub struct CassandraConfig {
     /// Largest append (`max_append_size`, default 8 MiB): one row, under the server's
     /// `max_mutation_size` (half the commit log segment, 16 MiB by default).
     pub max_append_size: usize,
+    /// Refuse to work (`require_durable=true`; default false: a warning only) when the crash of
+    /// one node can lose an acknowledged append, or when that cannot be established: a keyspace
+    /// whose quorum is one replica on nodes with `commitlog_sync: periodic`.
+    pub require_durable: bool,
 }
 
 impl fmt::Debug for CassandraConfig {
@@ -144,6 +149,7 @@ impl fmt::Debug for CassandraConfig {
             .field("repair_after", &self.repair_after)
             .field("max_event_size", &self.max_event_size)
             .field("max_append_size", &self.max_append_size)
+            .field("require_durable", &self.require_durable)
             .finish()
     }
 }
@@ -212,6 +218,7 @@ impl CassandraConfig {
             max_append_size: url
                 .number_option("max_append_size", 1..=MAX_SIZE_OPTION)?
                 .unwrap_or(8 * 1024 * 1024),
+            require_durable: url.bool_option("require_durable")?.unwrap_or(false),
         };
         config.check_repair_after(&url)?;
         Ok(config)
@@ -315,7 +322,7 @@ mod tests {
     #[test]
     fn parses_every_option() {
         let c = CassandraConfig::from_url(
-            "cassandra://ann:p%40ss@a,b:9043/Events?replication=dc1:3,dc2:2&create=false&local_dc=dc1&tls_ca=/ca.pem&consistency=local_quorum&serial_consistency=local_serial&timeout_ms=400&bucket_size=100&time_bucket_s=60&settle_ms=200&repair_after_ms=1000&max_event_size=10&max_append_size=20",
+            "cassandra://ann:p%40ss@a,b:9043/Events?replication=dc1:3,dc2:2&create=false&local_dc=dc1&tls_ca=/ca.pem&consistency=local_quorum&serial_consistency=local_serial&timeout_ms=400&bucket_size=100&time_bucket_s=60&settle_ms=200&repair_after_ms=1000&max_event_size=10&max_append_size=20&require_durable=true",
         )
         .unwrap();
         assert_eq!(c.contact_points, vec!["a:9042", "b:9043"]);
@@ -335,6 +342,7 @@ mod tests {
         assert_eq!(c.credentials, Some(("ann".into(), "p@ss".into())));
         assert_eq!((c.bucket_size, c.time_bucket.as_secs()), (100, 60));
         assert_eq!(c.settle, Duration::from_millis(200));
+        assert!(c.require_durable);
         let shown = format!("{c:?}");
         assert!(!shown.contains("p@ss") && shown.contains("ann"), "{shown}");
     }
@@ -372,6 +380,7 @@ mod tests {
         assert_eq!(c.replication, Replication::Simple(1));
         assert_eq!(c.consistency, Consistency::Quorum);
         assert_eq!(c.serial_consistency, SerialConsistency::Serial);
+        assert!(!c.require_durable, "a warning, not a refusal, by default");
         assert_eq!(
             c.replication.cql(),
             "{'class': 'SimpleStrategy', 'replication_factor': 1}"
@@ -395,6 +404,10 @@ mod tests {
             (
                 "cassandra://h/ks?create=yes",
                 "create must be true or false",
+            ),
+            (
+                "cassandra://h/ks?require_durable=1",
+                "require_durable must be true or false",
             ),
         ] {
             match CassandraConfig::from_url(url) {

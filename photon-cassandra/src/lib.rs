@@ -2,11 +2,13 @@
 
 // The rooms every backend crate has: settings, the connection and shared state, typed errors,
 // the append protocol, reads, subscriptions and the stored form; plus `schema`, the keyspace's
-// tables and statements (public, so tools create and read exactly what the store does). This
+// tables and statements (public, so tools create and read exactly what the store does), and
+// `durability`, what the cluster's settings mean for an acknowledged append in a crash. This
 // root only names the store and delegates to them.
 mod client;
 mod codec;
 mod config;
+mod durability;
 mod error;
 mod reader;
 pub mod schema;

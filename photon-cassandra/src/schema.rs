@@ -151,6 +151,8 @@ const INSERT_PENDING: Cql = Cql("INSERT INTO {ks}.pending (category, bucket, tim
 const DELETE_PENDING: Cql = Cql(
     "DELETE FROM {ks}.pending USING TIMESTAMP ? WHERE category = ? AND bucket = ? AND time_id = ?",
 );
+/// The time ids of a category's rows in a range (what a `Start::Now` subscription finds stored).
+const CATEGORY_TIMES: Cql = Cql("SELECT time_id FROM {ks}.category_commits WHERE category = ? AND bucket = ? AND time_id > ? AND time_id <= ? LIMIT ?");
 const PENDING_AFTER: Cql = Cql("SELECT time_id, stream, version FROM {ks}.pending WHERE category = ? AND bucket = ? AND time_id > ?");
 const INSERT_BUCKET: Cql =
     Cql("INSERT INTO {ks}.category_buckets (category, bucket) VALUES (?, ?)");
@@ -181,6 +183,7 @@ pub(crate) struct Statements {
     pub(crate) pending_in: PreparedStatement,
     pub(crate) category_page: PreparedStatement,
     pub(crate) category_page_incl: PreparedStatement,
+    pub(crate) category_times: PreparedStatement,
     pub(crate) buckets_from: PreparedStatement,
     pub(crate) categories: PreparedStatement,
     pub(crate) streams: PreparedStatement,
@@ -260,6 +263,7 @@ pub(crate) async fn prepare_statements(
         pending_in: plain(PENDING_AFTER).await?,
         category_page: plain(CATEGORY_PAGE).await?,
         category_page_incl: plain(CATEGORY_PAGE_INCL).await?,
+        category_times: plain(CATEGORY_TIMES).await?,
         buckets_from: plain(BUCKETS_FROM).await?,
         categories: plain(CATEGORIES).await?,
         streams: plain(STREAMS_OF).await?,

@@ -5,10 +5,14 @@
 //! to writers that died between the commit and the category rows: the reader repairs them
 //! (writes the rows from the commit) or drops them (the commit never happened), then goes on.
 //!
+//! `Start::Now` starts at the readers' horizon, not at the present: an append that picked its
+//! time id a moment before and commits after `CaughtUp` is still ahead of the subscriber. What
+//! was already stored and indexed between that start and the present is skipped by time id.
+//!
 //! This module reads the category tables and asks `writer` to settle old markers; it never
 //! writes a row itself, and stream reads are `reader`'s.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +29,9 @@ use crate::client::{Shared, ALL, COMMITS_PER_PAGE, MAX_POLL, POLL};
 use crate::codec::{self, Commit, Position};
 use crate::error;
 use crate::reader;
+
+/// Time ids read per page when a `Start::Now` subscription opens (16 bytes each).
+const TIMES_PER_PAGE: i32 = 1_000;
 
 /// Events a stream subscription reads per step.
 const STREAM_STEP: usize = 256;
@@ -83,6 +90,10 @@ struct Timeline {
     /// History as of the first poll ends here (µs).
     end: i64,
     since: Option<i64>,
+    /// `Start::Now`: the commits stored and indexed, with no append pending, when the
+    /// subscription started, at times after its start: they are not the subscriber's. Each is
+    /// removed when the reader meets it, so the set empties as the reader passes the present.
+    stored: HashSet<Uuid>,
 }
 
 impl Sub {
@@ -185,10 +196,17 @@ async fn open_timeline(
     since: Option<i64>,
 ) -> Result<Timeline, Error> {
     let now = Timestamp::now().unix_micros();
+    let mut end = now;
+    let mut stored = HashSet::new();
     let (lower, inclusive, skip_through) = match (&request.start, &request.after) {
         (_, Some(p)) => (p.time_id, true, Some((p.time_id, p.index))),
         (Start::Time(t), _) => (codec::min_time_id(t.unix_micros()), true, None),
-        (Start::Now, _) => (codec::max_time_id(now), false, None),
+        (Start::Now, _) => {
+            let (start, already) = now_start(shared, key, now).await?;
+            // Nothing to replay: caught up at once, live from the horizon on.
+            (end, stored) = (start, already);
+            (codec::max_time_id(start), false, None)
+        }
         _ => (codec::min_time_id(0), false, None),
     };
     let at = codec::time_micros(&lower);
@@ -203,9 +221,106 @@ async fn open_timeline(
         inclusive,
         skip_through,
         delivered_through: at - 1,
-        end: now,
+        end,
         since,
+        stored,
     })
+}
+
+/// Where a `Start::Now` subscription of `key` starts (µs), and the time ids after it that were
+/// already stored. Readers pass only times that can no longer receive a commit, so the start is
+/// their horizon: `settle` behind the present, and before the oldest pending append (one older
+/// than `repair_after` is left to the repair, as readers do). Every commit after the start is
+/// the subscriber's except those stored and indexed now with their append no longer pending:
+/// read the rows, then the markers, so an append whose rows were read but whose marker is still
+/// there (it has not returned yet) is delivered, and one that ran entirely in between is too.
+async fn now_start(shared: &Shared, key: &str, now: i64) -> Result<(i64, HashSet<Uuid>), Error> {
+    let config = &shared.config;
+    let floor = now - config.repair_after.as_micros() as i64;
+    let mut start = now - config.settle.as_micros() as i64;
+    // A marker at or before the settle horizon was written before now (an append whose marker
+    // takes longer than settle/2 takes a new time), so this read sees every one that matters.
+    if let Some(oldest) = markers_between(shared, key, floor, start).await?.first() {
+        start = start.min(codec::time_micros(oldest) - 1);
+    }
+    let mut stored = stored_between(shared, key, start, now).await?;
+    for pending in markers_between(shared, key, start, now).await? {
+        stored.remove(&pending);
+    }
+    Ok((start, stored))
+}
+
+/// The registered time buckets of `key` holding times in `(from, to]` (µs), in order.
+async fn buckets_between(
+    shared: &Shared,
+    key: &str,
+    from: i64,
+    to: i64,
+) -> Result<Vec<i64>, Error> {
+    let (mut next, last) = (shared.time_bucket_of(from), shared.time_bucket_of(to));
+    let mut buckets = Vec::new();
+    while let Some(b) = first_bucket(shared, key, next, last).await? {
+        buckets.push(b);
+        next = b + 1;
+    }
+    Ok(buckets)
+}
+
+/// The time ids of the pending markers of `key` in `(from, to]` (µs), oldest first.
+async fn markers_between(
+    shared: &Shared,
+    key: &str,
+    from: i64,
+    to: i64,
+) -> Result<Vec<Uuid>, Error> {
+    let mut times = Vec::new();
+    for b in buckets_between(shared, key, from, to).await? {
+        for (t, _, _) in pending_in(shared, key, b, codec::max_time_id(from)).await? {
+            if codec::time_micros(&t) <= to {
+                times.push(t);
+            }
+        }
+    }
+    times.sort_by_key(codec::time_micros);
+    Ok(times)
+}
+
+/// The time ids of the category rows of `key` in `(from, to]` (µs), a page at a time.
+async fn stored_between(
+    shared: &Shared,
+    key: &str,
+    from: i64,
+    to: i64,
+) -> Result<HashSet<Uuid>, Error> {
+    let (session, st) = shared.ready().await?;
+    let context = || format!("reading the category {key} at the present");
+    let upper = CqlTimeuuid::from(codec::max_time_id(to));
+    let mut stored = HashSet::new();
+    for b in buckets_between(shared, key, from, to).await? {
+        let mut lower = codec::max_time_id(from);
+        loop {
+            let values = (key, b, CqlTimeuuid::from(lower), upper, TIMES_PER_PAGE);
+            let rows = session
+                .execute_unpaged(&st.category_times, values)
+                .await
+                .map_err(|e| error::request(context(), e))?
+                .into_rows_result()
+                .map_err(|e| error::driver(context(), e))?;
+            let before = stored.len();
+            for row in rows
+                .rows::<(CqlTimeuuid,)>()
+                .map_err(|e| error::driver(context(), e))?
+            {
+                let (t,) = row.map_err(|e| error::driver(context(), e))?;
+                lower = t.into();
+                stored.insert(lower);
+            }
+            if stored.len() - before < TIMES_PER_PAGE as usize {
+                break;
+            }
+        }
+    }
+    Ok(stored)
 }
 
 /// One page of a stream subscription. Returns (progressed, history delivered).
@@ -308,6 +423,9 @@ impl Timeline {
             self.lower = commit.time_id;
             self.inclusive = false;
             self.skip_through = None;
+            if !self.stored.is_empty() && self.stored.remove(&commit.time_id) {
+                continue;
+            }
             let since = self.since;
             out.extend(
                 events

@@ -8,32 +8,18 @@ use std::time::Duration;
 use futures::StreamExt;
 use photon_api::{
     Category, Error, EventData, EventStore, EventStoreExt, ExpectedVersion, ReadOptions,
-    RecordedEvent, Selector, Start, StreamId, SubscriptionItem, SubscriptionMode, Uuid, Version,
+    RecordedEvent, Selector, Start, StreamId, SubscriptionItem, SubscriptionMode, Version,
 };
 use photon_cassandra::{CassandraConfig, CassandraStore};
 use photon_conformance::server_url;
 use scylla::client::session::Session;
 use scylla::errors::{DbError, ExecutionError, NewSessionError, RequestAttemptError};
 
-fn with_options(url: &str, options: &str) -> String {
-    format!(
-        "{url}{}{options}",
-        if url.contains('?') { "&" } else { "?" }
-    )
-}
-
-fn fresh(prefix: &str) -> String {
-    format!("{prefix}{}", &Uuid::new_v4().simple().to_string()[..12])
-}
+mod common;
+use common::{fresh, number, with_options};
 
 fn numbered(n: u64) -> EventData {
     EventData::json("Numbered", &serde_json::json!({ "n": n })).unwrap()
-}
-
-fn number(e: &RecordedEvent) -> u64 {
-    e.decode::<serde_json::Value>().unwrap()["n"]
-        .as_u64()
-        .unwrap()
 }
 
 /// A plain driver session, connected as the store connects.

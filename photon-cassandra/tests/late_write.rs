@@ -10,41 +10,21 @@ use std::time::Duration;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use photon_api::{
-    Category, Error, EventData, EventStore, EventStoreExt, ExpectedVersion, ReadOptions,
-    RecordedEvent, Selector, Start, StreamId, SubscriptionItem, SubscriptionMode, Uuid, Version,
+    Category, Error, EventStore, EventStoreExt, ExpectedVersion, ReadOptions, RecordedEvent,
+    Selector, Start, StreamId, SubscriptionItem, SubscriptionMode, Uuid, Version,
 };
 use photon_cassandra::{schema, CassandraConfig, CassandraStore};
 use photon_conformance::server_url;
-use photon_faults::proxy::FaultProxy;
 use scylla::client::session::Session;
 use scylla::value::CqlTimeuuid;
+
+mod common;
+use common::{fresh, number, numbered, proxied, with_options};
 
 type Sub = BoxStream<'static, Result<SubscriptionItem, Error>>;
 
 /// A repair after 4.5 s: at least `settle_ms` + 2 × `timeout_ms`, as the README asks.
 const OPTIONS: &str = "settle_ms=200&timeout_ms=2000&repair_after_ms=4500&bucket_size=16";
-
-fn with_options(url: &str, options: &str) -> String {
-    format!(
-        "{url}{}{options}",
-        if url.contains('?') { "&" } else { "?" }
-    )
-}
-
-fn fresh(prefix: &str) -> String {
-    format!("{prefix}{}", &Uuid::new_v4().simple().to_string()[..12])
-}
-
-/// An event numbered `n`, with `mark` in its payload (for the proxy to find).
-fn numbered(n: u64, mark: &str) -> EventData {
-    EventData::json("Numbered", &serde_json::json!({ "n": n, "mark": mark })).unwrap()
-}
-
-fn number(e: &RecordedEvent) -> u64 {
-    e.decode::<serde_json::Value>().unwrap()["n"]
-        .as_u64()
-        .unwrap()
-}
 
 fn numbers(events: &[RecordedEvent]) -> Vec<u64> {
     events.iter().map(number).collect()
@@ -135,11 +115,7 @@ async fn a_conditional_write_released_after_its_repair_is_fenced() {
         return;
     };
     let url = with_options(&url, OPTIONS);
-    let config = CassandraConfig::from_url(&url).unwrap();
-    let upstream = config.contact_points[0].clone();
-    let proxy = FaultProxy::start("127.0.0.1:0", &upstream).await.unwrap();
-    let proxied_url = url.replacen(&upstream, &proxy.local_addr().to_string(), 1);
-    assert_ne!(proxied_url, url, "the URL goes through the proxy");
+    let (proxy, proxied_url) = proxied(&url).await;
 
     let category = Category::new(fresh("late")).unwrap();
     let stream = StreamId::new(&category, "a").unwrap();

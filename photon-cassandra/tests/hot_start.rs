@@ -1,0 +1,155 @@
+//! `Hot` and `Start::Now` against a real server (`PHOTON_TEST_CASSANDRA_URL`), design.md "Hot /
+//! Start::Now": every append that returned after the subscriber received `CaughtUp` is delivered,
+//! including one that was in flight when the subscription started (its time id picked, its
+//! conditional write not yet applied). The fault proxy holds that conditional write until both
+//! subscribers are caught up, so the append returns after `CaughtUp` every time. Events stored
+//! before the subscription started (long settled, or stored a moment before) are not delivered.
+
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use photon_api::{
+    Category, Error, EventStore, ExpectedVersion, RecordedEvent, Selector, Start, StreamId,
+    SubscriptionItem, SubscriptionMode, Uuid,
+};
+use photon_cassandra::CassandraStore;
+use photon_conformance::server_url;
+
+mod common;
+use common::{fresh, number, numbered, proxied, with_options};
+
+type Sub = BoxStream<'static, Result<SubscriptionItem, Error>>;
+
+/// A request timeout far longer than the hold, so the held append succeeds once released.
+/// `bucket_size=16`: the layout of the keyspace the other tests share.
+const OPTIONS: &str = "settle_ms=300&timeout_ms=10000&repair_after_ms=30000&bucket_size=16";
+
+/// The next event of `sub`, or None when none comes within `wait`.
+async fn next_event(sub: &mut Sub, wait: Duration) -> Option<RecordedEvent> {
+    match tokio::time::timeout(wait, sub.next()).await {
+        Err(_) => None,
+        Ok(Some(Ok(SubscriptionItem::Event(e)))) => Some(e),
+        Ok(other) => panic!("want an event, got {other:?}"),
+    }
+}
+
+async fn caught_up(sub: &mut Sub, what: &str) {
+    match tokio::time::timeout(Duration::from_secs(5), sub.next()).await {
+        Ok(Some(Ok(SubscriptionItem::CaughtUp))) => {}
+        other => panic!("{what}: want CaughtUp first, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_append_in_flight_at_start_now_is_delivered_and_stored_events_are_not() {
+    let Some(url) = server_url("cassandra", "PHOTON_TEST_CASSANDRA_URL") else {
+        return;
+    };
+    let url = with_options(&url, OPTIONS);
+    let (proxy, proxied_url) = proxied(&url).await;
+
+    let category = Category::new(fresh("hotnow")).unwrap();
+    let stream = |name: &str| StreamId::new(&category, name).unwrap();
+    let store = CassandraStore::from_url(&url).await.unwrap();
+    let writer = CassandraStore::from_url(&proxied_url).await.unwrap();
+    writer.health().await.unwrap();
+
+    // Event 0: stored and settled long before the subscriptions start.
+    store
+        .append(
+            &stream("old"),
+            ExpectedVersion::NoStream,
+            vec![numbered(0, "old")],
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(store.config().settle * 3).await;
+
+    // Event 1: its marker is written, its conditional write held in the proxy.
+    let mark = Uuid::new_v4().simple().to_string();
+    let hold = proxy.hold_next(mark.as_bytes());
+    let held = {
+        let (writer, stream) = (writer.clone(), stream("held"));
+        tokio::spawn(async move {
+            writer
+                .append(&stream, ExpectedVersion::NoStream, vec![numbered(1, &mark)])
+                .await
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(30), hold.matched())
+        .await
+        .expect("the commit reached the proxy");
+
+    // Event 2: stored (returned) just before the subscriptions start, still within the settle
+    // delay: not theirs either.
+    store
+        .append(
+            &stream("recent"),
+            ExpectedVersion::NoStream,
+            vec![numbered(2, "recent")],
+        )
+        .await
+        .unwrap();
+
+    let mut hot = store.subscribe(
+        Selector::Category(category.clone()),
+        Start::Now,
+        SubscriptionMode::Hot,
+    );
+    let mut hot_cold = store.subscribe(
+        Selector::Category(category.clone()),
+        Start::Now,
+        SubscriptionMode::HotCold,
+    );
+    let mut all = store.subscribe(Selector::All, Start::Now, SubscriptionMode::Hot);
+    caught_up(&mut hot, "Hot").await;
+    caught_up(&mut hot_cold, "HotCold from Now").await;
+    caught_up(&mut all, "Hot on the all stream").await;
+    assert!(!held.is_finished(), "the held append is still in flight");
+
+    // Now the held append lands and returns, after CaughtUp; then event 3 is appended.
+    hold.release();
+    let result = tokio::time::timeout(Duration::from_secs(30), held)
+        .await
+        .expect("the held append answered")
+        .unwrap();
+    assert!(result.is_ok(), "the released append is stored: {result:?}");
+    store
+        .append(
+            &stream("after"),
+            ExpectedVersion::NoStream,
+            vec![numbered(3, "after")],
+        )
+        .await
+        .unwrap();
+
+    for (name, sub) in [("Hot", &mut hot), ("HotCold from Now", &mut hot_cold)] {
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            match next_event(sub, Duration::from_secs(15)).await {
+                Some(e) => got.push(number(&e)),
+                None => break,
+            }
+        }
+        assert_eq!(
+            got,
+            vec![1, 3],
+            "{name}: the append in flight at the start, then the later one, and nothing stored before"
+        );
+        if let Some(extra) = next_event(sub, Duration::from_secs(1)).await {
+            panic!("{name}: an extra event {}", number(&extra));
+        }
+    }
+    // The all stream carries other tests' events: ours must be there, in order, without 0 and 2.
+    let mut ours = Vec::new();
+    while ours.len() < 2 {
+        let e = next_event(&mut all, Duration::from_secs(15))
+            .await
+            .unwrap_or_else(|| panic!("the all stream delivered only {ours:?} of [1, 3]"));
+        if e.stream.category_name() == category.as_str() {
+            ours.push(number(&e));
+        }
+    }
+    assert_eq!(ours, vec![1, 3], "the all stream, Hot from Now");
+}
