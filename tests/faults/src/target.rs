@@ -9,9 +9,14 @@ use tokio::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::proxy::FaultProxy;
 
-/// The client timeout every server store of the suite is opened with: short, so a stall of a
+/// The client timeout the server stores of the suite are opened with: short, so a stall of a
 /// few timeouts stays a few seconds.
 pub const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The MongoDB-wire test server (FerretDB on SQLite) scans a collection for every filtered query,
+/// and under the suite's writers on 2 cores an answer can take longer than 2 s: its store gets
+/// photon-mongo's default timeout instead, so a fault, not the test server's pace, is tested.
+pub const MONGO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Scenarios that stop or restart a server hold this for writing; every other scenario of the
 /// same test binary holds it for reading, so a restart never lands in another scenario.
@@ -34,6 +39,12 @@ pub struct Target {
     /// How long after the faults end the category and all streams may still be completing (the
     /// backend's documented settle or repair time); the checker polls at most this long.
     pub repair: Duration,
+    /// The store's client timeout (the `timeout_ms` of its URL); stalls and pauses are multiples.
+    pub timeout: Duration,
+    /// A test server that answers each query with a scan (FerretDB on SQLite): its scenarios
+    /// keep their writers and faults but make a third of the appends, so the suite stays within
+    /// CI's minutes.
+    pub slow_server: bool,
     /// memory: the one store every "instance" shares (each `memory://` open is a new, empty
     /// store, so separate instances of one store are clones of one handle).
     one: Arc<tokio::sync::OnceCell<Arc<dyn EventStore>>>,
@@ -48,6 +59,8 @@ impl Target {
             url: "memory://".into(),
             proxy_upstream: None,
             repair: Duration::ZERO,
+            timeout: TIMEOUT,
+            slow_server: false,
             one: Arc::default(),
         }
     }
@@ -82,6 +95,8 @@ impl Target {
                     url: with_options(&url, &format!("partitions=3&timeout_ms={ms}&prefix=faults")),
                     proxy_upstream: Some((advertised, listener)),
                     repair: Duration::from_secs(30),
+                    timeout: TIMEOUT,
+                    slow_server: false,
                     one: Arc::default(),
                 })
             }
@@ -98,10 +113,13 @@ impl Target {
                     ),
                     proxy_upstream: Some(("127.0.0.1:0".into(), upstream)),
                     repair: Duration::from_secs(20),
+                    timeout: TIMEOUT,
+                    slow_server: false,
                     one: Arc::default(),
                 })
             }
             "mongo" => {
+                let ms = MONGO_TIMEOUT.as_millis();
                 let url = photon_conformance::server_url("mongo", "PHOTON_TEST_MONGO_URL")?;
                 let url = replace_path(&url, "photon_faults");
                 let upstream = host_of(&url).to_owned();
@@ -116,11 +134,20 @@ impl Target {
                     ),
                     proxy_upstream: Some(("127.0.0.1:0".into(), upstream)),
                     repair: Duration::from_secs(20),
+                    timeout: MONGO_TIMEOUT,
+                    slow_server: true,
                     one: Arc::default(),
                 })
             }
             other => panic!("no fault target {other}"),
         }
+    }
+
+    /// How many appends a writer of a scenario makes where `n` is the usual number: a third on a
+    /// slow test server, ten times more in a soak.
+    pub fn appends(&self, n: usize) -> usize {
+        let n = if self.slow_server { (n / 3).max(3) } else { n };
+        n * crate::scenarios::scale()
     }
 
     /// The URL straight to the server.

@@ -25,6 +25,7 @@ scenario!(late_write);
 scenario!(server_restart);
 scenario!(cancelled_appends);
 scenario!(slow_consumers);
+scenario!(paused_consumer_memory);
 scenario!(hot_start_now);
 scenario!(newton_under_stall);
 
