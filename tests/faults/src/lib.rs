@@ -11,3 +11,27 @@ pub mod proxy;
 pub mod scenarios;
 pub mod servers;
 pub mod target;
+
+/// Expands each named scenario of [`scenarios`] into a `#[tokio::test]` against the server
+/// backend `$backend` (`Target::server`; skipped without its URL unless `PHOTON_TEST_REQUIRE`
+/// names it). `killed_writers` also gets the path of the `fault-writer` binary, which only an
+/// integration test of this crate knows.
+#[macro_export]
+macro_rules! fault_suite {
+    ($backend:literal, [$($name:ident),* $(,)?]) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                if let Some(target) = $crate::target::Target::server($backend) {
+                    $crate::fault_suite!(@run $name, target);
+                }
+            }
+        )*
+    };
+    (@run killed_writers, $target:ident) => {
+        $crate::scenarios::killed_writers(&$target, env!("CARGO_BIN_EXE_fault-writer")).await
+    };
+    (@run $name:ident, $target:ident) => {
+        $crate::scenarios::$name(&$target).await
+    };
+}

@@ -335,31 +335,89 @@ fn hot_streams(category: &Category, n: usize) -> Arc<Vec<StreamId>> {
     )
 }
 
+/// The set-up scenarios 1, 2 and 4 share: a fresh category, 4 store instances, writer tasks on
+/// 3 hot streams, a live subscriber and (optionally) a newton view following the category.
+struct Scene {
+    category: Category,
+    stores: Vec<Arc<dyn EventStore>>,
+    history: History,
+    live: Live,
+    view: Option<ViewProbe>,
+    writers: Vec<JoinHandle<()>>,
+}
+
+impl Scene {
+    /// Opens every instance with `open` (straight to the server or through a proxy) and starts
+    /// `tasks` writers following `plan`.
+    async fn start<F, Fut>(open: F, plan: WriterPlan, tasks: usize, view: bool) -> Scene
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Arc<dyn EventStore>>,
+    {
+        let category = fresh_category();
+        let mut stores = Vec::new();
+        for _ in 0..4 {
+            stores.push(open().await);
+        }
+        let history = History::new();
+        let live = Live::spawn(open().await, &category);
+        let view = if view {
+            Some(ViewProbe::start(open().await, &category))
+        } else {
+            None
+        };
+        let streams = hot_streams(&category, 3);
+        let writers = spawn_writers(&stores, &streams, &history, &plan, tasks);
+        Scene {
+            category,
+            stores,
+            history,
+            live,
+            view,
+            writers,
+        }
+    }
+
+    /// Waits until `n` appends were acknowledged (at most a minute): the fault comes in the
+    /// middle of the writing, not before it.
+    async fn wait_acknowledged(&self, n: usize) {
+        let started = Instant::now();
+        while self.history.acknowledged() < n && started.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for the writers, runs the checker, and checks the view against what is stored.
+    async fn finish(self, scenario: &str, target: &Target) -> Vec<Arc<dyn EventStore>> {
+        join_all(self.writers).await;
+        let stored = verify(
+            scenario,
+            target,
+            &self.category,
+            &self.history,
+            Some(&self.live),
+        )
+        .await;
+        if let Some(view) = self.view {
+            view.check(target, &self.category, &stored)
+                .await
+                .assert_none(&format!("{scenario}, newton view"));
+        }
+        self.stores
+    }
+}
+
 /// Scenario 1: 16 writers over 4 store instances on 3 hot streams with `Exact` expectations,
 /// a live HotCold category subscriber beside them; then the checker.
 pub async fn concurrent_writers(target: &Target) {
     let _shared = target.share().await;
-    let category = fresh_category();
-    let mut stores = Vec::new();
-    for _ in 0..4 {
-        stores.push(target.open().await);
-    }
-    let history = History::new();
-    let live = Live::spawn(target.open().await, &category);
     let plan = WriterPlan {
         appends: target.appends(12),
         patience: Duration::from_secs(30),
     };
-    let streams = hot_streams(&category, 3);
-    join_all(spawn_writers(&stores, &streams, &history, &plan, 16)).await;
-    verify(
-        "concurrent writers",
-        target,
-        &category,
-        &history,
-        Some(&live),
-    )
-    .await;
+    let scene = Scene::start(|| target.open(), plan, 16, false).await;
+    let history = scene.history.clone();
+    scene.finish("concurrent writers", target).await;
     let conflicts = history
         .records()
         .iter()
@@ -377,28 +435,17 @@ pub async fn concurrent_writers(target: &Target) {
 pub async fn network_stall(target: &Target) {
     let _shared = target.share().await;
     let proxied = target.proxy().await;
-    let category = fresh_category();
-    let mut stores = Vec::new();
-    for _ in 0..4 {
-        stores.push(proxied.open().await);
-    }
-    let history = History::new();
-    let live = Live::spawn(proxied.open().await, &category);
-    let view = ViewProbe::start(proxied.open().await, &category);
     let plan = WriterPlan {
         appends: target.appends(10),
         patience: Duration::from_secs(60),
     };
-    let streams = hot_streams(&category, 3);
-    let writers = spawn_writers(&stores, &streams, &history, &plan, 16);
-    let started = Instant::now();
-    while history.acknowledged() < 10 && started.elapsed() < Duration::from_secs(60) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut scene = Scene::start(|| proxied.open(), plan, 16, true).await;
+    scene.wait_acknowledged(10).await;
+    let (category, history, stores) = (&scene.category, &scene.history, &scene.stores);
     let stall = target.timeout * 3;
     let stalled_at = Instant::now();
     proxied.proxy.stall();
-    let probe_stream = StreamId::new(&category, "probe").expect("valid");
+    let probe_stream = StreamId::new(category, "probe").expect("valid");
     let probe = tokio::time::timeout(
         stall,
         history.append(
@@ -411,8 +458,10 @@ pub async fn network_stall(target: &Target) {
     .await;
     tokio::time::sleep(stall.saturating_sub(stalled_at.elapsed())).await;
     proxied.proxy.resume();
-    join_all(writers).await;
-    let mut findings = definite_errors_under_faults(&history);
+    for w in std::mem::take(&mut scene.writers) {
+        w.await.expect("a writer task panicked");
+    }
+    let mut findings = definite_errors_under_faults(&scene.history);
     match probe {
         Err(_) => findings.0.push(format!(
             "an append through a stalled network did not answer within {stall:?} (3 timeouts)"
@@ -423,10 +472,7 @@ pub async fn network_stall(target: &Target) {
         )),
     }
     findings.assert_none("network stall");
-    let stored = verify("network stall", target, &category, &history, Some(&live)).await;
-    view.check(target, &category, &stored)
-        .await
-        .assert_none("network stall, newton view");
+    scene.finish("network stall", target).await;
 }
 
 /// Scenario 3: an append whose write is held in the proxy past the client's timeout and then
@@ -529,30 +575,22 @@ pub async fn late_write(target: &Target) {
 pub async fn server_restart(target: &Target) {
     let server = target.server.expect("a server backend");
     let _alone = target.exclusive().await;
-    let category = fresh_category();
-    let mut stores = Vec::new();
-    for _ in 0..4 {
-        stores.push(target.open().await);
-    }
-    let history = History::new();
-    let live = Live::spawn(target.open().await, &category);
-    let view = ViewProbe::start(target.open().await, &category);
     let plan = WriterPlan {
         appends: target.appends(10),
         patience: Duration::from_secs(240),
     };
-    let streams = hot_streams(&category, 3);
-    let writers = spawn_writers(&stores, &streams, &history, &plan, 8);
-    let started = Instant::now();
-    while history.acknowledged() < 10 && started.elapsed() < Duration::from_secs(60) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut scene = Scene::start(|| target.open(), plan, 8, true).await;
+    scene.wait_acknowledged(10).await;
+    let history = scene.history.clone();
+    let category = scene.category.clone();
     let before = history.records().len();
     let took = control(Action::Restart, server).await;
     println!("{server} restarted in {took:?}");
-    join_all(writers).await;
+    for w in std::mem::take(&mut scene.writers) {
+        w.await.expect("a writer task panicked");
+    }
     // The same instances must work again: one more append through each.
-    for (i, store) in stores.iter().enumerate() {
+    for (i, store) in scene.stores.iter().enumerate() {
         let stream = StreamId::new(&category, format!("after{i}")).expect("valid");
         let r = retrying(Duration::from_secs(120), || {
             history.append(
@@ -576,10 +614,7 @@ pub async fn server_restart(target: &Target) {
         "server restart: nothing was acknowledged after the restart"
     );
     definite_errors_under_faults(&history).assert_none("server restart");
-    let stored = verify("server restart", target, &category, &history, Some(&live)).await;
-    view.check(target, &category, &stored)
-        .await
-        .assert_none("server restart, newton view");
+    scene.finish("server restart", target).await;
 }
 
 /// Scenario 6: callers that drop their append after a few milliseconds. Each dropped append is
@@ -875,7 +910,10 @@ pub async fn hot_start_now(target: &Target) {
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_secs(30), sub.next()).await {
+        // A short wait, so the loop sees `stop` even when the writers stopped between items;
+        // what is still coming is drained below.
+        match tokio::time::timeout(Duration::from_millis(500), sub.next()).await {
+            Err(_) => {}
             Ok(Some(Ok(SubscriptionItem::CaughtUp))) if caught_up.is_none() => {
                 caught_up = Some(Instant::now());
                 // Writers go on for a while after CaughtUp.
