@@ -736,6 +736,17 @@ pub async fn cancelled_appends(target: &Target) {
     verify("cancelled appends", target, &category, &history, None).await;
 }
 
+/// Appends `n` single events to `stream`, one at a time, re-sending while `Unavailable`.
+async fn append_singles(store: &dyn EventStore, history: &History, stream: &StreamId, n: usize) {
+    for _ in 0..n {
+        retrying(Duration::from_secs(60), || {
+            history.append(store, stream, ExpectedVersion::Any, batch("slow", 1, "s"))
+        })
+        .await
+        .expect("append");
+    }
+}
+
 /// Scenario 7: consumers that pause longer than every timeout between two `next()` calls, in
 /// Cold, Hot and HotCold, with a writer running: each still gets every event, without an error.
 pub async fn slow_consumers(target: &Target) {
@@ -744,18 +755,7 @@ pub async fn slow_consumers(target: &Target) {
     let store = target.open().await;
     let history = History::new();
     let stream = StreamId::new(&category, "slow").expect("valid");
-    for _ in 0..30 {
-        retrying(Duration::from_secs(60), || {
-            history.append(
-                store.as_ref(),
-                &stream,
-                ExpectedVersion::Any,
-                batch("slow", 1, "s"),
-            )
-        })
-        .await
-        .expect("append");
-    }
+    append_singles(store.as_ref(), &history, &stream, 30).await;
     let pause = target.timeout * 3 + Duration::from_secs(1);
     let mut consumers = Vec::new();
     for mode in [
@@ -827,18 +827,7 @@ pub async fn slow_consumers(target: &Target) {
     tokio::time::timeout(Duration::from_secs(60), live_written.notified())
         .await
         .expect("the Hot subscriber got CaughtUp");
-    for _ in 0..10 {
-        retrying(Duration::from_secs(60), || {
-            history.append(
-                store.as_ref(),
-                &stream,
-                ExpectedVersion::Any,
-                batch("slow", 1, "s"),
-            )
-        })
-        .await
-        .expect("append");
-    }
+    append_singles(store.as_ref(), &history, &stream, 10).await;
     let mut failures = Vec::new();
     for h in handles {
         if let Err(e) = h.await.expect("consumer task") {
