@@ -239,30 +239,20 @@ async fn a_stalled_writers_conditional_write_after_the_repair_is_fenced() {
         .single_row::<(i32, Vec<Uuid>, Vec<u8>)>()
         .unwrap();
 
-    // Its markers, for version 1, as it wrote them before it stalled.
-    let micros = photon_api::Timestamp::now().unix_micros();
-    let time_id = schema::time_id(micros);
-    let bucket = micros.div_euclid(config.time_bucket.as_micros() as i64);
-    for key in [category.as_str(), "$all"] {
-        s.query_unpaged(
-            format!("INSERT INTO {ks}.pending (category, bucket, time_id, stream, version) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"),
-            (key, bucket, CqlTimeuuid::from(time_id), stream.as_str(), 1_i64, micros),
-        )
-        .await
-        .unwrap();
-    }
-    // A later append by another writer: the live reader delivers it once the marker is repaired.
-    store
-        .append(
-            &other,
-            ExpectedVersion::NoStream,
-            vec![numbered(100, "other")],
-        )
-        .await
-        .unwrap();
-    let after_repair = next_event(&mut sub, Duration::from_secs(30)).await.unwrap();
-    assert_eq!(number(&after_repair), 100);
-    delivered.push(after_repair);
+    // Its markers, for version 1, as it wrote them before it stalled; then a later append by
+    // another writer, which the live reader delivers once the marker is repaired.
+    let time_id = stall_then_repair(
+        &s,
+        &ks,
+        &config,
+        &store,
+        &category,
+        &stream,
+        &other,
+        &mut sub,
+        &mut delivered,
+    )
+    .await;
 
     // The writer wakes up and sends its conditional write, with its old time id.
     let mut insert = s
@@ -355,29 +345,20 @@ async fn a_stalled_write_over_a_void_after_the_repair_is_fenced() {
         .await
         .unwrap();
     assert!(schema::conditional_write_applied(answer).unwrap());
-    // A writer saw it, wrote its markers for version 1, and stalled before its write over it.
-    let micros = photon_api::Timestamp::now().unix_micros();
-    let time_id = schema::time_id(micros);
-    let bucket = micros.div_euclid(config.time_bucket.as_micros() as i64);
-    for key in [category.as_str(), "$all"] {
-        s.query_unpaged(
-            format!("INSERT INTO {ks}.pending (category, bucket, time_id, stream, version) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"),
-            (key, bucket, CqlTimeuuid::from(time_id), stream.as_str(), 1_i64, micros),
-        )
-        .await
-        .unwrap();
-    }
-    store
-        .append(
-            &other,
-            ExpectedVersion::NoStream,
-            vec![numbered(100, "other")],
-        )
-        .await
-        .unwrap();
-    let after_repair = next_event(&mut sub, Duration::from_secs(30)).await.unwrap();
-    assert_eq!(number(&after_repair), 100);
-    delivered.push(after_repair);
+    // A writer saw it, wrote its markers for version 1, and stalled before its write over it;
+    // another writer's append is delivered once the marker is repaired.
+    let time_id = stall_then_repair(
+        &s,
+        &ks,
+        &config,
+        &store,
+        &category,
+        &stream,
+        &other,
+        &mut sub,
+        &mut delivered,
+    )
+    .await;
     // The writer wakes up: its write over the void it saw must not apply.
     let late = vec![numbered(1, "late"), numbered(2, "late")];
     let ids: Vec<Uuid> = late.iter().map(|e| e.event_id).collect();
@@ -424,6 +405,46 @@ async fn a_stalled_write_over_a_void_after_the_repair_is_fenced() {
 }
 
 /// A plain driver session, connected as the store connects.
+/// A writer's markers for version 1 of `stream`, written by hand as it wrote them before it
+/// stalled; then an append to `other` by another writer, which the live reader `sub` delivers
+/// only once the marker is repaired (pushed to `delivered`). Returns the marker's time id.
+#[allow(clippy::too_many_arguments)]
+async fn stall_then_repair(
+    s: &Session,
+    ks: &str,
+    config: &CassandraConfig,
+    store: &CassandraStore,
+    category: &Category,
+    stream: &StreamId,
+    other: &StreamId,
+    sub: &mut Sub,
+    delivered: &mut Vec<RecordedEvent>,
+) -> Uuid {
+    let micros = photon_api::Timestamp::now().unix_micros();
+    let time_id = schema::time_id(micros);
+    let bucket = micros.div_euclid(config.time_bucket.as_micros() as i64);
+    for key in [category.as_str(), "$all"] {
+        s.query_unpaged(
+            format!("INSERT INTO {ks}.pending (category, bucket, time_id, stream, version) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"),
+            (key, bucket, CqlTimeuuid::from(time_id), stream.as_str(), 1_i64, micros),
+        )
+        .await
+        .unwrap();
+    }
+    store
+        .append(
+            other,
+            ExpectedVersion::NoStream,
+            vec![numbered(100, "other")],
+        )
+        .await
+        .unwrap();
+    let after_repair = next_event(sub, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(number(&after_repair), 100);
+    delivered.push(after_repair);
+    time_id
+}
+
 async fn session(config: &CassandraConfig) -> Session {
     photon_cassandra::session_builder(config)
         .unwrap()
