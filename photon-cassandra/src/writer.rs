@@ -7,6 +7,7 @@
 //! append must know (the stream's head and ids, by `reader`'s serial refresh).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use photon_api::validate::{classify_batch, validate_batch, BatchKind, StoredId};
 use photon_api::{
@@ -24,6 +25,13 @@ const MAX_ATTEMPTS: usize = 100;
 
 /// Rounds of one repair before it gives up (each lost a race for the version's row).
 const MAX_FENCE_ROUNDS: usize = 10;
+
+/// Rounds of one repair that may end in `Unavailable` before the repair gives up with it. Every
+/// reader of a category repairs the same stale marker, and their serial reads and conditional
+/// writes contend in Paxos: on a busy cluster one of them times out although the next round,
+/// which completes whatever was left in flight, would settle it. A timed-out round is a lost
+/// race, not an outage; three in a row are reported.
+const MAX_UNAVAILABLE_ROUNDS: usize = 3;
 
 impl Shared {
     /// Appends `events` to `stream` if its version is `expected`, or recognises a re-send.
@@ -126,23 +134,23 @@ impl Shared {
         version: u64,
     ) -> Result<(), Error> {
         // Each lost race means another writer or repairer changed the row in between; the
-        // row only moves forward (absent, void, commit), so a few rounds settle it.
+        // row only moves forward (absent, void, commit), so a few rounds settle it. Every step
+        // is safe to repeat: the next round's serial read sees what a timed-out one left.
+        let mut unavailable = 0;
         for _ in 0..MAX_FENCE_ROUNDS {
-            let fenced = match self.stored_commit(stream, version).await? {
-                Some((commit, count)) if count > 0 && commit.time_id == time_id => {
-                    tracing::info!(%stream, version, "photon-cassandra: writing the category rows of a committed append");
-                    return self.index_commit(&commit, count).await;
+            match self.fence_round(time_id, stream, version).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e @ Error::Unavailable { .. }) => {
+                    unavailable += 1;
+                    if unavailable >= MAX_UNAVAILABLE_ROUNDS {
+                        return Err(e);
+                    }
+                    tracing::debug!(%stream, version, error = %e, "photon-cassandra: a repair round was not answered; trying again");
+                    // Room for the driver to reconnect, or for the contending round to finish.
+                    tokio::time::sleep(Duration::from_millis(100 << unavailable)).await;
                 }
-                // Another commit has the version, or this marker's void is there already.
-                Some((commit, count)) if count > 0 || commit.time_id == time_id => true,
-                Some((void, _)) => {
-                    self.void(stream, version, time_id, Some(void.time_id))
-                        .await?
-                }
-                None => self.void(stream, version, time_id, None).await?,
-            };
-            if fenced {
-                return self.clear_markers(stream.category_name(), time_id).await;
+                Err(e) => return Err(e),
             }
         }
         Err(Error::Unavailable {
@@ -152,6 +160,34 @@ impl Shared {
             ),
             source: None,
         })
+    }
+
+    /// One round of [`settle_marker`](Self::settle_marker): whether it settled the marker, or
+    /// lost a race for the row and must look again.
+    async fn fence_round(
+        &self,
+        time_id: Uuid,
+        stream: &StreamId,
+        version: u64,
+    ) -> Result<bool, Error> {
+        let fenced = match self.stored_commit(stream, version).await? {
+            Some((commit, count)) if count > 0 && commit.time_id == time_id => {
+                tracing::info!(%stream, version, "photon-cassandra: writing the category rows of a committed append");
+                self.index_commit(&commit, count).await?;
+                return Ok(true);
+            }
+            // Another commit has the version, or this marker's void is there already.
+            Some((commit, count)) if count > 0 || commit.time_id == time_id => true,
+            Some((void, _)) => {
+                self.void(stream, version, time_id, Some(void.time_id))
+                    .await?
+            }
+            None => self.void(stream, version, time_id, None).await?,
+        };
+        if fenced {
+            self.clear_markers(stream.category_name(), time_id).await?;
+        }
+        Ok(fenced)
     }
 
     /// Makes `version` of `stream` a void of `time_id`: a conditional insert where there is no

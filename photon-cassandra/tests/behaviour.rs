@@ -16,7 +16,7 @@ use scylla::client::session::Session;
 use scylla::errors::{DbError, ExecutionError, NewSessionError, RequestAttemptError};
 
 mod common;
-use common::{fresh, number, with_options};
+use common::{fresh, number, proxied, with_options};
 
 fn numbered(n: u64) -> EventData {
     EventData::json("Numbered", &serde_json::json!({ "n": n })).unwrap()
@@ -156,6 +156,47 @@ async fn an_append_whose_writer_died_before_its_category_rows_is_repaired() {
     assert_eq!(streams, vec!["a", "b"]);
 }
 
+/// Plants a pending marker for `version` of `stream`, as a writer leaves it just before its
+/// conditional write (its write time is its time id's), in the category and the all stream.
+/// Returns the marker's bucket.
+async fn plant_marker(s: &Session, store: &CassandraStore, stream: &StreamId, version: i64) -> i64 {
+    let ks = &store.config().keyspace;
+    let now = photon_api::Timestamp::now().unix_micros();
+    let bucket = now.div_euclid(store.config().time_bucket.as_micros() as i64);
+    let id = photon_api::Uuid::now_v1(&[1, 2, 3, 4, 5, 6]);
+    let (secs, nanos) = id.get_timestamp().unwrap().to_unix();
+    let micros = secs as i64 * 1_000_000 + nanos as i64 / 1_000;
+    let t = scylla::value::CqlTimeuuid::from(id);
+    for key in [stream.category_name(), "$all"] {
+        s.query_unpaged(
+            format!("INSERT INTO {ks}.pending (category, bucket, time_id, stream, version) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"),
+            (key, bucket, t, stream.as_str(), version, micros),
+        )
+        .await
+        .unwrap();
+    }
+    bucket
+}
+
+/// The pending markers of `category` left in `bucket`.
+async fn markers_left(
+    s: &Session,
+    store: &CassandraStore,
+    category: &Category,
+    bucket: i64,
+) -> usize {
+    let ks = &store.config().keyspace;
+    s.query_unpaged(
+        format!("SELECT time_id FROM {ks}.pending WHERE category = ? AND bucket = ?"),
+        (category.as_str(), bucket),
+    )
+    .await
+    .unwrap()
+    .into_rows_result()
+    .unwrap()
+    .rows_num()
+}
+
 /// An append that crashed before its commit (the conditional write never ran) leaves a marker
 /// that readers drop after the repair delay, delivering nothing for it.
 #[tokio::test]
@@ -174,40 +215,70 @@ async fn a_marker_without_a_commit_is_dropped() {
         .append(&stream, ExpectedVersion::NoStream, vec![numbered(0)])
         .await
         .unwrap();
-    // A marker as a writer leaves it just before its conditional write, for version 1.
     let s = session(&url).await;
-    let ks = store.config().keyspace.clone();
-    let now = photon_api::Timestamp::now().unix_micros();
-    let bucket = now.div_euclid(store.config().time_bucket.as_micros() as i64);
-    let id = uuid::Uuid::now_v1(&[1, 2, 3, 4, 5, 6]);
-    let (secs, nanos) = id.get_timestamp().unwrap().to_unix();
-    let micros = secs as i64 * 1_000_000 + nanos as i64 / 1_000;
-    let t = scylla::value::CqlTimeuuid::from(id);
-    for key in [category.as_str(), "$all"] {
-        // As a writer writes it: the marker's write time is its time id's.
-        s.query_unpaged(
-            format!("INSERT INTO {ks}.pending (category, bucket, time_id, stream, version) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"),
-            (key, bucket, t, stream.as_str(), 1_i64, micros),
-        )
-        .await
-        .unwrap();
-    }
+    let bucket = plant_marker(&s, &store, &stream, 1).await;
     let replay = store
         .replay_to_vec(Selector::Category(category.clone()), Start::Beginning)
         .await
         .unwrap();
     assert_eq!(replay.iter().map(number).collect::<Vec<_>>(), vec![0]);
-    let left = s
-        .query_unpaged(
-            format!("SELECT time_id FROM {ks}.pending WHERE category = ? AND bucket = ?"),
-            (category.as_str(), bucket),
-        )
+    assert_eq!(
+        markers_left(&s, &store, &category, bucket).await,
+        0,
+        "the marker was dropped"
+    );
+}
+
+/// Every reader of a category repairs the same stale marker, and their serial reads and
+/// conditional writes contend: a repair round that is not answered (here its connection is cut
+/// while the serial read is in flight; in CI it was a Paxos round that timed out) is a lost
+/// race, and the next round settles the marker. The replay does not fail for it.
+#[tokio::test]
+async fn a_repair_round_that_is_not_answered_is_tried_again() {
+    let Some(url) = server_url("cassandra", "PHOTON_TEST_CASSANDRA_URL") else {
+        return;
+    };
+    let url = with_options(
+        &url,
+        "settle_ms=200&timeout_ms=2000&repair_after_ms=4500&bucket_size=16",
+    );
+    let (proxy, proxied_url) = proxied(&url).await;
+    let store = CassandraStore::from_url(&proxied_url).await.unwrap();
+    let category = Category::new(fresh("unanswered")).unwrap();
+    let stored = StreamId::new(&category, "a").unwrap();
+    store
+        .append(&stored, ExpectedVersion::NoStream, vec![numbered(0)])
         .await
+        .unwrap();
+    // A marker of a stream nothing else names: the first request that carries its name is
+    // the repair's serial read.
+    let ghost = StreamId::new(&category, "ghost").unwrap();
+    let s = session(&url).await;
+    let bucket = plant_marker(&s, &store, &ghost, 0).await;
+    let hold = proxy.hold_next(ghost.as_str().as_bytes());
+    let replay = {
+        let (store, category) = (store.clone(), category.clone());
+        tokio::spawn(async move {
+            store
+                .replay_to_vec(Selector::Category(category), Start::Beginning)
+                .await
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(30), hold.matched())
+        .await
+        .expect("the repair's serial read reached the proxy");
+    hold.drop_connection();
+    let replay = tokio::time::timeout(Duration::from_secs(60), replay)
+        .await
+        .expect("the replay ended")
         .unwrap()
-        .into_rows_result()
-        .unwrap()
-        .rows_num();
-    assert_eq!(left, 0, "the marker was dropped");
+        .expect("a repair round that was not answered is tried again");
+    assert_eq!(replay.iter().map(number).collect::<Vec<_>>(), vec![0]);
+    assert_eq!(
+        markers_left(&s, &store, &category, bucket).await,
+        0,
+        "the marker was dropped"
+    );
 }
 
 /// Long streams: commits go to partition `(stream, first version / bucket_size)`, and reads
