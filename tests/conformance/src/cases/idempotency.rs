@@ -7,7 +7,9 @@
 
 use std::sync::Arc;
 
-use photon_api::{Error, ExpectedVersion, Selector, Start, Version};
+use photon_api::{
+    AppendResult, Category, Error, ExpectedVersion, Selector, Start, StreamId, Version,
+};
 
 use crate::support::{
     append_numbered, append_until_definite, collect_cold, fresh_stream, numbered, numbers, read_all,
@@ -21,6 +23,9 @@ macro_rules! __conformance_idempotency_cases {
     ($($then:tt)*) => {
         $crate::conformance_suite! { $($then)*
             idempotent_retry,
+            retry_under_stream_exists_stores_nothing_twice,
+            retry_under_a_holding_exact_stores_nothing_twice,
+            partial_repeat_under_a_holding_expectation_is_refused,
             concurrent_identical_batches_store_once,
         }
     };
@@ -94,6 +99,183 @@ pub async fn idempotent_retry(h: &Harness) {
         .await
         .unwrap();
     assert_eq!(numbers(&in_category), vec![1, 2, 3]);
+}
+
+/// Asserts that `result` answers exactly as `original` did: a retry reports the first send's
+/// versions and checkpoints.
+#[track_caller]
+fn assert_same_answer(result: &AppendResult, original: &AppendResult, what: &str) {
+    assert_eq!(
+        (result.first_version, result.last_version),
+        (original.first_version, original.last_version),
+        "{what}: a retry reports the original versions"
+    );
+    assert_eq!(
+        result.checkpoints, original.checkpoints,
+        "{what}: a retry reports the original checkpoints"
+    );
+}
+
+/// Asserts that `stream` holds exactly the numbered events `want`, in its own reads, its
+/// version and its category's replay.
+async fn assert_stored_once(h: &Harness, category: &Category, stream: &StreamId, want: &[u64]) {
+    let reader = h.client().await;
+    assert_eq!(numbers(&read_all(&*reader, stream).await), want);
+    assert_eq!(
+        reader.stream_version(stream).await.unwrap(),
+        Some(Version(want.len() as u64 - 1))
+    );
+    let replay = collect_cold(
+        &*reader,
+        Selector::Category(category.clone()),
+        Start::Beginning,
+    )
+    .await
+    .unwrap();
+    assert_eq!(numbers(&replay), want);
+}
+
+/// Guarantee 4 with an expectation that holds: a re-send of a stored batch under
+/// `StreamExists` (which holds once the batch is stored) is a retry, answered with the original
+/// versions, from the same or another client; nothing is stored again.
+pub async fn retry_under_stream_exists_stores_nothing_twice(h: &Harness) {
+    let store = h.client().await;
+    let other = h.client().await;
+    let category = h.category();
+    let stream = fresh_stream(&category, "exists");
+    let batch = vec![numbered(1), numbered(2)];
+    let first = store
+        .append(&stream, ExpectedVersion::NoStream, batch.clone())
+        .await
+        .unwrap();
+    let last = vec![numbered(3)];
+    let second = store
+        .append(&stream, ExpectedVersion::StreamExists, last.clone())
+        .await
+        .unwrap();
+    assert_eq!(second.first_version, Version(2));
+    for (client, resent, original, what) in [
+        (&store, &batch, &first, "the first batch from its writer"),
+        (
+            &other,
+            &batch,
+            &first,
+            "the first batch from another client",
+        ),
+        (&store, &last, &second, "the last batch from its writer"),
+        (&other, &last, &second, "the last batch from another client"),
+    ] {
+        let again = client
+            .append(&stream, ExpectedVersion::StreamExists, resent.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{what} under StreamExists: {e}"));
+        assert_same_answer(&again, original, what);
+    }
+    assert_stored_once(h, &category, &stream, &[1, 2, 3]).await;
+}
+
+/// Guarantee 4 with an exact expectation that holds now: a batch stored with `NoStream` at
+/// version 0 and re-sent with `Exact(0)` (what a writer that reloaded the stream after a timeout
+/// sends) is a retry, not a new append at version 1; the same for a later batch re-sent with the
+/// stream's current version.
+pub async fn retry_under_a_holding_exact_stores_nothing_twice(h: &Harness) {
+    let store = h.client().await;
+    let other = h.client().await;
+    let category = h.category();
+    let stream = fresh_stream(&category, "exact");
+    let opening = vec![numbered(1)];
+    let first = store
+        .append(&stream, ExpectedVersion::NoStream, opening.clone())
+        .await
+        .unwrap();
+    assert_eq!(first.first_version, Version(0));
+    for client in [&store, &other] {
+        let again = client
+            .append(&stream, ExpectedVersion::Exact(Version(0)), opening.clone())
+            .await
+            .unwrap_or_else(|e| panic!("[1] re-sent with Exact(0): {e}"));
+        assert_same_answer(&again, &first, "[1] re-sent with Exact(0)");
+    }
+    let batch = vec![numbered(2), numbered(3)];
+    let second = store
+        .append(&stream, ExpectedVersion::Exact(Version(0)), batch.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        (second.first_version, second.last_version),
+        (Version(1), Version(2))
+    );
+    for client in [&store, &other] {
+        let again = client
+            .append(&stream, ExpectedVersion::Exact(Version(2)), batch.clone())
+            .await
+            .unwrap_or_else(|e| panic!("[2, 3] re-sent with Exact(2): {e}"));
+        assert_same_answer(&again, &second, "[2, 3] re-sent with Exact(2)");
+    }
+    assert_stored_once(h, &category, &stream, &[1, 2, 3]).await;
+}
+
+/// Guarantee 4 with an expectation that holds: a batch mixing stored ids with new ones (or only
+/// part of a stored append) is refused whole with `IdempotencyConflict` naming its first stored
+/// id and where it is, and none of its new events is stored: each can be appended afterwards
+/// as a new event.
+pub async fn partial_repeat_under_a_holding_expectation_is_refused(h: &Harness) {
+    let store = h.client().await;
+    let other = h.client().await;
+    let category = h.category();
+    let stream = fresh_stream(&category, "partial");
+    let batch = vec![numbered(1), numbered(2)];
+    store
+        .append(&stream, ExpectedVersion::NoStream, batch.clone())
+        .await
+        .unwrap();
+    let fresh = numbered(3);
+    let holding = [
+        ExpectedVersion::StreamExists,
+        ExpectedVersion::Exact(Version(1)),
+        ExpectedVersion::Any,
+    ];
+    for bad in [
+        vec![batch[0].clone(), fresh.clone()],
+        vec![fresh.clone(), batch[1].clone()],
+        vec![batch[0].clone(), batch[1].clone(), fresh.clone()],
+        vec![batch[1].clone()],
+    ] {
+        for (client, expected) in [
+            (&store, holding[0]),
+            (&other, holding[1]),
+            (&store, holding[2]),
+        ] {
+            match client.append(&stream, expected, bad.clone()).await {
+                Err(Error::IdempotencyConflict {
+                    stream: s,
+                    event_id,
+                    version,
+                }) => {
+                    assert_eq!(s, stream);
+                    let first_stored = bad.iter().find(|e| e.event_id != fresh.event_id).unwrap();
+                    assert_eq!(
+                        event_id, first_stored.event_id,
+                        "names the batch's first stored id"
+                    );
+                    let at = batch.iter().position(|e| e.event_id == event_id).unwrap();
+                    assert_eq!(version, Version(at as u64));
+                }
+                other => panic!(
+                    "{} events with {expected:?}: want IdempotencyConflict, got {other:?}",
+                    bad.len()
+                ),
+            }
+        }
+    }
+    assert_stored_once(h, &category, &stream, &[1, 2]).await;
+    // Nothing of the refused batches was stored: the new event is new, stored once at 2.
+    let r = other
+        .append(&stream, ExpectedVersion::Exact(Version(1)), vec![fresh])
+        .await
+        .unwrap();
+    assert_eq!((r.first_version, r.last_version), (Version(2), Version(2)));
+    assert_stored_once(h, &category, &stream, &[1, 2, 3]).await;
 }
 
 /// Guarantee 4 under a race: several clients send the very same batch at once (a retry racing
