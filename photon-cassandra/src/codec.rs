@@ -133,10 +133,26 @@ pub(crate) fn events_of(commit: &Commit) -> Result<Vec<RecordedEvent>, Error> {
 /// 100-nanosecond intervals between the UUID epoch (1582-10-15) and the Unix epoch.
 const UUID_EPOCH_OFFSET: u64 = 0x01B2_1DD2_1381_4000;
 
+/// The earliest time a time UUID holds, µs since the Unix epoch: 1582-10-15, the UUID epoch.
+pub(crate) const MIN_TIME_MICROS: i64 = -((UUID_EPOCH_OFFSET / 10) as i64);
+
+/// The latest time a time UUID holds (60 bits of 100 ns ticks), µs since the Unix epoch: in
+/// the year 5236.
+pub(crate) const MAX_TIME_MICROS: i64 = (((1u64 << 60) - 1 - UUID_EPOCH_OFFSET) / 10) as i64;
+
+/// Whether a time UUID can hold `micros`: times before 1970 included, back to 1582.
+pub(crate) fn holds_time(micros: i64) -> bool {
+    (MIN_TIME_MICROS..=MAX_TIME_MICROS).contains(&micros)
+}
+
 /// A version-1 (time) UUID for `micros` since the Unix epoch, with random clock sequence and
 /// node, as Cassandra's `timeuuid` orders them: by time first. The `time_id` of a commit.
+/// A time outside what a time UUID holds (before 1582-10-15, after the year 5236) is clamped to
+/// the nearest one it holds, never wrapped around.
 pub fn time_id(micros: i64) -> Uuid {
-    let ticks = micros as u64 * 10 + UUID_EPOCH_OFFSET;
+    let micros = micros.clamp(MIN_TIME_MICROS, MAX_TIME_MICROS);
+    // In range, so the ticks fit in 60 bits and nothing overflows, before 1970 too.
+    let ticks = (micros - MIN_TIME_MICROS) as u64 * 10;
     let random: [u8; 8] = rand::random();
     let mut b = [0u8; 16];
     b[0..4].copy_from_slice(&((ticks & 0xffff_ffff) as u32).to_be_bytes());
@@ -166,14 +182,15 @@ pub fn max_time_id(micros: i64) -> Uuid {
     Uuid::from_bytes(b)
 }
 
-/// The time of a version-1 UUID, microseconds since the Unix epoch.
+/// The time of a version-1 UUID, microseconds since the Unix epoch (negative before 1970).
 pub(crate) fn time_micros(id: &Uuid) -> i64 {
     let b = id.as_bytes();
     let low = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as u64;
     let mid = u16::from_be_bytes([b[4], b[5]]) as u64;
     let high = (u16::from_be_bytes([b[6], b[7]]) & 0x0fff) as u64;
     let ticks = (high << 48) | (mid << 32) | low;
-    (ticks.saturating_sub(UUID_EPOCH_OFFSET) / 10) as i64
+    // 60 bits of ticks fit in an i64; a time before the Unix epoch is negative, rounded down.
+    (ticks as i64 - UUID_EPOCH_OFFSET as i64).div_euclid(10)
 }
 
 /// Where a subscription resumes: after event `index` of the commit with `time_id` (category and
@@ -295,6 +312,19 @@ mod tests {
         assert_eq!(time_micros(&id), t);
         assert_eq!(time_micros(&min_time_id(t)), t);
         assert_ne!(time_id(t), time_id(t), "random node: unique");
+    }
+
+    #[test]
+    fn time_ids_hold_times_before_1970_and_clamp_what_they_cannot_hold() {
+        let sixties = -300_000_000_000_000; // 1960-06-30
+        assert_eq!(time_micros(&time_id(sixties)), sixties);
+        assert_eq!(time_micros(&max_time_id(-1)), -1);
+        assert_eq!(time_micros(&time_id(MIN_TIME_MICROS)), MIN_TIME_MICROS);
+        assert_eq!(time_micros(&time_id(MAX_TIME_MICROS)), MAX_TIME_MICROS);
+        assert_eq!(time_micros(&time_id(i64::MIN)), MIN_TIME_MICROS);
+        assert_eq!(time_micros(&time_id(i64::MAX)), MAX_TIME_MICROS);
+        assert!(holds_time(sixties) && holds_time(0));
+        assert!(!holds_time(MIN_TIME_MICROS - 1) && !holds_time(MAX_TIME_MICROS + 1));
     }
 
     #[test]

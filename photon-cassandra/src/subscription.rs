@@ -48,8 +48,34 @@ pub(crate) fn subscribe(
         start,
         mode,
         |checkpoint, _| Position::from_checkpoint(checkpoint),
-        |request| Ok(cursor_stream(Sub::open(shared, request))),
+        |request| {
+            check_start_time(&request)?;
+            Ok(cursor_stream(Sub::open(shared, request)))
+        },
     )
+}
+
+/// A category or the all stream is ordered by time UUIDs, which hold times from 1582-10-15 to
+/// the year 5236 (before 1970 included): a `Start::Time` outside them has no place in that
+/// order, and is refused before anything is read. A stream subscription compares times only,
+/// so any time works there.
+fn check_start_time(request: &SubscriptionRequest<Position>) -> Result<(), Error> {
+    let (Start::Time(t), Selector::Category(_) | Selector::All) =
+        (&request.start, &request.selector)
+    else {
+        return Ok(());
+    };
+    if codec::holds_time(t.unix_micros()) {
+        return Ok(());
+    }
+    let selector = match &request.selector {
+        Selector::Category(c) => format!("category {c}"),
+        _ => "the all stream".to_owned(),
+    };
+    Err(Error::InvalidInput {
+        what: format!("Start::Time({t}) of a subscription to {selector}"),
+        reason: "photon-cassandra orders category and all streams by time UUIDs, which hold times from 1582-10-15 to 5236-03-31; start from a time in that range (Start::Beginning for everything)".into(),
+    })
 }
 
 /// A subscription between its items.
