@@ -71,12 +71,54 @@ impl Dice {
     }
 }
 
-/// How many times larger the scenarios run: 10 with `PHOTON_FAULTS_SOAK=1` (minutes per
-/// backend, on demand), else 1 (CI).
+/// How many times larger the scenarios run: `PHOTON_FAULTS_SCALE=N` says N; else 10 with
+/// `PHOTON_FAULTS_SOAK=1` (minutes per backend, on demand), else 1 (CI). A scale between the two
+/// fits a soak of several backends into the time at hand.
 pub fn scale() -> usize {
-    match std::env::var("PHOTON_FAULTS_SOAK") {
-        Ok(v) if !v.is_empty() && v != "0" => 10,
+    scale_from(
+        std::env::var("PHOTON_FAULTS_SCALE").ok().as_deref(),
+        std::env::var("PHOTON_FAULTS_SOAK").ok().as_deref(),
+    )
+}
+
+/// [`scale`] from the two variables' values. A scale that is not a whole number above zero
+/// panics with the value: a soak that silently ran at scale 1 would report a soak it never ran.
+fn scale_from(scale: Option<&str>, soak: Option<&str>) -> usize {
+    if let Some(n) = scale.filter(|v| !v.is_empty()) {
+        return match n.parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => panic!("PHOTON_FAULTS_SCALE={n:?}: want a whole number above zero"),
+        };
+    }
+    match soak {
+        Some(v) if !v.is_empty() && v != "0" => 10,
         _ => 1,
+    }
+}
+
+#[cfg(test)]
+mod scale_tests {
+    use super::scale_from;
+
+    #[test]
+    fn the_scale_wins_over_the_soak_switch() {
+        assert_eq!(scale_from(None, None), 1);
+        assert_eq!(scale_from(None, Some("0")), 1);
+        assert_eq!(scale_from(None, Some("1")), 10);
+        assert_eq!(scale_from(Some("3"), Some("1")), 3);
+        assert_eq!(scale_from(Some(""), None), 1);
+    }
+
+    #[test]
+    #[should_panic(expected = "PHOTON_FAULTS_SCALE=\"0\"")]
+    fn a_scale_of_zero_is_refused() {
+        scale_from(Some("0"), None);
+    }
+
+    #[test]
+    #[should_panic(expected = "want a whole number")]
+    fn a_scale_that_is_not_a_number_is_refused() {
+        scale_from(Some("lots"), None);
     }
 }
 
