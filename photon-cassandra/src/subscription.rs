@@ -236,10 +236,13 @@ async fn open_timeline(
         _ => (codec::min_time_id(0), false, None),
     };
     let at = codec::time_micros(&lower);
-    // Start in the first registered bucket at or after the start time.
-    let bucket = first_bucket(shared, key, shared.time_bucket_of(at), i64::MAX)
+    // Start in the first registered bucket at or after the start time, and not after the
+    // present: a writer whose clock runs ahead may have registered a future bucket, and a
+    // reader that jumped there would never read the present one.
+    let present = shared.time_bucket_of(now);
+    let bucket = first_bucket(shared, key, shared.time_bucket_of(at), present)
         .await?
-        .unwrap_or_else(|| shared.time_bucket_of(now));
+        .unwrap_or(present);
     Ok(Timeline {
         key: key.to_owned(),
         bucket,
