@@ -157,7 +157,10 @@ const PENDING_AFTER: Cql = Cql("SELECT time_id, stream, version FROM {ks}.pendin
 const INSERT_BUCKET: Cql =
     Cql("INSERT INTO {ks}.category_buckets (category, bucket) VALUES (?, ?)");
 const BUCKETS_FROM: Cql = Cql("SELECT bucket FROM {ks}.category_buckets WHERE category = ? AND bucket >= ? AND bucket <= ? LIMIT 1");
-const CATEGORIES: Cql = Cql("SELECT DISTINCT category FROM {ks}.category_buckets");
+/// The categories with a stored commit: `streams` is written only once a commit is stored
+/// (with its category rows), while `category_buckets` is registered before the conditional
+/// write, which may then fail.
+const CATEGORIES: Cql = Cql("SELECT DISTINCT category FROM {ks}.streams");
 const INSERT_STREAM: Cql = Cql("INSERT INTO {ks}.streams (category, stream) VALUES (?, ?)");
 const STREAMS_OF: Cql = Cql("SELECT stream FROM {ks}.streams WHERE category = ?");
 const RECORD_SETTING: Cql =
