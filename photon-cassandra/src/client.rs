@@ -5,17 +5,18 @@
 //! This module connects and remembers; what an append or a read means is `writer` and
 //! `reader`, and the keyspace's layout is `schema`. Nothing here reaches up into the crate root.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use photon_api::validate::StoredId;
-use photon_api::{Error, Health, StreamId, Uuid};
+use photon_api::{Error, Health, StreamId, Timestamp, Uuid, Version};
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use tokio::sync::OnceCell;
 
+use crate::codec;
 use crate::config::CassandraConfig;
 use crate::durability::{self, Durability};
 use crate::error;
@@ -49,18 +50,92 @@ const MIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Schema agreement after creating tables may take at least this long.
 const MIN_SCHEMA_AGREEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Event ids kept per stream, at most, of its latest commits: enough to recognise the re-send
+/// of a recent append without a read (16 bytes each). Older ids are read from the stream when
+/// a batch must be checked against them (see `writer`).
+const RECENT_IDS: usize = 64;
+
+/// Latest commits kept per stream, at most.
+const RECENT_COMMITS: usize = 16;
+
+/// One of a stream's latest commits, as this process knows it.
+#[derive(Clone)]
+struct RecentCommit {
+    first: u64,
+    time_id: Uuid,
+    ids: Arc<[Uuid]>,
+}
+
 /// What this process knows of one stream: where its next commit goes, the time of its last
-/// commit, and its event ids (for idempotent re-sends).
+/// commit, and the ids of its latest commits. Bounded whatever the stream's length, so an
+/// append copies and keeps a few hundred bytes of it, not every id the stream holds.
 #[derive(Default, Clone)]
 pub(crate) struct StreamMeta {
     pub(crate) next_first: u64,
     pub(crate) last_time: i64,
-    pub(crate) ids: HashMap<Uuid, StoredId>,
-    /// Time id of each commit, by first version.
-    pub(crate) times: HashMap<u64, Uuid>,
+    /// The latest commits, oldest first: at most `RECENT_COMMITS`, with at most `RECENT_IDS`
+    /// ids in all (a commit with more is not kept).
+    recent: VecDeque<RecentCommit>,
+    recent_ids: usize,
     /// The time id of the void (a repair's fence) at `next_first`, if one was seen there: the
     /// next commit replaces it, conditionally on that time id.
     pub(crate) void: Option<Uuid>,
+}
+
+impl StreamMeta {
+    /// Records a commit of `ids` from `first`, the stream's new head, with `time_id`.
+    pub(crate) fn push(&mut self, first: u64, time_id: Uuid, ids: Arc<[Uuid]>) {
+        self.next_first = first + ids.len() as u64;
+        self.last_time = self.last_time.max(codec::time_micros(&time_id));
+        self.void = None;
+        self.recent_ids += ids.len();
+        self.recent.push_back(RecentCommit {
+            first,
+            time_id,
+            ids,
+        });
+        while self.recent_ids > RECENT_IDS || self.recent.len() > RECENT_COMMITS {
+            let Some(old) = self.recent.pop_front() else {
+                break;
+            };
+            self.recent_ids -= old.ids.len();
+        }
+    }
+
+    /// Whether the latest commits kept are the whole stream: then an id not among them is not
+    /// stored in it.
+    pub(crate) fn knows_every_id(&self) -> bool {
+        self.recent
+            .front()
+            .map_or(self.next_first == 0, |c| c.first == 0)
+    }
+
+    /// Where `id` is stored, if among the latest commits kept.
+    pub(crate) fn stored(&self, id: &Uuid) -> Option<StoredId> {
+        self.recent.iter().find_map(|c| {
+            let i = c.ids.iter().position(|x| x == id)?;
+            Some(StoredId {
+                version: Version(c.first + i as u64),
+                batch_first: Version(c.first),
+                batch_len: c.ids.len(),
+            })
+        })
+    }
+
+    /// The time id of the commit from `first`, if among the latest commits kept.
+    pub(crate) fn time_of(&self, first: u64) -> Option<Uuid> {
+        self.recent
+            .iter()
+            .find(|c| c.first == first)
+            .map(|c| c.time_id)
+    }
+
+    /// What this holds, in bytes (about).
+    pub(crate) fn bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.recent.len() * (std::mem::size_of::<RecentCommit>() + 16)
+            + self.recent_ids * std::mem::size_of::<Uuid>()
+    }
 }
 
 /// What every clone of a store shares.
@@ -69,6 +144,8 @@ pub(crate) struct Shared {
     ready: OnceCell<(Session, Statements)>,
     meta: Mutex<HashMap<String, StreamMeta>>,
     crash_after_commit: AtomicBool,
+    /// µs added to the machine's clock (`CassandraStore::set_clock_offset_ms`, for tests).
+    clock_offset: AtomicI64,
     /// What a crash does to an acknowledged append, as read at connect.
     durability: OnceLock<Durability>,
 }
@@ -80,6 +157,7 @@ impl Shared {
             ready: OnceCell::new(),
             meta: Mutex::default(),
             crash_after_commit: AtomicBool::new(false),
+            clock_offset: AtomicI64::new(0),
             durability: OnceLock::new(),
         }
     }
@@ -129,6 +207,27 @@ impl Shared {
         if meta.next_first >= known.next_first {
             *known = meta.clone();
         }
+    }
+
+    /// What the stream cache holds, in bytes (about): see `CassandraStore::stream_cache_bytes`.
+    pub(crate) fn stream_cache_bytes(&self) -> usize {
+        let cache = self.meta.lock().expect("meta lock");
+        cache
+            .iter()
+            .map(|(name, meta)| name.len() + meta.bytes())
+            .sum()
+    }
+
+    /// This store's clock, µs since the Unix epoch: the machine's, moved by the offset tests
+    /// set. Every time id, horizon and marker age is read from it.
+    pub(crate) fn now_micros(&self) -> i64 {
+        Timestamp::now().unix_micros() + self.clock_offset.load(Ordering::Relaxed)
+    }
+
+    /// See `CassandraStore::set_clock_offset_ms`.
+    pub(crate) fn set_clock_offset_ms(&self, offset_ms: i64) {
+        self.clock_offset
+            .store(offset_ms.saturating_mul(1_000), Ordering::Relaxed);
     }
 
     /// See `CassandraStore::set_crash_after_commit`.

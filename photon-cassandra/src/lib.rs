@@ -68,6 +68,20 @@ impl CassandraStore {
         &self.inner.config
     }
 
+    /// What this store's per-process cache of stream metadata (each stream's head, last time
+    /// and latest event ids, for appends without a read) holds, in bytes, about: so its memory
+    /// can be watched. It is bounded whatever the streams' lengths (see the README, "Limits").
+    pub fn stream_cache_bytes(&self) -> usize {
+        self.inner.stream_cache_bytes()
+    }
+
+    /// For tests of the clock-skew check: this store's clock reads `offset_ms` ahead of the
+    /// machine's (behind it when negative), as a machine whose clock is off would. Every time
+    /// the store reads (its appends' time ids, its readers' horizon) moves with it.
+    pub fn set_clock_offset_ms(&self, offset_ms: i64) {
+        self.inner.set_clock_offset_ms(offset_ms);
+    }
+
     /// For tests of the repair path: while on, every append stops right after its commit row is
     /// written, before the category rows are, and reports an error, as if the process had died
     /// there. Readers then find the append's pending marker and repair it.

@@ -5,6 +5,7 @@
 //! Nothing here writes: appends and repairs are `writer`; category and all-stream reading is
 //! `subscription`.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use futures::stream::{self, BoxStream};
@@ -79,21 +80,56 @@ impl Shared {
                 meta.void = (first == meta.next_first).then_some(time_id);
                 continue;
             }
-            meta.void = None;
-            for (i, id) in ids.iter().enumerate() {
-                let stored = StoredId {
-                    version: Version(first + i as u64),
-                    batch_first: Version(first),
-                    batch_len: count as usize,
-                };
-                meta.ids.insert(*id, stored);
-            }
-            meta.times.insert(first, time_id);
-            meta.next_first = first + count as u64;
-            meta.last_time = meta.last_time.max(codec::time_micros(&time_id));
+            meta.push(first, time_id, ids.into());
             seen += 1;
         }
         Ok(seen)
+    }
+
+    /// Where each of `ids` is stored in `stream`, with its commit's time id, from every commit
+    /// up to the one starting at `head` (exclusive; later ones are found by the append's
+    /// conditional write failing): the check of a batch against ids older than the ones this
+    /// process keeps. It reads 16 bytes per event of the stream and keeps only the batch's.
+    pub(crate) async fn find_ids(
+        &self,
+        stream: &StreamId,
+        ids: &[Uuid],
+        head: u64,
+    ) -> Result<HashMap<Uuid, (StoredId, Uuid)>, Error> {
+        let (session, st) = self.ready().await?;
+        let wanted: HashSet<&Uuid> = ids.iter().collect();
+        let mut found = HashMap::new();
+        let context = || format!("reading the event ids of {stream}");
+        let last = match head.checked_sub(1) {
+            Some(top) => self.bucket_of(top),
+            None => return Ok(found),
+        };
+        for bucket in 0..=last {
+            let rows = session
+                .execute_unpaged(&st.commit_ids_from, (stream.as_str(), bucket, 0_i64))
+                .await
+                .map_err(|e| error::request(context(), e))?
+                .into_rows_result()
+                .map_err(|e| error::driver(context(), e))?;
+            for row in rows
+                .rows::<(i64, i32, CqlTimeuuid, Vec<Uuid>)>()
+                .map_err(|e| error::driver(context(), e))?
+            {
+                let (first, count, time_id, stored) =
+                    row.map_err(|e| error::driver(context(), e))?;
+                for (i, id) in stored.iter().enumerate() {
+                    if wanted.contains(id) {
+                        let at = StoredId {
+                            version: Version(first as u64 + i as u64),
+                            batch_first: Version(first as u64),
+                            batch_len: count as usize,
+                        };
+                        found.insert(*id, (at, Uuid::from(time_id)));
+                    }
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// The version of the last event of `stream`, by a plain read.

@@ -9,10 +9,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use photon_api::validate::{classify_batch, validate_batch, BatchKind, StoredId};
-use photon_api::{
-    AppendResult, Bytes, Error, EventData, ExpectedVersion, StreamId, Timestamp, Uuid, Version,
-};
+use photon_api::validate::{classify_batch, validate_batch, BatchKind};
+use photon_api::{AppendResult, Bytes, Error, EventData, ExpectedVersion, StreamId, Uuid, Version};
 use scylla::value::CqlTimeuuid;
 
 use crate::client::{Shared, StreamMeta, ALL, BACKEND};
@@ -242,6 +240,9 @@ struct Append<'a> {
     meta: StreamMeta,
     /// Whether `meta` was read (serially) during this append, so a conflict is real.
     fresh: bool,
+    /// The time id of the stored append this batch re-sends, when it was found by reading the
+    /// stream's older ids (not among the latest ones kept).
+    retry_time: Option<Uuid>,
 }
 
 /// Where a batch goes, once decided.
@@ -271,6 +272,7 @@ impl<'a> Append<'a> {
             blob: Bytes::from(codec::encode_events(events)?),
             meta: shared.cached_meta(stream),
             fresh: false,
+            retry_time: None,
         };
         if append.meta.next_first == 0 {
             append.refresh().await?;
@@ -293,7 +295,7 @@ impl<'a> Append<'a> {
         };
         // A stream's time ids only grow, so its commits keep their order in the category,
         // whatever the writers' clocks say.
-        let micros = Timestamp::now().unix_micros().max(self.meta.last_time + 1);
+        let micros = self.shared.now_micros().max(self.meta.last_time + 1);
         let time_id = codec::time_id(micros);
         if !self.write_markers(first, time_id, micros).await? {
             return Ok(None);
@@ -304,7 +306,7 @@ impl<'a> Append<'a> {
             self.refresh().await?;
             return Ok(None);
         }
-        self.remember_commit(first, time_id, micros);
+        self.remember_commit(first, time_id);
         if self.shared.crash_after_commit() {
             return Err(error::corrupt(
                 format!("appending to {}", self.stream),
@@ -315,15 +317,15 @@ impl<'a> Append<'a> {
             ));
         }
         self.index(first, time_id).await;
-        Ok(Some(self.result(Version(first))))
+        Ok(Some(self.result(Version(first), Some(time_id))))
     }
 
     /// Checks the batch against what is known of the stream: a re-send, a conflict, or the
     /// version to write at. A refusal against a stale view is checked against a fresh one first.
     async fn decide(&mut self) -> Result<Decision, Error> {
-        let meta = &self.meta;
-        let kind = classify_batch(self.stream, self.events, |id| meta.ids.get(id).copied());
-        let kind = match kind {
+        let current = self.meta.next_first.checked_sub(1).map(Version);
+        let head_matches = self.expected.matches(current);
+        let kind = match self.classify(head_matches).await {
             Err(_) if !self.fresh => {
                 self.refresh().await?;
                 return Ok(Decision::Again);
@@ -332,10 +334,10 @@ impl<'a> Append<'a> {
         };
         if let BatchKind::Retry { first } = kind {
             self.reindex_in_background(first.0);
-            return Ok(Decision::Done(self.result(first)));
+            let time_id = self.meta.time_of(first.0).or(self.retry_time);
+            return Ok(Decision::Done(self.result(first, time_id)));
         }
-        let current = self.meta.next_first.checked_sub(1).map(Version);
-        if self.expected.matches(current) {
+        if head_matches {
             return Ok(Decision::Write(self.meta.next_first));
         }
         if !self.fresh {
@@ -346,6 +348,37 @@ impl<'a> Append<'a> {
             stream: self.stream.clone(),
             expected: self.expected,
             actual: current,
+        })
+    }
+
+    /// Whether the batch is new, a re-send of one stored append, or a conflict. This process
+    /// keeps only a stream's latest ids; the older ones are read (16 bytes per event) only when
+    /// they could change the answer: not for a re-send found among the latest, not when they
+    /// are the whole stream, and not for a new batch whose expectation pins the head and
+    /// matches it (a re-send of an append that landed cannot match: that append moved the head
+    /// past it). So appends to a long stream with `Exact`/`NoStream` read nothing, and a failed
+    /// conditional write, a refusal, or an `Any`/`StreamExists` batch not among the latest ids
+    /// reads them.
+    async fn classify(&mut self, head_matches: bool) -> Result<BatchKind, Error> {
+        let meta = &self.meta;
+        let recent = classify_batch(self.stream, self.events, |id| meta.stored(id));
+        let pins_head = matches!(
+            self.expected,
+            ExpectedVersion::Exact(_) | ExpectedVersion::NoStream
+        );
+        match recent {
+            Ok(kind @ BatchKind::Retry { .. }) => return Ok(kind),
+            other if meta.knows_every_id() => return other,
+            Ok(BatchKind::New) if head_matches && pins_head => return Ok(BatchKind::New),
+            _ => {}
+        }
+        let found = self
+            .shared
+            .find_ids(self.stream, &self.ids, self.meta.next_first)
+            .await?;
+        self.retry_time = found.get(&self.ids[0]).map(|(_, time_id)| *time_id);
+        classify_batch(self.stream, self.events, |id| {
+            found.get(id).map(|(at, _)| *at)
         })
     }
 
@@ -386,7 +419,7 @@ impl<'a> Append<'a> {
             .map_err(|e| error::request(format!("appending to {stream}"), e))?;
         // Readers pass a time once it is `settle` old.
         let settle_micros = self.shared.config.settle.as_micros() as i64;
-        if Timestamp::now().unix_micros() - micros > settle_micros / 2 {
+        if self.shared.now_micros() - micros > settle_micros / 2 {
             let _ = self.clear_markers(time_id).await;
             return Ok(false);
         }
@@ -445,20 +478,8 @@ impl<'a> Append<'a> {
     }
 
     /// Records the commit in what this process knows of the stream.
-    fn remember_commit(&mut self, first: u64, time_id: Uuid, micros: i64) {
-        let len = self.events.len();
-        for (i, id) in self.ids.iter().enumerate() {
-            let stored = StoredId {
-                version: Version(first + i as u64),
-                batch_first: Version(first),
-                batch_len: len,
-            };
-            self.meta.ids.insert(*id, stored);
-        }
-        self.meta.times.insert(first, time_id);
-        self.meta.void = None;
-        self.meta.next_first = first + len as u64;
-        self.meta.last_time = micros;
+    fn remember_commit(&mut self, first: u64, time_id: Uuid) {
+        self.meta.push(first, time_id, self.ids.as_slice().into());
         self.shared.remember(self.stream, &self.meta);
     }
 
@@ -485,15 +506,10 @@ impl<'a> Append<'a> {
         }
     }
 
-    /// The versions and checkpoints of the batch stored from `first`.
-    fn result(&self, first: Version) -> AppendResult {
+    /// The versions and checkpoints of the batch stored from `first` with `time_id`.
+    fn result(&self, first: Version, time_id: Option<Uuid>) -> AppendResult {
         let len = self.events.len();
-        let time_id = self
-            .meta
-            .times
-            .get(&first.0)
-            .copied()
-            .unwrap_or_else(|| codec::time_id(0));
+        let time_id = time_id.unwrap_or_else(|| codec::time_id(0));
         let checkpoint = |i: usize| {
             Position {
                 time_id,
