@@ -185,7 +185,11 @@ async fn start_time_before_1970_replays_and_one_no_time_uuid_holds_is_refused() 
     let category = Category::new(fresh("epoch")).unwrap();
     let stream = StreamId::new(&category, "a").unwrap();
     store
-        .append(&stream, ExpectedVersion::NoStream, vec![numbered(0, "epoch")])
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            vec![numbered(0, "epoch")],
+        )
         .await
         .unwrap();
 
