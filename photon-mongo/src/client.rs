@@ -52,10 +52,10 @@ pub async fn client_options(config: &MongoConfig) -> Result<ClientOptions, Error
     Ok(options)
 }
 
-/// The indexes of the commits collection, each named: `stream_version` unique on
-/// `{stream, version}` (the concurrency check), `position` unique (the global order),
-/// `category_position` (category subscriptions). Public for the same reason as
-/// [`client_options`].
+/// The indexes of the commits collection that reads and the global order rest on, each named:
+/// `stream_version` unique on `{stream, version}` (the concurrency check), `position` unique
+/// (the global order), `category_position` (category subscriptions). Public for the same
+/// reason as [`client_options`]. The store also creates [`idempotency_index`].
 pub fn commit_indexes() -> Vec<IndexModel> {
     [
         ("stream_version", doc! { "stream": 1, "version": 1 }, true),
@@ -67,14 +67,47 @@ pub fn commit_indexes() -> Vec<IndexModel> {
         ),
     ]
     .into_iter()
-    .map(|(name, keys, unique)| {
-        let options = IndexOptions::builder()
-            .name(name.to_owned())
-            .unique(unique)
-            .build();
-        IndexModel::builder().keys(keys).options(options).build()
-    })
+    .map(|(name, keys, unique)| index(name, keys, unique))
     .collect()
+}
+
+/// The index `stream_event_ids`, unique on `{stream, event_ids}`: the idempotency check, where
+/// the server indexes each id of the array (see the README). Apart from [`commit_indexes`]
+/// because it constrains every document of the collection: documents without `event_ids`
+/// (such as the bench's raw baseline writes) all share its key `(stream, null)`, so a tool
+/// that writes such documents leaves it out.
+pub fn idempotency_index() -> IndexModel {
+    index(
+        "stream_event_ids",
+        doc! { "stream": 1, "event_ids": 1 },
+        true,
+    )
+}
+
+/// A named index on `keys`.
+fn index(name: &str, keys: Document, unique: bool) -> IndexModel {
+    let options = IndexOptions::builder()
+        .name(name.to_owned())
+        .unique(unique)
+        .build();
+    IndexModel::builder().keys(keys).options(options).build()
+}
+
+/// What `health()` says when the `stream_event_ids` index refuses any repeated event id.
+pub const IDS_BY_INDEX: &str = "event ids enforced by the unique index";
+
+/// What `health()` says when the server's unique index compares whole arrays, so appends look
+/// the ids up before they write.
+pub const IDS_LOOKED_UP: &str = "event ids looked up before each insert";
+
+/// What the store found out about the server before its first operation.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Readiness {
+    /// The `stream_event_ids` index refuses a commit that shares any one event id with another
+    /// commit of its stream, as MongoDB's unique multikey indexes do. False where the server
+    /// compares the whole array instead (FerretDB 1.24 indexes an array as one value) or where
+    /// it was not tried (`photon_create=false`): appends then look the ids up before writing.
+    pub(crate) ids_unique_per_element: bool,
 }
 
 /// The connection, the commits collection and the settings, shared by every clone of a store.
@@ -82,7 +115,7 @@ pub(crate) struct Shared {
     client: Client,
     pub(crate) commits: Collection<Document>,
     pub(crate) config: MongoConfig,
-    ready: OnceCell<()>,
+    ready: OnceCell<Readiness>,
 }
 
 impl Shared {
@@ -124,19 +157,78 @@ impl Shared {
         }
     }
 
-    /// Creates (or checks) the indexes the guarantees rest on, once per store.
-    pub(crate) async fn ready(&self) -> Result<(), Error> {
+    /// Creates (or checks) the indexes the guarantees rest on and finds out how the server
+    /// applies the ids index, once per store.
+    pub(crate) async fn ready(&self) -> Result<Readiness, Error> {
         self.ready
-            .get_or_try_init(|| self.create_missing_indexes())
+            .get_or_try_init(|| async {
+                self.create_missing_indexes().await?;
+                Ok(Readiness {
+                    ids_unique_per_element: self.ids_unique_per_element().await?,
+                })
+            })
             .await
             .copied()
+    }
+
+    /// Tries, on a scratch collection `<prefix>_probe` with the same kind of index, whether a
+    /// unique index on `{key, array}` refuses a second document that shares one element of the
+    /// array with the first. MongoDB does (a multikey index holds one entry per element);
+    /// FerretDB 1.24 does not (its SQLite and PostgreSQL indexes hold the array as one value).
+    /// No server says which it does, and a wrong guess would store a repeated id twice, so it
+    /// is tried. Not tried when creation is off: the answer is then false, the safe one.
+    async fn ids_unique_per_element(&self) -> Result<bool, Error> {
+        if !self.config.create {
+            return Ok(false);
+        }
+        let probe = self
+            .database()
+            .collection::<Document>(&format!("{}_probe", self.config.collection_prefix));
+        self.bounded(
+            || "creating the probe index".into(),
+            probe.create_index(index("key_ids", doc! { "key": 1, "ids": 1 }, true)),
+        )
+        .await?;
+        // A key of its own, so that stores probing at once do not meet.
+        let key = photon_api::Uuid::new_v4().to_string();
+        self.bounded(
+            || "probing the ids index".into(),
+            probe.insert_one(doc! { "key": &key, "ids": [1, 2] }),
+        )
+        .await?;
+        let overlapping = async {
+            match probe.insert_one(doc! { "key": &key, "ids": [2, 3] }).await {
+                Ok(_) => Ok(false),
+                Err(e) if error::is_duplicate_key(&e) => Ok(true),
+                Err(e) => Err(e),
+            }
+        };
+        let refused = self
+            .bounded(|| "probing the ids index".into(), overlapping)
+            .await?;
+        // Only tidying: a document left behind changes no answer.
+        let _ = self
+            .bounded(
+                || "clearing the probe".into(),
+                probe.delete_many(doc! { "key": &key }),
+            )
+            .await;
+        tracing::debug!(
+            per_element = refused,
+            "how the server applies a unique index to an array"
+        );
+        Ok(refused)
+    }
+
+    fn database(&self) -> mongodb::Database {
+        self.client.database(&self.config.database)
     }
 
     /// Only the missing indexes, one per command: FerretDB 1.24 drops the connection when one
     /// createIndexes names several indexes of which some exist already.
     async fn create_missing_indexes(&self) -> Result<(), Error> {
         let existing = self.index_names().await?;
-        for model in commit_indexes() {
+        for model in commit_indexes().into_iter().chain([idempotency_index()]) {
             let name = model
                 .options
                 .as_ref()
@@ -196,13 +288,18 @@ impl Shared {
                 .run_command(doc! { "ping": 1 }),
         )
         .await?;
-        self.ready().await?;
+        let readiness = self.ready().await?;
         Ok(Health {
             backend: BACKEND,
             detail: format!(
-                "database {} answers ping; collection {}",
+                "database {} answers ping; collection {}; {}",
                 self.config.database,
-                self.commits.name()
+                self.commits.name(),
+                if readiness.ids_unique_per_element {
+                    IDS_BY_INDEX
+                } else {
+                    IDS_LOOKED_UP
+                }
             ),
         })
     }

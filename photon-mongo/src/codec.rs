@@ -94,7 +94,10 @@ fn event(e: &EventData) -> Bson {
     })
 }
 
-/// The tombstone for an abandoned position.
+/// The tombstone for an abandoned position. Its `version` and its one `event_ids` entry are
+/// `-position`, so that tombstones, which share their `stream`, never meet in the unique
+/// `stream_version` and `stream_event_ids` indexes (an empty array is a key of its own there,
+/// the same for every tombstone).
 pub(crate) fn tombstone(position: u64) -> Document {
     doc! {
         "stream": TOMBSTONE_STREAM,
@@ -103,7 +106,7 @@ pub(crate) fn tombstone(position: u64) -> Document {
         "count": 0_i64,
         "position": position as i64,
         "recorded_at": Timestamp::now().unix_micros(),
-        "event_ids": [],
+        "event_ids": [-(position as i64)],
         "events": [],
     }
 }

@@ -23,7 +23,10 @@ use photon_api::{
 };
 
 use crate::client::Shared;
-pub use crate::client::{client_options, commit_indexes, BACKEND, MAX_APPEND_SIZE};
+pub use crate::client::{
+    client_options, commit_indexes, idempotency_index, BACKEND, IDS_BY_INDEX, IDS_LOOKED_UP,
+    MAX_APPEND_SIZE,
+};
 pub use crate::config::{MongoConfig, SCHEME, SCHEMES};
 
 /// The event store on MongoDB. Clones share one connection pool.

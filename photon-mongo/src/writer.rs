@@ -26,7 +26,7 @@ const MAX_DOCUMENT_SIZE: usize = 16 * 1024 * 1024 - 16 * 1024;
 const APPEND_ATTEMPTS: usize = 200;
 
 /// Appends `events` to `stream` if it is at `expected`; a re-send of a stored batch answers as
-/// the first send did.
+/// the first send did, whatever `expected` says.
 pub(crate) async fn append(
     shared: &Arc<Shared>,
     stream: &StreamId,
@@ -39,9 +39,9 @@ pub(crate) async fn append(
         shared.config.max_event_size,
         Some(MAX_APPEND_SIZE),
     )?;
-    shared.ready().await?;
+    let ids_by_index = shared.ready().await?.ids_unique_per_element;
     for attempt in 1..=APPEND_ATTEMPTS {
-        if let Some(result) = try_append(shared, stream, expected, &events).await? {
+        if let Some(result) = try_append(shared, stream, expected, &events, ids_by_index).await? {
             return Ok(result);
         }
         // Another commit took this version or this position: decide again. A short random
@@ -54,17 +54,38 @@ pub(crate) async fn append(
 }
 
 /// One attempt: the result, or None when another commit took the version or position first.
+///
+/// Which ids are stored decides before the expectation does: a batch holding a stored id is a
+/// retry (answered as the first send was) or a conflict, whatever `expected` says. Where the
+/// server's `stream_event_ids` index refuses any repeated id (`ids_by_index`, MongoDB), the
+/// insert itself is that check, and the ids are looked up only when it is refused or when the
+/// expectation fails. Elsewhere (FerretDB 1.24, whose unique index compares whole arrays) they
+/// are looked up before every insert, after the read of the stream's head, which makes the
+/// lookup exact: a commit holding one of these ids at a version up to the head was visible to
+/// that read, so to the lookup after it; one not visible yet can only be at head + 1, the
+/// version this insert claims, so at most one of the two lands.
 async fn try_append(
     shared: &Arc<Shared>,
     stream: &StreamId,
     expected: ExpectedVersion,
     events: &[EventData],
+    ids_by_index: bool,
 ) -> Result<Option<AppendResult>, Error> {
     let current = reader::last_commit(shared, stream)
         .await?
         .map(|h| h.last_version());
-    if let Some(earlier) = check_before_writing(shared, stream, expected, current, events).await? {
-        return Ok(Some(earlier));
+    let holds = expected.matches(current);
+    if !holds || !ids_by_index {
+        if let Some(earlier) = stored_batch(shared, stream, events).await? {
+            return Ok(Some(earlier));
+        }
+    }
+    if !holds {
+        return Err(Error::WrongExpectedVersion {
+            stream: stream.clone(),
+            expected,
+            actual: current,
+        });
     }
     let first = current.map_or(Version(0), Version::next);
     // The next global position is the highest one + 1, claimed by the unique index on
@@ -90,10 +111,12 @@ async fn try_append(
             fence.disarm();
             Ok(Some(appended(first, position, events.len())))
         }
-        // Refused: another commit holds this version or this position; nothing was stored.
+        // Refused, so nothing was stored: another commit holds this version or this position,
+        // or (the `stream_event_ids` index) one of these ids. Only the last needs an answer
+        // now; for the others the caller decides again.
         Ok(false) => {
             fence.disarm();
-            Ok(None)
+            stored_batch(shared, stream, events).await
         }
         // The outcome is unknown: the commit may have landed, or may still land. The fence
         // (on drop) closes that window; re-sending the same batch is safe, since the ids make
@@ -150,32 +173,18 @@ impl Drop for Fence {
     }
 }
 
-/// Before anything is written: a batch whose ids are stored already is a retry (answered as
-/// the first send was) or a conflict, whatever the expectation; then the expectation itself.
-async fn check_before_writing(
+/// What a batch some of whose ids the stream holds already answers: the original append's
+/// result for a retry, `IdempotencyConflict` for anything else; None when no id is stored.
+async fn stored_batch(
     shared: &Shared,
     stream: &StreamId,
-    expected: ExpectedVersion,
-    current: Option<Version>,
     events: &[EventData],
 ) -> Result<Option<AppendResult>, Error> {
-    // With an exact expectation that holds, the batch cannot have landed: skip the lookup.
-    if expected == ExpectedVersion::Any || !expected.matches(current) {
-        let stored = stored_ids(shared, stream, events).await?;
-        if !stored.is_empty() {
-            if let Some(result) = retry_result(stream, events, &stored)? {
-                return Ok(Some(result));
-            }
-        }
+    let stored = stored_ids(shared, stream, events).await?;
+    if stored.is_empty() {
+        return Ok(None);
     }
-    if !expected.matches(current) {
-        return Err(Error::WrongExpectedVersion {
-            stream: stream.clone(),
-            expected,
-            actual: current,
-        });
-    }
-    Ok(None)
+    retry_result(stream, events, &stored)
 }
 
 /// The commit document, refused before it is sent when MongoDB would refuse its size.

@@ -254,3 +254,85 @@ async fn an_unreachable_server_stays_unavailable_with_the_drivers_error() {
     );
     assert!(err.to_string().contains("no server answered"), "{err}");
 }
+
+/// A UUID as the commits store it (BSON binary of the UUID subtype).
+fn uuid_bson(id: uuid::Uuid) -> Bson {
+    Bson::Binary(mongodb::bson::Binary {
+        subtype: mongodb::bson::spec::BinarySubtype::Uuid,
+        bytes: id.as_bytes().to_vec(),
+    })
+}
+
+/// Whether the driver's error is a unique index refusing the write.
+fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    matches!(&*e.kind, ErrorKind::Write(WriteFailure::WriteError(w)) if w.code == 11000)
+}
+
+/// What this server's unique index on `{stream, event_ids}` refuses, tried with the plain
+/// driver: a commit with the same whole array of ids (every server), and one that shares only
+/// one id with a stored commit of its stream (MongoDB, whose multikey index holds one entry per
+/// element; not FerretDB 1.24, which indexes the array as one value). The store must find out
+/// the same and say so in its health: it relies on the index only where the index refuses
+/// the second kind, and looks the ids up before each insert elsewhere.
+#[tokio::test]
+async fn the_store_finds_out_what_the_ids_index_refuses_on_this_server() {
+    let Some(url) = server_url("mongo", "PHOTON_TEST_MONGO_URL") else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let client = mongodb::Client::with_uri_str(&url).await.unwrap();
+    let db = client
+        .default_database()
+        .unwrap_or_else(|| client.database("photon"));
+    let commits = db.collection::<Document>(&format!("{prefix}_commits"));
+    commits
+        .create_index(photon_mongo::idempotency_index())
+        .await
+        .unwrap();
+    let [a, b, c] = [(); 3].map(|()| uuid_bson(uuid::Uuid::new_v4()));
+    commits
+        .insert_one(doc! { "stream": "s-1", "event_ids": [a.clone(), b.clone()] })
+        .await
+        .unwrap();
+    let same = commits
+        .insert_one(doc! { "stream": "s-1", "event_ids": [a.clone(), b.clone()] })
+        .await
+        .expect_err("the same ids in the same stream are refused");
+    assert!(is_duplicate_key(&same), "{same}");
+    // The ids are unique within a stream only: another stream may hold the same ones.
+    commits
+        .insert_one(doc! { "stream": "s-2", "event_ids": [a.clone(), b.clone()] })
+        .await
+        .unwrap();
+    let per_element = match commits
+        .insert_one(doc! { "stream": "s-1", "event_ids": [b, c] })
+        .await
+    {
+        Ok(_) => false,
+        Err(e) if is_duplicate_key(&e) => true,
+        Err(e) => panic!("{e}"),
+    };
+    println!(
+        "this server's unique index on an array refuses {}",
+        if per_element {
+            "any repeated element"
+        } else {
+            "only the same whole array"
+        }
+    );
+
+    let store = MongoStore::from_url(&with_options(
+        &url,
+        &format!("photon_prefix={}", fresh_prefix()),
+    ))
+    .await
+    .unwrap();
+    let health = store.health().await.unwrap();
+    let want = if per_element {
+        photon_mongo::IDS_BY_INDEX
+    } else {
+        photon_mongo::IDS_LOOKED_UP
+    };
+    assert!(health.detail.contains(want), "{}", health.detail);
+}
