@@ -61,7 +61,7 @@ pub struct ImportReport {
     /// Events the target already held at their versions, with the same ids (an earlier run
     /// stored them in other batches).
     pub already_present: u64,
-    /// Appends sent.
+    /// Appends sent (re-sends after `Unavailable` included).
     pub batches: u64,
 }
 
@@ -141,54 +141,85 @@ impl<'a> Importer<'a> {
         };
         let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(MAX_BATCH_EVENTS));
         self.batch_bytes = 0;
-        let n = batch.len() as u64;
-        let expected = match self.first.value() {
-            0 => ExpectedVersion::NoStream,
-            v => ExpectedVersion::Exact(Version(v - 1)),
-        };
-        self.report.batches += 1;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            // A clone per attempt: the append takes the batch, and a retry needs it again.
-            match self.store.append(&stream, expected, batch.clone()).await {
-                Ok(_) => {
-                    self.report.appended += n;
+        // Normally one pass. After a conflict, the events the target already holds at their
+        // versions (an earlier run cut the dump elsewhere, or stopped inside this batch) are
+        // skipped and the rest is sent after them.
+        let mut offset = 0;
+        while offset < batch.len() {
+            let first = self.first.value() + offset as u64;
+            let part = &batch[offset..];
+            match self.append_part(&stream, first, part).await {
+                Ok(()) => {
+                    self.report.appended += part.len() as u64;
                     return Ok(());
-                }
-                Err(Error::Unavailable { .. }) if attempt < UNAVAILABLE_ATTEMPTS => {
-                    tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
                 }
                 Err(
                     e @ (Error::WrongExpectedVersion { .. } | Error::IdempotencyConflict { .. }),
                 ) => {
-                    if self.holds(&stream, &batch).await? {
-                        self.report.already_present += n;
-                        return Ok(());
+                    let held = self.held_prefix(&stream, first, part).await?;
+                    if held == 0 {
+                        return Err(e.into());
                     }
-                    return Err(e.into());
+                    self.report.already_present += held as u64;
+                    offset += held;
                 }
                 Err(e) => return Err(e.into()),
             }
         }
+        Ok(())
     }
 
-    /// Whether the target already holds exactly `batch`'s ids at its versions.
-    async fn holds(&self, stream: &StreamId, batch: &[EventData]) -> Result<bool, CliError> {
-        let options = ReadOptions::forwards()
-            .from_version(self.first)
-            .limit(batch.len());
-        let mut stored = self.store.read_stream(stream, options);
-        for (i, wanted) in batch.iter().enumerate() {
-            match stored.next().await {
-                Some(Ok(e))
-                    if e.event_id == wanted.event_id
-                        && e.version.value() == self.first.value() + i as u64 => {}
-                Some(Err(e)) => return Err(e.into()),
-                _ => return Ok(false),
+    /// Appends `part` as the events from version `first` on, re-sending while the target
+    /// answers `Unavailable` (safe: the same ids in the same batch are a retry).
+    async fn append_part(
+        &mut self,
+        stream: &StreamId,
+        first: u64,
+        part: &[EventData],
+    ) -> Result<(), Error> {
+        let expected = match first {
+            0 => ExpectedVersion::NoStream,
+            v => ExpectedVersion::Exact(Version(v - 1)),
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.report.batches += 1;
+            // A copy per attempt: the append takes the batch, and a retry needs it again.
+            match self.store.append(stream, expected, part.to_vec()).await {
+                Err(Error::Unavailable { .. }) if attempt < UNAVAILABLE_ATTEMPTS => {
+                    tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+                }
+                other => return other.map(drop),
             }
         }
-        Ok(true)
+    }
+
+    /// How many leading events of `part` the target already holds, with the same ids, at the
+    /// versions from `first` on.
+    async fn held_prefix(
+        &self,
+        stream: &StreamId,
+        first: u64,
+        part: &[EventData],
+    ) -> Result<usize, CliError> {
+        let options = ReadOptions::forwards()
+            .from_version(Version(first))
+            .limit(part.len());
+        let mut stored = self.store.read_stream(stream, options);
+        let mut held = 0;
+        for (i, wanted) in part.iter().enumerate() {
+            match stored.next().await {
+                Some(Ok(e))
+                    if e.event_id == wanted.event_id && e.version.value() == first + i as u64 =>
+                {
+                    held += 1;
+                }
+                Some(Err(e)) => return Err(e.into()),
+                _ => break,
+            }
+        }
+        Ok(held)
     }
 }
 

@@ -99,8 +99,9 @@ async fn compare_stream(
     stream: &StreamId,
     report: &mut VerifyReport,
 ) -> Result<(), CliError> {
-    let mut a = from.read_stream(stream, ReadOptions::forwards());
-    let mut b = to.read_stream(stream, ReadOptions::forwards());
+    // Fused: one side usually ends first, and is asked again while the other goes on.
+    let mut a = from.read_stream(stream, ReadOptions::forwards()).fuse();
+    let mut b = to.read_stream(stream, ReadOptions::forwards()).fuse();
     let (mut hash_a, mut hash_b) = (Sha256::new(), Sha256::new());
     let (mut count_a, mut count_b) = (0u64, 0u64);
     let mut first_difference = None;
