@@ -8,12 +8,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use photon_api::validate::StoredId;
 use photon_api::{Error, Health, StreamId, Timestamp, Uuid, Version};
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
+use scylla::statement::unprepared::Statement;
+use scylla::value::CqlTimeuuid;
 use tokio::sync::OnceCell;
 
 use crate::codec;
@@ -138,6 +140,23 @@ impl StreamMeta {
     }
 }
 
+/// How long a reading of the server's clock is trusted before an append reads it again.
+const CLOCK_CHECK_EVERY: Duration = Duration::from_secs(10);
+
+/// Readings of the server's clock per check; the one with the shortest round trip is kept.
+const CLOCK_SAMPLES: usize = 3;
+
+/// The server's clock against this machine's, as last read.
+#[derive(Clone, Copy, Debug)]
+struct ClockReading {
+    taken: Instant,
+    /// The server's clock minus the machine's, µs (at the round trip's middle).
+    server_ahead: i64,
+    /// The round trip of the reading, µs: the reading is good to half of it (and the server's
+    /// millisecond).
+    round_trip: i64,
+}
+
 /// What every clone of a store shares.
 pub(crate) struct Shared {
     pub(crate) config: CassandraConfig,
@@ -146,6 +165,8 @@ pub(crate) struct Shared {
     crash_after_commit: AtomicBool,
     /// µs added to the machine's clock (`CassandraStore::set_clock_offset_ms`, for tests).
     clock_offset: AtomicI64,
+    /// The last reading of the server's clock (one check at a time).
+    clock: tokio::sync::Mutex<Option<ClockReading>>,
     /// What a crash does to an acknowledged append, as read at connect.
     durability: OnceLock<Durability>,
 }
@@ -158,6 +179,7 @@ impl Shared {
             meta: Mutex::default(),
             crash_after_commit: AtomicBool::new(false),
             clock_offset: AtomicI64::new(0),
+            clock: tokio::sync::Mutex::new(None),
             durability: OnceLock::new(),
         }
     }
@@ -222,6 +244,82 @@ impl Shared {
     /// set. Every time id, horizon and marker age is read from it.
     pub(crate) fn now_micros(&self) -> i64 {
         Timestamp::now().unix_micros() + self.clock_offset.load(Ordering::Relaxed)
+    }
+
+    /// Refuses to write while this store's clock and the server's differ by more than
+    /// `CassandraConfig::max_clock_skew` (README, "Clocks"): a writer behind gives its appends
+    /// time ids that readers may have passed (they would never be delivered live), one ahead
+    /// holds its stream's later commits back from every reader. The server's clock is read
+    /// (`now()` of the node that answers) at most every `CLOCK_CHECK_EVERY`; the machine's
+    /// clock and the test offset are compared with it at every call.
+    ///
+    /// # Errors
+    /// - `InvalidInput` naming the skew, its direction and the bound, when beyond it.
+    /// - `Unavailable` or `Backend` when the server's clock cannot be read.
+    pub(crate) async fn check_clock(&self) -> Result<(), Error> {
+        let reading = {
+            let mut last = self.clock.lock().await;
+            match *last {
+                Some(r) if r.taken.elapsed() < CLOCK_CHECK_EVERY => r,
+                _ => {
+                    let r = self.read_server_clock().await?;
+                    *last = Some(r);
+                    r
+                }
+            }
+        };
+        let skew = self.clock_offset.load(Ordering::Relaxed) - reading.server_ahead;
+        // The reading is good to half its round trip and the server's millisecond: refuse only
+        // a skew certainly beyond the bound.
+        let doubt = reading.round_trip / 2 + 1_000;
+        let bound = self.config.max_clock_skew().as_micros() as i64;
+        if skew.abs() <= bound + doubt {
+            return Ok(());
+        }
+        let ms = |micros: i64| micros.abs() / 1_000;
+        Err(Error::InvalidInput {
+            what: format!(
+                "the clock of this client against the Cassandra node it reads ({})",
+                self.config.contact_points.join(",")
+            ),
+            reason: format!(
+                "it is {} ms {} the server's (read to within {} ms); photon-cassandra refuses to write while a writer's clock is more than {} ms (settle_ms / 4) off the server's, since category readers could pass its appends (behind) or be held back by them (ahead): set the clock right (NTP), or raise settle_ms",
+                ms(skew),
+                if skew < 0 { "behind" } else { "ahead of" },
+                ms(doubt),
+                ms(bound),
+            ),
+        })
+    }
+
+    /// Reads the server's clock a few times, keeping the reading with the shortest round trip.
+    async fn read_server_clock(&self) -> Result<ClockReading, Error> {
+        let (session, _) = self.ready().await?;
+        let context = "reading the server's clock (SELECT now() FROM system.local)";
+        let mut statement = Statement::new("SELECT now() FROM system.local");
+        statement.set_request_timeout(Some(self.config.timeout));
+        let mut best: Option<ClockReading> = None;
+        for _ in 0..CLOCK_SAMPLES {
+            let before = Timestamp::now().unix_micros();
+            let (now,) = session
+                .query_unpaged(statement.clone(), ())
+                .await
+                .map_err(|e| error::request(context, e))?
+                .into_rows_result()
+                .map_err(|e| error::driver(context, e))?
+                .single_row::<(CqlTimeuuid,)>()
+                .map_err(|e| error::driver(context, e))?;
+            let after = Timestamp::now().unix_micros();
+            let reading = ClockReading {
+                taken: Instant::now(),
+                server_ahead: codec::time_micros(&Uuid::from(now)) - (before + after) / 2,
+                round_trip: after - before,
+            };
+            if best.is_none_or(|b| reading.round_trip < b.round_trip) {
+                best = Some(reading);
+            }
+        }
+        Ok(best.expect("at least one sample"))
     }
 
     /// See `CassandraStore::set_clock_offset_ms`.

@@ -238,6 +238,16 @@ impl CassandraConfig {
         Ok(())
     }
 
+    /// The most a writer's clock may differ from the server's before its appends are refused:
+    /// `settle / 4`. A marker is written within `settle / 2` of its time id (by the writer's
+    /// clock; it tries again with a new one otherwise) and a reader passes a time `settle`
+    /// after it (by the reader's clock), so a reader sees every marker while its clock runs
+    /// less than `settle / 2` ahead of the writer's: two clocks each within `settle / 4` of
+    /// the server's are.
+    pub fn max_clock_skew(&self) -> Duration {
+        self.settle / 4
+    }
+
     /// Micro-seconds in one category time bucket.
     pub(crate) fn time_bucket_micros(&self) -> i64 {
         self.time_bucket.as_micros() as i64

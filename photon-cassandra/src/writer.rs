@@ -46,6 +46,7 @@ impl Shared {
             config.max_event_size,
             Some(config.max_append_size),
         )?;
+        self.check_clock().await?;
         let mut append = Append::start(self, stream, expected, &events).await?;
         for _ in 0..MAX_ATTEMPTS {
             if let Some(result) = append.attempt().await? {

@@ -1,0 +1,163 @@
+//! Clock skew against a real server (`PHOTON_TEST_CASSANDRA_URL`): a writer compares its clock
+//! with the server's and refuses to write while they differ by more than the tolerated bound
+//! (`settle_ms / 4`), with an `InvalidInput` naming the skew. The writer's clock is moved with
+//! `CassandraStore::set_clock_offset_ms`, as a machine whose clock is off would have it.
+
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use photon_api::{
+    Category, Error, EventStore, EventStoreExt, ExpectedVersion, RecordedEvent, Selector, Start,
+    StreamId, SubscriptionItem, SubscriptionMode,
+};
+use photon_cassandra::CassandraStore;
+use photon_conformance::server_url;
+
+mod common;
+use common::{fresh, number, numbered, with_options};
+
+type Sub = BoxStream<'static, Result<SubscriptionItem, Error>>;
+
+/// The default settle delay (1 s), so the bound is 250 ms.
+const OPTIONS: &str = "settle_ms=1000&timeout_ms=2000&repair_after_ms=5000&bucket_size=16";
+
+fn numbers(events: &[RecordedEvent]) -> Vec<u64> {
+    events.iter().map(number).collect()
+}
+
+/// Every event `sub` delivers within `wait`.
+async fn events_within(sub: &mut Sub, wait: Duration) -> Vec<RecordedEvent> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut out = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, sub.next()).await {
+            Err(_) => return out,
+            Ok(Some(Ok(SubscriptionItem::Event(e)))) => out.push(e),
+            Ok(Some(Ok(SubscriptionItem::CaughtUp))) => {}
+            Ok(other) => panic!("want an event, got {other:?}"),
+        }
+    }
+}
+
+/// The refusal of a skewed writer: `InvalidInput` whose reason names the skew (`direction`,
+/// in ms) and the bound.
+fn assert_skew_refusal(result: Result<impl std::fmt::Debug, Error>, direction: &str) {
+    match result {
+        Err(Error::InvalidInput { what, reason }) => {
+            println!("refused: invalid {what}: {reason}");
+            assert!(what.contains("clock"), "{what}");
+            assert!(reason.contains(direction), "{reason}");
+            assert!(reason.contains("250 ms"), "names the bound: {reason}");
+        }
+        other => panic!("want InvalidInput naming the clock skew, got {other:?}"),
+    }
+}
+
+/// A writer whose clock is 3 s behind gives its append a time id that live readers (3 s ahead
+/// of it, past the 1 s settle delay) have passed: they would never deliver it. It is refused
+/// instead, nothing is stored, and live readers see exactly what a replay sees.
+#[tokio::test]
+async fn a_writer_whose_clock_is_behind_is_refused_and_live_readers_miss_nothing() {
+    let Some(url) = server_url("cassandra", "PHOTON_TEST_CASSANDRA_URL") else {
+        return;
+    };
+    let url = with_options(&url, OPTIONS);
+    let category = Category::new(fresh("skew")).unwrap();
+    let reader = CassandraStore::from_url(&url).await.unwrap();
+    let mut live = reader.subscribe(
+        Selector::Category(category.clone()),
+        Start::Beginning,
+        SubscriptionMode::HotCold,
+    );
+    match tokio::time::timeout(Duration::from_secs(30), live.next()).await {
+        Ok(Some(Ok(SubscriptionItem::CaughtUp))) => {}
+        other => panic!("want CaughtUp of an empty category, got {other:?}"),
+    }
+
+    // The live subscriber delivers event 0, so its position is event 0's time, less than 3 s
+    // ago when the skewed writer appends.
+    let good = CassandraStore::from_url(&url).await.unwrap();
+    good.append(
+        &StreamId::new(&category, "first").unwrap(),
+        ExpectedVersion::NoStream,
+        vec![numbered(0, "first")],
+    )
+    .await
+    .unwrap();
+    let first = events_within(&mut live, Duration::from_millis(2_500)).await;
+    assert_eq!(numbers(&first), vec![0]);
+
+    let skewed = CassandraStore::from_url(&url).await.unwrap();
+    skewed.set_clock_offset_ms(-3_000);
+    let behind = StreamId::new(&category, "behind").unwrap();
+    let refused = skewed
+        .append(
+            &behind,
+            ExpectedVersion::NoStream,
+            vec![numbered(1, "behind")],
+        )
+        .await;
+    good.append(
+        &StreamId::new(&category, "good").unwrap(),
+        ExpectedVersion::NoStream,
+        vec![numbered(2, "good")],
+    )
+    .await
+    .unwrap();
+
+    let mut delivered = first;
+    delivered.extend(events_within(&mut live, Duration::from_secs(6)).await);
+    let replay = reader
+        .replay_to_vec(Selector::Category(category.clone()), Start::Beginning)
+        .await
+        .unwrap();
+    assert_eq!(
+        numbers(&delivered),
+        numbers(&replay),
+        "the live subscriber delivers what a replay holds (the skewed writer's append: {refused:?})"
+    );
+    assert_skew_refusal(refused, "behind");
+    assert_eq!(numbers(&replay), vec![0, 2]);
+    assert_eq!(reader.stream_version(&behind).await.unwrap(), None);
+}
+
+/// A writer whose clock runs 5 s ahead is refused too (its time ids would hold its stream's
+/// later commits back from every reader), until its clock is set right: then it writes, with
+/// no restart.
+#[tokio::test]
+async fn a_writer_whose_clock_runs_ahead_is_refused_until_it_is_set_right() {
+    let Some(url) = server_url("cassandra", "PHOTON_TEST_CASSANDRA_URL") else {
+        return;
+    };
+    let url = with_options(&url, OPTIONS);
+    let category = Category::new(fresh("skew")).unwrap();
+    let stream = StreamId::new(&category, "ahead").unwrap();
+    let writer = CassandraStore::from_url(&url).await.unwrap();
+    writer.set_clock_offset_ms(5_000);
+    let refused = writer
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            vec![numbered(1, "ahead")],
+        )
+        .await;
+    assert_skew_refusal(refused, "ahead");
+    assert_eq!(writer.stream_version(&stream).await.unwrap(), None);
+
+    writer.set_clock_offset_ms(0);
+    let stored = writer
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            vec![numbered(1, "ahead")],
+        )
+        .await
+        .expect("a writer whose clock is set right writes again");
+    assert_eq!(stored.first_version.0, 0);
+    let replay = writer
+        .replay_to_vec(Selector::Category(category), Start::Beginning)
+        .await
+        .unwrap();
+    assert_eq!(numbers(&replay), vec![1]);
+}
