@@ -7,7 +7,10 @@
 use std::future::IntoFuture;
 
 use mongodb::bson::{doc, Document};
-use mongodb::options::{Acknowledgment, ClientOptions, IndexOptions, ReadConcern, WriteConcern};
+use mongodb::options::{
+    Acknowledgment, ClientOptions, IndexOptions, ReadConcern, ReadPreference, SelectionCriteria,
+    WriteConcern,
+};
 use mongodb::{Client, Collection, IndexModel};
 use photon_api::{Error, Health};
 use tokio::sync::OnceCell;
@@ -49,6 +52,11 @@ pub async fn client_options(config: &MongoConfig) -> Result<ClientOptions, Error
     );
     // Readers see only majority-committed commits, which a failover cannot roll back.
     options.read_concern = Some(ReadConcern::majority());
+    // Every read of the store goes to the primary, whatever the URL's `readPreference`: a
+    // secondary's stream head can be behind, and a writer that reads it would collide with
+    // the commit it does not see, again and again; a subscription on one would wait out gaps
+    // the primary has filled.
+    options.selection_criteria = Some(SelectionCriteria::ReadPreference(ReadPreference::Primary));
     Ok(options)
 }
 
@@ -333,6 +341,30 @@ mod tests {
             )
         );
         assert_eq!(options.read_concern, Some(ReadConcern::majority()));
+    }
+
+    #[tokio::test]
+    async fn reads_go_to_the_primary_whatever_the_url_says() {
+        for preference in [
+            "secondary",
+            "secondaryPreferred",
+            "nearest&maxStalenessSeconds=120",
+            "primaryPreferred",
+        ] {
+            let url = format!("mongodb://h1,h2/db?replicaSet=rs&readPreference={preference}");
+            let config = MongoConfig::from_url(&url).expect("parses");
+            let options = client_options(&config)
+                .await
+                .expect("the driver accepts it");
+            assert!(
+                matches!(
+                    options.selection_criteria,
+                    Some(SelectionCriteria::ReadPreference(ReadPreference::Primary))
+                ),
+                "{preference}: {:?}",
+                options.selection_criteria
+            );
+        }
     }
 
     #[tokio::test]
