@@ -62,8 +62,10 @@ pub async fn client_options(config: &MongoConfig) -> Result<ClientOptions, Error
 
 /// The indexes of the commits collection that reads and the global order rest on, each named:
 /// `stream_version` unique on `{stream, version}` (the concurrency check), `position` unique
-/// (the global order), `category_position` (category subscriptions). Public for the same
-/// reason as [`client_options`]. The store also creates [`idempotency_index`].
+/// (the global order), `category_position` (category subscriptions), `stream_position` (stream
+/// subscriptions, which read one stream's commits in position order after a checkpoint).
+/// Public for the same reason as [`client_options`]. The store also creates
+/// [`idempotency_index`].
 pub fn commit_indexes() -> Vec<IndexModel> {
     [
         ("stream_version", doc! { "stream": 1, "version": 1 }, true),
@@ -71,6 +73,11 @@ pub fn commit_indexes() -> Vec<IndexModel> {
         (
             "category_position",
             doc! { "category": 1, "position": 1 },
+            false,
+        ),
+        (
+            "stream_position",
+            doc! { "stream": 1, "position": 1 },
             false,
         ),
     ]

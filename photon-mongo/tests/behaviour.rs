@@ -336,3 +336,40 @@ async fn the_store_finds_out_what_the_ids_index_refuses_on_this_server() {
     };
     assert!(health.detail.contains(want), "{}", health.detail);
 }
+/// Every query of the store has an index to serve it on a real MongoDB (FerretDB over SQLite
+/// scans anyway, so only the indexes' presence can be checked here): a stream subscription
+/// reads one stream's commits in position order after a checkpoint, which neither
+/// `stream_version` nor `position` alone serves without a scan.
+#[tokio::test]
+async fn the_store_creates_an_index_for_each_of_its_queries() {
+    let Some(url) = server_url("mongo", "PHOTON_TEST_MONGO_URL") else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let store = MongoStore::from_url(&with_options(&url, &format!("photon_prefix={prefix}")))
+        .await
+        .unwrap();
+    store.health().await.unwrap();
+    let client = mongodb::Client::with_uri_str(&url).await.unwrap();
+    let db = client
+        .default_database()
+        .unwrap_or_else(|| client.database("photon"));
+    let indexes: Vec<Document> = db
+        .collection::<Document>(&format!("{prefix}_commits"))
+        .list_indexes()
+        .await
+        .unwrap()
+        .map_ok(|m| m.keys)
+        .try_collect()
+        .await
+        .unwrap();
+    for keys in [
+        doc! { "stream": 1, "version": 1 },
+        doc! { "stream": 1, "event_ids": 1 },
+        doc! { "position": 1 },
+        doc! { "category": 1, "position": 1 },
+        doc! { "stream": 1, "position": 1 },
+    ] {
+        assert!(indexes.contains(&keys), "no index on {keys}: {indexes:?}");
+    }
+}
