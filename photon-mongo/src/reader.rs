@@ -188,28 +188,74 @@ pub(crate) async fn list_categories(shared: &Shared) -> Result<Vec<Category>, Er
     .await
 }
 
-/// Every stream of `category`, sorted, as a stream that lists on first poll.
+/// Streams listed per query by [`list_streams`].
+const STREAMS_PAGE: i64 = 256;
+
+/// Every stream of `category`, sorted, a page at a time as the consumer reaches it.
+///
+/// Each page is one query for the streams' first commits (every stream has exactly one at
+/// version 0) after the last name listed, so no reply grows with the number of streams
+/// (`distinct` answers in one document, which MongoDB caps at 16 MiB) and no cursor stays open
+/// while the consumer is slow. The names of one category are the strings between `<category>-`
+/// and `<category>.` (`.` follows `-`), a range of the `stream_version` index on MongoDB.
 pub(crate) fn list_streams(
     shared: Arc<Shared>,
     category: Category,
 ) -> BoxStream<'static, Result<StreamId, Error>> {
-    stream::once(async move {
-        shared.ready().await?;
-        let filter = doc! { "category": category.as_str() };
-        let context = format!("listing streams of {category}");
-        let streams = distinct_sorted(
-            &shared,
-            "stream",
-            filter,
-            |s: &str| StreamId::parse(s),
-            context,
-        )
-        .await?;
-        Ok::<_, Error>(stream::iter(streams.into_iter().map(Ok)).boxed())
+    let first = format!("{category}-");
+    stream::try_unfold(Some(first), move |after| {
+        let (shared, category) = (shared.clone(), category.clone());
+        async move {
+            let Some(after) = after else {
+                return Ok(None);
+            };
+            let page = streams_page(&shared, &category, &after).await?;
+            let next = match page.last() {
+                Some(last) if page.len() as i64 == STREAMS_PAGE => Some(last.as_str().to_owned()),
+                _ => None,
+            };
+            Ok(Some((stream::iter(page.into_iter().map(Ok)), next)))
+        }
     })
-    .map(|r| r.unwrap_or_else(error_stream))
-    .flatten()
+    .try_flatten()
     .boxed()
+}
+
+/// The next page of `category`'s streams after the name `after`, sorted.
+async fn streams_page(
+    shared: &Shared,
+    category: &Category,
+    after: &str,
+) -> Result<Vec<StreamId>, Error> {
+    shared.ready().await?;
+    let filter = doc! {
+        "stream": { "$gt": after, "$lt": format!("{category}.") },
+        "version": 0_i64,
+        "category": category.as_str(),
+    };
+    let page = async {
+        shared
+            .commits
+            .find(filter)
+            .sort(doc! { "stream": 1 })
+            .limit(STREAMS_PAGE)
+            .projection(doc! { "stream": 1, "_id": 0 })
+            .max_time(shared.config.timeout)
+            .await?
+            .try_collect::<Vec<Document>>()
+            .await
+    };
+    let page = shared
+        .bounded(|| format!("listing streams of {category}"), page)
+        .await?;
+    page.iter()
+        .map(|d| {
+            let name = d
+                .get_str("stream")
+                .map_err(|_| error::corrupt(None, "stream is not a string"))?;
+            StreamId::parse(name).map_err(|e| error::corrupt(None, format!("stream: {e}")))
+        })
+        .collect()
 }
 
 /// The distinct values of `field` among the commits `filter` selects, parsed and sorted.

@@ -1,0 +1,90 @@
+//! Listing the streams of a category against a real server (`PHOTON_TEST_MONGO_URL`), through
+//! photon-faults' TCP proxy, which counts the bytes on the wire: a listing fetches a page at a
+//! time as its consumer reaches it, so no reply grows with the number of streams (MongoDB caps
+//! one reply, such as a `distinct`, at 16 MiB) and a consumer that stops early fetches little.
+
+use futures::{StreamExt, TryStreamExt};
+use mongodb::bson::spec::BinarySubtype;
+use mongodb::bson::{doc, Binary, Document};
+use photon_api::{EventStore, StreamId};
+use photon_conformance::{fresh_category, server_url};
+use photon_faults::proxy::FaultProxy;
+use photon_mongo::MongoStore;
+
+/// Streams written for the listing: far more than one page.
+const STREAMS: usize = 2000;
+
+/// The commit documents of `STREAMS` streams of `category` in the README's layout (the listing
+/// reads only `stream`, `category` and `version`), one at version 0 for each stream and a
+/// second at version 1 for every tenth, so a stream with several commits is still listed once.
+fn commits(category: &str) -> Vec<Document> {
+    let commit = |i: usize, version: i64, position: usize| {
+        doc! {
+            "stream": format!("{category}-{i:05}"),
+            "category": category,
+            "version": version,
+            "count": 1_i64,
+            "position": position as i64,
+            "recorded_at": 0_i64,
+            "event_ids": [Binary {
+                subtype: BinarySubtype::Uuid,
+                bytes: uuid::Uuid::new_v4().as_bytes().to_vec(),
+            }],
+            "events": [],
+        }
+    };
+    let firsts = (0..STREAMS).map(|i| commit(i, 0, i + 1));
+    let seconds = (0..STREAMS)
+        .step_by(10)
+        .map(|i| commit(i, 1, STREAMS + 1 + i / 10));
+    firsts.chain(seconds).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_listed_a_page_at_a_time() {
+    let Some(url) = server_url("mongo", "PHOTON_TEST_MONGO_URL") else {
+        return;
+    };
+    let rest = &url["mongodb://".len()..];
+    let host = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+    let proxy = FaultProxy::start("127.0.0.1:0", host).await.unwrap();
+    let prefix = format!("l{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let through = url.replacen(host, &proxy.local_addr().to_string(), 1);
+    let through = format!(
+        "{through}{}photon_prefix={prefix}",
+        if through.contains('?') { "&" } else { "?" }
+    );
+    let store = MongoStore::from_url(&through).await.unwrap();
+    // Connected, indexes made: what follows on the wire is the listing's.
+    store.health().await.unwrap();
+
+    let category = fresh_category();
+    let client = mongodb::Client::with_uri_str(&url).await.unwrap();
+    let db = client
+        .default_database()
+        .unwrap_or_else(|| client.database("photon"));
+    db.collection::<Document>(&format!("{prefix}_commits"))
+        .insert_many(commits(category.as_str()))
+        .await
+        .unwrap();
+
+    let before = proxy.bytes_forwarded();
+    let mut listing = store.list_streams(&category);
+    let first = listing.next().await.expect("a stream").unwrap();
+    let first_fetch = proxy.bytes_forwarded() - before;
+    println!("the first stream of {STREAMS} came after {first_fetch} bytes on the wire");
+    assert_eq!(first.as_str(), format!("{category}-00000"));
+    // The 2,000 names take about 80 KB in one reply; a page of them well under 30 KB.
+    assert!(
+        first_fetch < 30_000,
+        "the first stream of the listing took {first_fetch} bytes on the wire"
+    );
+
+    let rest: Vec<StreamId> = listing.try_collect().await.unwrap();
+    let listed: Vec<String> = std::iter::once(first)
+        .chain(rest)
+        .map(|s| s.as_str().to_owned())
+        .collect();
+    let want: Vec<String> = (0..STREAMS).map(|i| format!("{category}-{i:05}")).collect();
+    assert_eq!(listed, want, "every stream once, sorted");
+}
