@@ -27,8 +27,9 @@ use crate::schema::{self, Statements};
 /// The backend name, also the tag of its checkpoints.
 pub const BACKEND: &str = "cassandra";
 
-/// Commits fetched per page of a read or a subscription (`LIMIT` of each page's `SELECT`):
-/// memory holds one page however long the stream or category.
+/// Commits fetched per page of a read or a subscription, at most (`LIMIT` of each page's
+/// `SELECT`; fewer when they would not fit in `page_bytes`): memory holds one page however long
+/// the stream or category.
 pub const COMMITS_PER_PAGE: i32 = 64;
 
 /// The category key under which the all stream is kept in the category tables.

@@ -41,10 +41,16 @@ const OPTIONS: &[&str] = &[
     "repair_after_ms",
     "max_event_size",
     "max_append_size",
+    "page_bytes",
     "require_durable",
 ];
 
-/// The largest `max_event_size` and `max_append_size` accepted.
+/// What the encoding of one event adds to its size (`EventData::size`: payload, type and
+/// headers), at most: its id, field names, schema version, times, content type and the
+/// optional ids, with room to spare.
+const EVENT_OVERHEAD: usize = 512;
+
+/// The largest `max_event_size`, `max_append_size` and `page_bytes` accepted.
 const MAX_SIZE_OPTION: usize = 256 * 1024 * 1024;
 
 /// How the keyspace is replicated when this store creates it.
@@ -120,6 +126,10 @@ pub struct CassandraConfig {
     /// Largest append (`max_append_size`, default 8 MiB): one row, under the server's
     /// `max_mutation_size` (half the commit log segment, 16 MiB by default).
     pub max_append_size: usize,
+    /// The most one page of a read or a subscription may hold (`page_bytes`, default 64 MiB),
+    /// as bounded by each commit's event count and this client's `max_event_size` and
+    /// `max_append_size`; a page holds at least one commit, whatever its size.
+    pub page_bytes: usize,
     /// Refuse to work (`require_durable=true`; default false: a warning only) when the crash of
     /// one node can lose an acknowledged append, or when that cannot be established: a keyspace
     /// whose quorum is one replica on nodes with `commitlog_sync: periodic`.
@@ -149,6 +159,7 @@ impl fmt::Debug for CassandraConfig {
             .field("repair_after", &self.repair_after)
             .field("max_event_size", &self.max_event_size)
             .field("max_append_size", &self.max_append_size)
+            .field("page_bytes", &self.page_bytes)
             .field("require_durable", &self.require_durable)
             .finish()
     }
@@ -218,6 +229,9 @@ impl CassandraConfig {
             max_append_size: url
                 .number_option("max_append_size", 1..=MAX_SIZE_OPTION)?
                 .unwrap_or(8 * 1024 * 1024),
+            page_bytes: url
+                .number_option("page_bytes", 1..=MAX_SIZE_OPTION)?
+                .unwrap_or(64 * 1024 * 1024),
             require_durable: url.bool_option("require_durable")?.unwrap_or(false),
         };
         config.check_repair_after(&url)?;
@@ -246,6 +260,32 @@ impl CassandraConfig {
     /// the server's are.
     pub fn max_clock_skew(&self) -> Duration {
         self.settle / 4
+    }
+
+    /// The most a stored commit of `count` events can take, in bytes, for this client: each
+    /// event at most `max_event_size`, all at most `max_append_size`, and the encoding's
+    /// per-event fields (`EVENT_OVERHEAD`).
+    pub(crate) fn commit_bound(&self, count: i32) -> usize {
+        let count = count.max(0) as usize;
+        count
+            .saturating_mul(self.max_event_size)
+            .min(self.max_append_size)
+            .saturating_add(count.saturating_mul(EVENT_OVERHEAD))
+    }
+
+    /// How many of the next commits, of these event counts, one page may fetch: as many as
+    /// fit in `page_bytes` by [`commit_bound`](Self::commit_bound), and at least one.
+    pub(crate) fn commits_in_a_page(&self, counts: impl IntoIterator<Item = i32>) -> i32 {
+        let mut bytes = 0usize;
+        let mut n = 0;
+        for count in counts {
+            bytes = bytes.saturating_add(self.commit_bound(count));
+            if n > 0 && bytes > self.page_bytes {
+                break;
+            }
+            n += 1;
+        }
+        n.max(1)
     }
 
     /// Micro-seconds in one category time bucket.
@@ -384,6 +424,29 @@ mod tests {
     }
 
     #[test]
+    fn a_page_holds_what_fits_in_page_bytes_and_at_least_one_commit() {
+        let c = CassandraConfig::from_url(
+            "cassandra://h?max_event_size=1000&max_append_size=3000&page_bytes=5000",
+        )
+        .unwrap();
+        assert_eq!(c.commit_bound(1), 1_512);
+        assert_eq!(
+            c.commit_bound(10),
+            3_000 + 5_120,
+            "max_append_size caps the events"
+        );
+        assert_eq!(c.commits_in_a_page([1, 1, 1, 1, 1]), 3);
+        assert_eq!(c.commits_in_a_page([10, 1]), 1, "one commit even when over");
+        assert_eq!(c.commits_in_a_page([]), 1);
+        assert_eq!(
+            CassandraConfig::from_url("cassandra://h")
+                .unwrap()
+                .page_bytes,
+            64 * 1024 * 1024
+        );
+    }
+
+    #[test]
     fn defaults_are_safe() {
         let c = CassandraConfig::from_url("cassandra://127.0.0.1").unwrap();
         assert_eq!(c.keyspace, "photon");
@@ -419,6 +482,7 @@ mod tests {
                 "cassandra://h/ks?require_durable=1",
                 "require_durable must be true or false",
             ),
+            ("cassandra://h/ks?page_bytes=0", "page_bytes"),
         ] {
             match CassandraConfig::from_url(url) {
                 Err(Error::InvalidInput { what, reason }) => {

@@ -197,14 +197,16 @@ impl Shared {
         Ok(None)
     }
 
-    /// One page of commits of `stream` in `bucket`, from `from` upwards (or downwards).
+    /// One page of commits of `stream` in `bucket`, from `from` upwards (or downwards): as
+    /// many as fit in `page_bytes`, at most `COMMITS_PER_PAGE`; and whether more may follow in
+    /// the partition.
     async fn commits_page(
         &self,
         stream: &StreamId,
         bucket: i64,
         from: u64,
         forwards: bool,
-    ) -> Result<Vec<(Commit, i32)>, Error> {
+    ) -> Result<(Vec<(Commit, i32)>, bool), Error> {
         let (session, st) = self.ready().await?;
         let q = if forwards {
             &st.commits_from
@@ -212,13 +214,36 @@ impl Shared {
             &st.commits_down_from
         };
         let context = || format!("reading the commits of {stream}");
-        let rows = session
-            .execute_unpaged(q, (stream.as_str(), bucket, from as i64, COMMITS_PER_PAGE))
+        // The counts first, so the page fetches only what fits in `page_bytes`.
+        let counts = if forwards {
+            &st.commit_counts_from
+        } else {
+            &st.commit_counts_down_from
+        };
+        let counts = session
+            .execute_unpaged(
+                counts,
+                (stream.as_str(), bucket, from as i64, COMMITS_PER_PAGE),
+            )
             .await
             .map_err(|e| error::request(context(), e))?
             .into_rows_result()
             .map_err(|e| error::driver(context(), e))?;
-        rows.rows::<(i64, i32, CqlTimeuuid, Vec<u8>)>()
+        let counts = counts
+            .rows::<(i32,)>()
+            .map_err(|e| error::driver(context(), e))?
+            .map(|r| r.map(|(count,)| count))
+            .collect::<Result<Vec<i32>, _>>()
+            .map_err(|e| error::driver(context(), e))?;
+        let limit = self.config.commits_in_a_page(counts.iter().copied());
+        let rows = session
+            .execute_unpaged(q, (stream.as_str(), bucket, from as i64, limit))
+            .await
+            .map_err(|e| error::request(context(), e))?
+            .into_rows_result()
+            .map_err(|e| error::driver(context(), e))?;
+        let page = rows
+            .rows::<(i64, i32, CqlTimeuuid, Vec<u8>)>()
             .map_err(|e| error::driver(context(), e))?
             .map(|r| {
                 let (first, count, t, events) = r.map_err(|e| error::driver(context(), e))?;
@@ -230,7 +255,11 @@ impl Shared {
                 };
                 Ok((commit, count))
             })
-            .collect()
+            .collect::<Result<Vec<_>, Error>>()?;
+        // More may follow in this partition when the page left some of the counted commits
+        // out, or when there were as many of them as a page may count.
+        let full = (limit as usize) < counts.len() || counts.len() == COMMITS_PER_PAGE as usize;
+        Ok((page, full))
     }
 
     /// Every category with events, sorted.
@@ -349,14 +378,13 @@ impl ReadCursor {
     async fn page(&mut self) -> Result<Vec<RecordedEvent>, Error> {
         let mut out = Vec::new();
         while out.is_empty() && !self.done && self.left > 0 {
-            let page = self
+            let (page, full) = self
                 .shared
                 .commits_page(&self.stream, self.bucket, self.at, self.forwards)
                 .await?;
             for (commit, count) in &page {
                 self.take(commit, *count, &mut out)?;
             }
-            let full = page.len() == COMMITS_PER_PAGE as usize;
             self.next_bucket(full).await?;
         }
         Ok(out)

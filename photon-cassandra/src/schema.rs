@@ -142,6 +142,13 @@ pub const CATEGORY_PAGE: Cql = Cql("SELECT time_id, stream, version, count, even
 
 const CATEGORY_PAGE_INCL: Cql = Cql("SELECT time_id, stream, version, count, events FROM {ks}.category_commits WHERE category = ? AND bucket = ? AND time_id >= ? AND time_id <= ? LIMIT ?");
 const COMMITS_DOWN_FROM: Cql = Cql("SELECT version, count, time_id, events FROM {ks}.commits WHERE stream = ? AND bucket = ? AND version <= ? ORDER BY version DESC LIMIT ?");
+/// The event counts of the next commits of a page (no events), so the page fetches only what
+/// fits in `page_bytes`.
+const COMMIT_COUNTS_FROM: Cql =
+    Cql("SELECT count FROM {ks}.commits WHERE stream = ? AND bucket = ? AND version >= ? LIMIT ?");
+const COMMIT_COUNTS_DOWN_FROM: Cql = Cql("SELECT count FROM {ks}.commits WHERE stream = ? AND bucket = ? AND version <= ? ORDER BY version DESC LIMIT ?");
+const CATEGORY_COUNTS: Cql = Cql("SELECT count FROM {ks}.category_commits WHERE category = ? AND bucket = ? AND time_id > ? AND time_id <= ? LIMIT ?");
+const CATEGORY_COUNTS_INCL: Cql = Cql("SELECT count FROM {ks}.category_commits WHERE category = ? AND bucket = ? AND time_id >= ? AND time_id <= ? LIMIT ?");
 const COMMIT_IDS_FROM: Cql = Cql("SELECT version, count, time_id, event_ids FROM {ks}.commits WHERE stream = ? AND bucket = ? AND version >= ?");
 const COMMIT_AT_OR_BEFORE: Cql = Cql("SELECT version, count FROM {ks}.commits WHERE stream = ? AND bucket = ? AND version <= ? ORDER BY version DESC LIMIT 1");
 const COMMIT_AT: Cql = Cql(
@@ -177,6 +184,10 @@ pub(crate) struct Statements {
     pub(crate) commit_at_serial: PreparedStatement,
     pub(crate) commits_from: PreparedStatement,
     pub(crate) commits_down_from: PreparedStatement,
+    pub(crate) commit_counts_from: PreparedStatement,
+    pub(crate) commit_counts_down_from: PreparedStatement,
+    pub(crate) category_counts: PreparedStatement,
+    pub(crate) category_counts_incl: PreparedStatement,
     /// Both pending markers (category, `$all`) and both bucket registrations, logged.
     pub(crate) pending: Batch,
     /// Both markers' deletes.
@@ -250,6 +261,10 @@ pub(crate) async fn prepare_statements(
         commit_at_serial: serial(COMMIT_AT).await?,
         commits_from: plain(COMMITS_FROM).await?,
         commits_down_from: plain(COMMITS_DOWN_FROM).await?,
+        commit_counts_from: plain(COMMIT_COUNTS_FROM).await?,
+        commit_counts_down_from: plain(COMMIT_COUNTS_DOWN_FROM).await?,
+        category_counts: plain(CATEGORY_COUNTS).await?,
+        category_counts_incl: plain(CATEGORY_COUNTS_INCL).await?,
         pending: batch(
             config,
             BatchType::Logged,

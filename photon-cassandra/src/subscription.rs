@@ -399,9 +399,8 @@ async fn timeline_step(
     let upper = horizon.min(bucket_end);
     let mut progressed = false;
     if upper >= codec::time_micros(&t.lower) {
-        let page = category_page(shared, t, upper).await?;
+        let (page, full) = category_page(shared, t, upper).await?;
         progressed = !page.is_empty();
-        let full = page.len() == COMMITS_PER_PAGE as usize;
         t.deliver(page, out)?;
         if full {
             return Ok((true, false));
@@ -537,30 +536,41 @@ async fn category_page(
     shared: &Shared,
     t: &Timeline,
     upper: i64,
-) -> Result<Vec<(Commit, i32)>, Error> {
+) -> Result<(Vec<(Commit, i32)>, bool), Error> {
     let (session, st) = shared.ready().await?;
     let context = || format!("reading the category {}", t.key);
-    let q = if t.inclusive {
-        &st.category_page_incl
+    let (q, counts) = if t.inclusive {
+        (&st.category_page_incl, &st.category_counts_incl)
     } else {
-        &st.category_page
+        (&st.category_page, &st.category_counts)
     };
-    let rows = session
-        .execute_unpaged(
-            q,
-            (
-                t.key.as_str(),
-                t.bucket,
-                CqlTimeuuid::from(t.lower),
-                CqlTimeuuid::from(codec::max_time_id(upper)),
-                COMMITS_PER_PAGE,
-            ),
-        )
+    let (key, lower, upper) = (
+        t.key.as_str(),
+        CqlTimeuuid::from(t.lower),
+        CqlTimeuuid::from(codec::max_time_id(upper)),
+    );
+    // The counts first, so the page fetches only what fits in `page_bytes`.
+    let counts = session
+        .execute_unpaged(counts, (key, t.bucket, lower, upper, COMMITS_PER_PAGE))
         .await
         .map_err(|e| error::request(context(), e))?
         .into_rows_result()
         .map_err(|e| error::driver(context(), e))?;
-    rows.rows::<(CqlTimeuuid, String, i64, i32, Vec<u8>)>()
+    let counts = counts
+        .rows::<(i32,)>()
+        .map_err(|e| error::driver(context(), e))?
+        .map(|r| r.map(|(count,)| count))
+        .collect::<Result<Vec<i32>, _>>()
+        .map_err(|e| error::driver(context(), e))?;
+    let limit = shared.config.commits_in_a_page(counts.iter().copied());
+    let rows = session
+        .execute_unpaged(q, (key, t.bucket, lower, upper, limit))
+        .await
+        .map_err(|e| error::request(context(), e))?
+        .into_rows_result()
+        .map_err(|e| error::driver(context(), e))?;
+    let page = rows
+        .rows::<(CqlTimeuuid, String, i64, i32, Vec<u8>)>()
         .map_err(|e| error::driver(context(), e))?
         .map(|r| {
             let (time_id, stream, first, count, events) =
@@ -575,5 +585,9 @@ async fn category_page(
                 count,
             ))
         })
-        .collect()
+        .collect::<Result<Vec<_>, Error>>()?;
+    // More may follow up to `upper` when the page left some of the counted commits out, or
+    // when there were as many of them as a page may count.
+    let full = (limit as usize) < counts.len() || counts.len() == COMMITS_PER_PAGE as usize;
+    Ok((page, full))
 }
