@@ -188,11 +188,15 @@ async fn copy_verify(from: &str, to: &str) {
     // The listing commands see what was copied.
     let (out, _) = ok(&["streams", to, &category]);
     assert_eq!(out, format!("{category}-0\n{category}-1\n{category}-2\n"));
-    let (out, _) = ok(&["categories", to]);
-    assert!(
-        out.lines().any(|l| l == category),
-        "{category} not in {out}"
-    );
+    // Not on Kafka: listing categories there visits every topic of the shared test broker
+    // (minutes, with the topics every test run leaves behind).
+    if !to.starts_with("kafka://") {
+        let (out, _) = ok(&["categories", to]);
+        assert!(
+            out.lines().any(|l| l == category),
+            "{category} not in {out}"
+        );
+    }
 }
 
 /// `tail` on a server: replay, the marker, then an event appended by another process.
