@@ -258,17 +258,7 @@ impl Shared {
     /// - `InvalidInput` naming the skew, its direction and the bound, when beyond it.
     /// - `Unavailable` or `Backend` when the server's clock cannot be read.
     pub(crate) async fn check_clock(&self) -> Result<(), Error> {
-        let reading = {
-            let mut last = self.clock.lock().await;
-            match *last {
-                Some(r) if r.taken.elapsed() < CLOCK_CHECK_EVERY => r,
-                _ => {
-                    let r = self.read_server_clock().await?;
-                    *last = Some(r);
-                    r
-                }
-            }
-        };
+        let reading = self.clock_reading().await?;
         let skew = self.clock_offset.load(Ordering::Relaxed) - reading.server_ahead;
         // The reading is good to half its round trip and the server's millisecond: refuse only
         // a skew certainly beyond the bound.
@@ -291,6 +281,32 @@ impl Shared {
                 ms(bound),
             ),
         })
+    }
+
+    /// The present for a category reader, µs: this store's clock, or the server's when this
+    /// one runs ahead of it. A reader ahead would pass times at which writers are still
+    /// writing their markers; one behind only waits longer. So readers' clocks need no bound.
+    ///
+    /// # Errors
+    /// - `Unavailable` or `Backend` when the server's clock cannot be read.
+    pub(crate) async fn reader_now(&self) -> Result<i64, Error> {
+        let reading = self.clock_reading().await?;
+        let skew = self.clock_offset.load(Ordering::Relaxed) - reading.server_ahead;
+        Ok(self.now_micros() - skew.max(0))
+    }
+
+    /// The last reading of the server's clock, read again when older than
+    /// `CLOCK_CHECK_EVERY`.
+    async fn clock_reading(&self) -> Result<ClockReading, Error> {
+        let mut last = self.clock.lock().await;
+        match *last {
+            Some(r) if r.taken.elapsed() < CLOCK_CHECK_EVERY => Ok(r),
+            _ => {
+                let r = self.read_server_clock().await?;
+                *last = Some(r);
+                Ok(r)
+            }
+        }
     }
 
     /// Reads the server's clock a few times, keeping the reading with the shortest round trip.

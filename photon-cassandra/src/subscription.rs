@@ -221,7 +221,7 @@ async fn open_timeline(
     request: &SubscriptionRequest<Position>,
     since: Option<i64>,
 ) -> Result<Timeline, Error> {
-    let now = shared.now_micros();
+    let now = shared.reader_now().await?;
     let mut end = now;
     let mut stored = HashSet::new();
     let (lower, inclusive, skip_through) = match (&request.start, &request.after) {
@@ -419,7 +419,7 @@ async fn timeline_step(
 /// after its position (markers older than `repair_after` are settled instead).
 async fn horizon(shared: &Shared, t: &Timeline) -> Result<i64, Error> {
     let config = &shared.config;
-    let now = shared.now_micros();
+    let now = shared.reader_now().await?;
     let mut horizon = now - config.settle.as_micros() as i64;
     // Only markers after our position matter (and reading from there skips the tombstones of
     // markers already cleared behind it).

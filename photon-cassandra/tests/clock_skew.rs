@@ -161,3 +161,80 @@ async fn a_writer_whose_clock_runs_ahead_is_refused_until_it_is_set_right() {
         .unwrap();
     assert_eq!(numbers(&replay), vec![1]);
 }
+
+/// A reader whose clock runs 10 s ahead would read 6 s past the present (settle 4 s): it
+/// delivers a later append while an earlier one is still writing its marker (here held in the
+/// fault proxy for about a second, well within the writer's `settle_ms / 2`), and never
+/// delivers the earlier one. Readers take the server's clock when theirs runs ahead of it, so
+/// they wait for the marker and deliver both, in time order.
+#[tokio::test]
+async fn a_reader_whose_clock_runs_ahead_reads_by_the_servers_clock() {
+    let Some(url) = server_url("cassandra", "PHOTON_TEST_CASSANDRA_URL") else {
+        return;
+    };
+    let url = with_options(
+        &url,
+        "settle_ms=4000&timeout_ms=2000&repair_after_ms=8000&bucket_size=16",
+    );
+    let (proxy, proxied_url) = common::proxied(&url).await;
+    let category = Category::new(fresh("skew")).unwrap();
+    let slow = StreamId::new(&category, "slow").unwrap();
+    let writer = CassandraStore::from_url(&proxied_url).await.unwrap();
+    writer
+        .append(&slow, ExpectedVersion::NoStream, vec![numbered(0, "slow")])
+        .await
+        .unwrap();
+    let other = CassandraStore::from_url(&url).await.unwrap();
+
+    let reader = CassandraStore::from_url(&url).await.unwrap();
+    reader.set_clock_offset_ms(10_000);
+    let mut live = reader.subscribe(
+        Selector::Category(category.clone()),
+        Start::Beginning,
+        SubscriptionMode::HotCold,
+    );
+    let mut delivered = events_within(&mut live, Duration::from_secs(8)).await;
+    assert_eq!(numbers(&delivered), vec![0]);
+
+    // The slow append's markers (the first request naming its stream, its head being known)
+    // are held; another append is stored meanwhile.
+    let hold = proxy.hold_next(slow.as_str().as_bytes());
+    let held = {
+        let (writer, slow) = (writer.clone(), slow.clone());
+        tokio::spawn(async move {
+            writer
+                .append(
+                    &slow,
+                    ExpectedVersion::Exact(photon_api::Version(0)),
+                    vec![numbered(1, "slow")],
+                )
+                .await
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(10), hold.matched())
+        .await
+        .expect("the markers reached the proxy");
+    other
+        .append(
+            &StreamId::new(&category, "quick").unwrap(),
+            ExpectedVersion::NoStream,
+            vec![numbered(2, "quick")],
+        )
+        .await
+        .unwrap();
+    delivered.extend(events_within(&mut live, Duration::from_millis(1_200)).await);
+    hold.release();
+    held.await.unwrap().expect("the slow append is stored");
+
+    delivered.extend(events_within(&mut live, Duration::from_secs(8)).await);
+    let replay = other
+        .replay_to_vec(Selector::Category(category), Start::Beginning)
+        .await
+        .unwrap();
+    assert_eq!(numbers(&replay), vec![0, 1, 2]);
+    assert_eq!(
+        numbers(&delivered),
+        numbers(&replay),
+        "the live reader delivers what a replay holds"
+    );
+}
