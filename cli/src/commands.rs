@@ -3,7 +3,7 @@
 //! `memory://` as well as through the binary.
 //!
 //! Moving events (`export`, `import`, `copy`) is [`crate::transfer`]; comparing is
-//! [`crate::verify`]. Nothing here connects to a store or parses a URL.
+//! [`mod@crate::verify`]. Nothing here connects to a store or parses a URL.
 
 use std::future::Future;
 use std::io::Write;
