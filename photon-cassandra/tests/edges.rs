@@ -169,6 +169,39 @@ async fn a_category_whose_only_append_failed_is_not_listed() {
         .await
         .unwrap();
     assert!(read.is_empty());
+
+    // The failed append settles its own markers in the background (it fences its version):
+    // wait for it, so no marker of this test holds back the all stream's readers in the next.
+    let config = store.config();
+    let bucket = Timestamp::now()
+        .unix_micros()
+        .div_euclid(config.time_bucket.as_micros() as i64);
+    let s = session(&url).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = s
+            .query_unpaged(
+                format!(
+                    "SELECT time_id FROM {}.pending WHERE category = ? AND bucket = ?",
+                    config.keyspace
+                ),
+                (failed.as_str(), bucket),
+            )
+            .await
+            .unwrap()
+            .into_rows_result()
+            .unwrap()
+            .rows_num();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the failed append's markers were never settled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(store.stream_version(&stream).await.unwrap(), None);
 }
 
 /// `Start::Time` before 1970 is a time like any other (time UUIDs hold times back to 1582):
