@@ -1,17 +1,20 @@
 //! The connection and the state every clone of a store shares: the metadata and admin clients,
 //! the partition counts of topics seen, each partition's version index and writer, the queues of
-//! appends, and the pool of idle readers. Topics are looked up and created here.
+//! appends, and the pool of idle readers. Topics are looked up, checked (topic.rs decides) and
+//! created here.
 //!
 //! This module owns those maps and their locks; it decides nothing about what an append or a
 //! read means (writer.rs, reader.rs), and it never reaches up into the crate root.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use photon_api::{Error, Health};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, ConfigResource, NewTopic, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -21,6 +24,8 @@ use rdkafka::types::RDKafkaRespErr;
 use crate::config::KafkaConfig;
 use crate::error::{self, Fault};
 use crate::index::PartitionIndex;
+use crate::reader;
+use crate::topic::{self, TopicRefused};
 use crate::writer::{Queue, Writer};
 
 /// The backend name, also the tag of its checkpoints.
@@ -31,6 +36,25 @@ pub(crate) const MAX_POOLED_READERS: usize = 8;
 
 /// How often topic creation looks for the new topic's partitions in the metadata.
 const TOPIC_POLL: Duration = Duration::from_millis(50);
+
+/// How long a topic's partition count is trusted on the append and read paths before it is asked
+/// for again, so a store that takes nothing over still notices a changed count within this.
+const RECHECK: Duration = Duration::from_secs(2);
+
+/// At most one warning about `max_producers` per this long: a thrashing writer would otherwise
+/// log one per append.
+const PRODUCER_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// What this store knows of a topic it checked.
+struct KnownTopic {
+    /// The partition count streams are placed with.
+    partitions: i32,
+    /// When the brokers last confirmed it.
+    checked: Instant,
+    /// Set once the count was seen changed: every later use is refused the same way (the
+    /// count cannot go back, and a store must not work on with either count).
+    changed: Option<TopicRefused>,
+}
 
 /// What one partition's writer and readers share within this store.
 #[derive(Default)]
@@ -49,8 +73,12 @@ pub(crate) struct Shared {
     /// Metadata, watermarks and offsets-for-times (read_committed: watermarks are stable offsets).
     pub(crate) meta: Arc<BaseConsumer>,
     admin: AdminClient<DefaultClientContext>,
-    /// Partition counts of topics seen to exist.
-    topics: Mutex<HashMap<String, i32>>,
+    /// Topics checked (count, configuration, layout) and the count streams are placed with.
+    topics: Mutex<HashMap<String, KnownTopic>>,
+    /// Topics seen to hold at least one photon event (a topic never loses that).
+    with_events: Mutex<HashSet<String>>,
+    /// When the last `max_producers` warning was logged.
+    producer_warning: Mutex<Option<Instant>>,
     partitions: Mutex<HashMap<(String, i32), SharedPartition>>,
     /// Appends waiting for each partition's writer (see writer.rs).
     queues: Mutex<HashMap<(String, i32), Arc<Queue>>>,
@@ -58,6 +86,8 @@ pub(crate) struct Shared {
     pub(crate) readers: Mutex<Vec<StreamConsumer>>,
     /// Producers alive in this store (each holds librdkafka threads).
     pub(crate) live_writers: Arc<AtomicUsize>,
+    /// Partitions taken over since the store was built (`KafkaStore::writer_stats`).
+    pub(crate) take_overs: AtomicU64,
 }
 
 impl Shared {
@@ -73,10 +103,13 @@ impl Shared {
             meta: Arc::new(meta),
             admin,
             topics: Mutex::default(),
+            with_events: Mutex::default(),
+            producer_warning: Mutex::default(),
             partitions: Mutex::default(),
             queues: Mutex::default(),
             readers: Mutex::default(),
             live_writers: Arc::new(AtomicUsize::new(0)),
+            take_overs: AtomicU64::new(0),
             config,
         })
     }
@@ -90,12 +123,105 @@ impl Shared {
             .map_err(|e| error::from_kafka(context, e))
     }
 
-    /// The partition count of `topic`, None when it does not exist. Counts are cached: a topic's
-    /// partition count must never change (streams are placed by hash modulo the count).
-    pub(crate) async fn partition_count(&self, topic: &str) -> Result<Option<i32>, Error> {
-        if let Some(n) = self.topics.lock().expect("topics lock").get(topic) {
-            return Ok(Some(*n));
+    /// The partition count of `topic` (None when it does not exist), checked: at this store's
+    /// first use of the topic its configuration and the count its records were written with;
+    /// afterwards the count again whenever it was last confirmed [`RECHECK`] ago.
+    ///
+    /// # Errors
+    /// - `Backend` with a [`TopicRefused`] source for a topic that would lose events or whose
+    ///   partition count changed (sticky: every later call is refused the same way).
+    pub(crate) async fn partition_count(
+        self: &Arc<Self>,
+        topic: &str,
+    ) -> Result<Option<i32>, Error> {
+        match self.known(topic)? {
+            Some((n, checked)) if checked.elapsed() < RECHECK => Ok(Some(n)),
+            Some(_) => self.partition_count_now(topic).await.map(Some),
+            None => self.first_look(topic).await,
         }
+    }
+
+    /// The partition count of a topic this store uses, asked of the brokers now (at every
+    /// take-over of a partition): refused when it is not the count streams were placed with.
+    pub(crate) async fn partition_count_now(self: &Arc<Self>, topic: &str) -> Result<i32, Error> {
+        let Some((known, _)) = self.known(topic)? else {
+            return self.first_look(topic).await?.ok_or_else(|| gone(topic));
+        };
+        let (n, _) = self
+            .fetch_partition_count(topic)
+            .await?
+            .ok_or_else(|| gone(topic))?;
+        if n != known {
+            let evidence = format!(
+                "this store placed streams with {known} partitions, the brokers now report {n}"
+            );
+            return Err(self.partitions_changed(topic, Some(known), n, evidence));
+        }
+        self.remember(topic, n);
+        Ok(n)
+    }
+
+    /// The count streams are placed with in `topic`, when this store checked it.
+    pub(crate) fn known_partitions(&self, topic: &str) -> Option<i32> {
+        let topics = self.topics.lock().expect("topics lock");
+        topics.get(topic).map(|k| k.partitions)
+    }
+
+    /// What this store knows of `topic`: its count and when it was confirmed; the refusal once
+    /// the count was seen changed.
+    fn known(&self, topic: &str) -> Result<Option<(i32, Instant)>, Error> {
+        let topics = self.topics.lock().expect("topics lock");
+        match topics.get(topic) {
+            Some(KnownTopic {
+                changed: Some(why), ..
+            }) => Err(topic::refused(why.clone())),
+            Some(k) => Ok(Some((k.partitions, k.checked))),
+            None => Ok(None),
+        }
+    }
+
+    /// The first use of `topic` by this store: its count, configuration and layout checked.
+    async fn first_look(self: &Arc<Self>, topic: &str) -> Result<Option<i32>, Error> {
+        let Some((n, replicas)) = self.fetch_partition_count(topic).await? else {
+            return Ok(None);
+        };
+        self.check_config(topic, replicas).await?;
+        if let Some((was, evidence)) = reader::probe_layout(self, topic, n).await? {
+            return Err(self.partitions_changed(topic, was, n, evidence));
+        }
+        self.remember(topic, n);
+        Ok(Some(n))
+    }
+
+    /// Records that `topic`'s count is not the one its streams were placed with, and the
+    /// refusal every later use gets.
+    pub(crate) fn partitions_changed(
+        &self,
+        topic: &str,
+        was: Option<i32>,
+        now: i32,
+        evidence: String,
+    ) -> Error {
+        let why = TopicRefused::PartitionsChanged {
+            topic: topic.to_owned(),
+            was,
+            now,
+            evidence,
+        };
+        tracing::error!(topic, error = %why, "photon-kafka: topic refused");
+        let mut topics = self.topics.lock().expect("topics lock");
+        let known = topics.entry(topic.to_owned()).or_insert(KnownTopic {
+            partitions: was.unwrap_or(now),
+            checked: Instant::now(),
+            changed: None,
+        });
+        known.changed.get_or_insert(why.clone());
+        topic::refused(known.changed.clone().expect("set above"))
+    }
+
+    /// The partition count and replication factor of `topic` as the brokers report them now;
+    /// None when it does not exist.
+    async fn fetch_partition_count(&self, topic: &str) -> Result<Option<(i32, i32)>, Error> {
         let context = format!("fetching the metadata of topic {topic}");
         let md = self.metadata(Some(topic), context).await?;
         let Some(found) = md.topics().iter().find(|t| t.name() == topic) else {
@@ -104,8 +230,8 @@ impl Shared {
         match found.error() {
             None if !found.partitions().is_empty() => {
                 let n = found.partitions().len() as i32;
-                self.remember(topic, n);
-                Ok(Some(n))
+                let replicas = found.partitions()[0].replicas().len() as i32;
+                Ok(Some((n, replicas)))
             }
             // Just created (or being deleted): not usable yet, as if absent.
             Some(
@@ -121,16 +247,91 @@ impl Shared {
         }
     }
 
+    /// Refuses a topic whose configuration loses events (topic.rs decides what does).
+    async fn check_config(&self, topic: &str, replicas: i32) -> Result<(), Error> {
+        let context = format!("checking the configuration of topic {topic}");
+        let config = self
+            .describe(ResourceSpecifier::Topic(topic), context)
+            .await?;
+        topic::check_config(
+            topic,
+            |name| config.get(name).and_then(|e| e.value.as_deref()),
+            replicas,
+            self.config.allow_finite_retention,
+        )
+        .map_err(topic::refused)
+    }
+
+    /// The configuration of `resource`. A topic created a moment ago may not be known to the
+    /// broker that answers yet; that answer is asked again within the request timeout.
+    async fn describe(
+        &self,
+        resource: ResourceSpecifier<'_>,
+        context: String,
+    ) -> Result<ConfigResource, Error> {
+        let deadline = tokio::time::Instant::now() + self.config.timeout;
+        loop {
+            let answers = self
+                .admin
+                .describe_configs([&resource], &self.admin_options())
+                .await
+                .map_err(|e| error::from_kafka(&context, e))?;
+            match answers.into_iter().next() {
+                Some(Ok(config)) => return Ok(config),
+                Some(Err(RDKafkaErrorCode::UnknownTopicOrPartition))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(TOPIC_POLL).await;
+                }
+                Some(Err(code)) => {
+                    return Err(error::from_kafka(context, KafkaError::AdminOp(code)))
+                }
+                None => {
+                    return Err(error::unavailable(format!("{context}: no answer")));
+                }
+            }
+        }
+    }
+
+    fn admin_options(&self) -> AdminOptions {
+        AdminOptions::new()
+            .operation_timeout(Some(self.config.timeout))
+            .request_timeout(Some(self.config.timeout))
+    }
+
+    /// Notes that the brokers just confirmed `topic` with `partitions` (the first count noted
+    /// stays: it is the one streams are placed with).
     fn remember(&self, topic: &str, partitions: i32) {
         self.topics
             .lock()
             .expect("topics lock")
             .entry(topic.to_owned())
-            .or_insert(partitions);
+            .and_modify(|k| k.checked = Instant::now())
+            .or_insert(KnownTopic {
+                partitions,
+                checked: Instant::now(),
+                changed: None,
+            });
+    }
+
+    /// Whether `topic` was seen holding a photon event.
+    pub(crate) fn seen_with_events(&self, topic: &str) -> bool {
+        self.with_events
+            .lock()
+            .expect("events lock")
+            .contains(topic)
+    }
+
+    /// Notes that `topic` holds a photon event.
+    pub(crate) fn saw_events(&self, topic: &str) {
+        self.with_events
+            .lock()
+            .expect("events lock")
+            .insert(topic.to_owned());
     }
 
     /// The partition count of `topic`, creating it first when missing and allowed.
-    pub(crate) async fn ensure_topic(&self, topic: &str) -> Result<i32, Error> {
+    pub(crate) async fn ensure_topic(self: &Arc<Self>, topic: &str) -> Result<i32, Error> {
         if let Some(n) = self.partition_count(topic).await? {
             return Ok(n);
         }
@@ -149,14 +350,18 @@ impl Shared {
     /// already exists (created by another process meanwhile) is fine.
     async fn create_topic(&self, topic: &str) -> Result<(), Error> {
         let replication = TopicReplication::Fixed(self.config.replication_factor);
+        let copies = match self.config.replication_factor {
+            n if n > 0 => n,
+            _ => self.default_replication_factor(topic).await?,
+        };
+        let min_insync = topic::created_min_insync(copies).to_string();
         let settings = self.config.topic_settings();
         let new = settings.iter().fold(
-            NewTopic::new(topic, self.config.partitions, replication),
+            NewTopic::new(topic, self.config.partitions, replication)
+                .set("min.insync.replicas", &min_insync),
             |new, (key, value)| new.set(key, value),
         );
-        let options = AdminOptions::new()
-            .operation_timeout(Some(self.config.timeout))
-            .request_timeout(Some(self.config.timeout));
+        let options = self.admin_options();
         let context = format!("creating topic {topic}");
         let results = self
             .admin
@@ -175,8 +380,29 @@ impl Shared {
         Ok(())
     }
 
+    /// The replication factor a topic created without one gets: the broker's
+    /// `default.replication.factor`, so `min.insync.replicas` can be set to match it.
+    async fn default_replication_factor(&self, topic: &str) -> Result<i32, Error> {
+        let context =
+            format!("reading the brokers' default.replication.factor to create topic {topic}");
+        let md = self.metadata(Some(topic), context.clone()).await?;
+        let Some(broker) = md.brokers().first().map(|b| b.id()) else {
+            return Err(error::unavailable(format!(
+                "{context}: no broker in the metadata"
+            )));
+        };
+        let config = self
+            .describe(ResourceSpecifier::Broker(broker), context.clone())
+            .await?;
+        let value = config
+            .get("default.replication.factor")
+            .and_then(|e| e.value.as_deref())
+            .and_then(|v| v.parse::<i32>().ok());
+        value.ok_or_else(|| error::unavailable(format!("{context}: broker {broker} did not say")))
+    }
+
     /// Creation is asynchronous on the brokers: waits until the metadata shows the partitions.
-    async fn wait_for_partitions(&self, topic: &str) -> Result<i32, Error> {
+    async fn wait_for_partitions(self: &Arc<Self>, topic: &str) -> Result<i32, Error> {
         let deadline = tokio::time::Instant::now() + self.config.timeout;
         loop {
             if let Some(n) = self.partition_count(topic).await? {
@@ -192,17 +418,18 @@ impl Shared {
         }
     }
 
-    /// Our topics' categories with their topics, sorted.
-    pub(crate) async fn categories(&self) -> Result<Vec<(String, String)>, Error> {
+    /// Our topics' categories with their topics and partition counts (as listed, not checked:
+    /// a topic is checked when it is used), sorted.
+    pub(crate) async fn categories(&self) -> Result<Vec<(String, String, i32)>, Error> {
         let md = self.metadata(None, "listing topics".into()).await?;
-        let mut out: Vec<(String, String)> = md
+        let mut out: Vec<(String, String, i32)> = md
             .topics()
             .iter()
             .filter(|t| t.error().is_none() && !t.partitions().is_empty())
             .filter_map(|t| {
                 let c = self.config.category_of(t.name())?;
-                self.remember(t.name(), t.partitions().len() as i32);
-                Some((c.to_owned(), t.name().to_owned()))
+                let n = t.partitions().len() as i32;
+                Some((c.to_owned(), t.name().to_owned(), n))
             })
             .collect();
         out.sort();
@@ -253,12 +480,11 @@ impl Shared {
         (self.partition(topic, p), queue)
     }
 
-    /// Drops the producers of idle partitions, oldest use first, while more than `keep` live:
-    /// each producer holds librdkafka threads and a connection.
-    pub(crate) fn evict_writers(&self, keep: usize) {
-        if self.live_writers.load(Ordering::Relaxed) <= keep {
-            return;
-        }
+    /// Drops the producers of partitions not appended to for `idle` (the producers kept follow
+    /// the partitions in use), then more, oldest use first, while more than `keep` live: each
+    /// producer holds librdkafka threads and a connection. Closing one that is still in use
+    /// (its partition will be appended to again and taken over again) is warned about.
+    pub(crate) fn evict_writers(&self, keep: usize, idle: Duration) {
         let states: Vec<_> = self
             .partitions
             .lock()
@@ -266,7 +492,7 @@ impl Shared {
             .values()
             .cloned()
             .collect();
-        let mut idle: Vec<_> = states
+        let mut held: Vec<_> = states
             .iter()
             .filter_map(|s| {
                 let guard = s.try_lock().ok()?;
@@ -274,16 +500,43 @@ impl Shared {
                 Some((used, s.clone()))
             })
             .collect();
-        idle.sort_by_key(|(used, _)| *used);
-        for (_, s) in idle {
-            if self.live_writers.load(Ordering::Relaxed) <= keep {
+        held.sort_by_key(|(used, _)| *used);
+        for (used, s) in held {
+            let stale = used.elapsed() >= idle;
+            let over = self.live_writers.load(Ordering::Relaxed) > keep;
+            if !stale && !over {
+                // Sorted oldest first: the rest are in use and within the limit.
                 break;
             }
             if let Ok(mut guard) = s.try_lock() {
+                if !stale {
+                    self.warn_producer_limit(used.elapsed());
+                }
                 guard.producer = None;
             }
         }
     }
+
+    /// Says, at most once a [`PRODUCER_WARNING_EVERY`], that producers in use are being closed.
+    fn warn_producer_limit(&self, idle_for: Duration) {
+        let mut last = self.producer_warning.lock().expect("warning lock");
+        if last.is_some_and(|at| at.elapsed() < PRODUCER_WARNING_EVERY) {
+            return;
+        }
+        *last = Some(Instant::now());
+        tracing::warn!(
+            max_producers = self.config.max_producers,
+            idle_ms = idle_for.as_millis() as u64,
+            "photon-kafka: this store appends to more partitions than max_producers; the producer used least recently is closed, and appending to its partition again costs an init_transactions and a catch-up read (raise max_producers, up to 4096, or route fewer partitions to this process)"
+        );
+    }
+}
+
+/// A topic in use that the metadata no longer shows.
+fn gone(topic: &str) -> Error {
+    error::unavailable(format!(
+        "topic {topic} is not in the brokers' metadata (deleted, or the metadata is behind)"
+    ))
 }
 
 /// Runs a blocking librdkafka call off the async threads.

@@ -35,6 +35,9 @@ pub mod header {
     pub const CAUSATION_ID: &str = "photon.causation_id";
     /// The correlation id, a UUID, when set.
     pub const CORRELATION_ID: &str = "photon.correlation_id";
+    /// The topic's partition count when the record was written, decimal: a reader that finds
+    /// another count than the topic has now knows streams were placed by another modulo.
+    pub const PARTITIONS: &str = "photon.partitions";
     /// Headers with this prefix are ours; an application header may not start with it.
     pub const PREFIX: &str = "photon.";
 }
@@ -42,7 +45,12 @@ pub mod header {
 /// Kafka's default partitioner for keyed records (murmur2 of the key, as the Java client and
 /// librdkafka's `murmur2_random` do), so a tool producing with the stream as key agrees with us.
 pub(crate) fn partition_for(stream: &StreamId, partitions: i32) -> i32 {
-    ((murmur2(stream.as_str().as_bytes()) & 0x7fff_ffff) as i32) % partitions
+    partition_of_key(stream.as_str(), partitions)
+}
+
+/// [`partition_for`] of a record's key as read.
+pub(crate) fn partition_of_key(key: &str, partitions: i32) -> i32 {
+    ((murmur2(key.as_bytes()) & 0x7fff_ffff) as i32) % partitions
 }
 
 /// Kafka's murmur2 (`org.apache.kafka.common.utils.Utils.murmur2`).
@@ -104,6 +112,7 @@ pub(crate) fn headers_of(
     recorded_at: Timestamp,
     batch_first: Version,
     batch_len: usize,
+    partitions: i32,
 ) -> OwnedHeaders {
     let text = |h: OwnedHeaders, key: &str, value: &str| {
         h.insert(Header {
@@ -111,7 +120,7 @@ pub(crate) fn headers_of(
             value: Some(value.as_bytes()),
         })
     };
-    let mut h = OwnedHeaders::new_with_capacity(10 + event.metadata.headers.len());
+    let mut h = OwnedHeaders::new_with_capacity(11 + event.metadata.headers.len());
     h = text(h, header::EVENT_ID, &event.event_id.to_string());
     h = text(h, header::VERSION, &version.0.to_string());
     h = text(h, header::EVENT_TYPE, event.event_type.as_str());
@@ -128,6 +137,7 @@ pub(crate) fn headers_of(
         &recorded_at.unix_micros().to_string(),
     );
     h = text(h, header::BATCH, &format!("{}+{batch_len}", batch_first.0));
+    h = text(h, header::PARTITIONS, &partitions.to_string());
     if let Some(c) = event.metadata.causation_id {
         h = text(h, header::CAUSATION_ID, &c.to_string());
     }
@@ -171,7 +181,7 @@ struct PhotonHeaders<'m> {
 }
 
 /// Every header photon reads; other `photon.*` names are ignored.
-const KNOWN: [&str; 10] = [
+const KNOWN: [&str; 11] = [
     header::EVENT_ID,
     header::VERSION,
     header::EVENT_TYPE,
@@ -182,6 +192,7 @@ const KNOWN: [&str; 10] = [
     header::BATCH,
     header::CAUSATION_ID,
     header::CORRELATION_ID,
+    header::PARTITIONS,
 ];
 
 impl<'m> PhotonHeaders<'m> {
@@ -305,6 +316,44 @@ pub(crate) fn index_entry(msg: &BorrowedMessage<'_>) -> Result<Option<IndexEntry
         batch_len: len,
         recorded_at: field(msg, &map, header::RECORDED_AT)?,
     }))
+}
+
+/// What a record says about its topic's layout: for a photon event, its key and the partition
+/// count it was written with (when the record carries it). None for any other record.
+pub(crate) fn layout_of<'m>(msg: &'m BorrowedMessage<'_>) -> Option<(&'m str, Option<i32>)> {
+    let map = photon_headers(msg)?;
+    let key = key_of(msg).ok()?;
+    Some((
+        key,
+        map.get(header::PARTITIONS).and_then(|v| v.parse().ok()),
+    ))
+}
+
+/// Whether a photon record of stream `key`, written with `written_with` partitions (when known)
+/// and found in partition `p`, fits a topic of `now` partitions; otherwise what it shows: the
+/// count it was written with (when known) and the evidence, for the refusal.
+pub(crate) fn misplaced(
+    key: &str,
+    written_with: Option<i32>,
+    p: i32,
+    now: i32,
+    at: impl FnOnce() -> String,
+) -> Option<(Option<i32>, String)> {
+    match written_with {
+        Some(w) if w != now => Some((
+            Some(w),
+            format!("record {} was written when the topic had {w} partitions", at()),
+        )),
+        _ if partition_of_key(key, now) != p => Some((
+            written_with.filter(|w| *w != now),
+            format!(
+                "record {} of stream {key} is in partition {p}, but with {now} partitions the stream belongs in partition {}",
+                at(),
+                partition_of_key(key, now)
+            ),
+        )),
+        _ => None,
+    }
 }
 
 /// Decodes a record into an event carrying `checkpoint`; Ok(None) for a record that is not a

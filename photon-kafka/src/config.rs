@@ -24,6 +24,14 @@ const DEFAULT_PORT: u16 = 9092;
 /// Room for the key, the `photon.*` headers and the record framing above the event's own size.
 const RECORD_OVERHEAD: usize = 64 * 1024;
 
+/// Producers kept by default: six categories of six partitions (the issue that raised it) and
+/// many more fit, while a process stays within a few thousand librdkafka threads.
+const DEFAULT_MAX_PRODUCERS: usize = 256;
+
+/// The most `max_producers` may ask for: each producer holds a thread per broker and a few of
+/// its own, so more than this would exhaust a machine before it helped.
+const MAX_PRODUCERS_BOUND: usize = 4096;
+
 /// The options a `kafka://` URL may carry; `rdkafka.*` passes any other librdkafka setting.
 const OPTIONS: &[&str] = &[
     "prefix",
@@ -33,6 +41,8 @@ const OPTIONS: &[&str] = &[
     "timeout_ms",
     "max_event_size",
     "max_append_size",
+    "allow_finite_retention",
+    "max_producers",
     "security_protocol",
     "sasl_mechanism",
     "sasl_username",
@@ -92,6 +102,15 @@ pub struct KafkaConfig {
     pub max_event_size: usize,
     /// Largest batch one append accepts (`max_append_size`, default 32 MiB): one transaction.
     pub max_append_size: usize,
+    /// Accept existing topics whose `retention.ms` or `retention.bytes` is finite
+    /// (`allow_finite_retention`, default false): their old events are deleted by the broker, so
+    /// a store refuses them unless told that losing old events is intended.
+    pub allow_finite_retention: bool,
+    /// Most transactional producers kept alive (`max_producers`, default 256): one per partition
+    /// this store appends to, each with librdkafka threads and connections. A writer cycling
+    /// over more partitions than this pays an `init_transactions` and a catch-up per hand-back,
+    /// and a warning says so.
+    pub max_producers: usize,
     /// Further librdkafka settings: TLS and SASL from the URL (`security_protocol`,
     /// `sasl_mechanism`, `sasl_username`, `sasl_password`, `ssl_ca_location`,
     /// `ssl_certificate_location`, `ssl_key_location`, `ssl_key_password`, user:password in the
@@ -119,6 +138,8 @@ impl fmt::Debug for KafkaConfig {
             .field("timeout", &self.timeout)
             .field("max_event_size", &self.max_event_size)
             .field("max_append_size", &self.max_append_size)
+            .field("allow_finite_retention", &self.allow_finite_retention)
+            .field("max_producers", &self.max_producers)
             .field("client_settings", &settings)
             .finish()
     }
@@ -136,6 +157,8 @@ impl KafkaConfig {
             timeout: Duration::from_secs(10),
             max_event_size: DEFAULT_MAX_EVENT_SIZE,
             max_append_size: 32 * 1024 * 1024,
+            allow_finite_retention: false,
+            max_producers: DEFAULT_MAX_PRODUCERS,
             client_settings: BTreeMap::new(),
         }
     }
@@ -189,6 +212,12 @@ impl KafkaConfig {
         }
         if let Some(n) = url.number_option("max_append_size", 1..=1024 * 1024 * 1024)? {
             self.max_append_size = n;
+        }
+        if let Some(allow) = url.bool_option("allow_finite_retention")? {
+            self.allow_finite_retention = allow;
+        }
+        if let Some(n) = url.number_option("max_producers", 1..=MAX_PRODUCERS_BOUND)? {
+            self.max_producers = n;
         }
         Ok(())
     }
@@ -378,7 +407,7 @@ mod tests {
     #[test]
     fn parses_every_option() {
         let c = KafkaConfig::from_url(
-            "kafka://a:9092,b:9093/?prefix=app.v1&partitions=12&replication_factor=3&create=false&timeout_ms=1500&max_event_size=2048&max_append_size=4096&security_protocol=ssl&ssl_ca_location=/ca.pem&rdkafka.client.id=me",
+            "kafka://a:9092,b:9093/?prefix=app.v1&partitions=12&replication_factor=3&create=false&timeout_ms=1500&max_event_size=2048&max_append_size=4096&security_protocol=ssl&ssl_ca_location=/ca.pem&rdkafka.client.id=me&allow_finite_retention=true&max_producers=40",
         )
         .unwrap();
         assert_eq!(c.bootstrap_servers, "a:9092,b:9093");
@@ -387,6 +416,8 @@ mod tests {
         assert!(!c.create_topics);
         assert_eq!(c.timeout, Duration::from_millis(1500));
         assert_eq!((c.max_event_size, c.max_append_size), (2048, 4096));
+        assert!(c.allow_finite_retention);
+        assert_eq!(c.max_producers, 40);
         assert_eq!(c.client_settings["security.protocol"], "ssl");
         assert_eq!(c.client_settings["ssl.ca.location"], "/ca.pem");
         assert_eq!(c.client_settings["client.id"], "me");
@@ -456,6 +487,12 @@ mod tests {
             ("kafka://a:1?replication_factor=0", "replication_factor"),
             ("kafka://a:1?prefix=bad/name", "prefix"),
             ("kafka://a:1?create=yes", "create"),
+            (
+                "kafka://a:1?allow_finite_retention=1",
+                "allow_finite_retention",
+            ),
+            ("kafka://a:1?max_producers=0", "max_producers"),
+            ("kafka://a:1?max_producers=4097", "from 1 to 4096"),
             ("kafka://a:1?timeout_ms=5", "timeout_ms"),
             ("kafka://a:1?rdkafka.acks=1", "acks"),
             (

@@ -156,8 +156,8 @@ pub(crate) fn refused_settings(config: &KafkaConfig, e: KafkaError) -> Error {
 }
 
 /// The same failure again, for the next append of a group that failed as one (`Error` is not
-/// `Clone`): the variant and message stay, and so does the source when it is librdkafka's or a
-/// [`Fault`] (both plain values). Another source (a panicked thread) is kept as its message.
+/// `Clone`): the variant and message stay, and so does the source when it is librdkafka's, a
+/// [`Fault`] or a `TopicRefused` (plain values). Another source (a panicked thread) is kept as its message.
 pub(crate) fn duplicate(e: &Error) -> Error {
     match e {
         Error::Unavailable {
@@ -182,6 +182,9 @@ fn source_copy(e: &Error) -> Option<photon_api::BoxError> {
     let source = std::error::Error::source(e)?;
     if let Some(kafka) = source.downcast_ref::<KafkaError>() {
         return Some(Box::new(kafka.clone()));
+    }
+    if let Some(refused) = source.downcast_ref::<crate::topic::TopicRefused>() {
+        return Some(Box::new(refused.clone()));
     }
     source
         .downcast_ref::<Fault>()
@@ -241,5 +244,10 @@ mod tests {
         );
         let copy = duplicate(&f);
         assert!(copy.source().unwrap().downcast_ref::<Fault>().is_some());
+        let why = crate::topic::TopicRefused::UncleanLeaderElection {
+            topic: "photon.a".into(),
+        };
+        let copy = duplicate(&crate::topic::refused(why.clone()));
+        assert_eq!(copy.source().unwrap().downcast_ref(), Some(&why));
     }
 }

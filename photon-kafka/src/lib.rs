@@ -13,6 +13,7 @@ mod index;
 mod position;
 mod reader;
 mod subscription;
+mod topic;
 mod writer;
 
 use std::fmt;
@@ -30,6 +31,27 @@ use crate::client::Shared;
 pub use crate::client::BACKEND;
 pub use crate::codec::header;
 pub use crate::config::{KafkaConfig, SCHEME, SCHEMES};
+pub use crate::topic::TopicRefused;
+
+/// The partition of `stream` in a topic of `partitions` partitions (the README's partitioning
+/// rule: Kafka's murmur2 of the key), for tools that read or route a stream's records themselves.
+pub fn partition_for(stream: &StreamId, partitions: i32) -> i32 {
+    codec::partition_for(stream, partitions)
+}
+
+/// How a store's writers are doing, for an operator's dashboard: a take-over costs an
+/// `init_transactions` and a catch-up read, so a count that keeps rising under a steady load from
+/// one process means producers are being closed and re-initialised (see `max_producers`) or
+/// processes take partitions from each other.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WriterStats {
+    /// Transactional producers alive in this store, one per partition it holds.
+    pub producers: usize,
+    /// Partitions taken over (a producer created and `init_transactions` called) since the store
+    /// was built.
+    pub take_overs: u64,
+}
 
 /// The event store on Apache Kafka. Clones share clients, topic metadata and version indexes.
 #[derive(Clone)]
@@ -68,6 +90,15 @@ impl KafkaStore {
     /// The settings in force.
     pub fn config(&self) -> &KafkaConfig {
         &self.inner.config
+    }
+
+    /// Producers alive and take-overs so far (see [`WriterStats`]).
+    pub fn writer_stats(&self) -> WriterStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        WriterStats {
+            producers: self.inner.live_writers.load(Relaxed),
+            take_overs: self.inner.take_overs.load(Relaxed),
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use futures::stream::{self, BoxStream};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use photon_api::{
     error_stream, Category, Direction, Error, ReadOptions, RecordedEvent, StreamId, Version,
 };
@@ -26,6 +26,17 @@ const READ_STEP: usize = 500;
 
 /// Offsets further apart than this are reached by a new fetch position rather than read through.
 const SEEK_GAP: i64 = 256;
+
+/// Records of a partition's start read to find the partition count its events were written with
+/// (the first photon event decides; a partition that starts with more foreign records is passed).
+const PROBE_RECORDS: i64 = 64;
+
+/// Records read back from a partition's end first when looking for a photon event (a listing);
+/// each further window is this many times larger, back to the partition's start.
+const LISTING_WINDOW: i64 = 64;
+
+/// Topics a listing reads at once.
+const LISTING_READS: usize = 64;
 
 /// How long a reader waits before asking again for the watermarks of a partition whose leader
 /// is not known yet.
@@ -167,10 +178,15 @@ pub(crate) async fn catch_up(
     p: i32,
     index: &mut PartitionIndex,
 ) -> Result<bool, Error> {
-    let end = stable_end(shared, topic, p).await?;
+    let (start, end) = watermarks(shared, topic, p).await?;
+    // Records before the log start were deleted (finite retention, allowed by the URL): the
+    // index starts where the log does.
+    index.next_offset = index.next_offset.max(start);
     if index.next_offset >= end {
         return Ok(false);
     }
+    // The count streams were placed with; a record that says otherwise refuses the topic.
+    let partitions = shared.known_partitions(topic);
     let consumer = pooled_reader(shared)?;
     assign(&consumer, topic, p, index.next_offset)?;
     let mut added = false;
@@ -192,6 +208,10 @@ pub(crate) async fn catch_up(
                     index.next_offset = msg.offset();
                     break;
                 }
+                if let Some((was, evidence)) = partitions.and_then(|n| misplaced(&msg, p, n)) {
+                    let n = partitions.expect("checked");
+                    return Err(shared.partitions_changed(topic, was, n, evidence));
+                }
                 added |= index_record(index, &msg);
                 tokio::task::consume_budget().await;
                 index.next_offset = msg.offset() + 1;
@@ -208,6 +228,84 @@ pub(crate) async fn catch_up(
         }
     }
     Ok(added)
+}
+
+/// What a photon record in partition `p` shows when it does not fit a topic of `n` partitions
+/// (written with another count, or keyed for another partition).
+fn misplaced(msg: &BorrowedMessage<'_>, p: i32, n: i32) -> Option<(Option<i32>, String)> {
+    let (key, written_with) = codec::layout_of(msg)?;
+    codec::misplaced(key, written_with, p, n, || {
+        format!("{}/{p}@{}", msg.topic(), msg.offset())
+    })
+}
+
+/// Reads the committed records of `topic`/`p` in `[from, to)` and hands each to `visit` until it
+/// answers Some; None once `to` is reached. Aborted records and transaction markers are passed
+/// by the consumer (read_committed); its position says when `to` is reached.
+async fn scan<T>(
+    shared: &Arc<Shared>,
+    topic: &str,
+    p: i32,
+    (from, to): (i64, i64),
+    mut visit: impl FnMut(&BorrowedMessage<'_>) -> Option<T>,
+) -> Result<Option<T>, Error> {
+    if from >= to {
+        return Ok(None);
+    }
+    let consumer = pooled_reader(shared)?;
+    assign(&consumer, topic, p, from)?;
+    let mut next = from;
+    while next < to {
+        let at = next;
+        let got = next_message(shared, &consumer, || {
+            format!("reading {topic}/{p} from offset {at} to {to}")
+        })
+        .await?;
+        match got {
+            Ok(msg) => {
+                if msg.topic() != topic || msg.partition() != p || msg.offset() < next {
+                    continue;
+                }
+                if msg.offset() >= to {
+                    break;
+                }
+                next = msg.offset() + 1;
+                if let Some(found) = visit(&msg) {
+                    return Ok(Some(found));
+                }
+            }
+            Err(KafkaError::PartitionEOF(_)) => {
+                if let Some(pos) = position_of(&consumer, topic, p) {
+                    next = next.max(pos.min(to));
+                }
+            }
+            Err(e) => pass_or_fail(e, topic, p)?,
+        }
+    }
+    Ok(None)
+}
+
+/// The evidence that `topic`'s partition count is not `n` any more, from the first photon event
+/// of each partition (its `photon.partitions`, or, on records written before that header, its
+/// key's partition): None when every first event fits. Read once per store and topic, at its
+/// first use.
+pub(crate) async fn probe_layout(
+    shared: &Arc<Shared>,
+    topic: &str,
+    n: i32,
+) -> Result<Option<(Option<i32>, String)>, Error> {
+    for (p, (low, high)) in (0..).zip(partition_bounds(shared, topic, n).await?) {
+        let window = (low, high.min(low + PROBE_RECORDS));
+        let first = scan(shared, topic, p, window, |msg| {
+            codec::layout_of(msg)?;
+            Some(misplaced(msg, p, n))
+        })
+        .await?;
+        if let Some(Some(evidence)) = first {
+            return Ok(Some(evidence));
+        }
+    }
+    Ok(None)
 }
 
 /// Adds a record to the index; whether it was a photon event that fits.
@@ -316,27 +414,50 @@ pub(crate) async fn stream_version(
     Ok(state.index.current(stream.as_str()))
 }
 
-/// Whether any partition of `topic` holds a record.
-async fn holds_events(shared: &Arc<Shared>, topic: &str) -> Result<bool, Error> {
-    let Some(n) = shared.partition_count(topic).await? else {
-        return Ok(false);
-    };
-    Ok(partition_bounds(shared, topic, n)
-        .await?
-        .iter()
-        .any(|(low, high)| high > low))
+/// Whether any partition of `topic` (of `n` partitions) holds a committed photon event: records
+/// of aborted appends and records other tools wrote do not make a category. Read from each
+/// partition's end backwards in growing windows (a photon topic's last records are events), and
+/// remembered once seen.
+async fn holds_events(shared: &Arc<Shared>, topic: &str, n: i32) -> Result<bool, Error> {
+    if shared.seen_with_events(topic) {
+        return Ok(true);
+    }
+    for (p, (low, high)) in (0..).zip(partition_bounds(shared, topic, n).await?) {
+        let (mut to, mut window) = (high, LISTING_WINDOW);
+        while to > low {
+            let from = to.saturating_sub(window).max(low);
+            let found = scan(shared, topic, p, (from, to), |msg| {
+                codec::layout_of(msg).map(drop)
+            })
+            .await?;
+            if found.is_some() {
+                shared.saw_events(topic);
+                return Ok(true);
+            }
+            to = from;
+            window = window.saturating_mul(LISTING_WINDOW);
+        }
+    }
+    Ok(false)
 }
 
 /// Our categories, sorted. A topic exists from the first append; it is listed once it holds a
-/// record.
+/// committed event.
 pub(crate) async fn list_categories(shared: &Arc<Shared>) -> Result<Vec<Category>, Error> {
-    let mut out = Vec::new();
-    for (c, topic) in shared.categories().await? {
-        if holds_events(shared, &topic).await? {
-            out.push(Category::new(c)?);
-        }
-    }
-    Ok(out)
+    // Each topic not seen with an event yet costs a read: many topics at once, in order.
+    let listed: Vec<(String, bool)> =
+        stream::iter(shared.categories().await?)
+            .map(|(c, topic, n)| async move {
+                Ok::<_, Error>((c, holds_events(shared, &topic, n).await?))
+            })
+            .buffered(LISTING_READS)
+            .try_collect()
+            .await?;
+    listed
+        .into_iter()
+        .filter(|(_, events)| *events)
+        .map(|(c, _)| Category::new(c))
+        .collect()
 }
 
 /// Every stream of `category`, sorted, as a stream of names.

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 use photon_api::{
     cursor_stream, open_subscription, Checkpoint, Error, RecordedEvent, Selector, Start, StreamId,
     SubscriptionCursor, SubscriptionItem, SubscriptionMode, SubscriptionRequest, Timestamp,
@@ -35,6 +36,9 @@ use crate::reader::{partition_bounds, position_of};
 /// How often a live subscription looks for topics created since it started (the all stream, or
 /// a category whose first event has not been written yet).
 const DISCOVERY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Topics checked at once when a subscription opens over many (the all stream).
+const FIRST_LOOKS: usize = 64;
 
 /// How long one wait for a record lasts before the subscription re-checks replay ends and
 /// new topics.
@@ -182,6 +186,21 @@ impl Subscription {
             last_discovery: Instant::now(),
             waited: Duration::ZERO,
         };
+        // A store checks each topic at its first use (its configuration, and the first event of
+        // each partition): for the all stream, many topics at once rather than one by one.
+        let checking = progress.shared.clone();
+        let topics: Vec<String> = categories
+            .iter()
+            .map(|c| checking.config.topic(c))
+            .collect();
+        futures::stream::iter(topics)
+            .map(move |topic| {
+                let checking = checking.clone();
+                async move { checking.partition_count(&topic).await }
+            })
+            .buffer_unordered(FIRST_LOOKS)
+            .try_collect::<Vec<_>>()
+            .await?;
         for c in categories {
             progress.add_topic(&c, true).await?;
         }
@@ -244,7 +263,7 @@ async fn category_names(shared: &Shared) -> Result<Vec<String>, Error> {
         .categories()
         .await?
         .into_iter()
-        .map(|(c, _)| c)
+        .map(|(c, _, _)| c)
         .collect())
 }
 

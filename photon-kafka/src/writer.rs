@@ -39,8 +39,9 @@ use crate::index::PartitionIndex;
 use crate::position::Position;
 use crate::reader::{catch_up, stable_end};
 
-/// Live producers kept per store before idle ones are closed.
-const MAX_WRITERS: usize = 32;
+/// A producer unused this long is closed at the next take-over: the producers kept follow the
+/// partitions in use, not every partition ever appended to.
+const PRODUCER_IDLE: Duration = Duration::from_secs(600);
 
 /// Most appends one transaction carries.
 const MAX_GROUP: usize = 256;
@@ -65,6 +66,9 @@ const VISIBLE_POLL_MAX: Duration = Duration::from_millis(20);
 /// This process's producer for one partition while it holds the partition's writer role.
 pub(crate) struct Writer {
     producer: Arc<FutureProducer>,
+    /// The topic's partition count, checked when this producer took the partition over; every
+    /// record says it (`photon.partitions`).
+    partitions: i32,
     pub(crate) last_used: Instant,
     live: Arc<AtomicUsize>,
 }
@@ -420,7 +424,9 @@ fn answer_all(group: Vec<Queued>, e: Error) {
 }
 
 /// Becomes the partition's writer: a new producer whose `init_transactions` fences any other,
-/// then the index read up to the stable end, which now includes everything committed.
+/// then the index read up to the stable end, which now includes everything committed. The
+/// topic's partition count is asked for first: a count changed since this store placed the
+/// stream refuses the topic before anyone is fenced.
 async fn take_over(
     shared: &Arc<Shared>,
     topic: &str,
@@ -428,7 +434,8 @@ async fn take_over(
     state: &mut PartitionState,
     cutoff: Instant,
 ) -> Result<(), Error> {
-    shared.evict_writers(MAX_WRITERS.saturating_sub(1));
+    let partitions = shared.partition_count_now(topic).await?;
+    shared.evict_writers(shared.config.max_producers.saturating_sub(1), PRODUCER_IDLE);
     let producer: FutureProducer = shared
         .config
         .transactional_producer_config(&transactional_id(topic, p))
@@ -441,8 +448,10 @@ async fn take_over(
         .await?
         .map_err(|e| error::from_kafka(format!("becoming the writer of {topic}/{p}"), e))?;
     shared.live_writers.fetch_add(1, Ordering::Relaxed);
+    shared.take_overs.fetch_add(1, Ordering::Relaxed);
     state.producer = Some(Writer {
         producer,
+        partitions,
         last_used: Instant::now(),
         live: shared.live_writers.clone(),
     });
@@ -629,7 +638,7 @@ async fn write(
 ) -> Result<Visible, Attempt> {
     let writer = state.producer.as_mut().expect("taken over above");
     writer.last_used = Instant::now();
-    let producer = writer.producer.clone();
+    let (producer, partitions) = (writer.producer.clone(), writer.partitions);
     // Recorded time never goes backwards within a partition, whatever the writers' clocks say.
     let now = Timestamp::now()
         .unix_micros()
@@ -640,7 +649,7 @@ async fn write(
         .await
         .map_err(Attempt::Again)?
         .map_err(|e| failed(format!("beginning a transaction on {topic}/{p}"), e))?;
-    let offsets = match send_all(&producer, topic, p, writes, recorded_at).await {
+    let offsets = match send_all(&producer, topic, p, partitions, writes, recorded_at).await {
         Ok(offsets) => offsets,
         Err(e) => {
             // Nothing is committed; abort so a replacement writer need not wait for the timeout.
@@ -684,6 +693,7 @@ async fn send_all(
     producer: &FutureProducer,
     topic: &str,
     p: i32,
+    partitions: i32,
     writes: &[(Queued, Version)],
     recorded_at: Timestamp,
 ) -> Result<Vec<i64>, KafkaError> {
@@ -693,7 +703,8 @@ async fn send_all(
         let key = q.stream.as_str();
         for (i, e) in q.events.iter().enumerate() {
             let version = Version(first.0 + i as u64);
-            let headers = codec::headers_of(e, version, recorded_at, *first, q.events.len());
+            let headers =
+                codec::headers_of(e, version, recorded_at, *first, q.events.len(), partitions);
             let record = FutureRecord::to(topic)
                 .partition(p)
                 .key(key)

@@ -1,0 +1,94 @@
+//! How many transactional producers a store keeps, against a real broker
+//! (`PHOTON_TEST_KAFKA_URL`): a writer cycling over more partitions than the old fixed cache of
+//! 32 keeps a producer for each (no `init_transactions` per append), and `max_producers` bounds
+//! them when asked to.
+
+use photon_api::{EventData, EventStore, ExpectedVersion, StreamId, Uuid};
+use photon_conformance::server_url;
+use photon_kafka::{partition_for, KafkaStore};
+
+fn with_options(url: &str, options: &str) -> String {
+    format!(
+        "{url}{}{options}",
+        if url.contains('?') { "&" } else { "?" }
+    )
+}
+
+fn event(n: u64) -> EventData {
+    EventData::json("Numbered", &serde_json::json!({ "n": n })).unwrap()
+}
+
+/// One stream of category `category` in each of `partitions` partitions.
+fn one_stream_per_partition(category: &str, partitions: i32) -> Vec<StreamId> {
+    let mut found: Vec<Option<StreamId>> = vec![None; partitions as usize];
+    let mut i = 0;
+    while found.iter().any(Option::is_none) {
+        let s = StreamId::parse(format!("{category}-{i}")).unwrap();
+        let p = partition_for(&s, partitions) as usize;
+        found[p].get_or_insert(s);
+        i += 1;
+    }
+    found.into_iter().map(Option::unwrap).collect()
+}
+
+async fn cycle(store: &KafkaStore, streams: &[StreamId], round: u64) {
+    for s in streams {
+        store
+            .append(s, ExpectedVersion::Any, vec![event(round)])
+            .await
+            .unwrap();
+    }
+}
+
+/// Issue 14 item 5: one writer appending to 40 partitions in turn takes each over once, then
+/// keeps all 40 producers: the second round takes nothing over again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_cycling_over_40_partitions_keeps_its_producers() {
+    let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
+        return;
+    };
+    let prefix = format!("w{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let store = KafkaStore::from_url(&with_options(
+        &url,
+        &format!("prefix={prefix}&partitions=40"),
+    ))
+    .await
+    .unwrap();
+    let streams = one_stream_per_partition("spread", 40);
+    cycle(&store, &streams, 0).await;
+    let first = store.writer_stats();
+    assert!(first.take_overs >= 40, "{first:?}");
+    cycle(&store, &streams, 1).await;
+    let second = store.writer_stats();
+    assert_eq!(
+        second.take_overs - first.take_overs,
+        0,
+        "producers re-initialised while cycling over 40 partitions: {first:?} then {second:?}"
+    );
+    assert_eq!(second.producers, 40, "{second:?}");
+}
+
+/// `max_producers` bounds the producers a store keeps, whatever it cycles over; the cost is a
+/// take-over per hand-back (the README says so, and a warning does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_producers_bounds_the_producers_kept() {
+    let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
+        return;
+    };
+    let prefix = format!("w{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let store = KafkaStore::from_url(&with_options(
+        &url,
+        &format!("prefix={prefix}&partitions=6&max_producers=4"),
+    ))
+    .await
+    .unwrap();
+    let streams = one_stream_per_partition("bounded", 6);
+    cycle(&store, &streams, 0).await;
+    cycle(&store, &streams, 1).await;
+    let stats = store.writer_stats();
+    assert!(stats.producers <= 4, "{stats:?}");
+    assert!(
+        stats.take_overs >= 12,
+        "each hand-back is a take-over: {stats:?}"
+    );
+}

@@ -1,0 +1,462 @@
+//! Topics photon-kafka did not shape itself, against a real broker (`PHOTON_TEST_KAFKA_URL`): a
+//! partition count changed after events were written, and topics made by hand whose
+//! configuration loses events, are refused with a typed error ([`TopicRefused`]) naming what is
+//! wrong, and nothing is written into them; topics holding no photon event (only aborted or
+//! foreign records) are not listed as categories.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use photon_api::{
+    Category, Error, EventData, EventStore, ExpectedVersion, ReadOptions, StreamId, Uuid, Version,
+};
+use photon_conformance::server_url;
+use photon_kafka::{KafkaConfig, KafkaStore, TopicRefused};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, ConfigSource, NewPartitions, NewTopic, ResourceSpecifier,
+    TopicReplication,
+};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::ClientConfig;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn with_options(url: &str, options: &str) -> String {
+    format!(
+        "{url}{}{options}",
+        if url.contains('?') { "&" } else { "?" }
+    )
+}
+
+fn fresh_prefix() -> String {
+    format!("t{}", &Uuid::new_v4().simple().to_string()[..12])
+}
+
+fn bootstrap(url: &str) -> String {
+    KafkaConfig::from_url(url).unwrap().bootstrap_servers
+}
+
+fn event(n: u64) -> EventData {
+    EventData::json("Numbered", &serde_json::json!({ "n": n })).unwrap()
+}
+
+fn admin(url: &str) -> AdminClient<DefaultClientContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap(url))
+        .create()
+        .unwrap()
+}
+
+fn options() -> AdminOptions {
+    AdminOptions::new()
+        .operation_timeout(Some(TIMEOUT))
+        .request_timeout(Some(TIMEOUT))
+}
+
+/// Makes `topic` by hand, as an operator or the broker's auto-create would, with `settings`.
+async fn make_topic(url: &str, topic: &str, partitions: i32, settings: &[(&str, &str)]) {
+    let new = settings.iter().fold(
+        NewTopic::new(topic, partitions, TopicReplication::Fixed(1)),
+        |new, (k, v)| new.set(k, v),
+    );
+    for r in admin(url).create_topics([&new], &options()).await.unwrap() {
+        r.unwrap();
+    }
+    wait_for_partitions(url, topic, partitions as usize).await;
+}
+
+/// Waits until the metadata shows `topic` with `n` partitions.
+async fn wait_for_partitions(url: &str, topic: &str, n: usize) {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap(url))
+        .create()
+        .unwrap();
+    for _ in 0..200 {
+        let md = consumer.fetch_metadata(Some(topic), TIMEOUT).unwrap();
+        if md.topics()[0].partitions().len() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{topic} never showed {n} partitions");
+}
+
+/// The records `topic` holds, committed or not (the sum of its partitions' high watermarks).
+fn records_in(url: &str, topic: &str) -> i64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap(url))
+        .set("isolation.level", "read_uncommitted")
+        .create()
+        .unwrap();
+    let md = consumer.fetch_metadata(Some(topic), TIMEOUT).unwrap();
+    let n = md.topics()[0].partitions().len() as i32;
+    (0..n)
+        .map(|p| consumer.fetch_watermarks(topic, p, TIMEOUT).unwrap().1)
+        .sum()
+}
+
+/// The [`TopicRefused`] in `e`'s chain of sources.
+fn refusal(e: &Error) -> Option<&TopicRefused> {
+    let mut next = std::error::Error::source(e);
+    while let Some(source) = next {
+        if let Some(r) = source.downcast_ref() {
+            return Some(r);
+        }
+        next = source.source();
+    }
+    None
+}
+
+/// Issue 14 item 3: after `kafka-topics --alter --partitions`, a store that starts afterwards
+/// would look for (and write) half of the streams in new, empty partitions: their history
+/// hidden, a second `NoStream` append winning under another transactional id. Every store
+/// refuses the topic instead, a fresh one at its first use (the records say which count they
+/// were written with), one that used the topic before at its next look at the count or its next
+/// take-over, and nothing more is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_partition_count_is_refused_instead_of_splitting_streams() {
+    let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let url3 = with_options(&url, &format!("prefix={prefix}&partitions=3"));
+    let early = KafkaStore::from_url(&url3).await.unwrap();
+    let streams: Vec<StreamId> = (0..24)
+        .map(|i| StreamId::parse(format!("moved-{i}")).unwrap())
+        .collect();
+    for s in &streams {
+        early
+            .append(s, ExpectedVersion::NoStream, vec![event(0)])
+            .await
+            .unwrap();
+    }
+    // A store that has used the topic (read it) just before the change.
+    let reader = KafkaStore::from_url(&url3).await.unwrap();
+    assert_eq!(
+        reader.stream_version(&streams[0]).await.unwrap(),
+        Some(Version(0))
+    );
+
+    let topic = format!("{prefix}.moved");
+    let grown = NewPartitions::new(&topic, 6);
+    for r in admin(&url)
+        .create_partitions([&grown], &options())
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    wait_for_partitions(&url, &topic, 6).await;
+    let stored = records_in(&url, &topic);
+
+    // None when `r` is the refusal the change calls for, else what went wrong instead.
+    let check = |who: &str, what: &str, r: Result<String, Error>| match r {
+        Err(e) => match refusal(&e) {
+            Some(TopicRefused::PartitionsChanged {
+                topic: t, was, now, ..
+            }) if *t == topic && *now == 6 && *was == Some(3) => {
+                let shown = e.to_string();
+                assert!(
+                    shown.contains("from 3 to 6") && shown.contains("new topic with 3 partitions"),
+                    "says what changed and how to recover: {shown}"
+                );
+                assert!(!e.is_retryable());
+                None
+            }
+            _ => Some(format!("{who} {what}: {e}")),
+        },
+        Ok(v) => Some(format!("{who} {what}: {v}")),
+    };
+    let mut wrong: Vec<String> = Vec::new();
+
+    // A store started after the change.
+    let fresh = KafkaStore::from_url(&url3).await.unwrap();
+    for s in &streams {
+        let r = fresh.stream_version(s).await;
+        wrong.extend(check(
+            "fresh",
+            &format!("stream_version({s})"),
+            r.map(|v| format!("{v:?}")),
+        ));
+        let r = fresh
+            .append(s, ExpectedVersion::NoStream, vec![event(1)])
+            .await;
+        wrong.extend(check(
+            "fresh",
+            &format!("append({s}, NoStream)"),
+            r.map(|r| format!("a second NoStream append won at {}", r.first_version)),
+        ));
+    }
+    let mut read = fresh
+        .read_stream(&streams[0], ReadOptions::forwards())
+        .collect::<Vec<_>>()
+        .await;
+    match (read.len(), read.pop()) {
+        (1, Some(Err(e))) => wrong.extend(check("fresh", "read_stream", Err(e))),
+        (n, last) => wrong.push(format!("fresh read_stream: {n} items, last {last:?}")),
+    }
+    // The store that read before the change, at its take-over of a partition it never wrote.
+    let r = reader
+        .append(
+            &streams[1],
+            ExpectedVersion::Exact(Version(0)),
+            vec![event(2)],
+        )
+        .await;
+    wrong.extend(check(
+        "reader",
+        "append",
+        r.map(|r| format!("appended at {}", r.first_version)),
+    ));
+    // The store that wrote before the change holds its producers; it looks at the count again
+    // within a few seconds.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for s in &streams[2..6] {
+        let r = early
+            .append(s, ExpectedVersion::Exact(Version(0)), vec![event(3)])
+            .await;
+        wrong.extend(check(
+            "early",
+            &format!("append({s})"),
+            r.map(|r| format!("appended at {}", r.first_version)),
+        ));
+    }
+    let added = records_in(&url, &topic) - stored;
+    if added != 0 {
+        wrong.push(format!("{added} records written after the change"));
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} calls worked on the changed topic instead of refusing it:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+}
+
+/// Issue 14 item 4: topics made by hand (or by the broker's auto-create) whose settings lose
+/// events are refused at first use, naming the setting; nothing is written into them. Finite
+/// retention passes when the URL allows it; compaction never does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_that_lose_events_are_refused_naming_the_setting() {
+    let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let keeps: [(&str, &str); 3] = [
+        ("cleanup.policy", "delete"),
+        ("retention.ms", "-1"),
+        ("retention.bytes", "-1"),
+    ];
+    let cases: [(&str, (&str, &str), &str); 5] = [
+        ("compacted", ("cleanup.policy", "compact"), "cleanup.policy"),
+        ("expiring", ("retention.ms", "604800000"), "retention.ms"),
+        (
+            "capped",
+            ("retention.bytes", "1073741824"),
+            "retention.bytes",
+        ),
+        (
+            "unclean",
+            ("unclean.leader.election.enable", "true"),
+            "unclean.leader.election.enable",
+        ),
+        // The broker's own default (log.retention.hours): what auto-create gives.
+        ("defaults", ("cleanup.policy", "delete"), "retention.ms"),
+    ];
+    for (category, change, _) in &cases {
+        let mut settings: Vec<(&str, &str)> = keeps
+            .iter()
+            .filter(|(k, _)| *k != change.0)
+            .copied()
+            .collect();
+        settings.push(*change);
+        if *category == "defaults" {
+            settings = vec![];
+        }
+        make_topic(&url, &format!("{prefix}.{category}"), 2, &settings).await;
+    }
+    let strict = KafkaStore::from_url(&with_options(&url, &format!("prefix={prefix}")))
+        .await
+        .unwrap();
+    let mut wrong: Vec<String> = Vec::new();
+    for (category, _, setting) in &cases {
+        let topic = format!("{prefix}.{category}");
+        let stream = StreamId::parse(format!("{category}-1")).unwrap();
+        let r = strict
+            .append(&stream, ExpectedVersion::NoStream, vec![event(1)])
+            .await;
+        match &r {
+            Err(e) => match refusal(e) {
+                Some(why) if why.setting() == *setting && why.topic() == topic => {
+                    assert!(e.to_string().contains(setting), "{e}");
+                }
+                _ => wrong.push(format!("{category}: append: {e}")),
+            },
+            Ok(_) => wrong.push(format!(
+                "{category}: append stored into a topic that loses events ({setting})"
+            )),
+        }
+        let read = strict
+            .read_stream(&stream, ReadOptions::forwards())
+            .collect::<Vec<_>>()
+            .await;
+        if !matches!(read.as_slice(), [Err(Error::Backend { .. })]) {
+            wrong.push(format!("{category}: read: {read:?}"));
+        }
+        if records_in(&url, &topic) != 0 && r.is_err() {
+            wrong.push(format!("{category}: records written although refused"));
+        }
+    }
+    let lenient = KafkaStore::from_url(&with_options(
+        &url,
+        &format!("prefix={prefix}&allow_finite_retention=true"),
+    ))
+    .await;
+    let lenient = match lenient {
+        Ok(store) => Some(store),
+        Err(e) => {
+            wrong.push(format!("allow_finite_retention=true: {e}"));
+            None
+        }
+    };
+    for (category, _, setting) in cases.iter().filter(|_| lenient.is_some()) {
+        let lenient = lenient.as_ref().expect("filtered");
+        let stream = StreamId::parse(format!("{category}-1")).unwrap();
+        let allowed = setting.starts_with("retention");
+        let r = lenient
+            .append(&stream, ExpectedVersion::Any, vec![event(2)])
+            .await;
+        match (allowed, &r) {
+            (true, Ok(_)) => {}
+            (false, Err(e)) if refusal(e).map(TopicRefused::setting) == Some(*setting) => {}
+            _ => wrong.push(format!(
+                "{category} with allow_finite_retention: {:?}",
+                r.map(|r| r.first_version)
+            )),
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} calls worked on topics that lose events:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+}
+
+/// Topics photon-kafka creates carry `min.insync.replicas` as a topic setting: 2 where there is
+/// a second replica, 1 on this one-broker test cluster (and so pass its own check).
+#[tokio::test]
+async fn created_topics_set_min_insync_replicas() {
+    let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let store = KafkaStore::from_url(&with_options(
+        &url,
+        &format!("prefix={prefix}&partitions=2"),
+    ))
+    .await
+    .unwrap();
+    store
+        .append(
+            &StreamId::parse("isr-1").unwrap(),
+            ExpectedVersion::NoStream,
+            vec![event(1)],
+        )
+        .await
+        .unwrap();
+    let topic = format!("{prefix}.isr");
+    let configs = admin(&url)
+        .describe_configs([&ResourceSpecifier::Topic(&topic)], &options())
+        .await
+        .unwrap();
+    let config = configs.into_iter().next().unwrap().unwrap();
+    let entry = config.get("min.insync.replicas").unwrap();
+    assert_eq!(entry.source, ConfigSource::DynamicTopic, "{entry:?}");
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap(&url))
+        .create()
+        .unwrap();
+    let md = consumer.fetch_metadata(Some(&topic), TIMEOUT).unwrap();
+    let replicas = md.topics()[0].partitions()[0].replicas().len() as i32;
+    assert_eq!(
+        entry.value.as_deref(),
+        Some(replicas.clamp(1, 2).to_string().as_str())
+    );
+}
+
+/// Issue 14 item 7: a topic under the prefix that holds only records of an aborted transaction,
+/// or only records another tool wrote, has no event: it is not a category.
+#[tokio::test]
+async fn topics_without_events_are_not_listed() {
+    let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let keeps = [("retention.ms", "-1"), ("retention.bytes", "-1")];
+    let store = KafkaStore::from_url(&with_options(
+        &url,
+        &format!("prefix={prefix}&partitions=2"),
+    ))
+    .await
+    .unwrap();
+    store
+        .append(
+            &StreamId::parse("real-1").unwrap(),
+            ExpectedVersion::NoStream,
+            vec![event(1)],
+        )
+        .await
+        .unwrap();
+    let foreign = format!("{prefix}.foreign");
+    make_topic(&url, &foreign, 2, &keeps).await;
+    let plain: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap(&url))
+        .create()
+        .unwrap();
+    plain
+        .send(
+            FutureRecord::to(&foreign)
+                .key("foreign-1")
+                .payload("not an event"),
+            TIMEOUT,
+        )
+        .await
+        .unwrap();
+    let aborted = format!("{prefix}.aborted");
+    make_topic(&url, &aborted, 2, &keeps).await;
+    let txn: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap(&url))
+        .set("transactional.id", format!("{prefix}-aborting"))
+        .create()
+        .unwrap();
+    txn.init_transactions(TIMEOUT).unwrap();
+    txn.begin_transaction().unwrap();
+    let id = Uuid::new_v4().to_string();
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "photon.event_id",
+            value: Some(id.as_bytes()),
+        })
+        .insert(Header {
+            key: "photon.version",
+            value: Some(b"0"),
+        });
+    txn.send(
+        FutureRecord::to(&aborted)
+            .key("aborted-1")
+            .payload("{}")
+            .headers(headers),
+        TIMEOUT,
+    )
+    .await
+    .unwrap();
+    txn.abort_transaction(TIMEOUT).unwrap();
+    assert!(records_in(&url, &aborted) > 0 && records_in(&url, &foreign) > 0);
+
+    let listed = store.list_categories().await.unwrap();
+    assert_eq!(listed, vec![Category::new("real").unwrap()]);
+}
