@@ -13,7 +13,7 @@ use photon_cli::args::{parse_expected, parse_selector, parse_start};
 use photon_cli::commands::{self, AppendRequest, Encoding, ReadRequest};
 use photon_cli::error::{Secrets, EXIT_OK};
 use photon_cli::render::Format;
-use photon_cli::transfer::progress_bar;
+use photon_cli::transfer::{copy_with, progress_bar, CopyOptions};
 use photon_cli::{CliError, ImportReport};
 
 /// Look inside, follow, export, import, copy and verify a Photon event store.
@@ -148,6 +148,12 @@ enum Command {
         /// `stream:<name>`, `category:<name>` or `all`.
         #[arg(default_value = "all")]
         selector: String,
+        /// Stay live after the history, copying new events until interrupted.
+        #[arg(long)]
+        follow: bool,
+        /// Keep the source checkpoint copied up to in this file, and resume after it.
+        #[arg(long, value_name = "F")]
+        checkpoint_file: Option<PathBuf>,
     },
     /// Compares two stores stream by stream (counts and content hash); prints the differences.
     Verify {
@@ -373,12 +379,23 @@ async fn run(command: Command, secrets: &Secrets) -> Result<(), CliError> {
             summary(secrets, format!("imported {}", import_summary(&report?)));
             Ok(())
         }
-        Command::Copy { from, to, selector } => {
+        Command::Copy {
+            from,
+            to,
+            selector,
+            follow,
+            checkpoint_file,
+        } => {
             let selector = parse_selector(&selector)?;
             let source = connect(&from).await?;
             let target = connect(&to).await?;
             let bar = progress_bar("copying");
-            let report = photon_cli::copy(&*source, &*target, selector, &bar).await;
+            let options = CopyOptions {
+                follow,
+                checkpoint_file,
+            };
+            let report =
+                copy_with(&*source, &*target, selector, &options, &bar, interrupted()).await;
             bar.finish_and_clear();
             summary(secrets, format!("copied {}", import_summary(&report?)));
             Ok(())

@@ -18,8 +18,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use photon_api::{
-    Error, EventData, EventStore, ExpectedVersion, ReadOptions, RecordedEvent, Selector, Start,
-    StreamId, SubscriptionItem, SubscriptionMode, Version,
+    Checkpoint, Error, EventData, EventStore, ExpectedVersion, ReadOptions, RecordedEvent,
+    Selector, Start, StreamId, SubscriptionItem, SubscriptionMode, Version,
 };
 
 use crate::args::selector_text;
@@ -76,6 +76,10 @@ pub struct Importer<'a> {
     batch: Vec<EventData>,
     batch_bytes: usize,
     report: ImportReport,
+    /// The source checkpoint of the last event in `batch`.
+    batch_checkpoint: Option<Checkpoint>,
+    /// The source checkpoint of the last event stored: every event pushed before it is stored.
+    stored_checkpoint: Option<Checkpoint>,
 }
 
 impl<'a> Importer<'a> {
@@ -93,6 +97,8 @@ impl<'a> Importer<'a> {
             batch: Vec::with_capacity(MAX_BATCH_EVENTS),
             batch_bytes: 0,
             report: ImportReport::default(),
+            batch_checkpoint: None,
+            stored_checkpoint: None,
         }
     }
 
@@ -107,6 +113,21 @@ impl<'a> Importer<'a> {
         version: Version,
         event: EventData,
     ) -> Result<(), CliError> {
+        self.push_at(stream, version, event, None).await
+    }
+
+    /// As [`Self::push`], for an event read from a source store at `checkpoint`, so that
+    /// [`Self::stored_checkpoint`] can say where to resume.
+    ///
+    /// # Errors
+    /// - As [`Self::finish`], for the batch appended now.
+    pub async fn push_at(
+        &mut self,
+        stream: StreamId,
+        version: Version,
+        event: EventData,
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<(), CliError> {
         self.report.events += 1;
         let size = event.size();
         let continues = self.stream.as_ref() == Some(&stream)
@@ -120,6 +141,7 @@ impl<'a> Importer<'a> {
         }
         self.batch_bytes += size;
         self.batch.push(event);
+        self.batch_checkpoint = checkpoint;
         Ok(())
     }
 
@@ -135,7 +157,30 @@ impl<'a> Importer<'a> {
         Ok(self.report)
     }
 
-    async fn flush(&mut self) -> Result<(), CliError> {
+    /// The source checkpoint after which nothing pushed is left unstored: where a copy resumes.
+    pub fn stored_checkpoint(&self) -> Option<&Checkpoint> {
+        self.stored_checkpoint.as_ref()
+    }
+
+    /// What was done so far.
+    pub fn report(&self) -> ImportReport {
+        self.report
+    }
+
+    /// Appends the batch being gathered now, instead of waiting for an event that does not
+    /// continue it: a live copy calls this when the source goes quiet.
+    ///
+    /// # Errors
+    /// - As [`Self::finish`].
+    pub async fn flush(&mut self) -> Result<(), CliError> {
+        self.flush_batch().await?;
+        if let Some(c) = self.batch_checkpoint.take() {
+            self.stored_checkpoint = Some(c);
+        }
+        Ok(())
+    }
+
+    async fn flush_batch(&mut self) -> Result<(), CliError> {
         let Some(stream) = self.stream.take() else {
             return Ok(());
         };
@@ -359,16 +404,108 @@ pub async fn copy(
     selector: Selector,
     progress: &ProgressBar,
 ) -> Result<ImportReport, CliError> {
+    copy_with(
+        from,
+        to,
+        selector,
+        &CopyOptions::default(),
+        progress,
+        std::future::pending(),
+    )
+    .await
+}
+
+/// How [`copy_with`] runs.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct CopyOptions {
+    /// Stay live after the history (a `HotCold` subscription) until `stop`, instead of ending
+    /// at the head as of the start.
+    pub follow: bool,
+    /// A file holding the source checkpoint after which everything is copied: read at the start
+    /// (the copy resumes after it), rewritten after each append. None: from the beginning.
+    pub checkpoint_file: Option<std::path::PathBuf>,
+}
+
+/// How long a live copy gathers events into a batch before appending what it has.
+const FOLLOW_IDLE: Duration = Duration::from_millis(100);
+
+/// [`copy`], resuming from a kept checkpoint and optionally staying live until `stop`.
+///
+/// # Errors
+/// - [`CliError::Io`] when the checkpoint file cannot be read or written;
+///   [`CliError::Store`] for a checkpoint the source refuses (another backend's), or as
+///   [`copy`].
+pub async fn copy_with(
+    from: &dyn EventStore,
+    to: &dyn EventStore,
+    selector: Selector,
+    options: &CopyOptions,
+    progress: &ProgressBar,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<ImportReport, CliError> {
+    let start = match &options.checkpoint_file {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => Start::After(text.trim().parse::<Checkpoint>()?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Start::Beginning,
+            Err(e) => return Err(CliError::io(format!("reading {}", path.display()), e)),
+        },
+        None => Start::Beginning,
+    };
+    let mode = if options.follow {
+        SubscriptionMode::HotCold
+    } else {
+        SubscriptionMode::Cold
+    };
     let mut importer = Importer::new(to);
-    let mut events = replay(from, selector);
-    while let Some(e) = events.next().await {
-        let e = e?;
-        let version = e.version;
-        let stream = e.stream.clone();
-        importer.push(stream, version, event_data(e)).await?;
-        progress.inc(1);
+    let mut items = from.subscribe(selector, start, mode);
+    let mut saved: Option<Checkpoint> = None;
+    tokio::pin!(stop);
+    loop {
+        let item = tokio::select! {
+            _ = &mut stop => break,
+            item = tokio::time::timeout(FOLLOW_IDLE, items.next()) => item,
+        };
+        match item {
+            // Quiet source: store what was gathered, so a live copy lags by at most this.
+            Err(_) | Ok(Some(Ok(SubscriptionItem::CaughtUp))) => importer.flush().await?,
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(e.into()),
+            Ok(Some(Ok(SubscriptionItem::Event(e)))) => {
+                let (stream, version, checkpoint) =
+                    (e.stream.clone(), e.version, e.checkpoint.clone());
+                importer
+                    .push_at(stream, version, event_data(e), Some(checkpoint))
+                    .await?;
+                progress.inc(1);
+            }
+        }
+        save_checkpoint(options, &importer, &mut saved)?;
     }
-    importer.finish().await
+    importer.flush().await?;
+    save_checkpoint(options, &importer, &mut saved)?;
+    Ok(importer.report())
+}
+
+/// Rewrites the checkpoint file when the stored checkpoint moved; written aside and renamed,
+/// so a crash leaves the old checkpoint or the new one, never half of one.
+fn save_checkpoint(
+    options: &CopyOptions,
+    importer: &Importer<'_>,
+    saved: &mut Option<Checkpoint>,
+) -> Result<(), CliError> {
+    let (Some(path), Some(current)) = (&options.checkpoint_file, importer.stored_checkpoint())
+    else {
+        return Ok(());
+    };
+    if saved.as_ref() == Some(current) {
+        return Ok(());
+    }
+    let aside = path.with_extension("tmp");
+    let io = |e| CliError::io(format!("writing {}", path.display()), e);
+    std::fs::write(&aside, format!("{current}\n")).map_err(io)?;
+    std::fs::rename(&aside, path).map_err(io)?;
+    *saved = Some(current.clone());
+    Ok(())
 }
 
 /// The appendable part of a recorded event.

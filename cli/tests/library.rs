@@ -468,3 +468,126 @@ async fn tail_replays_marks_caught_up_then_follows_live() {
     assert!(lines[2].starts_with("account-2@0 "), "{text}");
     assert!(lines[2].ends_with(r#"{"x":1}"#), "{text}");
 }
+
+#[tokio::test]
+async fn copy_resumes_after_the_checkpoint_it_keeps() {
+    use photon_cli::transfer::{copy_with, CopyOptions};
+    let source = store();
+    let n = populate(&*source).await;
+    let target = store();
+    let file = std::env::temp_dir().join(format!("photon-cli-copy-{}.checkpoint", Uuid::new_v4()));
+    let options = CopyOptions {
+        follow: false,
+        checkpoint_file: Some(file.clone()),
+    };
+    let hidden = ProgressBar::hidden();
+    let first = copy_with(
+        &*source,
+        &*target,
+        Selector::All,
+        &options,
+        &hidden,
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(first.events, n);
+    let last = source
+        .replay_to_vec(Selector::All, Start::Beginning)
+        .await
+        .unwrap();
+    let kept = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(kept.trim(), last.last().unwrap().checkpoint.to_string());
+    // Two more events; the next run reads only them.
+    source
+        .append(
+            &stream("account-1"),
+            ExpectedVersion::Exact(Version(5)),
+            vec![
+                EventData::json("Late", &json!({"n": 1})).unwrap(),
+                EventData::json("Late", &json!({"n": 2})).unwrap(),
+            ],
+        )
+        .await
+        .unwrap();
+    let second = copy_with(
+        &*source,
+        &*target,
+        Selector::All,
+        &options,
+        &hidden,
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((second.events, second.appended), (2, 2));
+    assert_same(&*source, &*target, 4, n + 2).await;
+    // A checkpoint of another backend is refused by the source, naming it.
+    std::fs::write(&file, "kafka:00\n").unwrap();
+    let err = copy_with(
+        &*source,
+        &*target,
+        Selector::All,
+        &options,
+        &hidden,
+        std::future::pending(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            CliError::Store(photon_api::Error::ForeignCheckpoint { .. })
+        ),
+        "{err}"
+    );
+    std::fs::remove_file(&file).ok();
+}
+
+#[tokio::test]
+async fn copy_follow_stays_live_until_stopped() {
+    use photon_cli::transfer::{copy_with, CopyOptions};
+    let source = store();
+    let n = populate(&*source).await;
+    let target = store();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn({
+        let (source, target) = (source.clone(), target.clone());
+        async move {
+            let options = CopyOptions {
+                follow: true,
+                checkpoint_file: None,
+            };
+            copy_with(
+                &*source,
+                &*target,
+                Selector::All,
+                &options,
+                &ProgressBar::hidden(),
+                async {
+                    stop_rx.await.ok();
+                },
+            )
+            .await
+        }
+    });
+    let live = stream("order-99");
+    source
+        .append_one(
+            &live,
+            ExpectedVersion::NoStream,
+            EventData::json("Placed", &json!({})).unwrap(),
+        )
+        .await
+        .unwrap();
+    for _ in 0..300 {
+        if target.stream_version(&live).await.unwrap() == Some(Version(0)) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    stop_tx.send(()).unwrap();
+    let report = running.await.unwrap().unwrap();
+    assert_eq!(report.events, n + 1);
+    assert_same(&*source, &*target, 5, n + 1).await;
+}

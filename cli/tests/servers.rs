@@ -185,9 +185,59 @@ async fn copy_verify(from: &str, to: &str) {
     }
     let (out, _) = ok(&["verify", from, to, &selector]);
     assert_eq!(out, format!("3 streams, {n} events compared, 0 differ\n"));
+
+    // With a kept checkpoint: the first run copies (answered as retries) and keeps where it got
+    // to; then a live copy resumes after it and copies an event appended while it runs.
+    let file = std::env::temp_dir().join(format!("{category}.checkpoint"));
+    let file_arg = file.to_str().expect("utf-8");
+    let (_, err) = ok(&["copy", from, to, &selector, "--checkpoint-file", file_arg]);
+    assert!(err.contains(&format!("copied {n} events: ")), "{err}");
+    let child = Command::new(env!("CARGO_BIN_EXE_photon"))
+        .args([
+            "copy",
+            from,
+            to,
+            &selector,
+            "--checkpoint-file",
+            file_arg,
+            "--follow",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run photon copy --follow");
+    let late = format!("{category}-late");
+    ok(&["append", from, &late, "--type", "Late", "--json", "{}"]);
+    let mut copied = false;
+    for _ in 0..120 {
+        let (out, _) = ok(&["read", to, &late]);
+        if out.lines().count() == 1 {
+            copied = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    let o = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(copied, "the live copy did not copy {late}: {err}");
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("copied 1 events: "), "{err}");
+    let (out, _) = ok(&["verify", from, to, &selector]);
+    assert_eq!(
+        out,
+        format!("4 streams, {} events compared, 0 differ\n", n + 1)
+    );
+    std::fs::remove_file(&file).ok();
     // The listing commands see what was copied.
     let (out, _) = ok(&["streams", to, &category]);
-    assert_eq!(out, format!("{category}-0\n{category}-1\n{category}-2\n"));
+    assert_eq!(
+        out,
+        format!("{category}-0\n{category}-1\n{category}-2\n{category}-late\n")
+    );
     // Not on Kafka: listing categories there visits every topic of the shared test broker
     // (minutes, with the topics every test run leaves behind).
     if !to.starts_with("kafka://") {
