@@ -136,7 +136,12 @@ impl Shared {
     ) -> Result<Option<i32>, Error> {
         match self.known(topic)? {
             Some((n, checked)) if checked.elapsed() < RECHECK => Ok(Some(n)),
-            Some(_) => self.partition_count_now(topic).await.map(Some),
+            Some((n, _)) => {
+                // One caller asks; the others meanwhile go on with the count just confirmed
+                // (a change is refused for good once seen).
+                self.remember(topic, n);
+                self.partition_count_now(topic).await.map(Some)
+            }
             None => self.first_look(topic).await,
         }
     }
