@@ -508,8 +508,8 @@ fn save_checkpoint(
     Ok(())
 }
 
-/// The appendable part of a recorded event.
-fn event_data(e: RecordedEvent) -> EventData {
+/// The appendable part of a recorded event: what a faithful copy appends to reproduce it.
+pub fn event_data(e: RecordedEvent) -> EventData {
     EventData {
         event_id: e.event_id,
         event_type: e.event_type,

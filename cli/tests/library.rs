@@ -196,16 +196,13 @@ async fn events_already_there_in_other_batches_count_as_present() {
         .await
         .unwrap()
     {
-        let data = EventData {
-            event_id: e.event_id,
-            event_type: e.event_type,
-            schema_version: e.schema_version,
-            occurred_at: e.occurred_at,
-            payload: e.payload,
-            metadata: e.metadata,
-        };
+        let stream = e.stream.clone();
         target
-            .append_one(&e.stream, ExpectedVersion::Any, data)
+            .append_one(
+                &stream,
+                ExpectedVersion::Any,
+                photon_cli::transfer::event_data(e),
+            )
             .await
             .unwrap();
     }
