@@ -158,6 +158,13 @@ struct ClockReading {
     round_trip: i64,
 }
 
+impl ClockReading {
+    /// How far the reading may be off, µs: half its round trip and the server's millisecond.
+    fn doubt(&self) -> i64 {
+        self.round_trip / 2 + 1_000
+    }
+}
+
 /// What every clone of a store shares.
 pub(crate) struct Shared {
     pub(crate) config: CassandraConfig,
@@ -260,9 +267,8 @@ impl Shared {
     pub(crate) async fn check_clock(&self) -> Result<(), Error> {
         let reading = self.clock_reading().await?;
         let skew = self.clock_offset.load(Ordering::Relaxed) - reading.server_ahead;
-        // The reading is good to half its round trip and the server's millisecond: refuse only
-        // a skew certainly beyond the bound.
-        let doubt = reading.round_trip / 2 + 1_000;
+        // Refuse only a skew certainly beyond the bound.
+        let doubt = reading.doubt();
         let bound = self.config.max_clock_skew().as_micros() as i64;
         if skew.abs() <= bound + doubt {
             return Ok(());
@@ -292,7 +298,9 @@ impl Shared {
     pub(crate) async fn reader_now(&self) -> Result<i64, Error> {
         let reading = self.clock_reading().await?;
         let skew = self.clock_offset.load(Ordering::Relaxed) - reading.server_ahead;
-        Ok(self.now_micros() - skew.max(0))
+        // Only what is certainly ahead: a reading distorted by a slow answer (half its round
+        // trip of doubt) must not hold the reader back for the next 10 s.
+        Ok(self.now_micros() - (skew - reading.doubt()).max(0))
     }
 
     /// The last reading of the server's clock, read again when older than
