@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::stream::{BoxStream, TryStreamExt};
-use mongodb::bson::{doc, Document};
+use mongodb::bson::{doc, Document, RawDocumentBuf};
 use photon_api::{
     cursor_stream, open_subscription, Checkpoint, Error, RecordedEvent, Selector, Start,
     SubscriptionCursor, SubscriptionItem, SubscriptionMode, SubscriptionRequest,
@@ -25,8 +25,15 @@ use crate::client::Shared;
 use crate::codec::{self, TOMBSTONE_STREAM};
 use crate::error;
 
-/// Commits fetched per query.
+/// Commits fetched per query, at most.
 const PAGE: i64 = 64;
+
+/// The most a page of commits holds, in encoded bytes: past it, no more commits are fetched
+/// for that page. A commit may be up to 16 MiB, so 64 of them could otherwise hold a gigabyte
+/// in one subscription's buffer. A page still takes at least one commit, and may go past the
+/// bound by what the server's last reply carried: MongoDB caps one reply at 16 MiB, FerretDB
+/// 1.24 does not, so replies are also bounded in commits (see `Reader::batch`).
+const PAGE_BYTES: usize = 8 * 1024 * 1024;
 
 /// The shortest pause between two polls with nothing new.
 const MIN_PAUSE: Duration = Duration::from_millis(5);
@@ -75,6 +82,10 @@ struct Reader {
     caught_up_due: bool,
     buffer: VecDeque<RecordedEvent>,
     pause: Duration,
+    /// How many commits one reply of the server carries: 1 for the first page (nothing is known
+    /// of the commits' size yet, and one commit may be 16 MiB), then `PAGE_BYTES` over the
+    /// largest commit of the page before, from 1 to `PAGE`.
+    batch: u32,
     /// When each missing position was first seen missing.
     missing_since: HashMap<u64, Instant>,
 }
@@ -116,6 +127,7 @@ impl Reader {
             caught_up_due: hot,
             buffer: VecDeque::new(),
             pause: Duration::ZERO,
+            batch: 1,
             missing_since: HashMap::new(),
         })
     }
@@ -149,25 +161,51 @@ impl Reader {
     }
 
     /// The selector's next commits after `after`, up to `end`, in position order.
-    async fn next_page(&self) -> Result<Vec<Document>, Error> {
+    async fn next_page(&mut self) -> Result<Vec<Document>, Error> {
         let mut filter = self.filter.clone();
         let mut range = doc! { "$gt": self.after as i64 };
         if self.end != u64::MAX {
             range.insert("$lte", self.end as i64);
         }
         filter.insert("position", range);
+        // Raw documents, so that each one's size is known without encoding it again.
         let page = async {
-            self.shared
+            let mut cursor = self
+                .shared
                 .commits
+                .clone_with_type::<RawDocumentBuf>()
                 .find(filter)
                 .sort(doc! { "position": 1 })
-                .limit(PAGE)
+                // With a batch of 1 (the first page, or commits of 8 MiB and more) a page is
+                // the one commit of the first reply.
+                .limit(if self.batch == 1 { 1 } else { PAGE })
+                .batch_size(self.batch)
                 .max_time(self.shared.config.timeout)
-                .await?
-                .try_collect()
-                .await
+                .await?;
+            let mut page = Vec::new();
+            let mut bytes = 0;
+            while bytes < PAGE_BYTES {
+                let Some(commit) = cursor.try_next().await? else {
+                    break;
+                };
+                bytes += commit.as_bytes().len();
+                page.push(commit);
+            }
+            Ok(page)
         };
-        self.shared.bounded(|| "reading commits".into(), page).await
+        let page: Vec<RawDocumentBuf> = self
+            .shared
+            .bounded(|| "reading commits".into(), page)
+            .await?;
+        if let Some(largest) = page.iter().map(|c| c.as_bytes().len()).max() {
+            self.batch = (PAGE_BYTES / largest).clamp(1, PAGE as usize) as u32;
+        }
+        page.iter()
+            .map(|raw| {
+                raw.to_document()
+                    .map_err(|e| error::corrupt(None, format!("not a document: {e}")))
+            })
+            .collect()
     }
 
     /// Buffers the events of the commit at `position`, less those a resumed checkpoint skips.

@@ -1,12 +1,16 @@
-//! Listing the streams of a category against a real server (`PHOTON_TEST_MONGO_URL`), through
-//! photon-faults' TCP proxy, which counts the bytes on the wire: a listing fetches a page at a
-//! time as its consumer reaches it, so no reply grows with the number of streams (MongoDB caps
-//! one reply, such as a `distinct`, at 16 MiB) and a consumer that stops early fetches little.
+//! Pages of reads against a real server (`PHOTON_TEST_MONGO_URL`), through photon-faults' TCP
+//! proxy, which counts the bytes on the wire: a listing fetches a page of names at a time as
+//! its consumer reaches it, so no reply grows with the number of streams (MongoDB caps one
+//! reply, such as a `distinct`, at 16 MiB), and a replay's page of commits is bounded in bytes,
+//! not only in commits, so large commits do not pile up in a subscription's buffer.
 
 use futures::{StreamExt, TryStreamExt};
 use mongodb::bson::spec::BinarySubtype;
 use mongodb::bson::{doc, Binary, Document};
-use photon_api::{EventStore, StreamId};
+use photon_api::{
+    ContentType, EventData, EventStore, EventType, ExpectedVersion, Payload, Selector, Start,
+    StreamId, SubscriptionItem, SubscriptionMode,
+};
 use photon_conformance::{fresh_category, server_url};
 use photon_faults::proxy::FaultProxy;
 use photon_mongo::MongoStore;
@@ -40,11 +44,9 @@ fn commits(category: &str) -> Vec<Document> {
     firsts.chain(seconds).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_are_listed_a_page_at_a_time() {
-    let Some(url) = server_url("mongo", "PHOTON_TEST_MONGO_URL") else {
-        return;
-    };
+/// A store behind a fresh fault proxy, on fresh collections; the proxy, the store and the
+/// prefix of its collections.
+async fn proxied(url: &str) -> (FaultProxy, MongoStore, String) {
     let rest = &url["mongodb://".len()..];
     let host = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
     let proxy = FaultProxy::start("127.0.0.1:0", host).await.unwrap();
@@ -55,6 +57,15 @@ async fn streams_are_listed_a_page_at_a_time() {
         if through.contains('?') { "&" } else { "?" }
     );
     let store = MongoStore::from_url(&through).await.unwrap();
+    (proxy, store, prefix)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_listed_a_page_at_a_time() {
+    let Some(url) = server_url("mongo", "PHOTON_TEST_MONGO_URL") else {
+        return;
+    };
+    let (proxy, store, prefix) = proxied(&url).await;
     // Connected, indexes made: what follows on the wire is the listing's.
     store.health().await.unwrap();
 
@@ -87,4 +98,74 @@ async fn streams_are_listed_a_page_at_a_time() {
         .collect();
     let want: Vec<String> = (0..STREAMS).map(|i| format!("{category}-{i:05}")).collect();
     assert_eq!(listed, want, "every stream once, sorted");
+}
+
+/// Commits written for the replay, each of `EVENTS_PER_COMMIT` events of `PAYLOAD` bytes: about
+/// 4 MB a commit, 32 MB in all, so that a page of 64 commits would take them all.
+const LARGE_COMMITS: usize = 8;
+const EVENTS_PER_COMMIT: usize = 4;
+const PAYLOAD: usize = 1_000_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_fetches_a_page_of_large_commits_bounded_in_bytes() {
+    let Some(url) = server_url("mongo", "PHOTON_TEST_MONGO_URL") else {
+        return;
+    };
+    let (proxy, store, _) = proxied(&url).await;
+    let category = fresh_category();
+    let stream = StreamId::new(&category, "large").unwrap();
+    let big = || {
+        EventData::new(
+            EventType::new("Large").unwrap(),
+            Payload::raw(ContentType::Json, vec![b'1'; PAYLOAD]),
+        )
+    };
+    for _ in 0..LARGE_COMMITS {
+        store
+            .append(
+                &stream,
+                ExpectedVersion::Any,
+                (0..EVENTS_PER_COMMIT).map(|_| big()).collect(),
+            )
+            .await
+            .unwrap();
+    }
+
+    let before = proxy.bytes_forwarded();
+    let mut replay = store.subscribe(
+        Selector::Category(category),
+        Start::Beginning,
+        SubscriptionMode::Cold,
+    );
+    let Some(Ok(SubscriptionItem::Event(first))) = replay.next().await else {
+        panic!("the replay's first event")
+    };
+    let first_fetch = proxy.bytes_forwarded() - before;
+    println!(
+        "the first event of {} MB came after {first_fetch} bytes on the wire",
+        LARGE_COMMITS * EVENTS_PER_COMMIT * PAYLOAD / 1_000_000
+    );
+    assert_eq!(first.version.0, 0);
+    // 8 MiB a page, plus what the server's last reply carried past it; not all 32 MB.
+    assert!(
+        first_fetch < 20_000_000,
+        "the replay's first event took {first_fetch} bytes on the wire"
+    );
+
+    let mut versions = vec![first.version.0];
+    while let Some(item) = replay.next().await {
+        match item.unwrap() {
+            SubscriptionItem::Event(e) => {
+                assert_eq!(e.payload.bytes.len(), PAYLOAD);
+                versions.push(e.version.0);
+            }
+            SubscriptionItem::CaughtUp => panic!("a Cold replay sent CaughtUp"),
+        }
+    }
+    let all = (LARGE_COMMITS * EVENTS_PER_COMMIT) as u64;
+    assert_eq!(
+        versions,
+        (0..all).collect::<Vec<_>>(),
+        "every event once, in order"
+    );
 }
