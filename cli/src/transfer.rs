@@ -38,12 +38,15 @@ pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// idempotent, so re-sending is always safe).
 const UNAVAILABLE_ATTEMPTS: u32 = 4;
 
+/// What the progress bar shows: a count, since the size of a store or a stdin dump is unknown.
+const PROGRESS_TEMPLATE: &str = "{spinner} {msg} {human_pos} events ({per_sec}) {elapsed}";
+
 /// A progress bar on stderr counting events; hidden when stderr is not a terminal, so logs and
 /// tests see only the summary line.
 pub fn progress_bar(what: &'static str) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {msg} {human_pos} events ({per_sec}) {elapsed}")
+        ProgressStyle::with_template(PROGRESS_TEMPLATE)
             .unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
     bar.set_message(what);
@@ -517,5 +520,15 @@ pub fn event_data(e: RecordedEvent) -> EventData {
         occurred_at: e.occurred_at,
         payload: e.payload,
         metadata: e.metadata,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_progress_template_parses() {
+        assert!(ProgressStyle::with_template(PROGRESS_TEMPLATE).is_ok());
     }
 }
