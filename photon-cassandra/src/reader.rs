@@ -15,6 +15,8 @@ use photon_api::{
     error_stream, Bytes, Category, Direction, Error, ReadOptions, RecordedEvent, StreamId, Uuid,
     Version,
 };
+use scylla::serialize::row::SerializeRow;
+use scylla::statement::prepared::PreparedStatement;
 use scylla::value::CqlTimeuuid;
 
 use crate::client::{Shared, StreamMeta, ALL, COMMITS_PER_PAGE};
@@ -220,22 +222,8 @@ impl Shared {
         } else {
             &st.commit_counts_down_from
         };
-        let counts = session
-            .execute_unpaged(
-                counts,
-                (stream.as_str(), bucket, from as i64, COMMITS_PER_PAGE),
-            )
-            .await
-            .map_err(|e| error::request(context(), e))?
-            .into_rows_result()
-            .map_err(|e| error::driver(context(), e))?;
-        let counts = counts
-            .rows::<(i32,)>()
-            .map_err(|e| error::driver(context(), e))?
-            .map(|r| r.map(|(count,)| count))
-            .collect::<Result<Vec<i32>, _>>()
-            .map_err(|e| error::driver(context(), e))?;
-        let limit = self.config.commits_in_a_page(counts.iter().copied());
+        let values = (stream.as_str(), bucket, from as i64, COMMITS_PER_PAGE);
+        let (limit, more) = self.page_limit(counts, values, &context()).await?;
         let rows = session
             .execute_unpaged(q, (stream.as_str(), bucket, from as i64, limit))
             .await
@@ -256,10 +244,34 @@ impl Shared {
                 Ok((commit, count))
             })
             .collect::<Result<Vec<_>, Error>>()?;
-        // More may follow in this partition when the page left some of the counted commits
-        // out, or when there were as many of them as a page may count.
-        let full = (limit as usize) < counts.len() || counts.len() == COMMITS_PER_PAGE as usize;
-        Ok((page, full))
+        Ok((page, more))
+    }
+
+    /// How many commits the page that `counts` (a statement selecting the `count` of each of
+    /// the page's next commits, at most `COMMITS_PER_PAGE`, bound with `values`) counts may
+    /// fetch within `page_bytes`; and whether more may follow after them: some counted commits
+    /// were left out, or there were as many as a page may count.
+    pub(crate) async fn page_limit(
+        &self,
+        counts: &PreparedStatement,
+        values: impl SerializeRow,
+        context: &str,
+    ) -> Result<(i32, bool), Error> {
+        let (session, _) = self.ready().await?;
+        let counts = session
+            .execute_unpaged(counts, values)
+            .await
+            .map_err(|e| error::request(context, e))?
+            .into_rows_result()
+            .map_err(|e| error::driver(context, e))?
+            .rows::<(i32,)>()
+            .map_err(|e| error::driver(context, e))?
+            .map(|r| r.map(|(count,)| count))
+            .collect::<Result<Vec<i32>, _>>()
+            .map_err(|e| error::driver(context, e))?;
+        let limit = self.config.commits_in_a_page(counts.iter().copied());
+        let more = (limit as usize) < counts.len() || counts.len() == COMMITS_PER_PAGE as usize;
+        Ok((limit, more))
     }
 
     /// Every category with events, sorted.

@@ -550,19 +550,8 @@ async fn category_page(
         CqlTimeuuid::from(codec::max_time_id(upper)),
     );
     // The counts first, so the page fetches only what fits in `page_bytes`.
-    let counts = session
-        .execute_unpaged(counts, (key, t.bucket, lower, upper, COMMITS_PER_PAGE))
-        .await
-        .map_err(|e| error::request(context(), e))?
-        .into_rows_result()
-        .map_err(|e| error::driver(context(), e))?;
-    let counts = counts
-        .rows::<(i32,)>()
-        .map_err(|e| error::driver(context(), e))?
-        .map(|r| r.map(|(count,)| count))
-        .collect::<Result<Vec<i32>, _>>()
-        .map_err(|e| error::driver(context(), e))?;
-    let limit = shared.config.commits_in_a_page(counts.iter().copied());
+    let values = (key, t.bucket, lower, upper, COMMITS_PER_PAGE);
+    let (limit, more) = shared.page_limit(counts, values, &context()).await?;
     let rows = session
         .execute_unpaged(q, (key, t.bucket, lower, upper, limit))
         .await
@@ -586,8 +575,5 @@ async fn category_page(
             ))
         })
         .collect::<Result<Vec<_>, Error>>()?;
-    // More may follow up to `upper` when the page left some of the counted commits out, or
-    // when there were as many of them as a page may count.
-    let full = (limit as usize) < counts.len() || counts.len() == COMMITS_PER_PAGE as usize;
-    Ok((page, full))
+    Ok((page, more))
 }

@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use futures::stream::BoxStream;
 use futures::StreamExt;
 use photon_api::{
     Category, Error, EventStore, EventStoreExt, ExpectedVersion, RecordedEvent, Selector, Start,
@@ -15,16 +14,10 @@ use photon_cassandra::CassandraStore;
 use photon_conformance::server_url;
 
 mod common;
-use common::{fresh, number, numbered, with_options};
-
-type Sub = BoxStream<'static, Result<SubscriptionItem, Error>>;
+use common::{fresh, numbered, numbers, with_options, Sub};
 
 /// The default settle delay (1 s), so the bound is 250 ms.
 const OPTIONS: &str = "settle_ms=1000&timeout_ms=2000&repair_after_ms=5000&bucket_size=16";
-
-fn numbers(events: &[RecordedEvent]) -> Vec<u64> {
-    events.iter().map(number).collect()
-}
 
 /// Every event `sub` delivers within `wait`.
 async fn events_within(sub: &mut Sub, wait: Duration) -> Vec<RecordedEvent> {

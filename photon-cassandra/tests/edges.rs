@@ -5,50 +5,19 @@
 
 use std::time::Duration;
 
-use futures::stream::BoxStream;
 use futures::StreamExt;
 use photon_api::{
-    Category, Error, EventStore, EventStoreExt, ExpectedVersion, ReadOptions, RecordedEvent,
-    Selector, Start, StreamId, SubscriptionItem, SubscriptionMode, Timestamp, Uuid,
+    Category, Error, EventStore, EventStoreExt, ExpectedVersion, ReadOptions, Selector, Start,
+    StreamId, SubscriptionItem, SubscriptionMode, Timestamp, Uuid,
 };
-use photon_cassandra::{CassandraConfig, CassandraStore};
+use photon_cassandra::CassandraStore;
 use photon_conformance::server_url;
-use scylla::client::session::Session;
 
 mod common;
-use common::{fresh, number, numbered, proxied, with_options};
-
-type Sub = BoxStream<'static, Result<SubscriptionItem, Error>>;
+use common::{fresh, next_event, number, numbered, numbers, proxied, session, with_options};
 
 /// The layout of the keyspace the other tests share (`bucket_size=16`), a short settle delay.
 const OPTIONS: &str = "settle_ms=200&timeout_ms=2000&repair_after_ms=4500&bucket_size=16";
-
-fn numbers(events: &[RecordedEvent]) -> Vec<u64> {
-    events.iter().map(number).collect()
-}
-
-/// A plain driver session, connected as the store connects.
-async fn session(url: &str) -> Session {
-    let config = CassandraConfig::from_url(url).unwrap();
-    photon_cassandra::session_builder(&config)
-        .unwrap()
-        .build()
-        .await
-        .unwrap()
-}
-
-/// The next event of `sub`, or None when none comes within `wait`.
-async fn next_event(sub: &mut Sub, wait: Duration) -> Option<RecordedEvent> {
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        match tokio::time::timeout_at(deadline, sub.next()).await {
-            Err(_) => return None,
-            Ok(Some(Ok(SubscriptionItem::Event(e)))) => return Some(e),
-            Ok(Some(Ok(SubscriptionItem::CaughtUp))) => continue,
-            Ok(other) => panic!("want an event, got {other:?}"),
-        }
-    }
-}
 
 /// A writer whose clock ran two buckets ahead registered a future time bucket of the category;
 /// a subscriber that opens before anything else is stored must still read the present bucket,

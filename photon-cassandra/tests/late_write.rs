@@ -7,7 +7,6 @@
 
 use std::time::Duration;
 
-use futures::stream::BoxStream;
 use futures::StreamExt;
 use photon_api::{
     Category, Error, EventStore, EventStoreExt, ExpectedVersion, ReadOptions, RecordedEvent,
@@ -19,29 +18,10 @@ use scylla::client::session::Session;
 use scylla::value::CqlTimeuuid;
 
 mod common;
-use common::{fresh, number, numbered, proxied, with_options};
-
-type Sub = BoxStream<'static, Result<SubscriptionItem, Error>>;
+use common::{fresh, next_event, number, numbered, numbers, proxied, with_options, Sub};
 
 /// A repair after 4.5 s: at least `settle_ms` + 2 × `timeout_ms`, as the README asks.
 const OPTIONS: &str = "settle_ms=200&timeout_ms=2000&repair_after_ms=4500&bucket_size=16";
-
-fn numbers(events: &[RecordedEvent]) -> Vec<u64> {
-    events.iter().map(number).collect()
-}
-
-/// The next event of `sub`, or None when none comes within `wait`.
-async fn next_event(sub: &mut Sub, wait: Duration) -> Option<RecordedEvent> {
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        match tokio::time::timeout_at(deadline, sub.next()).await {
-            Err(_) => return None,
-            Ok(Some(Ok(SubscriptionItem::Event(e)))) => return Some(e),
-            Ok(Some(Ok(SubscriptionItem::CaughtUp))) => continue,
-            Ok(other) => panic!("want an event, got {other:?}"),
-        }
-    }
-}
 
 /// A live HotCold subscriber of `category`, caught up.
 async fn live(store: &CassandraStore, category: &Category) -> Sub {

@@ -1,9 +1,17 @@
 //! Helpers the real-server test files of this crate share (each uses some of them).
 #![allow(dead_code)]
 
-use photon_api::{EventData, RecordedEvent, Uuid};
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use photon_api::{Error, EventData, RecordedEvent, SubscriptionItem, Uuid};
 use photon_cassandra::CassandraConfig;
 use photon_faults::proxy::FaultProxy;
+use scylla::client::session::Session;
+
+/// A subscription's items.
+pub(crate) type Sub = BoxStream<'static, Result<SubscriptionItem, Error>>;
 
 /// `url` with `options` appended to its query.
 pub(crate) fn with_options(url: &str, options: &str) -> String {
@@ -27,6 +35,34 @@ pub(crate) fn numbered(n: u64, mark: &str) -> EventData {
 pub(crate) fn number(e: &RecordedEvent) -> u64 {
     e.decode::<serde_json::Value>().unwrap()["n"]
         .as_u64()
+        .unwrap()
+}
+
+/// The numbers of `events` (see `number`).
+pub(crate) fn numbers(events: &[RecordedEvent]) -> Vec<u64> {
+    events.iter().map(number).collect()
+}
+
+/// The next event of `sub` (past any `CaughtUp`), or None when none comes within `wait`.
+pub(crate) async fn next_event(sub: &mut Sub, wait: Duration) -> Option<RecordedEvent> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, sub.next()).await {
+            Err(_) => return None,
+            Ok(Some(Ok(SubscriptionItem::Event(e)))) => return Some(e),
+            Ok(Some(Ok(SubscriptionItem::CaughtUp))) => continue,
+            Ok(other) => panic!("want an event, got {other:?}"),
+        }
+    }
+}
+
+/// A plain driver session, connected as the store of `url` connects.
+pub(crate) async fn session(url: &str) -> Session {
+    let config = CassandraConfig::from_url(url).unwrap();
+    photon_cassandra::session_builder(&config)
+        .unwrap()
+        .build()
+        .await
         .unwrap()
 }
 
