@@ -8,7 +8,8 @@
 use std::sync::Arc;
 
 use photon_api::{
-    AppendResult, Category, Error, ExpectedVersion, Selector, Start, StreamId, Version,
+    AppendResult, Category, Error, EventData, EventStore, ExpectedVersion, Selector, Start,
+    StreamId, Version,
 };
 
 use crate::support::{
@@ -101,19 +102,28 @@ pub async fn idempotent_retry(h: &Harness) {
     assert_eq!(numbers(&in_category), vec![1, 2, 3]);
 }
 
-/// Asserts that `result` answers exactly as `original` did: a retry reports the first send's
-/// versions and checkpoints.
-#[track_caller]
-fn assert_same_answer(result: &AppendResult, original: &AppendResult, what: &str) {
-    assert_eq!(
-        (result.first_version, result.last_version),
-        (original.first_version, original.last_version),
-        "{what}: a retry reports the original versions"
-    );
-    assert_eq!(
-        result.checkpoints, original.checkpoints,
-        "{what}: a retry reports the original checkpoints"
-    );
+/// Re-sends `batch` to `stream` with `expected` from each of `clients` and asserts that each
+/// answers exactly as `original` did: a retry reports the first send's versions and
+/// checkpoints. `what` names the batch in a failure.
+async fn assert_resend_is_retry(
+    clients: [&Arc<dyn EventStore>; 2],
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    batch: &[EventData],
+    original: &AppendResult,
+    what: &str,
+) {
+    for client in clients {
+        let again = client
+            .append(stream, expected, batch.to_vec())
+            .await
+            .unwrap_or_else(|e| panic!("{what} re-sent with {expected:?}: {e}"));
+        assert_eq!(
+            (again.first_version, again.last_version, &again.checkpoints),
+            (original.first_version, original.last_version, &original.checkpoints),
+            "{what} re-sent with {expected:?}: a retry reports the original versions and checkpoints"
+        );
+    }
 }
 
 /// Asserts that `stream` holds exactly the numbered events `want`, in its own reads, its
@@ -154,23 +164,10 @@ pub async fn retry_under_stream_exists_stores_nothing_twice(h: &Harness) {
         .await
         .unwrap();
     assert_eq!(second.first_version, Version(2));
-    for (client, resent, original, what) in [
-        (&store, &batch, &first, "the first batch from its writer"),
-        (
-            &other,
-            &batch,
-            &first,
-            "the first batch from another client",
-        ),
-        (&store, &last, &second, "the last batch from its writer"),
-        (&other, &last, &second, "the last batch from another client"),
-    ] {
-        let again = client
-            .append(&stream, ExpectedVersion::StreamExists, resent.clone())
-            .await
-            .unwrap_or_else(|e| panic!("{what} under StreamExists: {e}"));
-        assert_same_answer(&again, original, what);
-    }
+    let exists = ExpectedVersion::StreamExists;
+    let clients = [&store, &other];
+    assert_resend_is_retry(clients, &stream, exists, &batch, &first, "the first batch").await;
+    assert_resend_is_retry(clients, &stream, exists, &last, &second, "the last batch").await;
     assert_stored_once(h, &category, &stream, &[1, 2, 3]).await;
 }
 
@@ -189,13 +186,9 @@ pub async fn retry_under_a_holding_exact_stores_nothing_twice(h: &Harness) {
         .await
         .unwrap();
     assert_eq!(first.first_version, Version(0));
-    for client in [&store, &other] {
-        let again = client
-            .append(&stream, ExpectedVersion::Exact(Version(0)), opening.clone())
-            .await
-            .unwrap_or_else(|e| panic!("[1] re-sent with Exact(0): {e}"));
-        assert_same_answer(&again, &first, "[1] re-sent with Exact(0)");
-    }
+    let clients = [&store, &other];
+    let at = |v| ExpectedVersion::Exact(Version(v));
+    assert_resend_is_retry(clients, &stream, at(0), &opening, &first, "[1]").await;
     let batch = vec![numbered(2), numbered(3)];
     let second = store
         .append(&stream, ExpectedVersion::Exact(Version(0)), batch.clone())
@@ -205,13 +198,7 @@ pub async fn retry_under_a_holding_exact_stores_nothing_twice(h: &Harness) {
         (second.first_version, second.last_version),
         (Version(1), Version(2))
     );
-    for client in [&store, &other] {
-        let again = client
-            .append(&stream, ExpectedVersion::Exact(Version(2)), batch.clone())
-            .await
-            .unwrap_or_else(|e| panic!("[2, 3] re-sent with Exact(2): {e}"));
-        assert_same_answer(&again, &second, "[2, 3] re-sent with Exact(2)");
-    }
+    assert_resend_is_retry(clients, &stream, at(2), &batch, &second, "[2, 3]").await;
     assert_stored_once(h, &category, &stream, &[1, 2, 3]).await;
 }
 
