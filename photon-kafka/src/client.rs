@@ -88,6 +88,8 @@ pub(crate) struct Shared {
     pub(crate) live_writers: Arc<AtomicUsize>,
     /// Partitions taken over since the store was built (`KafkaStore::writer_stats`).
     pub(crate) take_overs: AtomicU64,
+    /// Partition indexes dropped to stay within `max_index_bytes` (`KafkaStore::writer_stats`).
+    pub(crate) indexes_dropped: AtomicU64,
 }
 
 impl Shared {
@@ -110,6 +112,7 @@ impl Shared {
             readers: Mutex::default(),
             live_writers: Arc::new(AtomicUsize::new(0)),
             take_overs: AtomicU64::new(0),
+            indexes_dropped: AtomicU64::new(0),
             config,
         })
     }
@@ -534,6 +537,54 @@ impl Shared {
             idle_ms = idle_for.as_millis() as u64,
             "photon-kafka: this store appends to more partitions than max_producers; the producer used least recently is closed, and appending to its partition again costs an init_transactions and a catch-up read (raise max_producers, up to 4096, or route fewer partitions to this process)"
         );
+    }
+}
+
+impl Shared {
+    /// Keeps what the version indexes hold within `max_index_bytes`: while they hold more, the
+    /// state of the partition used least recently (its index and producer) is dropped, to be
+    /// rebuilt by reading the partition when it is used again. Partitions locked right now (in
+    /// use, among them the caller's: it is called after an index grew, with its lock held) are
+    /// neither counted nor dropped, so a partition larger than the bound stays while it is used.
+    pub(crate) fn bound_indexes(&self) {
+        let states: Vec<_> = self
+            .partitions
+            .lock()
+            .expect("partitions lock")
+            .values()
+            .cloned()
+            .collect();
+        let mut idle: Vec<_> = states
+            .iter()
+            .filter_map(|s| {
+                let guard = s.try_lock().ok()?;
+                Some((guard.index.used, guard.index.bytes(), s.clone()))
+            })
+            .collect();
+        let mut total: usize = idle.iter().map(|(_, bytes, _)| bytes).sum();
+        if total <= self.config.max_index_bytes {
+            return;
+        }
+        idle.sort_by_key(|(used, _, _)| *used);
+        let mut dropped = 0;
+        for (_, bytes, s) in idle {
+            if total <= self.config.max_index_bytes {
+                break;
+            }
+            if let Ok(mut guard) = s.try_lock() {
+                *guard = PartitionState::default();
+                total -= bytes;
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            self.indexes_dropped.fetch_add(dropped, Ordering::Relaxed);
+            tracing::debug!(
+                dropped,
+                max_index_bytes = self.config.max_index_bytes,
+                "photon-kafka: version indexes dropped to stay within max_index_bytes"
+            );
+        }
     }
 }
 

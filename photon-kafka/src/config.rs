@@ -43,6 +43,7 @@ const OPTIONS: &[&str] = &[
     "max_append_size",
     "allow_finite_retention",
     "max_producers",
+    "max_index_bytes",
     "security_protocol",
     "sasl_mechanism",
     "sasl_username",
@@ -111,6 +112,10 @@ pub struct KafkaConfig {
     /// over more partitions than this pays an `init_transactions` and a catch-up per hand-back,
     /// and a warning says so.
     pub max_producers: usize,
+    /// Bytes the version indexes of this store may hold (`max_index_bytes`, default 1 GiB, about
+    /// 25 million events): past it the indexes (and producers) of the partitions used least
+    /// recently are dropped and rebuilt by reading the partition again when next used.
+    pub max_index_bytes: usize,
     /// Further librdkafka settings: TLS and SASL from the URL (`security_protocol`,
     /// `sasl_mechanism`, `sasl_username`, `sasl_password`, `ssl_ca_location`,
     /// `ssl_certificate_location`, `ssl_key_location`, `ssl_key_password`, user:password in the
@@ -140,6 +145,7 @@ impl fmt::Debug for KafkaConfig {
             .field("max_append_size", &self.max_append_size)
             .field("allow_finite_retention", &self.allow_finite_retention)
             .field("max_producers", &self.max_producers)
+            .field("max_index_bytes", &self.max_index_bytes)
             .field("client_settings", &settings)
             .finish()
     }
@@ -159,6 +165,7 @@ impl KafkaConfig {
             max_append_size: 32 * 1024 * 1024,
             allow_finite_retention: false,
             max_producers: DEFAULT_MAX_PRODUCERS,
+            max_index_bytes: 1 << 30,
             client_settings: BTreeMap::new(),
         }
     }
@@ -218,6 +225,9 @@ impl KafkaConfig {
         }
         if let Some(n) = url.number_option("max_producers", 1..=MAX_PRODUCERS_BOUND)? {
             self.max_producers = n;
+        }
+        if let Some(n) = url.number_option("max_index_bytes", 1..=1usize << 40)? {
+            self.max_index_bytes = n;
         }
         Ok(())
     }
@@ -407,7 +417,7 @@ mod tests {
     #[test]
     fn parses_every_option() {
         let c = KafkaConfig::from_url(
-            "kafka://a:9092,b:9093/?prefix=app.v1&partitions=12&replication_factor=3&create=false&timeout_ms=1500&max_event_size=2048&max_append_size=4096&security_protocol=ssl&ssl_ca_location=/ca.pem&rdkafka.client.id=me&allow_finite_retention=true&max_producers=40",
+            "kafka://a:9092,b:9093/?prefix=app.v1&partitions=12&replication_factor=3&create=false&timeout_ms=1500&max_event_size=2048&max_append_size=4096&security_protocol=ssl&ssl_ca_location=/ca.pem&rdkafka.client.id=me&allow_finite_retention=true&max_producers=40&max_index_bytes=5000",
         )
         .unwrap();
         assert_eq!(c.bootstrap_servers, "a:9092,b:9093");
@@ -418,6 +428,7 @@ mod tests {
         assert_eq!((c.max_event_size, c.max_append_size), (2048, 4096));
         assert!(c.allow_finite_retention);
         assert_eq!(c.max_producers, 40);
+        assert_eq!(c.max_index_bytes, 5000);
         assert_eq!(c.client_settings["security.protocol"], "ssl");
         assert_eq!(c.client_settings["ssl.ca.location"], "/ca.pem");
         assert_eq!(c.client_settings["client.id"], "me");
@@ -492,6 +503,7 @@ mod tests {
                 "allow_finite_retention",
             ),
             ("kafka://a:1?max_producers=0", "max_producers"),
+            ("kafka://a:1?max_index_bytes=0", "max_index_bytes"),
             ("kafka://a:1?max_producers=4097", "from 1 to 4096"),
             ("kafka://a:1?timeout_ms=5", "timeout_ms"),
             ("kafka://a:1?rdkafka.acks=1", "acks"),

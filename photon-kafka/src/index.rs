@@ -3,17 +3,29 @@
 //! kept current by reading only what was added since, so loading an aggregate never scans the
 //! topic, and a partition is read in full at most once per process.
 //!
-//! Memory: about 40 bytes per event plus each stream name once.
+//! Memory: about 40 bytes per event, 16 per append, and each stream's name plus about 120 bytes
+//! per stream; [`PartitionIndex::bytes`] counts it so the store can bound what all its indexes
+//! hold (client.rs drops the least recently used).
 //!
 //! The index talks to no broker: reader.rs feeds it the records it reads, writer.rs its own
 //! committed records, and both hold the partition's lock while they do.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use photon_api::validate::StoredId;
 use photon_api::{Uuid, Version};
 
 use crate::codec::IndexEntry;
+
+/// What one indexed event costs: its offset, and its id in the id map with the map's overhead.
+const EVENT_BYTES: usize = 40;
+
+/// What a stream costs beyond its name: its entry, its map slot, its vectors' headers.
+const STREAM_BYTES: usize = 120;
+
+/// What one append costs: its first version and length.
+const BATCH_BYTES: usize = 16;
 
 /// One stream's entry.
 #[derive(Default, Debug)]
@@ -34,12 +46,20 @@ pub(crate) struct PartitionIndex {
     /// the partition even when writers' clocks differ (offsets-for-times relies on it).
     pub(crate) last_recorded: i64,
     streams: HashMap<String, StreamEntry>,
+    /// An estimate of the memory held, see [`EVENT_BYTES`] and the others.
+    bytes: usize,
+    /// When a reader or writer last brought it up to date: the least recently used index is
+    /// the first dropped when the store's indexes hold too much.
+    pub(crate) used: Option<Instant>,
 }
 
 impl PartitionIndex {
     /// Adds the record at `offset`. A version out of sequence (a record not written through
     /// photon's writer) is left out and reported, so the index never claims a gap or a repeat.
     pub(crate) fn apply(&mut self, offset: i64, e: IndexEntry) -> bool {
+        if !self.streams.contains_key(&e.stream) {
+            self.bytes += e.stream.len() + STREAM_BYTES;
+        }
         let s = self.streams.entry(e.stream).or_default();
         if e.version != s.offsets.len() as u64 {
             tracing::warn!(
@@ -52,11 +72,18 @@ impl PartitionIndex {
         }
         if e.version == e.batch_first {
             s.batches.push((e.batch_first, e.batch_len));
+            self.bytes += BATCH_BYTES;
         }
+        self.bytes += EVENT_BYTES;
         s.ids.insert(e.event_id, e.version);
         s.offsets.push(offset);
         self.last_recorded = self.last_recorded.max(e.recorded_at);
         true
+    }
+
+    /// An estimate of the memory this index holds, in bytes.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// The stream's last version.
@@ -128,6 +155,10 @@ mod tests {
         assert_eq!((s.batch_first, s.batch_len), (Version(2), 1));
         assert!(ix.stored("a-2", &Uuid::from_u128(1)).is_none());
         assert_eq!(ix.last_recorded, 2);
+        assert_eq!(
+            ix.bytes(),
+            2 * (3 + STREAM_BYTES) + 4 * EVENT_BYTES + 3 * BATCH_BYTES
+        );
     }
 
     #[test]

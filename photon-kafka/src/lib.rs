@@ -51,6 +51,10 @@ pub struct WriterStats {
     /// Partitions taken over (a producer created and `init_transactions` called) since the store
     /// was built.
     pub take_overs: u64,
+    /// Partition states (version index and producer) dropped to keep the indexes within
+    /// `max_index_bytes`; each is rebuilt by reading its partition when used again, so a count
+    /// that keeps rising means the bound is below what this process works on.
+    pub indexes_dropped: u64,
 }
 
 /// The event store on Apache Kafka. Clones share clients, topic metadata and version indexes.
@@ -98,6 +102,7 @@ impl KafkaStore {
         WriterStats {
             producers: self.inner.live_writers.load(Relaxed),
             take_overs: self.inner.take_overs.load(Relaxed),
+            indexes_dropped: self.inner.indexes_dropped.load(Relaxed),
         }
     }
 }

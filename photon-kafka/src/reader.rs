@@ -182,6 +182,7 @@ pub(crate) async fn catch_up(
     // Records before the log start were deleted (finite retention, allowed by the URL): the
     // index starts where the log does.
     index.next_offset = index.next_offset.max(start);
+    index.used = Some(std::time::Instant::now());
     if index.next_offset >= end {
         return Ok(false);
     }
@@ -226,6 +227,9 @@ pub(crate) async fn catch_up(
             }
             Err(e) => pass_or_fail(e, topic, p)?,
         }
+    }
+    if added {
+        shared.bound_indexes();
     }
     Ok(added)
 }

@@ -667,6 +667,7 @@ async fn write(
     }
     commit(&producer, timeout.min(left), topic, p).await?;
     index_written(&mut state.index, writes, &offsets, now);
+    shared.bound_indexes();
     // A commit returns once the coordinator has decided it; the markers that make the records
     // readable reach the partition a moment later. Wait for them, so that whoever reads after
     // this append returns sees it.
@@ -803,6 +804,7 @@ fn index_written(
     // markers are read past then.
     let last = offsets.iter().copied().max().unwrap_or_default();
     index.next_offset = index.next_offset.max(last + 1);
+    index.used = Some(Instant::now());
 }
 
 /// A failed send, commit or begin: decided again after a take-over, unless retrying cannot help

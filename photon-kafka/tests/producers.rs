@@ -92,3 +92,58 @@ async fn max_producers_bounds_the_producers_kept() {
         "each hand-back is a take-over: {stats:?}"
     );
 }
+
+/// Issue 14 item 7: the version indexes are bounded in bytes (`max_index_bytes`). Over the
+/// bound, the partition used least recently is dropped (index and producer) and rebuilt by
+/// reading it when used again: its streams' versions are decided exactly as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn indexes_over_max_index_bytes_are_dropped_and_rebuilt_exactly() {
+    use photon_api::{Error, Version};
+    let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
+        return;
+    };
+    let prefix = format!("w{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let streams = one_stream_per_partition("indexed", 2);
+    for (bound, dropped) in [("", false), ("&max_index_bytes=1", true)] {
+        let store = KafkaStore::from_url(&with_options(
+            &url,
+            &format!(
+                "prefix={prefix}{}&partitions=2{bound}",
+                if dropped { "b" } else { "a" }
+            ),
+        ))
+        .await
+        .unwrap();
+        for s in &streams {
+            store
+                .append(s, ExpectedVersion::NoStream, vec![event(0)])
+                .await
+                .unwrap();
+        }
+        // Partition 0 was used least recently: over the bound its index is gone.
+        let before = store.writer_stats();
+        let r = store
+            .append(&streams[0], ExpectedVersion::NoStream, vec![event(1)])
+            .await;
+        match r {
+            Err(Error::WrongExpectedVersion { actual, .. }) => assert_eq!(actual, Some(Version(0))),
+            other => panic!("{bound}: a stale expectation after the index was dropped: {other:?}"),
+        }
+        let r = store
+            .append(
+                &streams[0],
+                ExpectedVersion::Exact(Version(0)),
+                vec![event(2)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.first_version, Version(1));
+        let after = store.writer_stats();
+        assert_eq!(after.indexes_dropped > 0, dropped, "{bound}: {after:?}");
+        assert_eq!(
+            after.take_overs > before.take_overs,
+            dropped,
+            "{bound}: a dropped partition is taken over again, a kept one is not: {before:?} {after:?}"
+        );
+    }
+}
