@@ -10,26 +10,16 @@ use photon_api::{
     Category, Error, EventData, EventStore, EventStoreExt, ExpectedVersion, ReadOptions,
     RecordedEvent, Selector, Start, StreamId, SubscriptionItem, SubscriptionMode, Version,
 };
-use photon_cassandra::{CassandraConfig, CassandraStore};
+use photon_cassandra::CassandraStore;
 use photon_conformance::server_url;
 use scylla::client::session::Session;
 use scylla::errors::{DbError, ExecutionError, NewSessionError, RequestAttemptError};
 
 mod common;
-use common::{fresh, number, proxied, with_options};
+use common::{fresh, number, proxied, session, with_options};
 
 fn numbered(n: u64) -> EventData {
     EventData::json("Numbered", &serde_json::json!({ "n": n })).unwrap()
-}
-
-/// A plain driver session, connected as the store connects.
-async fn session(url: &str) -> Session {
-    let config = CassandraConfig::from_url(url).unwrap();
-    photon_cassandra::session_builder(&config)
-        .unwrap()
-        .build()
-        .await
-        .unwrap()
 }
 
 /// The first error of type `T` in `error`'s chain of sources.

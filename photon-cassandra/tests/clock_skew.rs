@@ -58,15 +58,7 @@ async fn a_writer_whose_clock_is_behind_is_refused_and_live_readers_miss_nothing
     let url = with_options(&url, OPTIONS);
     let category = Category::new(fresh("skew")).unwrap();
     let reader = CassandraStore::from_url(&url).await.unwrap();
-    let mut live = reader.subscribe(
-        Selector::Category(category.clone()),
-        Start::Beginning,
-        SubscriptionMode::HotCold,
-    );
-    match tokio::time::timeout(Duration::from_secs(30), live.next()).await {
-        Ok(Some(Ok(SubscriptionItem::CaughtUp))) => {}
-        other => panic!("want CaughtUp of an empty category, got {other:?}"),
-    }
+    let mut live = common::live(&reader, &category).await;
 
     // The live subscriber delivers event 0, so its position is event 0's time, less than 3 s
     // ago when the skewed writer appends.

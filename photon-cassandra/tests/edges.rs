@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use photon_api::{
     Category, Error, EventStore, EventStoreExt, ExpectedVersion, ReadOptions, Selector, Start,
-    StreamId, SubscriptionItem, SubscriptionMode, Timestamp, Uuid,
+    StreamId, Timestamp, Uuid,
 };
 use photon_cassandra::CassandraStore;
 use photon_conformance::server_url;
@@ -48,15 +48,7 @@ async fn a_reader_does_not_jump_to_a_future_time_bucket() {
         .await
         .unwrap();
 
-    let mut live = store.subscribe(
-        Selector::Category(category.clone()),
-        Start::Beginning,
-        SubscriptionMode::HotCold,
-    );
-    match tokio::time::timeout(Duration::from_secs(30), live.next()).await {
-        Ok(Some(Ok(SubscriptionItem::CaughtUp))) => {}
-        other => panic!("want CaughtUp of an empty category, got {other:?}"),
-    }
+    let mut live = common::live(&store, &category).await;
     store
         .append(&stream, ExpectedVersion::NoStream, vec![numbered(0, "now")])
         .await

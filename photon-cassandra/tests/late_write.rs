@@ -7,10 +7,9 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
 use photon_api::{
     Category, Error, EventStore, EventStoreExt, ExpectedVersion, ReadOptions, RecordedEvent,
-    Selector, Start, StreamId, SubscriptionItem, SubscriptionMode, Uuid, Version,
+    Selector, Start, StreamId, Uuid, Version,
 };
 use photon_cassandra::{schema, CassandraConfig, CassandraStore};
 use photon_conformance::server_url;
@@ -18,23 +17,10 @@ use scylla::client::session::Session;
 use scylla::value::CqlTimeuuid;
 
 mod common;
-use common::{fresh, next_event, number, numbered, numbers, proxied, with_options, Sub};
+use common::{fresh, live, next_event, number, numbered, numbers, proxied, with_options, Sub};
 
 /// A repair after 4.5 s: at least `settle_ms` + 2 × `timeout_ms`, as the README asks.
 const OPTIONS: &str = "settle_ms=200&timeout_ms=2000&repair_after_ms=4500&bucket_size=16";
-
-/// A live HotCold subscriber of `category`, caught up.
-async fn live(store: &CassandraStore, category: &Category) -> Sub {
-    let mut sub = store.subscribe(
-        Selector::Category(category.clone()),
-        Start::Beginning,
-        SubscriptionMode::HotCold,
-    );
-    match tokio::time::timeout(Duration::from_secs(30), sub.next()).await {
-        Ok(Some(Ok(SubscriptionItem::CaughtUp))) => sub,
-        other => panic!("want CaughtUp of an empty category, got {other:?}"),
-    }
-}
 
 /// What every reader must see after the late write and its re-send: the live subscriber gets
 /// `late` (in order, once) after `before`; a replay of the category holds the live order exactly;

@@ -5,8 +5,11 @@ use std::time::Duration;
 
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use photon_api::{Error, EventData, RecordedEvent, SubscriptionItem, Uuid};
-use photon_cassandra::CassandraConfig;
+use photon_api::{
+    Category, Error, EventData, EventStore, RecordedEvent, Selector, Start, SubscriptionItem,
+    SubscriptionMode, Uuid,
+};
+use photon_cassandra::{CassandraConfig, CassandraStore};
 use photon_faults::proxy::FaultProxy;
 use scylla::client::session::Session;
 
@@ -53,6 +56,19 @@ pub(crate) async fn next_event(sub: &mut Sub, wait: Duration) -> Option<Recorded
             Ok(Some(Ok(SubscriptionItem::CaughtUp))) => continue,
             Ok(other) => panic!("want an event, got {other:?}"),
         }
+    }
+}
+
+/// A live HotCold subscriber of `category`, an empty one, caught up.
+pub(crate) async fn live(store: &CassandraStore, category: &Category) -> Sub {
+    let mut sub = store.subscribe(
+        Selector::Category(category.clone()),
+        Start::Beginning,
+        SubscriptionMode::HotCold,
+    );
+    match tokio::time::timeout(Duration::from_secs(30), sub.next()).await {
+        Ok(Some(Ok(SubscriptionItem::CaughtUp))) => sub,
+        other => panic!("want CaughtUp of an empty category, got {other:?}"),
     }
 }
 
