@@ -103,6 +103,7 @@ pub(crate) fn is_transient(e: &KafkaError) -> bool {
                 | C::BrokerTransportFailure
                 | C::Resolve
                 | C::NetworkException
+                | C::DestroyBroker
                 | C::CoordinatorNotAvailable
                 | C::NotCoordinator
                 | C::LeaderNotAvailable
@@ -217,6 +218,17 @@ mod tests {
                 ))
             );
         }
+    }
+
+    /// Seen in the fault suite's server restart: a broker handle that librdkafka replaced while
+    /// the watermarks of a partition were asked for. The broker is coming back; it passes.
+    #[test]
+    fn a_broker_handle_destroyed_under_a_request_is_unavailable() {
+        let e = from_kafka(
+            "fetching the watermarks of faults.a/2",
+            KafkaError::MetadataFetch(RDKafkaErrorCode::DestroyBroker),
+        );
+        assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
     }
 
     #[test]

@@ -179,7 +179,18 @@ pub(crate) async fn append(
     )?;
     codec::check_headers(stream, &events)?;
     let topic = config.topic(stream.category_name());
-    let n = shared.ensure_topic(&topic).await?;
+    // The topic's checks ask the brokers (its first use, a count due for a look): within the
+    // call's deadline too, so a stalled network answers in time. Nothing is queued yet.
+    let n = tokio::time::timeout_at(
+        tokio::time::Instant::from_std(deadline),
+        shared.ensure_topic(&topic),
+    )
+    .await
+    .map_err(|_| {
+        error::unavailable(format!(
+            "the append to {stream} could not check {topic} with the brokers before its deadline; nothing was stored, retry later"
+        ))
+    })??;
     let p = partition_for(stream, n);
     let (state, queue) = shared.partition_with_queue(&topic, p);
     let (reply, answer) = oneshot::channel();
@@ -434,7 +445,17 @@ async fn take_over(
     state: &mut PartitionState,
     cutoff: Instant,
 ) -> Result<(), Error> {
-    let partitions = shared.partition_count_now(topic).await?;
+    // Asked within the group's first deadline, like every step of a take-over.
+    let partitions = tokio::time::timeout_at(
+        tokio::time::Instant::from_std(cutoff),
+        shared.partition_count_now(topic),
+    )
+    .await
+    .map_err(|_| {
+        error::unavailable(format!(
+            "{topic}/{p}: the partition count could not be confirmed before the deadline; nothing was sent"
+        ))
+    })??;
     shared.evict_writers(shared.config.max_producers.saturating_sub(1), PRODUCER_IDLE);
     let producer: FutureProducer = shared
         .config
