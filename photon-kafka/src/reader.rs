@@ -214,8 +214,10 @@ pub(crate) async fn catch_up(
                     return Err(shared.partitions_changed(topic, was, n, evidence));
                 }
                 added |= index_record(index, &msg);
-                tokio::task::consume_budget().await;
+                // Before the yield: a catch-up given up there (an append's deadline) resumes
+                // after this record, never indexing it twice.
                 index.next_offset = msg.offset() + 1;
+                tokio::task::consume_budget().await;
             }
             Err(KafkaError::PartitionEOF(_)) => {
                 // Transaction markers take offsets too, and the consumer's position counts them.

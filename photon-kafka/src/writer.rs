@@ -63,6 +63,10 @@ const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
 /// The longest pause between two looks at whether a commit is readable yet.
 const VISIBLE_POLL_MAX: Duration = Duration::from_millis(20);
 
+/// How long before the end of its three request timeouts an append's work (checks, waits,
+/// commit) stops, so that its own answer, not the caller's backstop, reaches the caller in time.
+const ANSWER_MARGIN: Duration = Duration::from_millis(50);
+
 /// This process's producer for one partition while it holds the partition's writer role.
 pub(crate) struct Writer {
     producer: Arc<FutureProducer>,
@@ -170,7 +174,11 @@ pub(crate) async fn append(
     events: Vec<EventData>,
 ) -> Result<AppendResult, Error> {
     let config = &shared.config;
-    let deadline = Instant::now() + config.timeout * 3;
+    // The caller hears back within three request timeouts of the call (`answer_by`); every step
+    // that asks the brokers is bounded by `deadline`, a little earlier, so the answer says what
+    // happened rather than only that the time was up.
+    let answer_by = Instant::now() + config.timeout * 3;
+    let deadline = answer_by - ANSWER_MARGIN.min(config.timeout / 10);
     let size = validate_batch(
         stream,
         &events,
@@ -232,9 +240,9 @@ pub(crate) async fn append(
         id,
         armed: true,
     };
-    // The holder answers by the deadline (plus the commit's or visibility check's last wait);
-    // this bound is only a backstop should it be stuck on the broker.
-    let backstop = tokio::time::Instant::from_std(deadline + config.timeout);
+    // The holder answers by the deadline: each of its steps is bounded by it. This bound is only
+    // a backstop should the partition be held longer (by a reader catching up, say).
+    let backstop = tokio::time::Instant::from_std(answer_by);
     let answered = tokio::time::timeout_at(backstop, answer).await;
     queued.armed = false;
     match answered {
@@ -244,11 +252,11 @@ pub(crate) async fn append(
         ))),
         Err(_) if queue.remove(id) => Err(error::unavailable(format!(
             "the append to {stream} waited {:?} for {topic}/{p} and was not sent; nothing was stored",
-            config.timeout * 4
+            config.timeout * 3
         ))),
         Err(_) => Err(error::unavailable(format!(
             "the append to {stream} got no answer from {topic}/{p} within {:?}; its outcome is unknown, retry with the same ids",
-            config.timeout * 4
+            config.timeout * 3
         ))),
     }
 }
@@ -446,16 +454,8 @@ async fn take_over(
     cutoff: Instant,
 ) -> Result<(), Error> {
     // Asked within the group's first deadline, like every step of a take-over.
-    let partitions = tokio::time::timeout_at(
-        tokio::time::Instant::from_std(cutoff),
-        shared.partition_count_now(topic),
-    )
-    .await
-    .map_err(|_| {
-        error::unavailable(format!(
-            "{topic}/{p}: the partition count could not be confirmed before the deadline; nothing was sent"
-        ))
-    })??;
+    let what = || format!("{topic}/{p}: confirming the partition count (nothing was sent)");
+    let partitions = by(cutoff, what, shared.partition_count_now(topic)).await?;
     shared.evict_writers(shared.config.max_producers.saturating_sub(1), PRODUCER_IDLE);
     let producer: FutureProducer = shared
         .config
@@ -465,9 +465,17 @@ async fn take_over(
     let producer = Arc::new(producer);
     let timeout = shared.config.timeout.min(remaining(cutoff));
     let pr = producer.clone();
-    blocking(move || pr.init_transactions(timeout))
-        .await?
-        .map_err(|e| error::from_kafka(format!("becoming the writer of {topic}/{p}"), e))?;
+    let init = async move {
+        blocking(move || pr.init_transactions(timeout))
+            .await?
+            .map_err(|e| error::from_kafka(format!("becoming the writer of {topic}/{p}"), e))
+    };
+    let what = || format!("becoming the writer of {topic}/{p}");
+    if let Err(e) = by(cutoff, what, init).await {
+        // Closing a producer joins its threads: off the async threads.
+        tokio::task::spawn_blocking(move || drop(producer));
+        return Err(e);
+    }
     shared.live_writers.fetch_add(1, Ordering::Relaxed);
     shared.take_overs.fetch_add(1, Ordering::Relaxed);
     state.producer = Some(Writer {
@@ -476,7 +484,8 @@ async fn take_over(
         last_used: Instant::now(),
         live: shared.live_writers.clone(),
     });
-    catch_up(shared, topic, p, &mut state.index).await?;
+    let what = || format!("reading {topic}/{p} up to its stable end after taking it over");
+    by(cutoff, what, catch_up(shared, topic, p, &mut state.index)).await?;
     Ok(())
 }
 
@@ -516,7 +525,7 @@ async fn try_group(
     group: &mut Vec<Queued>,
     cutoff: Instant,
 ) -> Result<(), Attempt> {
-    settle_against_committed(shared, topic, p, state, group).await?;
+    settle_against_committed(shared, topic, p, state, group, cutoff).await?;
     if group.is_empty() {
         return Ok(());
     }
@@ -572,29 +581,32 @@ async fn settle_against_committed(
     p: i32,
     state: &mut PartitionState,
     group: &mut Vec<Queued>,
+    cutoff: Instant,
 ) -> Result<(), Attempt> {
     // Without a producer the index may be behind: read up to the stable end first. With one it
     // is current unless another process took the partition over, which a refusal checks.
     let behind = state.producer.is_none();
     if behind {
-        catch_up_or_stop(shared, topic, p, state).await?;
+        catch_up_or_stop(shared, topic, p, state, cutoff).await?;
     }
     if settle_decided(state, p, group, behind) {
-        catch_up_or_stop(shared, topic, p, state).await?;
+        catch_up_or_stop(shared, topic, p, state, cutoff).await?;
         settle_decided(state, p, group, true);
     }
     Ok(())
 }
 
-/// Reads the partition up to its stable end. Records this writer did not write mean another
-/// process holds the partition now: the producer is given up.
+/// Reads the partition up to its stable end, before `cutoff`. Records this writer did not write
+/// mean another process holds the partition now: the producer is given up.
 async fn catch_up_or_stop(
     shared: &Arc<Shared>,
     topic: &str,
     p: i32,
     state: &mut PartitionState,
+    cutoff: Instant,
 ) -> Result<(), Attempt> {
-    match catch_up(shared, topic, p, &mut state.index).await {
+    let what = || format!("reading {topic}/{p} up to its stable end");
+    match by(cutoff, what, catch_up(shared, topic, p, &mut state.index)).await {
         Ok(true) => state.producer = None,
         Ok(false) => {}
         Err(e) => return Err(Attempt::Stop(e)),
@@ -646,6 +658,23 @@ fn remaining(cutoff: Instant) -> Duration {
     cutoff.saturating_duration_since(Instant::now())
 }
 
+/// `step` (one that asks the brokers), given up at `cutoff`: then `Unavailable`, saying what
+/// did not finish. A step given up leaves nothing half done that matters: reads only advance an
+/// index record by record, and nothing sent is committed without a commit.
+async fn by<T>(
+    cutoff: Instant,
+    what: impl FnOnce() -> String,
+    step: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout_at(tokio::time::Instant::from_std(cutoff), step).await {
+        Ok(r) => r,
+        Err(_) => Err(error::unavailable(format!(
+            "{} did not finish before the append's deadline",
+            what()
+        ))),
+    }
+}
+
 /// Writes `writes` in one transaction and indexes them once it is committed, then waits until
 /// it is readable. The commit is asked for only before `cutoff` (the first deadline of the
 /// group) and waited for at most until then; past it the transaction is aborted instead.
@@ -670,20 +699,28 @@ async fn write(
         .await
         .map_err(Attempt::Again)?
         .map_err(|e| failed(format!("beginning a transaction on {topic}/{p}"), e))?;
-    let offsets = match send_all(&producer, topic, p, partitions, writes, recorded_at).await {
-        Ok(offsets) => offsets,
-        Err(e) => {
-            // Nothing is committed; abort so a replacement writer need not wait for the timeout.
-            let _ = blocking(move || producer.abort_transaction(timeout)).await;
-            return Err(failed(format!("appending to {topic}/{p}"), e));
+    let sent = tokio::time::timeout_at(
+        tokio::time::Instant::from_std(cutoff),
+        send_all(&producer, topic, p, partitions, writes, recorded_at),
+    )
+    .await;
+    // On a failure nothing is committed, and nothing will be: the caller replaces the producer,
+    // whose transaction is aborted as it closes (in the background, not within the deadline),
+    // and the next writer's take-over aborts it anyway.
+    let offsets = match sent {
+        Ok(Ok(offsets)) => offsets,
+        Ok(Err(e)) => return Err(failed(format!("appending to {topic}/{p}"), e)),
+        Err(_) => {
+            return Err(Attempt::Again(error::unavailable(format!(
+                "{topic}/{p}: the records were not acknowledged before a deadline; not committed"
+            ))))
         }
     };
     let left = remaining(cutoff);
     if left.is_zero() {
-        // Too late to commit: abort, so the records never become readable.
-        let _ = blocking(move || producer.abort_transaction(timeout)).await;
+        // Too late to commit: the transaction is aborted, so the records never become readable.
         return Err(Attempt::Again(error::unavailable(format!(
-            "{topic}/{p}: a deadline passed before the transaction could be committed; aborted"
+            "{topic}/{p}: a deadline passed before the transaction could be committed; not committed"
         ))));
     }
     commit(&producer, timeout.min(left), topic, p).await?;
@@ -693,7 +730,7 @@ async fn write(
     // readable reach the partition a moment later. Wait for them, so that whoever reads after
     // this append returns sees it.
     let last = offsets.iter().copied().max().unwrap_or_default();
-    match wait_visible(shared, topic, p, last).await {
+    match wait_visible(shared, topic, p, last, cutoff).await {
         Ok(()) => Ok(Visible::Yes),
         Err(e) => {
             tracing::warn!(topic, p, error = %e, "photon-kafka: committed, not yet readable");
@@ -852,21 +889,31 @@ fn failed(context: String, e: KafkaError) -> Attempt {
     }
 }
 
-/// Waits until the stable end of `topic`/`p` is past `last`, bounded by the request timeout.
-async fn wait_visible(shared: &Arc<Shared>, topic: &str, p: i32, last: i64) -> Result<(), Error> {
-    let deadline = Instant::now() + shared.config.timeout;
+/// Waits until the stable end of `topic`/`p` is past `last`, bounded by the request timeout and
+/// by `cutoff` (the group's first deadline).
+async fn wait_visible(
+    shared: &Arc<Shared>,
+    topic: &str,
+    p: i32,
+    last: i64,
+    cutoff: Instant,
+) -> Result<(), Error> {
+    let started = Instant::now();
+    let deadline = (started + shared.config.timeout).min(cutoff);
     let mut pause = Duration::from_millis(1);
     loop {
-        if stable_end(shared, topic, p).await? > last {
+        let what = || format!("{topic}/{p}: waiting for offset {last} to be readable");
+        if by(deadline, what, stable_end(shared, topic, p)).await? > last {
             return Ok(());
         }
         if Instant::now() >= deadline {
             return Err(error::unavailable(format!(
                 "{topic}/{p}: offset {last} not readable after {:?}",
-                shared.config.timeout
+                started.elapsed()
             )));
         }
-        tokio::time::sleep(pause).await;
+        let next = (Instant::now() + pause).min(deadline);
+        tokio::time::sleep_until(tokio::time::Instant::from_std(next)).await;
         pause = (pause * 2).min(VISIBLE_POLL_MAX);
     }
 }
