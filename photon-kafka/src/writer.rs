@@ -282,7 +282,7 @@ async fn hold_partition(
                 holding.done = true;
                 return;
             };
-            commit_group(&shared, &topic, p, &mut guard, group).await;
+            commit_group(&shared, &topic, p, &mut guard, group, None).await;
         }
     }
 }
@@ -357,16 +357,17 @@ enum Attempt {
 
 /// Decides and commits a group, answering each append once its outcome is final. Each append
 /// keeps its own deadline: one that passes between attempts is answered `Unavailable` (with the
-/// last failure as its source) and is not sent again.
+/// last failure as its source) and is not sent again. `last_failure` is an earlier attempt's
+/// failure whose outcome is unknown, when the group is split after it.
 async fn commit_group(
     shared: &Arc<Shared>,
     topic: &str,
     p: i32,
     state: &mut PartitionState,
     mut group: Vec<Queued>,
+    mut last_failure: Option<Error>,
 ) {
     let mut attempt = 0u32;
-    let mut last_failure: Option<Error> = None;
     loop {
         let now = Instant::now();
         let (late, live): (Vec<Queued>, Vec<Queued>) =
@@ -383,16 +384,17 @@ async fn commit_group(
             Ok(()) => return,
             Err(Attempt::Stop(e)) => {
                 state.producer = None;
-                return answer_all(group, e);
+                return answer_all(group, final_answer(e, last_failure.as_ref()));
             }
             Err(Attempt::Refused(e)) => {
                 state.producer = None;
                 if group.len() == 1 {
-                    return answer_all(group, e);
+                    return answer_all(group, final_answer(e, last_failure.as_ref()));
                 }
                 // One append the broker refuses must not fail the others: each alone.
                 for q in group {
-                    Box::pin(commit_group(shared, topic, p, state, vec![q])).await;
+                    let earlier = last_failure.as_ref().map(error::duplicate);
+                    Box::pin(commit_group(shared, topic, p, state, vec![q], earlier)).await;
                 }
                 return;
             }
@@ -425,6 +427,22 @@ fn answer_late(late: Vec<Queued>, topic: &str, p: i32, why: Option<&Error>) {
             None => error::unavailable(message),
         };
         let _ = q.reply.send(Err(e));
+    }
+}
+
+/// The answer to appends an attempt ended with `e` for good. After an earlier attempt whose
+/// outcome is unknown (`earlier`: a commit timed out, say) a definite error would be wrong: that
+/// attempt may have committed. The answer is then `Unavailable`, with `e` as its source.
+fn final_answer(e: Error, earlier: Option<&Error>) -> Error {
+    match earlier {
+        Some(earlier) if !e.is_retryable() => Error::unavailable(
+            BACKEND,
+            format!(
+                "an earlier attempt's outcome is unknown ({earlier}), and the next one failed; retry with the same ids"
+            ),
+            e,
+        ),
+        _ => e,
     }
 }
 
@@ -933,4 +951,41 @@ fn decide(index: &PartitionIndex, q: &Queued) -> Result<BatchKind, Error> {
         }
     }
     Ok(kind)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topic::TopicRefused;
+
+    fn refusal() -> Error {
+        crate::topic::refused(TopicRefused::PartitionsChanged {
+            topic: "p.t".into(),
+            was: Some(3),
+            now: 6,
+            evidence: "the brokers now report 6".into(),
+        })
+    }
+
+    #[test]
+    fn a_definite_failure_after_an_unknown_outcome_is_unavailable_with_its_cause() {
+        let earlier = error::unavailable("committing to p.t/0: timed out".to_owned());
+        let answer = final_answer(refusal(), Some(&earlier));
+        assert!(answer.is_retryable(), "{answer:?}");
+        assert!(answer.to_string().contains("timed out"), "{answer}");
+        let source = std::error::Error::source(&answer).expect("the refusal kept as source");
+        assert!(source.to_string().contains("partition count"), "{source}");
+    }
+
+    #[test]
+    fn a_failure_is_answered_as_is_without_an_earlier_unknown_outcome() {
+        let answer = final_answer(refusal(), None);
+        assert!(!answer.is_retryable(), "{answer:?}");
+        assert_eq!(answer.to_string(), refusal().to_string());
+        let earlier = error::unavailable("committing to p.t/0: timed out".to_owned());
+        let later = error::unavailable("reading p.t/0: no answer".to_owned());
+        let answer = final_answer(later, Some(&earlier));
+        assert!(answer.is_retryable());
+        assert!(answer.to_string().contains("no answer"), "{answer}");
+    }
 }
