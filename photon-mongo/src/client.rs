@@ -4,9 +4,11 @@
 //! The append protocol, reads and subscriptions live in their own modules and reach the server
 //! through [`Shared`]; the document layout is `codec.rs`'s.
 
+use std::collections::HashMap;
 use std::future::IntoFuture;
 
-use mongodb::bson::{doc, Document};
+use futures::TryStreamExt;
+use mongodb::bson::{doc, Bson, Document};
 use mongodb::options::{
     Acknowledgment, ClientOptions, IndexOptions, ReadConcern, ReadPreference, SelectionCriteria,
     WriteConcern,
@@ -15,7 +17,7 @@ use mongodb::{Client, Collection, IndexModel};
 use photon_api::{Error, Health};
 use tokio::sync::OnceCell;
 
-use crate::codec;
+use crate::codec::{self, TOMBSTONE_STREAM};
 use crate::config::MongoConfig;
 use crate::error;
 
@@ -97,6 +99,24 @@ pub fn idempotency_index() -> IndexModel {
         doc! { "stream": 1, "event_ids": 1 },
         true,
     )
+}
+
+/// The name every index of ours has.
+fn index_name(model: &IndexModel) -> &str {
+    model
+        .options
+        .as_ref()
+        .and_then(|o| o.name.as_deref())
+        .expect("every index is named")
+}
+
+/// An event id as an error message shows it: a UUID as a UUID, anything else as BSON.
+fn render_id(id: &Bson) -> String {
+    match id {
+        Bson::Binary(b) if b.bytes.len() == 16 => photon_api::Uuid::from_slice(&b.bytes)
+            .map_or_else(|_| id.to_string(), |u| u.to_string()),
+        other => other.to_string(),
+    }
 }
 
 /// A named index on `keys`.
@@ -242,18 +262,23 @@ impl Shared {
     /// Only the missing indexes, one per command: FerretDB 1.24 drops the connection when one
     /// createIndexes names several indexes of which some exist already.
     async fn create_missing_indexes(&self) -> Result<(), Error> {
-        let existing = self.index_names().await?;
+        let existing: Vec<String> = self
+            .indexes()
+            .await?
+            .iter()
+            .filter_map(|i| i.get_str("name").ok().map(str::to_owned))
+            .collect();
         for model in commit_indexes().into_iter().chain([idempotency_index()]) {
-            let name = model
-                .options
-                .as_ref()
-                .and_then(|o| o.name.clone())
-                .expect("every index is named");
+            let name = index_name(&model).to_owned();
             if existing.contains(&name) {
                 continue;
             }
             if !self.config.create {
                 return Err(error::missing_index(self.commits.name(), &name));
+            }
+            if name == "stream_event_ids" {
+                self.create_ids_index().await?;
+                continue;
             }
             self.bounded(
                 || format!("creating index {name}"),
@@ -264,15 +289,158 @@ impl Shared {
         Ok(())
     }
 
-    async fn index_names(&self) -> Result<Vec<String>, Error> {
-        let names = async {
-            match self.commits.list_index_names().await {
+    /// Creates `stream_event_ids` over what older versions wrote: tombstones with
+    /// `event_ids: []` are rewritten first, and a collection whose commits share ids is
+    /// refused with the ids.
+    async fn create_ids_index(&self) -> Result<(), Error> {
+        // A writer of an older version may add an empty tombstone between the rewrite and the
+        // build: one more rewrite gets past it.
+        for attempt in 0..2 {
+            let rewritten = self.rewrite_empty_tombstones().await?;
+            if rewritten > 0 {
+                tracing::info!(
+                    collection = self.commits.name(),
+                    rewritten,
+                    "tombstones with event_ids [] given event_ids [-position]"
+                );
+            }
+            match self
+                .bounded(
+                    || "creating index stream_event_ids".into(),
+                    self.commits.create_index(idempotency_index()),
+                )
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(e @ Error::Backend { .. }) if attempt > 0 => {
+                    return Err(self.shared_ids(e).await?);
+                }
+                Err(e @ Error::Backend { .. }) => {
+                    tracing::debug!(error = %e, "building stream_event_ids failed; trying again");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!("the second attempt returns")
+    }
+
+    /// Gives every tombstone with `event_ids: []` (as versions before the `stream_event_ids`
+    /// index wrote them) the `[-position]` of today's, one document at a time (FerretDB 1.24
+    /// has no pipeline updates). Returns how many it changed.
+    async fn rewrite_empty_tombstones(&self) -> Result<u64, Error> {
+        let filter = doc! { "stream": TOMBSTONE_STREAM, "event_ids": { "$size": 0 } };
+        let mut rewritten = 0;
+        loop {
+            let page: Vec<Document> = self
+                .bounded(|| "finding tombstones with event_ids []".into(), async {
+                    self.commits
+                        .find(filter.clone())
+                        .projection(doc! { "_id": 1, "position": 1 })
+                        .limit(256)
+                        .max_time(self.config.timeout)
+                        .await?
+                        .try_collect()
+                        .await
+                })
+                .await?;
+            if page.is_empty() {
+                return Ok(rewritten);
+            }
+            for tombstone in page {
+                let position = match tombstone.get("position") {
+                    Some(Bson::Int64(p)) => *p,
+                    Some(Bson::Int32(p)) => i64::from(*p),
+                    _ => {
+                        return Err(error::corrupt(
+                            None,
+                            "a tombstone's position is not an integer",
+                        ))
+                    }
+                };
+                let id = tombstone.get("_id").cloned().unwrap_or(Bson::Null);
+                let done = self
+                    .bounded(
+                        || format!("rewriting the tombstone at position {position}"),
+                        self.commits.update_one(
+                            doc! { "_id": id, "event_ids": { "$size": 0 } },
+                            doc! { "$set": { "event_ids": [-position] } },
+                        ),
+                    )
+                    .await?;
+                rewritten += done.modified_count;
+            }
+        }
+    }
+
+    /// After `build` (the failed creation of `stream_event_ids`): the error naming commits of
+    /// one stream that share event ids, if there are any, else `build` itself. Reads every
+    /// commit's stream and ids in stream order, holding one stream's ids at a time; each round
+    /// trip is bounded, not the whole scan.
+    async fn shared_ids(&self, build: Error) -> Result<Error, Error> {
+        const ENOUGH: usize = 5;
+        let context = || "looking for commits that share event ids".to_owned();
+        let mut cursor = self
+            .bounded(
+                context,
+                self.commits
+                    .find(doc! { "stream": { "$ne": TOMBSTONE_STREAM } })
+                    .projection(doc! { "_id": 0, "stream": 1, "event_ids": 1, "position": 1 })
+                    .sort(doc! { "stream": 1, "version": 1 }),
+            )
+            .await?;
+        let mut found = Vec::new();
+        let mut stream = String::new();
+        let mut seen: HashMap<String, Bson> = HashMap::new();
+        while let Some(commit) = self.bounded(context, cursor.try_next()).await? {
+            let this = commit.get_str("stream").unwrap_or_default();
+            if this != stream {
+                this.clone_into(&mut stream);
+                seen.clear();
+            }
+            let position = commit.get("position").cloned().unwrap_or(Bson::Null);
+            let ids = commit
+                .get_array("event_ids")
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            for id in ids {
+                let id = render_id(id);
+                match seen.get(&id) {
+                    Some(first) => found.push(error::SharedId {
+                        stream: stream.clone(),
+                        id,
+                        positions: (first.to_string(), position.to_string()),
+                    }),
+                    None => {
+                        seen.insert(id, position.clone());
+                    }
+                }
+            }
+            if found.len() >= ENOUGH {
+                break;
+            }
+        }
+        Ok(if found.is_empty() {
+            build
+        } else {
+            error::shared_ids(self.commits.name(), &found)
+        })
+    }
+
+    /// The commits collection's indexes as `listIndexes` describes them.
+    async fn indexes(&self) -> Result<Vec<Document>, Error> {
+        let indexes = async {
+            match self
+                .database()
+                .run_cursor_command(doc! { "listIndexes": self.commits.name() })
+                .await
+            {
+                Ok(cursor) => cursor.try_collect().await,
                 // A collection that does not exist yet has no indexes.
                 Err(e) if error::is_namespace_missing(&e) => Ok(vec![]),
-                other => other,
+                Err(e) => Err(e),
             }
         };
-        self.bounded(|| "listing indexes".into(), names).await
+        self.bounded(|| "listing indexes".into(), indexes).await
     }
 
     /// The highest global position taken (0 before the first append).
@@ -372,6 +540,17 @@ mod tests {
                 options.selection_criteria
             );
         }
+    }
+
+    #[test]
+    fn event_ids_are_shown_as_uuids() {
+        let id = photon_api::Uuid::new_v4();
+        let stored = Bson::Binary(mongodb::bson::Binary {
+            subtype: mongodb::bson::spec::BinarySubtype::Uuid,
+            bytes: id.as_bytes().to_vec(),
+        });
+        assert_eq!(render_id(&stored), id.to_string());
+        assert_eq!(render_id(&Bson::Int64(-3)), "-3");
     }
 
     #[tokio::test]

@@ -143,6 +143,37 @@ pub(crate) fn missing_index(collection: &str, index: &str) -> Error {
     }
 }
 
+/// One event id that two commits of a stream hold.
+#[derive(Debug)]
+pub(crate) struct SharedId {
+    pub(crate) stream: String,
+    pub(crate) id: String,
+    /// The global positions of the two commits.
+    pub(crate) positions: (String, String),
+}
+
+/// Commits of one stream that share event ids (a re-send stored twice by a version before the
+/// `stream_event_ids` index), so that index cannot be built.
+pub(crate) fn shared_ids(collection: &str, shared: &[SharedId]) -> Error {
+    let list = shared
+        .iter()
+        .map(|s| {
+            format!(
+                "stream {} holds event id {} in the commits at positions {} and {}",
+                s.stream, s.id, s.positions.0, s.positions.1
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    Error::InvalidInput {
+        what: format!("collection {collection}"),
+        reason: format!(
+            "the unique index \"stream_event_ids\" (the idempotency check) cannot be built: commits of one stream share event ids, stored twice by an older photon-mongo ({list}{}); the store does not work on this collection until it is repaired by hand (see \"Collections written by older versions\" in the photon-mongo README)",
+            if shared.len() >= 5 { "; there may be more" } else { "" }
+        ),
+    }
+}
+
 /// An append that kept losing the race for a version or position.
 pub(crate) fn too_contended(stream: &StreamId, attempts: usize) -> Error {
     Error::Unavailable {

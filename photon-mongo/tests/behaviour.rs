@@ -373,3 +373,143 @@ async fn the_store_creates_an_index_for_each_of_its_queries() {
         assert!(indexes.contains(&keys), "no index on {keys}: {indexes:?}");
     }
 }
+
+/// The commits collection `prefix` names, through the plain driver.
+async fn commits_of(url: &str, prefix: &str) -> mongodb::Collection<Document> {
+    let client = mongodb::Client::with_uri_str(url).await.unwrap();
+    let db = client
+        .default_database()
+        .unwrap_or_else(|| client.database("photon"));
+    db.collection::<Document>(&format!("{prefix}_commits"))
+}
+
+/// A collection written before `stream_event_ids` existed holds a tombstone with
+/// `event_ids: []` for each fenced append and each gap given up (the shape the code wrote
+/// before 9e1e9e8); several of them share that key, so the index cannot be built over them as
+/// they are. The store rewrites them to `[-position]` and works on.
+#[tokio::test]
+async fn a_collection_with_old_empty_tombstones_opens_and_serves_appends() {
+    let Some(url) = server_url("mongo", "PHOTON_TEST_MONGO_URL") else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let commits = commits_of(&url, &prefix).await;
+    for model in photon_mongo::commit_indexes() {
+        commits.create_index(model).await.unwrap();
+    }
+    for position in 1..=3_i64 {
+        commits
+            .insert_one(doc! {
+                "stream": "~gap", "category": "~gap", "version": -position, "count": 0_i64,
+                "position": position, "recorded_at": 0_i64, "event_ids": [], "events": [],
+            })
+            .await
+            .unwrap();
+    }
+    let store = MongoStore::from_url(&with_options(&url, &format!("photon_prefix={prefix}")))
+        .await
+        .unwrap();
+    let stream = StreamId::parse("account-1").unwrap();
+    let event = EventData::json("Opened", &1).unwrap();
+    let id = event.event_id;
+    store
+        .append(&stream, ExpectedVersion::NoStream, vec![event])
+        .await
+        .expect("the store opens over old tombstones");
+    let all = store
+        .replay_to_vec(Selector::All, Start::Beginning)
+        .await
+        .unwrap();
+    assert_eq!(
+        all.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+        vec![id],
+        "tombstones are skipped"
+    );
+    let tombstones: Vec<Document> = commits
+        .find(doc! { "stream": "~gap" })
+        .sort(doc! { "position": 1 })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let ids: Vec<_> = tombstones
+        .iter()
+        .map(|t| t.get_array("event_ids").unwrap().clone())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![
+            vec![Bson::Int64(-1)],
+            vec![Bson::Int64(-2)],
+            vec![Bson::Int64(-3)]
+        ]
+    );
+    // A re-send is still a retry, a partial repeat still refused.
+    let again = store
+        .append(
+            &stream,
+            ExpectedVersion::Any,
+            vec![EventData::json("Opened", &1).unwrap().with_id(id)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.first_version, photon_api::Version(0));
+}
+
+/// Two commits of one stream holding the same event ids (a re-send stored twice by the
+/// idempotency bug of older versions) make the unique index `stream_event_ids` impossible to
+/// build. The store refuses to work on that collection with an error naming it, the stream
+/// and the ids, and saying how to repair it, instead of a bare duplicate-key error on every call.
+#[tokio::test]
+async fn a_collection_with_commits_sharing_ids_is_refused_with_the_stream_and_ids() {
+    let Some(url) = server_url("mongo", "PHOTON_TEST_MONGO_URL") else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let store_url = with_options(&url, &format!("photon_prefix={prefix}"));
+    let stream = StreamId::parse("account-9").unwrap();
+    let event = EventData::json("Opened", &1).unwrap();
+    let id = event.event_id;
+    MongoStore::from_url(&store_url)
+        .await
+        .unwrap()
+        .append(&stream, ExpectedVersion::NoStream, vec![event])
+        .await
+        .unwrap();
+    // As an older version left it: no ids index, the commit stored twice.
+    let commits = commits_of(&url, &prefix).await;
+    commits.drop_index("stream_event_ids").await.unwrap();
+    let mut twin = commits
+        .find_one(doc! { "stream": "account-9" })
+        .await
+        .unwrap()
+        .unwrap();
+    twin.remove("_id");
+    twin.insert("version", 1_i64);
+    twin.insert("position", 2_i64);
+    commits.insert_one(twin).await.unwrap();
+
+    let store = MongoStore::from_url(&store_url).await.unwrap();
+    let refused = store
+        .append(
+            &StreamId::parse("account-10").unwrap(),
+            ExpectedVersion::Any,
+            vec![EventData::json("Opened", &1).unwrap()],
+        )
+        .await;
+    match refused {
+        Err(Error::InvalidInput { what, reason }) => {
+            assert!(what.contains(&format!("{prefix}_commits")), "{what}");
+            assert!(reason.contains("account-9"), "{reason}");
+            assert!(reason.contains(&id.to_string()), "{reason}");
+            assert!(reason.contains("stream_event_ids"), "{reason}");
+            assert!(reason.contains("README"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        store.health().await,
+        Err(Error::InvalidInput { .. })
+    ));
+}
