@@ -27,8 +27,9 @@ const READ_STEP: usize = 500;
 /// Offsets further apart than this are reached by a new fetch position rather than read through.
 const SEEK_GAP: i64 = 256;
 
-/// Records of a partition's start read to find the partition count its events were written with
-/// (the first photon event decides; a partition that starts with more foreign records is passed).
+/// Records of a partition's start read to find the partition count its events were written with:
+/// every photon event among them must fit (its `photon.partitions`, or its key's partition under
+/// the current count on records written before that header).
 const PROBE_RECORDS: i64 = 64;
 
 /// Records read back from a partition's end first when looking for a photon event (a listing);
@@ -291,10 +292,12 @@ async fn scan<T>(
     Ok(None)
 }
 
-/// The evidence that `topic`'s partition count is not `n` any more, from the first photon event
-/// of each partition (its `photon.partitions`, or, on records written before that header, its
-/// key's partition): None when every first event fits. Read once per store and topic, at its
-/// first use.
+/// The evidence that `topic`'s partition count is not `n` any more, from the photon events among
+/// the first [`PROBE_RECORDS`] records of each partition (their `photon.partitions`, or, on
+/// records written before that header, their key's partition): None when every one fits. Every
+/// event counts, not only the first: without the header a stream of a doubled count stays in its
+/// partition with probability 1/2, so one event per partition would pass such a change half the
+/// time. Read once per store and topic, at its first use.
 pub(crate) async fn probe_layout(
     shared: &Arc<Shared>,
     topic: &str,
@@ -302,12 +305,7 @@ pub(crate) async fn probe_layout(
 ) -> Result<Option<(Option<i32>, String)>, Error> {
     for (p, (low, high)) in (0..).zip(partition_bounds(shared, topic, n).await?) {
         let window = (low, high.min(low + PROBE_RECORDS));
-        let first = scan(shared, topic, p, window, |msg| {
-            codec::layout_of(msg)?;
-            Some(misplaced(msg, p, n))
-        })
-        .await?;
-        if let Some(Some(evidence)) = first {
+        if let Some(evidence) = scan(shared, topic, p, window, |msg| misplaced(msg, p, n)).await? {
             return Ok(Some(evidence));
         }
     }

@@ -18,9 +18,11 @@ use rdkafka::admin::{
 };
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
+use rdkafka::Message;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -234,6 +236,149 @@ async fn a_changed_partition_count_is_refused_instead_of_splitting_streams() {
         wrong.len(),
         wrong.join("\n")
     );
+}
+
+/// Records written before photon-kafka said the count in each record (no `photon.partitions`)
+/// show a changed count only by their keys: after a count doubled, a stream stays in its
+/// partition with probability 1/2, so a check of one event per partition passes the change half
+/// the time. Here each partition starts with an event of a stream that stays: every event of the
+/// window is checked, so a moved one is found and the topic refused (before, a fresh store saw
+/// the moved streams' new partitions empty and answered their versions as None).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_doubled_count_under_records_without_the_count_header_is_refused() {
+    let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
+        return;
+    };
+    // Real photon records, keyed and placed by photon-kafka, in a topic of 6 partitions: a
+    // record's partition there is its key's hash modulo 6, so modulo 3 it is its partition under
+    // 3, and it stays in place when the count goes from 3 to 6 exactly when it is below 3.
+    let source = fresh_prefix();
+    let store6 = KafkaStore::from_url(&with_options(
+        &url,
+        &format!("prefix={source}&partitions=6"),
+    ))
+    .await
+    .unwrap();
+    let streams: Vec<StreamId> = (0..60)
+        .map(|i| StreamId::parse(format!("old-{i}")).unwrap())
+        .collect();
+    for s in &streams {
+        store6
+            .append(s, ExpectedVersion::NoStream, vec![event(0)])
+            .await
+            .unwrap();
+    }
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap(&url))
+        .set("group.id", "photon-test-copy")
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for p in 0..6 {
+        assignment
+            .add_partition_offset(&format!("{source}.old"), p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    // (partition under 6, key, payload, headers but photon.partitions), as written before it.
+    type Record = (i32, String, Vec<u8>, Vec<(String, Vec<u8>)>);
+    let mut old: Vec<Record> = Vec::new();
+    let started = std::time::Instant::now();
+    while old.len() < streams.len() {
+        assert!(
+            started.elapsed() < TIMEOUT * 3,
+            "read {} records",
+            old.len()
+        );
+        let Some(msg) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let msg = msg.unwrap();
+        let headers = msg.headers().map_or_else(Vec::new, |h| {
+            h.iter()
+                .filter(|h| h.key != "photon.partitions")
+                .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                .collect()
+        });
+        let key = String::from_utf8(msg.key().unwrap().to_vec()).unwrap();
+        old.push((
+            msg.partition(),
+            key,
+            msg.payload().unwrap().to_vec(),
+            headers,
+        ));
+    }
+    // Each partition of 3 starts with a record that stays under 6, then the others.
+    old.sort_by_key(|(p6, key, ..)| (*p6 % 3, *p6 >= 3, key.clone()));
+    for p in 0..3 {
+        let mut here = old.iter().filter(|(p6, ..)| p6 % 3 == p);
+        assert!(
+            here.next().is_some_and(|(p6, ..)| *p6 == p),
+            "{p} starts with a staying stream"
+        );
+        assert!(
+            here.any(|(p6, ..)| *p6 == p + 3),
+            "{p} holds a stream that moves"
+        );
+    }
+    let prefix = fresh_prefix();
+    let topic = format!("{prefix}.old");
+    let keeps = [("retention.ms", "-1"), ("retention.bytes", "-1")];
+    make_topic(&url, &topic, 3, &keeps).await;
+    let plain: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap(&url))
+        .create()
+        .unwrap();
+    for (p6, key, payload, headers) in &old {
+        let headers = headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+            h.insert(Header {
+                key: k,
+                value: Some(v),
+            })
+        });
+        let record = FutureRecord::to(&topic)
+            .partition(p6 % 3)
+            .key(key)
+            .payload(payload)
+            .headers(headers);
+        plain.send(record, TIMEOUT).await.unwrap();
+    }
+    let grown = NewPartitions::new(&topic, 6);
+    for r in admin(&url)
+        .create_partitions([&grown], &options())
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    wait_for_partitions(&url, &topic, 6).await;
+    let stored = records_in(&url, &topic);
+
+    let fresh = KafkaStore::from_url(&with_options(&url, &format!("prefix={prefix}")))
+        .await
+        .unwrap();
+    let moved = old
+        .iter()
+        .find(|(p6, ..)| *p6 >= 3)
+        .map(|(_, key, ..)| StreamId::parse(key.clone()).unwrap())
+        .expect("checked above");
+    let r = fresh.stream_version(&moved).await;
+    match &r {
+        Err(e) => match refusal(e) {
+            Some(TopicRefused::PartitionsChanged {
+                topic: t, was, now, ..
+            }) if *t == topic && *now == 6 && was.is_none() => {}
+            _ => panic!("stream_version({moved}): {e}"),
+        },
+        Ok(v) => panic!("stream_version({moved}) on the changed topic answered {v:?}"),
+    }
+    let r = fresh
+        .append(&moved, ExpectedVersion::NoStream, vec![event(1)])
+        .await;
+    assert!(r.as_ref().err().and_then(refusal).is_some(), "{r:?}");
+    assert_eq!(records_in(&url, &topic), stored, "nothing written");
 }
 
 /// Issue 14 item 4: topics made by hand (or by the broker's auto-create) whose settings lose
