@@ -46,7 +46,6 @@ impl Shared {
             config.max_event_size,
             Some(config.max_append_size),
         )?;
-        self.check_clock().await?;
         let mut append = Append::start(self, stream, expected, &events).await?;
         for _ in 0..MAX_ATTEMPTS {
             if let Some(result) = append.attempt().await? {
@@ -90,11 +89,9 @@ impl Shared {
         for r in [a, b, c] {
             r.map_err(|e| error::request(context(), e))?;
         }
-        // As before this layout: a failure to clear the markers is reported as this indexing's
-        // (a `Backend` error whose source is the clearing's error).
-        self.clear_markers(category, commit.time_id)
-            .await
-            .map_err(|e| error::driver(context(), e))
+        // The clearing's own error, as typed: a timed-out delete is `Unavailable` (the repair
+        // tries again), not a definite failure that would end a reader for good.
+        self.clear_markers(category, commit.time_id).await
     }
 
     /// Deletes an append's pending markers. The delete carries the marker's own time plus one
@@ -294,6 +291,24 @@ impl<'a> Append<'a> {
             Decision::Done(result) => return Ok(Some(result)),
             Decision::Again => return Ok(None),
         };
+        // Only a batch about to be written needs a clock within the bound. A re-send of a
+        // stored batch (an earlier attempt that answered `Unavailable` but landed) is answered
+        // as a retry whatever the clock says, so the stream is read again (serially) and its
+        // ids looked up before refusing; the refusal is rare, the extra reads are only on it.
+        if let Err(skewed) = self.shared.check_clock().await {
+            self.refresh().await?;
+            let found = self
+                .shared
+                .find_ids(self.stream, &self.ids, self.meta.next_first)
+                .await?;
+            if let Ok(BatchKind::Retry { first }) = classify_batch(self.stream, self.events, |id| {
+                found.get(id).map(|(at, _)| *at)
+            }) {
+                self.retry_time = found.get(&self.ids[0]).map(|(_, time_id)| *time_id);
+                return Ok(Some(self.retried(first)));
+            }
+            return Err(skewed);
+        }
         // A stream's time ids only grow, so its commits keep their order in the category,
         // whatever the writers' clocks say.
         let micros = self.shared.now_micros().max(self.meta.last_time + 1);
@@ -334,9 +349,7 @@ impl<'a> Append<'a> {
             other => other?,
         };
         if let BatchKind::Retry { first } = kind {
-            self.reindex_in_background(first.0);
-            let time_id = self.meta.time_of(first.0).or(self.retry_time);
-            return Ok(Decision::Done(self.result(first, time_id)));
+            return Ok(Decision::Done(self.retried(first)));
         }
         if head_matches {
             return Ok(Decision::Write(self.meta.next_first));
@@ -350,6 +363,14 @@ impl<'a> Append<'a> {
             expected: self.expected,
             actual: current,
         })
+    }
+
+    /// The answer to a re-send of the batch stored at `first`: the original versions and time
+    /// (its category rows written again in the background, in case its writer died before them).
+    fn retried(&self, first: Version) -> AppendResult {
+        self.reindex_in_background(first.0);
+        let time_id = self.meta.time_of(first.0).or(self.retry_time);
+        self.result(first, time_id)
     }
 
     /// Whether the batch is new, a re-send of one stored append, or a conflict. This process

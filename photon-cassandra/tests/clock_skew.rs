@@ -147,6 +147,60 @@ async fn a_writer_whose_clock_runs_ahead_is_refused_until_it_is_set_right() {
     assert_eq!(numbers(&replay), vec![1]);
 }
 
+/// A batch that is stored (its first attempt answered `Unavailable` but landed) and re-sent
+/// with its original expectation by a writer whose clock has since gone off is answered as the
+/// retry it is: the clock matters only to a batch about to be written. The re-sending store is
+/// a fresh one, so only the stream itself can tell it the batch is there.
+#[tokio::test]
+async fn a_stored_batch_re_sent_with_a_skewed_clock_is_answered_as_a_retry() {
+    let Some(url) = server_url("cassandra", "PHOTON_TEST_CASSANDRA_URL") else {
+        return;
+    };
+    let url = with_options(&url, OPTIONS);
+    let category = Category::new(fresh("skew")).unwrap();
+    let stream = StreamId::new(&category, "resent").unwrap();
+    let writer = CassandraStore::from_url(&url).await.unwrap();
+    let first = vec![numbered(0, "first")];
+    writer
+        .append(&stream, ExpectedVersion::NoStream, first.clone())
+        .await
+        .unwrap();
+    let batch = vec![numbered(1, "resent"), numbered(2, "resent")];
+    let stored = writer
+        .append(
+            &stream,
+            ExpectedVersion::Exact(photon_api::Version(0)),
+            batch.clone(),
+        )
+        .await
+        .unwrap();
+
+    let resender = CassandraStore::from_url(&url).await.unwrap();
+    resender.set_clock_offset_ms(-3_000);
+    let again = resender
+        .append(
+            &stream,
+            ExpectedVersion::Exact(photon_api::Version(0)),
+            batch.clone(),
+        )
+        .await
+        .expect("a re-send of a stored batch is a retry whatever the clock says");
+    assert_eq!(again, stored);
+    // A new batch from that writer is still refused while its clock is off.
+    let refused = resender
+        .append(
+            &stream,
+            ExpectedVersion::Exact(photon_api::Version(2)),
+            vec![numbered(3, "new")],
+        )
+        .await;
+    assert_skew_refusal(refused, "behind");
+    assert_eq!(
+        writer.stream_version(&stream).await.unwrap(),
+        Some(photon_api::Version(2))
+    );
+}
+
 /// A reader whose clock runs 10 s ahead would read 6 s past the present (settle 4 s): it
 /// delivers a later append while an earlier one is still writing its marker (here held in the
 /// fault proxy for about a second, well within the writer's `settle_ms / 2`), and never
@@ -159,7 +213,9 @@ async fn a_reader_whose_clock_runs_ahead_reads_by_the_servers_clock() {
     };
     let url = with_options(
         &url,
-        "settle_ms=4000&timeout_ms=2000&repair_after_ms=8000&bucket_size=16",
+        // A 5 s timeout: the held markers (about 1.2 s and another append) stay well within it
+        // on a busy machine, where 2 s was sometimes passed.
+        "settle_ms=4000&timeout_ms=5000&repair_after_ms=14000&bucket_size=16",
     );
     let (proxy, proxied_url) = common::proxied(&url).await;
     let category = Category::new(fresh("skew")).unwrap();
