@@ -110,6 +110,35 @@ fn index_name(model: &IndexModel) -> &str {
         .expect("every index is named")
 }
 
+/// Whether `index`, an entry of `listIndexes`, is `stream_event_ids` as [`idempotency_index`]
+/// defines it: unique, on exactly `{stream: 1, event_ids: 1}` in that order, over every
+/// document (no `partialFilterExpression`, not sparse) and comparing strings as bytes (no
+/// collation). An index of that name made otherwise (by hand, or by another tool) may let a
+/// repeated id in, so the store does not rely on it.
+pub(crate) fn is_ids_index(index: &Document) -> bool {
+    let one = |b: &Bson| match b {
+        Bson::Int32(n) => *n == 1,
+        Bson::Int64(n) => *n == 1,
+        Bson::Double(n) => *n == 1.0,
+        _ => false,
+    };
+    let truthy = |b: Option<&Bson>| match b {
+        Some(Bson::Boolean(b)) => *b,
+        Some(n) => one(n),
+        None => false,
+    };
+    let keys = match index.get_document("key") {
+        Ok(keys) => keys.iter().collect::<Vec<_>>(),
+        Err(_) => return false,
+    };
+    index.get_str("name") == Ok("stream_event_ids")
+        && truthy(index.get("unique"))
+        && matches!(keys.as_slice(), [(s, a), (e, b)] if s.as_str() == "stream" && one(a) && e.as_str() == "event_ids" && one(b))
+        && !index.contains_key("partialFilterExpression")
+        && !truthy(index.get("sparse"))
+        && !index.contains_key("collation")
+}
+
 /// An event id as an error message shows it: a UUID as a UUID, anything else as BSON.
 fn render_id(id: &Bson) -> String {
     match id {
@@ -193,13 +222,31 @@ impl Shared {
     }
 
     /// Creates (or checks) the indexes the guarantees rest on and finds out how the server
-    /// applies the ids index, once per store.
+    /// applies the ids index, once per store. The ids index is relied on only where it is
+    /// `stream_event_ids` exactly as [`idempotency_index`] defines it ([`is_ids_index`]) and the
+    /// probe shows the server refusing a shared element; otherwise appends look the ids up.
     pub(crate) async fn ready(&self) -> Result<Readiness, Error> {
         self.ready
             .get_or_try_init(|| async {
-                self.create_missing_indexes().await?;
+                if self.config.create {
+                    self.create_indexes().await?;
+                }
+                let indexes = self.indexes().await?;
+                for model in commit_indexes().into_iter().chain([idempotency_index()]) {
+                    let name = index_name(&model);
+                    if !indexes.iter().any(|i| i.get_str("name") == Ok(name)) {
+                        return Err(error::missing_index(self.commits.name(), name));
+                    }
+                }
+                let ids_index = indexes.iter().any(is_ids_index);
+                if !ids_index {
+                    tracing::warn!(
+                        collection = self.commits.name(),
+                        "index stream_event_ids is not unique on exactly {{stream: 1, event_ids: 1}}; appends look the ids up before each insert"
+                    );
+                }
                 Ok(Readiness {
-                    ids_unique_per_element: self.ids_unique_per_element().await?,
+                    ids_unique_per_element: ids_index && self.ids_unique_per_element().await?,
                 })
             })
             .await
@@ -259,40 +306,19 @@ impl Shared {
         self.client.database(&self.config.database)
     }
 
-    /// Only the missing indexes, one per command: FerretDB 1.24 drops the connection when one
-    /// createIndexes names several indexes of which some exist already.
-    async fn create_missing_indexes(&self) -> Result<(), Error> {
-        let existing: Vec<String> = self
-            .indexes()
-            .await?
-            .iter()
-            .filter_map(|i| i.get_str("name").ok().map(str::to_owned))
-            .collect();
-        for model in commit_indexes().into_iter().chain([idempotency_index()]) {
+    /// Asks for every index, one per command (FerretDB 1.24 drops the connection when one
+    /// createIndexes names several indexes of which some exist already), rather than skipping
+    /// the ones whose names are listed: createIndexes is idempotent, and on MongoDB it waits for
+    /// a build of the same index still in progress (which `listIndexes` already lists but which
+    /// refuses no duplicate before it commits). Old tombstones with `event_ids: []` are
+    /// rewritten first, and a collection whose commits share ids is refused with the ids.
+    async fn create_indexes(&self) -> Result<(), Error> {
+        for model in commit_indexes() {
             let name = index_name(&model).to_owned();
-            if existing.contains(&name) {
-                continue;
+            if let Err(conflict) = self.create_index(model).await? {
+                return Err(error::index_conflict(self.commits.name(), &name, &conflict));
             }
-            if !self.config.create {
-                return Err(error::missing_index(self.commits.name(), &name));
-            }
-            if name == "stream_event_ids" {
-                self.create_ids_index().await?;
-                continue;
-            }
-            self.bounded(
-                || format!("creating index {name}"),
-                self.commits.create_index(model),
-            )
-            .await?;
         }
-        Ok(())
-    }
-
-    /// Creates `stream_event_ids` over what older versions wrote: tombstones with
-    /// `event_ids: []` are rewritten first, and a collection whose commits share ids is
-    /// refused with the ids.
-    async fn create_ids_index(&self) -> Result<(), Error> {
         // A writer of an older version may add an empty tombstone between the rewrite and the
         // build: one more rewrite gets past it.
         for attempt in 0..2 {
@@ -304,14 +330,17 @@ impl Shared {
                     "tombstones with event_ids [] given event_ids [-position]"
                 );
             }
-            match self
-                .bounded(
-                    || "creating index stream_event_ids".into(),
-                    self.commits.create_index(idempotency_index()),
-                )
-                .await
-            {
-                Ok(_) => return Ok(()),
+            match self.create_index(idempotency_index()).await {
+                Ok(Ok(())) => return Ok(()),
+                // Another index holds the name: `is_ids_index` decides what it is worth.
+                Ok(Err(conflict)) => {
+                    tracing::warn!(
+                        collection = self.commits.name(),
+                        %conflict,
+                        "index stream_event_ids exists with another definition"
+                    );
+                    return Ok(());
+                }
                 Err(e @ Error::Backend { .. }) if attempt > 0 => {
                     return Err(self.shared_ids(e).await?);
                 }
@@ -322,6 +351,21 @@ impl Shared {
             }
         }
         unreachable!("the second attempt returns")
+    }
+
+    /// Creates `model`: `Ok(Err(message))` when an index of that name (or those keys) exists
+    /// with another definition (MongoDB's IndexOptionsConflict, IndexKeySpecsConflict).
+    async fn create_index(&self, model: IndexModel) -> Result<Result<(), String>, Error> {
+        let name = index_name(&model).to_owned();
+        let create = async {
+            match self.commits.create_index(model).await {
+                Ok(_) => Ok(Ok(())),
+                Err(e) if error::is_index_conflict(&e) => Ok(Err(e.to_string())),
+                Err(e) => Err(e),
+            }
+        };
+        self.bounded(|| format!("creating index {name}"), create)
+            .await
     }
 
     /// Gives every tombstone with `event_ids: []` (as versions before the `stream_event_ids`
@@ -539,6 +583,74 @@ mod tests {
                 "{preference}: {:?}",
                 options.selection_criteria
             );
+        }
+    }
+
+    /// `stream_event_ids` as MongoDB 6+ and FerretDB 1.24 list it after `idempotency_index()`.
+    fn listed_ids_index() -> Document {
+        doc! {
+            "v": 2, "key": { "stream": 1, "event_ids": 1 }, "name": "stream_event_ids",
+            "unique": true,
+        }
+    }
+
+    #[test]
+    fn the_ids_index_is_relied_on_only_as_defined() {
+        assert!(is_ids_index(&listed_ids_index()));
+        // Numbers as other tools write them are the same spec.
+        for one in [Bson::Int64(1), Bson::Double(1.0)] {
+            let mut index = listed_ids_index();
+            index.insert("key", doc! { "stream": one.clone(), "event_ids": one });
+            assert!(is_ids_index(&index), "{index}");
+        }
+        let changed = |f: &dyn Fn(&mut Document)| {
+            let mut index = listed_ids_index();
+            f(&mut index);
+            index
+        };
+        for index in [
+            // Not unique, or not said to be.
+            changed(&|i| {
+                i.remove("unique");
+            }),
+            changed(&|i| {
+                i.insert("unique", false);
+            }),
+            // Other keys: reversed, one more, one fewer, descending, hashed.
+            changed(&|i| {
+                i.insert("key", doc! { "event_ids": 1, "stream": 1 });
+            }),
+            changed(&|i| {
+                i.insert("key", doc! { "stream": 1, "event_ids": 1, "version": 1 });
+            }),
+            changed(&|i| {
+                i.insert("key", doc! { "stream": 1 });
+            }),
+            changed(&|i| {
+                i.insert("key", doc! { "stream": 1, "event_ids": -1 });
+            }),
+            changed(&|i| {
+                i.insert("key", doc! { "stream": 1, "event_ids": "hashed" });
+            }),
+            changed(&|i| {
+                i.remove("key");
+            }),
+            // Not over every document, or comparing streams otherwise.
+            changed(&|i| {
+                i.insert("partialFilterExpression", doc! { "version": { "$gte": 0 } });
+            }),
+            changed(&|i| {
+                i.insert("sparse", true);
+            }),
+            changed(&|i| {
+                i.insert("collation", doc! { "locale": "en", "strength": 2 });
+            }),
+            // Another index.
+            changed(&|i| {
+                i.insert("name", "stream_1_event_ids_1");
+            }),
+        ] {
+            assert!(!is_ids_index(&index), "{index}");
         }
     }
 

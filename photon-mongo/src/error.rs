@@ -123,6 +123,14 @@ pub(crate) fn is_duplicate_key(e: &DriverError) -> bool {
     }
 }
 
+/// MongoDB's codes for createIndexes meeting an index of the same name or keys defined otherwise.
+const INDEX_CONFLICT_CODES: [i32; 2] = [85, 86];
+
+/// Whether createIndexes met an index of that name or those keys with another definition.
+pub(crate) fn is_index_conflict(e: &DriverError) -> bool {
+    matches!(&*e.kind, ErrorKind::Command(c) if INDEX_CONFLICT_CODES.contains(&c.code))
+}
+
 /// Whether the collection a command named does not exist (yet).
 pub(crate) fn is_namespace_missing(e: &DriverError) -> bool {
     matches!(&*e.kind, ErrorKind::Command(c) if c.code == NAMESPACE_NOT_FOUND)
@@ -139,6 +147,16 @@ pub(crate) fn missing_index(collection: &str, index: &str) -> Error {
         what: format!("collection {collection}"),
         reason: format!(
             "index {index:?} is missing and photon_create=false; create it (see the photon-mongo README) or allow creation"
+        ),
+    }
+}
+
+/// An index of ours whose name another index holds, with other keys or options.
+pub(crate) fn index_conflict(collection: &str, index: &str, conflict: &str) -> Error {
+    Error::InvalidInput {
+        what: format!("collection {collection}"),
+        reason: format!(
+            "an index named {index:?} exists with other keys or options than photon-mongo's (see the photon-mongo README, Documents); drop it so that the store can create its own ({conflict})"
         ),
     }
 }

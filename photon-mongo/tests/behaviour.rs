@@ -211,7 +211,11 @@ async fn a_refused_command_reaches_the_caller_with_the_drivers_error() {
     else {
         panic!("not a Backend error: {err:?}");
     };
-    assert_eq!((*backend, context.as_str()), ("mongo", "listing indexes"));
+    // The first command of a store creates its first index.
+    assert_eq!(
+        (*backend, context.as_str()),
+        ("mongo", "creating index stream_version")
+    );
     assert!(
         !err.is_retryable(),
         "the same call fails the same way again"
