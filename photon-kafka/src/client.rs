@@ -462,6 +462,17 @@ impl Shared {
         })
     }
 
+    /// Every partition's shared state, taken out of the map so that its lock is not held while
+    /// each state is looked at (eviction and the index bound `try_lock` them one by one).
+    fn partition_states(&self) -> Vec<SharedPartition> {
+        self.partitions
+            .lock()
+            .expect("partitions lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
     /// The shared state of one partition.
     pub(crate) fn partition(&self, topic: &str, p: i32) -> SharedPartition {
         self.partitions
@@ -493,13 +504,7 @@ impl Shared {
     /// producer holds librdkafka threads and a connection. Closing one that is still in use
     /// (its partition will be appended to again and taken over again) is warned about.
     pub(crate) fn evict_writers(&self, keep: usize, idle: Duration) {
-        let states: Vec<_> = self
-            .partitions
-            .lock()
-            .expect("partitions lock")
-            .values()
-            .cloned()
-            .collect();
+        let states = self.partition_states();
         let mut held: Vec<_> = states
             .iter()
             .filter_map(|s| {
@@ -547,13 +552,7 @@ impl Shared {
     /// use, among them the caller's: it is called after an index grew, with its lock held) are
     /// neither counted nor dropped, so a partition larger than the bound stays while it is used.
     pub(crate) fn bound_indexes(&self) {
-        let states: Vec<_> = self
-            .partitions
-            .lock()
-            .expect("partitions lock")
-            .values()
-            .cloned()
-            .collect();
+        let states = self.partition_states();
         let mut idle: Vec<_> = states
             .iter()
             .filter_map(|s| {
