@@ -116,7 +116,7 @@ pub struct Refused {
 }
 
 /// The event-sourced account: the same decisions under newton and under cqrs-es.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Account {
     balance: i64,
     deposits: u64,

@@ -12,14 +12,15 @@ use std::sync::Arc;
 use newton::store::Timestamp;
 use newton::{
     Aggregate, BoxError, Category, CommandContext, DomainEvent, EventStoreCheckpointStore,
-    ExecuteError, RecordedEvent, Repository, Uuid, View, ViewRunner,
+    ExecuteError, RecordedEvent, Repository, SnapshotPolicy, Uuid, View, ViewRunner,
 };
 use serde::{Deserialize, Serialize};
 
 // ---- The aggregate -------------------------------------------------------------------------
 
-/// One bank account. Balances are whole cents, never negative.
-#[derive(Default, Debug)]
+/// One bank account. Balances are whole cents, never negative. Serializable, so that the
+/// repository can keep snapshots of it.
+#[derive(Default, Debug, Clone, Serialize, Deserialize)]
 struct Account {
     open: bool,
     closed: bool,
@@ -286,7 +287,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let run = Uuid::new_v4().simple().to_string()[..8].to_owned();
     let id = |name: &str| format!("{name}-{run}");
     let (ada, bob, cy) = (id("ada"), id("bob"), id("cy"));
-    let accounts = Repository::<Account>::new(store.clone());
+    // A snapshot every 3 events: tiny, so that this short run takes some (a real account would
+    // take one every few hundred); loads then read the latest one and the events after it.
+    let accounts =
+        Repository::<Account>::new(store.clone()).with_snapshots(SnapshotPolicy::EveryEvents(3));
 
     println!("\n== commands");
     for (account, owner) in [(&ada, "Ada"), (&bob, "Bob"), (&cy, "Cy")] {

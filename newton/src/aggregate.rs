@@ -22,8 +22,9 @@ pub trait DomainEvent: Serialize + DeserializeOwned + Send + Sync + 'static {
 /// One kind of event-sourced entity: decides on commands, evolves by events.
 ///
 /// State is rebuilt by applying the aggregate's events in order from `Default`, so `apply` must
-/// be deterministic and must not fail: an event is a fact that already happened.
-pub trait Aggregate: Default + Send + Sync + 'static {
+/// be deterministic and must not fail: an event is a fact that already happened. `Clone`, because
+/// the repository keeps a copy of recent states in its cache while handing one to the caller.
+pub trait Aggregate: Default + Clone + Send + Sync + 'static {
     /// The category of its streams: instance `42` lives in stream `<CATEGORY>-42`.
     const CATEGORY: &'static str;
     /// What callers ask of it.
@@ -42,4 +43,18 @@ pub trait Aggregate: Default + Send + Sync + 'static {
 
     /// Evolves the state by one event.
     fn apply(&mut self, event: &Self::Event);
+
+    /// The version of the state's shape as snapshots store it. Bump it whenever the state's
+    /// fields or their meaning change: snapshots of another version are then skipped and the
+    /// state is rebuilt from events, instead of an old snapshot decoding into a wrong state.
+    /// Only read when the repository takes snapshots ([`crate::Repository::with_snapshots`]).
+    const SNAPSHOT_VERSION: u32 = 1;
+
+    /// About how many bytes this state holds, heap included, so that the repository's cache
+    /// ([`crate::CacheOptions::max_bytes`]) stays within its byte bound. The default counts the
+    /// inline size only, which is exact for states of plain numbers and flags; a state holding
+    /// strings or collections should add what they hold, or the cache keeps more than its bound.
+    fn cached_size(&self) -> usize {
+        std::mem::size_of::<Self>()
+    }
 }

@@ -1,13 +1,16 @@
 #![doc = include_str!("../README.md")]
 
 mod aggregate;
+mod cache;
 mod checkpoint_store;
 mod connect;
 mod repository;
+mod snapshot;
 pub mod testing;
 mod view;
 
 pub use aggregate::{Aggregate, DomainEvent};
+pub use cache::{CacheOptions, CacheUsage};
 pub use checkpoint_store::{
     CheckpointStore, EventStoreCheckpointStore, InMemoryCheckpointStore,
     Loaded as LoadedCheckpoint, SavedView, CHECKPOINT_CATEGORY,
@@ -17,6 +20,9 @@ pub use connect::{
 };
 pub use repository::{
     encode, CommandContext, ExecuteError, Executed, Loaded, Repository, RetryPolicy,
+};
+pub use snapshot::{
+    snapshot_stream, SnapshotDue, SnapshotPolicy, SNAPSHOT_CATEGORY, SNAPSHOT_EVENT_TYPE,
 };
 pub use view::{RunnerOptions, View, ViewError, ViewHandle, ViewRunner, ViewStatus};
 

@@ -1,8 +1,12 @@
-//! Loading aggregates by replay and executing commands against them with optimistic concurrency.
+//! Loading aggregates and executing commands against them with optimistic concurrency.
 //!
 //! The repository writes the aggregate stream only, once per command; the store maintains the
 //! category stream that views read. The expected version is checked by the store at append time,
-//! never only on the client.
+//! never only on the client. That check is also why the cache of recent states is safe: a cached
+//! state is only ever one that was read from or stored in the store, a command reads the events
+//! after its version before deciding, and a state gone stale in between (another process wrote)
+//! loses at append and is brought forward from its version, not rebuilt. Loading without a cache
+//! entry reads the latest snapshot (when snapshots are on) and the events after it.
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -12,10 +16,14 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use photon_api::{
     Category, Error, EventData, EventStore, EventType, ExpectedVersion, Payload, ReadOptions,
-    StreamId, Uuid, Version,
+    RecordedEvent, StreamId, Uuid, Version,
 };
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 use crate::aggregate::{Aggregate, DomainEvent};
+use crate::cache::{AggregateCache, CacheOptions, CacheUsage, Current};
+use crate::snapshot::{self, snapshot_stream, SnapshotDue, SnapshotPolicy};
 
 /// How many times `execute` retries after a concurrent writer won (reload and decide again) or
 /// the store was unavailable (re-send the same events), and how long it waits.
@@ -95,12 +103,37 @@ pub enum ExecuteError<E: std::error::Error + 'static> {
 }
 
 /// Loads and changes aggregates of type `A` in one event store.
+///
+/// Clones share one cache of recent aggregates ([`CacheOptions`], on by default), so a command
+/// reads only the events stored since the state it finds there. Snapshots are off until
+/// [`Self::with_snapshots`], which needs a serializable state.
 pub struct Repository<A> {
     store: Arc<dyn EventStore>,
     category: Category,
     retry: RetryPolicy,
+    cache: Arc<AggregateCache<A>>,
+    snapshots: Option<Snapshots<A>>,
     _aggregate: PhantomData<fn() -> A>,
 }
+
+/// How a repository takes and reads snapshots: the policy and the state's codec, captured where
+/// `A: Serialize + DeserializeOwned` is known so the repository itself needs neither.
+struct Snapshots<A> {
+    policy: SnapshotPolicy,
+    encode: fn(&StreamId, Version, &A) -> Result<EventData, Error>,
+    decode: DecodeSnapshot<A>,
+}
+
+/// A snapshot event's state and version, or why it cannot be used for the stream.
+type DecodeSnapshot<A> = fn(&RecordedEvent, &StreamId) -> Result<(A, Version), String>;
+
+impl<A> Clone for Snapshots<A> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<A> Copy for Snapshots<A> {}
 
 impl<A> Clone for Repository<A> {
     fn clone(&self) -> Self {
@@ -108,6 +141,8 @@ impl<A> Clone for Repository<A> {
             store: self.store.clone(),
             category: self.category.clone(),
             retry: self.retry,
+            cache: self.cache.clone(),
+            snapshots: self.snapshots,
             _aggregate: PhantomData,
         }
     }
@@ -118,6 +153,8 @@ impl<A> fmt::Debug for Repository<A> {
         f.debug_struct("Repository")
             .field("category", &self.category)
             .field("retry", &self.retry)
+            .field("cache", &self.cache)
+            .field("snapshots", &self.snapshots.map(|s| s.policy))
             .field("store", &self.store.backend())
             .finish()
     }
@@ -137,6 +174,8 @@ impl<A: Aggregate> Repository<A> {
             store,
             category,
             retry: RetryPolicy::default(),
+            cache: Arc::new(AggregateCache::new(CacheOptions::default())),
+            snapshots: None,
             _aggregate: PhantomData,
         }
     }
@@ -147,6 +186,18 @@ impl<A: Aggregate> Repository<A> {
         self
     }
 
+    /// Replaces the cache with an empty one of these bounds ([`CacheOptions::disabled`] for
+    /// none). Clones made before keep the old cache, so set it up before cloning.
+    pub fn with_cache(mut self, options: CacheOptions) -> Self {
+        self.cache = Arc::new(AggregateCache::new(options));
+        self
+    }
+
+    /// What the cache holds now.
+    pub fn cache_usage(&self) -> CacheUsage {
+        self.cache.usage()
+    }
+
     /// The stream of instance `id`.
     ///
     /// # Errors
@@ -155,26 +206,120 @@ impl<A: Aggregate> Repository<A> {
         StreamId::new(&self.category, id)
     }
 
-    /// Rebuilds instance `id` by replaying its stream.
+    /// The current state of instance `id`: the cached state, or else the latest usable snapshot,
+    /// brought up to date with the events stored after it (the whole stream when there is
+    /// neither).
     ///
     /// # Errors
     /// - [`Error::InvalidInput`] for a bad id; [`Error::Decode`] for an event that does not
-    ///   decode as `A::Event`; [`Error::Unavailable`] when the store fails.
+    ///   decode as `A::Event`; [`Error::Unavailable`] when the store fails. A snapshot that
+    ///   cannot be read or used is never an error: the events are read instead.
     pub async fn load(&self, id: &str) -> Result<Loaded<A>, Error> {
         let stream = self.stream_of(id)?;
-        self.load_stream(&stream).await
+        let current = self.current(&stream).await?;
+        let loaded = Loaded {
+            state: current.state.clone(),
+            version: current.version,
+        };
+        self.cache.put(&stream, current);
+        Ok(loaded)
     }
 
-    async fn load_stream(&self, stream: &StreamId) -> Result<Loaded<A>, Error> {
-        let mut state = A::default();
-        let mut version = None;
-        let mut events = self.store.read_stream(stream, ReadOptions::forwards());
+    /// The state of `stream` as of its last stored event: from the cache when it holds the
+    /// stream (taken out: the caller puts it back), else from the snapshot and the store.
+    async fn current(&self, stream: &StreamId) -> Result<Current<A>, Error> {
+        let mut current = match self.cache.take(stream) {
+            Some(cached) => cached,
+            None => match self.latest_snapshot(stream).await {
+                Some((state, version)) => Current {
+                    state,
+                    version: Some(version),
+                    snapshot_base: Some(version),
+                },
+                None => Current {
+                    state: A::default(),
+                    version: None,
+                    snapshot_base: None,
+                },
+            },
+        };
+        self.catch_up(stream, &mut current).await?;
+        Ok(current)
+    }
+
+    /// Applies the events stored after `current`'s version. On an error `current` may be partly
+    /// brought forward (still a stored state, at the version it says).
+    async fn catch_up(&self, stream: &StreamId, current: &mut Current<A>) -> Result<(), Error> {
+        let options = match current.version {
+            Some(v) => ReadOptions::forwards().from_version(v.next()),
+            None => ReadOptions::forwards(),
+        };
+        let mut events = self.store.read_stream(stream, options);
         while let Some(recorded) = events.try_next().await? {
-            let event: A::Event = recorded.decode()?;
-            state.apply(&event);
-            version = Some(recorded.version);
+            let event = decode_event::<A>(&recorded)?;
+            current.state.apply(&event);
+            current.version = Some(recorded.version);
         }
-        Ok(Loaded { state, version })
+        Ok(())
+    }
+
+    /// The latest snapshot of `stream` when snapshots are on and it is usable; None otherwise,
+    /// so the caller replays: a snapshot is an optimisation, never a reason to fail.
+    async fn latest_snapshot(&self, stream: &StreamId) -> Option<(A, Version)> {
+        let snapshots = self.snapshots?;
+        let from = snapshot_stream(stream);
+        let last = match self
+            .store
+            .read_stream(&from, ReadOptions::backwards().limit(1))
+            .try_next()
+            .await
+        {
+            Ok(Some(last)) => last,
+            Ok(None) => return None,
+            Err(error) => {
+                tracing::warn!(%stream, %error, "reading the latest snapshot failed; replaying the stream instead");
+                return None;
+            }
+        };
+        match (snapshots.decode)(&last, stream) {
+            Ok(found) => Some(found),
+            Err(reason) => {
+                tracing::warn!(%stream, snapshot = %last.stream, version = %last.version, %reason, "snapshot not used; replaying the stream instead");
+                None
+            }
+        }
+    }
+
+    /// Takes a snapshot of `current` when the policy says it is due. Never fails: the command
+    /// that got here has been stored, and a missing snapshot only makes later cold loads longer.
+    async fn snapshot_if_due(&self, stream: &StreamId, current: &mut Current<A>) {
+        let (Some(snapshots), Some(version)) = (self.snapshots, current.version) else {
+            return;
+        };
+        let events_since = match current.snapshot_base {
+            Some(base) => version.value().saturating_sub(base.value()),
+            None => version.value() + 1,
+        };
+        if !snapshots.policy.due(&SnapshotDue {
+            version,
+            events_since,
+        }) {
+            return;
+        }
+        // Counted as taken even when it fails, so a store that refuses snapshots (too large for
+        // its event limit, say) is asked again only after as many events again.
+        current.snapshot_base = Some(version);
+        let written = match (snapshots.encode)(stream, version, &current.state) {
+            Ok(event) => {
+                self.store
+                    .append(&snapshot_stream(stream), ExpectedVersion::Any, vec![event])
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(error) = written {
+            tracing::warn!(%stream, %version, %error, "taking a snapshot failed; the command stands, the next snapshot is due after as many events again");
+        }
     }
 
     /// Loads instance `id`, lets it handle `command`, and appends the resulting events with the
@@ -209,15 +354,27 @@ impl<A: Aggregate> Repository<A> {
         let stream = self.stream_of(id)?;
         let max_attempts = self.retry.max_attempts.max(1);
         let mut backoff = self.retry.initial_backoff;
+        let mut current = self.current(&stream).await?;
         for attempt in 1..=max_attempts {
-            let Loaded { mut state, version } = self.load_stream(&stream).await?;
-            let events = state
-                .handle(command)
-                .map_err(|source| ExecuteError::Rejected {
-                    stream: stream.clone(),
-                    source,
-                })?;
+            if attempt > 1 {
+                // Lost to another writer: the state is still a stored one, so only the events
+                // stored since it are read, not the whole stream.
+                self.catch_up(&stream, &mut current).await?;
+            }
+            let events = match current.state.handle(command) {
+                Ok(events) => events,
+                Err(source) => {
+                    self.cache.put(&stream, current);
+                    return Err(ExecuteError::Rejected {
+                        stream: stream.clone(),
+                        source,
+                    });
+                }
+            };
             if events.is_empty() {
+                let state = current.state.clone();
+                let version = current.version;
+                self.cache.put(&stream, current);
                 return Ok(Executed {
                     state,
                     events,
@@ -225,11 +382,18 @@ impl<A: Aggregate> Repository<A> {
                     attempts: attempt,
                 });
             }
-            let data = events
+            let data = match events
                 .iter()
                 .map(|e| encode(e, context))
-                .collect::<Result<Vec<_>, _>>()?;
-            let expected = ExpectedVersion::from_current(version);
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(data) => data,
+                Err(e) => {
+                    self.cache.put(&stream, current);
+                    return Err(e.into());
+                }
+            };
+            let expected = ExpectedVersion::from_current(current.version);
             let mut outcome = self.store.append(&stream, expected, data.clone()).await;
             // A timeout says nothing about whether the batch landed: re-send the very same
             // events (same ids), which the store's idempotency turns into a no-op if it did.
@@ -243,8 +407,12 @@ impl<A: Aggregate> Repository<A> {
             match outcome {
                 Ok(result) => {
                     for e in &events {
-                        state.apply(e);
+                        current.state.apply(e);
                     }
+                    current.version = Some(result.last_version);
+                    self.snapshot_if_due(&stream, &mut current).await;
+                    let state = current.state.clone();
+                    self.cache.put(&stream, current);
                     return Ok(Executed {
                         state,
                         events,
@@ -253,19 +421,52 @@ impl<A: Aggregate> Repository<A> {
                     });
                 }
                 Err(Error::WrongExpectedVersion { .. }) if attempt < max_attempts => {
-                    tracing::debug!(%stream, attempt, "concurrent write; reloading");
+                    tracing::debug!(%stream, attempt, "concurrent write; reading the events since the loaded version");
                     tokio::time::sleep(backoff).await;
                     backoff *= 2;
                 }
                 Err(Error::WrongExpectedVersion { .. }) => break,
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    // The state is still the stored one; whether our events landed or not, the
+                    // next command reads what is after it.
+                    self.cache.put(&stream, current);
+                    return Err(e.into());
+                }
             }
         }
+        self.cache.put(&stream, current);
         Err(ExecuteError::TooManyConflicts {
             stream,
             attempts: max_attempts,
         })
     }
+}
+
+impl<A: Aggregate + Serialize + DeserializeOwned> Repository<A> {
+    /// Takes snapshots of the state as `policy` says, in the event store itself (see
+    /// [`crate::snapshot_stream`] for where), and starts every load without a cache entry from
+    /// the latest one.
+    ///
+    /// A snapshot is tagged with [`Aggregate::SNAPSHOT_VERSION`]; one of another version, one that
+    /// does not decode, or one for another stream is skipped and the events replayed instead. A
+    /// snapshot that cannot be written (the store's event size limit, an unavailable server) is
+    /// logged and never fails the command that triggered it.
+    pub fn with_snapshots(mut self, policy: SnapshotPolicy) -> Self {
+        self.snapshots = Some(Snapshots {
+            policy,
+            encode: |stream, version, state: &A| {
+                snapshot::encode(stream, version, A::SNAPSHOT_VERSION, state)
+            },
+            decode: |event, stream| snapshot::decode(event, stream, A::SNAPSHOT_VERSION),
+        });
+        self
+    }
+}
+
+/// The one place the repository decodes its aggregate's events, so that a schema-aware decoder
+/// has one call to replace.
+fn decode_event<A: Aggregate>(recorded: &RecordedEvent) -> Result<A::Event, Error> {
+    recorded.decode()
 }
 
 /// Encodes a domain event as the store's [`EventData`].

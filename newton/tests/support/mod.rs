@@ -8,7 +8,7 @@ use newton::{Aggregate, DomainEvent};
 use photon_memory::MemoryStore;
 use serde::{Deserialize, Serialize};
 
-#[derive(Default, Debug, Clone, PartialEq)]
+#[derive(Default, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Tally {
     pub total: u64,
     pub entries: u32,

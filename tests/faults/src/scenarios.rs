@@ -1083,7 +1083,7 @@ pub async fn killed_writers(target: &Target, writer: &str) {
 
 /// The aggregate of scenario 9: a counter whose every addition carries a unique amount, so the
 /// stored events show whether any command was recorded twice.
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Clone)]
 pub struct Counter {
     total: u64,
 }
