@@ -5,6 +5,8 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::upcast::Upcasters;
+
 /// An event of an aggregate, stored as MessagePack with field names.
 ///
 /// The type name is stored beside the payload so that tools and other languages can tell events
@@ -13,9 +15,20 @@ pub trait DomainEvent: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The stable type name, e.g. `"Deposited"`.
     fn event_type(&self) -> &'static str;
 
-    /// The payload's schema version; bump it when the shape changes incompatibly.
+    /// The payload's schema version; bump it when the shape changes incompatibly, and add the
+    /// upcaster from the previous version to [`Self::upcasters`], so events already stored in
+    /// the old shape still read. It must equal the end of the type's chain (1 without one):
+    /// an event written at a lower version would be upcast again on every read.
     fn schema_version(&self) -> u32 {
         1
+    }
+
+    /// How events stored at older schema versions become this enum: one chain per stored type.
+    /// Declared on the event type rather than on each reader, so the repository, views through
+    /// [`Decoder`](crate::upcast::Decoder) and the test kit all read old events the same way.
+    /// None by default: every type is at version 1.
+    fn upcasters() -> Upcasters {
+        Upcasters::new()
     }
 }
 

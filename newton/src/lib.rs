@@ -7,6 +7,7 @@ mod connect;
 mod repository;
 mod snapshot;
 pub mod testing;
+pub mod upcast;
 mod view;
 
 pub use aggregate::{Aggregate, DomainEvent};
@@ -24,6 +25,7 @@ pub use repository::{
 pub use snapshot::{
     snapshot_stream, SnapshotDue, SnapshotPolicy, SNAPSHOT_CATEGORY, SNAPSHOT_EVENT_TYPE,
 };
+pub use upcast::{Decoder, Upcasters};
 pub use view::{RunnerOptions, View, ViewError, ViewHandle, ViewRunner, ViewStatus};
 
 /// The event-store contract, re-exported so applications depend on `newton` alone.

@@ -24,6 +24,7 @@ use serde::Serialize;
 use crate::aggregate::{Aggregate, DomainEvent};
 use crate::cache::{AggregateCache, CacheOptions, CacheUsage, Current};
 use crate::snapshot::{self, snapshot_stream, SnapshotDue, SnapshotPolicy};
+use crate::upcast::Decoder;
 
 /// How many times `execute` retries after a concurrent writer won (reload and decide again) or
 /// the store was unavailable (re-send the same events), and how long it waits.
@@ -211,9 +212,12 @@ impl<A: Aggregate> Repository<A> {
     /// neither).
     ///
     /// # Errors
-    /// - [`Error::InvalidInput`] for a bad id; [`Error::Decode`] for an event that does not
-    ///   decode as `A::Event`; [`Error::Unavailable`] when the store fails. A snapshot that
-    ///   cannot be read or used is never an error: the events are read instead.
+    /// - [`Error::InvalidInput`] for a bad id, or when `A::Event`'s upcaster chain is broken.
+    /// - [`Error::Decode`] for an event that does not decode as `A::Event` (after upcasting);
+    ///   [`Error::UnknownSchemaVersion`] for one written by a newer release; [`Error::Upcast`]
+    ///   when an upcaster fails (see [`crate::upcast::Decoder::decode_each`]).
+    /// - [`Error::Unavailable`] when the store fails. A snapshot that cannot be read or used is
+    ///   never an error: the events are read instead.
     pub async fn load(&self, id: &str) -> Result<Loaded<A>, Error> {
         let stream = self.stream_of(id)?;
         let current = self.current(&stream).await?;
@@ -255,9 +259,9 @@ impl<A: Aggregate> Repository<A> {
             None => ReadOptions::forwards(),
         };
         let mut events = self.store.read_stream(stream, options);
+        let decoder = Decoder::<A::Event>::new()?;
         while let Some(recorded) = events.try_next().await? {
-            let event = decode_event::<A>(&recorded)?;
-            current.state.apply(&event);
+            decode_event(&decoder, &recorded, &mut current.state)?;
             current.version = Some(recorded.version);
         }
         Ok(())
@@ -463,10 +467,15 @@ impl<A: Aggregate + Serialize + DeserializeOwned> Repository<A> {
     }
 }
 
-/// The one place the repository decodes its aggregate's events, so that a schema-aware decoder
-/// has one call to replace.
-fn decode_event<A: Aggregate>(recorded: &RecordedEvent) -> Result<A::Event, Error> {
-    recorded.decode()
+/// The one place the repository decodes its aggregate's events: through the event type's
+/// upcasters, applying each domain event a stored one reads as (an upcaster may split one).
+#[inline]
+fn decode_event<A: Aggregate>(
+    decoder: &Decoder<A::Event>,
+    recorded: &RecordedEvent,
+    state: &mut A,
+) -> Result<(), Error> {
+    decoder.decode_each(recorded, |event| state.apply(&event))
 }
 
 /// Encodes a domain event as the store's [`EventData`].

@@ -104,6 +104,40 @@ pub enum Error {
         reason: String,
     },
 
+    /// A stored event has a schema version newer than the reading code knows: a newer release
+    /// wrote it. Reading it as an older shape would mis-decode a fact, so the read stops; deploy
+    /// the code that knows the version (or roll the writer back). Not retryable.
+    #[error("event {stream}@{version} of type {event_type} has schema version {schema_version}, but this code knows versions up to {known} only: it was written by a newer release")]
+    UnknownSchemaVersion {
+        /// The event's stream.
+        stream: StreamId,
+        /// The event's version (position) in its stream.
+        version: Version,
+        /// The event's type name.
+        event_type: String,
+        /// The schema version stored with the event.
+        schema_version: u32,
+        /// The newest schema version of this type the code can read.
+        known: u32,
+    },
+
+    /// An old stored event could not be brought to the current schema: an upcaster refused it,
+    /// or no upcaster starts at its version. The stored event is unchanged.
+    #[error("cannot upcast event {stream}@{version} of type {event_type} from schema version {schema_version}: {source}")]
+    Upcast {
+        /// The event's stream.
+        stream: StreamId,
+        /// The event's version (position) in its stream.
+        version: Version,
+        /// The event's type name.
+        event_type: String,
+        /// The schema version the failing step started from.
+        schema_version: u32,
+        /// The upcaster's error, or why there is none.
+        #[source]
+        source: BoxError,
+    },
+
     /// A value could not be encoded as a payload.
     #[error("cannot encode payload as {content_type}: {source}")]
     Encode {
