@@ -9,7 +9,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use newton::store::Timestamp;
+use newton::store::{EventData, ExpectedVersion, Timestamp};
+use newton::upcast::{self, Upcasters};
 use newton::{
     Aggregate, BoxError, Category, CommandContext, DomainEvent, EventStoreCheckpointStore,
     ExecuteError, RecordedEvent, Repository, SnapshotPolicy, Uuid, View, ViewRunner,
@@ -51,6 +52,22 @@ impl DomainEvent for AccountEvent {
             AccountEvent::Withdrawn { .. } => "MoneyWithdrawn",
             AccountEvent::Closed => "AccountClosed",
         }
+    }
+
+    /// Older releases recorded an account opened with a first deposit as one event; it reads
+    /// as the two events recorded today. The repository and the views read it the same way.
+    fn upcasters() -> Upcasters {
+        Upcasters::new().split("AccountOpenedWithDeposit", 1, |mut v| {
+            let old = upcast::field_mut(&mut v, "OpenedWithDeposit")?;
+            let (owner, amount) = (
+                upcast::take_field(old, "owner")?,
+                upcast::take_field(old, "amount")?,
+            );
+            Ok(vec![
+                upcast::variant("Opened", [("owner", owner)]),
+                upcast::variant("Deposited", [("amount", amount)]),
+            ])
+        })
     }
 }
 
@@ -136,17 +153,20 @@ impl View for Balances {
     }
 
     async fn handle(&self, state: &mut Self::State, event: &RecordedEvent) -> Result<(), BoxError> {
-        let decoded = event.decode::<AccountEvent>()?; // before any change: a failure changes nothing
+        // Upcast (an old event may read as several) before any change: a failure changes nothing.
+        let decoded = upcast::decode::<AccountEvent>(event)?;
         let row = state.entry(event.stream.id().to_owned()).or_default();
         if event.version.value() < row.version {
             return Ok(()); // already applied (at-least-once delivery)
         }
         row.version = event.version.value() + 1;
-        match decoded {
-            AccountEvent::Opened { owner } => row.owner = owner,
-            AccountEvent::Deposited { amount } => row.balance += amount,
-            AccountEvent::Withdrawn { amount } => row.balance -= amount,
-            AccountEvent::Closed => {}
+        for decoded in decoded {
+            match decoded {
+                AccountEvent::Opened { owner } => row.owner = owner,
+                AccountEvent::Deposited { amount } => row.balance += amount,
+                AccountEvent::Withdrawn { amount } => row.balance -= amount,
+                AccountEvent::Closed => {}
+            }
         }
         Ok(())
     }
@@ -212,17 +232,18 @@ impl View for Activity {
     }
 
     async fn handle(&self, state: &mut Self::State, event: &RecordedEvent) -> Result<(), BoxError> {
-        let decoded = event.decode::<AccountEvent>()?;
-        match decoded {
-            AccountEvent::Deposited { amount } => {
-                state.deposits += 1;
-                state.volume += amount;
+        for decoded in upcast::decode::<AccountEvent>(event)? {
+            match decoded {
+                AccountEvent::Deposited { amount } => {
+                    state.deposits += 1;
+                    state.volume += amount;
+                }
+                AccountEvent::Withdrawn { amount } => {
+                    state.withdrawals += 1;
+                    state.volume += amount;
+                }
+                _ => {}
             }
-            AccountEvent::Withdrawn { amount } => {
-                state.withdrawals += 1;
-                state.volume += amount;
-            }
-            _ => {}
         }
         if let Some(transfer) = event.metadata.correlation_id {
             let legs = state.transfer_legs.entry(transfer).or_default();
@@ -346,6 +367,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Err(ExecuteError::Rejected { source, .. }) => println!("close {cy}: refused ({source})"),
         other => return Err(format!("expected a refusal, got {other:?}").into()),
     }
+
+    // An account as an older release stored it: one event of a type no longer written, at
+    // schema version 1, appended as it was. The upcaster reads it as Opened + Deposited.
+    let dee = id("dee");
+    let v1 = EventData::msgpack(
+        "AccountOpenedWithDeposit",
+        &serde_json::json!({"OpenedWithDeposit": {"owner": "Dee", "amount": 25}}),
+    )?
+    .with_schema_version(1);
+    let dee_stream = accounts.stream_of(&dee)?;
+    store
+        .append(&dee_stream, ExpectedVersion::NoStream, vec![v1])
+        .await?;
+    let loaded = accounts.load(&dee).await?;
+    println!(
+        "{dee}: a v1 AccountOpenedWithDeposit in the store reads as Opened + Deposited: open {}, balance {}",
+        loaded.state.open, loaded.state.balance
+    );
 
     println!("\n== views (replaying history, then live)");
     let checkpoints = Arc::new(EventStoreCheckpointStore::new(store.clone()));

@@ -532,6 +532,16 @@ pub fn rename_field(value: &mut Value, from: &str, to: &str) -> Result<(), BoxEr
     Ok(())
 }
 
+/// `{name: {fields}}`: an enum variant as serde writes it by default (externally tagged), for a
+/// step that turns an event into another variant, or splits it into several.
+pub fn variant<'f>(name: &str, fields: impl IntoIterator<Item = (&'f str, Value)>) -> Value {
+    let fields = fields
+        .into_iter()
+        .map(|(k, v)| (Value::from(k), v))
+        .collect();
+    Value::Map(vec![(Value::from(name), Value::Map(fields))])
+}
+
 fn kind(value: &Value) -> &'static str {
     match value {
         Value::Nil => "nil",

@@ -11,7 +11,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use newton::store::{ContentType, EventData, EventStore, EventType, ExpectedVersion, Payload};
 use newton::testing::{read_stored, AggregateTest};
-use newton::upcast::{self, field_mut, rename_field, set_field, take_field, Decoder, Value};
+use newton::upcast::{
+    self, field_mut, rename_field, set_field, take_field, variant, Decoder, Value,
+};
 use newton::{
     Aggregate, BoxError, Category, DomainEvent, Error, InMemoryCheckpointStore, RecordedEvent,
     Repository, StreamId, Upcasters, View, ViewError, ViewRunner, ViewStatus,
@@ -105,15 +107,6 @@ impl DomainEvent for LedgerEvent {
                 Ok(v)
             })
     }
-}
-
-/// `{name: {fields}}`, serde's externally tagged enum variant.
-fn variant(name: &str, fields: Vec<(&str, Value)>) -> Value {
-    let fields = fields
-        .into_iter()
-        .map(|(k, v)| (Value::from(k), v))
-        .collect();
-    Value::Map(vec![(Value::from(name), Value::Map(fields))])
 }
 
 #[derive(Debug, PartialEq, thiserror::Error)]
