@@ -116,16 +116,17 @@ impl Upcasters {
         self
     }
 
-    /// The checked chains, or why they do not form chains from version 1.
-    fn into_schema(self) -> Result<Schema, Error> {
+    /// The checked chains, or the `(what, reason)` of an [`Error::InvalidInput`] saying why
+    /// they do not form chains from version 1.
+    fn into_schema(self) -> Result<Schema, (String, String)> {
         let mut by_type: BTreeMap<String, BTreeMap<u32, Step>> = BTreeMap::new();
         for (event_type, from, step) in self.steps {
-            EventType::new(&event_type)?;
+            let invalid =
+                |reason: String| (format!("upcasters of event type {event_type:?}"), reason);
+            if let Err(e) = EventType::new(&event_type) {
+                return Err(invalid(e.to_string()));
+            }
             let chain = by_type.entry(event_type.clone()).or_default();
-            let invalid = |reason: String| Error::InvalidInput {
-                what: format!("upcasters of event type {event_type:?}"),
-                reason,
-            };
             if from == 0 {
                 return Err(invalid(
                     "schema versions start at 1, so no upcaster starts at 0".into(),
@@ -141,16 +142,16 @@ impl Upcasters {
         for (event_type, steps) in by_type {
             if let Some(missing) = (1..).zip(steps.keys()).find(|(want, have)| want != *have) {
                 let registered: Vec<String> = steps.keys().map(|v| v.to_string()).collect();
-                return Err(Error::InvalidInput {
-                    what: format!("upcasters of event type {event_type:?}"),
-                    reason: format!(
+                return Err((
+                    format!("upcasters of event type {event_type:?}"),
+                    format!(
                         "no upcaster from schema version {} to {}: the chain must step from 1 \
                          without gaps (steps registered from {})",
                         missing.0,
                         missing.0 + 1,
                         registered.join(", ")
                     ),
-                });
+                ));
             }
             chains.insert(event_type.into_boxed_str(), steps.into_values().collect());
         }
@@ -192,16 +193,7 @@ fn schema_of<E: DomainEvent>() -> Result<Arc<Schema>, Error> {
         None => {
             // Built outside the lock: user code runs here. Two first readers may both build;
             // the chains are equal, so either result is right.
-            let built = E::upcasters()
-                .into_schema()
-                .map(Arc::new)
-                .map_err(|e| match e {
-                    Error::InvalidInput { what, reason } => (what, reason),
-                    other => (
-                        format!("upcasters of {}", std::any::type_name::<E>()),
-                        other.to_string(),
-                    ),
-                });
+            let built = E::upcasters().into_schema().map(Arc::new);
             cache
                 .write()
                 .unwrap_or_else(|e| e.into_inner())

@@ -799,3 +799,57 @@ fn servers() -> Vec<(&'static str, String)> {
     }
     servers
 }
+
+#[test]
+#[should_panic(
+    expected = "the event type's upcasters are refused: invalid upcasters of event type"
+)]
+fn then_expect_events_refuses_a_broken_chain() {
+    AggregateTest::<Broken>::given_no_history()
+        .when(())
+        .then_expect_events([]);
+}
+
+/// Its one step makes a map with a nil key, which JSON cannot hold.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+enum NilKey {
+    Happened,
+}
+
+impl DomainEvent for NilKey {
+    fn event_type(&self) -> &'static str {
+        "Happened"
+    }
+
+    fn upcasters() -> Upcasters {
+        Upcasters::new().step("Happened", 1, |_| {
+            Ok(Value::Map(vec![(Value::Nil, Value::from(1))]))
+        })
+    }
+}
+
+#[test]
+fn an_upcast_value_that_its_encoding_cannot_hold_is_a_decode_error() {
+    let err = read_stored::<NilKey>([json("Happened", 1, json!("Happened"))]).unwrap_err();
+    assert!(
+        matches!(&err, Error::Decode { reason, content_type, .. }
+            if content_type == "application/json" && reason.starts_with("after upcasting from schema version 1 to 2: ")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_current_event_upcasts_to_its_own_payload() {
+    let current = store_as_recorded(newton::encode(&credited(2), &Default::default()).unwrap());
+    let values = Decoder::<LedgerEvent>::new()
+        .unwrap()
+        .upcast(&current)
+        .unwrap();
+    assert_eq!(
+        values,
+        [variant(
+            "Credited",
+            [("amount", Value::from(2)), ("currency", Value::from("EUR"))]
+        )]
+    );
+}
