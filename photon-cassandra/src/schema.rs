@@ -160,7 +160,10 @@ const DELETE_PENDING: Cql = Cql(
 );
 /// The time ids of a category's rows in a range (what a `Start::Now` subscription finds stored).
 const CATEGORY_TIMES: Cql = Cql("SELECT time_id FROM {ks}.category_commits WHERE category = ? AND bucket = ? AND time_id > ? AND time_id <= ? LIMIT ?");
-const PENDING_AFTER: Cql = Cql("SELECT time_id, stream, version FROM {ks}.pending WHERE category = ? AND bucket = ? AND time_id > ?");
+/// The pending markers of a category in a range of time ids. Bounded above, so that a reader
+/// far behind scans only the cleared markers' tombstones of the range it is about to read, not
+/// those of the rest of the bucket (see `subscription::timeline_step`).
+const PENDING_BETWEEN: Cql = Cql("SELECT time_id, stream, version FROM {ks}.pending WHERE category = ? AND bucket = ? AND time_id > ? AND time_id <= ?");
 const INSERT_BUCKET: Cql =
     Cql("INSERT INTO {ks}.category_buckets (category, bucket) VALUES (?, ?)");
 const BUCKETS_FROM: Cql = Cql("SELECT bucket FROM {ks}.category_buckets WHERE category = ? AND bucket >= ? AND bucket <= ? LIMIT 1");
@@ -278,7 +281,7 @@ pub(crate) async fn prepare_statements(
         clear_pending: batch(config, BatchType::Unlogged, &[&delete_pending; 2]),
         insert_category: plain(INSERT_CATEGORY_COMMIT).await?,
         insert_stream: plain(INSERT_STREAM).await?,
-        pending_in: plain(PENDING_AFTER).await?,
+        pending_in: plain(PENDING_BETWEEN).await?,
         category_page: plain(CATEGORY_PAGE).await?,
         category_page_incl: plain(CATEGORY_PAGE_INCL).await?,
         category_times: plain(CATEGORY_TIMES).await?,

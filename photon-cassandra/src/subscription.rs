@@ -304,10 +304,9 @@ async fn markers_between(
 ) -> Result<Vec<Uuid>, Error> {
     let mut times = Vec::new();
     for b in buckets_between(shared, key, from, to).await? {
-        for (t, _, _) in pending_in(shared, key, b, codec::max_time_id(from)).await? {
-            if codec::time_micros(&t) <= to {
-                times.push(t);
-            }
+        let (after, through) = (codec::max_time_id(from), codec::max_time_id(to));
+        for (t, _, _) in pending_in(shared, key, b, after, through).await? {
+            times.push(t);
         }
     }
     times.sort_by_key(codec::time_micros);
@@ -382,22 +381,36 @@ async fn stream_step(
     Ok((progressed, s.next >= s.end))
 }
 
-/// One step of a category or all-stream subscription: resolve old pending appends in the
-/// current bucket, then read a page up to the horizon, or move to the next bucket. Returns
-/// (progressed, history delivered).
+/// One step of a category or all-stream subscription: find how far a page reaches, resolve
+/// the pending appends before that, then read the page up to the horizon, or move to the next
+/// bucket. Returns (progressed, history delivered).
+///
+/// The markers are read only up to the page's reach (the `COMMITS_PER_PAGE`th row after the
+/// reader's position), never to the end of the bucket: every append leaves its cleared
+/// markers behind as tombstones, and a reader far back in a bucket that read the rest of it
+/// on every step would scan them all again each time (quadratic, and refused by the server
+/// past its `tombstone_failure_threshold`). Bounded, a step scans about a page of them.
 async fn timeline_step(
     shared: &Shared,
     t: &mut Timeline,
     mode: SubscriptionMode,
     out: &mut VecDeque<RecordedEvent>,
 ) -> Result<(bool, bool), Error> {
-    let mut horizon = horizon(shared, t).await?;
+    let now = shared.reader_now().await?;
+    let mut horizon = now - shared.config.settle.as_micros() as i64;
     if mode == SubscriptionMode::Cold {
         horizon = horizon.min(t.end);
     }
     let bucket_end = (t.bucket + 1) * shared.config.time_bucket_micros() - 1;
-    let upper = horizon.min(bucket_end);
+    let mut upper = horizon.min(bucket_end);
     let mut progressed = false;
+    if upper >= codec::time_micros(&t.lower) {
+        // The markers first, then the rows: a marker cleared after this read belongs to an
+        // append whose rows are written by then, so the page below sees them.
+        let reach = page_reach(shared, t, upper).await?;
+        horizon = horizon.min(pending_cut(shared, t, reach, now).await?);
+        upper = horizon.min(reach);
+    }
     if upper >= codec::time_micros(&t.lower) {
         let (page, full) = category_page(shared, t, upper).await?;
         progressed = !page.is_empty();
@@ -415,23 +428,61 @@ async fn timeline_step(
     Ok((progressed, t.delivered_through >= t.end))
 }
 
-/// How far a reader may read now: `settle` behind the present, and before every pending append
-/// after its position (markers older than `repair_after` are settled instead).
-async fn horizon(shared: &Shared, t: &Timeline) -> Result<i64, Error> {
-    let config = &shared.config;
-    let now = shared.reader_now().await?;
-    let mut horizon = now - config.settle.as_micros() as i64;
-    // Only markers after our position matter (and reading from there skips the tombstones of
-    // markers already cleared behind it).
-    for (time_id, stream, version) in pending_in(shared, &t.key, t.bucket, t.lower).await? {
+/// How far one page after the reader's position can reach, at most `upper` (µs): the time of
+/// the `COMMITS_PER_PAGE`th category row after it, or `upper` when fewer rows are there. Rows
+/// indexed after this read only make the page fuller, so a page read up to the reach is full
+/// or ends there.
+async fn page_reach(shared: &Shared, t: &Timeline, upper: i64) -> Result<i64, Error> {
+    let (session, st) = shared.ready().await?;
+    let context = || format!("reading the category {} ahead of a page", t.key);
+    let values = (
+        t.key.as_str(),
+        t.bucket,
+        CqlTimeuuid::from(t.lower),
+        CqlTimeuuid::from(codec::max_time_id(upper)),
+        COMMITS_PER_PAGE,
+    );
+    let rows = session
+        .execute_unpaged(&st.category_times, values)
+        .await
+        .map_err(|e| error::request(context(), e))?
+        .into_rows_result()
+        .map_err(|e| error::driver(context(), e))?;
+    let times = rows
+        .rows::<(CqlTimeuuid,)>()
+        .map_err(|e| error::driver(context(), e))?
+        .map(|r| r.map(|(t,)| Uuid::from(t)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| error::driver(context(), e))?;
+    Ok(match times.last() {
+        Some(last) if times.len() == COMMITS_PER_PAGE as usize => codec::time_micros(last),
+        _ => upper,
+    })
+}
+
+/// How far a reader may read, given the pending appends after its position up to `through`
+/// (µs): just before the oldest one still pending (`i64::MAX` when none is); markers older
+/// than `repair_after` are settled instead.
+async fn pending_cut(shared: &Shared, t: &Timeline, through: i64, now: i64) -> Result<i64, Error> {
+    let repair_after = shared.config.repair_after.as_micros() as i64;
+    let mut cut = i64::MAX;
+    let markers = pending_in(
+        shared,
+        &t.key,
+        t.bucket,
+        t.lower,
+        codec::max_time_id(through),
+    )
+    .await?;
+    for (time_id, stream, version) in markers {
         let at = codec::time_micros(&time_id);
-        if now - at > config.repair_after.as_micros() as i64 {
+        if now - at > repair_after {
             shared.settle_marker(time_id, &stream, version).await?;
         } else {
-            horizon = horizon.min(at - 1);
+            cut = cut.min(at - 1);
         }
     }
-    Ok(horizon)
+    Ok(cut)
 }
 
 impl Timeline {
@@ -509,16 +560,19 @@ async fn first_bucket(
         .map(|(b,)| b))
 }
 
+/// The pending markers of `key` in `bucket` with time ids in `(after, through]`, oldest first.
 async fn pending_in(
     shared: &Shared,
     key: &str,
     bucket: i64,
     after: Uuid,
+    through: Uuid,
 ) -> Result<Vec<(Uuid, StreamId, u64)>, Error> {
     let (session, st) = shared.ready().await?;
     let context = || format!("reading the pending appends of {key}");
+    let range = (CqlTimeuuid::from(after), CqlTimeuuid::from(through));
     let rows = session
-        .execute_unpaged(&st.pending_in, (key, bucket, CqlTimeuuid::from(after)))
+        .execute_unpaged(&st.pending_in, (key, bucket, range.0, range.1))
         .await
         .map_err(|e| error::request(context(), e))?
         .into_rows_result()
