@@ -7,6 +7,7 @@ mod opener;
 mod store;
 mod stream_id;
 mod subscription;
+pub mod telemetry;
 pub mod url;
 pub mod validate;
 mod version;

@@ -17,6 +17,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::Error;
 use crate::store::error_stream;
 use crate::subscription::{Selector, Start, SubscriptionItem, SubscriptionMode};
+use crate::telemetry::{SubscriptionTelemetry, Telemetry};
 use crate::validate::validate_subscription;
 
 /// A subscription's arguments, checked, with the checkpoint decoded into the backend's position
@@ -48,10 +49,15 @@ pub trait SubscriptionCursor: Send + 'static {
 /// mismatched one); `open` builds the backend's item stream from the checked request. The
 /// returned stream yields the first error of either, or of the items, and then ends.
 ///
+/// The subscription is traced and measured here, for every backend alike, with `telemetry`'s
+/// labels: a `photon.subscribe` span with a `photon.catch_up` child that ends at `CaughtUp`, the
+/// events and bytes delivered, the outcome, and sampled lag (see [`crate::telemetry`]).
+///
 /// # Errors
 /// - [`Error::InvalidInput`] as the first item for `Hot` with a start other than `Now`.
 /// - Whatever `decode` or `open` return, as the first item.
 pub fn open_subscription<P, S>(
+    telemetry: &'static Telemetry,
     selector: Selector,
     start: Start,
     mode: SubscriptionMode,
@@ -61,6 +67,7 @@ pub fn open_subscription<P, S>(
 where
     S: Stream<Item = Result<SubscriptionItem, Error>> + Send + 'static,
 {
+    let mut traced = SubscriptionTelemetry::new(telemetry, &selector, &start, mode);
     let request = validate_subscription(&start, mode)
         .and_then(|()| match &start {
             Start::After(cp) => decode(cp, &selector).map(Some),
@@ -76,9 +83,13 @@ where
         Ok(items) => EndAfterError {
             inner: items.boxed(),
             done: false,
+            telemetry: traced,
         }
         .boxed(),
-        Err(e) => error_stream(e),
+        Err(e) => {
+            traced.end(Err(&e));
+            error_stream(e)
+        }
     }
 }
 
@@ -109,10 +120,12 @@ where
     })
 }
 
-/// Ends a stream after its first error, without allocating per item.
+/// Ends a stream after its first error, without allocating per item, and traces and measures
+/// what passes.
 struct EndAfterError {
     inner: BoxStream<'static, Result<SubscriptionItem, Error>>,
     done: bool,
+    telemetry: SubscriptionTelemetry,
 }
 
 impl Stream for EndAfterError {
@@ -122,10 +135,14 @@ impl Stream for EndAfterError {
         if self.done {
             return Poll::Ready(None);
         }
-        let polled = self.inner.poll_next_unpin(cx);
-        match &polled {
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.done = true,
-            _ => {}
+        let this = &mut *self;
+        let polled = {
+            let _entered = this.telemetry.span().enter();
+            this.inner.poll_next_unpin(cx)
+        };
+        this.telemetry.observe(&polled);
+        if let Poll::Ready(None) | Poll::Ready(Some(Err(_))) = &polled {
+            this.done = true;
         }
         polled
     }
@@ -141,6 +158,9 @@ impl FusedStream for EndAfterError {
 mod tests {
     use super::*;
     use futures::executor::block_on;
+
+    static LABELS: crate::telemetry::Labels = crate::telemetry::Labels::new("test");
+    static TEST: Telemetry = Telemetry::new(&LABELS);
 
     struct Counter {
         left: u32,
@@ -171,6 +191,7 @@ mod tests {
         fail_at_end: bool,
     ) -> Vec<Result<SubscriptionItem, Error>> {
         let s = open_subscription(
+            &TEST,
             Selector::All,
             start,
             mode,
@@ -221,6 +242,7 @@ mod tests {
     #[test]
     fn an_open_that_fails_is_the_only_item() {
         let s = open_subscription(
+            &TEST,
             Selector::All,
             Start::Now,
             SubscriptionMode::Hot,

@@ -27,6 +27,13 @@ use crate::schema::{self, Statements};
 /// The backend name, also the tag of its checkpoints.
 pub const BACKEND: &str = "cassandra";
 
+/// This backend's metric labels, `backend="cassandra"`.
+static LABELS: photon_api::telemetry::Labels = photon_api::telemetry::Labels::new(BACKEND);
+
+/// This backend's spans and metrics.
+pub(crate) static TELEMETRY: photon_api::telemetry::Telemetry =
+    photon_api::telemetry::Telemetry::new(&LABELS);
+
 /// Commits fetched per page of a read or a subscription, at most (`LIMIT` of each page's
 /// `SELECT`; fewer when they would not fit in `page_bytes`): memory holds one page however long
 /// the stream or category.

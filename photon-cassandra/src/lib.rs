@@ -25,9 +25,10 @@ use photon_api::{
     ReadOptions, RecordedEvent, Selector, Start, StreamId, SubscriptionItem, SubscriptionMode,
     Version,
 };
+use tracing::Instrument;
 
-use crate::client::Shared;
 pub use crate::client::{session_builder, BACKEND, COMMITS_PER_PAGE};
+use crate::client::{Shared, TELEMETRY};
 pub use crate::config::{CassandraConfig, Replication, SCHEME, SCHEMES};
 
 /// The event store on Apache Cassandra or ScyllaDB (tested on Cassandra 5.0). Clones share one
@@ -114,7 +115,15 @@ impl EventStore for CassandraStore {
         expected: ExpectedVersion,
         events: Vec<EventData>,
     ) -> Result<AppendResult, Error> {
-        self.inner.append(stream, expected, events).await
+        let probe = TELEMETRY.append(stream, &events);
+        let mut attempts = 0;
+        let result = self
+            .inner
+            .append(stream, expected, events, &mut attempts)
+            .instrument(probe.span().clone())
+            .await;
+        probe.finish(&result, attempts);
+        result
     }
 
     fn read_stream(
@@ -122,7 +131,11 @@ impl EventStore for CassandraStore {
         stream: &StreamId,
         options: ReadOptions,
     ) -> BoxStream<'static, Result<RecordedEvent, Error>> {
-        reader::read_stream(self.inner.clone(), stream.clone(), options)
+        TELEMETRY.read(
+            stream,
+            &options,
+            reader::read_stream(self.inner.clone(), stream.clone(), options),
+        )
     }
 
     fn subscribe(

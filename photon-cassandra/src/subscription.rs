@@ -25,7 +25,7 @@ use photon_api::{
 };
 use scylla::value::CqlTimeuuid;
 
-use crate::client::{Shared, ALL, COMMITS_PER_PAGE, MAX_POLL, POLL};
+use crate::client::{Shared, ALL, COMMITS_PER_PAGE, MAX_POLL, POLL, TELEMETRY};
 use crate::codec::{self, Commit, Position};
 use crate::error;
 use crate::reader;
@@ -44,6 +44,7 @@ pub(crate) fn subscribe(
     mode: SubscriptionMode,
 ) -> BoxStream<'static, Result<SubscriptionItem, Error>> {
     open_subscription(
+        &TELEMETRY,
         selector,
         start,
         mode,

@@ -9,11 +9,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use photon_api::telemetry::record_outcome;
 use photon_api::validate::{classify_batch, validate_batch, BatchKind};
 use photon_api::{AppendResult, Bytes, Error, EventData, ExpectedVersion, StreamId, Uuid, Version};
 use scylla::value::CqlTimeuuid;
+use tracing::Instrument;
 
-use crate::client::{Shared, StreamMeta, ALL, BACKEND};
+use crate::client::{Shared, StreamMeta, ALL, BACKEND, TELEMETRY};
 use crate::codec::{self, Commit, Position};
 use crate::error;
 
@@ -33,11 +35,13 @@ const MAX_UNAVAILABLE_ROUNDS: usize = 3;
 
 impl Shared {
     /// Appends `events` to `stream` if its version is `expected`, or recognises a re-send.
+    /// `attempts` is set to the attempts made (each after the first lost a race).
     pub(crate) async fn append(
         self: &Arc<Self>,
         stream: &StreamId,
         expected: ExpectedVersion,
         events: Vec<EventData>,
+        attempts: &mut u32,
     ) -> Result<AppendResult, Error> {
         let config = &self.config;
         validate_batch(
@@ -47,7 +51,8 @@ impl Shared {
             Some(config.max_append_size),
         )?;
         let mut append = Append::start(self, stream, expected, &events).await?;
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 1..=MAX_ATTEMPTS {
+            *attempts = attempt as u32;
             if let Some(result) = append.attempt().await? {
                 return Ok(result);
             }
@@ -129,11 +134,31 @@ impl Shared {
         stream: &StreamId,
         version: u64,
     ) -> Result<(), Error> {
+        let span = TELEMETRY.repair_span(Some(stream), version);
+        let mut rounds = 0;
+        let settled = self
+            .settle_rounds(time_id, stream, version, &mut rounds)
+            .instrument(span.clone())
+            .await;
+        record_outcome(&span, &settled, Some(rounds));
+        TELEMETRY.retried(u64::from(rounds.saturating_sub(1)));
+        settled
+    }
+
+    /// The rounds of [`settle_marker`](Self::settle_marker), counted in `rounds`.
+    async fn settle_rounds(
+        &self,
+        time_id: Uuid,
+        stream: &StreamId,
+        version: u64,
+        rounds: &mut u32,
+    ) -> Result<(), Error> {
         // Each lost race means another writer or repairer changed the row in between; the
         // row only moves forward (absent, void, commit), so a few rounds settle it. Every step
         // is safe to repeat: the next round's serial read sees what a timed-out one left.
         let mut unavailable = 0;
         for _ in 0..MAX_FENCE_ROUNDS {
+            *rounds += 1;
             match self.fence_round(time_id, stream, version).await {
                 Ok(true) => return Ok(()),
                 Ok(false) => {}

@@ -31,6 +31,13 @@ use crate::writer::{Queue, Writer};
 /// The backend name, also the tag of its checkpoints.
 pub const BACKEND: &str = "kafka";
 
+/// This backend's metric labels, `backend="kafka"`.
+static LABELS: photon_api::telemetry::Labels = photon_api::telemetry::Labels::new(BACKEND);
+
+/// This backend's spans and metrics.
+pub(crate) static TELEMETRY: photon_api::telemetry::Telemetry =
+    photon_api::telemetry::Telemetry::new(&LABELS);
+
 /// Idle reader consumers kept for the next read; more are closed (each holds librdkafka threads).
 pub(crate) const MAX_POOLED_READERS: usize = 8;
 

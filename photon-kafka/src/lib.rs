@@ -26,9 +26,10 @@ use photon_api::{
     ReadOptions, RecordedEvent, Selector, Start, StreamId, SubscriptionItem, SubscriptionMode,
     Version,
 };
+use tracing::Instrument;
 
-use crate::client::Shared;
 pub use crate::client::BACKEND;
+use crate::client::{Shared, TELEMETRY};
 pub use crate::codec::header;
 pub use crate::config::{KafkaConfig, SCHEME, SCHEMES};
 pub use crate::topic::TopicRefused;
@@ -130,7 +131,13 @@ impl EventStore for KafkaStore {
         expected: ExpectedVersion,
         events: Vec<EventData>,
     ) -> Result<AppendResult, Error> {
-        writer::append(&self.inner, stream, expected, events).await
+        let probe = TELEMETRY.append(stream, &events);
+        let mut attempts = 0;
+        let result = writer::append(&self.inner, stream, expected, events, &mut attempts)
+            .instrument(probe.span().clone())
+            .await;
+        probe.finish(&result, attempts);
+        result
     }
 
     fn read_stream(
@@ -138,7 +145,11 @@ impl EventStore for KafkaStore {
         stream: &StreamId,
         options: ReadOptions,
     ) -> BoxStream<'static, Result<RecordedEvent, Error>> {
-        reader::read_stream(self.inner.clone(), stream.clone(), options)
+        TELEMETRY.read(
+            stream,
+            &options,
+            reader::read_stream(self.inner.clone(), stream.clone(), options),
+        )
     }
 
     fn subscribe(

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use futures::stream::{self, BoxStream};
 use futures::{StreamExt, TryStreamExt};
+use photon_api::telemetry::record_outcome;
 use photon_api::{
     error_stream, Category, Direction, Error, ReadOptions, RecordedEvent, StreamId, Version,
 };
@@ -14,8 +15,9 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
+use tracing::Instrument;
 
-use crate::client::{blocking, Shared, SharedPartition, MAX_POOLED_READERS};
+use crate::client::{blocking, Shared, SharedPartition, MAX_POOLED_READERS, TELEMETRY};
 use crate::codec::{self, partition_for};
 use crate::error::{self, Fault};
 use crate::index::PartitionIndex;
@@ -172,8 +174,24 @@ async fn next_message<'c>(
 }
 
 /// Reads `topic`/`p` from `index.next_offset` to its current stable end. Returns whether photon
-/// records were added.
+/// records were added. Traced as a `photon.catch_up` span with the offsets read and the outcome.
 pub(crate) async fn catch_up(
+    shared: &Arc<Shared>,
+    topic: &str,
+    p: i32,
+    index: &mut PartitionIndex,
+) -> Result<bool, Error> {
+    let span = TELEMETRY.catch_up_span(&format_args!("{topic}/{p}"));
+    let from = index.next_offset;
+    let result = read_to_stable_end(shared, topic, p, index)
+        .instrument(span.clone())
+        .await;
+    span.record("events", index.next_offset.saturating_sub(from));
+    record_outcome(&span, &result, None);
+    result
+}
+
+async fn read_to_stable_end(
     shared: &Arc<Shared>,
     topic: &str,
     p: i32,

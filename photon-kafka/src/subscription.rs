@@ -27,7 +27,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use crate::client::{blocking, Shared};
+use crate::client::{blocking, Shared, TELEMETRY};
 use crate::codec::{self, partition_for};
 use crate::error;
 use crate::position::{self, Position};
@@ -51,9 +51,14 @@ pub(crate) fn subscribe(
     start: Start,
     mode: SubscriptionMode,
 ) -> BoxStream<'static, Result<SubscriptionItem, Error>> {
-    open_subscription(selector, start, mode, Position::for_selector, |request| {
-        Ok(cursor_stream(Subscription::open(shared, request)))
-    })
+    open_subscription(
+        &TELEMETRY,
+        selector,
+        start,
+        mode,
+        Position::for_selector,
+        |request| Ok(cursor_stream(Subscription::open(shared, request))),
+    )
 }
 
 enum Scope {

@@ -106,7 +106,17 @@ pub(crate) struct Queued {
     size: usize,
     /// Stored before this or never: three request timeouts from the call.
     deadline: Instant,
-    reply: oneshot::Sender<Result<AppendResult, Error>>,
+    /// Attempts made at this append's group so far, reported with the answer (the append span's
+    /// `attempts`, and the retries counted).
+    attempts: u32,
+    reply: oneshot::Sender<(Result<AppendResult, Error>, u32)>,
+}
+
+impl Queued {
+    /// Answers the caller (who may have gone away: then nobody hears it).
+    fn answer(self, result: Result<AppendResult, Error>) {
+        let _ = self.reply.send((result, self.attempts));
+    }
 }
 
 /// Appends queued for one partition, taken by the partition's holder task.
@@ -167,11 +177,14 @@ fn transactional_id(topic: &str, p: i32) -> String {
 
 /// Appends `events` to `stream` if it is at `expected`: validated, queued for the stream's
 /// partition, and committed by the partition's holder task, before the call's deadline or never.
+/// `attempts` is set to the attempts the holder made at the append's group (0 when it was not
+/// queued).
 pub(crate) async fn append(
     shared: &Arc<Shared>,
     stream: &StreamId,
     expected: ExpectedVersion,
     events: Vec<EventData>,
+    attempts: &mut u32,
 ) -> Result<AppendResult, Error> {
     let config = &shared.config;
     // The caller hears back within three request timeouts of the call (`answer_by`); every step
@@ -224,6 +237,7 @@ pub(crate) async fn append(
             events,
             size,
             deadline,
+            attempts: 0,
             reply,
         });
         (id, !std::mem::replace(&mut pending.holder, true))
@@ -246,7 +260,10 @@ pub(crate) async fn append(
     let answered = tokio::time::timeout_at(backstop, answer).await;
     queued.armed = false;
     match answered {
-        Ok(Ok(result)) => result,
+        Ok(Ok((result, tried))) => {
+            *attempts = tried;
+            result
+        }
         Ok(Err(_)) => Err(error::unavailable(format!(
             "the append to {stream} was interrupted; its outcome is unknown, retry with the same ids"
         ))),
@@ -319,10 +336,11 @@ fn take_group(queue: &Queue, topic: &str, p: i32, max_bytes: usize) -> Option<Ve
     while let Some(q) = pending.appends.pop_front() {
         if q.deadline <= now {
             pending.bytes -= q.size;
-            let _ = q.reply.send(Err(error::unavailable(format!(
+            let e = error::unavailable(format!(
                 "the append to {} waited for {topic}/{p} past its deadline and was not sent; nothing was stored",
                 q.stream
-            ))));
+            ));
+            q.answer(Err(e));
             continue;
         }
         let fits = group.is_empty() || (bytes + q.size <= max_bytes && group.len() < MAX_GROUP);
@@ -380,6 +398,9 @@ async fn commit_group(
             return;
         };
         attempt += 1;
+        for q in &mut group {
+            q.attempts += 1;
+        }
         match try_group(shared, topic, p, state, &mut group, cutoff).await {
             Ok(()) => return,
             Err(Attempt::Stop(e)) => {
@@ -426,7 +447,7 @@ fn answer_late(late: Vec<Queued>, topic: &str, p: i32, why: Option<&Error>) {
             Some(why) => Error::unavailable(BACKEND, message, error::duplicate(why)),
             None => error::unavailable(message),
         };
-        let _ = q.reply.send(Err(e));
+        q.answer(Err(e));
     }
 }
 
@@ -456,7 +477,7 @@ fn answer_all(group: Vec<Queued>, e: Error) {
         } else {
             error::duplicate(e.as_ref().expect("kept for the last"))
         };
-        let _ = q.reply.send(Err(answer));
+        q.answer(Err(answer));
     }
 }
 
@@ -572,7 +593,7 @@ async fn try_group(
         Ok(Visible::Yes) => {
             for (q, first) in writes {
                 let r = result_of(&state.index, &q.stream, p, first, q.events.len());
-                let _ = q.reply.send(Ok(r));
+                q.answer(Ok(r));
             }
             Ok(())
         }
@@ -646,7 +667,7 @@ fn settle_decided(
     for q in std::mem::take(group) {
         match decide(&state.index, &q) {
             Err(refusal) if refusals_final => {
-                let _ = q.reply.send(Err(refusal));
+                q.answer(Err(refusal));
             }
             Err(_) => {
                 held = true;
@@ -654,7 +675,7 @@ fn settle_decided(
             }
             Ok(BatchKind::Retry { first }) => {
                 let r = result_of(&state.index, &q.stream, p, first, q.events.len());
-                let _ = q.reply.send(Ok(r));
+                q.answer(Ok(r));
             }
             Ok(BatchKind::New) => left.push(q),
         }

@@ -19,6 +19,13 @@ use crate::faults::FaultState;
 /// The backend name, also the tag of its checkpoints.
 pub const BACKEND: &str = "memory";
 
+/// This backend's metric labels, `backend="memory"`.
+static LABELS: photon_api::telemetry::Labels = photon_api::telemetry::Labels::new(BACKEND);
+
+/// This backend's spans and metrics.
+pub(crate) static TELEMETRY: photon_api::telemetry::Telemetry =
+    photon_api::telemetry::Telemetry::new(&LABELS);
+
 /// How many events a read or subscription copies out per lock; bounds both lock hold time and
 /// per-subscriber memory.
 pub(crate) const CHUNK: usize = 256;

@@ -20,7 +20,7 @@ use photon_api::{
 };
 use tokio::sync::watch;
 
-use crate::client::{Shared, State, BACKEND};
+use crate::client::{Shared, State, BACKEND, TELEMETRY};
 use crate::config::Faults;
 use crate::{codec, error, subscription, writer};
 
@@ -290,6 +290,7 @@ fn weak_subscribe(
     let delay = faults.config.delivery_delay;
     let partitioned = faults.config.partitions.is_some();
     open_subscription(
+        &TELEMETRY,
         selector,
         start,
         mode,

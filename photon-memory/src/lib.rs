@@ -23,8 +23,8 @@ use photon_api::{
     Version,
 };
 
-use crate::client::Shared;
 pub use crate::client::BACKEND;
+use crate::client::{Shared, TELEMETRY};
 pub use crate::config::{Faults, MemoryConfig, SCHEME, SCHEMES};
 
 /// Builds a [`MemoryStore`] from code or from a `memory://` URL.
@@ -143,10 +143,17 @@ impl EventStore for MemoryStore {
         expected: ExpectedVersion,
         events: Vec<EventData>,
     ) -> Result<AppendResult, Error> {
-        match &self.shared.faults {
-            None => writer::append(&self.shared, stream, expected, events),
-            Some(faults) => faults::append(&self.shared, faults, stream, expected, events),
-        }
+        let probe = TELEMETRY.append(stream, &events);
+        let result = {
+            // Synchronous: the span is entered for the call, no future to instrument.
+            let _entered = probe.span().enter();
+            match &self.shared.faults {
+                None => writer::append(&self.shared, stream, expected, events),
+                Some(faults) => faults::append(&self.shared, faults, stream, expected, events),
+            }
+        };
+        probe.finish(&result, 1);
+        result
     }
 
     fn read_stream(
@@ -154,7 +161,11 @@ impl EventStore for MemoryStore {
         stream: &StreamId,
         options: ReadOptions,
     ) -> BoxStream<'static, Result<RecordedEvent, Error>> {
-        reader::read_stream(&self.shared, stream, options)
+        TELEMETRY.read(
+            stream,
+            &options,
+            reader::read_stream(&self.shared, stream, options),
+        )
     }
 
     fn subscribe(

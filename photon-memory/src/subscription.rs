@@ -18,7 +18,7 @@ use photon_api::{
 };
 use tokio::sync::watch;
 
-use crate::client::{Sealed, Shared};
+use crate::client::{Sealed, Shared, TELEMETRY};
 use crate::reader::Place;
 use crate::{codec, error};
 
@@ -31,6 +31,7 @@ pub(crate) fn subscribe(
     mode: SubscriptionMode,
 ) -> BoxStream<'static, Result<SubscriptionItem, Error>> {
     open_subscription(
+        &TELEMETRY,
         selector,
         start,
         mode,
@@ -155,6 +156,7 @@ impl Cursor {
         }
         let fetched = &mut self.fetched;
         fetched.clear();
+        let from = self.place.next;
         let (len, sealed) = self.shared.read().fetch(
             &self.selector,
             &mut self.place,
@@ -163,6 +165,9 @@ impl Cursor {
             &mut fetched.copied,
         );
         fetched.sealed = sealed;
+        // Once per chunk, not per event: how far the chunk's first event is from the log's head
+        // (in log positions, which count every category's events).
+        TELEMETRY.subscription_lag_events(len.saturating_sub(from));
         len
     }
 

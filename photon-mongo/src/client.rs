@@ -24,6 +24,13 @@ use crate::error;
 /// The backend name, also the tag of its checkpoints.
 pub const BACKEND: &str = "mongo";
 
+/// This backend's metric labels, `backend="mongo"`.
+static LABELS: photon_api::telemetry::Labels = photon_api::telemetry::Labels::new(BACKEND);
+
+/// This backend's spans and metrics.
+pub(crate) static TELEMETRY: photon_api::telemetry::Telemetry =
+    photon_api::telemetry::Telemetry::new(&LABELS);
+
 /// The largest batch (sum of event sizes) one append accepts: a commit is one document, and
 /// MongoDB refuses documents over 16 MiB; the rest is room for field names and ids.
 pub const MAX_APPEND_SIZE: usize = 12 * 1024 * 1024;

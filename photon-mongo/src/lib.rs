@@ -21,12 +21,13 @@ use photon_api::{
     ReadOptions, RecordedEvent, Selector, Start, StreamId, SubscriptionItem, SubscriptionMode,
     Version,
 };
+use tracing::Instrument;
 
-use crate::client::Shared;
 pub use crate::client::{
     client_options, commit_indexes, idempotency_index, BACKEND, IDS_BY_INDEX, IDS_LOOKED_UP,
     MAX_APPEND_SIZE,
 };
+use crate::client::{Shared, TELEMETRY};
 pub use crate::config::{MongoConfig, SCHEME, SCHEMES};
 
 /// The event store on MongoDB. Clones share one connection pool.
@@ -91,7 +92,13 @@ impl EventStore for MongoStore {
         expected: ExpectedVersion,
         events: Vec<EventData>,
     ) -> Result<AppendResult, Error> {
-        writer::append(&self.shared, stream, expected, events).await
+        let probe = TELEMETRY.append(stream, &events);
+        let mut attempts = 0;
+        let result = writer::append(&self.shared, stream, expected, events, &mut attempts)
+            .instrument(probe.span().clone())
+            .await;
+        probe.finish(&result, attempts);
+        result
     }
 
     fn read_stream(
@@ -99,7 +106,11 @@ impl EventStore for MongoStore {
         stream: &StreamId,
         options: ReadOptions,
     ) -> BoxStream<'static, Result<RecordedEvent, Error>> {
-        reader::read_stream(self.shared.clone(), stream.clone(), options)
+        TELEMETRY.read(
+            stream,
+            &options,
+            reader::read_stream(self.shared.clone(), stream.clone(), options),
+        )
     }
 
     fn subscribe(

@@ -16,12 +16,14 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{BoxStream, TryStreamExt};
 use mongodb::bson::{doc, Document, RawDocumentBuf};
+use photon_api::telemetry::record_outcome;
 use photon_api::{
     cursor_stream, open_subscription, Checkpoint, Error, RecordedEvent, Selector, Start,
     SubscriptionCursor, SubscriptionItem, SubscriptionMode, SubscriptionRequest,
 };
+use tracing::Instrument;
 
-use crate::client::Shared;
+use crate::client::{Shared, TELEMETRY};
 use crate::codec::{self, TOMBSTONE_STREAM};
 use crate::error;
 
@@ -50,6 +52,7 @@ pub(crate) fn subscribe(
     mode: SubscriptionMode,
 ) -> BoxStream<'static, Result<SubscriptionItem, Error>> {
     open_subscription(
+        &TELEMETRY,
         selector,
         start,
         mode,
@@ -278,7 +281,13 @@ impl Reader {
                 position = missing,
                 "position still empty after the gap timeout; writing a tombstone"
             );
-            tombstone(&self.shared, missing).await?;
+            // The repair of an append that never landed: its position is fenced for good.
+            let span = TELEMETRY.repair_span(None, missing);
+            let fenced = tombstone(&self.shared, missing)
+                .instrument(span.clone())
+                .await;
+            record_outcome(&span, &fenced, Some(1));
+            fenced?;
             self.missing_since.remove(&missing);
             return Ok(());
         }

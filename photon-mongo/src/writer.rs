@@ -26,12 +26,14 @@ const MAX_DOCUMENT_SIZE: usize = 16 * 1024 * 1024 - 16 * 1024;
 const APPEND_ATTEMPTS: usize = 200;
 
 /// Appends `events` to `stream` if it is at `expected`; a re-send of a stored batch answers as
-/// the first send did, whatever `expected` says.
+/// the first send did, whatever `expected` says. `attempts` is set to the inserts tried (each
+/// one after the first lost a race).
 pub(crate) async fn append(
     shared: &Arc<Shared>,
     stream: &StreamId,
     expected: ExpectedVersion,
     events: Vec<EventData>,
+    attempts: &mut u32,
 ) -> Result<AppendResult, Error> {
     validate_batch(
         stream,
@@ -41,6 +43,7 @@ pub(crate) async fn append(
     )?;
     let ids_by_index = shared.ready().await?.ids_unique_per_element;
     for attempt in 1..=APPEND_ATTEMPTS {
+        *attempts = attempt as u32;
         if let Some(result) = try_append(shared, stream, expected, &events, ids_by_index).await? {
             return Ok(result);
         }

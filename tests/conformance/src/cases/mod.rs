@@ -20,6 +20,7 @@ pub mod idempotency;
 pub mod input;
 pub mod read;
 pub mod subscribe;
+pub mod telemetry;
 
 pub use self::append::*;
 pub use self::backpressure::*;
@@ -30,6 +31,7 @@ pub use self::idempotency::*;
 pub use self::input::*;
 pub use self::read::*;
 pub use self::subscribe::*;
+pub use self::telemetry::*;
 
 /// Hands `$then` to every file's case list; a new file of cases is named here.
 #[doc(hidden)]
@@ -45,6 +47,7 @@ macro_rules! __conformance_all_cases {
         $crate::__conformance_checkpoint_cases! { $($then)* }
         $crate::__conformance_backpressure_cases! { $($then)* }
         $crate::__conformance_input_cases! { $($then)* }
+        $crate::__conformance_telemetry_cases! { $($then)* }
     };
 }
 

@@ -1,0 +1,628 @@
+//! Tracing spans and metrics, in one place for every backend: the metric names (and what each
+//! one means), the spans' names and fields, and what an operation's outcome is called.
+//!
+//! Backends call these helpers instead of the `tracing` and `metrics` macros, so the four of them
+//! name and label everything the same way. What is cheap matters here: an append or a read is
+//! one span and a handful of metric updates whatever its number of events, metrics are labelled
+//! by backend (and outcome) only, never by stream (unbounded cardinality), and their keys are
+//! built from static parts, so nothing allocates unless a recorder does. Without a subscriber or
+//! recorder installed, every call is a check of a global and nothing more.
+//!
+//! Spans (their target is `photon`): `photon.append`, `photon.read` and a backend's own
+//! `photon.catch_up` (Kafka reading a partition to its end) at DEBUG, one per call on the hot
+//! path; `photon.subscribe`, its child `photon.catch_up` (the replay up to `CaughtUp`), and
+//! `photon.repair` at INFO. Nothing is traced per event above TRACE.
+//!
+//! This module records; it never decides anything about an operation, and never fails one.
+
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures::stream::{BoxStream, Stream};
+use futures::StreamExt;
+use metrics::{Key, Label, Level, Metadata, Unit};
+use tracing::field::Empty;
+use tracing::Span;
+
+use crate::error::Error;
+use crate::event::{EventData, RecordedEvent, Timestamp};
+use crate::store::AppendResult;
+use crate::stream_id::StreamId;
+use crate::subscription::{
+    Direction, ReadOptions, Selector, Start, SubscriptionItem, SubscriptionMode,
+};
+
+/// Counter: appends answered, labels `backend` and `outcome` (see [`outcome`]).
+pub const APPENDS: &str = "photon_appends_total";
+/// Counter: events stored by successful appends (a recognised re-send counts again), label
+/// `backend`.
+pub const APPENDED_EVENTS: &str = "photon_appended_events_total";
+/// Counter: bytes of those events, as [`EventData::size`] counts them, label `backend`.
+pub const APPENDED_BYTES: &str = "photon_appended_bytes_total";
+/// Counter: appends refused for a concurrency conflict (`WrongExpectedVersion`,
+/// `IdempotencyConflict`), label `backend`.
+pub const CONFLICTS: &str = "photon_append_conflicts_total";
+/// Counter: attempts a backend made again inside one operation (a lost race, a fenced commit, a
+/// repair round), label `backend`. Retries by the caller are appends of their own.
+pub const RETRIES: &str = "photon_retries_total";
+/// Counter: `Unavailable` errors answered by any operation (append, read, subscription),
+/// label `backend`.
+pub const UNAVAILABLE: &str = "photon_unavailable_errors_total";
+/// Histogram: seconds from an append's call to its answer, whatever the answer, label
+/// `backend`.
+pub const APPEND_SECONDS: &str = "photon_append_duration_seconds";
+/// Histogram: how long ago a subscription's delivered event was recorded, in seconds, sampled
+/// (the first event, every 256th, and every one that follows a wait for the store), label
+/// `backend`.
+pub const SUBSCRIPTION_LAG_SECONDS: &str = "photon_subscription_lag_seconds";
+/// Histogram: events stored after a subscription's delivered event, sampled like
+/// [`SUBSCRIPTION_LAG_SECONDS`], from backends whose cursor knows its head cheaply (memory,
+/// MongoDB), label `backend`.
+pub const SUBSCRIPTION_LAG_EVENTS: &str = "photon_subscription_lag_events";
+/// Gauge: seconds between when a view's last handled event was recorded and when the view
+/// handled it; 0 when the view has just caught up. Label `view` (views are few and named by the
+/// application). Recorded by newton's view runner.
+pub const VIEW_LAG_SECONDS: &str = "newton_view_lag_seconds";
+/// What an operation ended with, as the `outcome` span field and metric label say it: `ok`,
+/// `conflict` (reload and decide again), `unavailable` (retry), `invalid` (fix the input) or
+/// `error` (anything else).
+pub fn outcome<T>(result: &Result<T, Error>) -> &'static str {
+    match result {
+        Ok(_) => OUTCOMES[0],
+        Err(e) => error_outcome(e),
+    }
+}
+
+const OUTCOMES: [&str; 5] = ["ok", "conflict", "unavailable", "invalid", "error"];
+
+fn error_outcome(e: &Error) -> &'static str {
+    OUTCOMES[outcome_index(e)]
+}
+
+fn outcome_index(e: &Error) -> usize {
+    match e {
+        Error::WrongExpectedVersion { .. } | Error::IdempotencyConflict { .. } => 1,
+        Error::Unavailable { .. } => 2,
+        Error::InvalidInput { .. }
+        | Error::EventTooLarge { .. }
+        | Error::BatchTooLarge { .. }
+        | Error::ForeignCheckpoint { .. }
+        | Error::Encode { .. }
+        | Error::Unsupported { .. }
+        | Error::BackendNotCompiled { .. } => 3,
+        _ => 4,
+    }
+}
+
+/// Says what each metric means and its unit to the installed recorder (a Prometheus exporter
+/// prints them as `# HELP` lines). Optional: metrics are recorded without it.
+pub fn describe() {
+    let counters = [
+        (APPENDS, Unit::Count, "Appends answered, by outcome."),
+        (
+            APPENDED_EVENTS,
+            Unit::Count,
+            "Events stored by successful appends.",
+        ),
+        (
+            APPENDED_BYTES,
+            Unit::Bytes,
+            "Bytes of the events stored by successful appends.",
+        ),
+        (
+            CONFLICTS,
+            Unit::Count,
+            "Appends refused for a concurrency conflict.",
+        ),
+        (
+            RETRIES,
+            Unit::Count,
+            "Attempts a backend made again within one operation.",
+        ),
+        (
+            UNAVAILABLE,
+            Unit::Count,
+            "Unavailable errors answered by any operation.",
+        ),
+    ];
+    let histograms = [
+        (
+            APPEND_SECONDS,
+            Unit::Seconds,
+            "Time from an append's call to its answer.",
+        ),
+        (
+            SUBSCRIPTION_LAG_SECONDS,
+            Unit::Seconds,
+            "Age of a subscription's delivered events (sampled).",
+        ),
+        (
+            SUBSCRIPTION_LAG_EVENTS,
+            Unit::Count,
+            "Events stored after a subscription's delivered event (sampled).",
+        ),
+    ];
+    let gauges = [(
+        VIEW_LAG_SECONDS,
+        Unit::Seconds,
+        "Age of a view's last handled event when handled.",
+    )];
+    metrics::with_recorder(|r| {
+        for (name, unit, help) in counters {
+            r.describe_counter(name.into(), Some(unit), help.into());
+        }
+        for (name, unit, help) in histograms {
+            r.describe_histogram(name.into(), Some(unit), help.into());
+        }
+        for (name, unit, help) in gauges {
+            r.describe_gauge(name.into(), Some(unit), help.into());
+        }
+    });
+}
+
+const METADATA: Metadata<'static> = Metadata::new("photon", Level::INFO, Some(module_path!()));
+
+/// One backend's metric labels, a `static` that its [`Telemetry`] refers to (the keys it builds
+/// at compile time borrow them).
+#[derive(Debug)]
+pub struct Labels {
+    backend: &'static str,
+    one: [Label; 1],
+    by_outcome: [[Label; 2]; 5],
+}
+
+impl Labels {
+    /// The labels of `backend` (its name, as [`crate::EventStore::backend`] says it).
+    pub const fn new(backend: &'static str) -> Self {
+        const fn pair(backend: &'static str, outcome: &'static str) -> [Label; 2] {
+            [
+                Label::from_static_parts("backend", backend),
+                Label::from_static_parts("outcome", outcome),
+            ]
+        }
+        Self {
+            backend,
+            one: [Label::from_static_parts("backend", backend)],
+            by_outcome: [
+                pair(backend, OUTCOMES[0]),
+                pair(backend, OUTCOMES[1]),
+                pair(backend, OUTCOMES[2]),
+                pair(backend, OUTCOMES[3]),
+                pair(backend, OUTCOMES[4]),
+            ],
+        }
+    }
+}
+
+/// One backend's instruments: its name and its metric keys, built once, at compile time, as a
+/// `static`, so recording neither allocates nor hashes a key.
+///
+/// ```
+/// use photon_api::telemetry::{Labels, Telemetry};
+/// static LABELS: Labels = Labels::new("memory");
+/// static TELEMETRY: Telemetry = Telemetry::new(&LABELS);
+/// assert_eq!(TELEMETRY.backend(), "memory");
+/// ```
+#[derive(Debug)]
+pub struct Telemetry {
+    backend: &'static str,
+    appends: [Key; 5],
+    appended_events: Key,
+    appended_bytes: Key,
+    conflicts: Key,
+    retries: Key,
+    unavailable: Key,
+    append_seconds: Key,
+    lag_seconds: Key,
+    lag_events: Key,
+}
+
+impl Telemetry {
+    /// The instruments labelled with `labels`.
+    pub const fn new(labels: &'static Labels) -> Self {
+        const fn key(name: &'static str, labels: &'static Labels) -> Key {
+            Key::from_static_parts(name, &labels.one)
+        }
+        const fn appends(outcome: usize, labels: &'static Labels) -> Key {
+            Key::from_static_parts(APPENDS, &labels.by_outcome[outcome])
+        }
+        Self {
+            backend: labels.backend,
+            appends: [
+                appends(0, labels),
+                appends(1, labels),
+                appends(2, labels),
+                appends(3, labels),
+                appends(4, labels),
+            ],
+            appended_events: key(APPENDED_EVENTS, labels),
+            appended_bytes: key(APPENDED_BYTES, labels),
+            conflicts: key(CONFLICTS, labels),
+            retries: key(RETRIES, labels),
+            unavailable: key(UNAVAILABLE, labels),
+            append_seconds: key(APPEND_SECONDS, labels),
+            lag_seconds: key(SUBSCRIPTION_LAG_SECONDS, labels),
+            lag_events: key(SUBSCRIPTION_LAG_EVENTS, labels),
+        }
+    }
+
+    /// The backend these instruments are for.
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    fn counter(key: &Key, n: u64) {
+        metrics::with_recorder(|r| r.register_counter(key, &METADATA)).increment(n);
+    }
+
+    fn histogram(key: &Key, value: f64) {
+        metrics::with_recorder(|r| r.register_histogram(key, &METADATA)).record(value);
+    }
+
+    /// Counts `n` attempts made again inside one operation (see [`RETRIES`]).
+    pub fn retried(&'static self, n: u64) {
+        if n > 0 {
+            Self::counter(&self.retries, n);
+        }
+    }
+
+    /// Counts an error answered outside an append (a read, a subscription, a repair): only
+    /// `Unavailable` is counted, as [`UNAVAILABLE`].
+    pub fn failed(&'static self, error: &Error) {
+        if matches!(error, Error::Unavailable { .. }) {
+            Self::counter(&self.unavailable, 1);
+        }
+    }
+
+    /// Starts timing and tracing an append of `events` to `stream`; call
+    /// [`AppendProbe::finish`] with its answer. Run the append inside [`AppendProbe::span`]
+    /// (`Instrument::instrument`, or `enter` for a synchronous one), so what the backend logs
+    /// carries the stream.
+    pub fn append(&'static self, stream: &StreamId, events: &[EventData]) -> AppendProbe {
+        let bytes: usize = events.iter().map(EventData::size).sum();
+        let span = tracing::debug_span!(
+            target: "photon",
+            "photon.append",
+            backend = self.backend,
+            stream = stream.as_str(),
+            events = events.len(),
+            bytes,
+            outcome = Empty,
+            attempts = Empty,
+        );
+        AppendProbe {
+            telemetry: self,
+            span,
+            started: Instant::now(),
+            events: events.len() as u64,
+            bytes: bytes as u64,
+        }
+    }
+
+    /// Traces a read of one stream: a `photon.read` span entered while the read is polled, with
+    /// the events and bytes read and the outcome recorded when it ends (or is dropped).
+    pub fn read(
+        &'static self,
+        stream: &StreamId,
+        options: &ReadOptions,
+        events: BoxStream<'static, Result<RecordedEvent, Error>>,
+    ) -> BoxStream<'static, Result<RecordedEvent, Error>> {
+        let span = tracing::debug_span!(
+            target: "photon",
+            "photon.read",
+            backend = self.backend,
+            stream = stream.as_str(),
+            backwards = options.direction == Direction::Backwards,
+            from = options.from.map(|v| v.value()),
+            limit = options.limit,
+            events = Empty,
+            bytes = Empty,
+            outcome = Empty,
+        );
+        Traced {
+            telemetry: self,
+            inner: events,
+            span,
+            events: 0,
+            bytes: 0,
+            done: false,
+        }
+        .boxed()
+    }
+
+    /// A span for a backend's own catch-up (reading a log up to its end to rebuild what it
+    /// knows): record `events` and `outcome` on it with [`record_outcome`] when it ends. DEBUG:
+    /// appends and reads may each need one.
+    pub fn catch_up_span(&'static self, what: &dyn fmt::Display) -> Span {
+        tracing::debug_span!(
+            target: "photon",
+            "photon.catch_up",
+            backend = self.backend,
+            selector = %what,
+            events = Empty,
+            outcome = Empty,
+        )
+    }
+
+    /// A span for the repair of one append whose writer stopped half way (a marker settled, a
+    /// position fenced): `at` is the version (of `stream`) or the position repaired. Record
+    /// `outcome` and `attempts` on it with [`record_outcome`].
+    pub fn repair_span(&'static self, stream: Option<&StreamId>, at: u64) -> Span {
+        tracing::info_span!(
+            target: "photon",
+            "photon.repair",
+            backend = self.backend,
+            stream = stream.map(StreamId::as_str),
+            at,
+            outcome = Empty,
+            attempts = Empty,
+        )
+    }
+
+    /// The span of one subscription, its fields filled as it goes.
+    fn subscribe_span(
+        &'static self,
+        selector: &Selector,
+        start: &Start,
+        mode: SubscriptionMode,
+    ) -> Span {
+        tracing::info_span!(
+            target: "photon",
+            "photon.subscribe",
+            backend = self.backend,
+            selector = %SelectorField(selector),
+            start = start_name(start),
+            mode = ?mode,
+            events = Empty,
+            bytes = Empty,
+            outcome = Empty,
+        )
+    }
+
+    /// Records how many events a subscription's delivered event is behind the head (see
+    /// [`SUBSCRIPTION_LAG_EVENTS`]); a backend's cursor calls it where it knows its head.
+    pub fn subscription_lag_events(&'static self, behind: u64) {
+        Self::histogram(&self.lag_events, behind as f64);
+    }
+}
+
+/// The gauge of one view's lag ([`VIEW_LAG_SECONDS`]), labelled with the view's name. Built once
+/// per subscription of the view (the label is the one allocation) and set per handled event; a
+/// recorder installed later is seen from the view's next (re)subscription.
+pub fn view_lag_gauge(view: &str) -> metrics::Gauge {
+    let key = Key::from_parts(VIEW_LAG_SECONDS, vec![Label::new("view", view.to_owned())]);
+    metrics::with_recorder(|r| r.register_gauge(&key, &METADATA))
+}
+
+/// Records `outcome` (and `attempts`, when given) on `span`: how a backend closes a catch-up or
+/// repair span. Counts nothing: an error that matters reaches a caller through an operation,
+/// which counts it.
+pub fn record_outcome<T>(span: &Span, result: &Result<T, Error>, attempts: Option<u32>) {
+    span.record("outcome", outcome(result));
+    if let Some(attempts) = attempts {
+        span.record("attempts", attempts);
+    }
+}
+
+/// One append being timed and traced; see [`Telemetry::append`].
+#[derive(Debug)]
+#[must_use = "finish() records the append's outcome"]
+pub struct AppendProbe {
+    telemetry: &'static Telemetry,
+    span: Span,
+    started: Instant,
+    events: u64,
+    bytes: u64,
+}
+
+impl AppendProbe {
+    /// The append's span, to run the append in.
+    pub fn span(&self) -> &Span {
+        &self.span
+    }
+
+    /// Records the append's answer: the span's `outcome` and `attempts`, the counters and the
+    /// latency histogram. `attempts` counts the backend's own tries (1 when it did not try again).
+    pub fn finish(self, result: &Result<AppendResult, Error>, attempts: u32) {
+        let t = self.telemetry;
+        let index = match result {
+            Ok(_) => 0,
+            Err(e) => outcome_index(e),
+        };
+        self.span.record("outcome", OUTCOMES[index]);
+        self.span.record("attempts", attempts);
+        Telemetry::counter(&t.appends[index], 1);
+        match index {
+            0 => {
+                Telemetry::counter(&t.appended_events, self.events);
+                Telemetry::counter(&t.appended_bytes, self.bytes);
+            }
+            1 => Telemetry::counter(&t.conflicts, 1),
+            2 => Telemetry::counter(&t.unavailable, 1),
+            _ => {}
+        }
+        t.retried(u64::from(attempts.saturating_sub(1)));
+        Telemetry::histogram(&t.append_seconds, self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// A read's events, counted as they pass, with its span entered while polled.
+struct Traced {
+    telemetry: &'static Telemetry,
+    inner: BoxStream<'static, Result<RecordedEvent, Error>>,
+    span: Span,
+    events: u64,
+    bytes: u64,
+    done: bool,
+}
+
+impl Traced {
+    fn end(&mut self, result: Result<(), &Error>) {
+        self.done = true;
+        self.span.record("events", self.events);
+        self.span.record("bytes", self.bytes);
+        let outcome = match result {
+            Ok(()) => OUTCOMES[0],
+            Err(e) => {
+                self.telemetry.failed(e);
+                error_outcome(e)
+            }
+        };
+        self.span.record("outcome", outcome);
+    }
+}
+
+impl Stream for Traced {
+    type Item = Result<RecordedEvent, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        let polled = {
+            let _entered = this.span.enter();
+            this.inner.poll_next_unpin(cx)
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(e))) => {
+                this.events += 1;
+                this.bytes += e.payload.bytes.len() as u64;
+            }
+            Poll::Ready(Some(Err(e))) => this.end(Err(e)),
+            Poll::Ready(None) if !this.done => this.end(Ok(())),
+            _ => {}
+        }
+        polled
+    }
+}
+
+impl Drop for Traced {
+    fn drop(&mut self) {
+        if !self.done {
+            // Dropped by its reader before the end: what was read is still worth saying.
+            self.end(Ok(()));
+        }
+    }
+}
+
+/// Shows a selector as a span field: `stream:account-1`, `category:account` or `all`.
+struct SelectorField<'a>(&'a Selector);
+
+impl fmt::Display for SelectorField<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Selector::Stream(s) => write!(f, "stream:{s}"),
+            Selector::Category(c) => write!(f, "category:{c}"),
+            Selector::All => f.write_str("all"),
+        }
+    }
+}
+
+fn start_name(start: &Start) -> &'static str {
+    match start {
+        Start::Beginning => "beginning",
+        Start::After(_) => "checkpoint",
+        Start::Time(_) => "time",
+        Start::Now => "now",
+    }
+}
+
+/// Every 256th event of a subscription is sampled for lag (and the first, and every event after a
+/// wait).
+const LAG_SAMPLE_EVERY: u64 = 256;
+
+/// What the shared opener keeps of one subscription's telemetry: its span, the catch-up span
+/// until `CaughtUp`, and counts for the span and the lag samples.
+pub(crate) struct SubscriptionTelemetry {
+    telemetry: &'static Telemetry,
+    span: Span,
+    catch_up: Option<Span>,
+    events: u64,
+    bytes: u64,
+    /// The last poll found nothing ready: the next event is the first after a wait, so it is
+    /// near the head and worth a lag sample.
+    waited: bool,
+}
+
+impl SubscriptionTelemetry {
+    pub(crate) fn new(
+        telemetry: &'static Telemetry,
+        selector: &Selector,
+        start: &Start,
+        mode: SubscriptionMode,
+    ) -> Self {
+        let span = telemetry.subscribe_span(selector, start, mode);
+        let catch_up = tracing::info_span!(
+            target: "photon",
+            parent: &span,
+            "photon.catch_up",
+            backend = telemetry.backend,
+            events = Empty,
+            outcome = Empty,
+        );
+        Self {
+            telemetry,
+            span,
+            catch_up: Some(catch_up),
+            events: 0,
+            bytes: 0,
+            waited: true,
+        }
+    }
+
+    /// The span to enter while the subscription is polled: the catch-up until `CaughtUp`,
+    /// then the subscription's own.
+    pub(crate) fn span(&self) -> &Span {
+        self.catch_up.as_ref().unwrap_or(&self.span)
+    }
+
+    /// Counts what a poll of the subscription gave.
+    pub(crate) fn observe(&mut self, polled: &Poll<Option<Result<SubscriptionItem, Error>>>) {
+        match polled {
+            Poll::Pending => self.waited = true,
+            Poll::Ready(Some(Ok(SubscriptionItem::Event(e)))) => {
+                self.events += 1;
+                self.bytes += e.payload.bytes.len() as u64;
+                if self.waited || self.events.is_multiple_of(LAG_SAMPLE_EVERY) {
+                    self.sample_lag(e.recorded_at);
+                }
+                self.waited = false;
+                tracing::trace!(stream = %e.stream, version = e.version.value(), "photon: delivered");
+            }
+            Poll::Ready(Some(Ok(SubscriptionItem::CaughtUp))) => {
+                if let Some(span) = self.catch_up.take() {
+                    span.record("events", self.events);
+                    span.record("outcome", OUTCOMES[0]);
+                }
+                tracing::info!(target: "photon", events = self.events, "photon: caught up");
+            }
+            Poll::Ready(Some(Err(e))) => self.end(Err(e)),
+            Poll::Ready(None) => self.end(Ok(())),
+        }
+    }
+
+    fn sample_lag(&self, recorded_at: Timestamp) {
+        let micros = Timestamp::now().unix_micros() - recorded_at.unix_micros();
+        let lag = Duration::from_micros(micros.max(0) as u64);
+        Telemetry::histogram(&self.telemetry.lag_seconds, lag.as_secs_f64());
+    }
+
+    /// Records the subscription's end: its last item, or the error it ended with.
+    pub(crate) fn end(&mut self, result: Result<(), &Error>) {
+        let outcome = match result {
+            Ok(()) => OUTCOMES[0],
+            Err(e) => {
+                self.telemetry.failed(e);
+                error_outcome(e)
+            }
+        };
+        if let Some(span) = self.catch_up.take() {
+            // A Cold subscription's whole life is its catch-up.
+            span.record("events", self.events);
+            span.record("outcome", outcome);
+        }
+        self.span.record("events", self.events);
+        self.span.record("bytes", self.bytes);
+        self.span.record("outcome", outcome);
+    }
+}
