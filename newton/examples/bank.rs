@@ -5,6 +5,10 @@
 //! ```text
 //! cargo run --example bank
 //! ```
+//!
+//! With `--metrics-addr 127.0.0.1:9000` it also serves its metrics (photon's appends, latencies
+//! and lags, newton's view lag) for Prometheus at `http://127.0.0.1:9000/metrics`, and keeps
+//! serving them after its run until interrupted.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -296,6 +300,15 @@ async fn transfer(
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let metrics_addr = metrics_addr()?;
+    if let Some(addr) = metrics_addr {
+        // Installed before the store is connected and the views start, so every metric of the
+        // run is recorded.
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()?;
+        newton::store::telemetry::describe();
+    }
     let url = std::env::var(newton::URL_VARIABLE).unwrap_or_else(|_| newton::DEFAULT_URL.into());
     let store = newton::connect(&url).await?;
     println!(
@@ -467,7 +480,34 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         restarted.read(|s| render(s, &run)).await == after
     );
     restarted.stop().await?;
+    if let Some(addr) = metrics_addr {
+        println!("\nmetrics: serving http://{addr}/metrics until interrupted");
+        std::future::pending::<()>().await;
+    }
     Ok(())
+}
+
+/// The address given with `--metrics-addr ADDR` (or `--metrics-addr=ADDR`), if any.
+fn metrics_addr() -> Result<Option<std::net::SocketAddr>, Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let Some(arg) = args.next() else {
+        return Ok(None);
+    };
+    let value = match arg.strip_prefix("--metrics-addr") {
+        Some("") => args.next(),
+        Some(v) if v.starts_with('=') => Some(v[1..].to_owned()),
+        _ => None,
+    };
+    let value = value.ok_or_else(|| {
+        format!("unexpected {arg:?}: the one option is --metrics-addr ADDR, e.g. 127.0.0.1:9000")
+    })?;
+    if let Some(extra) = args.next() {
+        return Err(format!("unexpected {extra:?} after --metrics-addr {value}").into());
+    }
+    let addr = value
+        .parse()
+        .map_err(|e| format!("--metrics-addr {value:?}: {e}"))?;
+    Ok(Some(addr))
 }
 
 fn render(rows: &BTreeMap<String, BalanceRow>, run: &str) -> Vec<(String, String, u64)> {

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use futures::stream::{select_all, StreamExt};
 use photon_api::{
     BoxError, Category, Checkpoint, Error, EventStore, RecordedEvent, Selector, Start, StreamId,
-    SubscriptionItem, SubscriptionMode, Uuid, Version,
+    SubscriptionItem, SubscriptionMode, Timestamp, Uuid, Version,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -183,6 +183,9 @@ enum Control {
 struct Shared<S> {
     state: RwLock<S>,
     handled: AtomicU64,
+    /// The view's lag in microseconds: how long ago its last handled event was recorded, when
+    /// it was handled; 0 when the view has just caught up.
+    lag_micros: AtomicU64,
     /// Woken after every handled event, for [`ViewHandle::wait_until`].
     progress: Notify,
 }
@@ -263,6 +266,7 @@ impl ViewRunner {
         let shared = Arc::new(Shared {
             state: RwLock::new(V::State::default()),
             handled: AtomicU64::new(0),
+            lag_micros: AtomicU64::new(0),
             progress: Notify::new(),
         });
         let (control_tx, control_rx) = mpsc::channel(8);
@@ -310,6 +314,13 @@ impl<V: View> ViewHandle<V> {
     /// Events handled since the task started (rebuilds included).
     pub fn handled(&self) -> u64 {
         self.shared.handled.load(Ordering::Relaxed)
+    }
+
+    /// How far behind the head the view is in time: how long ago its last handled event was
+    /// recorded, as of when the view handled it (zero when it has just caught up). Large while
+    /// replaying, small when live; also exported as the `newton_view_lag_seconds` gauge.
+    pub fn lag(&self) -> Duration {
+        Duration::from_micros(self.shared.lag_micros.load(Ordering::Relaxed))
     }
 
     /// Waits until the view has caught up with every category.
@@ -513,6 +524,7 @@ impl<V: View> Task<V> {
         });
         let mut merged = select_all(subscriptions);
         let mut caught_up = 0;
+        let lag = photon_api::telemetry::view_lag_gauge(&self.name);
         let mut tick = tokio::time::interval(self.options.save_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -539,6 +551,10 @@ impl<V: View> Task<V> {
                 item = merged.next() => match item {
                     Some(Ok(SubscriptionItem::Event(event))) => {
                         self.handle(&event).await?;
+                        let age = Timestamp::now().unix_micros() - event.recorded_at.unix_micros();
+                        let age = age.max(0) as u64;
+                        self.shared.lag_micros.store(age, Ordering::Relaxed);
+                        lag.set(age as f64 / 1e6);
                         if self.unsaved >= self.options.save_every {
                             self.save().await?;
                         }
@@ -548,6 +564,8 @@ impl<V: View> Task<V> {
                         if caught_up == categories.len() {
                             self.save().await?;
                             self.status.send_replace(ViewStatus::Live);
+                            self.shared.lag_micros.store(0, Ordering::Relaxed);
+                            lag.set(0.0);
                             for ack in self.waiting_rebuilds.drain(..) {
                                 let _ = ack.send(());
                             }
