@@ -22,6 +22,8 @@ use photon_memory::MemoryStore;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+mod support;
+
 // ---- A ledger whose events changed shape over four versions ---------------------------------
 
 #[derive(Default, Debug, Clone, PartialEq)]
@@ -690,7 +692,7 @@ async fn old_events_load_and_reach_views_upcast_on_memory() {
 
 #[tokio::test]
 async fn old_events_load_and_reach_views_upcast_on_servers() {
-    for (backend, url) in servers() {
+    for (backend, url) in support::servers() {
         println!("on {backend}");
         let store = newton::connect(&url).await.unwrap();
         old_events_load_and_reach_views_upcast(store).await;
@@ -758,46 +760,6 @@ async fn a_newer_event_stops_the_load_and_the_view_with_a_typed_error() {
             ..
         })
     ));
-}
-
-/// `(backend, URL)` of every real server compiled in whose `PHOTON_TEST_<BACKEND>_URL` is set;
-/// an unset one is skipped with a printed line, or fails when `PHOTON_TEST_REQUIRE` names it.
-fn servers() -> Vec<(&'static str, String)> {
-    #[allow(unused_mut)]
-    let mut servers = Vec::new();
-    #[cfg(feature = "mongo")]
-    servers.extend(
-        photon_conformance::server_url("mongo", "PHOTON_TEST_MONGO_URL").map(|u| ("mongo", u)),
-    );
-    #[cfg(feature = "kafka")]
-    servers.extend(
-        photon_conformance::server_url("kafka", "PHOTON_TEST_KAFKA_URL").map(|u| ("kafka", u)),
-    );
-    // A keyspace of newton's own: a keyspace's layout options are fixed by whoever creates
-    // it, and other suites create the URL's keyspace with theirs.
-    #[cfg(feature = "cassandra")]
-    servers.extend(
-        photon_conformance::server_url("cassandra", "PHOTON_TEST_CASSANDRA_URL").map(|url| {
-            let (address, query) = url.split_once('?').unwrap_or((&url, ""));
-            let (scheme, rest) = address.split_once("://").unwrap_or(("cassandra", address));
-            let hosts = rest.split('/').next().unwrap_or(rest);
-            let query = if query.is_empty() {
-                String::new()
-            } else {
-                format!("?{query}")
-            };
-            (
-                "cassandra",
-                format!("{scheme}://{hosts}/newton_test{query}"),
-            )
-        }),
-    );
-    if servers.is_empty() {
-        println!(
-            "no server backend: build with --features mongo, kafka or cassandra and set PHOTON_TEST_<BACKEND>_URL"
-        );
-    }
-    servers
 }
 
 #[test]

@@ -66,3 +66,43 @@ pub fn store() -> Arc<dyn EventStore> {
 pub fn fresh_id() -> String {
     newton::Uuid::new_v4().simple().to_string()
 }
+
+/// `(backend, URL)` of every real server compiled in whose `PHOTON_TEST_<BACKEND>_URL` is set;
+/// an unset one is skipped with a printed line, or fails when `PHOTON_TEST_REQUIRE` names it.
+pub fn servers() -> Vec<(&'static str, String)> {
+    #[allow(unused_mut)]
+    let mut servers = Vec::new();
+    #[cfg(feature = "mongo")]
+    servers.extend(
+        photon_conformance::server_url("mongo", "PHOTON_TEST_MONGO_URL").map(|u| ("mongo", u)),
+    );
+    #[cfg(feature = "kafka")]
+    servers.extend(
+        photon_conformance::server_url("kafka", "PHOTON_TEST_KAFKA_URL").map(|u| ("kafka", u)),
+    );
+    // A keyspace of newton's own: a keyspace's layout options are fixed by whoever creates
+    // it, and other suites create the URL's keyspace with theirs.
+    #[cfg(feature = "cassandra")]
+    servers.extend(
+        photon_conformance::server_url("cassandra", "PHOTON_TEST_CASSANDRA_URL").map(|url| {
+            let (address, query) = url.split_once('?').unwrap_or((&url, ""));
+            let (scheme, rest) = address.split_once("://").unwrap_or(("cassandra", address));
+            let hosts = rest.split('/').next().unwrap_or(rest);
+            let query = if query.is_empty() {
+                String::new()
+            } else {
+                format!("?{query}")
+            };
+            (
+                "cassandra",
+                format!("{scheme}://{hosts}/newton_test{query}"),
+            )
+        }),
+    );
+    if servers.is_empty() {
+        println!(
+            "no server backend: build with --features mongo, kafka or cassandra and set PHOTON_TEST_<BACKEND>_URL"
+        );
+    }
+    servers
+}
