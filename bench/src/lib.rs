@@ -50,7 +50,8 @@ pub enum Workload {
     Isolation,
     /// Append to HotCold delivery, one event at a time.
     Live,
-    /// Aggregate commands: newton on photon-memory against cqrs-es.
+    /// Aggregate commands: newton against cqrs-es on memory (short streams, and streams of the
+    /// command lengths); newton alone on the servers.
     Commands,
 }
 
@@ -84,6 +85,15 @@ pub struct Options {
     /// Commands of the peer workload.
     #[arg(long, default_value_t = 20_000)]
     pub commands: u64,
+    /// Stream lengths of the commands on long streams ("1 client, 1000-event streams").
+    #[arg(long, value_delimiter = ',', default_value = "10,1000,10000")]
+    pub command_lengths: Vec<u64>,
+    /// Streams of each length the commands on long streams go to, in turn.
+    #[arg(long, default_value_t = 20)]
+    pub command_streams: u64,
+    /// Commands on long streams, per length and subject.
+    #[arg(long, default_value_t = 2_000)]
+    pub stream_commands: u64,
     /// Rounds of the in-process replay, isolation and command workloads (photon and its
     /// baseline take turns; each reports its median).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
@@ -122,6 +132,12 @@ pub struct Sizes {
     pub live_events: u64,
     /// Commands of the peer workload.
     pub commands: u64,
+    /// Stream lengths of the commands on long streams.
+    pub command_lengths: Vec<u64>,
+    /// Streams per length of the commands on long streams.
+    pub command_streams: u64,
+    /// Commands per length and subject on long streams.
+    pub stream_commands: u64,
     /// Rounds of the in-process replay and command workloads.
     pub rounds: u64,
     /// The duration cap of one phase.
@@ -276,6 +292,33 @@ async fn run_backend(
         }
     }
     if on(Workload::Commands) && backend == "memory" {
+        for &length in &sizes.command_lengths {
+            progress::phase(&format!(
+                "commands on {length}-event streams: newton and cqrs-es"
+            ));
+            let ids = photon::write_command_streams(&target, sizes, length).await?;
+            let peer_store = peer::cqrs_es_streams(sizes, length).await?;
+            let (mut ours, mut uncached, mut peer) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..sizes.rounds {
+                ours.push(photon::commands_on_streams(&target, sizes, length, &ids, true).await?);
+                uncached
+                    .push(photon::commands_on_streams(&target, sizes, length, &ids, false).await?);
+                peer.push(peer::cqrs_es_on_streams(sizes, length, &peer_store).await?);
+            }
+            push(vec![median(ours), median(uncached), median(peer)], out);
+        }
+    }
+    if on(Workload::Commands) && backend != "memory" {
+        for &length in &sizes.command_lengths {
+            progress::phase(&format!("{backend}: commands on {length}-event streams"));
+            let ids = photon::write_command_streams(&target, sizes, length).await?;
+            push(
+                vec![photon::commands_on_streams(&target, sizes, length, &ids, true).await?],
+                out,
+            );
+        }
+    }
+    if on(Workload::Commands) && backend == "memory" {
         for clients in [1, 16] {
             progress::phase(&format!(
                 "commands, {clients} client(s): newton and cqrs-es"
@@ -367,6 +410,9 @@ pub async fn run(o: &Options) -> Result<Report, BoxError> {
         loads: o.loads,
         live_events: o.live_events,
         commands: o.commands,
+        command_lengths: o.command_lengths.clone(),
+        command_streams: o.command_streams.max(1),
+        stream_commands: o.stream_commands,
         rounds: o.rounds,
         cap: Duration::from_secs(o.max_seconds),
     };

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cqrs_es::mem_store::MemStore;
-use cqrs_es::CqrsFramework;
+use cqrs_es::{CqrsFramework, EventStore};
 use newton::Repository;
 
-use crate::domain::{Account, Deposit, ACCOUNTS};
+use crate::domain::{Account, Deposit, Deposited, ACCOUNTS};
 use crate::measure::{run_writers, Latencies, Measurement, Role};
 use crate::{progress, BoxError, Sizes};
 
@@ -136,4 +136,85 @@ pub async fn cqrs_es(sizes: &Sizes, clients: u64) -> Result<Measurement, BoxErro
         elapsed,
     )
     .with_latency(&latencies))
+}
+
+/// A cqrs-es `MemStore` holding `sizes.command_streams` accounts of `length` deposits each,
+/// committed 1,000 at a time (not timed), ids `s<i>`.
+pub async fn cqrs_es_streams(sizes: &Sizes, length: u64) -> Result<MemStore<Account>, BoxError> {
+    let store = MemStore::<Account>::default();
+    let mut rng = rand::rng();
+    for i in 0..sizes.command_streams {
+        let id = format!("s{i}");
+        let mut done = 0;
+        while done < length {
+            let n = (length - done).min(1_000);
+            let events = (0..n)
+                .map(|_| {
+                    let mut d = Deposited::random(&mut rng);
+                    d.account = i;
+                    d
+                })
+                .collect();
+            let context = store.load_aggregate(&id).await.map_err(|e| e.to_string())?;
+            store
+                .commit(events, context, Default::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            done += n;
+        }
+    }
+    Ok(store)
+}
+
+/// cqrs-es's framework on `store` (from [`cqrs_es_streams`]): the same deposits as newton's
+/// command rows on long streams, to the accounts in turn, one client.
+pub async fn cqrs_es_on_streams(
+    sizes: &Sizes,
+    length: u64,
+    store: &MemStore<Account>,
+) -> Result<Measurement, BoxError> {
+    let cqrs = CqrsFramework::new(store.clone(), vec![], ());
+    let commands: Vec<(String, Deposit)> = (0..sizes.stream_commands)
+        .map(|i| {
+            let account = i % sizes.command_streams;
+            (
+                format!("s{account}"),
+                Deposit {
+                    account,
+                    amount: 1 + (i % 1_000) as i64,
+                    reference: format!("deposit {i} to account {account}"),
+                },
+            )
+        })
+        .collect();
+    let bar = progress::bar(commands.len() as u64, "cqrs-es commands");
+    let cap = crate::measure::Cap::new(sizes.cap);
+    let mut latencies = Latencies::default();
+    let mut done = 0;
+    let started = Instant::now();
+    for (id, command) in commands {
+        if cap.reached() {
+            break;
+        }
+        let t0 = Instant::now();
+        cqrs.execute(&id, command)
+            .await
+            .map_err(|e| e.to_string())?;
+        latencies.record(t0.elapsed());
+        done += 1;
+        bar.inc(1);
+    }
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+    Ok(Measurement::throughput(
+        "memory",
+        "commands",
+        crate::photon::commands_case(length),
+        "cqrs-es 0.4 (MemStore)",
+        Role::Baseline,
+        done,
+        elapsed,
+    )
+    .with_latency(&latencies)
+    .capped(done < sizes.stream_commands))
 }

@@ -8,10 +8,10 @@ use futures::StreamExt;
 use newton::store::{
     EventData, EventStore, ExpectedVersion, Selector, Start, SubscriptionItem, SubscriptionMode,
 };
-use newton::{Category, Repository, StreamId, Version};
+use newton::{CacheOptions, Category, Repository, SnapshotPolicy, StreamId, Version};
 use tokio::sync::Barrier;
 
-use crate::domain::{self, Account, Balances, Deposited};
+use crate::domain::{self, Account, Balances, Deposit, Deposited};
 use crate::measure::{Cap, Latencies, Measurement, Role};
 use crate::{progress, system, BoxError, Sizes};
 
@@ -226,6 +226,118 @@ pub async fn load(t: &Target, sizes: &Sizes) -> Result<Vec<Measurement>, BoxErro
         );
     }
     Ok(rows)
+}
+
+/// The case label of a command row on streams of `length` events, shared with cqrs-es's rows.
+pub fn commands_case(length: u64) -> String {
+    format!("1 client, {length}-event streams")
+}
+
+/// The snapshot policy of the command rows on long streams: a snapshot every this many events,
+/// so a load without a cache entry reads at most this many events after the snapshot.
+pub const SNAPSHOT_EVERY: u64 = 100;
+
+/// Writes `sizes.command_streams` accounts of `length` events (not timed), then has each
+/// handle one deposit through a repository that takes snapshots, as the application that wrote
+/// them would have left them: a snapshot at the head of every stream of at least
+/// [`SNAPSHOT_EVERY`] events. Returns the account ids.
+pub async fn write_command_streams(
+    t: &Target,
+    sizes: &Sizes,
+    length: u64,
+) -> Result<Vec<String>, BoxError> {
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let category = Category::new(<Account as newton::Aggregate>::CATEGORY)?;
+    let cap = Cap::new(sizes.cap);
+    let ids = write_streams_named(
+        &t.store,
+        &category,
+        &format!("c{}", &run[..8]),
+        sizes.command_streams,
+        length,
+        cap,
+    )
+    .await?;
+    let writer = Repository::<Account>::new(t.store.clone())
+        .with_cache(CacheOptions::disabled())
+        .with_snapshots(SnapshotPolicy::EveryEvents(SNAPSHOT_EVERY));
+    for (i, id) in ids.iter().enumerate() {
+        writer.execute(id, &deposit(i as u64, 0)).await?;
+    }
+    Ok(ids)
+}
+
+fn deposit(account: u64, i: u64) -> Deposit {
+    Deposit {
+        account,
+        amount: 1 + (i % 1_000) as i64,
+        reference: format!("deposit {i} to account {account}"),
+    }
+}
+
+/// `sizes.stream_commands` deposits to the accounts of `ids` in turn, one client, through one
+/// repository made for this run: with its cache (on by default) and snapshots, or with
+/// snapshots only (`cached == false`: every command loads the latest snapshot and the events
+/// after it). The repository is new, so each account's first command finds no cache entry, as
+/// after a restart.
+pub async fn commands_on_streams(
+    t: &Target,
+    sizes: &Sizes,
+    length: u64,
+    ids: &[String],
+    cached: bool,
+) -> Result<Measurement, BoxError> {
+    if ids.is_empty() {
+        return Err(format!("no {length}-event streams were written before the cap").into());
+    }
+    let mut repo = Repository::<Account>::new(t.store.clone())
+        .with_snapshots(SnapshotPolicy::EveryEvents(SNAPSHOT_EVERY));
+    if !cached {
+        repo = repo.with_cache(CacheOptions::disabled());
+    }
+    let commands: Vec<(&str, Deposit)> = (0..sizes.stream_commands)
+        .map(|i| {
+            let account = i % ids.len() as u64;
+            (ids[account as usize].as_str(), deposit(account, i))
+        })
+        .collect();
+    let subject = if cached {
+        format!("newton (cache, snapshots every {SNAPSHOT_EVERY} events)")
+    } else {
+        format!("newton without cache (snapshots every {SNAPSHOT_EVERY} events)")
+    };
+    let bar = progress::bar(commands.len() as u64, &subject);
+    let cap = Cap::new(sizes.cap);
+    let mut latencies = Latencies::default();
+    let mut done = 0;
+    let started = Instant::now();
+    for (id, command) in &commands {
+        if cap.reached() {
+            break;
+        }
+        let t0 = Instant::now();
+        repo.execute(id, command).await?;
+        latencies.record(t0.elapsed());
+        done += 1;
+        bar.inc(1);
+    }
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+    Ok(Measurement::throughput(
+        &t.backend,
+        "commands",
+        commands_case(length),
+        subject,
+        if cached {
+            Role::Photon
+        } else {
+            Role::Reference
+        },
+        done,
+        elapsed,
+    )
+    .with_latency(&latencies)
+    .capped(done < sizes.stream_commands))
 }
 
 /// Writes `streams` streams of `length` events each into the aggregate's `category`, ids

@@ -23,6 +23,12 @@ fn options(out: &Path, extra: &[&str]) -> Options {
         "20",
         "--commands",
         "320",
+        "--command-lengths",
+        "10,200",
+        "--command-streams",
+        "3",
+        "--stream-commands",
+        "30",
         "--quiet",
         "--out",
         out.to_str().expect("a UTF-8 path"),
@@ -58,8 +64,14 @@ async fn every_workload_reports_photon_beside_its_baseline() {
     assert_eq!(find("replay", Role::Baseline), 1);
     assert_eq!(find("isolation", Role::Photon), 1);
     assert_eq!(find("live", Role::Photon), 1);
-    assert_eq!(find("commands", Role::Photon), 2);
-    assert_eq!(find("commands", Role::Baseline), 2);
+    // Short streams from 1 and 16 clients; streams of each command length, newton also
+    // without its cache (a reference row).
+    assert_eq!(find("commands", Role::Photon), 4);
+    assert_eq!(find("commands", Role::Baseline), 4);
+    assert_eq!(find("commands", Role::Reference), 2);
+    assert!(rows
+        .iter()
+        .any(|m| m.workload == "commands" && m.case == "1 client, 200-event streams"));
 
     let replay = rows
         .iter()
@@ -84,6 +96,13 @@ async fn every_workload_reports_photon_beside_its_baseline() {
     }
     assert!(
         report.targets.iter().any(|t| t.target.contains("cqrs-es")),
+        "{:?}",
+        report.targets
+    );
+    assert!(
+        report.targets.iter().any(|t| t
+            .target
+            .contains("within 2x of each other across stream lengths")),
         "{:?}",
         report.targets
     );
@@ -195,7 +214,10 @@ async fn an_earlier_run_merges_into_the_report_and_a_bad_one_is_refused() {
         .iter()
         .filter(|m| m.workload == "commands")
         .count();
-    assert_eq!(commands, 4, "two cases, newton and cqrs-es each, once");
+    assert_eq!(
+        commands, 10,
+        "four cases, newton and cqrs-es each, and two rows of newton without its cache, once"
+    );
     assert!(again.measurements.iter().any(|m| m.workload == "live"));
     std::fs::remove_dir_all(third).ok();
     assert!(
