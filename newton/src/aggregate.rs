@@ -18,7 +18,8 @@ pub trait DomainEvent: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The payload's schema version; bump it when the shape changes incompatibly, and add the
     /// upcaster from the previous version to [`Self::upcasters`], so events already stored in
     /// the old shape still read. It must equal the end of the type's chain (1 without one):
-    /// an event written at a lower version would be upcast again on every read.
+    /// an event written at a lower version would be upcast again on every read, so
+    /// [`encode`](crate::encode) (and with it the repository) refuses to write one.
     fn schema_version(&self) -> u32 {
         1
     }

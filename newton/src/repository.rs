@@ -482,7 +482,20 @@ fn decode_event<A: Aggregate>(
 ///
 /// # Errors
 /// - [`Error::Encode`] when serde refuses the event; [`Error::InvalidInput`] for a bad type name.
+/// - [`Error::InvalidInput`] when the event's [`DomainEvent::schema_version`] is not the end of
+///   its type's upcaster chain: stored, it would be upcast again on every read (a shape
+///   mis-read for good), so it is refused before it reaches the store. Also for a broken chain.
 pub fn encode<E: DomainEvent>(event: &E, context: &CommandContext) -> Result<EventData, Error> {
+    let current = Decoder::<E>::new()?.current_version(event.event_type());
+    if event.schema_version() != current {
+        return Err(Error::InvalidInput {
+            what: format!("event of type {:?}", event.event_type()),
+            reason: format!(
+                "schema_version() is {}, but the type's upcasters read it at {current}",
+                event.schema_version()
+            ),
+        });
+    }
     let mut data = EventData::new(
         EventType::new(event.event_type())?,
         Payload::msgpack(event)?,

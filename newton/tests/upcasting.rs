@@ -815,3 +815,22 @@ fn a_current_event_upcasts_to_its_own_payload() {
         )]
     );
 }
+
+#[tokio::test]
+async fn an_event_written_behind_its_chain_is_refused_before_the_store() {
+    let err = newton::encode(&Stale::Happened { at: 1 }, &Default::default()).unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidInput { what, reason }
+            if what == "event of type \"Happened\""
+                && reason == "schema_version() is 1, but the type's upcasters read it at 2"),
+        "{err:?}"
+    );
+    let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+    let repository = Repository::<StaleAggregate>::new(store.clone());
+    assert!(matches!(
+        repository.execute("x", &()).await,
+        Err(newton::ExecuteError::Store(Error::InvalidInput { .. }))
+    ));
+    let stream = repository.stream_of("x").unwrap();
+    assert_eq!(store.stream_version(&stream).await.unwrap(), None);
+}
