@@ -16,7 +16,9 @@
 //! This module records; it never decides anything about an operation, and never fails one.
 
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -24,7 +26,7 @@ use futures::stream::{BoxStream, Stream};
 use futures::StreamExt;
 use metrics::{Key, Label, Level, Metadata, Unit};
 use tracing::field::Empty;
-use tracing::Span;
+use tracing::{Instrument, Span};
 
 use crate::error::Error;
 use crate::event::{EventData, RecordedEvent, Timestamp};
@@ -406,6 +408,23 @@ pub fn record_outcome<T>(span: &Span, result: &Result<T, Error>, attempts: Optio
     }
 }
 
+/// The attempts a backend makes at one operation, counted by the backend as it goes and read by
+/// the operation's [`AppendProbe`] when it ends.
+#[derive(Debug, Default)]
+pub struct Attempts(AtomicU32);
+
+impl Attempts {
+    /// Records that the operation is at its `n`th attempt.
+    pub fn set(&self, n: u32) {
+        self.0.store(n, Ordering::Relaxed);
+    }
+
+    /// The attempts made so far.
+    pub fn get(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// One append being timed and traced; see [`Telemetry::append`].
 #[derive(Debug)]
 #[must_use = "finish() records the append's outcome"]
@@ -421,6 +440,18 @@ impl AppendProbe {
     /// The append's span, to run the append in.
     pub fn span(&self) -> &Span {
         &self.span
+    }
+
+    /// Runs `append` inside the span and records its answer, with the attempts the backend
+    /// counted in `attempts`.
+    pub async fn run(
+        self,
+        append: impl Future<Output = Result<AppendResult, Error>>,
+        attempts: &Attempts,
+    ) -> Result<AppendResult, Error> {
+        let result = append.instrument(self.span.clone()).await;
+        self.finish(&result, attempts.get());
+        result
     }
 
     /// Records the append's answer: the span's `outcome` and `attempts`, the counters and the

@@ -20,12 +20,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
+use photon_api::telemetry::Attempts;
 use photon_api::{
     AppendResult, Capabilities, Category, Error, EventData, EventStore, ExpectedVersion, Health,
     ReadOptions, RecordedEvent, Selector, Start, StreamId, SubscriptionItem, SubscriptionMode,
     Version,
 };
-use tracing::Instrument;
 
 pub use crate::client::{session_builder, BACKEND, COMMITS_PER_PAGE};
 use crate::client::{Shared, TELEMETRY};
@@ -115,15 +115,9 @@ impl EventStore for CassandraStore {
         expected: ExpectedVersion,
         events: Vec<EventData>,
     ) -> Result<AppendResult, Error> {
-        let probe = TELEMETRY.append(stream, &events);
-        let mut attempts = 0;
-        let result = self
-            .inner
-            .append(stream, expected, events, &mut attempts)
-            .instrument(probe.span().clone())
-            .await;
-        probe.finish(&result, attempts);
-        result
+        let (probe, attempts) = (TELEMETRY.append(stream, &events), Attempts::default());
+        let append = self.inner.append(stream, expected, events, &attempts);
+        probe.run(append, &attempts).await
     }
 
     fn read_stream(

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use photon_api::telemetry::record_outcome;
+use photon_api::telemetry::{record_outcome, Attempts};
 use photon_api::validate::{classify_batch, validate_batch, BatchKind};
 use photon_api::{AppendResult, Bytes, Error, EventData, ExpectedVersion, StreamId, Uuid, Version};
 use scylla::value::CqlTimeuuid;
@@ -41,7 +41,7 @@ impl Shared {
         stream: &StreamId,
         expected: ExpectedVersion,
         events: Vec<EventData>,
-        attempts: &mut u32,
+        attempts: &Attempts,
     ) -> Result<AppendResult, Error> {
         let config = &self.config;
         validate_batch(
@@ -52,7 +52,7 @@ impl Shared {
         )?;
         let mut append = Append::start(self, stream, expected, &events).await?;
         for attempt in 1..=MAX_ATTEMPTS {
-            *attempts = attempt as u32;
+            attempts.set(attempt as u32);
             if let Some(result) = append.attempt().await? {
                 return Ok(result);
             }

@@ -21,12 +21,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
+use photon_api::telemetry::Attempts;
 use photon_api::{
     AppendResult, Capabilities, Category, Error, EventData, EventStore, ExpectedVersion, Health,
     ReadOptions, RecordedEvent, Selector, Start, StreamId, SubscriptionItem, SubscriptionMode,
     Version,
 };
-use tracing::Instrument;
 
 pub use crate::client::BACKEND;
 use crate::client::{Shared, TELEMETRY};
@@ -131,13 +131,9 @@ impl EventStore for KafkaStore {
         expected: ExpectedVersion,
         events: Vec<EventData>,
     ) -> Result<AppendResult, Error> {
-        let probe = TELEMETRY.append(stream, &events);
-        let mut attempts = 0;
-        let result = writer::append(&self.inner, stream, expected, events, &mut attempts)
-            .instrument(probe.span().clone())
-            .await;
-        probe.finish(&result, attempts);
-        result
+        let (probe, attempts) = (TELEMETRY.append(stream, &events), Attempts::default());
+        let append = writer::append(&self.inner, stream, expected, events, &attempts);
+        probe.run(append, &attempts).await
     }
 
     fn read_stream(

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
+use photon_api::telemetry::Attempts;
 use photon_api::validate::{classify_batch, validate_batch, BatchKind};
 use photon_api::{AppendResult, Error, EventData, ExpectedVersion, StreamId, Timestamp, Version};
 use rand::Rng;
@@ -184,7 +185,7 @@ pub(crate) async fn append(
     stream: &StreamId,
     expected: ExpectedVersion,
     events: Vec<EventData>,
-    attempts: &mut u32,
+    attempts: &Attempts,
 ) -> Result<AppendResult, Error> {
     let config = &shared.config;
     // The caller hears back within three request timeouts of the call (`answer_by`); every step
@@ -261,7 +262,7 @@ pub(crate) async fn append(
     queued.armed = false;
     match answered {
         Ok(Ok((result, tried))) => {
-            *attempts = tried;
+            attempts.set(tried);
             result
         }
         Ok(Err(_)) => Err(error::unavailable(format!(

@@ -16,12 +16,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
+use photon_api::telemetry::Attempts;
 use photon_api::{
     AppendResult, Capabilities, Category, Error, EventData, EventStore, ExpectedVersion, Health,
     ReadOptions, RecordedEvent, Selector, Start, StreamId, SubscriptionItem, SubscriptionMode,
     Version,
 };
-use tracing::Instrument;
 
 pub use crate::client::{
     client_options, commit_indexes, idempotency_index, BACKEND, IDS_BY_INDEX, IDS_LOOKED_UP,
@@ -92,13 +92,9 @@ impl EventStore for MongoStore {
         expected: ExpectedVersion,
         events: Vec<EventData>,
     ) -> Result<AppendResult, Error> {
-        let probe = TELEMETRY.append(stream, &events);
-        let mut attempts = 0;
-        let result = writer::append(&self.shared, stream, expected, events, &mut attempts)
-            .instrument(probe.span().clone())
-            .await;
-        probe.finish(&result, attempts);
-        result
+        let (probe, attempts) = (TELEMETRY.append(stream, &events), Attempts::default());
+        let append = writer::append(&self.shared, stream, expected, events, &attempts);
+        probe.run(append, &attempts).await
     }
 
     fn read_stream(

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document};
+use photon_api::telemetry::Attempts;
 use photon_api::validate::{classify_batch, validate_batch, BatchKind, StoredId};
 use photon_api::{
     AppendResult, Error, EventData, ExpectedVersion, StreamId, Timestamp, Uuid, Version,
@@ -33,7 +34,7 @@ pub(crate) async fn append(
     stream: &StreamId,
     expected: ExpectedVersion,
     events: Vec<EventData>,
-    attempts: &mut u32,
+    attempts: &Attempts,
 ) -> Result<AppendResult, Error> {
     validate_batch(
         stream,
@@ -43,7 +44,7 @@ pub(crate) async fn append(
     )?;
     let ids_by_index = shared.ready().await?.ids_unique_per_element;
     for attempt in 1..=APPEND_ATTEMPTS {
-        *attempts = attempt as u32;
+        attempts.set(attempt as u32);
         if let Some(result) = try_append(shared, stream, expected, &events, ids_by_index).await? {
             return Ok(result);
         }
