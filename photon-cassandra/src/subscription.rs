@@ -467,14 +467,17 @@ async fn page_reach(shared: &Shared, t: &Timeline, upper: i64) -> Result<i64, Er
 async fn pending_cut(shared: &Shared, t: &Timeline, through: i64, now: i64) -> Result<i64, Error> {
     let repair_after = shared.config.repair_after.as_micros() as i64;
     let mut cut = i64::MAX;
-    let markers = pending_in(
-        shared,
-        &t.key,
-        t.bucket,
-        t.lower,
-        codec::max_time_id(through),
-    )
-    .await?;
+    // From what is delivered, not only from the last row: a reader at the head of a category
+    // whose appends keep failing (markers cleared with no row, up to one per attempt) would
+    // otherwise scan their tombstones again on every poll. Nothing can be pending at or before
+    // `delivered_through`: markers are written within settle/2 of their time, and everything
+    // up to it was read with its markers settled.
+    let after = if t.delivered_through >= codec::time_micros(&t.lower) {
+        codec::max_time_id(t.delivered_through)
+    } else {
+        t.lower
+    };
+    let markers = pending_in(shared, &t.key, t.bucket, after, codec::max_time_id(through)).await?;
     for (time_id, stream, version) in markers {
         let at = codec::time_micros(&time_id);
         if now - at > repair_after {
