@@ -173,39 +173,20 @@ pub async fn cqrs_es_on_streams(
     length: u64,
     store: &MemStore<Account>,
 ) -> Result<Measurement, BoxError> {
-    let cqrs = CqrsFramework::new(store.clone(), vec![], ());
-    let commands: Vec<(String, Deposit)> = (0..sizes.stream_commands)
-        .map(|i| {
-            let account = i % sizes.command_streams;
-            (
-                format!("s{account}"),
-                Deposit {
-                    account,
-                    amount: 1 + (i % 1_000) as i64,
-                    reference: format!("deposit {i} to account {account}"),
-                },
-            )
-        })
-        .collect();
-    let bar = progress::bar(commands.len() as u64, "cqrs-es commands");
-    let cap = crate::measure::Cap::new(sizes.cap);
-    let mut latencies = Latencies::default();
-    let mut done = 0;
-    let started = Instant::now();
-    for (id, command) in commands {
-        if cap.reached() {
-            break;
-        }
-        let t0 = Instant::now();
-        cqrs.execute(&id, command)
-            .await
-            .map_err(|e| e.to_string())?;
-        latencies.record(t0.elapsed());
-        done += 1;
-        bar.inc(1);
-    }
-    let elapsed = started.elapsed();
-    bar.finish_and_clear();
+    let cqrs = &CqrsFramework::new(store.clone(), vec![], ());
+    let commands = crate::photon::stream_commands(sizes, sizes.command_streams);
+    let (done, latencies, elapsed) = crate::photon::one_client(
+        commands,
+        sizes,
+        "cqrs-es commands",
+        |(account, command)| async move {
+            cqrs.execute(&format!("s{account}"), command)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        },
+    )
+    .await?;
     Ok(Measurement::throughput(
         "memory",
         "commands",

@@ -275,6 +275,47 @@ fn deposit(account: u64, i: u64) -> Deposit {
     }
 }
 
+/// The commands of the rows on long streams: deposit `i` goes to account `i % accounts`, so
+/// newton and cqrs-es handle the very same commands. Pairs of (account index, command).
+pub fn stream_commands(sizes: &Sizes, accounts: u64) -> Vec<(u64, Deposit)> {
+    (0..sizes.stream_commands)
+        .map(|i| (i % accounts, deposit(i % accounts, i)))
+        .collect()
+}
+
+/// Runs `commands` one at a time through `execute`, until all are done or the cap is reached:
+/// the commands done, their latencies and the wall time (commands are built before the clock
+/// starts).
+pub async fn one_client<C, F, Fut>(
+    commands: Vec<C>,
+    sizes: &Sizes,
+    what: &str,
+    mut execute: F,
+) -> Result<(u64, Latencies, Duration), BoxError>
+where
+    F: FnMut(C) -> Fut,
+    Fut: std::future::Future<Output = Result<(), BoxError>>,
+{
+    let bar = progress::bar(commands.len() as u64, what);
+    let cap = Cap::new(sizes.cap);
+    let mut latencies = Latencies::default();
+    let mut done = 0;
+    let started = Instant::now();
+    for command in commands {
+        if cap.reached() {
+            break;
+        }
+        let t0 = Instant::now();
+        execute(command).await?;
+        latencies.record(t0.elapsed());
+        done += 1;
+        bar.inc(1);
+    }
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+    Ok((done, latencies, elapsed))
+}
+
 /// `sizes.stream_commands` deposits to the accounts of `ids` in turn, one client, through one
 /// repository made for this run: with its cache (on by default) and snapshots, or with
 /// snapshots only (`cached == false`: every command loads the latest snapshot and the events
@@ -295,34 +336,19 @@ pub async fn commands_on_streams(
     if !cached {
         repo = repo.with_cache(CacheOptions::disabled());
     }
-    let commands: Vec<(&str, Deposit)> = (0..sizes.stream_commands)
-        .map(|i| {
-            let account = i % ids.len() as u64;
-            (ids[account as usize].as_str(), deposit(account, i))
-        })
-        .collect();
     let subject = if cached {
         format!("newton (cache, snapshots every {SNAPSHOT_EVERY} events)")
     } else {
         format!("newton without cache (snapshots every {SNAPSHOT_EVERY} events)")
     };
-    let bar = progress::bar(commands.len() as u64, &subject);
-    let cap = Cap::new(sizes.cap);
-    let mut latencies = Latencies::default();
-    let mut done = 0;
-    let started = Instant::now();
-    for (id, command) in &commands {
-        if cap.reached() {
-            break;
-        }
-        let t0 = Instant::now();
-        repo.execute(id, command).await?;
-        latencies.record(t0.elapsed());
-        done += 1;
-        bar.inc(1);
-    }
-    let elapsed = started.elapsed();
-    bar.finish_and_clear();
+    let repo = &repo;
+    let commands = stream_commands(sizes, ids.len() as u64);
+    let (done, latencies, elapsed) =
+        one_client(commands, sizes, &subject, |(account, command)| async move {
+            repo.execute(&ids[account as usize], &command).await?;
+            Ok(())
+        })
+        .await?;
     Ok(Measurement::throughput(
         &t.backend,
         "commands",
