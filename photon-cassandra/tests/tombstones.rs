@@ -41,17 +41,24 @@ fn in_keyspace(url: &str, keyspace: &str) -> String {
     }
 }
 
-#[tokio::test]
-async fn a_replay_scans_about_a_page_of_cleared_markers_per_read() {
-    let Some(url) = server_url("cassandra", "PHOTON_TEST_CASSANDRA_URL") else {
-        return;
-    };
+/// A store on a fresh keyspace of its own (its name, URL and store), so that the server's
+/// per-table counts are this test's alone; None without a server.
+async fn own_keyspace() -> Option<(String, String, CassandraStore)> {
+    let url = server_url("cassandra", "PHOTON_TEST_CASSANDRA_URL")?;
     let keyspace = fresh("photon_tomb_");
     let url = with_options(
         &in_keyspace(&url, &keyspace),
         "settle_ms=200&timeout_ms=5000&repair_after_ms=15000",
     );
     let store = CassandraStore::from_url(&url).await.unwrap();
+    Some((keyspace, url, store))
+}
+
+#[tokio::test]
+async fn a_replay_scans_about_a_page_of_cleared_markers_per_read() {
+    let Some((keyspace, url, store)) = own_keyspace().await else {
+        return;
+    };
     let category = Category::new("tomb").unwrap();
 
     // 2,000 appends, 20 writers at once: 4,000 cleared markers in `pending`.
@@ -141,15 +148,9 @@ async fn pending_reads(session: &Session, keyspace: &str) -> (i64, f64, f64) {
 /// not again on every poll while no new row moves its position.
 #[tokio::test]
 async fn a_live_reader_does_not_rescan_the_markers_of_failed_appends() {
-    let Some(url) = server_url("cassandra", "PHOTON_TEST_CASSANDRA_URL") else {
+    let Some((keyspace, url, store)) = own_keyspace().await else {
         return;
     };
-    let keyspace = fresh("photon_tomb_");
-    let url = with_options(
-        &in_keyspace(&url, &keyspace),
-        "settle_ms=200&timeout_ms=5000&repair_after_ms=15000",
-    );
-    let store = CassandraStore::from_url(&url).await.unwrap();
     let category = Category::new("tomb").unwrap();
     let stream = StreamId::new(&category, "a").unwrap();
     store
