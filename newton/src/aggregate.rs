@@ -59,8 +59,9 @@ pub trait Aggregate: Default + Clone + Send + Sync + 'static {
     fn apply(&mut self, event: &Self::Event);
 
     /// The version of the state's shape as snapshots store it. Bump it whenever the state's
-    /// fields or their meaning change: snapshots of another version are then skipped and the
-    /// state is rebuilt from events, instead of an old snapshot decoding into a wrong state.
+    /// fields or their meaning change, or `apply` or an upcaster changes what stored events
+    /// make of the state: snapshots of another version are then skipped and the state is rebuilt
+    /// from events, instead of an old snapshot decoding into a wrong state.
     /// Only read when the repository takes snapshots ([`crate::Repository::with_snapshots`]).
     const SNAPSHOT_VERSION: u32 = 1;
 

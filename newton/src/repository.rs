@@ -326,9 +326,10 @@ impl<A: Aggregate> Repository<A> {
         }
     }
 
-    /// Loads instance `id`, lets it handle `command`, and appends the resulting events with the
-    /// loaded version as expectation; on a conflict, reloads and decides again, as the policy
-    /// allows.
+    /// Loads instance `id` (from the cache, else the latest snapshot, bringing either up to date
+    /// with the events after it), lets it handle `command`, and appends the resulting events
+    /// with the loaded version as expectation; on a conflict, reads the events stored since
+    /// that version and decides again, as the policy allows.
     ///
     /// # Errors
     /// - [`ExecuteError::Rejected`] when the aggregate refuses.
