@@ -777,3 +777,91 @@ async fn servers_snapshots_and_cache() {
         .await;
     }
 }
+
+/// An event serde refuses to encode: the command fails with the store's `Encode` error, and the
+/// cached state (still the stored one) stays for the next command.
+#[derive(Debug, Clone, Deserialize)]
+enum Refusing {
+    Fine,
+    Broken,
+}
+
+impl Serialize for Refusing {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Refusing::Fine => s.serialize_unit_variant("Refusing", 0, "Fine"),
+            Refusing::Broken => Err(serde::ser::Error::custom("this event refuses to encode")),
+        }
+    }
+}
+
+impl newton::DomainEvent for Refusing {
+    fn event_type(&self) -> &'static str {
+        "Refusing"
+    }
+}
+
+#[derive(Default, Debug, Clone)]
+struct Picky(u32);
+
+impl Aggregate for Picky {
+    const CATEGORY: &'static str = "picky";
+    type Command = bool;
+    type Event = Refusing;
+    type Error = TallyError;
+    fn handle(&self, broken: &bool) -> Result<Vec<Refusing>, TallyError> {
+        Ok(vec![if *broken {
+            Refusing::Broken
+        } else {
+            Refusing::Fine
+        }])
+    }
+    fn apply(&mut self, _: &Refusing) {
+        self.0 += 1;
+    }
+}
+
+#[tokio::test]
+async fn an_event_that_does_not_encode_fails_the_command_and_keeps_the_cache() {
+    let (store, counts) = counting(memory());
+    let repo = Repository::<Picky>::new(store);
+    let id = fresh_id();
+    repo.execute(&id, &false).await.unwrap();
+    assert!(matches!(
+        repo.execute(&id, &true).await,
+        Err(ExecuteError::Store(Error::Encode { .. }))
+    ));
+    assert_eq!(repo.cache_usage().entries, 1);
+    counts.events_read();
+    let done = repo.execute(&id, &false).await.unwrap();
+    assert_eq!((done.state.0, done.version), (2, Some(Version(1))));
+    assert_eq!(counts.events_read(), 0, "served from the cache");
+}
+
+#[tokio::test]
+async fn after_too_many_conflicts_the_cache_holds_a_stored_state() {
+    let (store, counts) = counting(memory());
+    let repo = Repository::<Tally>::new(store).with_retry(newton::RetryPolicy {
+        max_attempts: 1,
+        initial_backoff: std::time::Duration::from_millis(1),
+    });
+    let id = fresh_id();
+    add_up_to(&repo, &id, 2).await;
+    let stream = repo.stream_of(&id).unwrap();
+    let other =
+        newton::encode(&TallyEvent::Added { amount: 3 }, &CommandContext::default()).unwrap();
+    *counts.interloper.lock().unwrap() = Some((stream, other));
+    assert!(matches!(
+        repo.execute(&id, &TallyCommand::Add(100)).await,
+        Err(ExecuteError::TooManyConflicts { attempts: 1, .. })
+    ));
+    assert_eq!(repo.cache_usage().entries, 1);
+    counts.events_read();
+    let done = repo.execute(&id, &TallyCommand::Add(4)).await.unwrap();
+    assert_eq!(
+        done.state,
+        tally(4),
+        "the interloper's 3 read, the refused 100 not applied"
+    );
+    assert_eq!(counts.events_read(), 1);
+}
