@@ -52,8 +52,8 @@ pub const RETRIES: &str = "photon_retries_total";
 /// Counter: `Unavailable` errors answered by any operation (append, read, subscription),
 /// label `backend`.
 pub const UNAVAILABLE: &str = "photon_unavailable_errors_total";
-/// Histogram: seconds from an append's call to its answer, whatever the answer, label
-/// `backend`.
+/// Histogram: seconds from an append's call to its answer, whatever the answer (for a
+/// `cancelled` one, to when its caller dropped it), label `backend`.
 pub const APPEND_SECONDS: &str = "photon_append_duration_seconds";
 /// Histogram: how long ago a subscription's delivered event was recorded, in seconds, sampled
 /// (the first event, every 256th, and every one that follows a wait for the store), label
@@ -69,7 +69,10 @@ pub const SUBSCRIPTION_LAG_EVENTS: &str = "photon_subscription_lag_events";
 pub const VIEW_LAG_SECONDS: &str = "newton_view_lag_seconds";
 /// What an operation ended with, as the `outcome` span field and metric label say it: `ok`,
 /// `conflict` (reload and decide again), `unavailable` (retry), `invalid` (fix the input) or
-/// `error` (anything else).
+/// `error` (anything else). An append has one more, `cancelled`, which no `Result` maps to: its
+/// caller dropped it before it answered (a timeout, a client gone), so whether it was stored is
+/// unknown; these are the appends an operator most needs to see, so they are counted and timed
+/// (up to the drop) like any other.
 pub fn outcome<T>(result: &Result<T, Error>) -> &'static str {
     match result {
         Ok(_) => OUTCOMES[0],
@@ -77,7 +80,17 @@ pub fn outcome<T>(result: &Result<T, Error>) -> &'static str {
     }
 }
 
-const OUTCOMES: [&str; 5] = ["ok", "conflict", "unavailable", "invalid", "error"];
+const OUTCOMES: [&str; 6] = [
+    "ok",
+    "conflict",
+    "unavailable",
+    "invalid",
+    "error",
+    "cancelled",
+];
+
+/// [`OUTCOMES`]' index of `cancelled`, the outcome of an append dropped before its answer.
+const CANCELLED: usize = 5;
 
 fn error_outcome(e: &Error) -> &'static str {
     OUTCOMES[outcome_index(e)]
@@ -172,7 +185,7 @@ const METADATA: Metadata<'static> = Metadata::new("photon", Level::INFO, Some(mo
 pub struct Labels {
     backend: &'static str,
     one: [Label; 1],
-    by_outcome: [[Label; 2]; 5],
+    by_outcome: [[Label; 2]; 6],
 }
 
 impl Labels {
@@ -193,6 +206,7 @@ impl Labels {
                 pair(backend, OUTCOMES[2]),
                 pair(backend, OUTCOMES[3]),
                 pair(backend, OUTCOMES[4]),
+                pair(backend, OUTCOMES[5]),
             ],
         }
     }
@@ -210,7 +224,7 @@ impl Labels {
 #[derive(Debug)]
 pub struct Telemetry {
     backend: &'static str,
-    appends: [Key; 5],
+    appends: [Key; 6],
     appended_events: Key,
     appended_bytes: Key,
     conflicts: Key,
@@ -238,6 +252,7 @@ impl Telemetry {
                 appends(2, labels),
                 appends(3, labels),
                 appends(4, labels),
+                appends(5, labels),
             ],
             appended_events: key(APPENDED_EVENTS, labels),
             appended_bytes: key(APPENDED_BYTES, labels),
@@ -279,9 +294,10 @@ impl Telemetry {
     }
 
     /// Starts timing and tracing an append of `events` to `stream`; call
-    /// [`AppendProbe::finish`] with its answer. Run the append inside [`AppendProbe::span`]
-    /// (`Instrument::instrument`, or `enter` for a synchronous one), so what the backend logs
-    /// carries the stream.
+    /// [`AppendProbe::finish`] with its answer, or hand the append to [`AppendProbe::run`]. Run
+    /// the append inside [`AppendProbe::span`] (`Instrument::instrument`, or `enter` for a
+    /// synchronous one), so what the backend logs carries the stream. A probe dropped without
+    /// an answer (its append's future dropped by a timeout) records the outcome `cancelled`.
     pub fn append(&'static self, stream: &StreamId, events: &[EventData]) -> AppendProbe {
         let bytes: usize = events.iter().map(EventData::size).sum();
         let span = tracing::debug_span!(
@@ -300,6 +316,7 @@ impl Telemetry {
             started: Instant::now(),
             events: events.len() as u64,
             bytes: bytes as u64,
+            finished: false,
         }
     }
 
@@ -425,15 +442,19 @@ impl Attempts {
     }
 }
 
-/// One append being timed and traced; see [`Telemetry::append`].
+/// One append being timed and traced; see [`Telemetry::append`]. Dropped before
+/// [`finish`](Self::finish), it records the append as `cancelled`: a caller that gives up on an
+/// append (a timeout drops its future) must still show in the counts and the latency.
 #[derive(Debug)]
-#[must_use = "finish() records the append's outcome"]
+#[must_use = "finish() records the append's outcome; dropped, it is counted as cancelled"]
 pub struct AppendProbe {
     telemetry: &'static Telemetry,
     span: Span,
     started: Instant,
     events: u64,
     bytes: u64,
+    /// The answer is recorded: the drop records nothing more.
+    finished: bool,
 }
 
 impl AppendProbe {
@@ -443,25 +464,48 @@ impl AppendProbe {
     }
 
     /// Runs `append` inside the span and records its answer, with the attempts the backend
-    /// counted in `attempts`.
+    /// counted in `attempts`. If the returned future is dropped first, the append is recorded
+    /// as `cancelled` with the attempts counted so far.
     pub async fn run(
         self,
         append: impl Future<Output = Result<AppendResult, Error>>,
         attempts: &Attempts,
     ) -> Result<AppendResult, Error> {
-        let result = append.instrument(self.span.clone()).await;
-        self.finish(&result, attempts.get());
+        /// Records a cancelled append with its attempts, which the bare probe cannot see.
+        struct Running<'a> {
+            probe: AppendProbe,
+            attempts: &'a Attempts,
+        }
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                if !self.probe.finished {
+                    self.probe.record(CANCELLED, self.attempts.get());
+                }
+            }
+        }
+        let span = self.span.clone();
+        let mut running = Running {
+            probe: self,
+            attempts,
+        };
+        let result = append.instrument(span).await;
+        let index = result.as_ref().map_or_else(outcome_index, |_| 0);
+        running.probe.record(index, attempts.get());
         result
     }
 
     /// Records the append's answer: the span's `outcome` and `attempts`, the counters and the
     /// latency histogram. `attempts` counts the backend's own tries (1 when it did not try again).
-    pub fn finish(self, result: &Result<AppendResult, Error>, attempts: u32) {
+    pub fn finish(mut self, result: &Result<AppendResult, Error>, attempts: u32) {
+        let index = result.as_ref().map_or_else(outcome_index, |_| 0);
+        self.record(index, attempts);
+    }
+
+    /// Records the outcome at `index` of [`OUTCOMES`], once. Static keys only: no allocation,
+    /// so it is as cheap in a drop as in an answer.
+    fn record(&mut self, index: usize, attempts: u32) {
+        self.finished = true;
         let t = self.telemetry;
-        let index = match result {
-            Ok(_) => 0,
-            Err(e) => outcome_index(e),
-        };
         self.span.record("outcome", OUTCOMES[index]);
         self.span.record("attempts", attempts);
         Telemetry::counter(&t.appends[index], 1);
@@ -476,6 +520,16 @@ impl AppendProbe {
         }
         t.retried(u64::from(attempts.saturating_sub(1)));
         Telemetry::histogram(&t.append_seconds, self.started.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for AppendProbe {
+    fn drop(&mut self) {
+        if !self.finished {
+            // Its append was dropped (or panicked) before answering; the attempts are unknown
+            // here (`run` records them itself).
+            self.record(CANCELLED, 0);
+        }
     }
 }
 
@@ -655,5 +709,108 @@ impl SubscriptionTelemetry {
         self.span.record("events", self.events);
         self.span.record("bytes", self.bytes);
         self.span.record("outcome", outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+
+    use crate::version::Version;
+
+    static LABELS: Labels = Labels::new("test");
+    static TEST: Telemetry = Telemetry::new(&LABELS);
+
+    /// What the recorder holds, as `(name, outcome label, value)`.
+    fn recorded(snapshotter: &Snapshotter) -> Vec<(String, Option<String>, DebugValue)> {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .map(|(key, _, _, value)| {
+                let outcome = key
+                    .key()
+                    .labels()
+                    .find(|l| l.key() == "outcome")
+                    .map(|l| l.value().to_owned());
+                (key.key().name().to_owned(), outcome, value)
+            })
+            .collect()
+    }
+
+    fn counter(
+        all: &[(String, Option<String>, DebugValue)],
+        name: &str,
+        outcome: Option<&str>,
+    ) -> u64 {
+        all.iter()
+            .find_map(|(n, o, v)| match v {
+                DebugValue::Counter(c) if n == name && o.as_deref() == outcome => Some(*c),
+                _ => None,
+            })
+            .unwrap_or(0)
+    }
+
+    fn samples(all: &[(String, Option<String>, DebugValue)], name: &str) -> usize {
+        all.iter()
+            .find_map(|(n, _, v)| match v {
+                DebugValue::Histogram(values) if n == name => Some(values.len()),
+                _ => None,
+            })
+            .unwrap_or(0)
+    }
+
+    fn stream() -> StreamId {
+        StreamId::parse("account-1").unwrap()
+    }
+
+    fn ok() -> Result<AppendResult, Error> {
+        Ok(AppendResult {
+            first_version: Version::FIRST,
+            last_version: Version::FIRST,
+            checkpoints: Vec::new(),
+        })
+    }
+
+    #[tokio::test]
+    async fn an_append_dropped_before_its_answer_is_counted_as_cancelled() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let attempts = Attempts::default();
+        let never = async {
+            attempts.set(2);
+            std::future::pending::<Result<AppendResult, Error>>().await
+        };
+        let probe = TEST.append(&stream(), &[]);
+        let answer =
+            tokio::time::timeout(Duration::from_millis(20), probe.run(never, &attempts)).await;
+        assert!(answer.is_err(), "the append never answers");
+
+        let all = recorded(&snapshotter);
+        assert_eq!(counter(&all, APPENDS, Some("cancelled")), 1, "{all:?}");
+        assert_eq!(samples(&all, APPEND_SECONDS), 1, "{all:?}");
+        assert_eq!(
+            counter(&all, RETRIES, None),
+            1,
+            "its second attempt: {all:?}"
+        );
+        assert_eq!(counter(&all, APPENDED_EVENTS, None), 0, "{all:?}");
+    }
+
+    #[test]
+    fn a_probe_dropped_unfinished_is_counted_as_cancelled_once() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        drop(TEST.append(&stream(), &[]));
+        let finished = TEST.append(&stream(), &[]);
+        finished.finish(&ok(), 1);
+
+        let all = recorded(&snapshotter);
+        assert_eq!(counter(&all, APPENDS, Some("cancelled")), 1, "{all:?}");
+        assert_eq!(counter(&all, APPENDS, Some("ok")), 1, "{all:?}");
+        assert_eq!(samples(&all, APPEND_SECONDS), 2, "{all:?}");
     }
 }
