@@ -43,8 +43,10 @@ pub const APPENDS: &str = "photon_appends_total";
 pub const APPENDED_EVENTS: &str = "photon_appended_events_total";
 /// Counter: bytes of those events, as [`EventData::size`] counts them, label `backend`.
 pub const APPENDED_BYTES: &str = "photon_appended_bytes_total";
-/// Counter: appends refused for a concurrency conflict (`WrongExpectedVersion`,
-/// `IdempotencyConflict`), label `backend`.
+/// Counter: appends refused for a concurrency conflict (`WrongExpectedVersion`: someone else
+/// wrote first), label `backend`. Not `IdempotencyConflict`: an event id reused for another
+/// batch is a caller's bug no retry fixes, so it is `invalid` and kept out of this count of
+/// normal contention.
 pub const CONFLICTS: &str = "photon_append_conflicts_total";
 /// Counter: attempts a backend made again inside one operation (a lost race, a fenced commit, a
 /// repair round), label `backend`. Retries by the caller are appends of their own.
@@ -68,11 +70,12 @@ pub const SUBSCRIPTION_LAG_EVENTS: &str = "photon_subscription_lag_events";
 /// application). Recorded by newton's view runner.
 pub const VIEW_LAG_SECONDS: &str = "newton_view_lag_seconds";
 /// What an operation ended with, as the `outcome` span field and metric label say it: `ok`,
-/// `conflict` (reload and decide again), `unavailable` (retry), `invalid` (fix the input) or
-/// `error` (anything else). An append has one more, `cancelled`, which no `Result` maps to: its
-/// caller dropped it before it answered (a timeout, a client gone), so whether it was stored is
-/// unknown; these are the appends an operator most needs to see, so they are counted and timed
-/// (up to the drop) like any other.
+/// `conflict` (someone else wrote first: reload and decide again), `unavailable` (retry),
+/// `invalid` (fix the input; an `IdempotencyConflict`, an event id reused for another batch, is
+/// one) or `error` (anything else). An append has one more, `cancelled`, which no `Result` maps
+/// to: its caller dropped it before it answered (a timeout, a client gone), so whether it was
+/// stored is unknown; these are the appends an operator most needs to see, so they are counted
+/// and timed (up to the drop) like any other.
 pub fn outcome<T>(result: &Result<T, Error>) -> &'static str {
     match result {
         Ok(_) => OUTCOMES[0],
@@ -98,9 +101,11 @@ fn error_outcome(e: &Error) -> &'static str {
 
 fn outcome_index(e: &Error) -> usize {
     match e {
-        Error::WrongExpectedVersion { .. } | Error::IdempotencyConflict { .. } => 1,
+        Error::WrongExpectedVersion { .. } => 1,
         Error::Unavailable { .. } => 2,
-        Error::InvalidInput { .. }
+        // A reused event id is the caller's bug, not contention: reloading does not fix it.
+        Error::IdempotencyConflict { .. }
+        | Error::InvalidInput { .. }
         | Error::EventTooLarge { .. }
         | Error::BatchTooLarge { .. }
         | Error::ForeignCheckpoint { .. }
@@ -716,6 +721,7 @@ impl SubscriptionTelemetry {
 mod tests {
     use super::*;
     use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+    use uuid::Uuid;
 
     use crate::version::Version;
 
@@ -812,5 +818,23 @@ mod tests {
         assert_eq!(counter(&all, APPENDS, Some("cancelled")), 1, "{all:?}");
         assert_eq!(counter(&all, APPENDS, Some("ok")), 1, "{all:?}");
         assert_eq!(samples(&all, APPEND_SECONDS), 2, "{all:?}");
+    }
+
+    #[test]
+    fn a_reused_event_id_is_invalid_not_a_conflict() {
+        let reused = Err::<AppendResult, _>(Error::IdempotencyConflict {
+            stream: stream(),
+            event_id: Uuid::nil(),
+            version: Version::FIRST,
+        });
+        assert_eq!(outcome(&reused), "invalid");
+
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        TEST.append(&stream(), &[]).finish(&reused, 1);
+        let all = recorded(&snapshotter);
+        assert_eq!(counter(&all, APPENDS, Some("invalid")), 1, "{all:?}");
+        assert_eq!(counter(&all, CONFLICTS, None), 0, "{all:?}");
     }
 }
