@@ -61,9 +61,11 @@ pub const APPEND_SECONDS: &str = "photon_append_duration_seconds";
 /// (the first event, every 256th, and every one that follows a wait for the store), label
 /// `backend`.
 pub const SUBSCRIPTION_LAG_SECONDS: &str = "photon_subscription_lag_seconds";
-/// Histogram: events stored after a subscription's delivered event, sampled like
-/// [`SUBSCRIPTION_LAG_SECONDS`], from backends whose cursor knows its head cheaply (memory,
-/// MongoDB), label `backend`.
+/// Histogram: how far behind the head of the store's log a subscription's delivered events
+/// are, in log positions (every category's events, not only the subscription's), label
+/// `backend`. Recorded only by the memory backend, the one whose cursor knows its head for
+/// free: once per fetch that delivered events (from where that fetch began), never for a fetch
+/// that found nothing. The other backends record no sample of it.
 pub const SUBSCRIPTION_LAG_EVENTS: &str = "photon_subscription_lag_events";
 /// Gauge: seconds between when a view's last handled event was recorded and when the view
 /// handled it; 0 when the view has just caught up. Label `view` (views are few and named by the
@@ -405,8 +407,9 @@ impl Telemetry {
         )
     }
 
-    /// Records how many events a subscription's delivered event is behind the head (see
-    /// [`SUBSCRIPTION_LAG_EVENTS`]); a backend's cursor calls it where it knows its head.
+    /// Records how many log positions a subscription's delivered events are behind the head
+    /// (see [`SUBSCRIPTION_LAG_EVENTS`]); a backend's cursor calls it where it knows its head,
+    /// and only for a fetch that delivered something.
     pub fn subscription_lag_events(&'static self, behind: u64) {
         Self::histogram(&self.lag_events, behind as f64);
     }

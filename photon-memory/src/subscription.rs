@@ -165,9 +165,13 @@ impl Cursor {
             &mut fetched.copied,
         );
         fetched.sealed = sealed;
-        // Once per chunk, not per event: how far the chunk's first event is from the log's head
-        // (in log positions, which count every category's events).
-        TELEMETRY.subscription_lag_events(len.saturating_sub(from));
+        if !fetched.is_empty() {
+            // Once per chunk that delivers, not per event, nor per fetch that found nothing (a
+            // replay of nothing, a wakeup by another category's append: sampling those would
+            // report a lag no delivered event had). In log positions from where the chunk's
+            // fetch began to the head, which count every category's events.
+            TELEMETRY.subscription_lag_events(len.saturating_sub(from));
+        }
         len
     }
 
