@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -139,7 +139,8 @@ pub enum ViewError {
 pub struct RunnerOptions {
     /// Save after this many handled events at the latest.
     pub save_every: usize,
-    /// Save this long after the first unsaved event at the latest, when events trickle in.
+    /// Save this long after the first unsaved event at the latest, when events trickle in. Also
+    /// how often the view's lag is refreshed while a handler is at an event.
     pub save_interval: Duration,
     /// Wait before resubscribing after a retryable store error.
     pub retry_delay: Duration,
@@ -183,11 +184,88 @@ enum Control {
 struct Shared<S> {
     state: RwLock<S>,
     handled: AtomicU64,
-    /// The view's lag in microseconds: how long ago its last handled event was recorded, when
-    /// it was handled; 0 when the view has just caught up.
+    /// The view's lag in microseconds, as [`ViewHandle::lag`] says it; written only under
+    /// `lag`'s lock, read without it.
     lag_micros: AtomicU64,
+    /// What the lag is measured from, shared by the task and its lag refresher.
+    lag: Mutex<LagMeter>,
     /// Woken after every handled event, for [`ViewHandle::wait_until`].
     progress: Notify,
+}
+
+/// The view's lag gauge and the event in hand. One lock for both writers (the task handling
+/// events and the refresher ticking beside it), so a refresh that read an event in hand cannot
+/// land after the task has moved on and overwrite a newer value (or the 0 of a catch-up).
+struct LagMeter {
+    gauge: metrics::Gauge,
+    /// When the event being handled was recorded (Unix microseconds), while one is.
+    in_hand: Option<i64>,
+}
+
+impl<S> Shared<S> {
+    fn meter(&self) -> std::sync::MutexGuard<'_, LagMeter> {
+        // The lock guards no invariant a panic could break: a value is always whole.
+        self.lag.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_lag(&self, meter: &LagMeter, micros: u64) {
+        self.lag_micros.store(micros, Ordering::Relaxed);
+        meter.gauge.set(micros as f64 / 1e6);
+    }
+
+    /// The view starts handling an event recorded at `recorded_at`.
+    fn handling(&self, recorded_at: Timestamp) {
+        self.meter().in_hand = Some(recorded_at.unix_micros());
+    }
+
+    /// The event in hand is handled: the lag is how long ago it was recorded.
+    fn handled(&self, recorded_at: Timestamp) {
+        let mut meter = self.meter();
+        meter.in_hand = None;
+        self.set_lag(&meter, age_micros(recorded_at.unix_micros()));
+    }
+
+    /// The view has caught up with every category: nothing in hand, no lag.
+    fn caught_up(&self) {
+        let mut meter = self.meter();
+        meter.in_hand = None;
+        self.set_lag(&meter, 0);
+    }
+
+    /// While an event is in hand (a slow or stuck handler), the lag is how long ago it was
+    /// recorded, as of now, not of the last event handled.
+    fn refresh_lag(&self) {
+        let meter = self.meter();
+        if let Some(recorded_at) = meter.in_hand {
+            self.set_lag(&meter, age_micros(recorded_at));
+        }
+    }
+}
+
+/// Microseconds since `recorded_at` (Unix microseconds); 0 for a clock behind the store's.
+fn age_micros(recorded_at: i64) -> u64 {
+    (Timestamp::now().unix_micros() - recorded_at).max(0) as u64
+}
+
+/// Refreshes the view's lag every `every` while its task runs, so a handler that takes long, or
+/// never returns, shows as a growing lag instead of the last healthy value. A task of its own:
+/// the view's task is inside the handler meanwhile.
+async fn refresh_lag<S: Send + Sync + 'static>(shared: Arc<Shared<S>>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        shared.refresh_lag();
+    }
+}
+
+/// Ends the lag refresher with the subscription loop it watches.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A running view: read its state, watch its status, rebuild or stop it. Clones share the view;
@@ -267,6 +345,10 @@ impl ViewRunner {
             state: RwLock::new(V::State::default()),
             handled: AtomicU64::new(0),
             lag_micros: AtomicU64::new(0),
+            lag: Mutex::new(LagMeter {
+                gauge: metrics::Gauge::noop(),
+                in_hand: None,
+            }),
             progress: Notify::new(),
         });
         let (control_tx, control_rx) = mpsc::channel(8);
@@ -317,8 +399,15 @@ impl<V: View> ViewHandle<V> {
     }
 
     /// How far behind the head the view is in time: how long ago its last handled event was
-    /// recorded, as of when the view handled it (zero when it has just caught up). Large while
-    /// replaying, small when live; also exported as the `newton_view_lag_seconds` gauge.
+    /// recorded, as of when the view handled it (zero when it has just caught up), or, while a
+    /// handler is still at an event, how long ago that event was recorded, refreshed every
+    /// [`RunnerOptions::save_interval`] so a stuck handler shows. Large while replaying, small
+    /// when live; also exported as the `newton_view_lag_seconds` gauge.
+    ///
+    /// What it cannot see: events the store holds but has not delivered to the view (a reader
+    /// held back, a slow subscription) leave it at its last value; and once the view stops or
+    /// fails, the gauge keeps its last value (the `metrics` facade cannot remove a series), so
+    /// alert on the view's status too.
     pub fn lag(&self) -> Duration {
         Duration::from_micros(self.shared.lag_micros.load(Ordering::Relaxed))
     }
@@ -524,7 +613,11 @@ impl<V: View> Task<V> {
         });
         let mut merged = select_all(subscriptions);
         let mut caught_up = 0;
-        let lag = photon_api::telemetry::view_lag_gauge(&self.name);
+        self.shared.meter().gauge = photon_api::telemetry::view_lag_gauge(&self.name);
+        let _refresher = AbortOnDrop(tokio::spawn(refresh_lag(
+            self.shared.clone(),
+            self.options.save_interval,
+        )));
         let mut tick = tokio::time::interval(self.options.save_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -550,11 +643,9 @@ impl<V: View> Task<V> {
                 },
                 item = merged.next() => match item {
                     Some(Ok(SubscriptionItem::Event(event))) => {
+                        self.shared.handling(event.recorded_at);
                         self.handle(&event).await?;
-                        let age = Timestamp::now().unix_micros() - event.recorded_at.unix_micros();
-                        let age = age.max(0) as u64;
-                        self.shared.lag_micros.store(age, Ordering::Relaxed);
-                        lag.set(age as f64 / 1e6);
+                        self.shared.handled(event.recorded_at);
                         if self.unsaved >= self.options.save_every {
                             self.save().await?;
                         }
@@ -564,8 +655,7 @@ impl<V: View> Task<V> {
                         if caught_up == categories.len() {
                             self.save().await?;
                             self.status.send_replace(ViewStatus::Live);
-                            self.shared.lag_micros.store(0, Ordering::Relaxed);
-                            lag.set(0.0);
+                            self.shared.caught_up();
                             for ack in self.waiting_rebuilds.drain(..) {
                                 let _ = ack.send(());
                             }

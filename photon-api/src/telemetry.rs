@@ -68,8 +68,14 @@ pub const SUBSCRIPTION_LAG_SECONDS: &str = "photon_subscription_lag_seconds";
 /// that found nothing. The other backends record no sample of it.
 pub const SUBSCRIPTION_LAG_EVENTS: &str = "photon_subscription_lag_events";
 /// Gauge: seconds between when a view's last handled event was recorded and when the view
-/// handled it; 0 when the view has just caught up. Label `view` (views are few and named by the
-/// application). Recorded by newton's view runner.
+/// handled it; 0 when the view has just caught up; while a handler is at an event, how long ago
+/// that event was recorded, refreshed on the runner's save interval, so a stuck handler shows.
+/// Label `view` (views are few and named by the application). Recorded by newton's view runner.
+///
+/// Its limits: events the store holds but has not yet delivered to the view (a reader held
+/// back, a slow subscription) are not seen, so the gauge keeps its last value meanwhile; and
+/// after a view stops or fails the gauge keeps its last value too (a recorder keeps a series
+/// once registered), so alert on the view's status as well.
 pub const VIEW_LAG_SECONDS: &str = "newton_view_lag_seconds";
 /// What an operation ended with, as the `outcome` span field and metric label say it: `ok`,
 /// `conflict` (someone else wrote first: reload and decide again), `unavailable` (retry),
@@ -416,8 +422,9 @@ impl Telemetry {
 }
 
 /// The gauge of one view's lag ([`VIEW_LAG_SECONDS`]), labelled with the view's name. Built once
-/// per subscription of the view (the label is the one allocation) and set per handled event; a
-/// recorder installed later is seen from the view's next (re)subscription.
+/// per subscription of the view (the label is the one allocation) and set per handled event and
+/// while an event is in hand; a recorder installed later is seen from the view's next
+/// (re)subscription.
 pub fn view_lag_gauge(view: &str) -> metrics::Gauge {
     let key = Key::from_parts(VIEW_LAG_SECONDS, vec![Label::new("view", view.to_owned())]);
     metrics::with_recorder(|r| r.register_gauge(&key, &METADATA))
