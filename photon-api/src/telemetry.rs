@@ -5,12 +5,17 @@
 //! name and label everything the same way. What is cheap matters here: an append or a read is
 //! one span and a handful of metric updates whatever its number of events, metrics are labelled
 //! by backend (and outcome) only, never by stream (unbounded cardinality), and their keys are
-//! built from static parts, so nothing allocates unless a recorder does. Without a subscriber or
-//! recorder installed, every call is a check of a global and nothing more.
+//! built from static parts, so recording allocates nothing unless a recorder does. Without a
+//! subscriber or recorder installed, every call is a check of a global and nothing more, with one
+//! exception: [`Telemetry::read`] wraps every read's stream in a boxed counter (one allocation
+//! per `read_stream` call, whatever is installed), because a read's `Unavailable` errors are
+//! counted even when no span is wanted and the `metrics` facade cannot say whether a recorder
+//! is installed (a thread-local one may be, on whichever thread polls the read).
 //!
 //! Spans (their target is `photon`): `photon.append`, `photon.read` and a backend's own
-//! `photon.catch_up` (Kafka reading a partition to its end) at DEBUG, one per call on the hot
-//! path; `photon.subscribe`, its child `photon.catch_up` (the replay up to `CaughtUp`), and
+//! `photon.catch_up` (Kafka reading a partition to its end; its `offsets` field counts the log
+//! offsets it advanced, not events) at DEBUG, one per call on the hot path; `photon.subscribe`,
+//! its child `photon.catch_up` (the replay up to `CaughtUp`, whose `events` are events), and
 //! `photon.repair` at INFO. Nothing is traced per event above TRACE.
 //!
 //! This module records; it never decides anything about an operation, and never fails one.
@@ -334,7 +339,10 @@ impl Telemetry {
     }
 
     /// Traces a read of one stream: a `photon.read` span entered while the read is polled, with
-    /// the events and bytes read and the outcome recorded when it ends (or is dropped).
+    /// the events and bytes read and the outcome recorded when it ends (or is dropped). Boxes a
+    /// wrapper around `events` on every call, even with nothing installed: its `Unavailable`
+    /// errors are counted whether or not the span is enabled, and whether a recorder will see
+    /// them (a thread-local one on the polling thread) is not known here.
     pub fn read(
         &'static self,
         stream: &StreamId,
@@ -365,15 +373,17 @@ impl Telemetry {
     }
 
     /// A span for a backend's own catch-up (reading a log up to its end to rebuild what it
-    /// knows): record `events` and `outcome` on it with [`record_outcome`] when it ends. DEBUG:
-    /// appends and reads may each need one.
+    /// knows): record `offsets` (how far the read advanced in the log, counting records that are
+    /// not photon events, such as transaction markers and records gone to retention: it is the
+    /// work done, not events found) and `outcome` on it with [`record_outcome`] when it ends.
+    /// DEBUG: appends and reads may each need one.
     pub fn catch_up_span(&'static self, what: &dyn fmt::Display) -> Span {
         tracing::debug_span!(
             target: "photon",
             "photon.catch_up",
             backend = self.backend,
             selector = %what,
-            events = Empty,
+            offsets = Empty,
             outcome = Empty,
         )
     }

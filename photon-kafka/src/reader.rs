@@ -174,7 +174,9 @@ async fn next_message<'c>(
 }
 
 /// Reads `topic`/`p` from `index.next_offset` to its current stable end. Returns whether photon
-/// records were added. Traced as a `photon.catch_up` span with the offsets read and the outcome.
+/// records were added. Traced as a `photon.catch_up` span with the offsets advanced (`offsets`:
+/// every record passed, photon's or not, transaction markers and offsets lost to retention too)
+/// and the outcome.
 pub(crate) async fn catch_up(
     shared: &Arc<Shared>,
     topic: &str,
@@ -186,7 +188,7 @@ pub(crate) async fn catch_up(
     let result = read_to_stable_end(shared, topic, p, index)
         .instrument(span.clone())
         .await;
-    span.record("events", index.next_offset.saturating_sub(from));
+    span.record("offsets", index.next_offset.saturating_sub(from));
     record_outcome(&span, &result, None);
     result
 }
