@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, PoisonError};
 
-use photon_api::{StreamId, Version};
+use photon_api::{StreamId, Uuid, Version};
 
 /// Bounds of a repository's aggregate cache.
 ///
@@ -68,6 +68,9 @@ pub(crate) struct Current<A> {
     pub(crate) state: A,
     /// The last event applied; None before the first event.
     pub(crate) version: Option<Version>,
+    /// The id of the event at `version`, recorded in snapshots so that a snapshot is only used
+    /// on the stream it was taken from.
+    pub(crate) last_event_id: Option<Uuid>,
     /// The version of the last snapshot taken or tried for this stream, as far as this process
     /// knows; the snapshot policy counts events from there.
     pub(crate) snapshot_base: Option<Version>,

@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use crate::aggregate::{Aggregate, DomainEvent};
 use crate::cache::{AggregateCache, CacheOptions, CacheUsage, Current};
-use crate::snapshot::{self, snapshot_stream, SnapshotDue, SnapshotPolicy};
+use crate::snapshot::{self, snapshot_stream, Decoded, SnapshotDue, SnapshotPolicy};
 use crate::upcast::Decoder;
 
 /// How many times `execute` retries after a concurrent writer won (reload and decide again) or
@@ -121,12 +121,12 @@ pub struct Repository<A> {
 /// `A: Serialize + DeserializeOwned` is known so the repository itself needs neither.
 struct Snapshots<A> {
     policy: SnapshotPolicy,
-    encode: fn(&StreamId, Version, &A) -> Result<EventData, Error>,
+    encode: fn(&StreamId, Version, Uuid, &A) -> Result<EventData, Error>,
     decode: DecodeSnapshot<A>,
 }
 
-/// A snapshot event's state and version, or why it cannot be used for the stream.
-type DecodeSnapshot<A> = fn(&RecordedEvent, &StreamId) -> Result<(A, Version), String>;
+/// What a snapshot event claims, or why it cannot be used for the stream.
+type DecodeSnapshot<A> = fn(&RecordedEvent, &StreamId) -> Result<Decoded<A>, String>;
 
 impl<A> Clone for Snapshots<A> {
     fn clone(&self) -> Self {
@@ -234,19 +234,49 @@ impl<A: Aggregate> Repository<A> {
     async fn current(&self, stream: &StreamId) -> Result<Current<A>, Error> {
         let mut current = match self.cache.take(stream) {
             Some(cached) => cached,
-            None => match self.latest_snapshot(stream).await {
-                Some((state, version)) => Current {
-                    state,
-                    version: Some(version),
-                    snapshot_base: Some(version),
-                },
-                None => Current {
-                    state: A::default(),
-                    version: None,
-                    snapshot_base: None,
-                },
-            },
+            None => return self.load_from_snapshot(stream).await,
         };
+        self.catch_up(stream, &mut current).await?;
+        Ok(current)
+    }
+
+    /// The state of `stream` from its latest usable snapshot and the events after it, else from
+    /// all its events.
+    ///
+    /// A snapshot's version is only a claim (see [`Decoded`]): the events are read from that
+    /// version itself, and the snapshot is used only when the first one is there and is the event
+    /// the snapshot was taken after. Else it is dropped and the stream replayed, so a snapshot
+    /// ahead of its stream (imported before it, restored, or written by someone else) never
+    /// yields a state at a version the stream does not have.
+    async fn load_from_snapshot(&self, stream: &StreamId) -> Result<Current<A>, Error> {
+        let mut current = Current {
+            state: A::default(),
+            version: None,
+            last_event_id: None,
+            snapshot_base: None,
+        };
+        if let Some(snapshot) = self.latest_snapshot(stream).await {
+            let mut events = self.store.read_stream(
+                stream,
+                ReadOptions::forwards().from_version(snapshot.version),
+            );
+            match events.try_next().await? {
+                Some(first)
+                    if first.version == snapshot.version && first.event_id == snapshot.event_id =>
+                {
+                    current.state = snapshot.state;
+                    current.version = Some(snapshot.version);
+                    current.last_event_id = Some(first.event_id);
+                    current.snapshot_base = Some(snapshot.version);
+                    self.apply_all(events, &mut current).await?;
+                    return Ok(current);
+                }
+                found => {
+                    let found = found.map(|e| (e.version, e.event_id));
+                    tracing::warn!(%stream, version = %snapshot.version, event_id = %snapshot.event_id, ?found, "the snapshot does not match its stream's event at its version; replaying the stream instead");
+                }
+            }
+        }
         self.catch_up(stream, &mut current).await?;
         Ok(current)
     }
@@ -255,21 +285,36 @@ impl<A: Aggregate> Repository<A> {
     /// brought forward (still a stored state, at the version it says).
     async fn catch_up(&self, stream: &StreamId, current: &mut Current<A>) -> Result<(), Error> {
         let options = match current.version {
-            Some(v) => ReadOptions::forwards().from_version(v.next()),
+            // No version follows the last one there is, so nothing can be stored after it.
+            Some(v) => match v.value().checked_add(1) {
+                Some(next) => ReadOptions::forwards().from_version(Version(next)),
+                None => return Ok(()),
+            },
             None => ReadOptions::forwards(),
         };
-        let mut events = self.store.read_stream(stream, options);
+        let events = self.store.read_stream(stream, options);
+        self.apply_all(events, current).await
+    }
+
+    /// Applies every event of `events`, which follow `current` in its stream.
+    async fn apply_all(
+        &self,
+        mut events: futures::stream::BoxStream<'static, Result<RecordedEvent, Error>>,
+        current: &mut Current<A>,
+    ) -> Result<(), Error> {
         let decoder = Decoder::<A::Event>::new()?;
         while let Some(recorded) = events.try_next().await? {
             decode_event(&decoder, &recorded, &mut current.state)?;
             current.version = Some(recorded.version);
+            current.last_event_id = Some(recorded.event_id);
         }
         Ok(())
     }
 
-    /// The latest snapshot of `stream` when snapshots are on and it is usable; None otherwise,
-    /// so the caller replays: a snapshot is an optimisation, never a reason to fail.
-    async fn latest_snapshot(&self, stream: &StreamId) -> Option<(A, Version)> {
+    /// The latest snapshot of `stream` when snapshots are on and it decodes for this stream;
+    /// None otherwise, so the caller replays: a snapshot is an optimisation, never a reason to
+    /// fail.
+    async fn latest_snapshot(&self, stream: &StreamId) -> Option<Decoded<A>> {
         let snapshots = self.snapshots?;
         let from = snapshot_stream(stream);
         let last = match self
@@ -297,12 +342,14 @@ impl<A: Aggregate> Repository<A> {
     /// Takes a snapshot of `current` when the policy says it is due. Never fails: the command
     /// that got here has been stored, and a missing snapshot only makes later cold loads longer.
     async fn snapshot_if_due(&self, stream: &StreamId, current: &mut Current<A>) {
-        let (Some(snapshots), Some(version)) = (self.snapshots, current.version) else {
+        let (Some(snapshots), Some(version), Some(event_id)) =
+            (self.snapshots, current.version, current.last_event_id)
+        else {
             return;
         };
         let events_since = match current.snapshot_base {
             Some(base) => version.value().saturating_sub(base.value()),
-            None => version.value() + 1,
+            None => version.value().saturating_add(1),
         };
         if !snapshots.policy.due(&SnapshotDue {
             version,
@@ -313,7 +360,7 @@ impl<A: Aggregate> Repository<A> {
         // Counted as taken even when it fails, so a store that refuses snapshots (too large for
         // its event limit, say) is asked again only after as many events again.
         current.snapshot_base = Some(version);
-        let written = match (snapshots.encode)(stream, version, &current.state) {
+        let written = match (snapshots.encode)(stream, version, event_id, &current.state) {
             Ok(event) => {
                 self.store
                     .append(&snapshot_stream(stream), ExpectedVersion::Any, vec![event])
@@ -415,6 +462,7 @@ impl<A: Aggregate> Repository<A> {
                         current.state.apply(e);
                     }
                     current.version = Some(result.last_version);
+                    current.last_event_id = data.last().map(|e| e.event_id);
                     self.snapshot_if_due(&stream, &mut current).await;
                     let state = current.state.clone();
                     self.cache.put(&stream, current);
@@ -459,8 +507,8 @@ impl<A: Aggregate + Serialize + DeserializeOwned> Repository<A> {
     pub fn with_snapshots(mut self, policy: SnapshotPolicy) -> Self {
         self.snapshots = Some(Snapshots {
             policy,
-            encode: |stream, version, state: &A| {
-                snapshot::encode(stream, version, A::SNAPSHOT_VERSION, state)
+            encode: |stream, version, event_id, state: &A| {
+                snapshot::encode(stream, version, event_id, A::SNAPSHOT_VERSION, state)
             },
             decode: |event, stream| snapshot::decode(event, stream, A::SNAPSHOT_VERSION),
         });

@@ -13,7 +13,7 @@
 //! and the payload; it does not decode events (the repository does, in one place).
 
 use photon_api::{
-    Category, Error, EventData, EventType, Payload, RecordedEvent, StreamId, Version,
+    Category, Error, EventData, EventType, Payload, RecordedEvent, StreamId, Uuid, Version,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -92,6 +92,7 @@ fn fnv1a(bytes: &[u8], basis: u64) -> u64 {
 struct BodyRef<'a, S> {
     stream: &'a str,
     version: u64,
+    event_id: Uuid,
     state: &'a S,
 }
 
@@ -99,19 +100,35 @@ struct BodyRef<'a, S> {
 struct Body<S> {
     stream: String,
     version: u64,
+    event_id: Uuid,
     state: S,
 }
 
-/// The snapshot event of `state` at `version` of `stream`.
+/// A snapshot read back: the state after the event `event_id` at `version` of its stream.
+///
+/// The version alone is only a claim: a snapshot copied or imported before its stream, restored
+/// from elsewhere, or appended by another writer may name a version the stream does not have,
+/// or have at another event. The repository therefore uses it only when the event it reads at
+/// `version` is `event_id`.
+#[derive(Debug)]
+pub(crate) struct Decoded<S> {
+    pub(crate) state: S,
+    pub(crate) version: Version,
+    pub(crate) event_id: Uuid,
+}
+
+/// The snapshot event of `state` after event `event_id`, at `version` of `stream`.
 pub(crate) fn encode<S: Serialize>(
     stream: &StreamId,
     version: Version,
+    event_id: Uuid,
     snapshot_version: u32,
     state: &S,
 ) -> Result<EventData, Error> {
     let body = BodyRef {
         stream: stream.as_str(),
         version: version.value(),
+        event_id,
         state,
     };
     Ok(EventData::new(
@@ -121,12 +138,13 @@ pub(crate) fn encode<S: Serialize>(
     .with_schema_version(snapshot_version))
 }
 
-/// The state and version in `event`, or why it cannot be used for `stream`.
+/// What `event` claims, or why it cannot be used for `stream`. A snapshot written before the
+/// event id was recorded does not decode, and is replayed over once.
 pub(crate) fn decode<S: DeserializeOwned>(
     event: &RecordedEvent,
     stream: &StreamId,
     snapshot_version: u32,
-) -> Result<(S, Version), String> {
+) -> Result<Decoded<S>, String> {
     if event.event_type.as_str() != SNAPSHOT_EVENT_TYPE {
         return Err(format!(
             "event type {:?} is not a snapshot",
@@ -143,7 +161,11 @@ pub(crate) fn decode<S: DeserializeOwned>(
     if body.stream != stream.as_str() {
         return Err(format!("a snapshot of {:?}", body.stream));
     }
-    Ok((body.state, Version(body.version)))
+    Ok(Decoded {
+        state: body.state,
+        version: Version(body.version),
+        event_id: body.event_id,
+    })
 }
 
 #[cfg(test)]

@@ -214,7 +214,11 @@ async fn load_reads_the_latest_snapshot_and_the_tail(store: Arc<dyn EventStore>)
     assert_eq!(loaded.state, tally(25));
     assert_eq!(loaded.version, Some(Version(24)));
     assert_eq!(counts.snapshots_read(), 1, "the latest snapshot only");
-    assert_eq!(counts.events_read(), 5, "versions 20 to 24 only");
+    assert_eq!(
+        counts.events_read(),
+        6,
+        "version 19 (checked against the snapshot) and 20 to 24 only"
+    );
 
     // The aggregate stream holds the events only; snapshots are in a category of their own.
     assert_eq!(
@@ -309,7 +313,11 @@ async fn a_snapshot_of_another_state_version_is_replayed_over() {
     counts.events_read();
     let loaded = again.load(&id).await.unwrap();
     assert_eq!(loaded.state.0.entries, 26);
-    assert_eq!(counts.events_read(), 0, "the v2 snapshot is at the head");
+    assert_eq!(
+        counts.events_read(),
+        1,
+        "the v2 snapshot is at the head: only its own version is read, to check it"
+    );
 }
 
 #[tokio::test]
@@ -495,7 +503,11 @@ async fn long_stream_names_get_a_hashed_snapshot_stream_that_works() {
     assert!(snapshot_stream(&stream).id().contains("-@"));
     counts.events_read();
     assert_eq!(repo.load(&id).await.unwrap().state, tally(6));
-    assert_eq!(counts.events_read(), 2, "after the snapshot at version 3");
+    assert_eq!(
+        counts.events_read(),
+        3,
+        "the snapshot's version 3 (checked) and what is after it"
+    );
 }
 
 #[tokio::test]
@@ -864,4 +876,117 @@ async fn after_too_many_conflicts_the_cache_holds_a_stored_state() {
         "the interloper's 3 read, the refused 100 not applied"
     );
     assert_eq!(counts.events_read(), 1);
+}
+
+// ---- A snapshot is checked against the stream it claims ------------------------------------
+
+/// A snapshot event as newton writes one, claiming `state` at `version` of `stream`, after the
+/// event `event_id`: what a `photon copy` of the snapshot category before the aggregate's, a
+/// restore, or any other writer may leave behind.
+fn forged_snapshot(
+    stream: &StreamId,
+    version: u64,
+    event_id: newton::Uuid,
+    state: Tally,
+) -> EventData {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        stream: &'a str,
+        version: u64,
+        event_id: newton::Uuid,
+        aggregate: &'a str,
+        state: Tally,
+    }
+    EventData::msgpack(
+        SNAPSHOT_EVENT_TYPE,
+        &Body {
+            stream: stream.as_str(),
+            version,
+            event_id,
+            aggregate: "tally",
+            state,
+        },
+    )
+    .unwrap()
+    .with_schema_version(Tally::SNAPSHOT_VERSION)
+}
+
+/// Four events (versions 0 to 3) and then `snapshot` in the snapshot stream; a repository with
+/// snapshots on and no cache, so every load starts from the snapshot.
+async fn four_events_and(
+    snapshot: impl FnOnce(&StreamId, &[RecordedEvent]) -> EventData,
+) -> (Repository<Tally>, Arc<Counts>, String) {
+    let (store, counts) = counting(memory());
+    let plain = Repository::<Tally>::new(store.clone());
+    let id = fresh_id();
+    add_up_to(&plain, &id, 4).await;
+    let stream = plain.stream_of(&id).unwrap();
+    let events = store
+        .read_to_vec(&stream, ReadOptions::forwards())
+        .await
+        .unwrap();
+    store
+        .append(
+            &snapshot_stream(&stream),
+            ExpectedVersion::Any,
+            vec![snapshot(&stream, &events)],
+        )
+        .await
+        .unwrap();
+    let repo = Repository::<Tally>::new(store)
+        .with_cache(no_cache())
+        .with_snapshots(SnapshotPolicy::EveryEvents(1_000));
+    counts.events_read();
+    (repo, counts, id)
+}
+
+/// The stream has versions 0 to 3; the snapshot says 10. Trusted, the state would be at a version
+/// the stream does not have, and every command would lose its append until TooManyConflicts.
+#[tokio::test]
+async fn a_snapshot_ahead_of_its_stream_is_dropped() {
+    let (repo, _counts, id) =
+        four_events_and(|s, _| forged_snapshot(s, 10, newton::Uuid::new_v4(), tally(10))).await;
+    let loaded = repo.load(&id).await.unwrap();
+    assert_eq!((loaded.state, loaded.version), (tally(4), Some(Version(3))));
+    let done = repo.execute(&id, &TallyCommand::Add(5)).await.unwrap();
+    assert_eq!((done.state, done.version), (tally(5), Some(Version(4))));
+}
+
+/// A version of u64::MAX: no overflow (a panic in debug, a wrap to version 0 in release that
+/// would apply the whole stream on top of the snapshot).
+#[tokio::test]
+async fn a_snapshot_at_the_last_version_there_is_is_dropped() {
+    let (repo, _counts, id) =
+        four_events_and(|s, _| forged_snapshot(s, u64::MAX, newton::Uuid::new_v4(), tally(1)))
+            .await;
+    let loaded = repo.load(&id).await.unwrap();
+    assert_eq!((loaded.state, loaded.version), (tally(4), Some(Version(3))));
+    let done = repo.execute(&id, &TallyCommand::Add(5)).await.unwrap();
+    assert_eq!(done.state, tally(5));
+}
+
+/// A snapshot at a version the stream has, but after another event than the one there (the
+/// stream was deleted and written again, or the snapshot was copied from another store).
+#[tokio::test]
+async fn a_snapshot_after_another_event_is_dropped() {
+    let (repo, counts, id) =
+        four_events_and(|s, _| forged_snapshot(s, 2, newton::Uuid::new_v4(), tally(100))).await;
+    let loaded = repo.load(&id).await.unwrap();
+    assert_eq!(loaded.state, tally(4));
+    assert_eq!(
+        counts.events_read(),
+        1 + 4,
+        "the check of version 2, then the replay"
+    );
+}
+
+/// The same snapshot with the right event id is used: the event at its version and the tail are
+/// read, nothing before.
+#[tokio::test]
+async fn a_snapshot_that_matches_its_stream_is_used() {
+    let (repo, counts, id) =
+        four_events_and(|s, events| forged_snapshot(s, 2, events[2].event_id, tally(3))).await;
+    let loaded = repo.load(&id).await.unwrap();
+    assert_eq!((loaded.state, loaded.version), (tally(4), Some(Version(3))));
+    assert_eq!(counts.events_read(), 2, "versions 2 (the check) and 3");
 }
