@@ -5,25 +5,41 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
-/// Builds the example (a no-op when it is current) and returns its path, next to this test's
-/// binary in the same target directory and profile.
+/// How long the example may take to finish its run and start serving: far more than it needs,
+/// so only a hung example fails the test (instead of hanging it).
+const SERVING_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Builds the example in the profile this test was built in (a no-op when it is current) and
+/// returns the path cargo reports for it, so neither a `--release` run nor a custom profile or
+/// target finds a stale or missing binary.
 fn bank_example() -> PathBuf {
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", "newton", "--example", "bank"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "the bank example builds");
-    let deps = std::env::current_exe().expect("the test's path");
-    let profile = deps
+    // This test runs from target/[<triple>/]<dir>/deps; <dir> is the profile's output directory,
+    // `debug` for the dev (and test) profile, the profile's own name otherwise.
+    let exe = std::env::current_exe().expect("the test's path");
+    let dir = exe
         .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>");
-    profile
-        .join("examples")
-        .join(format!("bank{}", std::env::consts::EXE_SUFFIX))
+        .and_then(|deps| deps.parent())
+        .and_then(|d| d.file_name())
+        .and_then(|d| d.to_str())
+        .expect("target/<profile>/deps");
+    let profile = if dir == "debug" { "dev" } else { dir };
+    let output = Command::new(env!("CARGO"))
+        .args(["build", "-q", "-p", "newton", "--example", "bank"])
+        .args(["--profile", profile, "--message-format", "json"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("cargo runs");
+    assert!(output.status.success(), "the bank example builds");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "bank")
+        .and_then(|m| m["executable"].as_str().map(PathBuf::from))
+        .expect("cargo reports the example's executable")
 }
 
 /// Kills the example however the test ends.
@@ -52,14 +68,32 @@ fn the_bank_example_serves_its_metrics() {
     let stdout = child.stdout.take().expect("piped");
     let _running = Running(child);
 
-    // The example says when its run is over and it only serves metrics.
-    let mut lines = BufReader::new(stdout).lines();
+    // The example says when its run is over and it only serves metrics. Its output is read on
+    // a thread of its own, so the wait has a deadline; on failure `_running` kills the example,
+    // which closes the pipe and ends the thread.
+    let (lines_tx, lines_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let failed = line.is_err();
+            if lines_tx.send(line).is_err() || failed {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + SERVING_DEADLINE;
     let mut seen = Vec::new();
     loop {
-        let line = lines
-            .next()
-            .unwrap_or_else(|| panic!("the example ended early; it printed: {seen:#?}"))
-            .expect("a line of output");
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = match lines_rx.recv_timeout(left) {
+            Ok(line) => line.expect("a line of output"),
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+                "the example did not start serving within {SERVING_DEADLINE:?}; it printed: \
+                 {seen:#?}"
+            ),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("the example ended early; it printed: {seen:#?}")
+            }
+        };
         if line.starts_with("metrics: serving") {
             break;
         }
