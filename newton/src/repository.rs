@@ -113,6 +113,8 @@ pub struct Repository<A> {
     category: Category,
     retry: RetryPolicy,
     cache: Arc<AggregateCache<A>>,
+    /// Snapshot appends started and not yet finished, shared by clones.
+    snapshot_writes: Arc<tokio::sync::watch::Sender<usize>>,
     snapshots: Option<Snapshots<A>>,
     _aggregate: PhantomData<fn() -> A>,
 }
@@ -143,6 +145,7 @@ impl<A> Clone for Repository<A> {
             category: self.category.clone(),
             retry: self.retry,
             cache: self.cache.clone(),
+            snapshot_writes: self.snapshot_writes.clone(),
             snapshots: self.snapshots,
             _aggregate: PhantomData,
         }
@@ -176,6 +179,7 @@ impl<A: Aggregate> Repository<A> {
             category,
             retry: RetryPolicy::default(),
             cache: Arc::new(AggregateCache::new(CacheOptions::default())),
+            snapshot_writes: Arc::new(tokio::sync::watch::Sender::new(0)),
             snapshots: None,
             _aggregate: PhantomData,
         }
@@ -339,13 +343,15 @@ impl<A: Aggregate> Repository<A> {
         }
     }
 
-    /// Takes a snapshot of `current` when the policy says it is due. Never fails: the command
-    /// that got here has been stored, and a missing snapshot only makes later cold loads longer.
-    async fn snapshot_if_due(&self, stream: &StreamId, current: &mut Current<A>) {
+    /// The snapshot of `current` when the policy says one is due, encoded; the caller writes it
+    /// with [`Self::write_snapshot`] once the command's outcome is settled. Never fails: the
+    /// command that got here has been stored, and a missing snapshot only makes later cold loads
+    /// longer.
+    fn snapshot_if_due(&self, stream: &StreamId, current: &mut Current<A>) -> Option<EventData> {
         let (Some(snapshots), Some(version), Some(event_id)) =
             (self.snapshots, current.version, current.last_event_id)
         else {
-            return;
+            return None;
         };
         let events_since = match current.snapshot_base {
             Some(base) => version.value().saturating_sub(base.value()),
@@ -355,22 +361,67 @@ impl<A: Aggregate> Repository<A> {
             version,
             events_since,
         }) {
-            return;
+            return None;
         }
         // Counted as taken even when it fails, so a store that refuses snapshots (too large for
         // its event limit, say) is asked again only after as many events again.
         current.snapshot_base = Some(version);
-        let written = match (snapshots.encode)(stream, version, event_id, &current.state) {
-            Ok(event) => {
-                self.store
-                    .append(&snapshot_stream(stream), ExpectedVersion::Any, vec![event])
-                    .await
+        match (snapshots.encode)(stream, version, event_id, &current.state) {
+            Ok(event) => Some(event),
+            Err(error) => {
+                tracing::warn!(%stream, %version, %error, "encoding a snapshot failed; the command stands, the next snapshot is due after as many events again");
+                None
             }
-            Err(e) => Err(e),
-        };
-        if let Err(error) = written {
-            tracing::warn!(%stream, %version, %error, "taking a snapshot failed; the command stands, the next snapshot is due after as many events again");
         }
+    }
+
+    /// Appends `snapshot` to the snapshot stream of `stream` in a task of its own, so that the
+    /// command it follows returns as soon as its own events are stored: a slow or unavailable
+    /// store would otherwise hold the command for the snapshot append's whole deadline, and a
+    /// caller with a timeout would give up on a command that was stored.
+    ///
+    /// At most [`MAX_SNAPSHOT_WRITES`] are in flight per repository (clones included); past
+    /// that a snapshot is skipped (and due again after as many events again), so a store that
+    /// stopped answering does not pile up tasks and states. Outside a Tokio runtime the append
+    /// is awaited here instead.
+    async fn write_snapshot(&self, stream: &StreamId, snapshot: EventData) {
+        let mut admitted = false;
+        self.snapshot_writes.send_modify(|n| {
+            if *n < MAX_SNAPSHOT_WRITES {
+                *n += 1;
+                admitted = true;
+            }
+        });
+        if !admitted {
+            tracing::warn!(%stream, "{MAX_SNAPSHOT_WRITES} snapshot writes still in flight; skipping this one, the next is due after as many events again");
+            return;
+        }
+        let in_flight = InFlight(self.snapshot_writes.clone());
+        let store = self.store.clone();
+        let stream = stream.clone();
+        let write = async move {
+            let _in_flight = in_flight;
+            let to = snapshot_stream(&stream);
+            if let Err(error) = store
+                .append(&to, ExpectedVersion::Any, vec![snapshot])
+                .await
+            {
+                tracing::warn!(%stream, %error, "taking a snapshot failed; the command stands, the next snapshot is due after as many events again");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(write)),
+            Err(_) => write.await,
+        }
+    }
+
+    /// Waits until every snapshot write this repository and its clones started has finished
+    /// (stored or failed), e.g. before a process exits, so that the next one starts from the
+    /// latest snapshot; commands never wait for them.
+    pub async fn flush_snapshots(&self) {
+        let mut idle = self.snapshot_writes.subscribe();
+        // The sender lives as long as `self`, so the wait ends only when the count is 0.
+        let _ = idle.wait_for(|n| *n == 0).await;
     }
 
     /// Loads instance `id` (from the cache, else the latest snapshot, bringing either up to date
@@ -463,9 +514,12 @@ impl<A: Aggregate> Repository<A> {
                     }
                     current.version = Some(result.last_version);
                     current.last_event_id = data.last().map(|e| e.event_id);
-                    self.snapshot_if_due(&stream, &mut current).await;
+                    let snapshot = self.snapshot_if_due(&stream, &mut current);
                     let state = current.state.clone();
                     self.cache.put(&stream, current);
+                    if let Some(snapshot) = snapshot {
+                        self.write_snapshot(&stream, snapshot).await;
+                    }
                     return Ok(Executed {
                         state,
                         events,
@@ -503,7 +557,9 @@ impl<A: Aggregate + Serialize + DeserializeOwned> Repository<A> {
     /// A snapshot is tagged with [`Aggregate::SNAPSHOT_VERSION`]; one of another version, one that
     /// does not decode, or one for another stream is skipped and the events replayed instead. A
     /// snapshot that cannot be written (the store's event size limit, an unavailable server) is
-    /// logged and never fails the command that triggered it.
+    /// logged and never fails the command that triggered it. It is written in a task of its own
+    /// after the command's events are stored, so the command never waits for it;
+    /// [`Self::flush_snapshots`] waits for those in flight.
     pub fn with_snapshots(mut self, policy: SnapshotPolicy) -> Self {
         self.snapshots = Some(Snapshots {
             policy,
@@ -513,6 +569,20 @@ impl<A: Aggregate + Serialize + DeserializeOwned> Repository<A> {
             decode: |event, stream| snapshot::decode(event, stream, A::SNAPSHOT_VERSION),
         });
         self
+    }
+}
+
+/// Snapshot appends a repository (with its clones) has in flight at most; see
+/// [`Repository::write_snapshot`].
+const MAX_SNAPSHOT_WRITES: usize = 16;
+
+/// One snapshot append in flight: counted out when the task ends, however it ends (a runtime
+/// shutting down drops it), so [`Repository::flush_snapshots`] never waits for a lost task.
+struct InFlight(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 

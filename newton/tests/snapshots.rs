@@ -35,6 +35,9 @@ struct Counts {
     /// Appends to snapshot streams tried.
     snapshot_writes: AtomicU64,
     fail_snapshot_writes: AtomicBool,
+    /// Appends to snapshot streams never answer: a store that is slow or gone after the
+    /// command's own append.
+    hang_snapshot_writes: AtomicBool,
     fail_snapshot_reads: AtomicBool,
     /// Appended to its stream just before the next append to that stream: another writer
     /// getting in between a command's read and its append.
@@ -87,6 +90,9 @@ impl EventStore for Counting {
     ) -> Result<AppendResult, Error> {
         if is_snapshot(stream) {
             self.counts.snapshot_writes.fetch_add(1, Ordering::SeqCst);
+            if self.counts.hang_snapshot_writes.load(Ordering::SeqCst) {
+                futures::future::pending::<()>().await;
+            }
             if self.counts.fail_snapshot_writes.load(Ordering::SeqCst) {
                 return Err(Error::Unavailable {
                     backend: "counting",
@@ -166,10 +172,13 @@ fn memory() -> Arc<dyn EventStore> {
     Arc::new(MemoryStore::new())
 }
 
-/// Adds 1, 2, ..., n to `id` through `repo`; the total is n(n+1)/2.
+/// Adds 1, 2, ..., n to `id` through `repo`; the total is n(n+1)/2. Each command waits for the
+/// snapshot it started (in a task of its own) to be written, so the next one finds it, as it
+/// would a moment later in a service.
 async fn add_up_to(repo: &Repository<Tally>, id: &str, n: u64) {
     for i in 1..=n {
         repo.execute(id, &TallyCommand::Add(i)).await.unwrap();
+        repo.flush_snapshots().await;
     }
 }
 
@@ -308,6 +317,7 @@ async fn a_snapshot_of_another_state_version_is_replayed_over() {
     // v2's next command takes a v2 snapshot (13 events since none of its own), which a new v2
     // repository then loads from.
     v2.execute(&id, &TallyCommand::Add(13)).await.unwrap();
+    v2.flush_snapshots().await;
     let again =
         Repository::<TallyV2>::new(store.clone()).with_snapshots(SnapshotPolicy::EveryEvents(5));
     counts.events_read();
@@ -403,6 +413,7 @@ async fn a_failed_snapshot_write_never_fails_the_command() {
         let done = repo.execute(&id, &TallyCommand::Add(i)).await.unwrap();
         assert_eq!(done.state, tally(i));
     }
+    repo.flush_snapshots().await;
     // Tried at versions 4 and 9: after a failure, again after as many events again.
     assert_eq!(counts.snapshot_writes.load(Ordering::SeqCst), 2);
     let stream = repo.stream_of(&id).unwrap();
@@ -483,6 +494,7 @@ async fn a_too_large_snapshot_never_fails_the_command() {
     let repo = Repository::<Big>::new(store).with_snapshots(SnapshotPolicy::EveryEvents(1));
     let done = repo.execute("a", &1_000).await.unwrap();
     assert_eq!(done.state.0.len(), 1_000);
+    repo.flush_snapshots().await;
     assert_eq!(counts.snapshot_writes.load(Ordering::SeqCst), 1);
     assert_eq!(repo.load("a").await.unwrap().state.0.len(), 1_000);
 }
@@ -989,4 +1001,41 @@ async fn a_snapshot_that_matches_its_stream_is_used() {
     let loaded = repo.load(&id).await.unwrap();
     assert_eq!((loaded.state, loaded.version), (tally(4), Some(Version(3))));
     assert_eq!(counts.events_read(), 2, "versions 2 (the check) and 3");
+}
+
+// ---- A snapshot is written off the command's path ------------------------------------------
+
+/// The store takes the command's events and then never answers the snapshot append: execute
+/// returns as soon as the events are stored, not after the snapshot write's deadline (a caller
+/// with a timeout would drop the future and never learn its command was stored).
+#[tokio::test]
+async fn a_hanging_snapshot_write_never_holds_the_command() {
+    let (store, counts) = counting(memory());
+    counts.hang_snapshot_writes.store(true, Ordering::SeqCst);
+    let repo =
+        Repository::<Tally>::new(store.clone()).with_snapshots(SnapshotPolicy::EveryEvents(1));
+    let id = fresh_id();
+    for i in 1..=3 {
+        let done = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            repo.execute(&id, &TallyCommand::Add(i)),
+        )
+        .await
+        .expect("execute returns while the snapshot write hangs")
+        .unwrap();
+        assert_eq!(done.state, tally(i));
+    }
+    let stream = repo.stream_of(&id).unwrap();
+    assert_eq!(
+        store.stream_version(&stream).await.unwrap(),
+        Some(Version(2))
+    );
+    assert_eq!(
+        Repository::<Tally>::new(store)
+            .load(&id)
+            .await
+            .unwrap()
+            .state,
+        tally(3)
+    );
 }
