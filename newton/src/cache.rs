@@ -2,10 +2,12 @@
 //! and in bytes, least recently used out first.
 //!
 //! It owns no I/O and knows nothing of the store: an entry is only ever a state the repository
-//! read from the store or had stored by an append, at the version it was read or stored at. An
-//! entry is taken out while a command works on it and put back afterwards, so a state never needs
-//! cloning and two commands never mutate one state; a second command on the same stream
-//! meanwhile misses and loads from the store.
+//! read from the store or had stored by an append, at the version it was read or stored at. A
+//! command works on a clone of the entry, which stays in place: a second command on the same
+//! stream meanwhile starts from it too, instead of missing and replaying the whole stream. Two
+//! commands never mutate one state, and the store's expected-version check, not the cache,
+//! decides which of them wins; the loser reads the winner's events from its version. Putting a
+//! state back keeps whichever of the two is at the later version.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, PoisonError};
@@ -63,7 +65,7 @@ pub struct CacheUsage {
 const ENTRY_OVERHEAD: usize = 96;
 
 /// A state as of a stored version, with what the snapshot policy needs to know about it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Current<A> {
     pub(crate) state: A,
     /// The last event applied; None before the first event.
@@ -128,17 +130,34 @@ impl<A> AggregateCache<A> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Takes the entry of `stream` out, if there is one: the caller owns it until it puts a
-    /// state back.
-    pub(crate) fn take(&self, stream: &StreamId) -> Option<Current<A>> {
+    /// A copy of the entry of `stream`, if there is one, marked as just used; the entry stays
+    /// for other commands on the stream.
+    pub(crate) fn get(&self, stream: &StreamId) -> Option<Current<A>>
+    where
+        A: Clone,
+    {
         if !self.enabled() {
             return None;
         }
         let mut inner = self.lock();
-        let slot = inner.slots.remove(stream)?;
-        inner.order.remove(&slot.tick);
-        inner.bytes -= slot.bytes;
-        Some(slot.current)
+        let tick = inner.next_tick;
+        let slot = inner.slots.get_mut(stream)?;
+        let old_tick = std::mem::replace(&mut slot.tick, tick);
+        let current = slot.current.clone();
+        inner.next_tick += 1;
+        inner.order.remove(&old_tick);
+        inner.order.insert(tick, stream.clone());
+        Some(current)
+    }
+
+    /// Drops the entry of `stream`, e.g. when the events after it cannot be read as the
+    /// aggregate's: it would fail every command the same way, and only hold memory.
+    pub(crate) fn remove(&self, stream: &StreamId) {
+        let mut inner = self.lock();
+        if let Some(slot) = inner.slots.remove(stream) {
+            inner.order.remove(&slot.tick);
+            inner.bytes -= slot.bytes;
+        }
     }
 
     pub(crate) fn usage(&self) -> CacheUsage {

@@ -233,14 +233,22 @@ impl<A: Aggregate> Repository<A> {
         Ok(loaded)
     }
 
-    /// The state of `stream` as of its last stored event: from the cache when it holds the
-    /// stream (taken out: the caller puts it back), else from the snapshot and the store.
+    /// The state of `stream` as of its last stored event: a copy of the cached state when the
+    /// cache holds the stream (the entry stays, for other commands on it meanwhile), else from
+    /// the snapshot and the store.
     async fn current(&self, stream: &StreamId) -> Result<Current<A>, Error> {
-        let mut current = match self.cache.take(stream) {
+        let mut current = match self.cache.get(stream) {
             Some(cached) => cached,
             None => return self.load_from_snapshot(stream).await,
         };
-        self.catch_up(stream, &mut current).await?;
+        if let Err(e) = self.catch_up(stream, &mut current).await {
+            if !e.is_retryable() {
+                // The events after it do not read as the aggregate's, and will not for the next
+                // command either: the entry would only hold memory.
+                self.cache.remove(stream);
+            }
+            return Err(e);
+        }
         Ok(current)
     }
 

@@ -38,6 +38,8 @@ struct Counts {
     /// Appends to snapshot streams never answer: a store that is slow or gone after the
     /// command's own append.
     hang_snapshot_writes: AtomicBool,
+    /// Appends to aggregate streams take 50 ms: commands on one stream overlap.
+    slow_appends: AtomicBool,
     fail_snapshot_reads: AtomicBool,
     /// Appended to its stream just before the next append to that stream: another writer
     /// getting in between a command's read and its append.
@@ -100,6 +102,9 @@ impl EventStore for Counting {
                     source: None,
                 });
             }
+        }
+        if !is_snapshot(stream) && self.counts.slow_appends.load(Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         let interloper = {
             let mut slot = self.counts.interloper.lock().unwrap();
@@ -1038,4 +1043,35 @@ async fn a_hanging_snapshot_write_never_holds_the_command() {
             .state,
         tally(3)
     );
+}
+
+// ---- Concurrent commands share the cache entry ---------------------------------------------
+
+/// Two commands at once on one long stream in one process: both start from the cached state and
+/// read only what is new (the loser of the append the one event of the winner), instead of the
+/// second missing the cache while the first holds the entry and replaying the whole stream.
+#[tokio::test]
+async fn concurrent_commands_on_one_stream_both_use_the_cache() {
+    let (store, counts) = counting(memory());
+    let repo = Repository::<Tally>::new(store).with_retry(newton::RetryPolicy {
+        max_attempts: 5,
+        initial_backoff: std::time::Duration::from_millis(1),
+    });
+    let id = fresh_id();
+    add_up_to(&repo, &id, 200).await;
+    counts.events_read();
+    counts.slow_appends.store(true, Ordering::SeqCst);
+    let (a, b) = tokio::join!(
+        repo.execute(&id, &TallyCommand::Add(201)),
+        repo.execute(&id, &TallyCommand::Add(202))
+    );
+    let attempts = a.unwrap().attempts + b.unwrap().attempts;
+    assert_eq!(attempts, 3, "one of the two lost its first append");
+    let read = counts.events_read();
+    assert_eq!(
+        read, 1,
+        "the winner's event, read by the loser; not the stream"
+    );
+    assert_eq!(repo.load(&id).await.unwrap().state, tally(202));
+    assert_eq!(repo.cache_usage().entries, 1);
 }
