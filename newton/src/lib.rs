@@ -21,6 +21,7 @@ pub use connect::{
 };
 pub use repository::{
     encode, CommandContext, ExecuteError, Executed, Loaded, Repository, RetryPolicy,
+    RESERVED_CATEGORY_PREFIX,
 };
 pub use snapshot::{
     snapshot_stream, SnapshotDue, SnapshotPolicy, SNAPSHOT_CATEGORY, SNAPSHOT_EVENT_TYPE,

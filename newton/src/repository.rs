@@ -164,8 +164,33 @@ impl<A> fmt::Debug for Repository<A> {
     }
 }
 
+/// The prefix of the categories newton keeps its own streams in ([`crate::SNAPSHOT_CATEGORY`],
+/// [`crate::CHECKPOINT_CATEGORY`], and any it adds later). An aggregate's category must not start
+/// with it: its events would share streams and subscriptions with newton's, and a snapshot or a
+/// view checkpoint would be read as one of its events (or the other way round).
+pub const RESERVED_CATEGORY_PREFIX: &str = "newton_";
+
+/// Refuses a category newton keeps its own streams in.
+fn check_not_reserved(category: &Category) -> Result<(), Error> {
+    if category.as_str().starts_with(RESERVED_CATEGORY_PREFIX) {
+        return Err(Error::InvalidInput {
+            what: format!("aggregate category {:?}", category.as_str()),
+            reason: format!(
+                "categories starting with {RESERVED_CATEGORY_PREFIX:?} hold newton's own streams \
+                 (snapshots, view checkpoints)"
+            ),
+        });
+    }
+    Ok(())
+}
+
 impl<A: Aggregate> Repository<A> {
     /// A repository for `A` on `store`.
+    ///
+    /// An `A::CATEGORY` newton reserves (see [`RESERVED_CATEGORY_PREFIX`]) is refused by every
+    /// load and command, with [`Error::InvalidInput`] naming it, rather than here: this
+    /// constructor returns `Self` and callers rely on that. [`Self::try_new`] refuses it up
+    /// front.
     ///
     /// # Panics
     /// - When `A::CATEGORY` is not a valid category name: that is a bug in the aggregate's code,
@@ -183,6 +208,18 @@ impl<A: Aggregate> Repository<A> {
             snapshots: None,
             _aggregate: PhantomData,
         }
+    }
+
+    /// As [`Self::new`], but a category that is not valid or that newton reserves is an error
+    /// here, at start-up, instead of a panic or an error at the first command.
+    ///
+    /// # Errors
+    /// - [`Error::InvalidInput`] when `A::CATEGORY` is not a valid category name, or starts with
+    ///   [`RESERVED_CATEGORY_PREFIX`].
+    pub fn try_new(store: Arc<dyn EventStore>) -> Result<Self, Error> {
+        let category = Category::new(A::CATEGORY)?;
+        check_not_reserved(&category)?;
+        Ok(Self::new(store))
     }
 
     /// Replaces the retry policy.
@@ -206,8 +243,10 @@ impl<A: Aggregate> Repository<A> {
     /// The stream of instance `id`.
     ///
     /// # Errors
-    /// - [`Error::InvalidInput`] when `id` is not a valid stream id.
+    /// - [`Error::InvalidInput`] when `id` is not a valid stream id, or when `A::CATEGORY` is one
+    ///   newton reserves (see [`RESERVED_CATEGORY_PREFIX`]).
     pub fn stream_of(&self, id: &str) -> Result<StreamId, Error> {
+        check_not_reserved(&self.category)?;
         StreamId::new(&self.category, id)
     }
 

@@ -1075,3 +1075,42 @@ async fn concurrent_commands_on_one_stream_both_use_the_cache() {
     assert_eq!(repo.load(&id).await.unwrap().state, tally(202));
     assert_eq!(repo.cache_usage().entries, 1);
 }
+
+// ---- newton's own categories are not an aggregate's ----------------------------------------
+
+/// An aggregate in a category newton keeps its own streams in (`newton_snapshot`, `newton_view`,
+/// anything `newton_`) would mix its events with newton's: refused, with an error naming it.
+#[tokio::test]
+async fn an_aggregate_in_a_reserved_category_is_refused() {
+    #[derive(Default, Debug, Clone, Serialize, Deserialize)]
+    struct Intruder(Tally);
+    impl Aggregate for Intruder {
+        const CATEGORY: &'static str = SNAPSHOT_CATEGORY;
+        type Command = TallyCommand;
+        type Event = TallyEvent;
+        type Error = TallyError;
+        fn handle(&self, command: &TallyCommand) -> Result<Vec<TallyEvent>, TallyError> {
+            self.0.handle(command)
+        }
+        fn apply(&mut self, event: &TallyEvent) {
+            self.0.apply(event);
+        }
+    }
+    let store = memory();
+    let repo = Repository::<Intruder>::new(store.clone());
+    let refused = |e: &Error| matches!(e, Error::InvalidInput { what, .. } if what.contains(SNAPSHOT_CATEGORY));
+    match repo.execute("tally-1", &TallyCommand::Add(1)).await {
+        Err(ExecuteError::Store(e)) if refused(&e) => {}
+        other => panic!("expected the category refused, got {other:?}"),
+    }
+    assert!(matches!(repo.load("tally-1").await, Err(e) if refused(&e)));
+    assert!(
+        store.list_categories().await.unwrap().is_empty(),
+        "nothing written"
+    );
+    assert!(matches!(Repository::<Intruder>::try_new(store.clone()), Err(e) if refused(&e)));
+    assert!(Repository::<Tally>::try_new(store).is_ok());
+    for own in [SNAPSHOT_CATEGORY, newton::CHECKPOINT_CATEGORY] {
+        assert!(own.starts_with(newton::RESERVED_CATEGORY_PREFIX), "{own}");
+    }
+}
