@@ -65,6 +65,20 @@ pub trait Aggregate: Default + Clone + Send + Sync + 'static {
     /// Only read when the repository takes snapshots ([`crate::Repository::with_snapshots`]).
     const SNAPSHOT_VERSION: u32 = 1;
 
+    /// The name snapshots record as the aggregate type that wrote them; a snapshot recorded
+    /// under another name is skipped and the events replayed. Two aggregate types on one
+    /// category, with the same [`Self::SNAPSHOT_VERSION`] and states that decode alike, would
+    /// otherwise load each other's snapshots into a wrong state without a sign.
+    ///
+    /// The default is the Rust type's path ([`std::any::type_name`]): distinct for distinct
+    /// types, which is what correctness needs, but not promised stable across compiler versions
+    /// and changed by renaming or moving the type. A change only costs one replay per stream
+    /// (its snapshot is skipped, then a new one taken), never a wrong state; return a fixed name
+    /// to keep snapshots across such changes. Only read when the repository takes snapshots.
+    fn snapshot_name() -> &'static str {
+        std::any::type_name::<Self>()
+    }
+
     /// About how many bytes this state holds, heap included, so that the repository's cache
     /// ([`crate::CacheOptions::max_bytes`]) stays within its byte bound. The default counts the
     /// inline size only, which is exact for states of plain numbers and flags; a state holding

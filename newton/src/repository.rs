@@ -601,8 +601,10 @@ impl<A: Aggregate + Serialize + DeserializeOwned> Repository<A> {
     /// [`crate::snapshot_stream`] for where), and starts every load without a cache entry from
     /// the latest one.
     ///
-    /// A snapshot is tagged with [`Aggregate::SNAPSHOT_VERSION`]; one of another version, one that
-    /// does not decode, or one for another stream is skipped and the events replayed instead. A
+    /// A snapshot is tagged with [`Aggregate::SNAPSHOT_VERSION`] and [`Aggregate::snapshot_name`];
+    /// one of another version or aggregate type, one that does not decode, one for another stream,
+    /// or one whose stream does not have the event it was taken after, is skipped and the events
+    /// replayed instead. A
     /// snapshot that cannot be written (the store's event size limit, an unavailable server) is
     /// logged and never fails the command that triggered it. It is written in a task of its own
     /// after the command's events are stored, so the command never waits for it;
@@ -611,9 +613,12 @@ impl<A: Aggregate + Serialize + DeserializeOwned> Repository<A> {
         self.snapshots = Some(Snapshots {
             policy,
             encode: |stream, version, event_id, state: &A| {
-                snapshot::encode(stream, version, event_id, A::SNAPSHOT_VERSION, state)
+                let tag = (A::snapshot_name(), A::SNAPSHOT_VERSION);
+                snapshot::encode(stream, version, event_id, tag, state)
             },
-            decode: |event, stream| snapshot::decode(event, stream, A::SNAPSHOT_VERSION),
+            decode: |event, stream| {
+                snapshot::decode(event, stream, (A::snapshot_name(), A::SNAPSHOT_VERSION))
+            },
         });
         self
     }

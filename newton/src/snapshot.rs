@@ -9,7 +9,10 @@
 //!
 //! The event's schema version is the aggregate's [`crate::Aggregate::SNAPSHOT_VERSION`]: a
 //! snapshot of another version is skipped before its payload is looked at, so a changed state
-//! shape is replayed from events instead of being mis-decoded. This module owns naming, policy
+//! shape is replayed from events instead of being mis-decoded. The payload also names the
+//! aggregate type ([`crate::Aggregate::snapshot_name`]; another type on the same category skips
+//! it), the stream, and the version and id of the event the state is after (the repository uses
+//! the snapshot only when its stream has that event there). This module owns naming, policy
 //! and the payload; it does not decode events (the repository does, in one place).
 
 use photon_api::{
@@ -91,6 +94,7 @@ fn fnv1a(bytes: &[u8], basis: u64) -> u64 {
 #[derive(Serialize)]
 struct BodyRef<'a, S> {
     stream: &'a str,
+    aggregate: &'a str,
     version: u64,
     event_id: Uuid,
     state: &'a S,
@@ -99,6 +103,7 @@ struct BodyRef<'a, S> {
 #[derive(Deserialize)]
 struct Body<S> {
     stream: String,
+    aggregate: String,
     version: u64,
     event_id: Uuid,
     state: S,
@@ -117,16 +122,18 @@ pub(crate) struct Decoded<S> {
     pub(crate) event_id: Uuid,
 }
 
-/// The snapshot event of `state` after event `event_id`, at `version` of `stream`.
+/// The snapshot event of `state` of aggregate type `aggregate` (its
+/// [`crate::Aggregate::snapshot_name`]) after event `event_id`, at `version` of `stream`.
 pub(crate) fn encode<S: Serialize>(
     stream: &StreamId,
     version: Version,
     event_id: Uuid,
-    snapshot_version: u32,
+    (aggregate, snapshot_version): (&str, u32),
     state: &S,
 ) -> Result<EventData, Error> {
     let body = BodyRef {
         stream: stream.as_str(),
+        aggregate,
         version: version.value(),
         event_id,
         state,
@@ -138,12 +145,13 @@ pub(crate) fn encode<S: Serialize>(
     .with_schema_version(snapshot_version))
 }
 
-/// What `event` claims, or why it cannot be used for `stream`. A snapshot written before the
-/// event id was recorded does not decode, and is replayed over once.
+/// What `event` claims, or why it cannot be used for `stream` by aggregate type `aggregate`. A
+/// snapshot written before the event id and the type were recorded does not decode, and is
+/// replayed over once.
 pub(crate) fn decode<S: DeserializeOwned>(
     event: &RecordedEvent,
     stream: &StreamId,
-    snapshot_version: u32,
+    (aggregate, snapshot_version): (&str, u32),
 ) -> Result<Decoded<S>, String> {
     if event.event_type.as_str() != SNAPSHOT_EVENT_TYPE {
         return Err(format!(
@@ -160,6 +168,12 @@ pub(crate) fn decode<S: DeserializeOwned>(
     let body: Body<S> = event.decode().map_err(|e| e.to_string())?;
     if body.stream != stream.as_str() {
         return Err(format!("a snapshot of {:?}", body.stream));
+    }
+    if body.aggregate != aggregate {
+        return Err(format!(
+            "a snapshot of aggregate type {:?}, this is {aggregate:?}",
+            body.aggregate
+        ));
     }
     Ok(Decoded {
         state: body.state,

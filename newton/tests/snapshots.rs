@@ -920,7 +920,7 @@ fn forged_snapshot(
             stream: stream.as_str(),
             version,
             event_id,
-            aggregate: "tally",
+            aggregate: Tally::snapshot_name(),
             state,
         },
     )
@@ -1113,4 +1113,48 @@ async fn an_aggregate_in_a_reserved_category_is_refused() {
     for own in [SNAPSHOT_CATEGORY, newton::CHECKPOINT_CATEGORY] {
         assert!(own.starts_with(newton::RESERVED_CATEGORY_PREFIX), "{own}");
     }
+}
+
+// ---- A snapshot names the aggregate type that wrote it -------------------------------------
+
+/// Another aggregate type on Tally's category, with the same SNAPSHOT_VERSION and a state that
+/// decodes from Tally's snapshots, but another meaning: every amount counts twice.
+#[derive(Default, Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct DoubleTally(Tally);
+
+impl Aggregate for DoubleTally {
+    const CATEGORY: &'static str = Tally::CATEGORY;
+    type Command = TallyCommand;
+    type Event = TallyEvent;
+    type Error = TallyError;
+    fn handle(&self, command: &TallyCommand) -> Result<Vec<TallyEvent>, TallyError> {
+        self.0.handle(command)
+    }
+    fn apply(&mut self, TallyEvent::Added { amount }: &TallyEvent) {
+        self.0.apply(&TallyEvent::Added { amount: 2 * amount });
+    }
+}
+
+#[tokio::test]
+async fn a_snapshot_of_another_aggregate_type_on_the_category_is_replayed_over() {
+    let (store, counts) = counting(memory());
+    let tallies = Repository::<Tally>::new(store.clone())
+        .with_cache(no_cache())
+        .with_snapshots(SnapshotPolicy::EveryEvents(5));
+    let id = fresh_id();
+    add_up_to(&tallies, &id, 10).await;
+    counts.events_read();
+    let doubles = Repository::<DoubleTally>::new(store.clone())
+        .with_cache(no_cache())
+        .with_snapshots(SnapshotPolicy::EveryEvents(5));
+    let loaded = doubles.load(&id).await.unwrap();
+    assert_eq!(loaded.state.0.total, 2 * tally(10).total);
+    assert_eq!(counts.events_read(), 10, "Tally's snapshot is not used");
+    // And each type still uses its own.
+    assert_eq!(tallies.load(&id).await.unwrap().state, tally(10));
+    assert_eq!(
+        counts.events_read(),
+        1,
+        "the event at Tally's snapshot, checked"
+    );
 }
