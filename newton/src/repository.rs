@@ -332,8 +332,8 @@ impl<A: Aggregate> Repository<A> {
         Ok(current)
     }
 
-    /// Applies the events stored after `current`'s version. On an error `current` may be partly
-    /// brought forward (still a stored state, at the version it says).
+    /// Applies the events stored after `current`'s version. On an error `current` is left partly
+    /// brought forward, and every caller drops it rather than use or cache it.
     async fn catch_up(&self, stream: &StreamId, current: &mut Current<A>) -> Result<(), Error> {
         let options = match current.version {
             // No version follows the last one there is, so nothing can be stored after it.
