@@ -798,6 +798,15 @@ async fn servers_snapshots_and_cache() {
         load_reads_the_latest_snapshot_and_the_tail(newton::connect(&url).await.unwrap()).await;
         println!("{backend}: commands read the tail only");
         commands_read_only_the_tail(newton::connect(&url).await.unwrap()).await;
+        println!("{backend}: snapshots checked against their stream");
+        a_snapshot_ahead_of_its_stream_is_dropped(newton::connect(&url).await.unwrap()).await;
+        a_snapshot_at_the_last_version_there_is_is_dropped(newton::connect(&url).await.unwrap())
+            .await;
+        a_snapshot_after_another_event_is_dropped(newton::connect(&url).await.unwrap()).await;
+        a_snapshot_that_matches_its_stream_is_used(newton::connect(&url).await.unwrap()).await;
+        println!("{backend}: two commands at once share the cache entry");
+        concurrent_commands_on_one_stream_both_use_the_cache(newton::connect(&url).await.unwrap())
+            .await;
         println!("{backend}: a stale cache, two clients");
         a_stale_cache_reads_what_it_missed(
             newton::connect(&url).await.unwrap(),
@@ -931,9 +940,10 @@ fn forged_snapshot(
 /// Four events (versions 0 to 3) and then `snapshot` in the snapshot stream; a repository with
 /// snapshots on and no cache, so every load starts from the snapshot.
 async fn four_events_and(
+    store: Arc<dyn EventStore>,
     snapshot: impl FnOnce(&StreamId, &[RecordedEvent]) -> EventData,
 ) -> (Repository<Tally>, Arc<Counts>, String) {
-    let (store, counts) = counting(memory());
+    let (store, counts) = counting(store);
     let plain = Repository::<Tally>::new(store.clone());
     let id = fresh_id();
     add_up_to(&plain, &id, 4).await;
@@ -959,35 +969,47 @@ async fn four_events_and(
 
 /// The stream has versions 0 to 3; the snapshot says 10. Trusted, the state would be at a version
 /// the stream does not have, and every command would lose its append until TooManyConflicts.
-#[tokio::test]
-async fn a_snapshot_ahead_of_its_stream_is_dropped() {
-    let (repo, _counts, id) =
-        four_events_and(|s, _| forged_snapshot(s, 10, newton::Uuid::new_v4(), tally(10))).await;
+async fn a_snapshot_ahead_of_its_stream_is_dropped(store: Arc<dyn EventStore>) {
+    let (repo, _counts, id) = four_events_and(store, |s, _| {
+        forged_snapshot(s, 10, newton::Uuid::new_v4(), tally(10))
+    })
+    .await;
     let loaded = repo.load(&id).await.unwrap();
     assert_eq!((loaded.state, loaded.version), (tally(4), Some(Version(3))));
     let done = repo.execute(&id, &TallyCommand::Add(5)).await.unwrap();
     assert_eq!((done.state, done.version), (tally(5), Some(Version(4))));
 }
 
+#[tokio::test]
+async fn memory_a_snapshot_ahead_of_its_stream_is_dropped() {
+    a_snapshot_ahead_of_its_stream_is_dropped(memory()).await;
+}
+
 /// A version of u64::MAX: no overflow (a panic in debug, a wrap to version 0 in release that
 /// would apply the whole stream on top of the snapshot).
-#[tokio::test]
-async fn a_snapshot_at_the_last_version_there_is_is_dropped() {
-    let (repo, _counts, id) =
-        four_events_and(|s, _| forged_snapshot(s, u64::MAX, newton::Uuid::new_v4(), tally(1)))
-            .await;
+async fn a_snapshot_at_the_last_version_there_is_is_dropped(store: Arc<dyn EventStore>) {
+    let (repo, _counts, id) = four_events_and(store, |s, _| {
+        forged_snapshot(s, u64::MAX, newton::Uuid::new_v4(), tally(1))
+    })
+    .await;
     let loaded = repo.load(&id).await.unwrap();
     assert_eq!((loaded.state, loaded.version), (tally(4), Some(Version(3))));
     let done = repo.execute(&id, &TallyCommand::Add(5)).await.unwrap();
     assert_eq!(done.state, tally(5));
 }
 
+#[tokio::test]
+async fn memory_a_snapshot_at_the_last_version_there_is_is_dropped() {
+    a_snapshot_at_the_last_version_there_is_is_dropped(memory()).await;
+}
+
 /// A snapshot at a version the stream has, but after another event than the one there (the
 /// stream was deleted and written again, or the snapshot was copied from another store).
-#[tokio::test]
-async fn a_snapshot_after_another_event_is_dropped() {
-    let (repo, counts, id) =
-        four_events_and(|s, _| forged_snapshot(s, 2, newton::Uuid::new_v4(), tally(100))).await;
+async fn a_snapshot_after_another_event_is_dropped(store: Arc<dyn EventStore>) {
+    let (repo, counts, id) = four_events_and(store, |s, _| {
+        forged_snapshot(s, 2, newton::Uuid::new_v4(), tally(100))
+    })
+    .await;
     let loaded = repo.load(&id).await.unwrap();
     assert_eq!(loaded.state, tally(4));
     assert_eq!(
@@ -997,15 +1019,26 @@ async fn a_snapshot_after_another_event_is_dropped() {
     );
 }
 
+#[tokio::test]
+async fn memory_a_snapshot_after_another_event_is_dropped() {
+    a_snapshot_after_another_event_is_dropped(memory()).await;
+}
+
 /// The same snapshot with the right event id is used: the event at its version and the tail are
 /// read, nothing before.
-#[tokio::test]
-async fn a_snapshot_that_matches_its_stream_is_used() {
-    let (repo, counts, id) =
-        four_events_and(|s, events| forged_snapshot(s, 2, events[2].event_id, tally(3))).await;
+async fn a_snapshot_that_matches_its_stream_is_used(store: Arc<dyn EventStore>) {
+    let (repo, counts, id) = four_events_and(store, |s, events| {
+        forged_snapshot(s, 2, events[2].event_id, tally(3))
+    })
+    .await;
     let loaded = repo.load(&id).await.unwrap();
     assert_eq!((loaded.state, loaded.version), (tally(4), Some(Version(3))));
     assert_eq!(counts.events_read(), 2, "versions 2 (the check) and 3");
+}
+
+#[tokio::test]
+async fn memory_a_snapshot_that_matches_its_stream_is_used() {
+    a_snapshot_that_matches_its_stream_is_used(memory()).await;
 }
 
 // ---- A snapshot is written off the command's path ------------------------------------------
@@ -1047,23 +1080,23 @@ async fn a_hanging_snapshot_write_never_holds_the_command() {
 
 // ---- Concurrent commands share the cache entry ---------------------------------------------
 
-/// Two commands at once on one long stream in one process: both start from the cached state and
-/// read only what is new (the loser of the append the one event of the winner), instead of the
-/// second missing the cache while the first holds the entry and replaying the whole stream.
-#[tokio::test]
-async fn concurrent_commands_on_one_stream_both_use_the_cache() {
-    let (store, counts) = counting(memory());
+/// Two commands at once on one stream of 50 events in one process: both start from the cached
+/// state and read only what is new (the loser of the append the one event of the winner),
+/// instead of the second missing the cache while the first holds the entry and replaying the
+/// whole stream.
+async fn concurrent_commands_on_one_stream_both_use_the_cache(store: Arc<dyn EventStore>) {
+    let (store, counts) = counting(store);
     let repo = Repository::<Tally>::new(store).with_retry(newton::RetryPolicy {
         max_attempts: 5,
         initial_backoff: std::time::Duration::from_millis(1),
     });
     let id = fresh_id();
-    add_up_to(&repo, &id, 200).await;
+    add_up_to(&repo, &id, 50).await;
     counts.events_read();
     counts.slow_appends.store(true, Ordering::SeqCst);
     let (a, b) = tokio::join!(
-        repo.execute(&id, &TallyCommand::Add(201)),
-        repo.execute(&id, &TallyCommand::Add(202))
+        repo.execute(&id, &TallyCommand::Add(51)),
+        repo.execute(&id, &TallyCommand::Add(52))
     );
     let attempts = a.unwrap().attempts + b.unwrap().attempts;
     assert_eq!(attempts, 3, "one of the two lost its first append");
@@ -1072,8 +1105,13 @@ async fn concurrent_commands_on_one_stream_both_use_the_cache() {
         read, 1,
         "the winner's event, read by the loser; not the stream"
     );
-    assert_eq!(repo.load(&id).await.unwrap().state, tally(202));
+    assert_eq!(repo.load(&id).await.unwrap().state, tally(52));
     assert_eq!(repo.cache_usage().entries, 1);
+}
+
+#[tokio::test]
+async fn memory_concurrent_commands_on_one_stream_both_use_the_cache() {
+    concurrent_commands_on_one_stream_both_use_the_cache(memory()).await;
 }
 
 // ---- newton's own categories are not an aggregate's ----------------------------------------
