@@ -23,7 +23,7 @@ use rdkafka::types::RDKafkaRespErr;
 
 use crate::config::KafkaConfig;
 use crate::error::{self, Fault};
-use crate::index::PartitionIndex;
+use crate::index::{IndexBytes, PartitionIndex};
 use crate::reader;
 use crate::topic::{self, TopicRefused};
 use crate::writer::{Queue, Writer};
@@ -64,11 +64,20 @@ struct KnownTopic {
 }
 
 /// What one partition's writer and readers share within this store.
-#[derive(Default)]
 pub(crate) struct PartitionState {
     pub(crate) index: PartitionIndex,
     /// The transactional producer while this store is the partition's writer.
     pub(crate) producer: Option<Writer>,
+}
+
+impl PartitionState {
+    /// Nothing indexed yet, counted in the store's `total`.
+    fn new(total: &IndexBytes) -> Self {
+        Self {
+            index: PartitionIndex::counted(total.clone()),
+            producer: None,
+        }
+    }
 }
 
 /// One partition's state, locked while an append or a catch-up runs.
@@ -97,6 +106,9 @@ pub(crate) struct Shared {
     pub(crate) take_overs: AtomicU64,
     /// Partition indexes dropped to stay within `max_index_bytes` (`KafkaStore::writer_stats`).
     pub(crate) indexes_dropped: AtomicU64,
+    /// What every partition index holds together, kept as they grow, so the bound is checked
+    /// in O(1) after each commit and catch-up.
+    pub(crate) index_bytes: IndexBytes,
 }
 
 impl Shared {
@@ -120,6 +132,7 @@ impl Shared {
             live_writers: Arc::new(AtomicUsize::new(0)),
             take_overs: AtomicU64::new(0),
             indexes_dropped: AtomicU64::new(0),
+            index_bytes: IndexBytes::default(),
             config,
         })
     }
@@ -486,7 +499,11 @@ impl Shared {
             .lock()
             .expect("partitions lock")
             .entry((topic.to_owned(), p))
-            .or_default()
+            .or_insert_with(|| {
+                Arc::new(tokio::sync::Mutex::new(PartitionState::new(
+                    &self.index_bytes,
+                )))
+            })
             .clone()
     }
 
@@ -558,7 +575,14 @@ impl Shared {
     /// rebuilt by reading the partition when it is used again. Partitions locked right now (in
     /// use, among them the caller's: it is called after an index grew, with its lock held) are
     /// neither counted nor dropped, so a partition larger than the bound stays while it is used.
+    ///
+    /// Below the bound (the common case) this is one load of the running total: it runs after
+    /// every commit and catch-up, and looking at every partition there made each append cost
+    /// O(partitions).
     pub(crate) fn bound_indexes(&self) {
+        if self.index_bytes.get() <= self.config.max_index_bytes {
+            return;
+        }
         let states = self.partition_states();
         let mut idle: Vec<_> = states
             .iter()
@@ -578,7 +602,7 @@ impl Shared {
                 break;
             }
             if let Ok(mut guard) = s.try_lock() {
-                *guard = PartitionState::default();
+                *guard = PartitionState::new(&self.index_bytes);
                 total -= bytes;
                 dropped += 1;
             }

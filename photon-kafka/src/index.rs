@@ -4,13 +4,17 @@
 //! topic, and a partition is read in full at most once per process.
 //!
 //! Memory: about 40 bytes per event, 16 per append, and each stream's name plus about 120 bytes
-//! per stream; [`PartitionIndex::bytes`] counts it so the store can bound what all its indexes
-//! hold (client.rs drops the least recently used).
+//! per stream; [`PartitionIndex::bytes`] counts it, and every index of a store adds to one shared
+//! [`IndexBytes`] as it grows (and takes its share back when dropped), so the store can tell in
+//! O(1) whether its indexes hold more than their bound (client.rs then drops the least recently
+//! used).
 //!
 //! The index talks to no broker: reader.rs feeds it the records it reads, writer.rs its own
 //! committed records, and both hold the partition's lock while they do.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use photon_api::validate::StoredId;
@@ -26,6 +30,19 @@ const STREAM_BYTES: usize = 120;
 
 /// What one append costs: its first version and length.
 const BATCH_BYTES: usize = 16;
+
+/// What all the indexes of one store hold together, in bytes: each index adds what it grows by
+/// and subtracts what it held when it is dropped, so checking the store's bound after every
+/// commit and catch-up costs one load instead of a look at every partition.
+#[derive(Clone, Default, Debug)]
+pub(crate) struct IndexBytes(Arc<AtomicUsize>);
+
+impl IndexBytes {
+    /// The bytes every live index of the store holds.
+    pub(crate) fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
 
 /// One stream's entry.
 #[derive(Default, Debug)]
@@ -51,33 +68,63 @@ pub(crate) struct PartitionIndex {
     /// When a reader or writer last brought it up to date: the least recently used index is
     /// the first dropped when the store's indexes hold too much.
     pub(crate) used: Option<Instant>,
+    /// The store's total, which `bytes` is part of.
+    total: IndexBytes,
+}
+
+impl Drop for PartitionIndex {
+    fn drop(&mut self) {
+        self.total.0.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 impl PartitionIndex {
+    /// An empty index counted in the store's `total`.
+    pub(crate) fn counted(total: IndexBytes) -> Self {
+        Self {
+            next_offset: 0,
+            last_recorded: 0,
+            streams: HashMap::new(),
+            bytes: 0,
+            used: None,
+            total,
+        }
+    }
+
+    /// Adds what the index grew by to its own count and the store's.
+    fn grow(&mut self, bytes: usize) {
+        self.bytes += bytes;
+        self.total.0.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     /// Adds the record at `offset`. A version out of sequence (a record not written through
     /// photon's writer) is left out and reported, so the index never claims a gap or a repeat.
     pub(crate) fn apply(&mut self, offset: i64, e: IndexEntry) -> bool {
+        let mut grew = 0;
         if !self.streams.contains_key(&e.stream) {
-            self.bytes += e.stream.len() + STREAM_BYTES;
+            grew += e.stream.len() + STREAM_BYTES;
         }
         let s = self.streams.entry(e.stream).or_default();
         if e.version != s.offsets.len() as u64 {
+            let expected = s.offsets.len();
+            self.grow(grew);
             tracing::warn!(
                 offset,
                 version = e.version,
-                expected = s.offsets.len(),
+                expected,
                 "photon-kafka: record out of version sequence left out of the index"
             );
             return false;
         }
         if e.version == e.batch_first {
             s.batches.push((e.batch_first, e.batch_len));
-            self.bytes += BATCH_BYTES;
+            grew += BATCH_BYTES;
         }
-        self.bytes += EVENT_BYTES;
+        grew += EVENT_BYTES;
         s.ids.insert(e.event_id, e.version);
         s.offsets.push(offset);
         self.last_recorded = self.last_recorded.max(e.recorded_at);
+        self.grow(grew);
         true
     }
 
@@ -159,6 +206,22 @@ mod tests {
             ix.bytes(),
             2 * (3 + STREAM_BYTES) + 4 * EVENT_BYTES + 3 * BATCH_BYTES
         );
+    }
+
+    #[test]
+    fn the_store_total_follows_every_index_and_forgets_a_dropped_one() {
+        let total = IndexBytes::default();
+        let mut a = PartitionIndex::counted(total.clone());
+        let mut b = PartitionIndex::counted(total.clone());
+        a.apply(0, entry("a-1", 1, 0, (0, 1)));
+        b.apply(0, entry("b-1", 2, 0, (0, 2)));
+        b.apply(1, entry("b-1", 3, 1, (0, 2)));
+        b.apply(2, entry("b-1", 4, 7, (7, 1)));
+        assert_eq!(total.get(), a.bytes() + b.bytes());
+        drop(b);
+        assert_eq!(total.get(), a.bytes());
+        drop(a);
+        assert_eq!(total.get(), 0);
     }
 
     #[test]

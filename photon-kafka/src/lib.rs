@@ -56,6 +56,9 @@ pub struct WriterStats {
     /// `max_index_bytes`; each is rebuilt by reading its partition when used again, so a count
     /// that keeps rising means the bound is below what this process works on.
     pub indexes_dropped: u64,
+    /// What the version indexes hold now, bytes (the estimate `max_index_bytes` bounds): how
+    /// much of the partitions this store works on it keeps in memory.
+    pub index_bytes: usize,
 }
 
 /// The event store on Apache Kafka. Clones share clients, topic metadata and version indexes.
@@ -104,6 +107,7 @@ impl KafkaStore {
             producers: self.inner.live_writers.load(Relaxed),
             take_overs: self.inner.take_overs.load(Relaxed),
             indexes_dropped: self.inner.indexes_dropped.load(Relaxed),
+            index_bytes: self.inner.index_bytes.get(),
         }
     }
 }
