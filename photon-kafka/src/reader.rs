@@ -173,6 +173,19 @@ async fn next_message<'c>(
         .map_err(|_| error::unavailable(format!("{}: no answer within {timeout:?}", at())))
 }
 
+/// How far a catch-up reads.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Reach {
+    /// To the partition's stable end as the brokers report it now: what a writer needs before
+    /// it decides an expected version.
+    StableEnd,
+    /// At most about `records` records (to the end of the append the last one belongs to), and
+    /// not past `bounds` (the log start and the stable end a read took when it began): a first
+    /// read of a large partition hands out what it found before it indexed the rest, and lets
+    /// appends have the partition's lock between steps.
+    Step { bounds: (i64, i64), records: i64 },
+}
+
 /// Reads `topic`/`p` from `index.next_offset` to its current stable end. Returns whether photon
 /// records were added. Traced as a `photon.catch_up` span with the offsets advanced (`offsets`:
 /// every record passed, photon's or not, transaction markers and offsets lost to retention too)
@@ -183,9 +196,20 @@ pub(crate) async fn catch_up(
     p: i32,
     index: &mut PartitionIndex,
 ) -> Result<bool, Error> {
+    catch_up_to(shared, topic, p, index, Reach::StableEnd).await
+}
+
+/// [`catch_up`] as far as `reach` says.
+pub(crate) async fn catch_up_to(
+    shared: &Arc<Shared>,
+    topic: &str,
+    p: i32,
+    index: &mut PartitionIndex,
+    reach: Reach,
+) -> Result<bool, Error> {
     let span = TELEMETRY.catch_up_span(&format_args!("{topic}/{p}"));
     let from = index.next_offset;
-    let result = read_to_stable_end(shared, topic, p, index)
+    let result = read_into_index(shared, topic, p, index, reach)
         .instrument(span.clone())
         .await;
     span.record("offsets", index.next_offset.saturating_sub(from));
@@ -193,13 +217,17 @@ pub(crate) async fn catch_up(
     result
 }
 
-async fn read_to_stable_end(
+async fn read_into_index(
     shared: &Arc<Shared>,
     topic: &str,
     p: i32,
     index: &mut PartitionIndex,
+    reach: Reach,
 ) -> Result<bool, Error> {
-    let (start, end) = watermarks(shared, topic, p).await?;
+    let ((start, end), records) = match reach {
+        Reach::StableEnd => (watermarks(shared, topic, p).await?, i64::MAX),
+        Reach::Step { bounds, records } => (bounds, records),
+    };
     // Records before the log start were deleted (finite retention, allowed by the URL): the
     // index starts where the log does.
     index.next_offset = index.next_offset.max(start);
@@ -211,7 +239,7 @@ async fn read_to_stable_end(
     let partitions = shared.known_partitions(topic);
     let consumer = pooled_reader(shared)?;
     assign(&consumer, topic, p, index.next_offset)?;
-    let mut added = false;
+    let (mut added, mut read) = (false, 0i64);
     while index.next_offset < end {
         let from = index.next_offset;
         let got = next_message(shared, &consumer, || {
@@ -234,10 +262,16 @@ async fn read_to_stable_end(
                     let n = partitions.expect("checked");
                     return Err(shared.partitions_changed(topic, was, n, evidence));
                 }
-                added |= index_record(index, &msg);
+                let (indexed, ends_append) = index_record(index, &msg);
+                added |= indexed;
                 // Before the yield: a catch-up given up there (an append's deadline) resumes
                 // after this record, never indexing it twice.
                 index.next_offset = msg.offset() + 1;
+                read += 1;
+                // A step stops between appends, so the index never holds part of one.
+                if read >= records && ends_append {
+                    break;
+                }
                 tokio::task::consume_budget().await;
             }
             Err(KafkaError::PartitionEOF(_)) => {
@@ -332,15 +366,19 @@ pub(crate) async fn probe_layout(
     Ok(None)
 }
 
-/// Adds a record to the index; whether it was a photon event that fits.
-fn index_record(index: &mut PartitionIndex, msg: &BorrowedMessage<'_>) -> bool {
+/// Adds a record to the index: whether it was a photon event that fits, and whether no append
+/// goes on after it (it is its append's last event, or no photon event at all).
+fn index_record(index: &mut PartitionIndex, msg: &BorrowedMessage<'_>) -> (bool, bool) {
     match codec::index_entry(msg) {
-        Ok(Some(entry)) => index.apply(msg.offset(), entry),
-        Ok(None) => false,
+        Ok(Some(entry)) => {
+            let last = entry.version + 1 >= entry.batch_first + u64::from(entry.batch_len);
+            (index.apply(msg.offset(), entry), last)
+        }
+        Ok(None) => (false, true),
         // Not written by photon's writer: left out, like any foreign record.
         Err(e) => {
             tracing::warn!(error = %e, "photon-kafka: record left out of the index");
-            false
+            (false, true)
         }
     }
 }
@@ -484,36 +522,122 @@ pub(crate) async fn list_categories(shared: &Arc<Shared>) -> Result<Vec<Category
         .collect()
 }
 
-/// Every stream of `category`, sorted, as a stream of names.
+/// Names a listing holds at most (bytes, with [`NAME_BYTES`] each besides the name), and at
+/// most `max_index_bytes`: a listing of more streams than fit reads the category again for
+/// the next names.
+const LISTING_BYTES: usize = 16 << 20;
+
+/// What a held name costs beyond its text: its tree node and string header.
+const NAME_BYTES: usize = 48;
+
+/// Every stream of `category`, sorted, as a stream of names, yielded window by window: each pass
+/// over the category's partitions keeps only the smallest names after the last one yielded
+/// that fit in [`LISTING_BYTES`] (or `max_index_bytes`), yields them, and starts another pass
+/// only when names were left out. A listing builds no version index: a partition whose index
+/// already reaches its stable end gives its names from the index (its lock held only to read
+/// them); any other is read through for the keys of its photon events, holding nothing but
+/// the window. Sorting needs every name of a pass seen before the first is yielded, so a pass
+/// reads the whole category; what a listing holds is bounded, not proportional to the
+/// partitions, and appends go on while it reads.
 pub(crate) fn list_streams(
     shared: Arc<Shared>,
     category: Category,
 ) -> BoxStream<'static, Result<StreamId, Error>> {
-    stream::once(async move { stream_names(&shared, &category).await })
-        .flat_map(|r| match r {
-            Ok(names) => stream::iter(names.into_iter().map(Ok)).boxed(),
-            Err(e) => error_stream(e),
-        })
-        .boxed()
+    let limit = LISTING_BYTES.min(shared.config.max_index_bytes);
+    let first = Some((shared, category, None::<String>));
+    stream::try_unfold(first, move |pass| async move {
+        let Some((shared, category, after)) = pass else {
+            return Ok(None);
+        };
+        let window = names_after(&shared, &category, after, limit).await?;
+        let more = window.left_out.is_some();
+        let last = window.names.last().cloned();
+        let names: Vec<Result<StreamId, Error>> = window
+            .names
+            .into_iter()
+            .map(StreamId::parse)
+            .collect();
+        let next = match last {
+            Some(last) if more => Some((shared, category, Some(last))),
+            _ => None,
+        };
+        Ok::<_, Error>(Some((stream::iter(names), next)))
+    })
+    .try_flatten()
+    .boxed()
 }
 
-/// Every stream of `category`, sorted, from the partitions' indexes.
-async fn stream_names(shared: &Arc<Shared>, category: &Category) -> Result<Vec<StreamId>, Error> {
-    let topic = shared.config.topic(category.as_str());
-    let Some(n) = shared.partition_count(&topic).await? else {
-        return Ok(Vec::new());
-    };
-    let mut names = Vec::new();
-    for p in 0..n {
-        let state = shared.partition(&topic, p);
-        let mut state = state.lock().await;
-        catch_up(shared, &topic, p, &mut state.index).await?;
-        for s in state.index.streams() {
-            names.push(StreamId::parse(s)?);
+/// The smallest names after `after` that fit in `limit` bytes.
+#[derive(Debug, Default)]
+struct NameWindow {
+    names: std::collections::BTreeSet<String>,
+    bytes: usize,
+    limit: usize,
+    after: Option<String>,
+    /// The smallest name left out for want of room: names from it on wait for the next pass
+    /// (keeping a larger one now would yield it before a smaller one left out).
+    left_out: Option<String>,
+}
+
+impl NameWindow {
+    fn new(after: Option<String>, limit: usize) -> Self {
+        Self {
+            after,
+            limit,
+            ..Self::default()
         }
     }
-    names.sort();
-    Ok(names)
+
+    /// Keeps `name` if it belongs to this pass and fits, leaving out the largest names held
+    /// when it does not (one name always fits).
+    fn offer(&mut self, name: &str) {
+        let after = self.after.as_deref().is_some_and(|a| name <= a);
+        let beyond = self.left_out.as_deref().is_some_and(|l| name >= l);
+        if after || beyond || self.names.contains(name) {
+            return;
+        }
+        self.bytes += name.len() + NAME_BYTES;
+        self.names.insert(name.to_owned());
+        while self.bytes > self.limit && self.names.len() > 1 {
+            let largest = self.names.pop_last().expect("more than one");
+            self.bytes -= largest.len() + NAME_BYTES;
+            self.left_out = Some(largest);
+        }
+    }
+}
+
+/// One pass of a listing over `category`'s partitions (see [`list_streams`]).
+async fn names_after(
+    shared: &Arc<Shared>,
+    category: &Category,
+    after: Option<String>,
+    limit: usize,
+) -> Result<NameWindow, Error> {
+    let mut window = NameWindow::new(after, limit);
+    let topic = shared.config.topic(category.as_str());
+    let Some(n) = shared.partition_count(&topic).await? else {
+        return Ok(window);
+    };
+    for (p, (low, high)) in (0..).zip(partition_bounds(shared, &topic, n).await?) {
+        {
+            let state = shared.partition(&topic, p);
+            let state = state.lock().await;
+            if state.index.next_offset >= high {
+                for name in state.index.streams() {
+                    window.offer(name);
+                }
+                continue;
+            }
+        }
+        scan(shared, &topic, p, (low, high), |msg| {
+            if let Some(name) = codec::stream_key(msg) {
+                window.offer(name);
+            }
+            None::<()>
+        })
+        .await?;
+    }
+    Ok(window)
 }
 
 /// What a stream read fetches: the offsets of the versions to read, in delivery order.
@@ -526,44 +650,151 @@ struct ReadPlan {
 }
 
 /// Reads one stream lazily, [`READ_STEP`] events at a time, by the offsets its index holds.
+/// The index is brought up to the stable end the read began at in steps ([`Reach::Step`]), the
+/// partition's lock held only for one step: a forwards read hands out the versions found so far
+/// before it indexes further, so the first read of a stream in a large partition not indexed yet
+/// starts with what the partition's start holds instead of after reading all of it. A backwards
+/// read starts at the stream's last version (or at `from`), so it indexes until it knows where
+/// that is.
 pub(crate) fn read_stream(
     shared: Arc<Shared>,
     stream: StreamId,
     options: ReadOptions,
 ) -> BoxStream<'static, Result<RecordedEvent, Error>> {
-    stream::once(plan_read(shared, stream, options))
+    stream::once(start_read(shared, stream, options))
         .flat_map(|r| match r {
             Ok(None) => stream::empty().boxed(),
             Err(e) => error_stream(e),
-            Ok(Some(plan)) => read_planned(plan),
+            Ok(Some(read)) if read.options.direction == Direction::Backwards => {
+                stream::once(read.plan_backwards())
+                    .flat_map(|r| match r {
+                        Ok(plan) => read_planned(plan),
+                        Err(e) => error_stream(e),
+                    })
+                    .boxed()
+            }
+            Ok(Some(read)) => stream::try_unfold(read, StreamRead::next_step)
+                .map_ok(|events| stream::iter(events.into_iter().map(Ok)))
+                .try_flatten()
+                .boxed(),
         })
         .boxed()
 }
 
-/// The offsets to read, from the stream's partition's index brought up to date; None when the
-/// stream's topic does not exist.
-async fn plan_read(
+/// Records the first step of a read indexes; each next step reads twice as many, up to
+/// [`MAX_INDEX_STEP`].
+const FIRST_INDEX_STEP: i64 = 1_000;
+
+/// The most records one step of a read indexes while it holds the partition's lock.
+const MAX_INDEX_STEP: i64 = 64_000;
+
+/// A stream read under way: where its stream lives, what it delivered, how far it indexes.
+struct StreamRead {
+    shared: Arc<Shared>,
+    stream: StreamId,
+    topic: String,
+    p: i32,
+    state: SharedPartition,
+    options: ReadOptions,
+    /// The log start and the stable end when the read began: it delivers what was committed
+    /// before it.
+    bounds: (i64, i64),
+    /// Forwards: the next version to deliver.
+    next: u64,
+    /// Events still to deliver (the read's limit).
+    left: usize,
+    /// Records the next indexing step reads.
+    step: i64,
+}
+
+/// Where `stream` lives and the bounds of its partition; None when its topic does not exist.
+async fn start_read(
     shared: Arc<Shared>,
     stream: StreamId,
     options: ReadOptions,
-) -> Result<Option<ReadPlan>, Error> {
+) -> Result<Option<StreamRead>, Error> {
     let Some((topic, p, state)) = locate(&shared, &stream).await? else {
         return Ok(None);
     };
-    let mut state = state.lock().await;
-    catch_up(&shared, &topic, p, &mut state.index).await?;
-    let all = state.index.offsets(stream.as_str());
-    let offsets = versions_to_read(all.len() as u64, &options)
-        .map(|v| all[v as usize])
-        .collect();
-    drop(state);
-    Ok(Some(ReadPlan {
-        category: stream.category_name().to_owned(),
+    let bounds = watermarks(&shared, &topic, p).await?;
+    Ok(Some(StreamRead {
+        next: options.from.map_or(0, |v| v.0),
+        left: options.limit.unwrap_or(usize::MAX),
+        step: FIRST_INDEX_STEP,
         shared,
+        stream,
         topic,
         p,
-        offsets,
+        state,
+        options,
+        bounds,
     }))
+}
+
+impl StreamRead {
+    /// Indexes one more step of the partition, with its lock held for that step only; false
+    /// when the index already reaches the stable end the read began at.
+    async fn index_step(&mut self, index: &mut PartitionIndex) -> Result<bool, Error> {
+        if index.next_offset >= self.bounds.1 {
+            return Ok(false);
+        }
+        let reach = Reach::Step {
+            bounds: self.bounds,
+            records: self.step,
+        };
+        catch_up_to(&self.shared, &self.topic, self.p, index, reach).await?;
+        self.step = (self.step * 2).min(MAX_INDEX_STEP);
+        Ok(true)
+    }
+
+    /// The next events of a forwards read: the versions the index holds from `next` on (at
+    /// most [`READ_STEP`]), indexing further steps while it holds none; None at the end.
+    async fn next_step(mut self) -> Result<Option<(Vec<RecordedEvent>, Self)>, Error> {
+        loop {
+            if self.left == 0 {
+                return Ok(None);
+            }
+            let state = self.state.clone();
+            let mut state = state.lock().await;
+            let offsets = state.index.offsets(self.stream.as_str());
+            if let Some(found) = offsets.get(self.next as usize..).filter(|o| !o.is_empty()) {
+                let wanted = found[..found.len().min(READ_STEP).min(self.left)].to_vec();
+                drop(state);
+                let category = self.stream.category_name();
+                let events = fetch(&self.shared, &self.topic, category, self.p, &wanted).await?;
+                self.next += wanted.len() as u64;
+                self.left -= wanted.len();
+                return Ok(Some((events, self)));
+            }
+            if !self.index_step(&mut state.index).await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// The whole plan of a backwards read, once the index holds the version it starts at (the
+    /// stream's last as of the read's start, or `from`).
+    async fn plan_backwards(mut self) -> Result<ReadPlan, Error> {
+        let state = self.state.clone();
+        loop {
+            let mut state = state.lock().await;
+            let len = state.index.offsets(self.stream.as_str()).len() as u64;
+            let known = self.options.from.is_some_and(|v| v.0 < len);
+            if known || !self.index_step(&mut state.index).await? {
+                let all = state.index.offsets(self.stream.as_str());
+                let offsets = versions_to_read(all.len() as u64, &self.options)
+                    .map(|v| all[v as usize])
+                    .collect();
+                return Ok(ReadPlan {
+                    category: self.stream.category_name().to_owned(),
+                    shared: self.shared,
+                    topic: self.topic,
+                    p: self.p,
+                    offsets,
+                });
+            }
+        }
+    }
 }
 
 /// The versions a read of a stream of `len` events delivers, in delivery order.
@@ -612,4 +843,63 @@ fn read_planned(plan: ReadPlan) -> BoxStream<'static, Result<RecordedEvent, Erro
             Err(e) => error_stream(e),
         })
         .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pass(after: Option<&str>, limit: usize, names: &[&str]) -> (Vec<String>, Option<String>) {
+        let mut w = NameWindow::new(after.map(str::to_owned), limit);
+        for n in names {
+            w.offer(n);
+        }
+        (w.names.into_iter().collect(), w.left_out)
+    }
+
+    #[test]
+    fn a_window_keeps_the_smallest_names_after_the_last_yielded() {
+        let names = ["c-3", "c-1", "c-5", "c-2", "c-1", "c-4", "c-0"];
+        let two = 2 * (3 + NAME_BYTES);
+        let (first, left) = pass(None, two, &names);
+        assert_eq!(first, ["c-0", "c-1"]);
+        assert!(left.is_some());
+        let (second, left) = pass(Some("c-1"), two, &names);
+        assert_eq!(second, ["c-2", "c-3"]);
+        assert!(left.is_some());
+        let (third, left) = pass(Some("c-3"), two, &names);
+        assert_eq!(third, ["c-4", "c-5"]);
+        // Full, but nothing was left out: the listing ends here.
+        assert_eq!(left, None);
+        let (all, left) = pass(None, usize::MAX, &names);
+        assert_eq!(all, ["c-0", "c-1", "c-2", "c-3", "c-4", "c-5"]);
+        assert_eq!(left, None);
+    }
+
+    #[test]
+    fn a_window_too_small_for_one_name_still_holds_one() {
+        let names = ["c-b", "c-a", "c-c"];
+        let mut listed = Vec::new();
+        let mut after = None;
+        loop {
+            let (got, left) = pass(after.as_deref(), 1, &names);
+            listed.extend(got.iter().cloned());
+            after = got.last().cloned();
+            if left.is_none() {
+                break;
+            }
+        }
+        assert_eq!(listed, ["c-a", "c-b", "c-c"]);
+    }
+
+    #[test]
+    fn a_name_larger_than_one_left_out_waits_for_the_next_pass() {
+        // "c-long12345" is left out to make room for "c-2"; "c-m" arrives with room for it,
+        // but it would be yielded before "c-long12345" was: it waits too. Each pass yields in
+        // order, and no name is lost.
+        let limit = 160;
+        let (got, left) = pass(None, limit, &["c-1", "c-long12345", "c-2", "c-m"]);
+        assert_eq!(got, ["c-1", "c-2"]);
+        assert_eq!(left.as_deref(), Some("c-long12345"));
+    }
 }

@@ -1,0 +1,186 @@
+//! What a first read and a listing hold of a partition, against a real broker
+//! (`PHOTON_TEST_KAFKA_URL`): a stream read in a partition this store has not indexed yet hands
+//! out its first events after indexing a step of the partition, not all of it; a listing
+//! builds no version index and holds a bounded window of names, yet lists every stream, sorted.
+//! Each store here is fresh, so nothing but the call under test touches its indexes: the
+//! observable is the bytes its indexes hold (`WriterStats::index_bytes`), not a time.
+
+use futures::{StreamExt, TryStreamExt};
+use photon_api::{
+    Category, EventData, EventStore, EventStoreExt, ExpectedVersion, ReadOptions, StreamId, Uuid,
+    Version,
+};
+use photon_conformance::server_url;
+use photon_kafka::KafkaStore;
+
+fn with_options(url: &str, options: &str) -> String {
+    format!(
+        "{url}{}{options}",
+        if url.contains('?') { "&" } else { "?" }
+    )
+}
+
+fn numbered(n: u64) -> EventData {
+    EventData::json("Numbered", &serde_json::json!({ "n": n })).unwrap()
+}
+
+fn versions(events: &[photon_api::RecordedEvent]) -> Vec<u64> {
+    events.iter().map(|e| e.version.0).collect()
+}
+
+/// Events behind the first stream in the one partition, and appends they come in.
+const FILLER_EVENTS: u64 = 20_000;
+const FILLER_APPEND: u64 = 500;
+const FILLER_STREAMS: u64 = 8;
+
+/// Issue 14 item 7: a first read of a stream at the start of a 20,000-event partition gets its
+/// first event after the store indexed one step of the partition (before: the whole partition,
+/// so its index then held as much as after the read). Reads that cross many steps, forwards,
+/// backwards and from a version with a limit, deliver exactly their versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_read_yields_before_its_partition_is_indexed() {
+    let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
+        return;
+    };
+    let prefix = format!("s{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let url = with_options(&url, &format!("prefix={prefix}&partitions=1"));
+    let writer = KafkaStore::from_url(&url).await.unwrap();
+    let first = StreamId::parse("big-first").unwrap();
+    writer
+        .append(
+            &first,
+            ExpectedVersion::NoStream,
+            (0..3).map(numbered).collect(),
+        )
+        .await
+        .unwrap();
+    let fillers: Vec<StreamId> = (0..FILLER_STREAMS)
+        .map(|i| StreamId::parse(format!("big-filler{i}")).unwrap())
+        .collect();
+    for a in 0..FILLER_EVENTS / FILLER_APPEND {
+        let s = &fillers[(a % FILLER_STREAMS) as usize];
+        let events = (0..FILLER_APPEND).map(|n| numbered(a * FILLER_APPEND + n));
+        writer
+            .append(s, ExpectedVersion::Any, events.collect())
+            .await
+            .unwrap();
+    }
+
+    let reader = KafkaStore::from_url(&url).await.unwrap();
+    assert_eq!(reader.writer_stats().index_bytes, 0);
+    let mut read = reader.read_stream(&first, ReadOptions::forwards());
+    let e = read.next().await.unwrap().unwrap();
+    assert_eq!(e.version, Version(0));
+    let at_first = reader.writer_stats().index_bytes;
+    let rest: Vec<_> = read.try_collect().await.unwrap();
+    assert_eq!(versions(&rest), [1, 2]);
+    // The whole partition indexed, for comparison.
+    assert_eq!(
+        reader.stream_version(&fillers[0]).await.unwrap(),
+        Some(Version(FILLER_EVENTS / FILLER_STREAMS - 1))
+    );
+    let full = reader.writer_stats().index_bytes;
+    assert!(
+        at_first > 0 && at_first * 4 < full,
+        "the first event came after indexing {at_first} bytes of the partition's {full}"
+    );
+
+    let per_stream = FILLER_EVENTS / FILLER_STREAMS;
+    let fresh = KafkaStore::from_url(&url).await.unwrap();
+    let forwards = fresh
+        .read_to_vec(&fillers[3], ReadOptions::forwards())
+        .await
+        .unwrap();
+    assert_eq!(versions(&forwards), (0..per_stream).collect::<Vec<_>>());
+    let fresh = KafkaStore::from_url(&url).await.unwrap();
+    let backwards = fresh
+        .read_to_vec(&fillers[5], ReadOptions::backwards())
+        .await
+        .unwrap();
+    assert_eq!(
+        versions(&backwards),
+        (0..per_stream).rev().collect::<Vec<_>>()
+    );
+    let fresh = KafkaStore::from_url(&url).await.unwrap();
+    let window = fresh
+        .read_to_vec(
+            &fillers[6],
+            ReadOptions::forwards()
+                .from_version(Version(1_200))
+                .limit(700),
+        )
+        .await
+        .unwrap();
+    assert_eq!(versions(&window), (1_200..1_900).collect::<Vec<_>>());
+    let fresh = KafkaStore::from_url(&url).await.unwrap();
+    let back_from = fresh
+        .read_to_vec(
+            &fillers[7],
+            ReadOptions::backwards().from_version(Version(600)).limit(3),
+        )
+        .await
+        .unwrap();
+    assert_eq!(versions(&back_from), [600, 599, 598]);
+}
+
+/// Issue 14 item 7: listing a category builds no version index (before: every partition's
+/// whole index, kept afterwards), and with room for one name at a time (`max_index_bytes=1`)
+/// still lists every stream once, sorted; a store whose indexes are built, or half built by a
+/// read, lists the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_builds_no_index_and_holds_a_bounded_window() {
+    let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
+        return;
+    };
+    let prefix = format!("s{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let url = with_options(&url, &format!("prefix={prefix}&partitions=3"));
+    let writer = KafkaStore::from_url(&url).await.unwrap();
+    let category = Category::new("listed").unwrap();
+    let mut want: Vec<String> = (0..30).map(|i| format!("listed-{:x}", i * 7919)).collect();
+    for (i, name) in want.iter().enumerate() {
+        let s = StreamId::parse(name.as_str()).unwrap();
+        let events = (0..=(i as u64 % 3)).map(numbered).collect();
+        writer
+            .append(&s, ExpectedVersion::NoStream, events)
+            .await
+            .unwrap();
+    }
+    want.sort();
+    let list = |store: KafkaStore| {
+        let category = category.clone();
+        async move {
+            let names: Vec<String> = store
+                .list_streams(&category)
+                .map_ok(|s| s.as_str().to_owned())
+                .try_collect()
+                .await
+                .unwrap();
+            (names, store.writer_stats().index_bytes)
+        }
+    };
+
+    let (names, held) = list(KafkaStore::from_url(&url).await.unwrap()).await;
+    assert_eq!(names, want);
+    assert_eq!(held, 0, "a listing built version indexes");
+
+    let one_at_a_time = with_options(&url, "max_index_bytes=1");
+    let (names, held) = list(KafkaStore::from_url(&one_at_a_time).await.unwrap()).await;
+    assert_eq!(names, want, "one name per pass");
+    assert_eq!(held, 0);
+
+    // The writer's indexes are built: they give the names.
+    let (names, _) = list(writer.clone()).await;
+    assert_eq!(names, want);
+
+    // A read started on a fresh store (its partition's index part built) leaves the listing
+    // whole.
+    let half = KafkaStore::from_url(&url).await.unwrap();
+    let mut read = half.read_stream(
+        &StreamId::parse(want[0].as_str()).unwrap(),
+        ReadOptions::forwards(),
+    );
+    read.next().await.unwrap().unwrap();
+    drop(read);
+    let (names, _) = list(half).await;
+    assert_eq!(names, want);
+}
