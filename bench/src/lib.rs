@@ -42,6 +42,10 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum Workload {
     /// Batches of 1 and 100, 1 and 16 writers: events/s and latency per append.
     Append,
+    /// Kafka only: one writer, batch 1, cycling over streams in 40 partitions (5 categories of
+    /// 8), beside a raw transaction per append over the same 40: whether producers are kept
+    /// for every partition in use (issue 14 item 5).
+    Spread,
     /// Loading aggregates of 10, 1,000 and 10,000 events: latency per load.
     Load,
     /// A new view replays a category, decoding every payload: events/s and peak RSS.
@@ -224,6 +228,21 @@ async fn run_backend(
                 push(raw.append(sizes, batch, writers).await?, out);
             }
         }
+    }
+    #[cfg(feature = "kafka")]
+    if on(Workload::Spread) && backend == "kafka" {
+        use crate::raw::Raw as _;
+        let case = raw::kafka::spread_case();
+        progress::phase(&format!("{backend}: append, {case}"));
+        let (spread, streams) = raw::kafka::spread_target(url)?;
+        push(
+            vec![photon::append_cycling(&spread, &streams, sizes, &case).await?],
+            out,
+        );
+        let baseline = raw::kafka::RawKafka::connect(url).await?;
+        let row = baseline.spread(sizes).await;
+        baseline.clean_up().await?;
+        push(vec![row?], out);
     }
     if on(Workload::Load) {
         progress::phase(&format!("{backend}: aggregate loads"));

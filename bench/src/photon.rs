@@ -711,3 +711,64 @@ pub async fn live(t: &Target, sizes: &Sizes) -> Result<Measurement, BoxError> {
     .latency_only()
     .capped(n < sizes.live_events))
 }
+
+/// One writer appending one event at a time to `streams` in turn, each with its exact expected
+/// version, after one unmeasured append to each (the first append to a Kafka partition takes
+/// it over: `init_transactions` and a catch-up read, which this row does not measure). The
+/// 40-partition row (issue 14 item 5): a writer whose streams span more partitions than a
+/// fixed cache of producers would keep.
+pub async fn append_cycling(
+    t: &Target,
+    streams: &[StreamId],
+    sizes: &Sizes,
+    case: &str,
+) -> Result<Measurement, BoxError> {
+    let mut versions = vec![0u64; streams.len()];
+    for (s, v) in streams.iter().zip(&mut versions) {
+        let event = domain::event(domain::payloads(1).remove(0));
+        t.store
+            .append(s, ExpectedVersion::NoStream, vec![event])
+            .await?;
+        *v = 1;
+    }
+    let events: Vec<EventData> = domain::payloads(sizes.append_events as usize)
+        .into_iter()
+        .map(domain::event)
+        .collect();
+    let bar = progress::bar(sizes.append_events, &format!("append {case}"));
+    let cap = Cap::new(sizes.cap);
+    let mut latencies = Latencies::default();
+    let mut written = 0u64;
+    let started = Instant::now();
+    for (i, event) in events.into_iter().enumerate() {
+        if cap.reached() {
+            break;
+        }
+        let k = i % streams.len();
+        let t0 = Instant::now();
+        t.store
+            .append(&streams[k], expected(versions[k]), vec![event])
+            .await?;
+        latencies.record(t0.elapsed());
+        versions[k] += 1;
+        written += 1;
+        bar.inc(1);
+    }
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+    Ok(Measurement::throughput(
+        &t.backend,
+        "append",
+        case,
+        "photon",
+        Role::Photon,
+        written,
+        elapsed,
+    )
+    .with_latency(&latencies)
+    .capped(written < sizes.append_events)
+    .note(format!(
+        "{} streams, one per partition, in turn; after one unmeasured append to each (the take-overs)",
+        streams.len()
+    )))
+}

@@ -115,6 +115,53 @@ async fn create_topics(
     Ok(())
 }
 
+/// Categories of the 40-partition row, and the partitions of each: their topics total 40.
+pub const SPREAD_CATEGORIES: usize = 5;
+
+/// Partitions of each topic of the 40-partition row.
+pub const SPREAD_PARTITIONS: i32 = 8;
+
+/// The case label of the 40-partition row, shared by photon's row and its baseline.
+pub fn spread_case() -> String {
+    format!(
+        "batch 1, 1 writer, {} partitions ({SPREAD_CATEGORIES} categories of {SPREAD_PARTITIONS})",
+        SPREAD_CATEGORIES as i32 * SPREAD_PARTITIONS
+    )
+}
+
+/// The 40-partition row on photon (issue 14 item 5): a store for `url` whose topics get
+/// [`SPREAD_PARTITIONS`] partitions, and one stream in each partition of
+/// [`SPREAD_CATEGORIES`] fresh categories, which one writer appends to in turn.
+///
+/// # Errors
+/// - photon-kafka's error for a URL it refuses.
+pub fn spread_target(
+    url: &str,
+) -> Result<(crate::photon::Target, Vec<newton::StreamId>), BoxError> {
+    let mut config = KafkaConfig::from_url(url)?;
+    config.partitions = SPREAD_PARTITIONS;
+    let store = photon_kafka::KafkaStore::connect(config)?;
+    let mut streams = Vec::new();
+    for _ in 0..SPREAD_CATEGORIES {
+        let category = crate::photon::fresh_category("spread");
+        let mut found: Vec<Option<newton::StreamId>> = vec![None; SPREAD_PARTITIONS as usize];
+        let mut i = 0u64;
+        while found.iter().any(Option::is_none) {
+            let s = newton::StreamId::new(&category, format!("s{i}"))?;
+            let p = photon_kafka::partition_for(&s, SPREAD_PARTITIONS) as usize;
+            found[p].get_or_insert(s);
+            i += 1;
+        }
+        streams.extend(found.into_iter().flatten());
+    }
+    let target = crate::photon::Target {
+        backend: "kafka".into(),
+        url: url.to_owned(),
+        store: Arc::new(store),
+    };
+    Ok((target, streams))
+}
+
 /// A stream's partition: streams are spread over the `partitions` in turn.
 fn partition_of(stream: u64, partitions: i32) -> i32 {
     (stream % partitions as u64) as i32
@@ -194,6 +241,78 @@ impl RawKafka {
         create_topics(&self.admin, &self.config, std::slice::from_ref(&name)).await?;
         self.topics.lock().expect("not poisoned").push(name.clone());
         Ok(name)
+    }
+
+    /// The baseline of the 40-partition row: one transactional producer appending one record
+    /// per transaction to each partition of [`SPREAD_CATEGORIES`] topics of
+    /// [`SPREAD_PARTITIONS`] in turn, after one unmeasured transaction per partition (as
+    /// photon's row is measured after its take-overs).
+    ///
+    /// # Errors
+    /// - librdkafka's error for a topic, producer or transaction that fails.
+    pub async fn spread(&self, sizes: &Sizes) -> Result<Measurement, BoxError> {
+        let mut config = self.config.clone();
+        config.partitions = SPREAD_PARTITIONS;
+        let names: Vec<String> = (0..SPREAD_CATEGORIES)
+            .map(|c| format!("bench-raw-{}-spread{c}", self.id))
+            .collect();
+        create_topics(&self.admin, &config, &names).await?;
+        self.topics
+            .lock()
+            .expect("not poisoned")
+            .extend(names.iter().cloned());
+        let producer = self.transactional("spread").await?;
+        let timeout = self.config.timeout;
+        let targets: Vec<(&str, i32)> = names
+            .iter()
+            .flat_map(|t| (0..SPREAD_PARTITIONS).map(move |p| (t.as_str(), p)))
+            .collect();
+        let payloads = domain::payloads(sizes.append_events as usize + targets.len());
+        let (warm, measured) = payloads.split_at(targets.len());
+        let mut versions = vec![0u64; targets.len()];
+        let mut append = |k: usize, payload: &Bytes| {
+            let (producer, to, version) = (producer.clone(), targets[k], versions[k]);
+            versions[k] += 1;
+            let key = format!("raw-spread-{k}");
+            let payload = std::slice::from_ref(payload).to_vec();
+            async move {
+                producer.begin_transaction()?;
+                send_batch(&producer, to, &key, version, &payload, timeout).await?;
+                blocking(&producer, move |p| p.commit_transaction(timeout)).await?;
+                Ok::<_, BoxError>(())
+            }
+        };
+        for (k, payload) in warm.iter().enumerate() {
+            append(k, payload).await?;
+        }
+        let cap = Cap::new(sizes.cap);
+        let mut latencies = Latencies::default();
+        let mut written = 0u64;
+        let started = Instant::now();
+        for (i, payload) in measured.iter().enumerate() {
+            if cap.reached() {
+                break;
+            }
+            let t0 = Instant::now();
+            append(i % targets.len(), payload).await?;
+            latencies.record(t0.elapsed());
+            written += 1;
+        }
+        Ok(Measurement::throughput(
+            "kafka",
+            "append",
+            spread_case(),
+            "raw rdkafka (a transaction per append)",
+            Role::Baseline,
+            written,
+            started.elapsed(),
+        )
+        .with_latency(&latencies)
+        .capped(written < sizes.append_events)
+        .note(format!(
+            "one transactional producer over {} partitions in turn; after one unmeasured transaction on each",
+            targets.len()
+        )))
     }
 
     /// A transactional producer, initialised (fencing any earlier one of the same id).
