@@ -4,6 +4,7 @@ mod aggregate;
 mod cache;
 mod checkpoint_store;
 mod connect;
+mod process;
 mod repository;
 mod snapshot;
 pub mod testing;
@@ -19,9 +20,13 @@ pub use checkpoint_store::{
 pub use connect::{
     connect, connect_from_env, KnownBackend, DEFAULT_URL, KNOWN_BACKENDS, URL_VARIABLE,
 };
+pub use process::{
+    process_stream, Instance, ProcessError, ProcessHandle, ProcessManager, ProcessOptions,
+    ProcessRunner, ProcessStatus, Steps, PROCESS_CATEGORY,
+};
 pub use repository::{
-    encode, CommandContext, ExecuteError, Executed, Loaded, Repository, RetryPolicy,
-    RESERVED_CATEGORY_PREFIX,
+    command_event_id, encode, CommandContext, ExecuteError, Executed, Loaded, Repository,
+    RetryPolicy, RESERVED_CATEGORY_PREFIX,
 };
 pub use snapshot::{
     snapshot_stream, SnapshotDue, SnapshotPolicy, SNAPSHOT_CATEGORY, SNAPSHOT_EVENT_TYPE,

@@ -501,6 +501,68 @@ impl<A: Aggregate> Repository<A> {
         command: &A::Command,
         context: &CommandContext,
     ) -> Result<Executed<A>, ExecuteError<A::Error>> {
+        self.run(id, command, context, None).await
+    }
+
+    /// As [`Self::execute_with`], but the command is idempotent: `command_id` names it, the ids
+    /// of the events it records are derived from it ([`command_event_id`]), and executing it
+    /// again, after it was stored, stores nothing and answers with what it stored the first time.
+    /// For commands issued by a reaction to an event (a process manager, see
+    /// [`crate::ProcessRunner`]): derive `command_id` from the causing event's id, and a
+    /// redelivery of that event after a crash never doubles an effect.
+    ///
+    /// Why it holds: the aggregate decides again on its current state, which already includes
+    /// the first execution's events, so it may now decide differently (a withdrawal of the whole
+    /// balance is refused the second time). The decision is therefore never trusted alone:
+    /// - when it records events, they carry the derived ids, and the store answers a batch whose
+    ///   ids it holds as a retry (success with the original versions) or as an
+    ///   [`Error::IdempotencyConflict`] naming one of them, whatever the expected version says;
+    ///   both mean "stored before".
+    /// - when it is a refusal or records nothing, the store is asked whether the first derived id
+    ///   is in the stream, by an append of one marker event with that id and an expectation no
+    ///   stream can meet, which the store answers from the ids before the expectation and so
+    ///   never stores (design.md: idempotent appends; every backend checks ids first). Only then
+    ///   is the refusal (or the empty outcome) returned. That costs one round trip, and on
+    ///   Cassandra a read of the stream's event ids, on refusals only; the marker's append is
+    ///   counted in `photon_append_conflicts_total` like a lost race.
+    ///
+    /// When it was stored before, [`Executed::events`] are the events it stored then (read back,
+    /// upcast), and `state` and `version` are the aggregate's as of now.
+    ///
+    /// What it does not cover: a command refused the first time is decided again, on the state
+    /// found now, and may succeed if that state changed meanwhile (nothing was stored the first
+    /// time, so nothing is doubled; but a caller that acted on the first refusal should record
+    /// that before acting). And the same `command_id` with another command is the same command
+    /// to this method: ids are the only key.
+    ///
+    /// # Errors
+    /// - As [`Self::execute`]; [`ExecuteError::Rejected`] only when the command was not stored
+    ///   before.
+    /// - [`ExecuteError::Store`] with [`Error::InvalidInput`] for a nil `command_id`.
+    pub async fn execute_once(
+        &self,
+        id: &str,
+        command: &A::Command,
+        command_id: Uuid,
+        context: &CommandContext,
+    ) -> Result<Executed<A>, ExecuteError<A::Error>> {
+        if command_id.is_nil() {
+            return Err(ExecuteError::Store(Error::InvalidInput {
+                what: format!("command id for {}", self.category),
+                reason: "is nil; derive it from the causing event's id".into(),
+            }));
+        }
+        self.run(id, command, context, Some(command_id)).await
+    }
+
+    /// The command loop of [`Self::execute_with`] and, with a `command_id`, [`Self::execute_once`].
+    async fn run(
+        &self,
+        id: &str,
+        command: &A::Command,
+        context: &CommandContext,
+        command_id: Option<Uuid>,
+    ) -> Result<Executed<A>, ExecuteError<A::Error>> {
         let stream = self.stream_of(id)?;
         let max_attempts = self.retry.max_attempts.max(1);
         let mut backoff = self.retry.initial_backoff;
@@ -511,7 +573,20 @@ impl<A: Aggregate> Repository<A> {
                 // stored since it are read, not the whole stream.
                 self.catch_up(&stream, &mut current).await?;
             }
-            let events = match current.state.handle(command) {
+            let decided = current.state.handle(command);
+            if matches!(&decided, Ok(events) if events.is_empty()) || decided.is_err() {
+                if let Some(command_id) = command_id {
+                    // Refused or nothing to do now, maybe because it was stored before.
+                    let found = self.stored_at(&stream, command_id).await;
+                    if let Some(first) = found? {
+                        self.cache.put(&stream, current);
+                        return self
+                            .stored_before(&stream, command_id, first, attempt)
+                            .await;
+                    }
+                }
+            }
+            let events = match decided {
                 Ok(events) => events,
                 Err(source) => {
                     self.cache.put(&stream, current);
@@ -534,8 +609,15 @@ impl<A: Aggregate> Repository<A> {
             }
             let data = match events
                 .iter()
-                .map(|e| encode(e, context))
-                .collect::<Result<Vec<_>, _>>()
+                .enumerate()
+                .map(|(i, e)| {
+                    let data = encode(e, context)?;
+                    Ok(match command_id {
+                        Some(command_id) => data.with_id(command_event_id(command_id, i)),
+                        None => data,
+                    })
+                })
+                .collect::<Result<Vec<_>, Error>>()
             {
                 Ok(data) => data,
                 Err(e) => {
@@ -553,6 +635,28 @@ impl<A: Aggregate> Repository<A> {
                 tokio::time::sleep(self.retry.initial_backoff * resends).await;
                 resends += 1;
                 outcome = self.store.append(&stream, expected, data.clone()).await;
+            }
+            if let Some(command_id) = command_id {
+                let before = match (&outcome, current.version) {
+                    // A retry answered with the original versions: stored before, maybe decided
+                    // on another state than now.
+                    (Ok(result), Some(version)) if result.first_version <= version => {
+                        Some(result.first_version)
+                    }
+                    (
+                        Err(Error::IdempotencyConflict {
+                            event_id, version, ..
+                        }),
+                        _,
+                    ) if *event_id == command_event_id(command_id, 0) => Some(*version),
+                    _ => None,
+                };
+                if let Some(first) = before {
+                    self.cache.put(&stream, current);
+                    return self
+                        .stored_before(&stream, command_id, first, attempt)
+                        .await;
+                }
             }
             match outcome {
                 Ok(result) => {
@@ -595,6 +699,91 @@ impl<A: Aggregate> Repository<A> {
         })
     }
 }
+
+impl<A: Aggregate> Repository<A> {
+    /// Where the command `command_id` stored its first event in `stream`, if it did: asked of
+    /// the store by an append of a marker with that event's id and an expectation no stream can
+    /// meet ([`IMPOSSIBLE`]). Every backend looks the ids up before the expectation, so the
+    /// answer is a retry (stored as a one-event batch), an [`Error::IdempotencyConflict`]
+    /// (stored as the first of a longer one) or [`Error::WrongExpectedVersion`] (not stored),
+    /// and the marker itself is never stored.
+    async fn stored_at(
+        &self,
+        stream: &StreamId,
+        command_id: Uuid,
+    ) -> Result<Option<Version>, Error> {
+        let first = command_event_id(command_id, 0);
+        let marker = EventData::new(EventType::new(PROBE_EVENT_TYPE)?, Payload::msgpack(&())?)
+            .with_id(first);
+        let mut resends = 1;
+        loop {
+            match self
+                .store
+                .append(stream, IMPOSSIBLE, vec![marker.clone()])
+                .await
+            {
+                Ok(result) => return Ok(Some(result.first_version)),
+                Err(Error::IdempotencyConflict {
+                    event_id, version, ..
+                }) if event_id == first => return Ok(Some(version)),
+                Err(Error::WrongExpectedVersion { .. }) => return Ok(None),
+                Err(e) if e.is_retryable() && resends < self.retry.max_attempts.max(1) => {
+                    tokio::time::sleep(self.retry.initial_backoff * resends).await;
+                    resends += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The answer to a command `command_id` that was stored before, from version `first` on:
+    /// the events it stored then, and the aggregate as of now.
+    async fn stored_before(
+        &self,
+        stream: &StreamId,
+        command_id: Uuid,
+        first: Version,
+        attempts: u32,
+    ) -> Result<Executed<A>, ExecuteError<A::Error>> {
+        tracing::debug!(%stream, %command_id, %first, "command stored before; answering with what it stored");
+        let decoder = Decoder::<A::Event>::new()?;
+        let mut stored = self
+            .store
+            .read_stream(stream, ReadOptions::forwards().from_version(first));
+        let mut events = Vec::new();
+        let mut i = 0;
+        while let Some(recorded) = stored.try_next().await? {
+            if recorded.event_id != command_event_id(command_id, i) {
+                break;
+            }
+            decoder.decode_each(&recorded, |event| events.push(event))?;
+            i += 1;
+        }
+        let current = self.current(stream).await?;
+        let (state, version) = (current.state.clone(), current.version);
+        self.cache.put(stream, current);
+        Ok(Executed {
+            state,
+            events,
+            version,
+            attempts,
+        })
+    }
+}
+
+/// The id of event `index` (0-based) of the batch that command `command_id` records, as
+/// [`Repository::execute_once`] assigns it: a UUID v5 in the command's id as namespace, so the
+/// same command always records the same ids, on every run and every release.
+pub fn command_event_id(command_id: Uuid, index: usize) -> Uuid {
+    Uuid::new_v5(&command_id, &(index as u64).to_be_bytes())
+}
+
+/// The type of the marker event [`Repository::execute_once`] offers the store to learn whether
+/// a command was stored; never stored itself.
+const PROBE_EVENT_TYPE: &str = "newton.StoredProbe";
+
+/// An expectation no stream meets: it would need 2^64 events.
+const IMPOSSIBLE: ExpectedVersion = ExpectedVersion::Exact(Version(u64::MAX));
 
 impl<A: Aggregate + Serialize + DeserializeOwned> Repository<A> {
     /// Takes snapshots of the state as `policy` says, in the event store itself (see

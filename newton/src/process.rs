@@ -1,0 +1,1118 @@
+//! Process managers: long-running business processes (a transfer, an order) that react to events
+//! from categories and issue commands to repositories, and the runner that feeds them.
+//!
+//! This module owns the state of process instances, kept in the event store itself (one stream
+//! per instance, `newton_process-<process>:<correlation id>`, whose last event is the whole
+//! state), the position of each process in its categories (a [`CheckpointStore`] save, as views
+//! keep theirs) and the deadlines still pending. It never writes an aggregate's stream except
+//! through [`Repository::execute_once`], so every command it issues is idempotent.
+//!
+//! # Guarantees, and why they hold
+//! - **Effects happen once, deliveries at least once.** The runner saves its position after
+//!   handling, so a crash redelivers the events since the last save. Each instance records the
+//!   ids of the events (and deadlines) it has handled in the same append as its new state, and
+//!   skips them when they come again. A crash *inside* a handler, after some commands were
+//!   stored but before the instance was saved, makes the handler run again from the state it
+//!   last saved; its commands then carry the same ids ([`Steps::execute`] derives them from the
+//!   causing event's id and the step's name), and the repository answers a command stored
+//!   before with what it stored then instead of deciding again.
+//! - **One instance at a time, in delivery order.** One task handles every event and deadline of
+//!   a process, one after another, so a handler never races another for its instance. The order
+//!   is each stream's (store guarantee 7); events of different streams or categories come in the
+//!   order the subscriptions deliver them, which may differ between runs: a handler must not
+//!   rely on the order of two events that are not in one stream.
+//! - **Two runners of one process do not double anything either:** the instance's saves are
+//!   appends with the expected version (the loser reloads and finds the event handled), the
+//!   commands are idempotent, and the checkpoint save of the second runner is fenced, which
+//!   stops it ([`ProcessError::Fenced`]).
+//! - **Deadlines survive restarts.** A deadline is saved with the instance's state; the runner
+//!   keeps the pending ones with its checkpoint, and every instance changed after that save is
+//!   revisited when its events are redelivered, so a restarted runner knows every deadline. A
+//!   deadline fires at or after its time (never before), at least once, and its effects happen
+//!   once, as an event's do. A deadline replaced or cleared before it fired does not fire.
+//!
+//! What a handler must do for this to hold: be deterministic for a given state, event and
+//! command outcomes, give each command of one reaction its own step name, and keep its state
+//! small (it is saved whole, as one event, after every event it handles). A command *refused*
+//! before a crash is decided again after it (nothing of it was stored), on the aggregate's
+//! state then: see [`Repository::execute_once`].
+
+// `ProcessError` carries the store's error unboxed so callers can match on it; errors are the
+// cold path, so their size does not matter.
+#![allow(clippy::result_large_err)]
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::{select_all, StreamExt};
+use futures::TryStreamExt;
+use photon_api::{
+    BoxError, Category, Checkpoint, Error, EventData, EventStore, ExpectedVersion, ReadOptions,
+    RecordedEvent, Selector, Start, StreamId, SubscriptionItem, SubscriptionMode, Timestamp, Uuid,
+    Version,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+
+use crate::aggregate::Aggregate;
+use crate::checkpoint_store::{CheckpointStore, SavedView};
+use crate::repository::{CommandContext, ExecuteError, Executed, Repository};
+use crate::RESERVED_CATEGORY_PREFIX;
+
+/// The category of the streams that keep process instances:
+/// `newton_process-<process name>:<correlation id>`.
+pub const PROCESS_CATEGORY: &str = "newton_process";
+
+/// The event type of an instance's saved state.
+const SAVED_TYPE: &str = "ProcessSaved";
+
+/// Handled event ids an instance remembers. A redelivery only repeats the events since the
+/// runner's last checkpoint save, at most [`ProcessOptions::save_every`] of all instances
+/// together, so an instance needs to remember no more than that many; this is a generous bound
+/// that keeps a long-lived instance's saved state from growing without end.
+const MAX_HANDLED: usize = 1024;
+
+/// A process manager: reacts to events of one or more categories, per process instance (one
+/// business conversation, keyed by a correlation id), with state of its own, by issuing commands
+/// to repositories through [`Steps`].
+///
+/// The runner ([`ProcessRunner`]) keeps the state, the position and the deadlines; see the
+/// module documentation for what it guarantees and what a handler must do for it.
+#[async_trait]
+pub trait ProcessManager: Send + Sync + 'static {
+    /// The state of one instance, saved (MessagePack) after every event it handles.
+    type State: Default + Serialize + DeserializeOwned + Send + Sync + 'static;
+
+    /// Unique name including its version, e.g. `transfers-v1`: the key of its position and of
+    /// its instances' streams. Allowed characters are those of a stream id (letters, digits,
+    /// `_ - . : @`).
+    fn name(&self) -> &str;
+
+    /// The categories it reacts to.
+    fn categories(&self) -> Vec<Category>;
+
+    /// The instance an event belongs to, or None for an event of no instance (skipped). By
+    /// default the event's correlation id, which [`Steps::execute`] stamps on every event its
+    /// commands record, so a process can also react to the outcomes of its own commands.
+    fn correlate(&self, event: &RecordedEvent) -> Option<Uuid> {
+        event.metadata.correlation_id
+    }
+
+    /// Reacts to one event of the instance `steps.correlation_id()`.
+    ///
+    /// # Errors
+    /// - An error after a command answered [`Error::Unavailable`] (an unknown outcome) or
+    ///   [`ExecuteError::TooManyConflicts`] makes the runner handle the event again after [`ProcessOptions::retry_delay`], from the state
+    ///   saved before it, up to [`ProcessOptions::max_retries`] times; the steps stored the
+    ///   first time are not repeated. Any other error stops the process
+    ///   ([`ProcessStatus::Failed`]) without saving the instance; after a fix and a restart the
+    ///   event is handled again.
+    async fn handle(
+        &self,
+        state: &mut Self::State,
+        event: &RecordedEvent,
+        steps: &mut Steps,
+    ) -> Result<(), BoxError>;
+
+    /// Reacts to the instance's deadline ([`Steps::set_deadline`]) having passed: the step it
+    /// waited for did not answer in time. The deadline is cleared before this runs; set another
+    /// to wait again. Does nothing by default.
+    ///
+    /// # Errors
+    /// - As [`Self::handle`].
+    async fn on_deadline(
+        &self,
+        state: &mut Self::State,
+        steps: &mut Steps,
+    ) -> Result<(), BoxError> {
+        let _ = (state, steps);
+        Ok(())
+    }
+}
+
+/// What a handler may do for its instance: issue commands, set a deadline, finish it.
+#[derive(Debug)]
+pub struct Steps {
+    process: Arc<str>,
+    correlation_id: Uuid,
+    cause_id: Uuid,
+    deadline: Option<Timestamp>,
+    finished: bool,
+    /// A command answered with an unknown outcome: a failing handler is retried, not stopped.
+    unavailable: bool,
+}
+
+impl Steps {
+    /// The instance: the correlation id its events share.
+    pub fn correlation_id(&self) -> Uuid {
+        self.correlation_id
+    }
+
+    /// The id of what this reaction is to: the event's id, or for a deadline an id derived from
+    /// the instance and the deadline. The same on every redelivery.
+    pub fn cause_id(&self) -> Uuid {
+        self.cause_id
+    }
+
+    /// The id of the command this reaction issues as `step`: a UUID v5 of the process name and
+    /// the step in the cause's id, so a redelivery issues the same command again.
+    pub fn command_id(&self, step: &str) -> Uuid {
+        Uuid::new_v5(
+            &self.cause_id,
+            format!("{}/{step}", self.process).as_bytes(),
+        )
+    }
+
+    /// Executes `command` on instance `id` of `repository` as step `step` of this reaction,
+    /// idempotently ([`Repository::execute_once`] with [`Self::command_id`]): if the step was
+    /// stored before (the reaction runs again after a crash), nothing is stored and the answer
+    /// is what it stored then. Its events carry the instance's correlation id, the cause as
+    /// causation id, and the headers `newton-process` and `newton-step`.
+    ///
+    /// Give every command of one reaction its own step name: two commands under one name are one
+    /// command to the store, and the second answers as the first.
+    ///
+    /// # Errors
+    /// - As [`Repository::execute_once`]. After [`Error::Unavailable`] the step may have been
+    ///   stored: return the error, and the runner handles the event again, which finds out.
+    pub async fn execute<A: Aggregate>(
+        &mut self,
+        step: &str,
+        repository: &Repository<A>,
+        id: &str,
+        command: &A::Command,
+    ) -> Result<Executed<A>, ExecuteError<A::Error>> {
+        let context = CommandContext {
+            correlation_id: Some(self.correlation_id),
+            causation_id: Some(self.cause_id),
+            headers: vec![
+                ("newton-process".into(), self.process.to_string()),
+                ("newton-step".into(), step.to_owned()),
+            ],
+        };
+        let outcome = repository
+            .execute_once(id, command, self.command_id(step), &context)
+            .await;
+        // Worth handling the event again: the outcome is unknown (the step finds out), or other
+        // writers kept winning (nothing was stored).
+        match &outcome {
+            Err(ExecuteError::Store(e)) => self.unavailable |= e.is_retryable(),
+            Err(ExecuteError::TooManyConflicts { .. }) => self.unavailable = true,
+            _ => {}
+        }
+        outcome
+    }
+
+    /// The instance's deadline, if one is set.
+    pub fn deadline(&self) -> Option<Timestamp> {
+        self.deadline
+    }
+
+    /// Sets the instance's deadline `after` from now, replacing any: if the instance is not
+    /// finished by then, [`ProcessManager::on_deadline`] runs. Saved with the state, so it fires
+    /// after a restart too.
+    pub fn set_deadline(&mut self, after: Duration) {
+        let micros = Timestamp::now()
+            .unix_micros()
+            .saturating_add(i64::try_from(after.as_micros()).unwrap_or(i64::MAX));
+        self.deadline = Timestamp::from_unix_micros(micros);
+    }
+
+    /// Sets the instance's deadline at `at`, replacing any.
+    pub fn set_deadline_at(&mut self, at: Timestamp) {
+        self.deadline = Some(at);
+    }
+
+    /// Clears the instance's deadline: the step it waited for answered.
+    pub fn clear_deadline(&mut self) {
+        self.deadline = None;
+    }
+
+    /// Ends the instance: its deadline is cleared and later events of it are skipped.
+    pub fn finish(&mut self) {
+        self.finished = true;
+        self.deadline = None;
+    }
+
+    /// Whether [`Self::finish`] was called.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+}
+
+/// A process instance as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Instance<S> {
+    /// Its state.
+    pub state: S,
+    /// Whether it finished ([`Steps::finish`]).
+    pub finished: bool,
+    /// Its pending deadline.
+    pub deadline: Option<Timestamp>,
+    /// The version of its stream's last event: how many times it was saved, minus one.
+    pub revision: Version,
+}
+
+/// An instance's saved record: the last event of its stream.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Record {
+    /// The state, MessagePack.
+    state: Bytes,
+    /// Causes handled, oldest first, at most [`MAX_HANDLED`].
+    handled: VecDeque<Uuid>,
+    deadline: Option<Deadline>,
+    /// Deadlines set so far: names each one, so one replaced is told apart from its successor.
+    deadlines_set: u64,
+    finished: bool,
+}
+
+/// A pending deadline: when, and which one of the instance's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+struct Deadline {
+    /// Unix microseconds.
+    at: i64,
+    /// Its number among the instance's deadlines.
+    seq: u64,
+}
+
+/// The runner's own state, saved with its position: the deadlines pending, per instance.
+#[derive(Default, Serialize, Deserialize)]
+struct Pending {
+    deadlines: BTreeMap<Uuid, Deadline>,
+}
+
+/// Where a process is.
+#[derive(Clone, Debug)]
+pub enum ProcessStatus {
+    /// Loading its position.
+    Starting,
+    /// Handling the events stored before it started (or since its last save).
+    Replaying,
+    /// Caught up with every category; handling live events and deadlines.
+    Live,
+    /// Stopped by an error; restarting resumes from the last save.
+    Failed(Arc<ProcessError>),
+    /// Stopped on request, or because every handle was dropped.
+    Stopped,
+}
+
+/// Why a process stopped or could not start, or an instance could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The handler failed on an event (`version` is its version in `stream`) or on a deadline
+    /// (`stream` is the instance's, `version` its last save).
+    #[error("process {process}: handler failed on {stream}@{version}: {source}")]
+    Handler {
+        /// The process.
+        process: String,
+        /// The event's stream, or the instance's for a deadline.
+        stream: StreamId,
+        /// The event's version, or the instance's last save for a deadline.
+        version: Version,
+        /// The handler's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The event store or checkpoint store failed, or the process's name or categories are not
+    /// usable ([`Error::InvalidInput`]).
+    #[error("process {process}: {source}")]
+    Store {
+        /// The process.
+        process: String,
+        /// The store's error.
+        #[source]
+        source: Error,
+    },
+    /// Another runner of the same process saved its position since this one loaded it: two
+    /// processes run it. This one stops.
+    #[error("process {process}: another runner saved this process (expected revision {expected:?}, found {actual:?}); stopping this one")]
+    Fenced {
+        /// The process.
+        process: String,
+        /// The revision this runner last saw.
+        expected: Option<u64>,
+        /// The revision found.
+        actual: Option<u64>,
+    },
+    /// A saved instance or position does not decode (the state's shape changed: give the new
+    /// shape a new process name).
+    #[error("process {process}: saved state of {stream} does not decode: {reason}")]
+    State {
+        /// The process.
+        process: String,
+        /// The stream it was read from.
+        stream: StreamId,
+        /// What the decoder said.
+        reason: String,
+    },
+    /// The process failed earlier.
+    #[error("process {process} failed: {reason}")]
+    Failed {
+        /// The process.
+        process: String,
+        /// The failure.
+        reason: String,
+    },
+    /// The process was stopped.
+    #[error("process {process} is stopped")]
+    Stopped {
+        /// The process.
+        process: String,
+    },
+}
+
+/// Tuning of a [`ProcessRunner`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessOptions {
+    /// Save the position after this many handled events at the latest. A restart redelivers
+    /// at most this many events, which the instances then skip.
+    pub save_every: usize,
+    /// Save the position this long after the first unsaved event at the latest.
+    pub save_interval: Duration,
+    /// Wait before handling an event again after an unknown outcome, or resubscribing after a
+    /// retryable store error.
+    pub retry_delay: Duration,
+    /// Times an event (or deadline) is handled again after an unknown outcome before the
+    /// process stops as failed.
+    pub max_retries: u32,
+}
+
+impl Default for ProcessOptions {
+    fn default() -> Self {
+        Self {
+            save_every: 100,
+            save_interval: Duration::from_millis(500),
+            retry_delay: Duration::from_millis(500),
+            max_retries: 10,
+        }
+    }
+}
+
+/// Starts process managers: each in its own task, fed HotCold from its categories, with its
+/// position (and its pending deadlines) kept in a [`CheckpointStore`] under the key
+/// `process:<name>`, and its instances in the event store.
+#[derive(Clone)]
+pub struct ProcessRunner {
+    store: Arc<dyn EventStore>,
+    checkpoints: Arc<dyn CheckpointStore>,
+    options: ProcessOptions,
+}
+
+impl fmt::Debug for ProcessRunner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProcessRunner")
+            .field("store", &self.store.backend())
+            .field("checkpoints", &self.checkpoints)
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+enum Control {
+    Stop(oneshot::Sender<()>),
+}
+
+struct Shared {
+    handled: AtomicU64,
+    /// Woken after every saved instance, for [`ProcessHandle::wait_until_finished`].
+    progress: Notify,
+}
+
+/// A running process: watch its status, read its instances, stop it. Clones share the process;
+/// when the last one is dropped the process saves its position and stops.
+#[must_use = "dropping every handle of a process stops it"]
+pub struct ProcessHandle<P: ProcessManager> {
+    name: Arc<str>,
+    store: Arc<dyn EventStore>,
+    shared: Arc<Shared>,
+    control: mpsc::Sender<Control>,
+    status: watch::Receiver<ProcessStatus>,
+    _process: std::marker::PhantomData<fn() -> P>,
+}
+
+impl<P: ProcessManager> Clone for ProcessHandle<P> {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            store: self.store.clone(),
+            shared: self.shared.clone(),
+            control: self.control.clone(),
+            status: self.status.clone(),
+            _process: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<P: ProcessManager> fmt::Debug for ProcessHandle<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProcessHandle")
+            .field("name", &self.name)
+            .field("status", &*self.status.borrow())
+            .field("handled", &self.handled())
+            .finish()
+    }
+}
+
+/// The stream of instance `correlation_id` of process `process`.
+///
+/// # Errors
+/// - [`Error::InvalidInput`] when `process` is not usable in a stream id.
+pub fn process_stream(process: &str, correlation_id: Uuid) -> Result<StreamId, Error> {
+    StreamId::new(
+        &Category::new(PROCESS_CATEGORY).expect("valid category"),
+        format!("{process}:{}", correlation_id.simple()),
+    )
+}
+
+/// The key of a process's position in the checkpoint store, apart from views' names.
+fn checkpoint_key(process: &str) -> String {
+    format!("process:{process}")
+}
+
+impl ProcessRunner {
+    /// A runner reading `store` and keeping positions in `checkpoints`.
+    pub fn new(store: Arc<dyn EventStore>, checkpoints: Arc<dyn CheckpointStore>) -> Self {
+        Self {
+            store,
+            checkpoints,
+            options: ProcessOptions::default(),
+        }
+    }
+
+    /// Replaces the tuning.
+    pub fn with_options(mut self, options: ProcessOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Starts `process` in a task: loads its position and pending deadlines (or starts from the
+    /// beginning of its categories), handles what was stored since, then follows live events
+    /// and fires deadlines. Returns at once.
+    ///
+    /// # Errors
+    /// - [`ProcessError::Store`] with [`Error::InvalidInput`] when the process reacts to no
+    ///   category, to one of newton's own ([`RESERVED_CATEGORY_PREFIX`]), or its name is not
+    ///   usable in a stream id.
+    pub fn start<P: ProcessManager>(&self, process: P) -> Result<ProcessHandle<P>, ProcessError> {
+        let name: Arc<str> = Arc::from(process.name());
+        let invalid = |reason: String| ProcessError::Store {
+            process: name.to_string(),
+            source: Error::InvalidInput {
+                what: format!("process {name:?}"),
+                reason,
+            },
+        };
+        let categories = process.categories();
+        if categories.is_empty() {
+            return Err(invalid("reacts to no category".into()));
+        }
+        if let Some(reserved) = categories
+            .iter()
+            .find(|c| c.as_str().starts_with(RESERVED_CATEGORY_PREFIX))
+        {
+            return Err(invalid(format!(
+                "reacts to category {:?}, one of newton's own ({RESERVED_CATEGORY_PREFIX:?})",
+                reserved.as_str()
+            )));
+        }
+        if name.is_empty() {
+            return Err(invalid("name is empty".into()));
+        }
+        let usable = process_stream(&name, Uuid::nil()).and_then(|_| {
+            let category = Category::new(crate::checkpoint_store::CHECKPOINT_CATEGORY)?;
+            StreamId::new(&category, checkpoint_key(&name))
+        });
+        if let Err(Error::InvalidInput { reason, .. }) = usable {
+            return Err(invalid(format!(
+                "name is not usable in a stream id: {reason}"
+            )));
+        }
+        let shared = Arc::new(Shared {
+            handled: AtomicU64::new(0),
+            progress: Notify::new(),
+        });
+        let (control_tx, control_rx) = mpsc::channel(8);
+        let (status_tx, status_rx) = watch::channel(ProcessStatus::Starting);
+        let task = Task {
+            process,
+            name: name.clone(),
+            store: self.store.clone(),
+            checkpoints: self.checkpoints.clone(),
+            options: self.options,
+            shared: shared.clone(),
+            status: status_tx,
+            revision: None,
+            positions: BTreeMap::new(),
+            pending: Pending::default(),
+            unsaved: 0,
+        };
+        tokio::spawn(task.run(control_rx));
+        Ok(ProcessHandle {
+            name,
+            store: self.store.clone(),
+            shared,
+            control: control_tx,
+            status: status_rx,
+            _process: std::marker::PhantomData,
+        })
+    }
+}
+
+impl<P: ProcessManager> ProcessHandle<P> {
+    /// The process's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The current status.
+    pub fn status(&self) -> ProcessStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Events and deadlines handled since the task started (skipped redeliveries included).
+    pub fn handled(&self) -> u64 {
+        self.shared.handled.load(Ordering::Relaxed)
+    }
+
+    /// Instance `correlation_id` as stored now, or None when it has handled nothing yet.
+    ///
+    /// # Errors
+    /// - [`ProcessError::Store`] when the store fails; [`ProcessError::State`] when the saved
+    ///   state does not decode as `P::State`.
+    pub async fn instance(
+        &self,
+        correlation_id: Uuid,
+    ) -> Result<Option<Instance<P::State>>, ProcessError> {
+        let stream = process_stream(&self.name, correlation_id).map_err(|e| self.store_error(e))?;
+        let Some((record, revision)) = load_record(&*self.store, &stream)
+            .await
+            .map_err(|e| self.decode_error(&stream, e))?
+        else {
+            return Ok(None);
+        };
+        let state = rmp_serde::from_slice(&record.state).map_err(|e| ProcessError::State {
+            process: self.name.to_string(),
+            stream: stream.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(Some(Instance {
+            state,
+            finished: record.finished,
+            deadline: record
+                .deadline
+                .and_then(|d| Timestamp::from_unix_micros(d.at)),
+            revision,
+        }))
+    }
+
+    /// Waits until instance `correlation_id` has finished, and returns its final state.
+    ///
+    /// # Errors
+    /// - [`ProcessError::Failed`] or [`ProcessError::Stopped`] when the process ends first; as
+    ///   [`Self::instance`].
+    pub async fn wait_until_finished(
+        &self,
+        correlation_id: Uuid,
+    ) -> Result<P::State, ProcessError> {
+        let mut status = self.status.clone();
+        loop {
+            // Registered before the read, so an instance saved in between still wakes us.
+            let progress = self.shared.progress.notified();
+            tokio::pin!(progress);
+            progress.as_mut().enable();
+            if let Some(instance) = self.instance(correlation_id).await? {
+                if instance.finished {
+                    return Ok(instance.state);
+                }
+            }
+            match &*status.borrow_and_update() {
+                ProcessStatus::Failed(e) => {
+                    return Err(ProcessError::Failed {
+                        process: self.name.to_string(),
+                        reason: e.to_string(),
+                    })
+                }
+                ProcessStatus::Stopped => return Err(self.stopped()),
+                _ => {}
+            }
+            tokio::select! {
+                _ = progress => {}
+                changed = status.changed() => if changed.is_err() { return Err(self.stopped()) },
+            }
+        }
+    }
+
+    /// Waits until the process has caught up with every category.
+    ///
+    /// # Errors
+    /// - [`ProcessError::Failed`] or [`ProcessError::Stopped`] when the process ends first.
+    pub async fn wait_until_live(&self) -> Result<(), ProcessError> {
+        let mut status = self.status.clone();
+        loop {
+            match &*status.borrow_and_update() {
+                ProcessStatus::Live => return Ok(()),
+                ProcessStatus::Failed(e) => {
+                    return Err(ProcessError::Failed {
+                        process: self.name.to_string(),
+                        reason: e.to_string(),
+                    })
+                }
+                ProcessStatus::Stopped => return Err(self.stopped()),
+                ProcessStatus::Starting | ProcessStatus::Replaying => {}
+            }
+            if status.changed().await.is_err() {
+                return Err(self.stopped());
+            }
+        }
+    }
+
+    /// Saves the position and stops the process.
+    ///
+    /// # Errors
+    /// - [`ProcessError::Stopped`] when it had already stopped.
+    pub async fn stop(&self) -> Result<(), ProcessError> {
+        let (ack, done) = oneshot::channel();
+        self.control
+            .send(Control::Stop(ack))
+            .await
+            .map_err(|_| self.stopped())?;
+        done.await.map_err(|_| self.stopped())
+    }
+
+    fn stopped(&self) -> ProcessError {
+        ProcessError::Stopped {
+            process: self.name.to_string(),
+        }
+    }
+
+    fn store_error(&self, source: Error) -> ProcessError {
+        ProcessError::Store {
+            process: self.name.to_string(),
+            source,
+        }
+    }
+
+    fn decode_error(&self, stream: &StreamId, e: Error) -> ProcessError {
+        match e {
+            Error::Decode { .. } => ProcessError::State {
+                process: self.name.to_string(),
+                stream: stream.clone(),
+                reason: e.to_string(),
+            },
+            e => self.store_error(e),
+        }
+    }
+}
+
+/// The last saved record of an instance and its version, None for an instance never saved.
+async fn load_record(
+    store: &dyn EventStore,
+    stream: &StreamId,
+) -> Result<Option<(Record, Version)>, Error> {
+    let last = store
+        .read_stream(stream, ReadOptions::backwards().limit(1))
+        .try_next()
+        .await?;
+    match last {
+        None => Ok(None),
+        Some(e) => Ok(Some((e.decode()?, e.version))),
+    }
+}
+
+struct Task<P: ProcessManager> {
+    process: P,
+    name: Arc<str>,
+    store: Arc<dyn EventStore>,
+    checkpoints: Arc<dyn CheckpointStore>,
+    options: ProcessOptions,
+    shared: Arc<Shared>,
+    status: watch::Sender<ProcessStatus>,
+    revision: Option<u64>,
+    positions: BTreeMap<String, Checkpoint>,
+    pending: Pending,
+    unsaved: usize,
+}
+
+/// Why the subscription loop returned.
+enum Next {
+    Resubscribe,
+    Stop,
+}
+
+/// What an instance reacts to.
+enum Cause<'a> {
+    Event(&'a RecordedEvent),
+    Deadline(Deadline),
+}
+
+/// Attempts of one position save when the checkpoint store is unavailable.
+const SAVE_ATTEMPTS: u32 = 10;
+
+impl<P: ProcessManager> Task<P> {
+    async fn run(mut self, mut control: mpsc::Receiver<Control>) {
+        let status = match self.run_inner(&mut control).await {
+            Ok(()) => ProcessStatus::Stopped,
+            Err(e) => {
+                tracing::error!(process = %self.name, error = %e, "process failed");
+                ProcessStatus::Failed(Arc::new(e))
+            }
+        };
+        self.status.send_replace(status);
+    }
+
+    fn store_error(&self, source: Error) -> ProcessError {
+        ProcessError::Store {
+            process: self.name.to_string(),
+            source,
+        }
+    }
+
+    async fn run_inner(
+        &mut self,
+        control: &mut mpsc::Receiver<Control>,
+    ) -> Result<(), ProcessError> {
+        let key = checkpoint_key(&self.name);
+        if let Some(loaded) = self
+            .checkpoints
+            .load(&key)
+            .await
+            .map_err(|e| self.store_error(e))?
+        {
+            self.pending =
+                rmp_serde::from_slice(&loaded.saved.state).map_err(|e| ProcessError::State {
+                    process: self.name.to_string(),
+                    stream: process_stream(&self.name, Uuid::nil()).expect("checked at start"),
+                    reason: format!("the saved position: {e}"),
+                })?;
+            self.positions = loaded.saved.positions;
+            self.revision = Some(loaded.revision);
+        }
+        loop {
+            match self.follow(control).await? {
+                Next::Resubscribe => continue,
+                Next::Stop => {
+                    self.save().await?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Subscribes to every category from the saved positions, handles events and deadlines
+    /// until a retryable store error (resubscribe) or a stop.
+    async fn follow(
+        &mut self,
+        control: &mut mpsc::Receiver<Control>,
+    ) -> Result<Next, ProcessError> {
+        self.status.send_replace(ProcessStatus::Replaying);
+        let categories = self.process.categories();
+        let subscriptions = categories.iter().map(|category| {
+            let start = match self.positions.get(category.as_str()) {
+                Some(c) => Start::After(c.clone()),
+                None => Start::Beginning,
+            };
+            let ended = Error::Unavailable {
+                backend: self.store.backend(),
+                message: format!("the subscription to category {category} ended"),
+                source: None,
+            };
+            self.store
+                .subscribe(
+                    Selector::Category(category.clone()),
+                    start,
+                    SubscriptionMode::HotCold,
+                )
+                .chain(futures::stream::iter([Err(ended)]))
+        });
+        let mut merged = select_all(subscriptions);
+        let mut caught_up = 0;
+        let mut tick = tokio::time::interval(self.options.save_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let next_deadline = self.pending.deadlines.iter().min_by_key(|(_, d)| **d);
+            let due = next_deadline.map(|(id, d)| (*id, *d));
+            let wait = due.map_or(Duration::from_secs(3600), |(_, d)| {
+                let micros = d.at.saturating_sub(Timestamp::now().unix_micros()).max(0);
+                Duration::from_micros(micros as u64)
+            });
+            tokio::select! {
+                command = control.recv() => match command {
+                    Some(Control::Stop(ack)) => {
+                        self.save().await?;
+                        let _ = ack.send(());
+                        return Ok(Next::Stop);
+                    }
+                    None => return Ok(Next::Stop),
+                },
+                item = merged.next() => match item {
+                    Some(Ok(SubscriptionItem::Event(event))) => {
+                        if let Some(correlation_id) = self.process.correlate(&event) {
+                            self.react(correlation_id, Cause::Event(&event)).await?;
+                        }
+                        self.advance(&event);
+                        if self.unsaved >= self.options.save_every {
+                            self.save().await?;
+                        }
+                    }
+                    Some(Ok(SubscriptionItem::CaughtUp)) => {
+                        caught_up += 1;
+                        if caught_up == categories.len() {
+                            self.save().await?;
+                            self.status.send_replace(ProcessStatus::Live);
+                        }
+                    }
+                    Some(Err(e)) if e.is_retryable() => {
+                        tracing::warn!(process = %self.name, error = %e, "store unavailable; resubscribing");
+                        tokio::time::sleep(self.options.retry_delay).await;
+                        return Ok(Next::Resubscribe);
+                    }
+                    Some(Err(e)) => return Err(self.store_error(e)),
+                    None => unreachable!("each subscription ends with an error item first"),
+                },
+                // Deadlines fire once the replay is over too, not before: an event still to be
+                // replayed may be the answer that clears one.
+                _ = tokio::time::sleep(wait), if due.is_some() && caught_up == categories.len() => {
+                    let (correlation_id, deadline) = due.expect("guarded");
+                    self.pending.deadlines.remove(&correlation_id);
+                    self.unsaved += 1;
+                    self.react(correlation_id, Cause::Deadline(deadline)).await?;
+                    self.shared.handled.fetch_add(1, Ordering::Relaxed);
+                }
+                _ = tick.tick(), if self.unsaved > 0 => self.save().await?,
+            }
+        }
+    }
+
+    /// Records `event` as handled in the runner's position.
+    fn advance(&mut self, event: &RecordedEvent) {
+        match self.positions.get_mut(event.stream.category_name()) {
+            Some(position) => position.clone_from(&event.checkpoint),
+            None => {
+                self.positions.insert(
+                    event.stream.category_name().to_owned(),
+                    event.checkpoint.clone(),
+                );
+            }
+        }
+        self.unsaved += 1;
+        self.shared.handled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Lets instance `correlation_id` react to `cause` once: loads it, skips a cause it has
+    /// handled (or a deadline it no longer has), runs the handler, and saves the new record with
+    /// the expected version. Handled again after an unknown outcome or a lost save.
+    async fn react(&mut self, correlation_id: Uuid, cause: Cause<'_>) -> Result<(), ProcessError> {
+        let stream = process_stream(&self.name, correlation_id).map_err(|e| self.store_error(e))?;
+        let cause_id = match &cause {
+            Cause::Event(event) => event.event_id,
+            Cause::Deadline(d) => Uuid::new_v5(
+                &correlation_id,
+                format!("{}/deadline/{}", self.name, d.seq).as_bytes(),
+            ),
+        };
+        let mut retries = 0;
+        loop {
+            let (record, revision) = match load_record(&*self.store, &stream).await {
+                Ok(found) => found.map_or((Record::default(), None), |(r, v)| (r, Some(v))),
+                Err(e) if e.is_retryable() && retries < self.options.max_retries => {
+                    retries += 1;
+                    tokio::time::sleep(self.options.retry_delay).await;
+                    continue;
+                }
+                Err(Error::Decode { .. }) | Err(Error::UnknownSchemaVersion { .. }) => {
+                    return Err(ProcessError::State {
+                        process: self.name.to_string(),
+                        stream,
+                        reason: "the instance's saved record does not decode".into(),
+                    })
+                }
+                Err(e) => return Err(self.store_error(e)),
+            };
+            let stale = match &cause {
+                Cause::Event(_) => false,
+                Cause::Deadline(d) => record.deadline != Some(*d),
+            };
+            if record.finished || stale || record.handled.contains(&cause_id) {
+                // Handled before (a redelivery) or moot; its deadline, if any, is still due.
+                self.track_deadline(correlation_id, &record);
+                return Ok(());
+            }
+            let mut state: P::State = match revision {
+                None => P::State::default(),
+                Some(_) => {
+                    rmp_serde::from_slice(&record.state).map_err(|e| ProcessError::State {
+                        process: self.name.to_string(),
+                        stream: stream.clone(),
+                        reason: e.to_string(),
+                    })?
+                }
+            };
+            let mut steps = Steps {
+                process: self.name.clone(),
+                correlation_id,
+                cause_id,
+                deadline: match &cause {
+                    Cause::Event(_) => record
+                        .deadline
+                        .and_then(|d| Timestamp::from_unix_micros(d.at)),
+                    Cause::Deadline(_) => None,
+                },
+                finished: false,
+                unavailable: false,
+            };
+            let handled = match &cause {
+                Cause::Event(event) => self.process.handle(&mut state, event, &mut steps).await,
+                Cause::Deadline(_) => self.process.on_deadline(&mut state, &mut steps).await,
+            };
+            if let Err(source) = handled {
+                if steps.unavailable && retries < self.options.max_retries {
+                    tracing::warn!(process = %self.name, %stream, error = %source, "a step's outcome is unknown; handling again");
+                    retries += 1;
+                    tokio::time::sleep(self.options.retry_delay).await;
+                    continue;
+                }
+                let (stream, version) = match &cause {
+                    Cause::Event(event) => (event.stream.clone(), event.version),
+                    Cause::Deadline(_) => (stream, revision.unwrap_or(Version::FIRST)),
+                };
+                return Err(ProcessError::Handler {
+                    process: self.name.to_string(),
+                    stream,
+                    version,
+                    source,
+                });
+            }
+            let record = self.next_record(record, &state, &steps, cause_id, &stream)?;
+            let saved = EventData::msgpack(SAVED_TYPE, &record)
+                .map_err(|e| self.store_error(e))?
+                .with_id(Uuid::new_v5(
+                    &cause_id,
+                    format!("{}/saved", self.name).as_bytes(),
+                ))
+                .with_correlation_id(correlation_id)
+                .with_causation_id(cause_id);
+            let expected = revision.map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
+            match self.store.append(&stream, expected, vec![saved]).await {
+                Ok(_) => {
+                    self.track_deadline(correlation_id, &record);
+                    self.shared.progress.notify_waiters();
+                    return Ok(());
+                }
+                // Another runner saved the instance meanwhile (or our save landed and answered
+                // late): reload, and the cause is found handled or handled again, idempotently.
+                Err(e @ Error::WrongExpectedVersion { .. })
+                    if retries < self.options.max_retries =>
+                {
+                    tracing::debug!(process = %self.name, %stream, error = %e, "instance saved by someone else; reloading");
+                    retries += 1;
+                }
+                Err(e) if e.is_retryable() && retries < self.options.max_retries => {
+                    retries += 1;
+                    tokio::time::sleep(self.options.retry_delay).await;
+                }
+                Err(e) => return Err(self.store_error(e)),
+            }
+        }
+    }
+
+    /// The record to save after a reaction to `cause_id` left `state` and `steps`.
+    fn next_record(
+        &self,
+        mut record: Record,
+        state: &P::State,
+        steps: &Steps,
+        cause_id: Uuid,
+        stream: &StreamId,
+    ) -> Result<Record, ProcessError> {
+        record.state =
+            Bytes::from(
+                rmp_serde::to_vec_named(state).map_err(|e| ProcessError::State {
+                    process: self.name.to_string(),
+                    stream: stream.clone(),
+                    reason: format!("the state does not encode: {e}"),
+                })?,
+            );
+        record.handled.push_back(cause_id);
+        while record.handled.len() > MAX_HANDLED {
+            record.handled.pop_front();
+        }
+        let at = steps.deadline.map(Timestamp::unix_micros);
+        record.deadline = match (at, record.deadline) {
+            (None, _) => None,
+            (Some(at), Some(d)) if d.at == at => Some(d),
+            (Some(at), _) => {
+                record.deadlines_set += 1;
+                Some(Deadline {
+                    at,
+                    seq: record.deadlines_set,
+                })
+            }
+        };
+        record.finished = steps.finished;
+        Ok(record)
+    }
+
+    /// Keeps the runner's pending deadlines in step with an instance's record.
+    fn track_deadline(&mut self, correlation_id: Uuid, record: &Record) {
+        let now = match (record.finished, record.deadline) {
+            (false, Some(d)) => Some(d),
+            _ => None,
+        };
+        let before = match now {
+            Some(d) => self.pending.deadlines.insert(correlation_id, d),
+            None => self.pending.deadlines.remove(&correlation_id),
+        };
+        if before != now {
+            self.unsaved += 1;
+        }
+    }
+
+    async fn save(&mut self) -> Result<(), ProcessError> {
+        if self.unsaved == 0 {
+            return Ok(());
+        }
+        let pending = rmp_serde::to_vec_named(&self.pending).map_err(|e| ProcessError::State {
+            process: self.name.to_string(),
+            stream: process_stream(&self.name, Uuid::nil()).expect("checked at start"),
+            reason: format!("the pending deadlines do not encode: {e}"),
+        })?;
+        let saved = SavedView {
+            positions: self.positions.clone(),
+            state: Bytes::from(pending),
+        };
+        let key = checkpoint_key(&self.name);
+        let save_id = Uuid::now_v7();
+        let mut attempt = 1;
+        let revision = loop {
+            match self
+                .checkpoints
+                .save(&key, &saved, self.revision, save_id)
+                .await
+            {
+                Ok(revision) => break revision,
+                Err(e) if e.is_retryable() && attempt < SAVE_ATTEMPTS => {
+                    tracing::warn!(process = %self.name, error = %e, attempt, "position save failed; retrying");
+                    tokio::time::sleep(self.options.retry_delay * attempt).await;
+                    attempt += 1;
+                }
+                Err(Error::WrongExpectedVersion { actual, .. }) => {
+                    return Err(ProcessError::Fenced {
+                        process: self.name.to_string(),
+                        expected: self.revision,
+                        actual: actual.map(Version::value),
+                    })
+                }
+                Err(e) => return Err(self.store_error(e)),
+            }
+        };
+        self.revision = Some(revision);
+        self.unsaved = 0;
+        Ok(())
+    }
+}

@@ -1,0 +1,840 @@
+//! Process managers: a transfer (debit, credit, refund when the credit is refused) completes
+//! once, compensates once, survives redelivery, a deadline and a real process kill; bad input
+//! is a typed error. On memory, and on every server configured (see `support::servers`).
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use newton::store::{EventData, EventStore, ExpectedVersion, ReadOptions};
+use newton::{
+    command_event_id, process_stream, Aggregate, BoxError, Category, CheckpointStore,
+    CommandContext, DomainEvent, Error, EventStoreCheckpointStore, ExecuteError,
+    InMemoryCheckpointStore, ProcessError, ProcessManager, ProcessOptions, ProcessRunner,
+    ProcessStatus, RecordedEvent, Repository, Steps, Uuid,
+};
+use serde::{Deserialize, Serialize};
+use support::fresh_id;
+
+// ---- An account, as in the bank example --------------------------------------------------
+
+#[derive(Default, Debug, Clone)]
+struct Account {
+    open: bool,
+    closed: bool,
+    balance: u64,
+}
+
+#[derive(Debug, Clone)]
+enum AccountCommand {
+    Open,
+    Deposit(u64),
+    Withdraw(u64),
+    Close,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+enum AccountEvent {
+    Opened,
+    Deposited { amount: u64 },
+    Withdrawn { amount: u64 },
+    Closed,
+}
+
+impl DomainEvent for AccountEvent {
+    fn event_type(&self) -> &'static str {
+        match self {
+            AccountEvent::Opened => "Opened",
+            AccountEvent::Deposited { .. } => "Deposited",
+            AccountEvent::Withdrawn { .. } => "Withdrawn",
+            AccountEvent::Closed => "Closed",
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, thiserror::Error)]
+enum AccountError {
+    #[error("not open")]
+    NotOpen,
+    #[error("insufficient funds")]
+    InsufficientFunds,
+    #[error("not empty")]
+    NotEmpty,
+}
+
+impl Aggregate for Account {
+    const CATEGORY: &'static str = "pm_account";
+    type Command = AccountCommand;
+    type Event = AccountEvent;
+    type Error = AccountError;
+
+    fn handle(&self, command: &AccountCommand) -> Result<Vec<AccountEvent>, AccountError> {
+        match command {
+            AccountCommand::Open => Ok(vec![AccountEvent::Opened]),
+            _ if !self.open => Err(AccountError::NotOpen),
+            AccountCommand::Deposit(amount) => {
+                Ok(vec![AccountEvent::Deposited { amount: *amount }])
+            }
+            AccountCommand::Withdraw(amount) if *amount > self.balance => {
+                Err(AccountError::InsufficientFunds)
+            }
+            AccountCommand::Withdraw(amount) => {
+                Ok(vec![AccountEvent::Withdrawn { amount: *amount }])
+            }
+            AccountCommand::Close if self.balance > 0 => Err(AccountError::NotEmpty),
+            AccountCommand::Close => Ok(vec![AccountEvent::Closed]),
+        }
+    }
+
+    fn apply(&mut self, event: &AccountEvent) {
+        match event {
+            AccountEvent::Opened => self.open = true,
+            AccountEvent::Deposited { amount } => self.balance += amount,
+            AccountEvent::Withdrawn { amount } => self.balance -= amount,
+            AccountEvent::Closed => {
+                self.open = false;
+                self.closed = true;
+            }
+        }
+    }
+}
+
+// ---- The transfer process ------------------------------------------------------------------
+
+/// A transfer request, appended by the test to a fresh category (so a runner on a server that
+/// keeps earlier runs' requests replays only this test's).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+struct Requested {
+    from: String,
+    to: String,
+    amount: u64,
+    /// After the debit, wait this long for an approval that never comes (the deadline test),
+    /// instead of crediting.
+    approval_within_ms: Option<u64>,
+}
+
+#[derive(Default, Serialize, Deserialize, Debug, Clone, PartialEq)]
+struct TransferState {
+    from: String,
+    amount: u64,
+    debited: bool,
+    outcome: Option<String>,
+}
+
+struct Transfers {
+    name: String,
+    requests: Category,
+    accounts: Repository<Account>,
+    /// After the debit of this transfer, say so on stdout and never return: the crash test
+    /// kills the process there.
+    hang_after_debit: Option<Uuid>,
+}
+
+#[async_trait]
+impl ProcessManager for Transfers {
+    type State = TransferState;
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn categories(&self) -> Vec<Category> {
+        vec![self.requests.clone()]
+    }
+
+    async fn handle(
+        &self,
+        state: &mut TransferState,
+        event: &RecordedEvent,
+        steps: &mut Steps,
+    ) -> Result<(), BoxError> {
+        let request: Requested = event.decode()?;
+        state.from = request.from.clone();
+        state.amount = request.amount;
+        match steps
+            .execute(
+                "debit",
+                &self.accounts,
+                &request.from,
+                &AccountCommand::Withdraw(request.amount),
+            )
+            .await
+        {
+            Ok(_) => state.debited = true,
+            Err(ExecuteError::Rejected { source, .. }) => {
+                state.outcome = Some(format!("refused: {source}"));
+                steps.finish();
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if self.hang_after_debit == Some(steps.correlation_id()) {
+            println!("FIRST LEG STORED");
+            std::future::pending::<()>().await;
+        }
+        if let Some(within) = request.approval_within_ms {
+            steps.set_deadline(Duration::from_millis(within));
+            return Ok(());
+        }
+        match steps
+            .execute(
+                "credit",
+                &self.accounts,
+                &request.to,
+                &AccountCommand::Deposit(request.amount),
+            )
+            .await
+        {
+            Ok(_) => state.outcome = Some("completed".into()),
+            Err(ExecuteError::Rejected { .. }) => {
+                steps
+                    .execute(
+                        "refund",
+                        &self.accounts,
+                        &request.from,
+                        &AccountCommand::Deposit(request.amount),
+                    )
+                    .await?;
+                state.outcome = Some("refunded".into());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        steps.finish();
+        Ok(())
+    }
+
+    async fn on_deadline(
+        &self,
+        state: &mut TransferState,
+        steps: &mut Steps,
+    ) -> Result<(), BoxError> {
+        // The approval never came: give the money back.
+        steps
+            .execute(
+                "refund",
+                &self.accounts,
+                &state.from,
+                &AccountCommand::Deposit(state.amount),
+            )
+            .await?;
+        state.outcome = Some("timed out".into());
+        steps.finish();
+        Ok(())
+    }
+}
+
+/// What one test sets up: a store, the accounts, a fresh request category and process name.
+struct Bank {
+    store: Arc<dyn EventStore>,
+    accounts: Repository<Account>,
+    requests: Category,
+    name: String,
+}
+
+impl Bank {
+    fn new(store: Arc<dyn EventStore>) -> Self {
+        let run = &fresh_id()[..12];
+        Self {
+            accounts: Repository::<Account>::new(store.clone()),
+            requests: Category::new(format!("pm_transfer_{run}")).unwrap(),
+            name: format!("transfers-{run}"),
+            store,
+        }
+    }
+
+    fn process(&self) -> Transfers {
+        Transfers {
+            name: self.name.clone(),
+            requests: self.requests.clone(),
+            accounts: Repository::<Account>::new(self.store.clone()),
+            hang_after_debit: None,
+        }
+    }
+
+    fn runner(&self, checkpoints: Arc<dyn CheckpointStore>) -> ProcessRunner {
+        ProcessRunner::new(self.store.clone(), checkpoints).with_options(ProcessOptions {
+            save_interval: Duration::from_millis(50),
+            retry_delay: Duration::from_millis(50),
+            ..ProcessOptions::default()
+        })
+    }
+
+    async fn open(&self, balance: u64) -> String {
+        let id = fresh_id();
+        self.accounts
+            .execute(&id, &AccountCommand::Open)
+            .await
+            .unwrap();
+        if balance > 0 {
+            self.accounts
+                .execute(&id, &AccountCommand::Deposit(balance))
+                .await
+                .unwrap();
+        }
+        id
+    }
+
+    /// Appends a transfer request; returns its correlation id.
+    async fn request(&self, from: &str, to: &str, amount: u64) -> Uuid {
+        self.request_with(from, to, amount, None).await
+    }
+
+    /// Appends a transfer request that waits for an approval after the debit.
+    async fn request_with(
+        &self,
+        from: &str,
+        to: &str,
+        amount: u64,
+        approval_within_ms: Option<u64>,
+    ) -> Uuid {
+        let transfer = Uuid::now_v7();
+        let stream = newton::StreamId::new(&self.requests, transfer.simple().to_string()).unwrap();
+        let request = Requested {
+            from: from.into(),
+            to: to.into(),
+            amount,
+            approval_within_ms,
+        };
+        let event = EventData::msgpack("TransferRequested", &request)
+            .unwrap()
+            .with_correlation_id(transfer);
+        self.store
+            .append(&stream, ExpectedVersion::NoStream, vec![event])
+            .await
+            .unwrap();
+        transfer
+    }
+
+    /// Every event of account `id`, decoded.
+    async fn history(&self, id: &str) -> Vec<AccountEvent> {
+        let stream = self.accounts.stream_of(id).unwrap();
+        let events: Vec<RecordedEvent> = self
+            .store
+            .read_stream(&stream, ReadOptions::forwards())
+            .try_collect()
+            .await
+            .unwrap();
+        events.iter().map(|e| e.decode().unwrap()).collect()
+    }
+
+    /// The balance as stored (a fresh repository: no cache).
+    async fn balance(&self, id: &str) -> u64 {
+        Repository::<Account>::new(self.store.clone())
+            .load(id)
+            .await
+            .unwrap()
+            .state
+            .balance
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn finished(handle: &newton::ProcessHandle<Transfers>, transfer: Uuid) -> TransferState {
+    tokio::time::timeout(WAIT, handle.wait_until_finished(transfer))
+        .await
+        .expect("the transfer finishes in time")
+        .unwrap()
+}
+
+fn deposits(history: &[AccountEvent]) -> usize {
+    history
+        .iter()
+        .filter(|e| matches!(e, AccountEvent::Deposited { .. }))
+        .count()
+}
+
+fn withdrawals(history: &[AccountEvent]) -> usize {
+    history
+        .iter()
+        .filter(|e| matches!(e, AccountEvent::Withdrawn { .. }))
+        .count()
+}
+
+// ---- The scenarios, for every store -------------------------------------------------------
+
+async fn a_transfer_completes(store: Arc<dyn EventStore>) {
+    let bank = Bank::new(store);
+    let (a, b) = (bank.open(100).await, bank.open(5).await);
+    let handle = bank
+        .runner(Arc::new(InMemoryCheckpointStore::new()))
+        .start(bank.process())
+        .unwrap();
+    let transfer = bank.request(&a, &b, 40).await;
+    let state = finished(&handle, transfer).await;
+    assert_eq!(state.outcome.as_deref(), Some("completed"));
+    assert_eq!((bank.balance(&a).await, bank.balance(&b).await), (60, 45));
+    // The events the steps stored carry the transfer's correlation id and derived ids.
+    let stream = bank.accounts.stream_of(&b).unwrap();
+    let credit: Vec<RecordedEvent> = bank
+        .store
+        .read_stream(
+            &stream,
+            ReadOptions::forwards().from_version(newton::Version(2)),
+        )
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(credit.len(), 1);
+    assert_eq!(credit[0].metadata.correlation_id, Some(transfer));
+    assert_eq!(
+        credit[0].metadata.headers.get("newton-step"),
+        Some("credit")
+    );
+    handle.stop().await.unwrap();
+}
+
+async fn a_refused_credit_is_compensated_once(store: Arc<dyn EventStore>) {
+    let bank = Bank::new(store);
+    let (a, b) = (bank.open(100).await, bank.open(0).await);
+    bank.accounts
+        .execute(&b, &AccountCommand::Close)
+        .await
+        .unwrap();
+    let checkpoints = Arc::new(InMemoryCheckpointStore::new());
+    let handle = bank.runner(checkpoints).start(bank.process()).unwrap();
+    let transfer = bank.request(&a, &b, 30).await;
+    let state = finished(&handle, transfer).await;
+    assert_eq!(state.outcome.as_deref(), Some("refunded"));
+    handle.stop().await.unwrap();
+
+    // Every event delivered again (a runner with no position): nothing happens twice.
+    let again = bank
+        .runner(Arc::new(InMemoryCheckpointStore::new()))
+        .start(bank.process())
+        .unwrap();
+    tokio::time::timeout(WAIT, again.wait_until_live())
+        .await
+        .unwrap()
+        .unwrap();
+    again.stop().await.unwrap();
+    let history = bank.history(&a).await;
+    assert_eq!(
+        (withdrawals(&history), deposits(&history)),
+        (1, 2),
+        "the first deposit, the refund once: {history:?}"
+    );
+    assert_eq!(bank.balance(&a).await, 100);
+    assert_eq!(bank.history(&b).await.len(), 2, "opened and closed only");
+}
+
+/// A runner restarted from an older position (here: none) handles every request again; the
+/// instances skip them, so nothing is doubled. Then the instances are forgotten too (a runner
+/// under the same name reading a fresh instance stream is not possible, so the commands are
+/// re-issued directly with the same ids): the repository answers with what was stored.
+async fn redelivery_never_doubles_an_effect(store: Arc<dyn EventStore>) {
+    let bank = Bank::new(store);
+    let (a, b) = (bank.open(100).await, bank.open(0).await);
+    let handle = bank
+        .runner(Arc::new(InMemoryCheckpointStore::new()))
+        .start(bank.process())
+        .unwrap();
+    let transfers = [
+        bank.request(&a, &b, 10).await,
+        bank.request(&a, &b, 20).await,
+    ];
+    for t in transfers {
+        finished(&handle, t).await;
+    }
+    handle.stop().await.unwrap();
+    for _ in 0..2 {
+        let again = bank
+            .runner(Arc::new(InMemoryCheckpointStore::new()))
+            .start(bank.process())
+            .unwrap();
+        tokio::time::timeout(WAIT, again.wait_until_live())
+            .await
+            .unwrap()
+            .unwrap();
+        again.stop().await.unwrap();
+    }
+    assert_eq!((bank.balance(&a).await, bank.balance(&b).await), (70, 30));
+    assert_eq!(withdrawals(&bank.history(&a).await), 2);
+    assert_eq!(deposits(&bank.history(&b).await), 2);
+}
+
+/// `execute_once` on its own: the same command id twice stores once, also when the aggregate
+/// would now refuse (the whole balance withdrawn) or decide another number of events.
+async fn execute_once_stores_a_command_once(store: Arc<dyn EventStore>) {
+    let bank = Bank::new(store);
+    let a = bank.open(50).await;
+    let ctx = CommandContext::default();
+    let command_id = Uuid::new_v4();
+    let first = bank
+        .accounts
+        .execute_once(&a, &AccountCommand::Withdraw(50), command_id, &ctx)
+        .await
+        .unwrap();
+    assert_eq!(first.events, vec![AccountEvent::Withdrawn { amount: 50 }]);
+    // Again, through another repository (no cache): refused on today's state, but stored before.
+    let other = Repository::<Account>::new(bank.store.clone());
+    let again = other
+        .execute_once(&a, &AccountCommand::Withdraw(50), command_id, &ctx)
+        .await
+        .unwrap();
+    assert_eq!(again.events, vec![AccountEvent::Withdrawn { amount: 50 }]);
+    assert_eq!(again.state.balance, 0);
+    assert_eq!(again.version, first.version);
+    // A deposit re-sent: the store answers it as a retry.
+    let deposit_id = Uuid::new_v4();
+    for _ in 0..2 {
+        let done = other
+            .execute_once(&a, &AccountCommand::Deposit(7), deposit_id, &ctx)
+            .await
+            .unwrap();
+        assert_eq!(done.state.balance, 7);
+    }
+    // A refusal that was never stored is a refusal.
+    match other
+        .execute_once(&a, &AccountCommand::Withdraw(99), Uuid::new_v4(), &ctx)
+        .await
+    {
+        Err(ExecuteError::Rejected { source, .. }) => {
+            assert_eq!(source, AccountError::InsufficientFunds)
+        }
+        other => panic!("{other:?}"),
+    }
+    let history = bank.history(&a).await;
+    assert_eq!(
+        history.len(),
+        4,
+        "opened, deposited, withdrawn, deposited: {history:?}"
+    );
+    // The ids are the derived ones.
+    let stream = bank.accounts.stream_of(&a).unwrap();
+    let stored: Vec<RecordedEvent> = bank
+        .store
+        .read_stream(&stream, ReadOptions::forwards())
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(stored[2].event_id, command_event_id(command_id, 0));
+    assert_eq!(stored[3].event_id, command_event_id(deposit_id, 0));
+}
+
+/// The debit is stored, the approval never comes: the deadline fires and refunds, also when the
+/// runner was stopped before it and started again after it.
+async fn a_step_that_never_answers_hits_its_deadline(store: Arc<dyn EventStore>) {
+    let bank = Bank::new(store);
+    let (a, b) = (bank.open(100).await, bank.open(0).await);
+    let checkpoints: Arc<dyn CheckpointStore> =
+        Arc::new(EventStoreCheckpointStore::new(bank.store.clone()));
+    let handle = bank
+        .runner(checkpoints.clone())
+        .start(bank.process())
+        .unwrap();
+    let transfer = bank.request_with(&a, &b, 40, Some(400)).await;
+    // Wait for the debit, then stop before the deadline, and start again after it.
+    loop {
+        if let Some(i) = handle.instance(transfer).await.unwrap() {
+            if i.state.debited {
+                assert!(
+                    i.deadline.is_some(),
+                    "the deadline is stored with the state"
+                );
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    handle.stop().await.unwrap();
+    assert_eq!(bank.balance(&a).await, 60);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let restarted = bank.runner(checkpoints).start(bank.process()).unwrap();
+    let state = finished(&restarted, transfer).await;
+    assert_eq!(state.outcome.as_deref(), Some("timed out"));
+    assert_eq!(bank.balance(&a).await, 100);
+    assert_eq!(
+        deposits(&bank.history(&a).await),
+        2,
+        "the first deposit and one refund"
+    );
+    assert_eq!(bank.history(&b).await.len(), 1, "never credited");
+    restarted.stop().await.unwrap();
+}
+
+// ---- On memory -------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn memory_a_transfer_completes() {
+    a_transfer_completes(support::store()).await;
+}
+
+#[tokio::test]
+async fn memory_a_refused_credit_is_compensated_once() {
+    a_refused_credit_is_compensated_once(support::store()).await;
+}
+
+#[tokio::test]
+async fn memory_redelivery_never_doubles_an_effect() {
+    redelivery_never_doubles_an_effect(support::store()).await;
+}
+
+#[tokio::test]
+async fn memory_execute_once_stores_a_command_once() {
+    execute_once_stores_a_command_once(support::store()).await;
+}
+
+#[tokio::test]
+async fn memory_a_step_that_never_answers_hits_its_deadline() {
+    a_step_that_never_answers_hits_its_deadline(support::store()).await;
+}
+
+// ---- Bad input -------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn bad_input_is_a_typed_error() {
+    let bank = Bank::new(support::store());
+    let runner = bank.runner(Arc::new(InMemoryCheckpointStore::new()));
+    let invalid = |result: Result<newton::ProcessHandle<Transfers>, ProcessError>| match result {
+        Err(ProcessError::Store {
+            source: Error::InvalidInput { reason, .. },
+            ..
+        }) => reason,
+        other => panic!("expected InvalidInput, got {other:?}"),
+    };
+    let mut p = bank.process();
+    p.name = "has space".into();
+    assert!(invalid(runner.start(p)).contains("stream id"));
+    let mut p = bank.process();
+    p.name = String::new();
+    assert!(invalid(runner.start(p)).contains("empty"));
+    let mut p = bank.process();
+    p.requests = Category::new("newton_view").unwrap();
+    assert!(invalid(runner.start(p)).contains("newton_view"));
+    struct Nothing;
+    #[async_trait]
+    impl ProcessManager for Nothing {
+        type State = ();
+        fn name(&self) -> &str {
+            "nothing"
+        }
+        fn categories(&self) -> Vec<Category> {
+            vec![]
+        }
+        async fn handle(
+            &self,
+            _: &mut (),
+            _: &RecordedEvent,
+            _: &mut Steps,
+        ) -> Result<(), BoxError> {
+            Ok(())
+        }
+    }
+    match runner.start(Nothing) {
+        Err(ProcessError::Store {
+            source: Error::InvalidInput { reason, .. },
+            ..
+        }) => assert!(reason.contains("no category")),
+        other => panic!("{other:?}"),
+    }
+    // A nil command id.
+    let a = bank.open(0).await;
+    match bank
+        .accounts
+        .execute_once(
+            &a,
+            &AccountCommand::Deposit(1),
+            Uuid::nil(),
+            &CommandContext::default(),
+        )
+        .await
+    {
+        Err(ExecuteError::Store(Error::InvalidInput { what, .. })) => {
+            assert!(what.contains("command id"))
+        }
+        other => panic!("{other:?}"),
+    }
+    // A request that does not decode: the handler's error stops the process, typed, naming the
+    // event; nothing is saved for the instance.
+    let handle = runner.start(bank.process()).unwrap();
+    let stream = newton::StreamId::new(&bank.requests, "garbled").unwrap();
+    let transfer = Uuid::now_v7();
+    let garbled = EventData::msgpack("TransferRequested", &"not a request")
+        .unwrap()
+        .with_correlation_id(transfer);
+    bank.store
+        .append(&stream, ExpectedVersion::NoStream, vec![garbled])
+        .await
+        .unwrap();
+    match tokio::time::timeout(WAIT, handle.wait_until_finished(transfer))
+        .await
+        .unwrap()
+    {
+        Err(ProcessError::Failed { reason, .. }) => {
+            assert!(reason.contains("garbled"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    match handle.status() {
+        ProcessStatus::Failed(e) => {
+            assert!(matches!(&*e, ProcessError::Handler { stream: s, .. } if *s == stream))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(handle.instance(transfer).await.unwrap().is_none());
+    assert!(matches!(
+        handle.stop().await,
+        Err(ProcessError::Stopped { .. })
+    ));
+    // A stored instance that is not the process's state.
+    let stream = process_stream(&bank.name, transfer).unwrap();
+    bank.store
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            vec![EventData::msgpack("ProcessSaved", &"junk").unwrap()],
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        handle.instance(transfer).await,
+        Err(ProcessError::State { .. })
+    ));
+}
+
+// ---- A real process, killed after the first leg -----------------------------------------------
+
+/// Set for the child: `<url>|<process name>|<request category>|<transfer to stop in>`.
+const CHILD_VAR: &str = "NEWTON_TEST_PROCESS_CHILD";
+
+/// The child's side of the crash test: runs the transfer process, which stops forever after the
+/// debit of one transfer; the parent kills it there. Without the variable this test does
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_runs_transfers_until_killed() {
+    let Ok(spec) = std::env::var(CHILD_VAR) else {
+        return;
+    };
+    let parts: Vec<&str> = spec.split('|').collect();
+    let [url, name, category, transfer] = parts[..] else {
+        panic!("{CHILD_VAR}={spec:?}")
+    };
+    let store = newton::connect(url).await.unwrap();
+    let process = Transfers {
+        name: name.into(),
+        requests: Category::new(category).unwrap(),
+        accounts: Repository::<Account>::new(store.clone()),
+        hang_after_debit: Some(transfer.parse().unwrap()),
+    };
+    let checkpoints = Arc::new(EventStoreCheckpointStore::new(store.clone()));
+    let _handle = ProcessRunner::new(store, checkpoints)
+        .start(process)
+        .unwrap();
+    std::future::pending::<()>().await;
+}
+
+/// A process is killed (SIGKILL) after the debit of a transfer of the source's whole balance;
+/// started again, it completes the transfer exactly once (deciding the debit again would be
+/// refused: the repository finds it stored). Beside it, a transfer whose credit is refused is
+/// compensated once and one whose approval never comes hits its deadline; a third runner with
+/// no position, handling everything again, changes nothing.
+async fn a_killed_process_completes_the_transfer_once_after_a_restart(url: &str) {
+    let store = newton::connect(url).await.unwrap();
+    let bank = Bank::new(store);
+    let (a, b) = (bank.open(100).await, bank.open(0).await);
+    let (c, closed) = (bank.open(30).await, bank.open(0).await);
+    bank.accounts
+        .execute(&closed, &AccountCommand::Close)
+        .await
+        .unwrap();
+    let killed_in = bank.request(&a, &b, 100).await;
+    let refused = bank.request(&c, &closed, 10).await;
+    let timed_out = bank.request_with(&c, &b, 5, Some(300)).await;
+
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_runs_transfers_until_killed",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(
+            CHILD_VAR,
+            format!("{url}|{}|{}|{killed_in}", bank.name, bank.requests),
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let started = Instant::now();
+    loop {
+        match lines_rx.recv_timeout(WAIT.saturating_sub(started.elapsed())) {
+            Ok(line) if line.contains("FIRST LEG STORED") => break,
+            Ok(_) => {}
+            Err(e) => {
+                let _ = child.kill();
+                panic!("the child did not store the first leg: {e}")
+            }
+        }
+    }
+    child.kill().unwrap(); // SIGKILL: no destructor runs, nothing more is saved
+    child.wait().unwrap();
+    assert_eq!((bank.balance(&a).await, bank.balance(&b).await), (0, 0));
+
+    let checkpoints = Arc::new(EventStoreCheckpointStore::new(bank.store.clone()));
+    let handle = bank.runner(checkpoints).start(bank.process()).unwrap();
+    let outcomes = [
+        finished(&handle, killed_in).await.outcome,
+        finished(&handle, refused).await.outcome,
+        finished(&handle, timed_out).await.outcome,
+    ];
+    handle.stop().await.unwrap();
+    let outcomes = outcomes.each_ref().map(|o| o.as_deref());
+    assert_eq!(
+        outcomes,
+        [Some("completed"), Some("refunded"), Some("timed out")]
+    );
+
+    let again = bank
+        .runner(Arc::new(InMemoryCheckpointStore::new()))
+        .start(bank.process())
+        .unwrap();
+    tokio::time::timeout(WAIT, again.wait_until_live())
+        .await
+        .unwrap()
+        .unwrap();
+    again.stop().await.unwrap();
+
+    assert_eq!((bank.balance(&a).await, bank.balance(&b).await), (0, 100));
+    assert_eq!(withdrawals(&bank.history(&a).await), 1);
+    assert_eq!(deposits(&bank.history(&b).await), 1);
+    let c_history = bank.history(&c).await;
+    assert_eq!(
+        (withdrawals(&c_history), deposits(&c_history)),
+        (2, 3),
+        "two debits, the first deposit and two refunds: {c_history:?}"
+    );
+    assert_eq!(bank.balance(&c).await, 30);
+}
+
+// ---- On every server configured ---------------------------------------------------------------
+
+/// The scenarios above whose outcome depends on the backend (its idempotency answers, its
+/// subscriptions, the instance and position streams) on every server configured; the others run
+/// on memory only, to keep the servers' share of CI short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_process_manager() {
+    for (backend, url) in support::servers() {
+        let started = Instant::now();
+        execute_once_stores_a_command_once(newton::connect(&url).await.unwrap()).await;
+        println!("{backend}: execute_once, {:?}", started.elapsed());
+        let started = Instant::now();
+        a_killed_process_completes_the_transfer_once_after_a_restart(&url).await;
+        println!("{backend}: killed and restarted, {:?}", started.elapsed());
+    }
+}
