@@ -1,6 +1,7 @@
-//! A small bank on Newton: one aggregate (accounts), three views, a side-by-side view version and
-//! a rebuild. Runs on the in-memory store by default; the same code runs on any backend compiled
-//! in, chosen by `PHOTON_URL`.
+//! A small bank on Newton: two aggregates (accounts and transfers), a process manager that moves
+//! the money of a transfer, three views, a side-by-side view version and a rebuild. Runs on the
+//! in-memory store by default; the same code runs on any backend compiled in, chosen by
+//! `PHOTON_URL`.
 //!
 //! ```text
 //! cargo run --example bank
@@ -17,7 +18,8 @@ use newton::store::{EventData, ExpectedVersion, Timestamp};
 use newton::upcast::{self, Upcasters};
 use newton::{
     Aggregate, BoxError, Category, CommandContext, DomainEvent, EventStoreCheckpointStore,
-    ExecuteError, RecordedEvent, Repository, SnapshotPolicy, Uuid, View, ViewRunner,
+    ExecuteError, ProcessManager, ProcessRunner, RecordedEvent, Repository, SnapshotPolicy, Steps,
+    Uuid, View, ViewRunner,
 };
 use serde::{Deserialize, Serialize};
 
@@ -258,43 +260,215 @@ impl View for Activity {
     }
 }
 
+// ---- Transfers: an aggregate and the process manager that carries them out --------------------
+
+/// A request to move money, and how it ended. Its stream is `transfer-<id>`; the id is also the
+/// correlation id of every event the transfer causes, in both accounts.
+#[derive(Default, Debug, Clone)]
+struct Transfer {
+    requested: bool,
+    ended: bool,
+}
+
+#[derive(Debug, Clone)]
+enum TransferCommand {
+    Request {
+        from: String,
+        to: String,
+        amount: u64,
+    },
+    Complete,
+    Fail {
+        reason: String,
+        refunded: bool,
+    },
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+enum TransferEvent {
+    Requested {
+        from: String,
+        to: String,
+        amount: u64,
+    },
+    Completed,
+    Failed {
+        reason: String,
+        refunded: bool,
+    },
+}
+
+impl DomainEvent for TransferEvent {
+    fn event_type(&self) -> &'static str {
+        match self {
+            TransferEvent::Requested { .. } => "TransferRequested",
+            TransferEvent::Completed => "TransferCompleted",
+            TransferEvent::Failed { .. } => "TransferFailed",
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, thiserror::Error)]
+enum TransferError {
+    #[error("the transfer was already requested")]
+    AlreadyRequested,
+    #[error("the transfer was not requested, or has ended")]
+    NotInProgress,
+    #[error("a transfer moves a positive amount between two accounts")]
+    Invalid,
+}
+
+impl Aggregate for Transfer {
+    const CATEGORY: &'static str = "transfer";
+    type Command = TransferCommand;
+    type Event = TransferEvent;
+    type Error = TransferError;
+
+    fn handle(&self, command: &TransferCommand) -> Result<Vec<TransferEvent>, TransferError> {
+        match command {
+            TransferCommand::Request { .. } if self.requested => {
+                Err(TransferError::AlreadyRequested)
+            }
+            TransferCommand::Request { from, to, amount } if *amount == 0 || from == to => {
+                Err(TransferError::Invalid)
+            }
+            TransferCommand::Request { from, to, amount } => Ok(vec![TransferEvent::Requested {
+                from: from.clone(),
+                to: to.clone(),
+                amount: *amount,
+            }]),
+            _ if !self.requested || self.ended => Err(TransferError::NotInProgress),
+            TransferCommand::Complete => Ok(vec![TransferEvent::Completed]),
+            TransferCommand::Fail { reason, refunded } => Ok(vec![TransferEvent::Failed {
+                reason: reason.clone(),
+                refunded: *refunded,
+            }]),
+        }
+    }
+
+    fn apply(&mut self, event: &TransferEvent) {
+        match event {
+            TransferEvent::Requested { .. } => self.requested = true,
+            TransferEvent::Completed | TransferEvent::Failed { .. } => self.ended = true,
+        }
+    }
+}
+
+/// Carries out requested transfers: debits the source, then credits the target; when the credit
+/// is refused (the target is closed, say), refunds the source. It reacts to `TransferRequested`
+/// events, so a transfer requested while it was down, or interrupted by a crash between the
+/// legs, is carried on when it starts again: each leg is a step whose event ids derive from the
+/// request's id, so a leg stored before the crash is found, not done twice.
+struct TransferProcess {
+    accounts: Repository<Account>,
+    transfers: Repository<Transfer>,
+}
+
+/// What the process remembers of one transfer.
+#[derive(Default, Serialize, Deserialize)]
+struct TransferProgress {
+    outcome: String,
+}
+
+#[async_trait::async_trait]
+impl ProcessManager for TransferProcess {
+    type State = TransferProgress;
+
+    fn name(&self) -> &str {
+        "transfers-v1"
+    }
+
+    fn categories(&self) -> Vec<Category> {
+        vec![Category::new(Transfer::CATEGORY).expect("valid category")]
+    }
+
+    async fn handle(
+        &self,
+        progress: &mut TransferProgress,
+        event: &RecordedEvent,
+        steps: &mut Steps,
+    ) -> Result<(), BoxError> {
+        let Some(TransferEvent::Requested { from, to, amount }) =
+            upcast::decode::<TransferEvent>(event)?.pop()
+        else {
+            return Ok(()); // its own Completed and Failed, which end nothing new
+        };
+        let transfer = event.stream.id().to_owned();
+        let (debit, credit) = (
+            AccountCommand::Withdraw { amount },
+            AccountCommand::Deposit { amount },
+        );
+        // An error other than a refusal (the store unavailable) is returned as it is: the runner
+        // handles the request again, and the steps already stored are not repeated.
+        if let Err(e) = steps.execute("debit", &self.accounts, &from, &debit).await {
+            let ExecuteError::Rejected { source, .. } = e else {
+                return Err(e.into());
+            };
+            progress.outcome = format!("refused by {from} ({source})");
+            let fail = TransferCommand::Fail {
+                reason: source.to_string(),
+                refunded: false,
+            };
+            steps
+                .execute("fail", &self.transfers, &transfer, &fail)
+                .await?;
+            steps.finish();
+            return Ok(());
+        }
+        match steps.execute("credit", &self.accounts, &to, &credit).await {
+            Ok(_) => {
+                progress.outcome = "completed".into();
+                let complete = TransferCommand::Complete;
+                steps
+                    .execute("complete", &self.transfers, &transfer, &complete)
+                    .await?;
+            }
+            // Refused: nothing landed on the target, so give the money back to the source.
+            Err(ExecuteError::Rejected { source, .. }) => {
+                steps
+                    .execute("refund", &self.accounts, &from, &credit)
+                    .await?;
+                progress.outcome = format!("refused by {to} ({source}), refunded to {from}");
+                let fail = TransferCommand::Fail {
+                    reason: source.to_string(),
+                    refunded: true,
+                };
+                steps
+                    .execute("fail", &self.transfers, &transfer, &fail)
+                    .await?;
+            }
+            // Unknown outcome: the credit may have landed, so never refund blindly; handled
+            // again, the step finds out.
+            Err(e) => return Err(e.into()),
+        }
+        steps.finish();
+        Ok(())
+    }
+}
+
 // ---- The application -----------------------------------------------------------------------
 
-/// Moves money between two accounts: a withdrawal and a deposit sharing one correlation id.
-/// If the deposit is refused, a compensating deposit goes back to the source (same correlation,
-/// so it touches one account only and never counts as a completed transfer). A production bank
-/// would run this as a process manager reacting to events, so that a crash between the two legs
-/// is finished on restart; this example keeps it to two commands.
-async fn transfer(
-    accounts: &Repository<Account>,
+/// Requests a transfer: one event, which the transfer process reacts to. Returns its id.
+async fn request_transfer(
+    transfers: &Repository<Transfer>,
     from: &str,
     to: &str,
     amount: u64,
-) -> Result<Uuid, ExecuteError<AccountError>> {
+) -> Result<Uuid, ExecuteError<TransferError>> {
     let transfer_id = Uuid::now_v7();
     let context = CommandContext {
         correlation_id: Some(transfer_id),
         headers: vec![("transfer".into(), format!("{from}->{to}"))],
         ..CommandContext::default()
     };
-    accounts
-        .execute_with(from, &AccountCommand::Withdraw { amount }, &context)
+    let request = TransferCommand::Request {
+        from: from.into(),
+        to: to.into(),
+        amount,
+    };
+    transfers
+        .execute_with(&transfer_id.simple().to_string(), &request, &context)
         .await?;
-    match accounts
-        .execute_with(to, &AccountCommand::Deposit { amount }, &context)
-        .await
-    {
-        Ok(_) => {}
-        // Refused: nothing landed, so give the money back.
-        Err(e @ ExecuteError::Rejected { .. }) => {
-            accounts
-                .execute_with(from, &AccountCommand::Deposit { amount }, &context)
-                .await?;
-            return Err(e);
-        }
-        // Unknown outcome (the store failed): the deposit may have landed, so do not compensate.
-        Err(e) => return Err(e),
-    }
     Ok(transfer_id)
 }
 
@@ -325,6 +499,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // take one every few hundred); loads then read the latest one and the events after it.
     let accounts =
         Repository::<Account>::new(store.clone()).with_snapshots(SnapshotPolicy::EveryEvents(3));
+    let transfers = Repository::<Transfer>::new(store.clone());
+    // Views and processes keep their positions in the store too, so both resume after a restart.
+    let checkpoints = Arc::new(EventStoreCheckpointStore::new(store.clone()));
+    let transfer_process =
+        ProcessRunner::new(store.clone(), checkpoints.clone()).start(TransferProcess {
+            accounts: accounts.clone(),
+            transfers: transfers.clone(),
+        })?;
 
     println!("\n== commands");
     for (account, owner) in [(&ada, "Ada"), (&bob, "Bob"), (&cy, "Cy")] {
@@ -351,8 +533,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "ada: deposit 500, withdraw 80 -> balance {} at version {:?}",
         done.state.balance, done.version
     );
-    let t = transfer(&accounts, &ada, &bob, 150).await?;
-    println!("transfer {t}: 150 from {ada} to {bob}");
+    let t = request_transfer(&transfers, &ada, &bob, 150).await?;
+    let done = transfer_process.wait_until_finished(t).await?;
+    println!("transfer {t}: 150 from {ada} to {bob}: {}", done.outcome);
     match accounts
         .execute(&cy, &AccountCommand::Withdraw { amount: 1 })
         .await
@@ -381,6 +564,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         other => return Err(format!("expected a refusal, got {other:?}").into()),
     }
 
+    // A transfer to a closed account: the debit lands, the credit is refused, the process
+    // refunds the source. Its two events in ada's account share the transfer's correlation id.
+    let eve = id("eve");
+    for command in [
+        AccountCommand::Open {
+            owner: "Eve".into(),
+        },
+        AccountCommand::Close,
+    ] {
+        accounts.execute(&eve, &command).await?;
+    }
+    let t = request_transfer(&transfers, &ada, &eve, 20).await?;
+    let done = transfer_process.wait_until_finished(t).await?;
+    println!(
+        "transfer {t}: 20 from {ada} to closed {eve}: {}",
+        done.outcome
+    );
+
     // An account as an older release stored it: one event of a type no longer written, at
     // schema version 1, appended as it was. The upcaster reads it as Opened + Deposited.
     let dee = id("dee");
@@ -400,7 +601,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     println!("\n== views (replaying history, then live)");
-    let checkpoints = Arc::new(EventStoreCheckpointStore::new(store.clone()));
     let runner = ViewRunner::new(store.clone(), checkpoints.clone());
     let balances = runner.start(Balances)?;
     let activity = runner.start(Activity)?;
@@ -480,6 +680,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         restarted.read(|s| render(s, &run)).await == after
     );
     restarted.stop().await?;
+    transfer_process.stop().await?;
     if let Some(addr) = metrics_addr {
         println!("\nmetrics: serving http://{addr}/metrics until interrupted");
         std::future::pending::<()>().await;
