@@ -3,6 +3,7 @@
 //! and streams. Subscriptions have their own long-lived consumers (subscription.rs); appends go
 //! through writer.rs. Nothing here writes.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::stream::{self, BoxStream};
@@ -38,7 +39,7 @@ const PROBE_RECORDS: i64 = 64;
 /// each further window is this many times larger, back to the partition's start.
 const LISTING_WINDOW: i64 = 64;
 
-/// Topics a listing reads at once.
+/// Topics a listing reads at once, each with a consumer of its own.
 const LISTING_READS: usize = 64;
 
 /// How long a reader waits before asking again for the watermarks of a partition whose leader
@@ -49,6 +50,8 @@ const LEADER_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 pub(crate) struct PooledReader {
     consumer: Option<StreamConsumer>,
     shared: Arc<Shared>,
+    /// Handed back to the pool when dropped; else closed.
+    pool: bool,
 }
 
 impl std::ops::Deref for PooledReader {
@@ -60,13 +63,21 @@ impl std::ops::Deref for PooledReader {
 
 impl Drop for PooledReader {
     fn drop(&mut self) {
-        if let Some(c) = self.consumer.take() {
-            if c.unassign().is_ok() {
-                let mut pool = self.shared.readers.lock().expect("readers lock");
-                if pool.len() < MAX_POOLED_READERS {
-                    pool.push(c);
-                }
+        let Some(c) = self.consumer.take() else {
+            return;
+        };
+        if self.pool && c.unassign().is_ok() {
+            let mut pool = self.shared.readers.lock().expect("readers lock");
+            if pool.len() < MAX_POOLED_READERS {
+                pool.push(c);
+                return;
             }
+        }
+        // Closing a consumer joins librdkafka's threads: not on an async thread, where it
+        // held up every task of the worker (a listing over many topics closed dozens).
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(move || drop(c))),
+            Err(_) => drop(c),
         }
     }
 }
@@ -85,6 +96,24 @@ pub(crate) fn pooled_reader(shared: &Arc<Shared>) -> Result<PooledReader, Error>
     Ok(PooledReader {
         consumer: Some(consumer),
         shared: shared.clone(),
+        pool: true,
+    })
+}
+
+/// A new consumer, closed (off the async threads) when dropped, for a listing's look at a topic:
+/// a pooled consumer that last read another topic took about a second to deliver the first
+/// record of a new one (its metadata of the new topic is fetched first), a new one tens of
+/// milliseconds, and a listing looks at every topic once.
+fn new_reader(shared: &Arc<Shared>) -> Result<PooledReader, Error> {
+    let consumer = shared
+        .config
+        .consumer_config()
+        .create()
+        .map_err(|e| error::from_kafka("creating a reader", e))?;
+    Ok(PooledReader {
+        consumer: Some(consumer),
+        shared: shared.clone(),
+        pool: false,
     })
 }
 
@@ -478,26 +507,113 @@ pub(crate) async fn stream_version(
 
 /// Whether any partition of `topic` (of `n` partitions) holds a committed photon event: records
 /// of aborted appends and records other tools wrote do not make a category. Read from each
-/// partition's end backwards in growing windows (a photon topic's last records are events), and
-/// remembered once seen.
+/// partition's end backwards in growing windows (a photon topic's last records are events), every
+/// partition's window at once with one consumer, and remembered once seen.
 async fn holds_events(shared: &Arc<Shared>, topic: &str, n: i32) -> Result<bool, Error> {
     if shared.seen_with_events(topic) {
         return Ok(true);
     }
-    for (p, (low, high)) in (0..).zip(partition_bounds(shared, topic, n).await?) {
-        let (mut to, mut window) = (high, LISTING_WINDOW);
-        while to > low {
-            let from = to.saturating_sub(window).max(low);
-            let found = scan(shared, topic, p, (from, to), |msg| {
-                codec::layout_of(msg).map(drop)
-            })
-            .await?;
-            if found.is_some() {
-                shared.saw_events(topic);
-                return Ok(true);
+    // (partition, log start, end of what is left to read back from)
+    let mut left: Vec<(i32, i64, i64)> = (0..)
+        .zip(partition_bounds(shared, topic, n).await?)
+        .filter(|(_, (low, high))| low < high)
+        .map(|(p, (low, high))| (p, low, high))
+        .collect();
+    let mut window = LISTING_WINDOW;
+    while !left.is_empty() {
+        let ranges: Vec<(i32, (i64, i64))> = left
+            .iter()
+            .map(|&(p, low, to)| (p, (to.saturating_sub(window).max(low), to)))
+            .collect();
+        if scan_partitions(shared, topic, &ranges, |msg| {
+            codec::layout_of(msg).is_some()
+        })
+        .await?
+        {
+            shared.saw_events(topic);
+            return Ok(true);
+        }
+        left = ranges
+            .into_iter()
+            .zip(left)
+            .filter(|((_, (from, _)), (_, low, _))| from > low)
+            .map(|((p, (from, _)), (_, low, _))| (p, low, from))
+            .collect();
+        window = window.saturating_mul(LISTING_WINDOW);
+    }
+    Ok(false)
+}
+
+/// Reads the committed records of `topic` in each partition's range `[from, to)` with one
+/// consumer assigned to all of them, until `found` answers true for one (then true) or every
+/// range is read (false). One consumer for all partitions costs one assignment and fetches
+/// that serve every partition at once, where a consumer per partition in turn cost a round
+/// trip each (a listing over hundreds of topics took minutes).
+async fn scan_partitions(
+    shared: &Arc<Shared>,
+    topic: &str,
+    ranges: &[(i32, (i64, i64))],
+    mut found: impl FnMut(&BorrowedMessage<'_>) -> bool,
+) -> Result<bool, Error> {
+    // Per partition: the next offset to read and the end of its range.
+    let mut open: HashMap<i32, (i64, i64)> = ranges
+        .iter()
+        .filter(|(_, (from, to))| from < to)
+        .map(|&(p, range)| (p, range))
+        .collect();
+    if open.is_empty() {
+        return Ok(false);
+    }
+    let consumer = new_reader(shared)?;
+    let count = open.len();
+    let context = || format!("reading {topic} back from the end of {count} partitions");
+    let mut tpl = TopicPartitionList::new();
+    for (&p, &(from, _)) in &open {
+        tpl.add_partition_offset(topic, p, Offset::Offset(from))
+            .map_err(|e| error::from_kafka(context(), e))?;
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(|e| error::from_kafka(context(), e))?;
+    while !open.is_empty() {
+        let got = next_message(shared, &consumer, context).await?;
+        match got {
+            Ok(msg) => {
+                if msg.topic() != topic {
+                    continue;
+                }
+                let p = msg.partition();
+                let Some(&(next, to)) = open.get(&p) else {
+                    continue;
+                };
+                if msg.offset() < next {
+                    continue;
+                }
+                if msg.offset() >= to {
+                    open.remove(&p);
+                    continue;
+                }
+                if found(&msg) {
+                    return Ok(true);
+                }
+                if msg.offset() + 1 >= to {
+                    open.remove(&p);
+                } else {
+                    open.insert(p, (msg.offset() + 1, to));
+                }
             }
-            to = from;
-            window = window.saturating_mul(LISTING_WINDOW);
+            Err(KafkaError::PartitionEOF(p)) => {
+                // Only the position decides (a notice may be left over from earlier use).
+                if let Some(&(_, to)) = open.get(&p) {
+                    if position_of(&consumer, topic, p).is_some_and(|pos| pos >= to) {
+                        open.remove(&p);
+                    }
+                }
+            }
+            Err(e) if error::is_passing(&e) => {
+                tracing::debug!(error = %e, "photon-kafka: passing client error while reading");
+            }
+            Err(e) => return Err(error::from_kafka(context(), e)),
         }
     }
     Ok(false)
@@ -552,11 +668,8 @@ pub(crate) fn list_streams(
         let window = names_after(&shared, &category, after, limit).await?;
         let more = window.left_out.is_some();
         let last = window.names.last().cloned();
-        let names: Vec<Result<StreamId, Error>> = window
-            .names
-            .into_iter()
-            .map(StreamId::parse)
-            .collect();
+        let names: Vec<Result<StreamId, Error>> =
+            window.names.into_iter().map(StreamId::parse).collect();
         let next = match last {
             Some(last) if more => Some((shared, category, Some(last))),
             _ => None,
