@@ -367,6 +367,9 @@ pub enum ProcessError {
     },
 }
 
+/// How often [`ProcessHandle::wait_until_finished`] reads the instance when nothing woke it.
+pub const FINISHED_POLL: Duration = Duration::from_secs(1);
+
 /// Tuning of a [`ProcessRunner`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProcessOptions {
@@ -613,6 +616,10 @@ impl<P: ProcessManager> ProcessHandle<P> {
 
     /// Waits until instance `correlation_id` has finished, and returns its final state.
     ///
+    /// Reads the instance from the store after every instance this runner saves, and at least
+    /// every [`FINISHED_POLL`] besides, so an instance finished by another runner of the process
+    /// (another node) is seen too.
+    ///
     /// # Errors
     /// - [`ProcessError::Failed`] or [`ProcessError::Stopped`] when the process ends first; as
     ///   [`Self::instance`].
@@ -643,6 +650,7 @@ impl<P: ProcessManager> ProcessHandle<P> {
             }
             tokio::select! {
                 _ = progress => {}
+                _ = tokio::time::sleep(FINISHED_POLL) => {}
                 changed = status.changed() => if changed.is_err() { return Err(self.stopped()) },
             }
         }

@@ -586,6 +586,41 @@ async fn memory_a_step_that_never_answers_hits_its_deadline() {
     a_step_that_never_answers_hits_its_deadline(support::store()).await;
 }
 
+/// Two runners of one process at once (each with its own position, as two nodes whose
+/// checkpoint saves do not fence each other): both handle every request, each effect happens
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_two_runners_at_once_never_double_an_effect() {
+    let bank = Bank::new(support::store());
+    let (a, b) = (bank.open(1000).await, bank.open(0).await);
+    let runners = [
+        bank.runner(Arc::new(InMemoryCheckpointStore::new()))
+            .start(bank.process())
+            .unwrap(),
+        bank.runner(Arc::new(InMemoryCheckpointStore::new()))
+            .start(bank.process())
+            .unwrap(),
+    ];
+    let mut transfers = Vec::new();
+    for amount in 1..=10 {
+        transfers.push(bank.request(&a, &b, amount).await);
+    }
+    for runner in &runners {
+        for t in &transfers {
+            assert_eq!(
+                finished(runner, *t).await.outcome.as_deref(),
+                Some("completed")
+            );
+        }
+    }
+    for runner in &runners {
+        runner.stop().await.unwrap();
+    }
+    assert_eq!((bank.balance(&a).await, bank.balance(&b).await), (945, 55));
+    assert_eq!(withdrawals(&bank.history(&a).await), 10);
+    assert_eq!(deposits(&bank.history(&b).await), 10);
+}
+
 // ---- Bad input -------------------------------------------------------------------------------
 
 #[tokio::test]
