@@ -35,6 +35,8 @@ enum AccountCommand {
     Open,
     Deposit(u64),
     Withdraw(u64),
+    /// Two withdrawals of half the amount each, in one batch.
+    WithdrawInHalves(u64),
     Close,
 }
 
@@ -86,6 +88,15 @@ impl Aggregate for Account {
             AccountCommand::Withdraw(amount) => {
                 Ok(vec![AccountEvent::Withdrawn { amount: *amount }])
             }
+            AccountCommand::WithdrawInHalves(amount) if *amount > self.balance => {
+                Err(AccountError::InsufficientFunds)
+            }
+            AccountCommand::WithdrawInHalves(amount) => Ok(vec![
+                AccountEvent::Withdrawn { amount: amount / 2 },
+                AccountEvent::Withdrawn {
+                    amount: amount - amount / 2,
+                },
+            ]),
             AccountCommand::Close if self.balance > 0 => Err(AccountError::NotEmpty),
             AccountCommand::Close => Ok(vec![AccountEvent::Closed]),
         }
@@ -499,11 +510,26 @@ async fn execute_once_stores_a_command_once(store: Arc<dyn EventStore>) {
         }
         other => panic!("{other:?}"),
     }
+    // Two events in one batch, repeated when it would be refused: the store answers the probe of
+    // its first id as part of a longer batch, and both events come back.
+    let halves_id = Uuid::new_v4();
+    let halves = other
+        .execute_once(&a, &AccountCommand::WithdrawInHalves(7), halves_id, &ctx)
+        .await
+        .unwrap();
+    let again = bank
+        .accounts
+        .execute_once(&a, &AccountCommand::WithdrawInHalves(7), halves_id, &ctx)
+        .await
+        .unwrap();
+    assert_eq!(again.events, halves.events);
+    assert_eq!(again.events.len(), 2);
+    assert_eq!((again.state.balance, again.version), (0, halves.version));
     let history = bank.history(&a).await;
     assert_eq!(
         history.len(),
-        4,
-        "opened, deposited, withdrawn, deposited: {history:?}"
+        6,
+        "opened, deposited, withdrawn, deposited, two halves: {history:?}"
     );
     // The ids are the derived ones.
     let stream = bank.accounts.stream_of(&a).unwrap();
@@ -771,6 +797,8 @@ async fn child_runs_transfers_until_killed() {
 /// compensated once and one whose approval never comes hits its deadline; a third runner with
 /// no position, handling everything again, changes nothing.
 async fn a_killed_process_completes_the_transfer_once_after_a_restart(url: &str) {
+    let t0 = Instant::now();
+    let phase = |name: &str| println!("  {name} at {:?}", t0.elapsed());
     let store = newton::connect(url).await.unwrap();
     let bank = Bank::new(store);
     let (a, b) = (bank.open(100).await, bank.open(0).await);
@@ -783,6 +811,7 @@ async fn a_killed_process_completes_the_transfer_once_after_a_restart(url: &str)
     let refused = bank.request(&c, &closed, 10).await;
     let timed_out = bank.request_with(&c, &b, 5, Some(300)).await;
 
+    phase("set up");
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -819,6 +848,7 @@ async fn a_killed_process_completes_the_transfer_once_after_a_restart(url: &str)
     }
     child.kill().unwrap(); // SIGKILL: no destructor runs, nothing more is saved
     child.wait().unwrap();
+    phase("killed");
     assert_eq!((bank.balance(&a).await, bank.balance(&b).await), (0, 0));
 
     let checkpoints = Arc::new(EventStoreCheckpointStore::new(bank.store.clone()));
@@ -829,6 +859,7 @@ async fn a_killed_process_completes_the_transfer_once_after_a_restart(url: &str)
         finished(&handle, timed_out).await.outcome,
     ];
     handle.stop().await.unwrap();
+    phase("restarted and finished");
     let outcomes = outcomes.each_ref().map(|o| o.as_deref());
     assert_eq!(
         outcomes,
@@ -844,6 +875,7 @@ async fn a_killed_process_completes_the_transfer_once_after_a_restart(url: &str)
         .unwrap()
         .unwrap();
     again.stop().await.unwrap();
+    phase("everything delivered again");
 
     assert_eq!((bank.balance(&a).await, bank.balance(&b).await), (0, 100));
     assert_eq!(withdrawals(&bank.history(&a).await), 1);
