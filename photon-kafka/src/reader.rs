@@ -818,6 +818,9 @@ struct StreamRead {
     left: usize,
     /// Records the next indexing step reads.
     step: i64,
+    /// How far this read's steps brought the index: an index found short of it was dropped
+    /// meanwhile (over `max_index_bytes`).
+    reached: i64,
 }
 
 /// Where `stream` lives and the bounds of its partition; None when its topic does not exist.
@@ -834,6 +837,7 @@ async fn start_read(
         next: options.from.map_or(0, |v| v.0),
         left: options.limit.unwrap_or(usize::MAX),
         step: FIRST_INDEX_STEP,
+        reached: 0,
         shared,
         stream,
         topic,
@@ -851,12 +855,20 @@ impl StreamRead {
         if index.next_offset >= self.bounds.1 {
             return Ok(false);
         }
+        if index.next_offset < self.reached {
+            // Dropped between two steps, which the store's other partitions may do again
+            // before every step: the rest is read in one, so the read always ends.
+            self.step = i64::MAX;
+        }
         let reach = Reach::Step {
             bounds: self.bounds,
             records: self.step,
         };
         catch_up_to(&self.shared, &self.topic, self.p, index, reach).await?;
-        self.step = (self.step * 2).min(MAX_INDEX_STEP);
+        self.reached = index.next_offset;
+        if self.step < MAX_INDEX_STEP {
+            self.step = (self.step * 2).min(MAX_INDEX_STEP);
+        }
         Ok(true)
     }
 

@@ -121,6 +121,30 @@ async fn a_first_read_yields_before_its_partition_is_indexed() {
         .await
         .unwrap();
     assert_eq!(versions(&back_from), [600, 599, 598]);
+
+    // Over `max_index_bytes`, the partition's index is dropped between two steps of a read (a
+    // catch-up of another topic's partition bounds the indexes): the read goes on from its
+    // next version, reading the partition again, and delivers every version once.
+    let other = StreamId::parse("elsewhere-1").unwrap();
+    writer
+        .append(&other, ExpectedVersion::NoStream, vec![numbered(0)])
+        .await
+        .unwrap();
+    let tight = KafkaStore::from_url(&with_options(&url, "max_index_bytes=1"))
+        .await
+        .unwrap();
+    let mut read = tight.read_stream(&fillers[0], ReadOptions::forwards());
+    let mut got = vec![read.next().await.unwrap().unwrap().version.0];
+    let dropped = tight.writer_stats().indexes_dropped;
+    assert_eq!(
+        tight.stream_version(&other).await.unwrap(),
+        Some(Version(0))
+    );
+    assert!(tight.writer_stats().indexes_dropped > dropped);
+    while let Some(e) = read.next().await {
+        got.push(e.unwrap().version.0);
+    }
+    assert_eq!(got, (0..per_stream).collect::<Vec<_>>());
 }
 
 /// Issue 14 item 7: listing a category builds no version index (before: every partition's
