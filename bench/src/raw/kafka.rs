@@ -131,13 +131,22 @@ pub fn spread_case() -> String {
 
 /// The 40-partition row on photon (issue 14 item 5): a store for `url` whose topics get
 /// [`SPREAD_PARTITIONS`] partitions, and one stream in each partition of
-/// [`SPREAD_CATEGORIES`] fresh categories, which one writer appends to in turn.
+/// [`SPREAD_CATEGORIES`] fresh categories, which one writer appends to in turn; the store
+/// itself too, for its [`photon_kafka::WriterStats`] (take-overs while cycling would mean
+/// producers were closed and re-initialised).
 ///
 /// # Errors
 /// - photon-kafka's error for a URL it refuses.
 pub fn spread_target(
     url: &str,
-) -> Result<(crate::photon::Target, Vec<newton::StreamId>), BoxError> {
+) -> Result<
+    (
+        crate::photon::Target,
+        Vec<newton::StreamId>,
+        photon_kafka::KafkaStore,
+    ),
+    BoxError,
+> {
     let mut config = KafkaConfig::from_url(url)?;
     config.partitions = SPREAD_PARTITIONS;
     let store = photon_kafka::KafkaStore::connect(config)?;
@@ -157,9 +166,9 @@ pub fn spread_target(
     let target = crate::photon::Target {
         backend: "kafka".into(),
         url: url.to_owned(),
-        store: Arc::new(store),
+        store: Arc::new(store.clone()),
     };
-    Ok((target, streams))
+    Ok((target, streams, store))
 }
 
 /// A stream's partition: streams are spread over the `partitions` in turn.
