@@ -340,9 +340,9 @@ async fn the_store_finds_out_what_the_ids_index_refuses_on_this_server() {
     };
     assert!(health.detail.contains(want), "{}", health.detail);
 }
-/// Every query of the store has an index to serve it on a real MongoDB (FerretDB over SQLite
-/// scans anyway, so only the indexes' presence can be checked here): a stream subscription
-/// reads one stream's commits in position order after a checkpoint, which neither
+/// Every query of the store has an index to serve it on a real MongoDB (FerretDB scans anyway,
+/// over PostgreSQL as over SQLite, so only the indexes' presence can be checked here): a stream
+/// subscription reads one stream's commits in position order after a checkpoint, which neither
 /// `stream_version` nor `position` alone serves without a scan.
 #[tokio::test]
 async fn the_store_creates_an_index_for_each_of_its_queries() {

@@ -8,7 +8,7 @@ use photon_mongo::MongoStore;
 
 async fn harness() -> Option<Harness> {
     let url = server_url("mongo", "PHOTON_TEST_MONGO_URL")?;
-    // Each case gets collections of its own (a fresh prefix): FerretDB on SQLite answers these
+    // Each case gets collections of its own (a fresh prefix): FerretDB answers these
     // filters by scanning the collection, so one shared collection would make the suite slower
     // with every case. A short gap timeout keeps cases quick when a writer gives a position up.
     let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
@@ -27,7 +27,7 @@ async fn harness() -> Option<Harness> {
                 store
             }
         })
-        // FerretDB on SQLite serves a few cases at a time well.
+        // FerretDB serves a few cases at a time well.
         .with_max_parallel_cases(4)
         .with_patience(std::time::Duration::from_secs(60))
         .with_unreachable(move || async move {

@@ -48,7 +48,7 @@ impl Harness {
         }
     }
 
-    /// Waits this long for an event that must arrive: a slow server (FerretDB on SQLite, a
+    /// Waits this long for an event that must arrive: a slow server (FerretDB, a
     /// loaded CI machine) needs more than the default 30 s.
     pub fn with_patience(mut self, patience: Duration) -> Self {
         self.patience = patience;

@@ -13,9 +13,10 @@ use crate::proxy::FaultProxy;
 /// few timeouts stays a few seconds.
 pub const TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The MongoDB-wire test server (FerretDB on SQLite) scans a collection for every filtered query,
-/// and under the suite's writers on 2 cores an answer can take longer than 2 s: its store gets
-/// photon-mongo's default timeout instead, so a fault, not the test server's pace, is tested.
+/// The MongoDB-wire test server (FerretDB 1.24, over PostgreSQL as over SQLite) scans a
+/// collection for every filtered query, and under the suite's writers on 2 cores an answer can
+/// take longer than 2 s: its store gets photon-mongo's default timeout instead, so a fault, not
+/// the test server's pace, is tested.
 pub const MONGO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Scenarios that stop or restart a server hold this for writing; every other scenario of the
@@ -41,9 +42,9 @@ pub struct Target {
     pub repair: Duration,
     /// The store's client timeout (the `timeout_ms` of its URL); stalls and pauses are multiples.
     pub timeout: Duration,
-    /// A test server that answers each query with a scan (FerretDB on SQLite): its scenarios
-    /// keep their writers and faults but make a third of the appends, so the suite stays within
-    /// CI's minutes.
+    /// A test server that answers each query with a scan (FerretDB 1.24, over PostgreSQL or
+    /// SQLite): its scenarios keep their writers and faults but make a third of the appends, so
+    /// the suite stays within CI's minutes.
     pub slow_server: bool,
     /// memory: the one store every "instance" shares (each `memory://` open is a new, empty
     /// store, so separate instances of one store are clones of one handle).
