@@ -268,6 +268,8 @@ impl View for Activity {
 struct Transfer {
     requested: bool,
     ended: bool,
+    /// Failed after the debit: the source is owed its money back.
+    refund_owed: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -349,7 +351,11 @@ impl Aggregate for Transfer {
     fn apply(&mut self, event: &TransferEvent) {
         match event {
             TransferEvent::Requested { .. } => self.requested = true,
-            TransferEvent::Completed | TransferEvent::Failed { .. } => self.ended = true,
+            TransferEvent::Completed => self.ended = true,
+            TransferEvent::Failed { refunded, .. } => {
+                self.ended = true;
+                self.refund_owed = *refunded;
+            }
         }
     }
 }
@@ -398,6 +404,20 @@ impl ProcessManager for TransferProcess {
             AccountCommand::Withdraw { amount },
             AccountCommand::Deposit { amount },
         );
+        // Handled again after a crash, a step refused the first time would be decided again, on
+        // the accounts as they are now: once the transfer has an outcome, only its refund (an
+        // idempotent step, a no-op when it was stored) may still be due, so the legs are not run
+        // again and the outcome stays the one recorded.
+        let recorded = self.transfers.load(&transfer).await?.state;
+        if recorded.ended {
+            if recorded.refund_owed {
+                steps
+                    .execute("refund", &self.accounts, &from, &credit)
+                    .await?;
+            }
+            steps.finish();
+            return Ok(());
+        }
         // An error other than a refusal (the store unavailable) is returned as it is: the runner
         // handles the request again, and the steps already stored are not repeated.
         if let Err(e) = steps.execute("debit", &self.accounts, &from, &debit).await {
@@ -423,12 +443,11 @@ impl ProcessManager for TransferProcess {
                     .execute("complete", &self.transfers, &transfer, &complete)
                     .await?;
             }
-            // Refused: nothing landed on the target, so give the money back to the source.
+            // Refused: nothing landed on the target, so give the money back to the source. The
+            // failure is recorded first: from then on the outcome is fixed (a crash before the
+            // refund is carried on by the check above), and a credit decided again after a crash
+            // can no longer land beside a refund.
             Err(ExecuteError::Rejected { source, .. }) => {
-                steps
-                    .execute("refund", &self.accounts, &from, &credit)
-                    .await?;
-                progress.outcome = format!("refused by {to} ({source}), refunded to {from}");
                 let fail = TransferCommand::Fail {
                     reason: source.to_string(),
                     refunded: true,
@@ -436,6 +455,10 @@ impl ProcessManager for TransferProcess {
                 steps
                     .execute("fail", &self.transfers, &transfer, &fail)
                     .await?;
+                steps
+                    .execute("refund", &self.accounts, &from, &credit)
+                    .await?;
+                progress.outcome = format!("refused by {to} ({source}), refunded to {from}");
             }
             // Unknown outcome: the credit may have landed, so never refund blindly; handled
             // again, the step finds out.
