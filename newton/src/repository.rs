@@ -637,18 +637,18 @@ impl<A: Aggregate> Repository<A> {
                 outcome = self.store.append(&stream, expected, data.clone()).await;
             }
             if let Some(command_id) = command_id {
-                let before = match (&outcome, current.version) {
-                    // A retry answered with the original versions: stored before, maybe decided
-                    // on another state than now.
-                    (Ok(result), Some(version)) if result.first_version <= version => {
-                        Some(result.first_version)
-                    }
-                    (
-                        Err(Error::IdempotencyConflict {
-                            event_id, version, ..
-                        }),
-                        _,
-                    ) if *event_id == command_event_id(command_id, 0) => Some(*version),
+                // Where our batch lands if it is new: right after the state we decided on.
+                let ours = current.version.map_or(Version(0), Version::next);
+                let before = match &outcome {
+                    // A re-sent batch is answered with its original versions whatever the
+                    // expectation, so any other first version is a copy stored before: by us
+                    // earlier, or by another node, maybe after our load (on a state we never
+                    // saw). Its answer and the state to cache come from the store, never from
+                    // our decision applied to the state we loaded.
+                    Ok(result) if result.first_version != ours => Some(result.first_version),
+                    Err(Error::IdempotencyConflict {
+                        event_id, version, ..
+                    }) if *event_id == command_event_id(command_id, 0) => Some(*version),
                     _ => None,
                 };
                 if let Some(first) = before {

@@ -9,9 +9,17 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
 use async_trait::async_trait;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
 use futures::TryStreamExt;
-use newton::store::{EventData, EventStore, ExpectedVersion, ReadOptions};
+use newton::store::{
+    AppendResult, Capabilities, EventData, EventStore, ExpectedVersion, Health, ReadOptions,
+    Selector, Start, SubscriptionItem, SubscriptionMode,
+};
 use newton::{
     command_event_id, process_stream, Aggregate, BoxError, Category, CheckpointStore,
     CommandContext, DomainEvent, Error, EventStoreCheckpointStore, ExecuteError,
@@ -585,6 +593,152 @@ async fn a_step_that_never_answers_hits_its_deadline(store: Arc<dyn EventStore>)
     restarted.stop().await.unwrap();
 }
 
+// ---- A store that lets the test step in -----------------------------------------------------
+
+/// Forwards to `inner`, except: before the next append it first runs `before_append` (another
+/// node's writes, between a load and its append), and it counts stream reads.
+struct Staged {
+    inner: Arc<dyn EventStore>,
+    before_append: Mutex<Option<BoxFuture<'static, ()>>>,
+    reads: AtomicUsize,
+}
+
+impl Staged {
+    fn new(inner: Arc<dyn EventStore>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            before_append: Mutex::new(None),
+            reads: AtomicUsize::new(0),
+        })
+    }
+}
+
+impl std::fmt::Debug for Staged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Staged")
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl EventStore for Staged {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn append(
+        &self,
+        stream: &newton::StreamId,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Result<AppendResult, Error> {
+        let before = self.before_append.lock().unwrap().take();
+        if let Some(before) = before {
+            before.await;
+        }
+        self.inner.append(stream, expected, events).await
+    }
+    fn read_stream(
+        &self,
+        stream: &newton::StreamId,
+        options: ReadOptions,
+    ) -> BoxStream<'static, Result<RecordedEvent, Error>> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.read_stream(stream, options)
+    }
+    fn subscribe(
+        &self,
+        selector: Selector,
+        start: Start,
+        mode: SubscriptionMode,
+    ) -> BoxStream<'static, Result<SubscriptionItem, Error>> {
+        self.inner.subscribe(selector, start, mode)
+    }
+    async fn stream_version(
+        &self,
+        stream: &newton::StreamId,
+    ) -> Result<Option<newton::Version>, Error> {
+        self.inner.stream_version(stream).await
+    }
+    async fn list_categories(&self) -> Result<Vec<Category>, Error> {
+        self.inner.list_categories().await
+    }
+    fn list_streams(
+        &self,
+        category: &Category,
+    ) -> BoxStream<'static, Result<newton::StreamId, Error>> {
+        self.inner.list_streams(category)
+    }
+    async fn health(&self) -> Result<Health, Error> {
+        self.inner.health().await
+    }
+}
+
+/// Node B loads an account (balance 50); before B's append of a command, another writer
+/// withdraws 30 and node A stores the same command (same id, a deposit of 5) after that. The
+/// store answers B's batch as a retry, at versions after B's load: B must take its answer and
+/// its cached state from the store (balance 25), not apply its decision to the state it loaded
+/// (55), and so a later withdrawal of 40 through B is refused.
+async fn execute_once_after_another_nodes_copy_caches_the_stored_state(store: Arc<dyn EventStore>) {
+    let staged = Staged::new(store.clone());
+    let bank = Bank::new(staged.clone());
+    let a = bank.open(50).await;
+    let node_b = Repository::<Account>::new(staged.clone());
+    assert_eq!(node_b.load(&a).await.unwrap().state.balance, 50);
+    let ctx = CommandContext::default();
+    let command_id = Uuid::new_v4();
+    let (node_a, other, id) = (
+        Repository::<Account>::new(store.clone()),
+        Repository::<Account>::new(store.clone()),
+        a.clone(),
+    );
+    *staged.before_append.lock().unwrap() = Some(Box::pin(async move {
+        other
+            .execute(&id, &AccountCommand::Withdraw(30))
+            .await
+            .unwrap();
+        node_a
+            .execute_once(
+                &id,
+                &AccountCommand::Deposit(5),
+                command_id,
+                &CommandContext::default(),
+            )
+            .await
+            .unwrap();
+    }));
+    let executed = node_b
+        .execute_once(&a, &AccountCommand::Deposit(5), command_id, &ctx)
+        .await
+        .unwrap();
+    assert_eq!(executed.events, vec![AccountEvent::Deposited { amount: 5 }]);
+    assert_eq!(
+        (executed.state.balance, executed.version),
+        (25, Some(newton::Version(3))),
+        "the state as stored"
+    );
+    let cached = node_b.load(&a).await.unwrap();
+    let fresh = Repository::<Account>::new(store.clone())
+        .load(&a)
+        .await
+        .unwrap();
+    assert_eq!(
+        (cached.state.balance, cached.version),
+        (fresh.state.balance, fresh.version),
+        "B's cache holds what the store holds"
+    );
+    match node_b.execute(&a, &AccountCommand::Withdraw(40)).await {
+        Err(ExecuteError::Rejected { source, .. }) => {
+            assert_eq!(source, AccountError::InsufficientFunds)
+        }
+        other => panic!("a withdrawal of 40 from 25 is refused: {other:?}"),
+    }
+    assert_eq!(bank.balance(&a).await, 25);
+}
+
 // ---- On memory -------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -605,6 +759,11 @@ async fn memory_redelivery_never_doubles_an_effect() {
 #[tokio::test]
 async fn memory_execute_once_stores_a_command_once() {
     execute_once_stores_a_command_once(support::store()).await;
+}
+
+#[tokio::test]
+async fn memory_execute_once_after_another_nodes_copy_caches_the_stored_state() {
+    execute_once_after_another_nodes_copy_caches_the_stored_state(support::store()).await;
 }
 
 #[tokio::test]
@@ -900,6 +1059,15 @@ async fn servers_process_manager() {
         let started = Instant::now();
         execute_once_stores_a_command_once(newton::connect(&url).await.unwrap()).await;
         println!("{backend}: execute_once, {:?}", started.elapsed());
+        let started = Instant::now();
+        execute_once_after_another_nodes_copy_caches_the_stored_state(
+            newton::connect(&url).await.unwrap(),
+        )
+        .await;
+        println!(
+            "{backend}: execute_once after another node's copy, {:?}",
+            started.elapsed()
+        );
         let started = Instant::now();
         a_killed_process_completes_the_transfer_once_after_a_restart(&url).await;
         println!("{backend}: killed and restarted, {:?}", started.elapsed());
