@@ -143,6 +143,9 @@ pub struct Steps {
     correlation_id: Uuid,
     cause_id: Uuid,
     deadline: Option<Timestamp>,
+    /// The reaction set the deadline (not only kept the one it found): a new deadline, with a
+    /// new number, even at the same time as before.
+    deadline_set: bool,
     finished: bool,
     /// A command answered with an unknown outcome: a failing handler is retried, not stopped.
     unavailable: bool,
@@ -222,22 +225,26 @@ impl Steps {
             .unix_micros()
             .saturating_add(i64::try_from(after.as_micros()).unwrap_or(i64::MAX));
         self.deadline = Timestamp::from_unix_micros(micros);
+        self.deadline_set = true;
     }
 
     /// Sets the instance's deadline at `at`, replacing any.
     pub fn set_deadline_at(&mut self, at: Timestamp) {
         self.deadline = Some(at);
+        self.deadline_set = true;
     }
 
     /// Clears the instance's deadline: the step it waited for answered.
     pub fn clear_deadline(&mut self) {
         self.deadline = None;
+        self.deadline_set = false;
     }
 
     /// Ends the instance: its deadline is cleared and later events of it are skipped.
     pub fn finish(&mut self) {
         self.finished = true;
         self.deadline = None;
+        self.deadline_set = false;
     }
 
     /// Whether [`Self::finish`] was called.
@@ -919,10 +926,7 @@ impl<P: ProcessManager> Task<P> {
         let stream = process_stream(&self.name, correlation_id).map_err(|e| self.store_error(e))?;
         let cause_id = match &cause {
             Cause::Event(event) => event.event_id,
-            Cause::Deadline(d) => Uuid::new_v5(
-                &correlation_id,
-                format!("{}/deadline/{}", self.name, d.seq).as_bytes(),
-            ),
+            Cause::Deadline(d) => self.deadline_cause_id(correlation_id, d),
         };
         let mut retries = 0;
         loop {
@@ -971,6 +975,7 @@ impl<P: ProcessManager> Task<P> {
                         .and_then(|d| Timestamp::from_unix_micros(d.at)),
                     Cause::Deadline(_) => None,
                 },
+                deadline_set: false,
                 finished: false,
                 unavailable: false,
             };
@@ -1053,7 +1058,10 @@ impl<P: ProcessManager> Task<P> {
         let at = steps.deadline.map(Timestamp::unix_micros);
         record.deadline = match (at, record.deadline) {
             (None, _) => None,
-            (Some(at), Some(d)) if d.at == at => Some(d),
+            // Kept as found (an event's reaction that did not touch it). A deadline the reaction
+            // set is a new one even at the same time: the fired deadline's number is handled, and
+            // a deadline kept under it would never fire (nor, before, stop firing).
+            (Some(at), Some(d)) if d.at == at && !steps.deadline_set => Some(d),
             (Some(at), _) => {
                 record.deadlines_set += 1;
                 Some(Deadline {
@@ -1066,10 +1074,26 @@ impl<P: ProcessManager> Task<P> {
         Ok(record)
     }
 
-    /// Keeps the runner's pending deadlines in step with an instance's record.
+    /// The cause id of deadline `d` of instance `correlation_id`.
+    fn deadline_cause_id(&self, correlation_id: Uuid, d: &Deadline) -> Uuid {
+        Uuid::new_v5(
+            &correlation_id,
+            format!("{}/deadline/{}", self.name, d.seq).as_bytes(),
+        )
+    }
+
+    /// Keeps the runner's pending deadlines in step with an instance's record. A deadline whose
+    /// firing is among the handled causes is not pending: tracking it again would fire it, skip
+    /// it as handled, and track it again, without end.
     fn track_deadline(&mut self, correlation_id: Uuid, record: &Record) {
         let now = match (record.finished, record.deadline) {
-            (false, Some(d)) => Some(d),
+            (false, Some(d))
+                if !record
+                    .handled
+                    .contains(&self.deadline_cause_id(correlation_id, &d)) =>
+            {
+                Some(d)
+            }
             _ => None,
         };
         let before = match now {

@@ -739,6 +739,109 @@ async fn execute_once_after_another_nodes_copy_caches_the_stored_state(store: Ar
     assert_eq!(bank.balance(&a).await, 25);
 }
 
+// ---- A deadline set again at the time it fired -------------------------------------------------
+
+/// Each request starts an instance with a deadline 100 ms on. Its first firing deposits 1 into
+/// the account the request names and sets the deadline again at the very time it fired at; the
+/// second firing (a new deadline, due at once) finishes the instance.
+struct Expiring {
+    name: String,
+    requests: Category,
+    accounts: Repository<Account>,
+    fired: Arc<AtomicUsize>,
+}
+
+#[derive(Default, Serialize, Deserialize, Debug, Clone, PartialEq)]
+struct ExpiringState {
+    account: String,
+    expiry: i64,
+}
+
+#[async_trait]
+impl ProcessManager for Expiring {
+    type State = ExpiringState;
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn categories(&self) -> Vec<Category> {
+        vec![self.requests.clone()]
+    }
+
+    async fn handle(
+        &self,
+        state: &mut ExpiringState,
+        event: &RecordedEvent,
+        steps: &mut Steps,
+    ) -> Result<(), BoxError> {
+        let request: Requested = event.decode()?;
+        state.account = request.from;
+        state.expiry = newton::store::Timestamp::now().unix_micros() + 100_000;
+        steps.set_deadline_at(newton::store::Timestamp::from_unix_micros(state.expiry).unwrap());
+        Ok(())
+    }
+
+    async fn on_deadline(
+        &self,
+        state: &mut ExpiringState,
+        steps: &mut Steps,
+    ) -> Result<(), BoxError> {
+        if self.fired.fetch_add(1, Ordering::SeqCst) == 0 {
+            steps
+                .execute(
+                    "effect",
+                    &self.accounts,
+                    &state.account,
+                    &AccountCommand::Deposit(1),
+                )
+                .await?;
+            steps
+                .set_deadline_at(newton::store::Timestamp::from_unix_micros(state.expiry).unwrap());
+        } else {
+            steps.finish();
+        }
+        Ok(())
+    }
+}
+
+/// A deadline set again at the time it fired is a new deadline: it fires once more (the
+/// instance finishes), the first firing's effect happens once, and the runner then rests
+/// (before, the fired deadline kept its number, was skipped as handled and tracked as due
+/// again, without end: the instance never finished, and each turn read the store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_a_deadline_set_again_at_its_time_fires_once_and_rests() {
+    let staged = Staged::new(support::store());
+    let bank = Bank::new(staged.clone());
+    let a = bank.open(0).await;
+    let fired = Arc::new(AtomicUsize::new(0));
+    let process = Expiring {
+        name: bank.name.clone(),
+        requests: bank.requests.clone(),
+        accounts: Repository::<Account>::new(staged.clone()),
+        fired: fired.clone(),
+    };
+    let handle = bank
+        .runner(Arc::new(InMemoryCheckpointStore::new()))
+        .start(process)
+        .unwrap();
+    let instance = bank.request(&a, &a, 0).await;
+    tokio::time::timeout(Duration::from_secs(5), handle.wait_until_finished(instance))
+        .await
+        .expect("the instance finishes")
+        .unwrap();
+    let reads = staged.reads.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle_reads = staged.reads.load(Ordering::SeqCst) - reads;
+    assert!(
+        idle_reads < 20,
+        "{idle_reads} store reads in 500 ms at rest"
+    );
+    assert_eq!(fired.load(Ordering::SeqCst), 2, "fired, set again, fired");
+    assert_eq!(deposits(&bank.history(&a).await), 1, "the effect once");
+    handle.stop().await.unwrap();
+}
+
 // ---- On memory -------------------------------------------------------------------------------
 
 #[tokio::test]
