@@ -59,6 +59,10 @@ pub(crate) struct StreamEntry {
 pub(crate) struct PartitionIndex {
     /// The first offset not read yet.
     pub(crate) next_offset: i64,
+    /// Whether the last photon record indexed was not its append's last: a catch-up cut off
+    /// there (its deadline, its future dropped, an error) left part of an append indexed,
+    /// which no read may end or plan at (design.md guarantee 2) until the rest is indexed.
+    mid_append: bool,
     /// `photon.recorded_at` of the last event, so the next append's time never goes backwards in
     /// the partition even when writers' clocks differ (offsets-for-times relies on it).
     pub(crate) last_recorded: i64,
@@ -83,6 +87,7 @@ impl PartitionIndex {
     pub(crate) fn counted(total: IndexBytes) -> Self {
         Self {
             next_offset: 0,
+            mid_append: false,
             last_recorded: 0,
             streams: HashMap::new(),
             bytes: 0,
@@ -116,6 +121,9 @@ impl PartitionIndex {
             );
             return false;
         }
+        // Only an event indexed moves it: a record left out (foreign, out of sequence) is not
+        // part of an append photon can complete, and waiting for its rest would never end.
+        self.mid_append = e.version + 1 < e.batch_first + u64::from(e.batch_len);
         if e.version == e.batch_first {
             s.batches.push((e.batch_first, e.batch_len));
             grew += BATCH_BYTES;
@@ -126,6 +134,12 @@ impl PartitionIndex {
         self.last_recorded = self.last_recorded.max(e.recorded_at);
         self.grow(grew);
         true
+    }
+
+    /// Whether the index holds the first events of an append but not its last: a read must
+    /// index on to the append's end before it hands out or plans from what is indexed.
+    pub(crate) fn mid_append(&self) -> bool {
+        self.mid_append
     }
 
     /// An estimate of the memory this index holds, in bytes.
@@ -222,6 +236,24 @@ mod tests {
         assert_eq!(total.get(), a.bytes());
         drop(a);
         assert_eq!(total.get(), 0);
+    }
+
+    #[test]
+    fn knows_when_it_holds_part_of_an_append() {
+        let mut ix = PartitionIndex::default();
+        assert!(!ix.mid_append());
+        assert!(ix.apply(0, entry("a-1", 1, 0, (0, 1))));
+        assert!(!ix.mid_append());
+        // A catch-up cut off after two of an append's three events.
+        assert!(ix.apply(1, entry("a-1", 2, 1, (1, 3))));
+        assert!(ix.mid_append());
+        assert!(ix.apply(2, entry("a-1", 3, 2, (1, 3))));
+        assert!(ix.mid_append());
+        // A record left out does not change it either way.
+        assert!(!ix.apply(3, entry("a-1", 9, 9, (9, 1))));
+        assert!(ix.mid_append());
+        assert!(ix.apply(4, entry("a-1", 4, 3, (1, 3))));
+        assert!(!ix.mid_append());
     }
 
     #[test]

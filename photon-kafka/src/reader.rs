@@ -291,14 +291,15 @@ async fn read_into_index(
                     let n = partitions.expect("checked");
                     return Err(shared.partitions_changed(topic, was, n, evidence));
                 }
-                let (indexed, ends_append) = index_record(index, &msg);
-                added |= indexed;
-                // Before the yield: a catch-up given up there (an append's deadline) resumes
-                // after this record, never indexing it twice.
+                added |= index_record(index, &msg);
+                // Before the yield: a catch-up given up there (an append's deadline, a read's
+                // future dropped) resumes after this record, never indexing it twice. Given up
+                // there, the index may hold part of an append: it says so (`mid_append`), and
+                // no read ends or plans from it until the rest is indexed.
                 index.next_offset = msg.offset() + 1;
                 read += 1;
-                // A step stops between appends, so the index never holds part of one.
-                if read >= records && ends_append {
+                // A step that runs its course stops between appends.
+                if read >= records && !index.mid_append() {
                     break;
                 }
                 tokio::task::consume_budget().await;
@@ -395,19 +396,16 @@ pub(crate) async fn probe_layout(
     Ok(None)
 }
 
-/// Adds a record to the index: whether it was a photon event that fits, and whether no append
-/// goes on after it (it is its append's last event, or no photon event at all).
-fn index_record(index: &mut PartitionIndex, msg: &BorrowedMessage<'_>) -> (bool, bool) {
+/// Adds a record to the index: whether it was a photon event that fits. Whether an append goes
+/// on after it the index keeps ([`PartitionIndex::mid_append`]).
+fn index_record(index: &mut PartitionIndex, msg: &BorrowedMessage<'_>) -> bool {
     match codec::index_entry(msg) {
-        Ok(Some(entry)) => {
-            let last = entry.version + 1 >= entry.batch_first + u64::from(entry.batch_len);
-            (index.apply(msg.offset(), entry), last)
-        }
-        Ok(None) => (false, true),
+        Ok(Some(entry)) => index.apply(msg.offset(), entry),
+        Ok(None) => false,
         // Not written by photon's writer: left out, like any foreign record.
         Err(e) => {
             tracing::warn!(error = %e, "photon-kafka: record left out of the index");
-            (false, true)
+            false
         }
     }
 }
@@ -850,8 +848,30 @@ async fn start_read(
 
 impl StreamRead {
     /// Indexes one more step of the partition, with its lock held for that step only; false
-    /// when the index already reaches the stable end the read began at.
+    /// when the index already reaches the stable end the read began at and holds no part of an
+    /// append. An index left holding part of one (a catch-up cut off) is read on to that
+    /// append's end first, past the read's bounds if need be: the rest was committed with it,
+    /// so it lies below the stable end as the brokers report it now.
     async fn index_step(&mut self, index: &mut PartitionIndex) -> Result<bool, Error> {
+        if index.mid_append() {
+            let end = stable_end(&self.shared, &self.topic, self.p).await?;
+            let reach = Reach::Step {
+                bounds: (self.bounds.0, end.max(self.bounds.1)),
+                records: 0,
+            };
+            catch_up_to(&self.shared, &self.topic, self.p, index, reach).await?;
+            self.reached = index.next_offset;
+            if index.mid_append() {
+                // Only a record not written by photon's writer in the middle of an append (or
+                // another tool's transaction still open there) stops it short of the append's
+                // end: nothing part of it may be read, so the read fails and may be tried again.
+                return Err(error::unavailable(format!(
+                    "reading {}/{}: the append before offset {} does not end below the stable end {end}",
+                    self.topic, self.p, index.next_offset
+                )));
+            }
+            return Ok(true);
+        }
         if index.next_offset >= self.bounds.1 {
             return Ok(false);
         }
@@ -881,7 +901,12 @@ impl StreamRead {
             }
             let state = self.state.clone();
             let mut state = state.lock().await;
-            let offsets = state.index.offsets(self.stream.as_str());
+            // Nothing is handed out of an index holding part of an append: an append is read
+            // whole or not at all.
+            let offsets = match state.index.mid_append() {
+                true => &[][..],
+                false => state.index.offsets(self.stream.as_str()),
+            };
             if let Some(found) = offsets.get(self.next as usize..).filter(|o| !o.is_empty()) {
                 let wanted = found[..found.len().min(READ_STEP).min(self.left)].to_vec();
                 drop(state);
@@ -898,13 +923,13 @@ impl StreamRead {
     }
 
     /// The whole plan of a backwards read, once the index holds the version it starts at (the
-    /// stream's last as of the read's start, or `from`).
+    /// stream's last as of the read's start, or `from`) and no part of an append.
     async fn plan_backwards(mut self) -> Result<ReadPlan, Error> {
         let state = self.state.clone();
         loop {
             let mut state = state.lock().await;
             let len = state.index.offsets(self.stream.as_str()).len() as u64;
-            let known = self.options.from.is_some_and(|v| v.0 < len);
+            let known = !state.index.mid_append() && self.options.from.is_some_and(|v| v.0 < len);
             if known || !self.index_step(&mut state.index).await? {
                 let all = state.index.offsets(self.stream.as_str());
                 let offsets = versions_to_read(all.len() as u64, &self.options)

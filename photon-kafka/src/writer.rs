@@ -625,7 +625,9 @@ async fn settle_against_committed(
 ) -> Result<(), Attempt> {
     // Without a producer the index may be behind: read up to the stable end first. With one it
     // is current unless another process took the partition over, which a refusal checks.
-    let behind = state.producer.is_none();
+    // An index holding part of an append (a catch-up cut off) is behind too: nothing is
+    // decided from it.
+    let behind = state.producer.is_none() || state.index.mid_append();
     if behind {
         catch_up_or_stop(shared, topic, p, state, cutoff).await?;
     }

@@ -147,6 +147,97 @@ async fn a_first_read_yields_before_its_partition_is_indexed() {
     assert_eq!(got, (0..per_stream).collect::<Vec<_>>());
 }
 
+/// Events of the append a catch-up is cut off in: more than one poll of a task indexes
+/// (tokio's budget yields the catch-up after at most 128 records).
+const CUT_APPEND: u64 = 1_000;
+
+/// Guarantee 2 (an append is visible whole or not at all, in every read): a catch-up cut off
+/// inside an append (here a `stream_version` whose future is dropped after it indexed part of
+/// one; an append's deadline or an `Unavailable` cut off the same way) leaves the index holding
+/// the append's first events. A read that began before that append was committed delivers
+/// all of it or none of it, never its first events as a finished read (before: it delivered
+/// what was indexed and ended, since the index reached the stable end the read began at).
+#[tokio::test(flavor = "current_thread")]
+async fn a_read_never_ends_inside_an_append_a_cut_off_catch_up_left_half_indexed() {
+    use std::task::Poll;
+    let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
+        return;
+    };
+    let prefix = format!("s{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let url = with_options(&url, &format!("prefix={prefix}&partitions=1"));
+    // The append comes from another process, as far as the reader's store knows.
+    let writer = KafkaStore::from_url(&url).await.unwrap();
+    let reader = KafkaStore::from_url(&url).await.unwrap();
+    let s = StreamId::parse("half-1").unwrap();
+    writer
+        .append(
+            &s,
+            ExpectedVersion::NoStream,
+            (0..5).map(numbered).collect(),
+        )
+        .await
+        .unwrap();
+
+    // The read begins (its stable end taken) and delivers versions 0 to 4.
+    let mut read = reader.read_stream(&s, ReadOptions::forwards());
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(read.next().await.unwrap().unwrap().version.0);
+    }
+    assert_eq!(got, [0, 1, 2, 3, 4]);
+
+    // Versions 5.. in one append, committed after the read began.
+    writer
+        .append(
+            &s,
+            ExpectedVersion::Exact(Version(4)),
+            (5..5 + CUT_APPEND).map(numbered).collect(),
+        )
+        .await
+        .unwrap();
+
+    // A catch-up of the reader's store, dropped once it has indexed part of that append.
+    let before = reader.writer_stats().index_bytes;
+    {
+        let mut version = Box::pin(reader.stream_version(&s));
+        loop {
+            match futures::poll!(version.as_mut()) {
+                Poll::Ready(v) => panic!("the catch-up was not cut off: {v:?}"),
+                Poll::Pending if reader.writer_stats().index_bytes > before => break,
+                Poll::Pending => tokio::task::yield_now().await,
+            }
+        }
+    }
+    let grew = reader.writer_stats().index_bytes - before;
+    assert!(
+        grew > 0 && grew < 40 * CUT_APPEND as usize,
+        "the catch-up indexed {grew} bytes, not part of the append"
+    );
+
+    let rest: Vec<u64> = read.map_ok(|e| e.version.0).try_collect().await.unwrap();
+    let whole: Vec<u64> = (5..5 + CUT_APPEND).collect();
+    assert!(
+        rest.is_empty() || rest == whole,
+        "the read delivered part of an append: versions {:?}..={:?} of 5..={}",
+        rest.first(),
+        rest.last(),
+        4 + CUT_APPEND
+    );
+    // The index is whole again for the next reads.
+    assert_eq!(
+        reader.stream_version(&s).await.unwrap(),
+        Some(Version(4 + CUT_APPEND))
+    );
+    let backwards: Vec<u64> = reader
+        .read_to_vec(&s, ReadOptions::backwards())
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.version.0)
+        .collect();
+    assert_eq!(backwards, (0..5 + CUT_APPEND).rev().collect::<Vec<_>>());
+}
+
 /// Issue 14 item 7: listing a category builds no version index (before: every partition's
 /// whole index, kept afterwards), and with room for one name at a time (`max_index_bytes=1`)
 /// still lists every stream once, sorted; a store whose indexes are built, or half built by a
