@@ -68,6 +68,9 @@ pub(crate) struct PartitionState {
     pub(crate) index: PartitionIndex,
     /// The transactional producer while this store is the partition's writer.
     pub(crate) producer: Option<Writer>,
+    /// Stream reads under way in the partition (reader.rs `ReadPin`): while any is, the index
+    /// bound does not drop the partition's state.
+    pub(crate) reads: Arc<AtomicUsize>,
 }
 
 impl PartitionState {
@@ -76,6 +79,7 @@ impl PartitionState {
         Self {
             index: PartitionIndex::counted(total.clone()),
             producer: None,
+            reads: Arc::default(),
         }
     }
 }
@@ -573,8 +577,10 @@ impl Shared {
     /// Keeps what the version indexes hold within `max_index_bytes`: while they hold more, the
     /// state of the partition used least recently (its index and producer) is dropped, to be
     /// rebuilt by reading the partition when it is used again. Partitions locked right now (in
-    /// use, among them the caller's: it is called after an index grew, with its lock held) are
-    /// neither counted nor dropped, so a partition larger than the bound stays while it is used.
+    /// use, among them the caller's: it is called after an index grew, with its lock held) and
+    /// partitions a stream read is under way in (pinned by it from its first step to its end,
+    /// though it releases the lock between steps) are neither counted nor dropped, so a
+    /// partition larger than the bound stays while it is used.
     ///
     /// Below the bound (the common case) this is one load of the running total: it runs after
     /// every commit and catch-up, and looking at every partition there made each append cost
@@ -588,6 +594,9 @@ impl Shared {
             .iter()
             .filter_map(|s| {
                 let guard = s.try_lock().ok()?;
+                if guard.reads.load(Ordering::Relaxed) > 0 {
+                    return None;
+                }
                 Some((guard.index.used, guard.index.bytes(), s.clone()))
             })
             .collect();
@@ -602,7 +611,12 @@ impl Shared {
                 break;
             }
             if let Ok(mut guard) = s.try_lock() {
-                *guard = PartitionState::new(&self.index_bytes);
+                if guard.reads.load(Ordering::Relaxed) > 0 {
+                    // A read began in it since it was looked at.
+                    continue;
+                }
+                guard.index = PartitionIndex::counted(self.index_bytes.clone());
+                guard.producer = None;
                 total -= bytes;
                 dropped += 1;
             }

@@ -4,6 +4,7 @@
 //! through writer.rs. Nothing here writes.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use futures::stream::{self, BoxStream};
@@ -819,6 +820,10 @@ struct StreamRead {
     /// How far this read's steps brought the index: an index found short of it was dropped
     /// meanwhile (over `max_index_bytes`).
     reached: i64,
+    /// Offsets taken from the index and not fetched yet, in version order from `next`.
+    pending: std::collections::VecDeque<i64>,
+    /// Held from the read's first look at the index to its end.
+    pin: Option<ReadPin>,
 }
 
 /// Where `stream` lives and the bounds of its partition; None when its topic does not exist.
@@ -836,6 +841,8 @@ async fn start_read(
         left: options.limit.unwrap_or(usize::MAX),
         step: FIRST_INDEX_STEP,
         reached: 0,
+        pending: std::collections::VecDeque::new(),
+        pin: None,
         shared,
         stream,
         topic,
@@ -876,8 +883,8 @@ impl StreamRead {
             return Ok(false);
         }
         if index.next_offset < self.reached {
-            // Dropped between two steps, which the store's other partitions may do again
-            // before every step: the rest is read in one, so the read always ends.
+            // Dropped between two steps (a read pins its partition, so only if that changes):
+            // the rest is read in one, so the read always ends.
             self.step = i64::MAX;
         }
         let reach = Reach::Step {
@@ -893,32 +900,45 @@ impl StreamRead {
     }
 
     /// The next events of a forwards read: the versions the index holds from `next` on (at
-    /// most [`READ_STEP`]), indexing further steps while it holds none; None at the end.
+    /// most [`READ_STEP`]), indexing further steps while it holds none; None at the end. Once
+    /// the index reaches the read's end, every offset still to read is taken in the same hold
+    /// of the lock, so the rest of the read takes it no more.
     async fn next_step(mut self) -> Result<Option<(Vec<RecordedEvent>, Self)>, Error> {
         loop {
             if self.left == 0 {
                 return Ok(None);
             }
-            let state = self.state.clone();
-            let mut state = state.lock().await;
-            // Nothing is handed out of an index holding part of an append: an append is read
-            // whole or not at all.
-            let offsets = match state.index.mid_append() {
-                true => &[][..],
-                false => state.index.offsets(self.stream.as_str()),
-            };
-            if let Some(found) = offsets.get(self.next as usize..).filter(|o| !o.is_empty()) {
-                let wanted = found[..found.len().min(READ_STEP).min(self.left)].to_vec();
-                drop(state);
-                let category = self.stream.category_name();
-                let events = fetch(&self.shared, &self.topic, category, self.p, &wanted).await?;
-                self.next += wanted.len() as u64;
-                self.left -= wanted.len();
-                return Ok(Some((events, self)));
+            if self.pending.is_empty() {
+                let state = self.state.clone();
+                let mut state = state.lock().await;
+                self.pin.get_or_insert_with(|| ReadPin::new(&state.reads));
+                // Nothing is handed out of an index holding part of an append: an append is
+                // read whole or not at all.
+                if !state.index.mid_append() {
+                    let offsets = state.index.offsets(self.stream.as_str());
+                    let found = offsets.get(self.next as usize..).unwrap_or_default();
+                    let complete = state.index.next_offset >= self.bounds.1;
+                    let take = if complete {
+                        self.left
+                    } else {
+                        READ_STEP.min(self.left)
+                    };
+                    self.pending.extend(found.iter().take(take));
+                }
+                if self.pending.is_empty() {
+                    if !self.index_step(&mut state.index).await? {
+                        return Ok(None);
+                    }
+                    continue;
+                }
             }
-            if !self.index_step(&mut state.index).await? {
-                return Ok(None);
-            }
+            let n = self.pending.len().min(READ_STEP);
+            let wanted: Vec<i64> = self.pending.drain(..n).collect();
+            let category = self.stream.category_name();
+            let events = fetch(&self.shared, &self.topic, category, self.p, &wanted).await?;
+            self.next += n as u64;
+            self.left -= n;
+            return Ok(Some((events, self)));
         }
     }
 
@@ -928,6 +948,7 @@ impl StreamRead {
         let state = self.state.clone();
         loop {
             let mut state = state.lock().await;
+            self.pin.get_or_insert_with(|| ReadPin::new(&state.reads));
             let len = state.index.offsets(self.stream.as_str()).len() as u64;
             let known = !state.index.mid_append() && self.options.from.is_some_and(|v| v.0 < len);
             if known || !self.index_step(&mut state.index).await? {
@@ -944,6 +965,26 @@ impl StreamRead {
                 });
             }
         }
+    }
+}
+
+/// A read's hold on its partition: while one is held, the index bound (client.rs
+/// `bound_indexes`) drops neither the partition's index nor its producer, though the read
+/// releases the lock between its steps and while its caller handles what it delivered.
+#[derive(Debug)]
+struct ReadPin(Arc<AtomicUsize>);
+
+impl ReadPin {
+    /// Taken with the partition's lock held, which `bound_indexes` also holds to look.
+    fn new(reads: &Arc<AtomicUsize>) -> Self {
+        reads.fetch_add(1, Ordering::Relaxed);
+        Self(reads.clone())
+    }
+}
+
+impl Drop for ReadPin {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
