@@ -22,7 +22,7 @@ pub use connect::{
 };
 pub use process::{
     process_stream, Instance, ProcessError, ProcessHandle, ProcessManager, ProcessOptions,
-    ProcessRunner, ProcessStatus, Steps, FINISHED_POLL, PROCESS_CATEGORY,
+    ProcessRunner, ProcessStatus, Steps, FINISHED_POLL, MAX_RETRY_DELAY, PROCESS_CATEGORY,
 };
 pub use repository::{
     command_event_id, encode, CommandContext, ExecuteError, Executed, Loaded, Repository,

@@ -43,6 +43,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,6 +51,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::{select_all, StreamExt};
+use futures::FutureExt;
 use futures::TryStreamExt;
 use photon_api::{
     BoxError, Category, Checkpoint, Error, EventData, EventStore, ExpectedVersion, ReadOptions,
@@ -108,11 +110,12 @@ pub trait ProcessManager: Send + Sync + 'static {
     ///
     /// # Errors
     /// - An error after a command answered [`Error::Unavailable`] (an unknown outcome) or
-    ///   [`ExecuteError::TooManyConflicts`] makes the runner handle the event again after [`ProcessOptions::retry_delay`], from the state
-    ///   saved before it, up to [`ProcessOptions::max_retries`] times; the steps stored the
-    ///   first time are not repeated. Any other error stops the process
-    ///   ([`ProcessStatus::Failed`]) without saving the instance; after a fix and a restart the
-    ///   event is handled again.
+    ///   [`ExecuteError::TooManyConflicts`] makes the runner handle the event again, from the
+    ///   state saved before it, after [`ProcessOptions::retry_delay`] doubling up to
+    ///   [`MAX_RETRY_DELAY`], for as long as it takes ([`ProcessStatus::Retrying`] meanwhile); the
+    ///   steps stored the first time are not repeated. Any other error, or a panic, stops the
+    ///   process ([`ProcessStatus::Failed`], with the panic's message) without saving the
+    ///   instance; after a fix and a restart the event is handled again.
     async fn handle(
         &self,
         state: &mut Self::State,
@@ -303,6 +306,10 @@ pub enum ProcessStatus {
     Replaying,
     /// Caught up with every category; handling live events and deadlines.
     Live,
+    /// The store (or the checkpoint store) is unavailable: the runner retries what it was doing,
+    /// from the state last saved, with a backoff capped at [`MAX_RETRY_DELAY`], for as long as it
+    /// takes, and then goes back to [`Self::Replaying`] or [`Self::Live`]. Holds the last error.
+    Retrying(Arc<ProcessError>),
     /// Stopped by an error; restarting resumes from the last save.
     Failed(Arc<ProcessError>),
     /// Stopped on request, or because every handle was dropped.
@@ -374,6 +381,29 @@ pub enum ProcessError {
     },
 }
 
+/// The longest wait between two tries after a retryable store error
+/// ([`ProcessOptions::retry_delay`] doubles up to this, or stays at `retry_delay` if that is longer).
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+
+/// The wait before try `attempt` (1-based) after a retryable error.
+fn retry_backoff(options: &ProcessOptions, attempt: u32) -> Duration {
+    let doubled = options
+        .retry_delay
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+    doubled.min(MAX_RETRY_DELAY.max(options.retry_delay))
+}
+
+/// What a panic carried, as text.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic with no message".to_owned()
+    }
+}
+
 /// How often [`ProcessHandle::wait_until_finished`] reads the instance when nothing woke it.
 pub const FINISHED_POLL: Duration = Duration::from_secs(1);
 
@@ -385,11 +415,12 @@ pub struct ProcessOptions {
     pub save_every: usize,
     /// Save the position this long after the first unsaved event at the latest.
     pub save_interval: Duration,
-    /// Wait before handling an event again after an unknown outcome, or resubscribing after a
-    /// retryable store error.
+    /// The first wait before trying again after a retryable store error (a load, a save, a step
+    /// with an unknown outcome, a subscription); it doubles on each try, up to
+    /// [`MAX_RETRY_DELAY`]. Retryable errors are retried without limit.
     pub retry_delay: Duration,
-    /// Times an event (or deadline) is handled again after an unknown outcome before the
-    /// process stops as failed.
+    /// Times an instance is reloaded and its cause handled again after its save lost to another
+    /// runner's save of the same instance, before the process stops as failed.
     pub max_retries: u32,
 }
 
@@ -679,7 +710,8 @@ impl<P: ProcessManager> ProcessHandle<P> {
                     })
                 }
                 ProcessStatus::Stopped => return Err(self.stopped()),
-                ProcessStatus::Starting | ProcessStatus::Replaying => {}
+                ProcessStatus::Starting | ProcessStatus::Replaying | ProcessStatus::Retrying(_) => {
+                }
             }
             if status.changed().await.is_err() {
                 return Err(self.stopped());
@@ -766,12 +798,20 @@ enum Cause<'a> {
     Deadline(Deadline),
 }
 
-/// Attempts of one position save when the checkpoint store is unavailable.
-const SAVE_ATTEMPTS: u32 = 10;
-
 impl<P: ProcessManager> Task<P> {
     async fn run(mut self, mut control: mpsc::Receiver<Control>) {
-        let status = match self.run_inner(&mut control).await {
+        // A panic (in a handler, or a process's `categories`/`correlate`) ends the task: say so
+        // in the status instead of leaving the last one standing.
+        let outcome = AssertUnwindSafe(self.run_inner(&mut control))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                Err(ProcessError::Failed {
+                    process: self.name.to_string(),
+                    reason: format!("panicked: {}", panic_message(&*panic)),
+                })
+            });
+        let status = match outcome {
             Ok(()) => ProcessStatus::Stopped,
             Err(e) => {
                 tracing::error!(process = %self.name, error = %e, "process failed");
@@ -788,17 +828,51 @@ impl<P: ProcessManager> Task<P> {
         }
     }
 
+    /// Says in the status that the store is unavailable and waits before try `attempt` + 1;
+    /// returns the status to go back to once it answers (the one before the first try).
+    async fn retry_later(
+        &self,
+        attempt: u32,
+        error: ProcessError,
+        resume: &mut Option<ProcessStatus>,
+    ) {
+        tracing::warn!(process = %self.name, error = %error, attempt, "store unavailable; trying again");
+        let before = self
+            .status
+            .send_replace(ProcessStatus::Retrying(Arc::new(error)));
+        if resume.is_none() {
+            *resume = Some(before);
+        }
+        tokio::time::sleep(retry_backoff(&self.options, attempt)).await;
+    }
+
+    /// Puts back the status [`Self::retry_later`] replaced, if it did.
+    fn resume(&self, resume: Option<ProcessStatus>) {
+        if let Some(status) = resume {
+            self.status.send_replace(status);
+        }
+    }
+
     async fn run_inner(
         &mut self,
         control: &mut mpsc::Receiver<Control>,
     ) -> Result<(), ProcessError> {
         let key = checkpoint_key(&self.name);
-        if let Some(loaded) = self
-            .checkpoints
-            .load(&key)
-            .await
-            .map_err(|e| self.store_error(e))?
-        {
+        let mut resume = None;
+        let mut attempt = 0;
+        let loaded = loop {
+            match self.checkpoints.load(&key).await {
+                Ok(loaded) => break loaded,
+                Err(e) if e.is_retryable() => {
+                    attempt += 1;
+                    self.retry_later(attempt, self.store_error(e), &mut resume)
+                        .await;
+                }
+                Err(e) => return Err(self.store_error(e)),
+            }
+        };
+        self.resume(resume);
+        if let Some(loaded) = loaded {
             self.pending =
                 rmp_serde::from_slice(&loaded.saved.state).map_err(|e| ProcessError::State {
                     process: self.name.to_string(),
@@ -884,6 +958,7 @@ impl<P: ProcessManager> Task<P> {
                     }
                     Some(Err(e)) if e.is_retryable() => {
                         tracing::warn!(process = %self.name, error = %e, "store unavailable; resubscribing");
+                        self.status.send_replace(ProcessStatus::Retrying(Arc::new(self.store_error(e))));
                         tokio::time::sleep(self.options.retry_delay).await;
                         return Ok(Next::Resubscribe);
                     }
@@ -928,13 +1003,18 @@ impl<P: ProcessManager> Task<P> {
             Cause::Event(event) => event.event_id,
             Cause::Deadline(d) => self.deadline_cause_id(correlation_id, d),
         };
+        // Lost saves (another runner), bounded by `max_retries`; tries after a retryable error,
+        // not bounded: a store outage delays the process, it does not stop it.
         let mut retries = 0;
+        let mut attempt = 0;
+        let mut resume = None;
         loop {
             let (record, revision) = match load_record(&*self.store, &stream).await {
                 Ok(found) => found.map_or((Record::default(), None), |(r, v)| (r, Some(v))),
-                Err(e) if e.is_retryable() && retries < self.options.max_retries => {
-                    retries += 1;
-                    tokio::time::sleep(self.options.retry_delay).await;
+                Err(e) if e.is_retryable() => {
+                    attempt += 1;
+                    self.retry_later(attempt, self.store_error(e), &mut resume)
+                        .await;
                     continue;
                 }
                 Err(Error::Decode { .. }) | Err(Error::UnknownSchemaVersion { .. }) => {
@@ -953,6 +1033,7 @@ impl<P: ProcessManager> Task<P> {
             if record.finished || stale || record.handled.contains(&cause_id) {
                 // Handled before (a redelivery) or moot; its deadline, if any, is still due.
                 self.track_deadline(correlation_id, &record);
+                self.resume(resume);
                 return Ok(());
             }
             let mut state: P::State = match revision {
@@ -980,26 +1061,39 @@ impl<P: ProcessManager> Task<P> {
                 unavailable: false,
             };
             let handled = match &cause {
-                Cause::Event(event) => self.process.handle(&mut state, event, &mut steps).await,
-                Cause::Deadline(_) => self.process.on_deadline(&mut state, &mut steps).await,
-            };
-            if let Err(source) = handled {
-                if steps.unavailable && retries < self.options.max_retries {
-                    tracing::warn!(process = %self.name, %stream, error = %source, "a step's outcome is unknown; handling again");
-                    retries += 1;
-                    tokio::time::sleep(self.options.retry_delay).await;
-                    continue;
+                Cause::Event(event) => {
+                    AssertUnwindSafe(self.process.handle(&mut state, event, &mut steps))
+                        .catch_unwind()
+                        .await
                 }
+                Cause::Deadline(_) => {
+                    AssertUnwindSafe(self.process.on_deadline(&mut state, &mut steps))
+                        .catch_unwind()
+                        .await
+                }
+            }
+            .unwrap_or_else(|panic| {
+                Err(format!("the handler panicked: {}", panic_message(&*panic)).into())
+            });
+            if let Err(source) = handled {
+                // The outcome of a step is unknown (or other writers kept winning): handle the
+                // cause again from the state saved before it; its steps find out.
                 let (stream, version) = match &cause {
                     Cause::Event(event) => (event.stream.clone(), event.version),
-                    Cause::Deadline(_) => (stream, revision.unwrap_or(Version::FIRST)),
+                    Cause::Deadline(_) => (stream.clone(), revision.unwrap_or(Version::FIRST)),
                 };
-                return Err(ProcessError::Handler {
+                let error = ProcessError::Handler {
                     process: self.name.to_string(),
                     stream,
                     version,
                     source,
-                });
+                };
+                if steps.unavailable {
+                    attempt += 1;
+                    self.retry_later(attempt, error, &mut resume).await;
+                    continue;
+                }
+                return Err(error);
             }
             let record = self.next_record(record, &state, &steps, cause_id, &stream)?;
             let saved = EventData::msgpack(SAVED_TYPE, &record)
@@ -1015,6 +1109,7 @@ impl<P: ProcessManager> Task<P> {
                 Ok(_) => {
                     self.track_deadline(correlation_id, &record);
                     self.shared.progress.notify_waiters();
+                    self.resume(resume);
                     return Ok(());
                 }
                 // Another runner saved the instance meanwhile (or our save landed and answered
@@ -1025,9 +1120,10 @@ impl<P: ProcessManager> Task<P> {
                     tracing::debug!(process = %self.name, %stream, error = %e, "instance saved by someone else; reloading");
                     retries += 1;
                 }
-                Err(e) if e.is_retryable() && retries < self.options.max_retries => {
-                    retries += 1;
-                    tokio::time::sleep(self.options.retry_delay).await;
+                Err(e) if e.is_retryable() => {
+                    attempt += 1;
+                    self.retry_later(attempt, self.store_error(e), &mut resume)
+                        .await;
                 }
                 Err(e) => return Err(self.store_error(e)),
             }
@@ -1120,7 +1216,9 @@ impl<P: ProcessManager> Task<P> {
         };
         let key = checkpoint_key(&self.name);
         let save_id = Uuid::now_v7();
-        let mut attempt = 1;
+        // The same save id on every try: a save that landed but answered late is taken as ours.
+        let mut attempt = 0;
+        let mut resume = None;
         let revision = loop {
             match self
                 .checkpoints
@@ -1128,10 +1226,10 @@ impl<P: ProcessManager> Task<P> {
                 .await
             {
                 Ok(revision) => break revision,
-                Err(e) if e.is_retryable() && attempt < SAVE_ATTEMPTS => {
-                    tracing::warn!(process = %self.name, error = %e, attempt, "position save failed; retrying");
-                    tokio::time::sleep(self.options.retry_delay * attempt).await;
+                Err(e) if e.is_retryable() => {
                     attempt += 1;
+                    self.retry_later(attempt, self.store_error(e), &mut resume)
+                        .await;
                 }
                 Err(Error::WrongExpectedVersion { actual, .. }) => {
                     return Err(ProcessError::Fenced {
@@ -1143,6 +1241,7 @@ impl<P: ProcessManager> Task<P> {
                 Err(e) => return Err(self.store_error(e)),
             }
         };
+        self.resume(resume);
         self.revision = Some(revision);
         self.unsaved = 0;
         Ok(())

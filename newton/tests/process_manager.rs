@@ -596,11 +596,13 @@ async fn a_step_that_never_answers_hits_its_deadline(store: Arc<dyn EventStore>)
 // ---- A store that lets the test step in -----------------------------------------------------
 
 /// Forwards to `inner`, except: before the next append it first runs `before_append` (another
-/// node's writes, between a load and its append), and it counts stream reads.
+/// node's writes, between a load and its append), it counts stream reads, and until
+/// `unavailable_until` its appends and reads answer [`Error::Unavailable`] (an outage).
 struct Staged {
     inner: Arc<dyn EventStore>,
     before_append: Mutex<Option<BoxFuture<'static, ()>>>,
     reads: AtomicUsize,
+    unavailable_until: Mutex<Option<Instant>>,
 }
 
 impl Staged {
@@ -609,6 +611,17 @@ impl Staged {
             inner,
             before_append: Mutex::new(None),
             reads: AtomicUsize::new(0),
+            unavailable_until: Mutex::new(None),
+        })
+    }
+
+    /// The outage's error, if the store is out now.
+    fn out(&self) -> Option<Error> {
+        let until = (*self.unavailable_until.lock().unwrap())?;
+        (Instant::now() < until).then(|| Error::Unavailable {
+            backend: "staged",
+            message: "a test outage".into(),
+            source: None,
         })
     }
 }
@@ -639,6 +652,9 @@ impl EventStore for Staged {
         if let Some(before) = before {
             before.await;
         }
+        if let Some(e) = self.out() {
+            return Err(e);
+        }
         self.inner.append(stream, expected, events).await
     }
     fn read_stream(
@@ -647,6 +663,9 @@ impl EventStore for Staged {
         options: ReadOptions,
     ) -> BoxStream<'static, Result<RecordedEvent, Error>> {
         self.reads.fetch_add(1, Ordering::SeqCst);
+        if let Some(e) = self.out() {
+            return Box::pin(futures::stream::iter([Err(e)]));
+        }
         self.inner.read_stream(stream, options)
     }
     fn subscribe(
@@ -840,6 +859,146 @@ async fn memory_a_deadline_set_again_at_its_time_fires_once_and_rests() {
     assert_eq!(fired.load(Ordering::SeqCst), 2, "fired, set again, fired");
     assert_eq!(deposits(&bank.history(&a).await), 1, "the effect once");
     handle.stop().await.unwrap();
+}
+
+// ---- Outages and panics ------------------------------------------------------------------------
+
+/// The store (events, instances and the position) is out for 2.5 s while a transfer is
+/// requested: longer than the old limits (10 tries 50 ms apart for a reaction, 10 for a position
+/// save). The runner says it is retrying, and once the store answers the transfer completes,
+/// once. Then a runner starts while the store is out (before, its first position load was not
+/// tried again): it goes live once the store answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_a_store_outage_delays_a_process_and_does_not_stop_it() {
+    let inner = support::store();
+    let staged = Staged::new(inner.clone());
+    let bank = Bank::new(staged.clone());
+    let (a, b) = (bank.open(100).await, bank.open(0).await);
+    let checkpoints: Arc<dyn CheckpointStore> =
+        Arc::new(EventStoreCheckpointStore::new(staged.clone()));
+    let handle = bank
+        .runner(checkpoints.clone())
+        .start(bank.process())
+        .unwrap();
+    tokio::time::timeout(WAIT, handle.wait_until_live())
+        .await
+        .unwrap()
+        .unwrap();
+    let until = Instant::now() + Duration::from_millis(2500);
+    *staged.unavailable_until.lock().unwrap() = Some(until);
+    // The request goes in beside the outage (its category's subscription still delivers).
+    let transfer = Uuid::now_v7();
+    let request = EventData::msgpack(
+        "TransferRequested",
+        &Requested {
+            from: a.clone(),
+            to: b.clone(),
+            amount: 40,
+            approval_within_ms: None,
+        },
+    )
+    .unwrap()
+    .with_correlation_id(transfer);
+    inner
+        .append(
+            &newton::StreamId::new(&bank.requests, transfer.simple().to_string()).unwrap(),
+            ExpectedVersion::NoStream,
+            vec![request],
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    match handle.status() {
+        ProcessStatus::Retrying(e) => assert!(e.to_string().contains("a test outage"), "{e}"),
+        other => panic!("retrying 1.5 s into the outage, not {other:?}"),
+    }
+    tokio::time::sleep_until(until.into()).await;
+    let state = finished(&handle, transfer).await;
+    assert_eq!(state.outcome.as_deref(), Some("completed"));
+    let live_by = Instant::now() + Duration::from_secs(5);
+    while !matches!(handle.status(), ProcessStatus::Live) {
+        assert!(
+            Instant::now() < live_by,
+            "live again: {:?}",
+            handle.status()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!((bank.balance(&a).await, bank.balance(&b).await), (60, 40));
+    assert_eq!(withdrawals(&bank.history(&a).await), 1);
+    assert_eq!(deposits(&bank.history(&b).await), 1);
+    handle.stop().await.unwrap();
+
+    // A start in an outage: the position's load is tried again until the store answers.
+    *staged.unavailable_until.lock().unwrap() = Some(Instant::now() + Duration::from_secs(1));
+    let restarted = bank.runner(checkpoints).start(bank.process()).unwrap();
+    tokio::time::timeout(WAIT, restarted.wait_until_live())
+        .await
+        .expect("live once the store answers")
+        .unwrap();
+    restarted.stop().await.unwrap();
+    assert_eq!((bank.balance(&a).await, bank.balance(&b).await), (60, 40));
+}
+
+/// A handler that panics.
+struct Panicking {
+    name: String,
+    requests: Category,
+}
+
+#[async_trait]
+impl ProcessManager for Panicking {
+    type State = ();
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn categories(&self) -> Vec<Category> {
+        vec![self.requests.clone()]
+    }
+
+    async fn handle(
+        &self,
+        _state: &mut (),
+        _event: &RecordedEvent,
+        _steps: &mut Steps,
+    ) -> Result<(), BoxError> {
+        panic!("the handler's own bug");
+    }
+}
+
+/// A panicking handler stops the process as failed, with the panic's message (before, the task
+/// died and the status stayed as it was).
+#[tokio::test]
+async fn memory_a_panicking_handler_fails_the_process() {
+    let bank = Bank::new(support::store());
+    let a = bank.open(0).await;
+    let handle = bank
+        .runner(Arc::new(InMemoryCheckpointStore::new()))
+        .start(Panicking {
+            name: bank.name.clone(),
+            requests: bank.requests.clone(),
+        })
+        .unwrap();
+    bank.request(&a, &a, 1).await;
+    let started = Instant::now();
+    let failure = loop {
+        match handle.status() {
+            ProcessStatus::Failed(e) => break e,
+            other => assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "failed within 5 s, still {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let message = failure.to_string();
+    assert!(
+        message.contains("panicked") && message.contains("the handler's own bug"),
+        "{message}"
+    );
+    assert!(handle.stop().await.is_err(), "the task has ended");
 }
 
 // ---- On memory -------------------------------------------------------------------------------
