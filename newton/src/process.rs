@@ -8,34 +8,63 @@
 //! through [`Repository::execute_once`], so every command it issues is idempotent.
 //!
 //! # Guarantees, and why they hold
-//! - **Effects happen once, deliveries at least once.** The runner saves its position after
-//!   handling, so a crash redelivers the events since the last save. Each instance records the
-//!   ids of the events (and deadlines) it has handled in the same append as its new state, and
-//!   skips them when they come again. A crash *inside* a handler, after some commands were
-//!   stored but before the instance was saved, makes the handler run again from the state it
-//!   last saved; its commands then carry the same ids ([`Steps::execute`] derives them from the
-//!   causing event's id and the step's name), and the repository answers a command stored
-//!   before with what it stored then instead of deciding again.
-//! - **One instance at a time, in delivery order.** One task handles every event and deadline of
-//!   a process, one after another, so a handler never races another for its instance. The order
-//!   is each stream's (store guarantee 7); events of different streams or categories come in the
-//!   order the subscriptions deliver them, which may differ between runs: a handler must not
-//!   rely on the order of two events that are not in one stream.
-//! - **Two runners of one process do not double anything either:** the instance's saves are
-//!   appends with the expected version (the loser reloads and finds the event handled), the
-//!   commands are idempotent, and the checkpoint save of the second runner is fenced, which
-//!   stops it ([`ProcessError::Fenced`]).
+//! - **A redelivered cause is skipped, a re-run step is not repeated.** The runner saves its
+//!   position after handling, so a crash redelivers the events since the last save. Each
+//!   instance records the ids of the events (and deadlines) it has handled in the same append as
+//!   its new state, and skips them when they come again. A crash *inside* a handler, after some
+//!   commands were stored but before the instance was saved, makes the handler run again from
+//!   the state it last saved; its commands then carry the same ids ([`Steps::execute`] derives
+//!   them from the causing event's id and the step's name), and the repository answers a
+//!   command stored before with what it stored then instead of deciding again. This holds for
+//!   the *same* cause handled again; the limits below are where it does not.
+//! - **One instance at a time, in delivery order, within one runner.** One task handles every
+//!   event and deadline of a process, one after another, so a handler never races another of
+//!   the same runner for its instance. The order is each stream's (store guarantee 7); events of
+//!   different streams or categories come in the order the subscriptions deliver them, which may
+//!   differ between runs.
 //! - **Deadlines survive restarts.** A deadline is saved with the instance's state; the runner
 //!   keeps the pending ones with its checkpoint, and every instance changed after that save is
 //!   revisited when its events are redelivered, so a restarted runner knows every deadline. A
-//!   deadline fires at or after its time (never before), at least once, and its effects happen
-//!   once, as an event's do. A deadline replaced or cleared before it fired does not fire.
+//!   deadline fires at or after its time (never before), at least once; one replaced or cleared
+//!   before it fired does not fire. A deadline a reaction sets is a new deadline even at the
+//!   time of the one it replaces: set from [`ProcessManager::on_deadline`] at a time already
+//!   past, it fires again at once.
+//! - **A store outage delays a process, it does not stop it.** Retryable errors
+//!   ([`Error::Unavailable`], and a step with an unknown outcome) are tried again without limit,
+//!   from the state last saved, after [`ProcessOptions::retry_delay`] doubling up to
+//!   [`MAX_RETRY_DELAY`]; the status says [`ProcessStatus::Retrying`] meanwhile. Any other
+//!   error, or a panic in a handler, stops the process as [`ProcessStatus::Failed`].
 //!
 //! What a handler must do for this to hold: be deterministic for a given state, event and
 //! command outcomes, give each command of one reaction its own step name, and keep its state
-//! small (it is saved whole, as one event, after every event it handles). A command *refused*
-//! before a crash is decided again after it (nothing of it was stored), on the aggregate's
-//! state then: see [`Repository::execute_once`].
+//! small (it is saved whole, as one event, after every event it handles).
+//!
+//! # Not covered
+//! - **A command *refused* before a crash is decided again after it** (nothing of it was
+//!   stored), on the aggregate's state then, and may now be accepted: see
+//!   [`Repository::execute_once`]. A handler that refunds on a refused credit and then records
+//!   the failure can move money twice: the credit refused (closed account), the refund stored,
+//!   a crash before the instance's save, and the account opened before the restart: the credit
+//!   is accepted the second time beside the refund. Likewise a step re-decided on another path
+//!   (`complete` after a stored `fail`) can be refused by its aggregate, and the handler's error
+//!   stops the process. A handler can guard against this itself (the bank example reads the
+//!   transfer's recorded outcome before its legs and records a failure before refunding); the
+//!   runner does not.
+//! - **The order between a deadline and an event (or events of different categories) can flip
+//!   across a restart.** A deadline that fired and ran its commands before a crash, with the
+//!   instance not saved, may after the restart find the event that answers it replayed first
+//!   (deadlines fire only after the replay): the deadline's effects stay and the other path runs
+//!   too. So a deadline's effects are not "once" against the event it races.
+//! - **Two runners of one process at once** (two nodes whose positions do not fence each other)
+//!   skip a cause the other saved, and a step both run is stored once; but two runners handling
+//!   *different* causes of one instance at one revision both run their commands before the
+//!   loser's save fails (the loser then reloads and handles its cause again on the winner's
+//!   state, which may take another path). Nothing stops both paths' effects. Run one runner per
+//!   process; a shared checkpoint store stops the runner that saves its position second
+//!   ([`ProcessError::Fenced`]), at that save, not before.
+//! - **An instance remembers its last 1,024 handled causes.** A runner that replays an
+//!   unfinished instance with more causes than that from the beginning (no position, or one
+//!   older than them) handles the evicted ones again, as new causes.
 
 // `ProcessError` carries the store's error unboxed so callers can match on it; errors are the
 // cold path, so their size does not matter.
@@ -74,10 +103,11 @@ pub const PROCESS_CATEGORY: &str = "newton_process";
 /// The event type of an instance's saved state.
 const SAVED_TYPE: &str = "ProcessSaved";
 
-/// Handled event ids an instance remembers. A redelivery only repeats the events since the
-/// runner's last checkpoint save, at most [`ProcessOptions::save_every`] of all instances
-/// together, so an instance needs to remember no more than that many; this is a generous bound
-/// that keeps a long-lived instance's saved state from growing without end.
+/// Handled event ids an instance remembers. A redelivery after a crash only repeats the events
+/// since the runner's last checkpoint save, at most [`ProcessOptions::save_every`] of all
+/// instances together, so for that an instance needs to remember no more than that many; this
+/// bound keeps a long-lived instance's saved state from growing without end. A runner that
+/// replays from further back (no position) re-handles an unfinished instance's evicted causes.
 const MAX_HANDLED: usize = 1024;
 
 /// A process manager: reacts to events of one or more categories, per process instance (one

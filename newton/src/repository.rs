@@ -509,7 +509,8 @@ impl<A: Aggregate> Repository<A> {
     /// again, after it was stored, stores nothing and answers with what it stored the first time.
     /// For commands issued by a reaction to an event (a process manager, see
     /// [`crate::ProcessRunner`]): derive `command_id` from the causing event's id, and a
-    /// redelivery of that event after a crash never doubles an effect.
+    /// redelivery of that event after a crash does not store the command twice (what a process
+    /// manager still does not cover is in the `process` module's docs and the README).
     ///
     /// Why it holds: the aggregate decides again on its current state, which already includes
     /// the first execution's events, so it may now decide differently (a withdrawal of the whole
@@ -517,7 +518,10 @@ impl<A: Aggregate> Repository<A> {
     /// - when it records events, they carry the derived ids, and the store answers a batch whose
     ///   ids it holds as a retry (success with the original versions) or as an
     ///   [`Error::IdempotencyConflict`] naming one of them, whatever the expected version says;
-    ///   both mean "stored before".
+    ///   both mean "stored before". So does a success at any first version other than the one
+    ///   right after the state it decided on: a copy stored by another node, maybe after this
+    ///   load. The answer (and the state cached) is then read from the store, never this
+    ///   decision applied to the state it was made on.
     /// - when it is a refusal or records nothing, the store is asked whether the first derived id
     ///   is in the stream, by an append of one marker event with that id and an expectation no
     ///   stream can meet, which the store answers from the ids before the expectation and so
@@ -531,8 +535,9 @@ impl<A: Aggregate> Repository<A> {
     ///
     /// What it does not cover: a command refused the first time is decided again, on the state
     /// found now, and may succeed if that state changed meanwhile (nothing was stored the first
-    /// time, so nothing is doubled; but a caller that acted on the first refusal should record
-    /// that before acting). And the same `command_id` with another command is the same command
+    /// time, so this command is not doubled; but a caller that acted on the first refusal, as a
+    /// process manager's compensation does, can now see both its action and the command take
+    /// effect: record the refusal before acting on it). And the same `command_id` with another command is the same command
     /// to this method: ids are the only key.
     ///
     /// # Errors

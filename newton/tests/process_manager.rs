@@ -1,6 +1,8 @@
 //! Process managers: a transfer (debit, credit, refund when the credit is refused) completes
-//! once, compensates once, survives redelivery, a deadline and a real process kill; bad input
-//! is a typed error. On memory, and on every server configured (see `support::servers`).
+//! once, compensates once, survives redelivery, a deadline, a store outage and a real process
+//! kill; execute_once takes another node's copy of a command from the store; a deadline set
+//! again at its time does not spin; a panicking handler fails the process; bad input is a typed
+//! error. On memory, and on every server configured (see `support::servers`).
 
 mod support;
 
@@ -442,10 +444,10 @@ async fn a_refused_credit_is_compensated_once(store: Arc<dyn EventStore>) {
     assert_eq!(bank.history(&b).await.len(), 2, "opened and closed only");
 }
 
-/// A runner restarted from an older position (here: none) handles every request again; the
-/// instances skip them, so nothing is doubled. Then the instances are forgotten too (a runner
-/// under the same name reading a fresh instance stream is not possible, so the commands are
-/// re-issued directly with the same ids): the repository answers with what was stored.
+/// A runner restarted from an older position (here: none), twice, gets every request again;
+/// the instances (finished, with the requests among their handled causes) skip them, so nothing
+/// is doubled. Re-issuing a stored command with the same id is checked by
+/// `execute_once_stores_a_command_once`, not here.
 async fn redelivery_never_doubles_an_effect(store: Arc<dyn EventStore>) {
     let bank = Bank::new(store);
     let (a, b) = (bank.open(100).await, bank.open(0).await);
@@ -1035,7 +1037,8 @@ async fn memory_a_step_that_never_answers_hits_its_deadline() {
 
 /// Two runners of one process at once (each with its own position, as two nodes whose
 /// checkpoint saves do not fence each other): both handle every request, each effect happens
-/// once.
+/// once. Each instance here has one cause (its request); two runners handling *different*
+/// causes of one instance at once can both run their commands (see the module docs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_two_runners_at_once_never_double_an_effect() {
     let bank = Bank::new(support::store());
