@@ -1,12 +1,8 @@
-// Command ferretdb-server runs FerretDB (a MongoDB wire-protocol server) for the project's tests,
-// over PostgreSQL (-postgresql URL) or SQLite (-dir). It embeds the public
-// github.com/FerretDB/FerretDB/ferretdb package, because `go install .../cmd/ferretdb` builds a
-// binary that panics at start (missing version.txt).
+// Command ferretdb-server runs FerretDB (a MongoDB wire-protocol server) with its SQLite backend
+// for the project's tests. It embeds the public github.com/FerretDB/FerretDB/ferretdb package,
+// because `go install .../cmd/ferretdb` builds a binary that panics at start (missing version.txt).
 //
-// Usage:
-//
-//	ferretdb-server -listen 127.0.0.1:27017 -postgresql postgres://user@127.0.0.1:55432/ferretdb
-//	ferretdb-server -listen 127.0.0.1:27017 -dir /path/to/data/dir   (SQLite)
+// Usage: ferretdb-server -listen 127.0.0.1:27017 -dir /path/to/existing/data/dir
 package main
 
 import (
@@ -23,35 +19,25 @@ import (
 
 func main() {
 	listen := flag.String("listen", "127.0.0.1:27017", "TCP address to listen on")
-	pgURL := flag.String("postgresql", "", "PostgreSQL URL: use the PostgreSQL backend")
-	dir := flag.String("dir", "", "directory for the SQLite databases: use the SQLite backend")
+	dir := flag.String("dir", "", "existing directory for the SQLite databases (required)")
 	flag.Parse()
 
-	config := ferretdb.Config{Listener: ferretdb.ListenerConfig{TCP: *listen}}
-	var where string
-	switch {
-	case *pgURL != "" && *dir != "":
-		log.Fatal("give one of -postgresql and -dir, not both")
-	case *pgURL != "":
-		config.Handler = "postgresql"
-		config.PostgreSQLURL = *pgURL
-		where = "PostgreSQL " + *pgURL
-	case *dir != "":
-		abs, err := filepath.Abs(*dir)
-		if err != nil {
-			log.Fatal(err)
-		}
-		if err := os.MkdirAll(abs, 0o755); err != nil {
-			log.Fatal(err)
-		}
-		config.Handler = "sqlite"
-		config.SQLiteURL = "file:" + abs + "/"
-		where = "SQLite in " + abs
-	default:
-		log.Fatal("one of -postgresql and -dir is required")
+	if *dir == "" {
+		log.Fatal("-dir is required")
+	}
+	abs, err := filepath.Abs(*dir)
+	if err != nil {
+		log.Fatal(err)
+	}
+	if err := os.MkdirAll(abs, 0o755); err != nil {
+		log.Fatal(err)
 	}
 
-	f, err := ferretdb.New(&config)
+	f, err := ferretdb.New(&ferretdb.Config{
+		Listener:  ferretdb.ListenerConfig{TCP: *listen},
+		Handler:   "sqlite",
+		SQLiteURL: "file:" + abs + "/",
+	})
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -59,7 +45,7 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
 
-	log.Printf("ferretdb-server: listening on %s, data in %s", *listen, where)
+	log.Printf("ferretdb-server: listening on %s, data in %s", *listen, abs)
 	f.Run(ctx)
 	log.Print("ferretdb-server: stopped")
 }
