@@ -1,19 +1,15 @@
-//! What a MongoDB-wire test server must do as MongoDB does under concurrency, checked against the
-//! server itself (`PHOTON_TEST_MONGO_URL`) with the plain driver: a unique index refuses
-//! concurrent duplicates, and `findAndModify` with `$inc` on one document is atomic. A server that
-//! fails these cannot tell a correct design from a broken one (see the README, "Verified where").
+//! What photon-mongo's design rests on in the MongoDB-wire test server, checked against the server
+//! itself (`PHOTON_TEST_MONGO_URL`) with the plain driver: a unique index refuses concurrent
+//! duplicates (the position and version checks of every append). A server that failed this could
+//! not tell a correct design from a broken one (see the README, "Verified where").
 //!
-//! FerretDB 1.24 fails the second on both of its backends, SQLite and PostgreSQL: its
-//! `findAndModify` (and `update`) reads the document, applies the operators in FerretDB and writes
-//! the whole document back by `_id`, without a lock or a condition, so concurrent increments are
-//! lost. That test is ignored in the ordinary run; run it with `--ignored` against a real MongoDB.
-
-use std::collections::BTreeSet;
+//! Not checked here: `findAndModify` with `$inc` is not atomic on FerretDB 1.24 (it reads the
+//! document, applies the operators itself and writes it back by `_id`), measured by hand on
+//! 2026-11-30 and recorded in the README; nothing in photon-mongo relies on it.
 
 use futures::future::join_all;
 use mongodb::bson::{doc, Document};
 use mongodb::error::{ErrorKind, WriteFailure};
-use mongodb::options::ReturnDocument;
 use mongodb::{Client, Collection, IndexModel};
 use photon_conformance::server_url;
 
@@ -41,54 +37,6 @@ fn fresh_name(what: &str) -> String {
         "s{}_{what}",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
     )
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "FerretDB 1.24 loses concurrent $inc on SQLite and PostgreSQL alike; run with --ignored on a real MongoDB"]
-async fn concurrent_increments_of_one_document_are_atomic() {
-    let Some(url) = server_url("mongo", "PHOTON_TEST_MONGO_URL") else {
-        return;
-    };
-    const INCREMENTS: i64 = 100;
-    let clients = clients(&url).await;
-    let name = fresh_name("counter");
-    let first = collection(&clients[0], &name);
-    first
-        .insert_one(doc! { "_id": "counter", "n": 0_i64 })
-        .await
-        .unwrap();
-
-    let calls = (0..INCREMENTS).map(|i| {
-        let coll = collection(&clients[i as usize % CLIENTS], &name);
-        async move {
-            let after = coll
-                .find_one_and_update(doc! { "_id": "counter" }, doc! { "$inc": { "n": 1_i64 } })
-                .return_document(ReturnDocument::After)
-                .await
-                .expect("findAndModify answers")
-                .expect("the counter exists");
-            after.get_i64("n").expect("n is an Int64")
-        }
-    });
-    let values: Vec<i64> = join_all(calls).await;
-    let distinct: BTreeSet<i64> = values.iter().copied().collect();
-    let stored = first
-        .find_one(doc! { "_id": "counter" })
-        .await
-        .unwrap()
-        .unwrap()
-        .get_i64("n")
-        .unwrap();
-    first.drop().await.unwrap();
-
-    assert_eq!(
-        (distinct.len() as i64, stored),
-        (INCREMENTS, INCREMENTS),
-        "{INCREMENTS} concurrent $inc answered {} distinct values and left n = {stored}: \
-         increments were lost, the server does not apply findAndModify atomically",
-        distinct.len()
-    );
-    assert_eq!(distinct, (1..=INCREMENTS).collect::<BTreeSet<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
