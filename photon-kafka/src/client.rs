@@ -68,6 +68,11 @@ pub(crate) struct PartitionState {
     pub(crate) index: PartitionIndex,
     /// The transactional producer while this store is the partition's writer.
     pub(crate) producer: Option<Writer>,
+    /// A producer initialised ahead of the first append (writer.rs `warm_up`): it fenced the
+    /// partition's writer in other processes when it was made, but this store has not read
+    /// the partition since, so it is not the writer yet; a take-over uses it instead of
+    /// initialising one.
+    pub(crate) warm: Option<Writer>,
     /// Stream reads under way in the partition (reader.rs `ReadPin`): while any is, the index
     /// bound does not drop the partition's state.
     pub(crate) reads: Arc<AtomicUsize>,
@@ -79,6 +84,7 @@ impl PartitionState {
         Self {
             index: PartitionIndex::counted(total.clone()),
             producer: None,
+            warm: None,
             reads: Arc::default(),
         }
     }
@@ -108,6 +114,8 @@ pub(crate) struct Shared {
     pub(crate) live_writers: Arc<AtomicUsize>,
     /// Partitions taken over since the store was built (`KafkaStore::writer_stats`).
     pub(crate) take_overs: AtomicU64,
+    /// Topics whose producers were warmed (writer.rs `warm_up`), once per topic.
+    pub(crate) warmed: Mutex<std::collections::HashSet<String>>,
     /// Partition indexes dropped to stay within `max_index_bytes` (`KafkaStore::writer_stats`).
     pub(crate) indexes_dropped: AtomicU64,
     /// What every partition index holds together, kept as they grow, so the bound is checked
@@ -135,6 +143,7 @@ impl Shared {
             readers: Mutex::default(),
             live_writers: Arc::new(AtomicUsize::new(0)),
             take_overs: AtomicU64::new(0),
+            warmed: Mutex::default(),
             indexes_dropped: AtomicU64::new(0),
             index_bytes: IndexBytes::default(),
             config,
@@ -533,6 +542,17 @@ impl Shared {
     /// (its partition will be appended to again and taken over again) is warned about.
     pub(crate) fn evict_writers(&self, keep: usize, idle: Duration) {
         let states = self.partition_states();
+        for s in &states {
+            if let Ok(mut guard) = s.try_lock() {
+                if guard
+                    .warm
+                    .as_ref()
+                    .is_some_and(|w| w.last_used.elapsed() >= idle)
+                {
+                    guard.warm = None;
+                }
+            }
+        }
         let mut held: Vec<_> = states
             .iter()
             .filter_map(|s| {

@@ -153,9 +153,54 @@ pub(crate) async fn partition_bounds(
     .await
 }
 
-/// The last stable offset of `topic`/`p`.
+/// The last stable offset of `topic`/`p`, in one ListOffsets request: librdkafka's
+/// offsets-for-times asks with the client's isolation level (read_committed), so "latest" is the
+/// last stable offset, where [`watermarks`] sends two requests (log start and end). A writer
+/// asks this after each commit until its records are readable. A leader not known yet is
+/// retried within the request timeout, as [`watermarks`] does.
 pub(crate) async fn stable_end(shared: &Shared, topic: &str, p: i32) -> Result<i64, Error> {
-    Ok(watermarks(shared, topic, p).await?.1)
+    use rdkafka::error::RDKafkaErrorCode as C;
+    let deadline = tokio::time::Instant::now() + shared.config.timeout;
+    let context = || format!("fetching the last stable offset of {topic}/{p}");
+    loop {
+        let meta = shared.meta.clone();
+        let (t, timeout) = (topic.to_owned(), shared.config.timeout);
+        let asked = blocking(move || {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&t, p, Offset::End)?;
+            let found = meta.offsets_for_times(tpl, timeout)?;
+            let e = found.find_partition(&t, p).ok_or(KafkaError::OffsetFetch(
+                rdkafka::error::RDKafkaErrorCode::UnknownPartition,
+            ))?;
+            e.error()?;
+            Ok::<_, KafkaError>(e.offset())
+        })
+        .await?;
+        let code = asked.as_ref().err().and_then(|e| e.rdkafka_error_code());
+        match asked {
+            Ok(Offset::Offset(o)) => return Ok(o),
+            Ok(other) => {
+                return Err(error::unavailable(format!(
+                    "{}: the brokers answered {other:?}",
+                    context()
+                )))
+            }
+            Err(_)
+                if matches!(
+                    code,
+                    Some(
+                        C::NotLeaderForPartition
+                            | C::LeaderNotAvailable
+                            | C::UnknownTopicOrPartition
+                            | C::UnknownPartition
+                    )
+                ) && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(LEADER_POLL).await;
+            }
+            Err(e) => return Err(error::from_kafka(context(), e)),
+        }
+    }
 }
 
 /// The log start and last stable offset (read_committed watermarks) of `topic`/`p`. Right after

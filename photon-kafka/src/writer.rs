@@ -214,6 +214,7 @@ pub(crate) async fn append(
         ))
     })??;
     let p = partition_for(stream, n);
+    warm_up(shared, &topic, n, p);
     let (state, queue) = shared.partition_with_queue(&topic, p);
     let (reply, answer) = oneshot::channel();
     let max_bytes = config.max_append_size * MAX_QUEUED_APPENDS_BYTES;
@@ -279,6 +280,47 @@ pub(crate) async fn append(
     }
 }
 
+/// The first append of this store to `topic` initialises producers for its other partitions in
+/// the background, all at once (up to `max_producers`), so an append to each later finds one
+/// ready instead of paying `init_transactions` in its own time: a transaction per append costs
+/// a few milliseconds, an `init_transactions` tens to hundreds. `first` is the partition of the
+/// append that asked: its own take-over runs in its holder as usual.
+///
+/// Each `init_transactions` fences the partition's writer in other processes, as a take-over
+/// would; such a process takes the partition back at its next append (fencing this warm
+/// producer, whose first commit then fails and is retried after a take-over). The partition is
+/// not read here: that stays with the take-over, after which this store decides appends.
+fn warm_up(shared: &Arc<Shared>, topic: &str, n: i32, first: i32) {
+    if !shared
+        .warmed
+        .lock()
+        .expect("warmed lock")
+        .insert(topic.to_owned())
+    {
+        return;
+    }
+    let room = shared
+        .config
+        .max_producers
+        .saturating_sub(shared.live_writers.load(Ordering::Relaxed) + 1);
+    for p in (0..n).filter(|&p| p != first).take(room) {
+        let (shared, topic) = (shared.clone(), topic.to_owned());
+        tokio::spawn(async move {
+            let state = shared.partition(&topic, p);
+            let mut state = state.lock().await;
+            if state.producer.is_some() || state.warm.is_some() {
+                return;
+            }
+            match new_writer(&shared, &topic, p, Instant::now() + shared.config.timeout).await {
+                Ok(w) => state.warm = Some(w),
+                Err(e) => {
+                    tracing::debug!(topic, p, error = %e, "photon-kafka: producer not warmed")
+                }
+            }
+        });
+    }
+}
+
 /// The holder of a partition: commits what is queued, group by group, until the queue is empty.
 /// After [`MAX_GROUPS_PER_TURN`] groups it lets the partition's lock go and queues for it again,
 /// so readers waiting for it are not starved; nothing is left queued without a holder.
@@ -300,7 +342,45 @@ async fn hold_partition(
                 holding.done = true;
                 return;
             };
-            commit_group(&shared, &topic, p, &mut guard, group, None).await;
+            let mut committed = Vec::new();
+            commit_group(&shared, &topic, p, &mut guard, group, None, &mut committed).await;
+            // The next group is decided and written while these wait to be readable: it is
+            // decided against the index, which holds them already.
+            for c in committed {
+                tokio::spawn(answer_when_readable(shared.clone(), topic.clone(), p, c));
+            }
+        }
+    }
+}
+
+/// A committed and indexed group whose callers are answered once it is readable.
+struct Committed {
+    answers: Vec<(Queued, AppendResult)>,
+    /// The group's last offset.
+    last: i64,
+    /// The group's first deadline.
+    cutoff: Instant,
+}
+
+/// Answers a committed group's callers once its records are readable (the stable end passed
+/// them), or `Unavailable` when that was not seen within the wait: committed, but whoever reads
+/// now might not see it yet, and a re-send is answered as a retry.
+async fn answer_when_readable(shared: Arc<Shared>, topic: String, p: i32, c: Committed) {
+    match wait_visible(&shared, &topic, p, c.last, c.cutoff).await {
+        Ok(()) => {
+            for (q, r) in c.answers {
+                q.answer(Ok(r));
+            }
+        }
+        Err(e) => {
+            tracing::warn!(topic, p, error = %e, "photon-kafka: committed, not yet readable");
+            let e = if e.is_retryable() {
+                e
+            } else {
+                let message = format!("{topic}/{p}: committed, not yet seen readable");
+                Error::unavailable(BACKEND, message, e)
+            };
+            answer_all(c.answers.into_iter().map(|(q, _)| q).collect(), e);
         }
     }
 }
@@ -377,7 +457,8 @@ enum Attempt {
 /// Decides and commits a group, answering each append once its outcome is final. Each append
 /// keeps its own deadline: one that passes between attempts is answered `Unavailable` (with the
 /// last failure as its source) and is not sent again. `last_failure` is an earlier attempt's
-/// failure whose outcome is unknown, when the group is split after it.
+/// failure whose outcome is unknown, when the group is split after it. Appends committed are
+/// put in `committed`, answered once readable.
 async fn commit_group(
     shared: &Arc<Shared>,
     topic: &str,
@@ -385,6 +466,7 @@ async fn commit_group(
     state: &mut PartitionState,
     mut group: Vec<Queued>,
     mut last_failure: Option<Error>,
+    committed: &mut Vec<Committed>,
 ) {
     let mut attempt = 0u32;
     loop {
@@ -403,7 +485,10 @@ async fn commit_group(
             q.attempts += 1;
         }
         match try_group(shared, topic, p, state, &mut group, cutoff).await {
-            Ok(()) => return,
+            Ok(done) => {
+                committed.extend(done);
+                return;
+            }
             Err(Attempt::Stop(e)) => {
                 state.producer = None;
                 return answer_all(group, final_answer(e, last_failure.as_ref()));
@@ -416,7 +501,8 @@ async fn commit_group(
                 // One append the broker refuses must not fail the others: each alone.
                 for q in group {
                     let earlier = last_failure.as_ref().map(error::duplicate);
-                    Box::pin(commit_group(shared, topic, p, state, vec![q], earlier)).await;
+                    let alone = commit_group(shared, topic, p, state, vec![q], earlier, committed);
+                    Box::pin(alone).await;
                 }
                 return;
             }
@@ -497,6 +583,28 @@ async fn take_over(
     let what = || format!("{topic}/{p}: confirming the partition count (nothing was sent)");
     let partitions = by(cutoff, what, shared.partition_count_now(topic)).await?;
     shared.evict_writers(shared.config.max_producers.saturating_sub(1), PRODUCER_IDLE);
+    let mut writer = match state.warm.take() {
+        Some(warm) => warm,
+        None => new_writer(shared, topic, p, cutoff).await?,
+    };
+    shared.take_overs.fetch_add(1, Ordering::Relaxed);
+    writer.partitions = partitions;
+    writer.last_used = Instant::now();
+    state.producer = Some(writer);
+    let what = || format!("reading {topic}/{p} up to its stable end after taking it over");
+    by(cutoff, what, catch_up(shared, topic, p, &mut state.index)).await?;
+    Ok(())
+}
+
+/// A new transactional producer for `topic`/`p`, initialised before `cutoff`: its
+/// `init_transactions` fences the partition's writer in every other process and settles that
+/// writer's open transaction. Its partition count is set by the take-over that uses it.
+async fn new_writer(
+    shared: &Arc<Shared>,
+    topic: &str,
+    p: i32,
+    cutoff: Instant,
+) -> Result<Writer, Error> {
     let producer: FutureProducer = shared
         .config
         .transactional_producer_config(&transactional_id(topic, p))
@@ -517,16 +625,12 @@ async fn take_over(
         return Err(e);
     }
     shared.live_writers.fetch_add(1, Ordering::Relaxed);
-    shared.take_overs.fetch_add(1, Ordering::Relaxed);
-    state.producer = Some(Writer {
+    Ok(Writer {
         producer,
-        partitions,
+        partitions: 0,
         last_used: Instant::now(),
         live: shared.live_writers.clone(),
-    });
-    let what = || format!("reading {topic}/{p} up to its stable end after taking it over");
-    by(cutoff, what, catch_up(shared, topic, p, &mut state.index)).await?;
-    Ok(())
+    })
 }
 
 fn result_of(
@@ -555,8 +659,9 @@ fn result_of(
 }
 
 /// One attempt at a group. Appends decided (refused, or retries of stored batches) are answered
-/// and removed from `group` as soon as that is final; the rest are written in one transaction.
-/// The writer role is taken (fencing any other) only when something is left to write.
+/// and removed from `group` as soon as that is final; the rest are written in one transaction,
+/// returned committed (their callers are answered once it is readable). The writer role is taken
+/// (fencing any other) only when something is left to write.
 async fn try_group(
     shared: &Arc<Shared>,
     topic: &str,
@@ -564,10 +669,10 @@ async fn try_group(
     state: &mut PartitionState,
     group: &mut Vec<Queued>,
     cutoff: Instant,
-) -> Result<(), Attempt> {
+) -> Result<Option<Committed>, Attempt> {
     settle_against_committed(shared, topic, p, state, group, cutoff).await?;
     if group.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     if state.producer.is_none() {
         // init_transactions already waits out other writers' transactions; a failure here is
@@ -577,7 +682,7 @@ async fn try_group(
             .map_err(Attempt::Stop)?;
         settle_decided(state, p, group, true);
         if group.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
     }
     let writes: Vec<(Queued, Version)> = std::mem::take(group)
@@ -591,18 +696,19 @@ async fn try_group(
         })
         .collect();
     match write(shared, topic, p, state, &writes, cutoff).await {
-        Ok(Visible::Yes) => {
-            for (q, first) in writes {
-                let r = result_of(&state.index, &q.stream, p, first, q.events.len());
-                q.answer(Ok(r));
-            }
-            Ok(())
-        }
-        Ok(Visible::NotYet(e)) => {
-            // Committed, but a reader (another process) may not see it yet: the caller hears
-            // Unavailable, and its re-send is recognised as a retry by the index.
-            answer_all(writes.into_iter().map(|(q, _)| q).collect(), e);
-            Ok(())
+        Ok(last) => {
+            let answers = writes
+                .into_iter()
+                .map(|(q, first)| {
+                    let r = result_of(&state.index, &q.stream, p, first, q.events.len());
+                    (q, r)
+                })
+                .collect();
+            Ok(Some(Committed {
+                answers,
+                last,
+                cutoff,
+            }))
         }
         Err(attempt) => {
             // Undecided: back into the group, decided again next attempt.
@@ -687,14 +793,6 @@ fn settle_decided(
     held
 }
 
-/// Whether a committed transaction was seen readable.
-enum Visible {
-    Yes,
-    /// Committed and indexed, not yet readable within the wait: the outcome to report is
-    /// `Unavailable` (this error).
-    NotYet(Error),
-}
-
 /// The time left until `cutoff`, zero once it passed.
 fn remaining(cutoff: Instant) -> Duration {
     cutoff.saturating_duration_since(Instant::now())
@@ -717,8 +815,8 @@ async fn by<T>(
     }
 }
 
-/// Writes `writes` in one transaction and indexes them once it is committed, then waits until
-/// it is readable. The commit is asked for only before `cutoff` (the first deadline of the
+/// Writes `writes` in one transaction and indexes them once it is committed; returns the last
+/// offset written. The commit is asked for only before `cutoff` (the first deadline of the
 /// group) and waited for at most until then; past it the transaction is aborted instead.
 async fn write(
     shared: &Arc<Shared>,
@@ -727,7 +825,7 @@ async fn write(
     state: &mut PartitionState,
     writes: &[(Queued, Version)],
     cutoff: Instant,
-) -> Result<Visible, Attempt> {
+) -> Result<i64, Attempt> {
     let writer = state.producer.as_mut().expect("taken over above");
     writer.last_used = Instant::now();
     let (producer, partitions) = (writer.producer.clone(), writer.partitions);
@@ -769,22 +867,10 @@ async fn write(
     index_written(&mut state.index, writes, &offsets, now);
     shared.bound_indexes();
     // A commit returns once the coordinator has decided it; the markers that make the records
-    // readable reach the partition a moment later. Wait for them, so that whoever reads after
-    // this append returns sees it.
-    let last = offsets.iter().copied().max().unwrap_or_default();
-    match wait_visible(shared, topic, p, last, cutoff).await {
-        Ok(()) => Ok(Visible::Yes),
-        Err(e) => {
-            tracing::warn!(topic, p, error = %e, "photon-kafka: committed, not yet readable");
-            let e = if e.is_retryable() {
-                e
-            } else {
-                let message = format!("{topic}/{p}: committed, not yet seen readable");
-                Error::unavailable(BACKEND, message, e)
-            };
-            Ok(Visible::NotYet(e))
-        }
-    }
+    // readable reach the partition a moment later. The callers are answered once they did
+    // (`answer_when_readable`), so that whoever reads after an append returns sees it; the
+    // partition is not held for that wait.
+    Ok(offsets.iter().copied().max().unwrap_or_default())
 }
 
 /// Queues the records of `writes` strictly in order (a full queue is waited out on the record

@@ -3,6 +3,7 @@
 //! 32 keeps a producer for each (no `init_transactions` per append), and `max_producers` bounds
 //! them when asked to.
 
+use futures::StreamExt;
 use photon_api::{EventData, EventStore, ExpectedVersion, StreamId, Uuid};
 use photon_conformance::server_url;
 use photon_kafka::{partition_for, KafkaStore};
@@ -146,4 +147,104 @@ async fn indexes_over_max_index_bytes_are_dropped_and_rebuilt_exactly() {
             "{bound}: a dropped partition is taken over again, a kept one is not: {before:?} {after:?}"
         );
     }
+}
+
+/// Issue 14's speed section: the first append to a topic initialises a producer for each of
+/// the topic's partitions at once, in the background, so the first append to each later one
+/// does not pay `init_transactions` in its own time. Before, the store held one producer after
+/// one append.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_append_to_a_topic_warms_a_producer_for_each_partition() {
+    let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
+        return;
+    };
+    let prefix = format!("w{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let store = KafkaStore::from_url(&with_options(
+        &url,
+        &format!("prefix={prefix}&partitions=6"),
+    ))
+    .await
+    .unwrap();
+    let streams = one_stream_per_partition("warm", 6);
+    cycle(&store, &streams[..1], 0).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while store.writer_stats().producers < 6 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let warmed = store.writer_stats();
+    assert_eq!(warmed.producers, 6, "{warmed:?}");
+    // The warm producers are the ones the take-overs use: no seventh producer, and every
+    // partition appends.
+    cycle(&store, &streams, 1).await;
+    let after = store.writer_stats();
+    assert_eq!(after.producers, 6, "{after:?}");
+    assert_eq!(after.take_overs, 6, "{after:?}");
+}
+
+/// An append is answered Ok only once its records are readable, i.e. below the partition's last
+/// stable offset (the one-request look of `stable_end`, which must not see the high watermark):
+/// while another client's transaction stays open in the partition, records behind it are not
+/// readable, so the append answers `Unavailable` (committed, not seen readable) within its
+/// deadline, and after that transaction ends its re-send is answered as a retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_behind_an_open_transaction_is_not_answered_ok() {
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+    let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
+        return;
+    };
+    let prefix = format!("w{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let url = with_options(
+        &url,
+        &format!("prefix={prefix}&partitions=1&timeout_ms=1500"),
+    );
+    let store = KafkaStore::from_url(&url).await.unwrap();
+    let s = StreamId::parse("open-1").unwrap();
+    store
+        .append(&s, ExpectedVersion::NoStream, vec![event(0)])
+        .await
+        .unwrap();
+    let config = photon_kafka::KafkaConfig::from_url(&url).unwrap();
+    let topic = config.topic("open");
+    let foreign: FutureProducer = config
+        .transactional_producer_config(&format!("foreign-{prefix}"))
+        .create()
+        .unwrap();
+    let timeout = std::time::Duration::from_secs(10);
+    foreign.init_transactions(timeout).unwrap();
+    foreign.begin_transaction().unwrap();
+    foreign
+        .send(
+            FutureRecord::to(&topic)
+                .partition(0)
+                .key("foreign")
+                .payload("x"),
+            timeout,
+        )
+        .await
+        .unwrap();
+    let batch = vec![event(1)];
+    let started = std::time::Instant::now();
+    let answer = store
+        .append(
+            &s,
+            ExpectedVersion::Exact(photon_api::Version(0)),
+            batch.clone(),
+        )
+        .await;
+    let took = started.elapsed();
+    let e = answer.expect_err("answered Ok while its records were not readable");
+    assert!(e.is_retryable(), "{e:?}");
+    assert!(took < std::time::Duration::from_millis(4_600), "{took:?}");
+    foreign.abort_transaction(timeout).unwrap();
+    let retried = store
+        .append(&s, ExpectedVersion::Exact(photon_api::Version(0)), batch)
+        .await
+        .unwrap();
+    assert_eq!(retried.first_version, photon_api::Version(1));
+    let versions: Vec<u64> = store
+        .read_stream(&s, Default::default())
+        .map(|e| e.unwrap().version.0)
+        .collect()
+        .await;
+    assert_eq!(versions, vec![0, 1]);
 }
