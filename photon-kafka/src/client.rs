@@ -537,20 +537,29 @@ impl Shared {
     }
 
     /// Drops the producers of partitions not appended to for `idle` (the producers kept follow
-    /// the partitions in use), then more, oldest use first, while more than `keep` live: each
-    /// producer holds librdkafka threads and a connection. Closing one that is still in use
+    /// the partitions in use), then more, while more than `keep` live (warm producers not used
+    /// yet first, then the least recently used): each producer holds librdkafka threads and a
+    /// connection. Closing one that is still in use
     /// (its partition will be appended to again and taken over again) is warned about.
     pub(crate) fn evict_writers(&self, keep: usize, idle: Duration) {
         let states = self.partition_states();
-        for s in &states {
+        // Warm producers (made ahead of a first append, writer.rs `warm_up`) go first: stale
+        // ones, then, while over the limit, any, oldest first; they are counted alive too.
+        let mut warm: Vec<_> = states
+            .iter()
+            .filter_map(|s| {
+                let guard = s.try_lock().ok()?;
+                Some((guard.warm.as_ref()?.last_used, s.clone()))
+            })
+            .collect();
+        warm.sort_by_key(|(made, _)| *made);
+        for (made, s) in warm {
+            let over = self.live_writers.load(Ordering::Relaxed) > keep;
+            if made.elapsed() < idle && !over {
+                continue;
+            }
             if let Ok(mut guard) = s.try_lock() {
-                if guard
-                    .warm
-                    .as_ref()
-                    .is_some_and(|w| w.last_used.elapsed() >= idle)
-                {
-                    guard.warm = None;
-                }
+                guard.warm = None;
             }
         }
         let mut held: Vec<_> = states

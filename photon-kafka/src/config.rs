@@ -43,6 +43,7 @@ const OPTIONS: &[&str] = &[
     "max_append_size",
     "allow_finite_retention",
     "max_producers",
+    "warm_producers",
     "max_index_bytes",
     "security_protocol",
     "sasl_mechanism",
@@ -112,6 +113,13 @@ pub struct KafkaConfig {
     /// over more partitions than this pays an `init_transactions` and a catch-up per hand-back,
     /// and a warning says so.
     pub max_producers: usize,
+    /// Initialise a producer for every partition of a topic when this store first appends to
+    /// it (`warm_producers`, default true), in the background, so the first append to each
+    /// partition does not pay `init_transactions` (tens to hundreds of milliseconds) in its own
+    /// time. Each initialisation fences the partition's writer in other processes, which take
+    /// the partition back at their next append: where several processes append to the same
+    /// topics, each keeping to its own partitions, turn it off.
+    pub warm_producers: bool,
     /// Bytes the version indexes of this store may hold (`max_index_bytes`, default 1 GiB, about
     /// 25 million events): past it the indexes (and producers) of the partitions used least
     /// recently are dropped and rebuilt by reading the partition again when next used.
@@ -145,6 +153,7 @@ impl fmt::Debug for KafkaConfig {
             .field("max_append_size", &self.max_append_size)
             .field("allow_finite_retention", &self.allow_finite_retention)
             .field("max_producers", &self.max_producers)
+            .field("warm_producers", &self.warm_producers)
             .field("max_index_bytes", &self.max_index_bytes)
             .field("client_settings", &settings)
             .finish()
@@ -165,6 +174,7 @@ impl KafkaConfig {
             max_append_size: 32 * 1024 * 1024,
             allow_finite_retention: false,
             max_producers: DEFAULT_MAX_PRODUCERS,
+            warm_producers: true,
             max_index_bytes: 1 << 30,
             client_settings: BTreeMap::new(),
         }
@@ -225,6 +235,9 @@ impl KafkaConfig {
         }
         if let Some(n) = url.number_option("max_producers", 1..=MAX_PRODUCERS_BOUND)? {
             self.max_producers = n;
+        }
+        if let Some(warm) = url.bool_option("warm_producers")? {
+            self.warm_producers = warm;
         }
         if let Some(n) = url.number_option("max_index_bytes", 1..=1usize << 40)? {
             self.max_index_bytes = n;

@@ -47,10 +47,11 @@ pub fn partition_for(stream: &StreamId, partitions: i32) -> i32 {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct WriterStats {
-    /// Transactional producers alive in this store, one per partition it holds.
+    /// Transactional producers alive in this store: one per partition it holds, and those
+    /// initialised ahead of a first append to their partition (`warm_producers`).
     pub producers: usize,
-    /// Partitions taken over (a producer created and `init_transactions` called) since the store
-    /// was built.
+    /// Partitions taken over (a producer initialised, now or ahead of time, then the partition
+    /// read to its stable end) since the store was built.
     pub take_overs: u64,
     /// Partition states (version index and producer) dropped to keep the indexes within
     /// `max_index_bytes`; each is rebuilt by reading its partition when used again, so a count

@@ -120,9 +120,24 @@ impl Queued {
     }
 }
 
-/// Appends queued for one partition, taken by the partition's holder task.
+/// Appends queued for one partition, taken by the partition's holder task, and the committed
+/// ones waiting to be readable before their callers are answered.
 #[derive(Default)]
-pub(crate) struct Queue(std::sync::Mutex<Pending>);
+pub(crate) struct Queue {
+    pending: std::sync::Mutex<Pending>,
+    readable: std::sync::Mutex<Readable>,
+}
+
+/// Committed appends of one partition waiting until the partition's last stable offset passes
+/// them; one watcher task asks for it for all of them.
+#[derive(Default)]
+struct Readable {
+    /// The highest last stable offset seen: every record below it is readable.
+    end: i64,
+    waiting: Vec<Committed>,
+    /// A watcher task is running; set and cleared only with this locked.
+    watching: bool,
+}
 
 #[derive(Default)]
 struct Pending {
@@ -137,7 +152,7 @@ struct Pending {
 
 impl Queue {
     fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
-        self.0.lock().expect("queue lock")
+        self.pending.lock().expect("queue lock")
     }
 
     /// Removes the append `id` if no holder has taken it yet; whether it was still queued.
@@ -291,13 +306,15 @@ pub(crate) async fn append(
 /// producer, whose first commit then fails and is retried after a take-over). The partition is
 /// not read here: that stays with the take-over, after which this store decides appends.
 fn warm_up(shared: &Arc<Shared>, topic: &str, n: i32, first: i32) {
-    if !shared
-        .warmed
-        .lock()
-        .expect("warmed lock")
-        .insert(topic.to_owned())
-    {
+    if !shared.config.warm_producers {
         return;
+    }
+    {
+        let mut warmed = shared.warmed.lock().expect("warmed lock");
+        if warmed.contains(topic) {
+            return;
+        }
+        warmed.insert(topic.to_owned());
     }
     let room = shared
         .config
@@ -308,7 +325,9 @@ fn warm_up(shared: &Arc<Shared>, topic: &str, n: i32, first: i32) {
         tokio::spawn(async move {
             let state = shared.partition(&topic, p);
             let mut state = state.lock().await;
-            if state.producer.is_some() || state.warm.is_some() {
+            // The room is looked at again here: warm-ups of several topics may run at once.
+            let full = shared.live_writers.load(Ordering::Relaxed) >= shared.config.max_producers;
+            if full || state.producer.is_some() || state.warm.is_some() {
                 return;
             }
             match new_writer(&shared, &topic, p, Instant::now() + shared.config.timeout).await {
@@ -335,6 +354,12 @@ async fn hold_partition(
         queue: &queue,
         done: false,
     };
+    let watch = Watch {
+        shared: shared.clone(),
+        topic: topic.clone(),
+        p,
+        queue: queue.clone(),
+    };
     loop {
         let mut guard = state.lock().await;
         for _ in 0..MAX_GROUPS_PER_TURN {
@@ -342,46 +367,136 @@ async fn hold_partition(
                 holding.done = true;
                 return;
             };
-            let mut committed = Vec::new();
-            commit_group(&shared, &topic, p, &mut guard, group, None, &mut committed).await;
-            // The next group is decided and written while these wait to be readable: it is
-            // decided against the index, which holds them already.
-            for c in committed {
-                tokio::spawn(answer_when_readable(shared.clone(), topic.clone(), p, c));
-            }
+            // The next group is decided and written while the last one's callers wait for it
+            // to be readable (`Watch`): it is decided against the index, which holds it.
+            commit_group(&watch, &mut guard, group, None).await;
         }
     }
 }
 
-/// A committed and indexed group whose callers are answered once it is readable.
+/// Stored appends whose callers are answered Ok once their records are readable.
 struct Committed {
     answers: Vec<(Queued, AppendResult)>,
-    /// The group's last offset.
+    /// Their last offset.
     last: i64,
-    /// The group's first deadline.
-    cutoff: Instant,
+    /// Answered `Unavailable` when not seen readable by then: the request timeout after the
+    /// commit, and never past the first deadline among them.
+    until: Instant,
 }
 
-/// Answers a committed group's callers once its records are readable (the stable end passed
-/// them), or `Unavailable` when that was not seen within the wait: committed, but whoever reads
-/// now might not see it yet, and a re-send is answered as a retry.
-async fn answer_when_readable(shared: Arc<Shared>, topic: String, p: i32, c: Committed) {
-    match wait_visible(&shared, &topic, p, c.last, c.cutoff).await {
-        Ok(()) => {
-            for (q, r) in c.answers {
-                q.answer(Ok(r));
+impl Committed {
+    fn new(answers: Vec<(Queued, AppendResult)>, last: i64, timeout: Duration) -> Self {
+        let first_deadline = answers.iter().map(|(q, _)| q.deadline).min();
+        let until = first_deadline.map_or(Instant::now(), |d| d.min(Instant::now() + timeout));
+        Self {
+            answers,
+            last,
+            until,
+        }
+    }
+}
+
+/// A partition's writing context: where it is, and who answers its committed appends.
+struct Watch {
+    shared: Arc<Shared>,
+    topic: String,
+    p: i32,
+    queue: Arc<Queue>,
+}
+
+impl Watch {
+    /// Answers `c`'s callers Ok once the partition's last stable offset passes `c.last` (at once
+    /// when it was seen past it already), so that whoever reads after an append returns sees it,
+    /// in any process. A commit returns once the coordinator decided it; the markers that make
+    /// its records readable reach the partition a moment later. One watcher task per partition
+    /// asks for the stable end for every group waiting, so a stalled stable end costs one
+    /// request at a time, however many groups wait.
+    fn when_readable(&self, c: Committed) {
+        let mut r = self.queue.readable.lock().expect("readable lock");
+        if c.last < r.end {
+            drop(r);
+            answer_ok(c);
+            return;
+        }
+        r.waiting.push(c);
+        if !std::mem::replace(&mut r.watching, true) {
+            let (shared, topic, queue) =
+                (self.shared.clone(), self.topic.clone(), self.queue.clone());
+            tokio::spawn(watch_readable(shared, topic, self.p, queue));
+        }
+    }
+
+    /// Whether offset `last` was seen readable.
+    fn readable(&self, last: i64) -> bool {
+        last < self.queue.readable.lock().expect("readable lock").end
+    }
+}
+
+fn answer_ok(c: Committed) {
+    for (q, r) in c.answers {
+        q.answer(Ok(r));
+    }
+}
+
+/// The watcher of a partition's committed appends: asks for the last stable offset (one request
+/// at a time, 1 ms apart at first, up to [`VISIBLE_POLL_MAX`] while it does not move) and
+/// answers the appends it passed; an append not seen readable by its `until` is answered
+/// `Unavailable` (committed, but whoever reads now might not see it yet; a re-send is answered
+/// as a retry). Ends when nothing waits.
+async fn watch_readable(shared: Arc<Shared>, topic: String, p: i32, queue: Arc<Queue>) {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let asked = tokio::time::timeout(shared.config.timeout, stable_end(&shared, &topic, p))
+            .await
+            .unwrap_or_else(|_| {
+                Err(error::unavailable(format!(
+                    "{topic}/{p}: no last stable offset within {:?}",
+                    shared.config.timeout
+                )))
+            });
+        let now = Instant::now();
+        let (ready, late, next) = {
+            let mut r = queue.readable.lock().expect("readable lock");
+            let before = r.end;
+            if let Ok(end) = asked {
+                r.end = r.end.max(end);
             }
-        }
-        Err(e) => {
-            tracing::warn!(topic, p, error = %e, "photon-kafka: committed, not yet readable");
-            let e = if e.is_retryable() {
-                e
-            } else {
-                let message = format!("{topic}/{p}: committed, not yet seen readable");
-                Error::unavailable(BACKEND, message, e)
+            let end = r.end;
+            let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut r.waiting)
+                .into_iter()
+                .partition(|c| c.last < end);
+            let (late, rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|c| c.until <= now);
+            r.waiting = rest;
+            if r.waiting.is_empty() {
+                r.watching = false;
+            }
+            if end > before {
+                pause = Duration::from_millis(1);
+            }
+            (ready, late, r.waiting.iter().map(|c| c.until).min())
+        };
+        ready.into_iter().for_each(answer_ok);
+        for c in late {
+            let last = c.last;
+            let why = match &asked {
+                Ok(end) => error::unavailable(format!(
+                    "{topic}/{p}: committed, but offset {last} was not readable in time (the last stable offset is {end})"
+                )),
+                Err(e) => Error::unavailable(
+                    BACKEND,
+                    format!("{topic}/{p}: committed, not yet seen readable"),
+                    error::duplicate(e),
+                ),
             };
-            answer_all(c.answers.into_iter().map(|(q, _)| q).collect(), e);
+            tracing::warn!(topic, p, error = %why, "photon-kafka: committed, not yet readable");
+            answer_all(c.answers.into_iter().map(|(q, _)| q).collect(), why);
         }
+        let Some(next) = next else {
+            return;
+        };
+        let at = (Instant::now() + pause).min(next);
+        tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+        pause = (pause * 2).min(VISIBLE_POLL_MAX);
     }
 }
 
@@ -395,7 +510,7 @@ struct Holding<'a> {
 impl Drop for Holding<'_> {
     fn drop(&mut self) {
         if !self.done {
-            if let Ok(mut pending) = self.queue.0.lock() {
+            if let Ok(mut pending) = self.queue.pending.lock() {
                 pending.holder = false;
             }
         }
@@ -458,16 +573,14 @@ enum Attempt {
 /// keeps its own deadline: one that passes between attempts is answered `Unavailable` (with the
 /// last failure as its source) and is not sent again. `last_failure` is an earlier attempt's
 /// failure whose outcome is unknown, when the group is split after it. Appends committed are
-/// put in `committed`, answered once readable.
+/// answered once readable (`Watch::when_readable`).
 async fn commit_group(
-    shared: &Arc<Shared>,
-    topic: &str,
-    p: i32,
+    watch: &Watch,
     state: &mut PartitionState,
     mut group: Vec<Queued>,
     mut last_failure: Option<Error>,
-    committed: &mut Vec<Committed>,
 ) {
+    let (topic, p) = (watch.topic.as_str(), watch.p);
     let mut attempt = 0u32;
     loop {
         let now = Instant::now();
@@ -484,11 +597,8 @@ async fn commit_group(
         for q in &mut group {
             q.attempts += 1;
         }
-        match try_group(shared, topic, p, state, &mut group, cutoff).await {
-            Ok(done) => {
-                committed.extend(done);
-                return;
-            }
+        match try_group(watch, state, &mut group, cutoff).await {
+            Ok(()) => return,
             Err(Attempt::Stop(e)) => {
                 state.producer = None;
                 return answer_all(group, final_answer(e, last_failure.as_ref()));
@@ -501,8 +611,7 @@ async fn commit_group(
                 // One append the broker refuses must not fail the others: each alone.
                 for q in group {
                     let earlier = last_failure.as_ref().map(error::duplicate);
-                    let alone = commit_group(shared, topic, p, state, vec![q], earlier, committed);
-                    Box::pin(alone).await;
+                    Box::pin(commit_group(watch, state, vec![q], earlier)).await;
                 }
                 return;
             }
@@ -568,8 +677,10 @@ fn answer_all(group: Vec<Queued>, e: Error) {
     }
 }
 
-/// Becomes the partition's writer: a new producer whose `init_transactions` fences any other,
-/// then the index read up to the stable end, which now includes everything committed. The
+/// Becomes the partition's writer: a producer whose `init_transactions` fenced any other (a new
+/// one, or one initialised ahead by `warm_up`: should another process have taken the partition
+/// since, its first commit fails and the next attempt takes the partition over anew), then the
+/// index read up to the stable end, which now includes everything committed. The
 /// topic's partition count is asked for first: a count changed since this store placed the
 /// stream refuses the topic before anyone is fenced.
 async fn take_over(
@@ -582,10 +693,12 @@ async fn take_over(
     // Asked within the group's first deadline, like every step of a take-over.
     let what = || format!("{topic}/{p}: confirming the partition count (nothing was sent)");
     let partitions = by(cutoff, what, shared.partition_count_now(topic)).await?;
-    shared.evict_writers(shared.config.max_producers.saturating_sub(1), PRODUCER_IDLE);
     let mut writer = match state.warm.take() {
         Some(warm) => warm,
-        None => new_writer(shared, topic, p, cutoff).await?,
+        None => {
+            shared.evict_writers(shared.config.max_producers.saturating_sub(1), PRODUCER_IDLE);
+            new_writer(shared, topic, p, cutoff).await?
+        }
     };
     shared.take_overs.fetch_add(1, Ordering::Relaxed);
     writer.partitions = partitions;
@@ -658,21 +771,20 @@ fn result_of(
     }
 }
 
-/// One attempt at a group. Appends decided (refused, or retries of stored batches) are answered
-/// and removed from `group` as soon as that is final; the rest are written in one transaction,
-/// returned committed (their callers are answered once it is readable). The writer role is taken
-/// (fencing any other) only when something is left to write.
+/// One attempt at a group. Appends decided (refused, or retries of stored batches) are removed
+/// from `group` and answered as soon as that is final (a retry once its batch is readable); the
+/// rest are written in one transaction and answered once it is readable. The writer role is
+/// taken (fencing any other) only when something is left to write.
 async fn try_group(
-    shared: &Arc<Shared>,
-    topic: &str,
-    p: i32,
+    watch: &Watch,
     state: &mut PartitionState,
     group: &mut Vec<Queued>,
     cutoff: Instant,
-) -> Result<Option<Committed>, Attempt> {
-    settle_against_committed(shared, topic, p, state, group, cutoff).await?;
+) -> Result<(), Attempt> {
+    let (shared, topic, p) = (&watch.shared, watch.topic.as_str(), watch.p);
+    settle_against_committed(watch, state, group, cutoff).await?;
     if group.is_empty() {
-        return Ok(None);
+        return Ok(());
     }
     if state.producer.is_none() {
         // init_transactions already waits out other writers' transactions; a failure here is
@@ -680,9 +792,9 @@ async fn try_group(
         take_over(shared, topic, p, state, cutoff)
             .await
             .map_err(Attempt::Stop)?;
-        settle_decided(state, p, group, true);
+        settle_decided(watch, state, group, true);
         if group.is_empty() {
-            return Ok(None);
+            return Ok(());
         }
     }
     let writes: Vec<(Queued, Version)> = std::mem::take(group)
@@ -704,11 +816,8 @@ async fn try_group(
                     (q, r)
                 })
                 .collect();
-            Ok(Some(Committed {
-                answers,
-                last,
-                cutoff,
-            }))
+            watch.when_readable(Committed::new(answers, last, shared.config.timeout));
+            Ok(())
         }
         Err(attempt) => {
             // Undecided: back into the group, decided again next attempt.
@@ -722,13 +831,12 @@ async fn try_group(
 /// an index read up to the partition's stable end, and that read needs no writer role: a
 /// process that lost a race learns it without fencing the winner.
 async fn settle_against_committed(
-    shared: &Arc<Shared>,
-    topic: &str,
-    p: i32,
+    watch: &Watch,
     state: &mut PartitionState,
     group: &mut Vec<Queued>,
     cutoff: Instant,
 ) -> Result<(), Attempt> {
+    let (shared, topic, p) = (&watch.shared, watch.topic.as_str(), watch.p);
     // Without a producer the index may be behind: read up to the stable end first. With one it
     // is current unless another process took the partition over, which a refusal checks.
     // An index holding part of an append (a catch-up cut off) is behind too: nothing is
@@ -737,9 +845,9 @@ async fn settle_against_committed(
     if behind {
         catch_up_or_stop(shared, topic, p, state, cutoff).await?;
     }
-    if settle_decided(state, p, group, behind) {
+    if settle_decided(watch, state, group, behind) {
         catch_up_or_stop(shared, topic, p, state, cutoff).await?;
-        settle_decided(state, p, group, true);
+        settle_decided(watch, state, group, true);
     }
     Ok(())
 }
@@ -762,15 +870,17 @@ async fn catch_up_or_stop(
     Ok(())
 }
 
-/// Answers the appends of `group` that the index decides (retries of stored batches, and
-/// refusals when `refusals_final`); leaves the rest in `group`. Returns whether a refusal was
-/// held back for a check against a current index.
+/// Answers the appends of `group` that the index decides (retries of stored batches, once the
+/// batch is readable: it may be the last group's, committed and not readable yet; and refusals
+/// when `refusals_final`); leaves the rest in `group`. Returns whether a refusal was held back
+/// for a check against a current index.
 fn settle_decided(
+    watch: &Watch,
     state: &PartitionState,
-    p: i32,
     group: &mut Vec<Queued>,
     refusals_final: bool,
 ) -> bool {
+    let p = watch.p;
     let mut left = Vec::with_capacity(group.len());
     let mut held = false;
     for q in std::mem::take(group) {
@@ -784,7 +894,14 @@ fn settle_decided(
             }
             Ok(BatchKind::Retry { first }) => {
                 let r = result_of(&state.index, &q.stream, p, first, q.events.len());
-                q.answer(Ok(r));
+                let offsets = state.index.offsets(q.stream.as_str());
+                let last = offsets[(first.0 as usize) + q.events.len() - 1];
+                if watch.readable(last) {
+                    q.answer(Ok(r));
+                } else {
+                    let timeout = watch.shared.config.timeout;
+                    watch.when_readable(Committed::new(vec![(q, r)], last, timeout));
+                }
             }
             Ok(BatchKind::New) => left.push(q),
         }
@@ -1014,35 +1131,6 @@ fn failed(context: String, e: KafkaError) -> Attempt {
         Attempt::Refused(error)
     } else {
         Attempt::Again(error)
-    }
-}
-
-/// Waits until the stable end of `topic`/`p` is past `last`, bounded by the request timeout and
-/// by `cutoff` (the group's first deadline).
-async fn wait_visible(
-    shared: &Arc<Shared>,
-    topic: &str,
-    p: i32,
-    last: i64,
-    cutoff: Instant,
-) -> Result<(), Error> {
-    let started = Instant::now();
-    let deadline = (started + shared.config.timeout).min(cutoff);
-    let mut pause = Duration::from_millis(1);
-    loop {
-        let what = || format!("{topic}/{p}: waiting for offset {last} to be readable");
-        if by(deadline, what, stable_end(shared, topic, p)).await? > last {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(error::unavailable(format!(
-                "{topic}/{p}: offset {last} not readable after {:?}",
-                started.elapsed()
-            )));
-        }
-        let next = (Instant::now() + pause).min(deadline);
-        tokio::time::sleep_until(tokio::time::Instant::from_std(next)).await;
-        pause = (pause * 2).min(VISIBLE_POLL_MAX);
     }
 }
 
