@@ -430,7 +430,7 @@ mod tests {
     #[test]
     fn parses_every_option() {
         let c = KafkaConfig::from_url(
-            "kafka://a:9092,b:9093/?prefix=app.v1&partitions=12&replication_factor=3&create=false&timeout_ms=1500&max_event_size=2048&max_append_size=4096&security_protocol=ssl&ssl_ca_location=/ca.pem&rdkafka.client.id=me&allow_finite_retention=true&max_producers=40&max_index_bytes=5000",
+            "kafka://a:9092,b:9093/?prefix=app.v1&partitions=12&replication_factor=3&create=false&timeout_ms=1500&max_event_size=2048&max_append_size=4096&security_protocol=ssl&ssl_ca_location=/ca.pem&rdkafka.client.id=me&allow_finite_retention=true&max_producers=40&max_index_bytes=5000&warm_producers=false",
         )
         .unwrap();
         assert_eq!(c.bootstrap_servers, "a:9092,b:9093");
@@ -442,6 +442,8 @@ mod tests {
         assert!(c.allow_finite_retention);
         assert_eq!(c.max_producers, 40);
         assert_eq!(c.max_index_bytes, 5000);
+        assert!(!c.warm_producers);
+        assert!(KafkaConfig::from_url("kafka://a:1").unwrap().warm_producers);
         assert_eq!(c.client_settings["security.protocol"], "ssl");
         assert_eq!(c.client_settings["ssl.ca.location"], "/ca.pem");
         assert_eq!(c.client_settings["client.id"], "me");
@@ -516,6 +518,7 @@ mod tests {
                 "allow_finite_retention",
             ),
             ("kafka://a:1?max_producers=0", "max_producers"),
+            ("kafka://a:1?warm_producers=sometimes", "warm_producers"),
             ("kafka://a:1?max_index_bytes=0", "max_index_bytes"),
             ("kafka://a:1?max_producers=4097", "from 1 to 4096"),
             ("kafka://a:1?timeout_ms=5", "timeout_ms"),
