@@ -171,13 +171,15 @@ fn bad(msg: &BorrowedMessage<'_>, reason: String) -> Error {
     error::fault("decoding a record", fault)
 }
 
-/// The `photon.*` headers of a record; None when it has no `photon.event_id` (not written by
-/// photon, e.g. by another tool into our topic: skipped, never an error).
-/// The `photon.*` headers photon reads, looked up by name: a fixed array searched in order
-/// beats a map, and decoding a record allocates nothing for them.
+/// The `photon.*` headers photon reads, by their place in [`KNOWN`]: decoding a record looks
+/// each name up once, in the one pass over its headers, and allocates nothing for them. Values
+/// are kept as bytes: numbers and ids are parsed from them directly, and only text that is read
+/// as text is checked to be UTF-8.
 struct PhotonHeaders<'m> {
-    entries: [(&'m str, &'m str); KNOWN.len()],
-    len: usize,
+    values: [Option<&'m [u8]>; KNOWN.len()],
+    /// Whether the record carries headers that are not ours (the application's): only then is
+    /// there a second pass to copy them.
+    user: bool,
 }
 
 /// Every header photon reads; other `photon.*` names are ignored.
@@ -195,15 +197,24 @@ const KNOWN: [&str; 11] = [
     header::PARTITIONS,
 ];
 
+/// The place of `name` in [`KNOWN`].
+fn slot(name: &str) -> Option<usize> {
+    KNOWN.iter().position(|k| *k == name)
+}
+
 impl<'m> PhotonHeaders<'m> {
+    /// The value of `name` as text; None when absent or not UTF-8.
     fn get(&self, name: &str) -> Option<&'m str> {
-        self.entries[..self.len]
-            .iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| *v)
+        std::str::from_utf8(self.bytes(name)?).ok()
+    }
+
+    fn bytes(&self, name: &str) -> Option<&'m [u8]> {
+        self.values[slot(name)?]
     }
 }
 
+/// The record's `photon.*` headers; None when it has no `photon.event_id` (not written by
+/// photon, e.g. by another tool into our topic: skipped, never an error).
 fn photon_headers<'m>(msg: &'m BorrowedMessage<'_>) -> Option<PhotonHeaders<'m>> {
     let headers = msg.headers()?;
     collect_headers(headers.iter().map(|h| (h.key, h.value)))
@@ -214,22 +225,24 @@ fn collect_headers<'m>(
     pairs: impl Iterator<Item = (&'m str, Option<&'m [u8]>)>,
 ) -> Option<PhotonHeaders<'m>> {
     let mut map = PhotonHeaders {
-        entries: [("", ""); KNOWN.len()],
-        len: 0,
+        values: [None; KNOWN.len()],
+        user: false,
     };
     for (key, value) in pairs {
-        if !KNOWN.contains(&key) {
+        let Some(rest) = key.strip_prefix(header::PREFIX) else {
+            map.user = true;
             continue;
-        }
-        if let Some(v) = value.and_then(|v| std::str::from_utf8(v).ok()) {
+        };
+        // Every known name starts with the prefix; compare only what follows it.
+        let Some(i) = KNOWN
+            .iter()
+            .position(|k| &k[header::PREFIX.len()..] == rest)
+        else {
+            continue;
+        };
+        if let Some(v) = value {
             // A repeated name keeps its last value, as inserting into a map would.
-            match map.entries[..map.len].iter_mut().find(|(k, _)| *k == key) {
-                Some(entry) => entry.1 = v,
-                None => {
-                    map.entries[map.len] = (key, v);
-                    map.len += 1;
-                }
-            }
+            map.values[i] = Some(v);
         }
     }
     map.get(header::EVENT_ID).is_some().then_some(map)
@@ -243,6 +256,59 @@ fn field<T: std::str::FromStr>(
     let raw = text(msg, map, name)?;
     raw.parse()
         .map_err(|_| bad(msg, format!("header {name} is {raw:?}")))
+}
+
+/// A decimal header (`[+-]digits`, as `str::parse` reads it) parsed from its bytes.
+fn number<T: TryFrom<i128>>(
+    msg: &BorrowedMessage<'_>,
+    map: &PhotonHeaders<'_>,
+    name: &str,
+) -> Result<T, Error> {
+    let raw = map
+        .bytes(name)
+        .ok_or_else(|| bad(msg, format!("header {name} missing")))?;
+    decimal(raw)
+        .and_then(|n| T::try_from(n).ok())
+        .ok_or_else(|| {
+            let shown = String::from_utf8_lossy(raw);
+            bad(msg, format!("header {name} is {shown:?}"))
+        })
+}
+
+/// `[+-]digits`, wide enough for any i64 or u64 (the caller narrows it).
+fn decimal(raw: &[u8]) -> Option<i128> {
+    let (negative, digits) = match raw {
+        [b'-', rest @ ..] => (true, rest),
+        [b'+', rest @ ..] => (false, rest),
+        _ => (false, raw),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut n: i128 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add(i128::from(d - b'0'))?;
+    }
+    Some(if negative { -n } else { n })
+}
+
+/// A UUID header parsed from its bytes; None when absent.
+fn uuid(
+    msg: &BorrowedMessage<'_>,
+    map: &PhotonHeaders<'_>,
+    name: &str,
+) -> Result<Option<Uuid>, Error> {
+    map.bytes(name)
+        .map(|v| {
+            Uuid::try_parse_ascii(v).map_err(|_| {
+                let shown = String::from_utf8_lossy(v);
+                bad(msg, format!("{name} is {shown:?}"))
+            })
+        })
+        .transpose()
 }
 
 fn text<'m>(
@@ -368,34 +434,29 @@ pub(crate) fn recorded_event(
     };
     let stream = names.stream(msg, key_of(msg)?)?;
     let micros = |name: &str| -> Result<Timestamp, Error> {
-        let us: i64 = field(msg, &map, name)?;
+        let us: i64 = number(msg, &map, name)?;
         Timestamp::from_unix_micros(us).ok_or_else(|| bad(msg, format!("{name} out of range")))
-    };
-    let uuid = |name: &str| -> Result<Option<Uuid>, Error> {
-        map.get(name)
-            .map(|v| v.parse().map_err(|_| bad(msg, format!("{name} is {v:?}"))))
-            .transpose()
     };
     let event_type = names.event_type(msg, text(msg, &map, header::EVENT_TYPE)?)?;
     let content_type = text(msg, &map, header::CONTENT_TYPE)?;
-    let user: Headers = msg
-        .headers()
-        .map(|hs| {
-            hs.iter()
-                .filter(|h| !h.key.starts_with(header::PREFIX))
-                .map(|h| {
-                    let v = h.value.map(String::from_utf8_lossy).unwrap_or_default();
-                    (h.key.to_owned(), v.into_owned())
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let user: Headers = match msg.headers() {
+        Some(hs) if map.user => hs
+            .iter()
+            .filter(|h| !h.key.starts_with(header::PREFIX))
+            .map(|h| {
+                let v = h.value.map(String::from_utf8_lossy).unwrap_or_default();
+                (h.key.to_owned(), v.into_owned())
+            })
+            .collect(),
+        _ => Headers::default(),
+    };
     Ok(Some(RecordedEvent {
         stream,
-        version: Version(field(msg, &map, header::VERSION)?),
-        event_id: field(msg, &map, header::EVENT_ID)?,
+        version: Version(number(msg, &map, header::VERSION)?),
+        event_id: uuid(msg, &map, header::EVENT_ID)?
+            .ok_or_else(|| bad(msg, format!("header {} missing", header::EVENT_ID)))?,
         event_type,
-        schema_version: field(msg, &map, header::SCHEMA_VERSION)?,
+        schema_version: number(msg, &map, header::SCHEMA_VERSION)?,
         occurred_at: micros(header::OCCURRED_AT)?,
         recorded_at: micros(header::RECORDED_AT)?,
         payload: Payload {
@@ -403,8 +464,8 @@ pub(crate) fn recorded_event(
             bytes: Bytes::copy_from_slice(msg.payload().unwrap_or_default()),
         },
         metadata: Metadata {
-            causation_id: uuid(header::CAUSATION_ID)?,
-            correlation_id: uuid(header::CORRELATION_ID)?,
+            causation_id: uuid(msg, &map, header::CAUSATION_ID)?,
+            correlation_id: uuid(msg, &map, header::CORRELATION_ID)?,
             headers: user,
         },
         checkpoint,
@@ -435,6 +496,42 @@ mod tests {
         );
         assert_eq!(map.get("photon.other3"), None, "unknown names are ignored");
         assert!(collect_headers([(header::VERSION, Some(&b"1"[..]))].into_iter()).is_none());
+    }
+
+    #[test]
+    fn decimals_parse_as_str_parse_does() {
+        for text in [
+            "0",
+            "7",
+            "+7",
+            "-7",
+            "0042",
+            "9223372036854775807",
+            "18446744073709551615",
+        ] {
+            assert_eq!(
+                decimal(text.as_bytes()),
+                text.parse::<i128>().ok(),
+                "{text}"
+            );
+        }
+        for text in [
+            "",
+            "-",
+            "+",
+            "1 ",
+            " 1",
+            "1.0",
+            "x",
+            "--1",
+            "999999999999999999999999999999999999999999",
+        ] {
+            assert_eq!(decimal(text.as_bytes()), None, "{text:?}");
+        }
+        assert_eq!(
+            decimal(b"18446744073709551616").and_then(|n| u64::try_from(n).ok()),
+            None
+        );
     }
 
     /// The values of Kafka's own `UtilsTest.testMurmur2`, checked against the Java client.

@@ -44,13 +44,15 @@ fn put_offsets(out: &mut Vec<u8>, next: &[i64]) {
 }
 
 /// The checkpoint of `Position::Category` from borrowed parts: a subscription makes one per
-/// event, so it does not clone its offsets first.
+/// event, so it does not clone its offsets first, and the token is built at its exact length and
+/// handed over, one allocation in all.
 pub(crate) fn category_checkpoint(category: &str, next: &[i64]) -> Checkpoint {
     let mut out = Vec::with_capacity(4 + category.len() + 8 * next.len());
     out.push(1);
     put_name(&mut out, category);
     put_offsets(&mut out, next);
-    Checkpoint::new(BACKEND, &out)
+    debug_assert_eq!(out.len(), out.capacity());
+    Checkpoint::from_vec(BACKEND, out)
 }
 
 /// The checkpoint of `Position::Partition` from borrowed parts.
@@ -91,7 +93,7 @@ impl Position {
                 }
             }
         }
-        Checkpoint::new(BACKEND, &out)
+        Checkpoint::from_vec(BACKEND, out)
     }
 
     /// Decodes a checkpoint of this backend.

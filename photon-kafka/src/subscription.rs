@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::stream::BoxStream;
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use photon_api::{
     cursor_stream, open_subscription, Checkpoint, Error, RecordedEvent, Selector, Start, StreamId,
     SubscriptionCursor, SubscriptionItem, SubscriptionMode, SubscriptionRequest, Timestamp,
@@ -57,7 +57,14 @@ pub(crate) fn subscribe(
         start,
         mode,
         Position::for_selector,
-        |request| Ok(cursor_stream(Subscription::open(shared, request))),
+        // Boxed, the opening future and the cursor are a pointer each: the stream moves its
+        // state (the larger of the two) in and out once per event, which unboxed was a memcpy of
+        // the whole opening state machine per event.
+        |request| {
+            Ok(cursor_stream(Box::pin(async move {
+                Subscription::open(shared, request).await.map(Box::new)
+            })))
+        },
     )
 }
 
@@ -142,7 +149,7 @@ struct Progress {
     names: codec::Names,
 }
 
-impl SubscriptionCursor for Subscription {
+impl SubscriptionCursor for Box<Subscription> {
     async fn next_item(&mut self) -> Result<Option<SubscriptionItem>, Error> {
         self.next().await
     }
@@ -229,15 +236,22 @@ impl Subscription {
                 continue;
             }
             self.progress.check_stall()?;
-            let waiting = Instant::now();
-            let got = tokio::time::timeout(POLL_WAIT, self.consumer.recv()).await;
-            let got = match got {
-                Err(_) => {
-                    self.progress.waited += waiting.elapsed();
-                    self.progress.check_positions(&self.consumer);
-                    continue;
+            // A record already fetched is taken without a timer: a replay finds one almost every
+            // time, and reading the clock and arming a timeout per event cost more than the rest
+            // of the loop.
+            let (got, waiting) = match self.consumer.recv().now_or_never() {
+                Some(got) => (got, None),
+                None => {
+                    let waiting = Instant::now();
+                    match tokio::time::timeout(POLL_WAIT, self.consumer.recv()).await {
+                        Err(_) => {
+                            self.progress.waited += waiting.elapsed();
+                            self.progress.check_positions(&self.consumer);
+                            continue;
+                        }
+                        Ok(got) => (got, Some(waiting)),
+                    }
                 }
-                Ok(got) => got,
             };
             let msg = match got {
                 Ok(msg) => msg,
@@ -247,7 +261,7 @@ impl Subscription {
                     continue;
                 }
                 Err(e) if error::is_passing(&e) => {
-                    self.progress.waited += waiting.elapsed();
+                    self.progress.waited += waiting.map_or(Duration::ZERO, |w| w.elapsed());
                     tracing::debug!(error = %e, "photon-kafka: passing client error in a subscription");
                     continue;
                 }
@@ -473,9 +487,16 @@ impl Progress {
         msg: &BorrowedMessage<'_>,
         consumer: &StreamConsumer,
     ) -> Option<RecordedEvent> {
-        let category = self.shared.config.category_of(msg.topic())?;
         let cold = self.mode == SubscriptionMode::Cold;
-        let t = self.topics.get_mut(category)?;
+        let topic = msg.topic();
+        // A stream or category subscription reads one topic: comparing its name is cheaper than
+        // taking the category out of it (which validates the name) per event.
+        let t = if self.topics.len() == 1 {
+            self.topics.values_mut().find(|t| t.topic == topic)?
+        } else {
+            let category = self.shared.config.category_of(topic)?;
+            self.topics.get_mut(category)?
+        };
         match t.advance(msg.partition(), msg.offset(), cold) {
             Advance::Skip => return None,
             Advance::Pause => {
