@@ -4,10 +4,12 @@ mod aggregate;
 mod cache;
 mod checkpoint_store;
 mod connect;
+mod failure;
 mod process;
 mod repository;
 mod snapshot;
 pub mod testing;
+mod typed_view;
 pub mod upcast;
 mod view;
 
@@ -20,6 +22,10 @@ pub use checkpoint_store::{
 pub use connect::{
     connect, connect_from_env, KnownBackend, DEFAULT_URL, KNOWN_BACKENDS, URL_VARIABLE,
 };
+pub use failure::{
+    dead_letter_id, dead_letter_stream, dead_letters, DeadLetter, FailurePolicy, OnFailure, Retry,
+    DEAD_LETTER_CATEGORY, DEAD_LETTER_EVENT_TYPE, MAX_DEAD_LETTER_ERROR_LEN,
+};
 pub use process::{
     process_stream, Instance, ProcessError, ProcessHandle, ProcessManager, ProcessOptions,
     ProcessRunner, ProcessStatus, Steps, FINISHED_POLL, MAX_RETRY_DELAY, PROCESS_CATEGORY,
@@ -31,6 +37,7 @@ pub use repository::{
 pub use snapshot::{
     snapshot_stream, SnapshotDue, SnapshotPolicy, SNAPSHOT_CATEGORY, SNAPSHOT_EVENT_TYPE,
 };
+pub use typed_view::{AggregateView, Envelope, TypedView};
 pub use upcast::{Decoder, Upcasters};
 pub use view::{RunnerOptions, View, ViewError, ViewHandle, ViewRunner, ViewStatus};
 

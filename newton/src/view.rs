@@ -4,6 +4,8 @@
 //! between an append and a view update loses nothing: the view resumes from its saved checkpoint
 //! and the store still has the event. The runner saves the checkpoint *after* handling, together
 //! with the view's state, so a restart neither skips nor (for state kept by the runner) repeats.
+//! An event the handler refuses stops the view, unless the view's [`FailurePolicy`] (module
+//! `failure`) retries, skips or parks it; typed views (module `typed_view`) run here as `View`s.
 
 // `ViewError` carries the store's error unboxed so callers can match on it; errors are the cold
 // path, so their size does not matter.
@@ -19,14 +21,18 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::{select_all, StreamExt};
 use photon_api::{
-    BoxError, Category, Checkpoint, Error, EventStore, RecordedEvent, Selector, Start, StreamId,
-    SubscriptionItem, SubscriptionMode, Timestamp, Uuid, Version,
+    BoxError, Category, Checkpoint, Error, EventData, EventStore, ExpectedVersion, RecordedEvent,
+    Selector, Start, StreamId, SubscriptionItem, SubscriptionMode, Timestamp, Uuid, Version,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Notify, RwLock};
 
 use crate::checkpoint_store::{CheckpointStore, SavedView};
+use crate::failure::{
+    dead_letter_id, dead_letter_stream, DeadLetter, FailurePolicy, OnFailure,
+    DEAD_LETTER_EVENT_TYPE,
+};
 
 /// A read model built from events of one or more categories.
 ///
@@ -47,14 +53,26 @@ pub trait View: Send + Sync + 'static {
     /// The categories it reads.
     fn categories(&self) -> Vec<Category>;
 
+    /// What an event `handle` refuses does: retried with backoff, then the view stops, skips it
+    /// or parks it in its dead-letter stream. Read once when the view starts. The default stops
+    /// the view at the first refusal, so nothing is passed over without a decision.
+    fn failure_policy(&self) -> FailurePolicy {
+        FailurePolicy::default()
+    }
+
     /// Applies one event to the state. The runner holds the state's write lock meanwhile, so
     /// readers wait, and `handle` must not read this view through its own handle.
     ///
     /// # Errors
-    /// - Any error stops the view (status `Failed`) without saving past this event, so after a
-    ///   fix and a restart it is handled again from the last save. The in-memory state may show
-    ///   part of the failed event's effect until then; make `handle` change the state only once
-    ///   it cannot fail any more (decode first, then mutate).
+    /// - Any error is a refusal, dealt with by [`Self::failure_policy`]. Under the default it
+    ///   stops the view (status `Failed`) without saving past this event, so after a fix and a
+    ///   restart it is handled again from the last save. The in-memory state may show part of
+    ///   the failed event's effect until then, and keeps it (saved) when the event is skipped or
+    ///   parked; make `handle` change the state only once it cannot fail any more (decode first,
+    ///   then mutate). A retry calls `handle` again on that same state.
+    /// - A [`photon_api::Error::Decode`], [`Error::UnknownSchemaVersion`] or [`Error::Upcast`]
+    ///   returned as is (e.g. by `event.decode()?`) is a [`ViewError::Decode`]: not retried,
+    ///   since the stored event never changes.
     async fn handle(&self, state: &mut Self::State, event: &RecordedEvent) -> Result<(), BoxError>;
 }
 
@@ -88,6 +106,32 @@ pub enum ViewError {
         /// The handler's error.
         #[source]
         source: BoxError,
+    },
+    /// A stored event does not read as the view's event type: undecodable bytes, an unknown
+    /// (newer) schema version, or a failing upcaster. The error names the stream and version.
+    #[error("view {view}: {source}")]
+    Decode {
+        /// The view.
+        view: String,
+        /// [`Error::Decode`], [`Error::UnknownSchemaVersion`] or [`Error::Upcast`].
+        #[source]
+        source: Error,
+    },
+    /// The policy said park, and the dead-letter record could not be stored: the view stops
+    /// without saving past the event, so nothing is passed over unrecorded.
+    #[error("view {view}: could not park {stream}@{version} in {dead_letters}: {source}")]
+    Park {
+        /// The view.
+        view: String,
+        /// The refused event's stream.
+        stream: StreamId,
+        /// The refused event's version.
+        version: Version,
+        /// The dead-letter stream.
+        dead_letters: StreamId,
+        /// The store's error.
+        #[source]
+        source: Error,
     },
     /// The event or checkpoint store failed.
     #[error("view {view}: {source}")]
@@ -184,6 +228,10 @@ enum Control {
 struct Shared<S> {
     state: RwLock<S>,
     handled: AtomicU64,
+    /// Refused events passed over under [`OnFailure::Skip`].
+    skipped: AtomicU64,
+    /// Refused events sent to the dead-letter stream under [`OnFailure::Park`].
+    parked: AtomicU64,
     /// The view's lag in microseconds, as [`ViewHandle::lag`] says it; written only under
     /// `lag`'s lock, read without it.
     lag_micros: AtomicU64,
@@ -295,6 +343,8 @@ impl<V: View> fmt::Debug for ViewHandle<V> {
             .field("name", &self.name)
             .field("status", &*self.status.borrow())
             .field("handled", &self.handled())
+            .field("skipped", &self.skipped())
+            .field("parked", &self.parked())
             .finish()
     }
 }
@@ -341,9 +391,24 @@ impl ViewRunner {
                 "name is not a valid checkpoint key: {reason}"
             )));
         }
+        let policy = view.failure_policy();
+        // Checked now rather than at the first refusal, which may come after days of running.
+        let dead_letters = match policy.then {
+            OnFailure::Park => match dead_letter_stream(&name) {
+                Ok(stream) => Some(stream),
+                Err(e) => {
+                    return Err(invalid(&format!(
+                        "name is not usable as a dead-letter stream: {e}"
+                    )))
+                }
+            },
+            _ => None,
+        };
         let shared = Arc::new(Shared {
             state: RwLock::new(V::State::default()),
             handled: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            parked: AtomicU64::new(0),
             lag_micros: AtomicU64::new(0),
             lag: Mutex::new(LagMeter {
                 gauge: metrics::Gauge::noop(),
@@ -360,6 +425,8 @@ impl ViewRunner {
             store: self.store.clone(),
             checkpoints: self.checkpoints.clone(),
             options: self.options,
+            policy,
+            dead_letters,
             status: status_tx,
             revision: None,
             positions: BTreeMap::new(),
@@ -393,9 +460,25 @@ impl<V: View> ViewHandle<V> {
         self.status.borrow().clone()
     }
 
-    /// Events handled since the task started (rebuilds included).
+    /// Events handled since the task started (rebuilds included); skipped and parked events
+    /// are not among them.
     pub fn handled(&self) -> u64 {
         self.shared.handled.load(Ordering::Relaxed)
+    }
+
+    /// Refused events this view passed over since the task started ([`OnFailure::Skip`]); each
+    /// is also logged as a warning. An event skipped again after a restart from an older
+    /// checkpoint counts again.
+    pub fn skipped(&self) -> u64 {
+        self.shared.skipped.load(Ordering::Relaxed)
+    }
+
+    /// Refused events this view sent to its dead-letter stream since the task started
+    /// ([`OnFailure::Park`]). An event parked again after a restart from an older checkpoint
+    /// counts again, though the store keeps one record of it (its id is derived from the view's
+    /// name and the event's id: [`crate::dead_letter_id`]).
+    pub fn parked(&self) -> u64 {
+        self.shared.parked.load(Ordering::Relaxed)
     }
 
     /// How far behind the head the view is in time: how long ago its last handled event was
@@ -521,6 +604,9 @@ struct Task<V: View> {
     store: Arc<dyn EventStore>,
     checkpoints: Arc<dyn CheckpointStore>,
     options: RunnerOptions,
+    policy: FailurePolicy,
+    /// The dead-letter stream, when the policy parks.
+    dead_letters: Option<StreamId>,
     status: watch::Sender<ViewStatus>,
     revision: Option<u64>,
     positions: BTreeMap<String, Checkpoint>,
@@ -675,17 +761,51 @@ impl<V: View> Task<V> {
     }
 
     async fn handle(&mut self, event: &RecordedEvent) -> Result<(), ViewError> {
-        {
-            let mut state = self.shared.state.write().await;
-            self.view
-                .handle(&mut state, event)
-                .await
-                .map_err(|source| ViewError::Handler {
-                    view: self.name.to_string(),
-                    stream: event.stream.clone(),
-                    version: event.version,
-                    source,
-                })?;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let refused = {
+                // Taken per attempt, so readers get in between retries.
+                let mut state = self.shared.state.write().await;
+                self.view.handle(&mut state, event).await
+            };
+            let Err(source) = refused else {
+                self.shared.handled.fetch_add(1, Ordering::Relaxed);
+                break;
+            };
+            let error = self.refusal(event, source);
+            let retry = self
+                .policy
+                .retry
+                .filter(|r| attempts <= r.retries && !matches!(error, ViewError::Decode { .. }));
+            if let Some(retry) = retry {
+                let delay = retry.delay(attempts);
+                tracing::warn!(
+                    view = %self.name, error = %error, attempt = attempts, ?delay,
+                    "view refused an event; retrying"
+                );
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+            match self.policy.then {
+                OnFailure::Skip => {
+                    tracing::warn!(
+                        view = %self.name, error = %error, attempts, event_id = %event.event_id,
+                        "view refused an event; skipped"
+                    );
+                    self.shared.skipped.fetch_add(1, Ordering::Relaxed);
+                }
+                OnFailure::Park => {
+                    self.park(event, &error, attempts).await?;
+                    tracing::warn!(
+                        view = %self.name, error = %error, attempts, event_id = %event.event_id,
+                        "view refused an event; parked in its dead-letter stream"
+                    );
+                    self.shared.parked.fetch_add(1, Ordering::Relaxed);
+                }
+                OnFailure::Stop => return Err(error),
+            }
+            break;
         }
         // Overwrite in place: no allocation per event once a category has a position.
         match self.positions.get_mut(event.stream.category_name()) {
@@ -698,9 +818,85 @@ impl<V: View> Task<V> {
             }
         }
         self.unsaved += 1;
-        self.shared.handled.fetch_add(1, Ordering::Relaxed);
         self.shared.progress.notify_waiters();
         Ok(())
+    }
+
+    /// The typed error of a refusal: a decode or upcast failure returned as the store's error is
+    /// [`ViewError::Decode`], anything else [`ViewError::Handler`].
+    fn refusal(&self, event: &RecordedEvent, source: BoxError) -> ViewError {
+        match source.downcast::<Error>() {
+            Ok(e)
+                if matches!(
+                    *e,
+                    Error::Decode { .. }
+                        | Error::UnknownSchemaVersion { .. }
+                        | Error::Upcast { .. }
+                ) =>
+            {
+                ViewError::Decode {
+                    view: self.name.to_string(),
+                    source: *e,
+                }
+            }
+            Ok(e) => self.handler_error(event, e),
+            Err(source) => self.handler_error(event, source),
+        }
+    }
+
+    fn handler_error(&self, event: &RecordedEvent, source: BoxError) -> ViewError {
+        ViewError::Handler {
+            view: self.name.to_string(),
+            stream: event.stream.clone(),
+            version: event.version,
+            source,
+        }
+    }
+
+    /// Appends the dead-letter record of `event`, with an id derived from the view's name and
+    /// the event's id, so a redelivered event is stored once (the store answers the re-send as a
+    /// retry). A retryable store error is retried as a checkpoint save is.
+    async fn park(
+        &self,
+        event: &RecordedEvent,
+        error: &ViewError,
+        attempts: u32,
+    ) -> Result<(), ViewError> {
+        let stream = self
+            .dead_letters
+            .clone()
+            .expect("a view that parks has its dead-letter stream from start");
+        let failed = |source: Error| ViewError::Park {
+            view: self.name.to_string(),
+            stream: event.stream.clone(),
+            version: event.version,
+            dead_letters: stream.clone(),
+            source,
+        };
+        let record = DeadLetter::new(&self.name, event, &error.to_string(), attempts);
+        let mut data = EventData::json(DEAD_LETTER_EVENT_TYPE, &record)
+            .map_err(failed)?
+            .with_id(dead_letter_id(&self.name, event.event_id))
+            .with_causation_id(event.event_id);
+        if let Some(correlation_id) = event.metadata.correlation_id {
+            data = data.with_correlation_id(correlation_id);
+        }
+        let mut attempt = 1;
+        loop {
+            match self
+                .store
+                .append(&stream, ExpectedVersion::Any, vec![data.clone()])
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(e) if e.is_retryable() && attempt < SAVE_ATTEMPTS => {
+                    tracing::warn!(view = %self.name, error = %e, attempt, "dead-letter append failed; retrying");
+                    tokio::time::sleep(self.options.retry_delay * attempt).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(failed(e)),
+            }
+        }
     }
 
     async fn save(&mut self) -> Result<(), ViewError> {
