@@ -167,6 +167,27 @@ fn meter(id: &str) -> StreamId {
     StreamId::new(&Category::new(Meter::CATEGORY).unwrap(), id).unwrap()
 }
 
+/// A fresh meter with `values` read through the repository; its id.
+async fn meter_with(store: &Arc<dyn EventStore>, values: &[u64]) -> String {
+    let id = fresh_id();
+    for value in values {
+        read(store, &id, *value).await;
+    }
+    id
+}
+
+/// `view` started with quick options on a runner of `store` keeping checkpoints in `checkpoints`.
+fn start(
+    store: &Arc<dyn EventStore>,
+    checkpoints: Arc<dyn CheckpointStore>,
+    view: ReadingsView,
+) -> newton::ViewHandle<newton::TypedView<ReadingsView>> {
+    ViewRunner::new(store.clone(), checkpoints)
+        .with_options(quick())
+        .start_typed(view)
+        .unwrap()
+}
+
 async fn read(store: &Arc<dyn EventStore>, id: &str, value: u64) {
     Repository::<Meter>::new(store.clone())
         .execute(id, &value)
@@ -382,10 +403,7 @@ async fn a_broken_upcaster_chain_is_refused_when_a_typed_view_starts() {
 #[tokio::test]
 async fn a_refusal_is_retried_with_backoff_until_it_succeeds() {
     let store = memory();
-    let id = fresh_id();
-    for value in [1, 7, 2] {
-        read(&store, &id, value).await;
-    }
+    let id = meter_with(&store, &[1, 7, 2]).await;
     let view = ReadingsView::new(
         "flaky-v1",
         "",
@@ -393,10 +411,7 @@ async fn a_refusal_is_retried_with_backoff_until_it_succeeds() {
     );
     view.flaky.store(2, Ordering::SeqCst);
     let flaky = view.flaky.clone();
-    let handle = ViewRunner::new(store.clone(), Arc::new(InMemoryCheckpointStore::new()))
-        .with_options(quick())
-        .start_typed(view)
-        .unwrap();
+    let handle = start(&store, Arc::new(InMemoryCheckpointStore::new()), view);
     live(&handle).await;
     assert_eq!(
         flaky.load(Ordering::SeqCst),
@@ -414,20 +429,14 @@ async fn a_refusal_is_retried_with_backoff_until_it_succeeds() {
 #[tokio::test]
 async fn retries_used_up_then_stop() {
     let store = memory();
-    let id = fresh_id();
-    for value in [1, 13, 2] {
-        read(&store, &id, value).await;
-    }
+    let id = meter_with(&store, &[1, 13, 2]).await;
     let view = ReadingsView::new(
         "stubborn-v1",
         "",
         FailurePolicy::stop().with_retries(2, Duration::from_millis(1)),
     );
     let calls = view.calls_on_13.clone();
-    let handle = ViewRunner::new(store.clone(), Arc::new(InMemoryCheckpointStore::new()))
-        .with_options(quick())
-        .start_typed(view)
-        .unwrap();
+    let handle = start(&store, Arc::new(InMemoryCheckpointStore::new()), view);
     let error = failed(&handle).await;
     assert!(
         matches!(&*error, ViewError::Handler { version, .. } if version.value() == 1),
@@ -439,10 +448,7 @@ async fn retries_used_up_then_stop() {
 #[tokio::test]
 async fn skip_counts_the_event_and_saves_past_it() {
     let store = memory();
-    let id = fresh_id();
-    for value in [1, 13, 2] {
-        read(&store, &id, value).await;
-    }
+    let id = meter_with(&store, &[1, 13, 2]).await;
     let checkpoints = Arc::new(InMemoryCheckpointStore::new());
     let runner = ViewRunner::new(store.clone(), checkpoints.clone()).with_options(quick());
     let handle = runner
@@ -472,17 +478,11 @@ async fn skip_counts_the_event_and_saves_past_it() {
 #[tokio::test]
 async fn the_default_still_stops_at_the_refused_event() {
     let store = memory();
-    let id = fresh_id();
-    for value in [1, 13, 2] {
-        read(&store, &id, value).await;
-    }
+    let id = meter_with(&store, &[1, 13, 2]).await;
     let checkpoints = Arc::new(InMemoryCheckpointStore::new());
     let view = ReadingsView::new("strict-v1", "", FailurePolicy::default());
     let calls = view.calls_on_13.clone();
-    let handle = ViewRunner::new(store.clone(), checkpoints.clone())
-        .with_options(quick())
-        .start_typed(view)
-        .unwrap();
+    let handle = start(&store, checkpoints.clone(), view);
     match handle.wait_until_live().await {
         Err(ViewError::Failed { reason, .. }) => {
             assert!(reason.contains("unlucky number"), "{reason}");
@@ -632,10 +632,7 @@ async fn parked_once_even_after_a_restart_from_an_older_checkpoint(
         )
         .await
         .unwrap();
-    let again = ViewRunner::new(store.clone(), older)
-        .with_options(quick())
-        .start_typed(ReadingsView::new(&name, &run, policy))
-        .unwrap();
+    let again = start(&store, older, ReadingsView::new(&name, &run, policy));
     live(&again).await;
     assert_eq!(again.read(|s| s.total).await, 3);
     // Everything after the older checkpoint is refused again and parked again...
@@ -711,4 +708,42 @@ async fn servers_typed_view_parks_once() {
         .await;
         println!("{backend}: typed view parks once, {:?}", started.elapsed());
     }
+}
+
+#[tokio::test]
+async fn a_record_the_store_refuses_stops_the_view_before_the_event() {
+    // Room for a reading, not for a dead-letter record (a few hundred bytes of JSON).
+    let store: Arc<dyn EventStore> = Arc::new(
+        photon_memory::MemoryStore::builder()
+            .max_event_size(128)
+            .build(),
+    );
+    let id = meter_with(&store, &[1, 13, 2]).await;
+    let checkpoints = Arc::new(InMemoryCheckpointStore::new());
+    let handle = start(
+        &store,
+        checkpoints.clone(),
+        ReadingsView::new("cramped-v1", "", FailurePolicy::park()),
+    );
+    match &*failed(&handle).await {
+        ViewError::Park {
+            view,
+            stream,
+            version,
+            dead_letters,
+            source: Error::EventTooLarge { .. },
+        } => {
+            assert_eq!(view, "cramped-v1");
+            assert_eq!((stream, version.value()), (&meter(&id), 1));
+            assert_eq!(dead_letters, &dead_letter_stream("cramped-v1").unwrap());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(handle.parked(), 0);
+    let saved = checkpoints.load("cramped-v1").await.unwrap().unwrap();
+    let state: Readings = rmp_serde::from_slice(&saved.saved.state).unwrap();
+    assert_eq!(
+        state.total, 1,
+        "not saved past the event that was not parked"
+    );
 }
