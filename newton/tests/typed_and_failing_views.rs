@@ -403,7 +403,7 @@ async fn a_broken_upcaster_chain_is_refused_when_a_typed_view_starts() {
 #[tokio::test]
 async fn a_refusal_is_retried_with_backoff_until_it_succeeds() {
     let store = memory();
-    let id = meter_with(&store, &[1, 7, 2]).await;
+    meter_with(&store, &[1, 7, 2]).await;
     let view = ReadingsView::new(
         "flaky-v1",
         "",
@@ -429,7 +429,7 @@ async fn a_refusal_is_retried_with_backoff_until_it_succeeds() {
 #[tokio::test]
 async fn retries_used_up_then_stop() {
     let store = memory();
-    let id = meter_with(&store, &[1, 13, 2]).await;
+    meter_with(&store, &[1, 13, 2]).await;
     let view = ReadingsView::new(
         "stubborn-v1",
         "",
@@ -448,7 +448,7 @@ async fn retries_used_up_then_stop() {
 #[tokio::test]
 async fn skip_counts_the_event_and_saves_past_it() {
     let store = memory();
-    let id = meter_with(&store, &[1, 13, 2]).await;
+    meter_with(&store, &[1, 13, 2]).await;
     let checkpoints = Arc::new(InMemoryCheckpointStore::new());
     let runner = ViewRunner::new(store.clone(), checkpoints.clone()).with_options(quick());
     let handle = runner
