@@ -75,8 +75,9 @@ impl Retry {
 /// the event type, or its schema version is unknown) goes to the [`OnFailure`] step without
 /// retries: the stored event never changes, so retrying cannot help and only delays the view.
 ///
-/// While a handler is retried, the view handles nothing else, and [`crate::ViewHandle::stop`]
-/// or a rebuild waits for the retries to end; keep `retries * max_delay` short.
+/// While a handler is retried, the view handles nothing else (its lag grows); a
+/// [`crate::ViewHandle::stop`], a rebuild or dropping every handle ends the wait at once, saving
+/// only up to the event before, so the event is tried again after a restart.
 ///
 /// ```
 /// use std::time::Duration;

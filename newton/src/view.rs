@@ -708,29 +708,17 @@ impl<V: View> Task<V> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                command = control.recv(), if !self.detached => match command {
-                    Some(Control::Rebuild(ack)) => {
-                        tracing::info!(view = %self.name, "rebuilding from the beginning");
-                        *self.shared.state.write().await = V::State::default();
-                        self.positions.clear();
-                        // Saved at the first save point, so a crash mid-rebuild resumes the old
-                        // state consistently with its old checkpoint.
-                        self.unsaved = 1;
-                        self.waiting_rebuilds.push(ack);
-                        return Ok(Next::Resubscribe);
+                command = control.recv(), if !self.detached => {
+                    if let Some(next) = self.command(command).await? {
+                        return Ok(next);
                     }
-                    Some(Control::Stop(ack)) => {
-                        self.save().await?;
-                        let _ = ack.send(());
-                        return Ok(Next::Stop);
-                    }
-                    Some(Control::Detach) => self.detached = true,
-                    None => return Ok(Next::Stop),
-                },
+                }
                 item = merged.next() => match item {
                     Some(Ok(SubscriptionItem::Event(event))) => {
                         self.shared.handling(event.recorded_at);
-                        self.handle(&event).await?;
+                        if let Some(next) = self.handle(&event, control).await? {
+                            return Ok(next);
+                        }
                         self.shared.handled(event.recorded_at);
                         if self.unsaved >= self.options.save_every {
                             self.save().await?;
@@ -760,7 +748,41 @@ impl<V: View> Task<V> {
         }
     }
 
-    async fn handle(&mut self, event: &RecordedEvent) -> Result<(), ViewError> {
+    /// Carries out a command from a handle; `Some` when the subscription loop must end.
+    async fn command(&mut self, command: Option<Control>) -> Result<Option<Next>, ViewError> {
+        match command {
+            Some(Control::Rebuild(ack)) => {
+                tracing::info!(view = %self.name, "rebuilding from the beginning");
+                *self.shared.state.write().await = V::State::default();
+                self.positions.clear();
+                // Saved at the first save point, so a crash mid-rebuild resumes the old
+                // state consistently with its old checkpoint.
+                self.unsaved = 1;
+                self.waiting_rebuilds.push(ack);
+                Ok(Some(Next::Resubscribe))
+            }
+            Some(Control::Stop(ack)) => {
+                self.save().await?;
+                let _ = ack.send(());
+                Ok(Some(Next::Stop))
+            }
+            Some(Control::Detach) => {
+                self.detached = true;
+                Ok(None)
+            }
+            None => Ok(Some(Next::Stop)),
+        }
+    }
+
+    /// Hands `event` to the view under its failure policy. `Some` when a command from a handle
+    /// (stop, rebuild, every handle dropped) came while a refusal waited for its retry: the event
+    /// is then left as if never delivered (not saved past), and the loop ends as the command
+    /// says, without waiting out the retries.
+    async fn handle(
+        &mut self,
+        event: &RecordedEvent,
+        control: &mut mpsc::Receiver<Control>,
+    ) -> Result<Option<Next>, ViewError> {
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -784,7 +806,18 @@ impl<V: View> Task<V> {
                     view = %self.name, error = %error, attempt = attempts, ?delay,
                     "view refused an event; retrying"
                 );
-                tokio::time::sleep(delay).await;
+                let wait = tokio::time::sleep(delay);
+                tokio::pin!(wait);
+                loop {
+                    tokio::select! {
+                        () = &mut wait => break,
+                        command = control.recv(), if !self.detached => {
+                            if let Some(next) = self.command(command).await? {
+                                return Ok(Some(next));
+                            }
+                        }
+                    }
+                }
                 continue;
             }
             match self.policy.then {
@@ -819,7 +852,7 @@ impl<V: View> Task<V> {
         }
         self.unsaved += 1;
         self.shared.progress.notify_waiters();
-        Ok(())
+        Ok(None)
     }
 
     /// The typed error of a refusal: a decode or upcast failure returned as the store's error is

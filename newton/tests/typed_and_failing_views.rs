@@ -747,3 +747,83 @@ async fn a_record_the_store_refuses_stops_the_view_before_the_event() {
         "not saved past the event that was not parked"
     );
 }
+
+#[tokio::test]
+async fn a_stop_does_not_wait_out_the_retries() {
+    let store = memory();
+    meter_with(&store, &[1, 13, 2]).await;
+    let checkpoints = Arc::new(InMemoryCheckpointStore::new());
+    // Ten retries a minute apart: only a stop that interrupts them returns in time.
+    let view = ReadingsView::new(
+        "patient-v1",
+        "",
+        FailurePolicy::skip()
+            .with_retries(10, Duration::from_secs(60))
+            .with_max_delay(Duration::from_secs(60)),
+    );
+    let calls = view.calls_on_13.clone();
+    let handle = start(&store, checkpoints.clone(), view);
+    tokio::time::timeout(WAIT, async {
+        while calls.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the handler meets 13");
+    tokio::time::timeout(Duration::from_secs(5), handle.stop())
+        .await
+        .expect("the stop interrupts the retry wait")
+        .unwrap();
+    assert!(matches!(handle.status(), ViewStatus::Stopped));
+    assert_eq!((calls.load(Ordering::SeqCst), handle.skipped()), (1, 0));
+    // Saved up to the event before: a restart meets 13 again.
+    let saved = checkpoints.load("patient-v1").await.unwrap().unwrap();
+    let state: Readings = rmp_serde::from_slice(&saved.saved.state).unwrap();
+    assert_eq!(state.total, 1);
+    let restarted = start(
+        &store,
+        checkpoints,
+        ReadingsView::new("patient-v1", "", FailurePolicy::skip()),
+    );
+    live(&restarted).await;
+    assert_eq!(
+        (restarted.read(|s| s.total).await, restarted.skipped()),
+        (3, 1)
+    );
+}
+
+#[tokio::test]
+async fn a_rebuild_does_not_wait_out_the_retries() {
+    let store = memory();
+    let id = meter_with(&store, &[1, 7, 2]).await;
+    let view = ReadingsView::new(
+        "rebuilt-v1",
+        "",
+        FailurePolicy::stop()
+            .with_retries(1, Duration::from_secs(60))
+            .with_max_delay(Duration::from_secs(60)),
+    );
+    // Refuses 7 once: the rebuild's replay handles it.
+    view.flaky.store(1, Ordering::SeqCst);
+    let flaky = view.flaky.clone();
+    let handle = start(&store, Arc::new(InMemoryCheckpointStore::new()), view);
+    tokio::time::timeout(WAIT, async {
+        while flaky.load(Ordering::SeqCst) != 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the handler refuses 7 once");
+    tokio::time::timeout(Duration::from_secs(5), handle.rebuild())
+        .await
+        .expect("the rebuild interrupts the retry wait")
+        .unwrap();
+    let seen = handle
+        .read(|s| s.seen.iter().map(|s| s.value).collect::<Vec<_>>())
+        .await;
+    assert_eq!(
+        seen,
+        [1, 7, 2],
+        "each reading of {id} once, from the rebuild"
+    );
+}
