@@ -325,12 +325,21 @@ fn warm_up(shared: &Arc<Shared>, topic: &str, n: i32, first: i32) {
         tokio::spawn(async move {
             let state = shared.partition(&topic, p);
             let mut state = state.lock().await;
-            // The room is looked at again here: warm-ups of several topics may run at once.
-            let full = shared.live_writers.load(Ordering::Relaxed) >= shared.config.max_producers;
-            if full || state.producer.is_some() || state.warm.is_some() {
+            if state.producer.is_some() || state.warm.is_some() {
                 return;
             }
-            match new_writer(&shared, &topic, p, Instant::now() + shared.config.timeout).await {
+            // A slot is reserved before the producer is made: warm-ups of several topics may
+            // run at once, and a producer is counted alive only once initialised.
+            let live = &shared.live_writers;
+            if live.fetch_add(1, Ordering::Relaxed) >= shared.config.max_producers {
+                live.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
+            let made = new_writer(&shared, &topic, p, Instant::now() + shared.config.timeout).await;
+            live.fetch_sub(1, Ordering::Relaxed);
+            match made {
+                // Take-overs made producers meanwhile: this one is not kept past the limit.
+                Ok(_) if live.load(Ordering::Relaxed) > shared.config.max_producers => {}
                 Ok(w) => state.warm = Some(w),
                 Err(e) => {
                     tracing::debug!(topic, p, error = %e, "photon-kafka: producer not warmed")
@@ -446,12 +455,23 @@ fn answer_ok(c: Committed) {
 async fn watch_readable(shared: Arc<Shared>, topic: String, p: i32, queue: Arc<Queue>) {
     let mut pause = Duration::from_millis(1);
     loop {
-        let asked = tokio::time::timeout(shared.config.timeout, stable_end(&shared, &topic, p))
+        // Each look is bounded by the request timeout and by the first `until` waiting, so a
+        // stalled broker does not keep an append past the time it is to be answered.
+        let first_until = {
+            let r = queue.readable.lock().expect("readable lock");
+            r.waiting.iter().map(|c| c.until).min()
+        };
+        let bound = first_until.map_or(shared.config.timeout, |u| {
+            shared
+                .config
+                .timeout
+                .min(u.saturating_duration_since(Instant::now()))
+        });
+        let asked = tokio::time::timeout(bound, stable_end(&shared, &topic, p))
             .await
             .unwrap_or_else(|_| {
                 Err(error::unavailable(format!(
-                    "{topic}/{p}: no last stable offset within {:?}",
-                    shared.config.timeout
+                    "{topic}/{p}: no last stable offset within {bound:?}"
                 )))
             });
         let now = Instant::now();
@@ -697,7 +717,10 @@ async fn take_over(
         Some(warm) => warm,
         None => {
             shared.evict_writers(shared.config.max_producers.saturating_sub(1), PRODUCER_IDLE);
-            new_writer(shared, topic, p, cutoff).await?
+            let made = new_writer(shared, topic, p, cutoff).await?;
+            // Warm producers made while this one was initialised give way to it.
+            shared.evict_writers(shared.config.max_producers, PRODUCER_IDLE);
+            made
         }
     };
     shared.take_overs.fetch_add(1, Ordering::Relaxed);
@@ -985,7 +1008,7 @@ async fn write(
     shared.bound_indexes();
     // A commit returns once the coordinator has decided it; the markers that make the records
     // readable reach the partition a moment later. The callers are answered once they did
-    // (`answer_when_readable`), so that whoever reads after an append returns sees it; the
+    // (`Watch::when_readable`), so that whoever reads after an append returns sees it; the
     // partition is not held for that wait.
     Ok(offsets.iter().copied().max().unwrap_or_default())
 }

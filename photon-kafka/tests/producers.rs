@@ -345,3 +345,37 @@ async fn a_resend_of_a_batch_not_readable_yet_is_not_answered_ok() {
     let retried = store.append(&s, exact, batch).await.unwrap();
     assert_eq!(retried.first_version, photon_api::Version(1));
 }
+
+/// Warm-ups of several topics at once stay within `max_producers` (found by review: each
+/// looked at the room when it began, and a producer counts alive only once initialised, so
+/// three first appends at once kept about 12 producers with `max_producers=4`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_ups_of_several_topics_at_once_stay_within_max_producers() {
+    let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
+        return;
+    };
+    let prefix = format!("w{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let store = KafkaStore::from_url(&with_options(
+        &url,
+        &format!("prefix={prefix}&partitions=6&max_producers=4"),
+    ))
+    .await
+    .unwrap();
+    let streams: Vec<StreamId> = ["alpha-x", "beta-x", "gamma-x"]
+        .iter()
+        .map(|s| StreamId::parse(*s).unwrap())
+        .collect();
+    futures::future::join_all(
+        streams
+            .iter()
+            .map(|s| store.append(s, ExpectedVersion::Any, vec![event(0)])),
+    )
+    .await
+    .into_iter()
+    .for_each(|r| {
+        r.unwrap();
+    });
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let stats = store.writer_stats();
+    assert!(stats.producers <= 4, "{stats:?}");
+}
