@@ -159,7 +159,6 @@ pub(crate) async fn partition_bounds(
 /// asks this after each commit until its records are readable. A leader not known yet is
 /// retried within the request timeout, as [`watermarks`] does.
 pub(crate) async fn stable_end(shared: &Shared, topic: &str, p: i32) -> Result<i64, Error> {
-    use rdkafka::error::RDKafkaErrorCode as C;
     let deadline = tokio::time::Instant::now() + shared.config.timeout;
     let context = || format!("fetching the last stable offset of {topic}/{p}");
     loop {
@@ -185,17 +184,7 @@ pub(crate) async fn stable_end(shared: &Shared, topic: &str, p: i32) -> Result<i
                     context()
                 )))
             }
-            Err(_)
-                if matches!(
-                    code,
-                    Some(
-                        C::NotLeaderForPartition
-                            | C::LeaderNotAvailable
-                            | C::UnknownTopicOrPartition
-                            | C::UnknownPartition
-                    )
-                ) && tokio::time::Instant::now() < deadline =>
-            {
+            Err(_) if leader_unknown(code) && tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(LEADER_POLL).await;
             }
             Err(e) => return Err(error::from_kafka(context(), e)),
@@ -203,11 +192,25 @@ pub(crate) async fn stable_end(shared: &Shared, topic: &str, p: i32) -> Result<i
     }
 }
 
+/// Whether a watermark or offset request failed because the client does not know the
+/// partition's leader yet (right after the topic was created): asked again within the timeout.
+fn leader_unknown(code: Option<rdkafka::error::RDKafkaErrorCode>) -> bool {
+    use rdkafka::error::RDKafkaErrorCode as C;
+    matches!(
+        code,
+        Some(
+            C::NotLeaderForPartition
+                | C::LeaderNotAvailable
+                | C::UnknownTopicOrPartition
+                | C::UnknownPartition
+        )
+    )
+}
+
 /// The log start and last stable offset (read_committed watermarks) of `topic`/`p`. Right after
 /// a topic is created a client may not know its leader yet; that answer is retried within the
 /// request timeout.
 async fn watermarks(shared: &Shared, topic: &str, p: i32) -> Result<(i64, i64), Error> {
-    use rdkafka::error::RDKafkaErrorCode as C;
     let deadline = tokio::time::Instant::now() + shared.config.timeout;
     loop {
         let meta = shared.meta.clone();
@@ -215,15 +218,8 @@ async fn watermarks(shared: &Shared, topic: &str, p: i32) -> Result<(i64, i64), 
         match blocking(move || meta.fetch_watermarks(&t, p, timeout)).await? {
             Ok(marks) => return Ok(marks),
             Err(e)
-                if matches!(
-                    e.rdkafka_error_code(),
-                    Some(
-                        C::NotLeaderForPartition
-                            | C::LeaderNotAvailable
-                            | C::UnknownTopicOrPartition
-                            | C::UnknownPartition
-                    )
-                ) && tokio::time::Instant::now() < deadline =>
+                if leader_unknown(e.rdkafka_error_code())
+                    && tokio::time::Instant::now() < deadline =>
             {
                 tokio::time::sleep(LEADER_POLL).await;
             }

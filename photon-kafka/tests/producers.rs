@@ -188,7 +188,7 @@ async fn the_first_append_to_a_topic_warms_a_producer_for_each_partition() {
 /// deadline, and after that transaction ends its re-send is answered as a retry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_behind_an_open_transaction_is_not_answered_ok() {
-    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+    use rdkafka::producer::Producer;
     let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
         return;
     };
@@ -203,25 +203,7 @@ async fn an_append_behind_an_open_transaction_is_not_answered_ok() {
         .append(&s, ExpectedVersion::NoStream, vec![event(0)])
         .await
         .unwrap();
-    let config = photon_kafka::KafkaConfig::from_url(&url).unwrap();
-    let topic = config.topic("open");
-    let foreign: FutureProducer = config
-        .transactional_producer_config(&format!("foreign-{prefix}"))
-        .create()
-        .unwrap();
-    let timeout = std::time::Duration::from_secs(10);
-    foreign.init_transactions(timeout).unwrap();
-    foreign.begin_transaction().unwrap();
-    foreign
-        .send(
-            FutureRecord::to(&topic)
-                .partition(0)
-                .key("foreign")
-                .payload("x"),
-            timeout,
-        )
-        .await
-        .unwrap();
+    let (foreign, timeout) = open_foreign_transaction(&url, &prefix, "open").await;
     let batch = vec![event(1)];
     let started = std::time::Instant::now();
     let answer = store
@@ -292,7 +274,7 @@ async fn warm_producers_give_way_to_producers_in_use() {
 /// answer `Unavailable`; after it ends, a further re-send is the retry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resend_of_a_batch_not_readable_yet_is_not_answered_ok() {
-    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+    use rdkafka::producer::Producer;
     let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
         return;
     };
@@ -307,25 +289,7 @@ async fn a_resend_of_a_batch_not_readable_yet_is_not_answered_ok() {
         .append(&s, ExpectedVersion::NoStream, vec![event(0)])
         .await
         .unwrap();
-    let config = photon_kafka::KafkaConfig::from_url(&url).unwrap();
-    let topic = config.topic("resend");
-    let foreign: FutureProducer = config
-        .transactional_producer_config(&format!("foreign-{prefix}"))
-        .create()
-        .unwrap();
-    let timeout = std::time::Duration::from_secs(10);
-    foreign.init_transactions(timeout).unwrap();
-    foreign.begin_transaction().unwrap();
-    foreign
-        .send(
-            FutureRecord::to(&topic)
-                .partition(0)
-                .key("foreign")
-                .payload("x"),
-            timeout,
-        )
-        .await
-        .unwrap();
+    let (foreign, timeout) = open_foreign_transaction(&url, &prefix, "resend").await;
     let batch = vec![event(1)];
     let exact = ExpectedVersion::Exact(photon_api::Version(0));
     let first = {
@@ -378,4 +342,34 @@ async fn warm_ups_of_several_topics_at_once_stay_within_max_producers() {
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     let stats = store.writer_stats();
     assert!(stats.producers <= 4, "{stats:?}");
+}
+
+/// Another client's transaction, left open with one record in partition 0 of `category`'s
+/// topic: nothing behind it in the partition is readable until it ends.
+async fn open_foreign_transaction(
+    url: &str,
+    prefix: &str,
+    category: &str,
+) -> (rdkafka::producer::FutureProducer, std::time::Duration) {
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+    let config = photon_kafka::KafkaConfig::from_url(url).unwrap();
+    let topic = config.topic(category);
+    let foreign: FutureProducer = config
+        .transactional_producer_config(&format!("foreign-{prefix}"))
+        .create()
+        .unwrap();
+    let timeout = std::time::Duration::from_secs(10);
+    foreign.init_transactions(timeout).unwrap();
+    foreign.begin_transaction().unwrap();
+    foreign
+        .send(
+            FutureRecord::to(&topic)
+                .partition(0)
+                .key("foreign")
+                .payload("x"),
+            timeout,
+        )
+        .await
+        .unwrap();
+    (foreign, timeout)
 }
