@@ -189,21 +189,9 @@ async fn the_first_append_to_a_topic_warms_a_producer_for_each_partition() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_behind_an_open_transaction_is_not_answered_ok() {
     use rdkafka::producer::Producer;
-    let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
+    let Some((store, s, foreign, timeout)) = behind_an_open_transaction("open").await else {
         return;
     };
-    let prefix = format!("w{}", &Uuid::new_v4().simple().to_string()[..12]);
-    let url = with_options(
-        &url,
-        &format!("prefix={prefix}&partitions=1&timeout_ms=1500"),
-    );
-    let store = KafkaStore::from_url(&url).await.unwrap();
-    let s = StreamId::parse("open-1").unwrap();
-    store
-        .append(&s, ExpectedVersion::NoStream, vec![event(0)])
-        .await
-        .unwrap();
-    let (foreign, timeout) = open_foreign_transaction(&url, &prefix, "open").await;
     let batch = vec![event(1)];
     let started = std::time::Instant::now();
     let answer = store
@@ -275,21 +263,9 @@ async fn warm_producers_give_way_to_producers_in_use() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resend_of_a_batch_not_readable_yet_is_not_answered_ok() {
     use rdkafka::producer::Producer;
-    let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
+    let Some((store, s, foreign, timeout)) = behind_an_open_transaction("resend").await else {
         return;
     };
-    let prefix = format!("w{}", &Uuid::new_v4().simple().to_string()[..12]);
-    let url = with_options(
-        &url,
-        &format!("prefix={prefix}&partitions=1&timeout_ms=1500"),
-    );
-    let store = KafkaStore::from_url(&url).await.unwrap();
-    let s = StreamId::parse("resend-1").unwrap();
-    store
-        .append(&s, ExpectedVersion::NoStream, vec![event(0)])
-        .await
-        .unwrap();
-    let (foreign, timeout) = open_foreign_transaction(&url, &prefix, "resend").await;
     let batch = vec![event(1)];
     let exact = ExpectedVersion::Exact(photon_api::Version(0));
     let first = {
@@ -344,15 +320,31 @@ async fn warm_ups_of_several_topics_at_once_stay_within_max_producers() {
     assert!(stats.producers <= 4, "{stats:?}");
 }
 
-/// Another client's transaction, left open with one record in partition 0 of `category`'s
-/// topic: nothing behind it in the partition is readable until it ends.
-async fn open_foreign_transaction(
-    url: &str,
-    prefix: &str,
+/// A store (partitions=1, timeout_ms=1500) holding one event in `<category>-1`, behind which
+/// another client's transaction is left open with one record in the partition: nothing appended
+/// after it is readable until it ends. None without a broker.
+async fn behind_an_open_transaction(
     category: &str,
-) -> (rdkafka::producer::FutureProducer, std::time::Duration) {
+) -> Option<(
+    KafkaStore,
+    StreamId,
+    rdkafka::producer::FutureProducer,
+    std::time::Duration,
+)> {
     use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-    let config = photon_kafka::KafkaConfig::from_url(url).unwrap();
+    let url = server_url("kafka", "PHOTON_TEST_KAFKA_URL")?;
+    let prefix = format!("w{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let url = with_options(
+        &url,
+        &format!("prefix={prefix}&partitions=1&timeout_ms=1500"),
+    );
+    let store = KafkaStore::from_url(&url).await.unwrap();
+    let s = StreamId::parse(format!("{category}-1")).unwrap();
+    store
+        .append(&s, ExpectedVersion::NoStream, vec![event(0)])
+        .await
+        .unwrap();
+    let config = photon_kafka::KafkaConfig::from_url(&url).unwrap();
     let topic = config.topic(category);
     let foreign: FutureProducer = config
         .transactional_producer_config(&format!("foreign-{prefix}"))
@@ -371,5 +363,5 @@ async fn open_foreign_transaction(
         )
         .await
         .unwrap();
-    (foreign, timeout)
+    Some((store, s, foreign, timeout))
 }
