@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use photon_api::validate::StoredId;
-use photon_api::{EventType, Metadata, Payload, StreamId, Timestamp, Uuid, Version};
+use photon_api::{Bytes, ContentType, EventType, Metadata, StreamId, Timestamp, Uuid, Version};
 use tokio::sync::watch;
 
 use crate::codec::Encoder;
@@ -43,8 +43,6 @@ pub(crate) const PAYLOAD_BUFFER: usize = 256 * 1024;
 
 /// The hash maps of the store: a fast, randomly seeded hash (foldhash) instead of SipHash.
 pub(crate) type Map<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-/// The hash sets of the store, hashed as [`Map`].
-pub(crate) type Set<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
 
 /// What every clone of one store shares.
 pub(crate) struct Shared {
@@ -101,12 +99,26 @@ pub(crate) struct Record {
     /// The stream's number in the log ([`Log::name`]).
     pub(crate) stream: u32,
     pub(crate) schema_version: u32,
-    pub(crate) event_type: EventType,
+    /// Its type and encoding, one shared copy per pair ([`Kind`]).
+    pub(crate) kind: Arc<Kind>,
     pub(crate) occurred_at: Timestamp,
     pub(crate) recorded_at: Timestamp,
-    pub(crate) payload: Payload,
+    /// The payload's bytes; its encoding is the kind's.
+    pub(crate) payload: Bytes,
     /// None for empty metadata, the common case.
     pub(crate) metadata: Option<Box<Metadata>>,
+}
+
+// A replay reads every record of the log: keep them this small.
+const _: () = assert!(std::mem::size_of::<Record>() <= 104);
+
+/// An event type and payload encoding, kept once for every record of that pair: a record then
+/// holds one pointer where the two took 40 bytes (104 bytes a record instead of 136), which a
+/// replay of a large log reads less of, and the store takes less memory.
+#[derive(PartialEq, Eq, Hash)]
+pub(crate) struct Kind {
+    pub(crate) event_type: EventType,
+    pub(crate) content_type: ContentType,
 }
 
 /// The log: every record in commit order (a record's position is its index) and every stream's
@@ -303,7 +315,6 @@ pub(crate) struct CategoryIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use photon_api::{Bytes, ContentType};
 
     fn record(version: u64, recorded_at: Timestamp) -> Record {
         Record {
@@ -311,10 +322,13 @@ mod tests {
             version,
             stream: 0,
             schema_version: 1,
-            event_type: EventType::new("T").unwrap(),
+            kind: Arc::new(Kind {
+                event_type: EventType::new("T").unwrap(),
+                content_type: ContentType::Json,
+            }),
             occurred_at: recorded_at,
             recorded_at,
-            payload: Payload::raw(ContentType::Json, Bytes::new()),
+            payload: Bytes::new(),
             metadata: None,
         }
     }

@@ -3,13 +3,15 @@
 //!
 //! Pure conversions: no locking and no checks of the caller's input happen here.
 
-use bytes::BytesMut;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
 use photon_api::{
-    Checkpoint, Error, EventData, EventType, Metadata, Payload, RecordedEvent, StreamId, Timestamp,
-    Version,
+    Checkpoint, ContentType, Error, EventData, EventType, Metadata, Payload, RecordedEvent,
+    StreamId, Timestamp, Version,
 };
 
-use crate::client::{Log, Record, Sealed, Set, BACKEND, PAYLOAD_BUFFER, SMALL_PAYLOAD};
+use crate::client::{Kind, Log, Map, Record, Sealed, BACKEND, PAYLOAD_BUFFER, SMALL_PAYLOAD};
 
 /// The checkpoint of the event at `position`.
 pub(crate) fn checkpoint(position: u64) -> Checkpoint {
@@ -30,11 +32,14 @@ fn recorded_event(record: &Record, stream: &StreamId, position: u64) -> Recorded
         stream: stream.clone(),
         version: Version(record.version),
         event_id: record.event_id,
-        event_type: record.event_type.clone(),
+        event_type: record.kind.event_type.clone(),
         schema_version: record.schema_version,
         occurred_at: record.occurred_at,
         recorded_at: record.recorded_at,
-        payload: record.payload.clone(),
+        payload: Payload {
+            content_type: record.kind.content_type.clone(),
+            bytes: record.payload.clone(),
+        },
         // Empty metadata is not stored, and an empty one costs nothing to make.
         metadata: record.metadata.as_deref().cloned().unwrap_or_default(),
         checkpoint: checkpoint(position),
@@ -57,15 +62,15 @@ impl Sealed {
     }
 }
 
-/// What encoding keeps between events: the shared payload buffer and type names.
+/// What encoding keeps between events: the shared payload buffer and the kinds in use.
 #[derive(Default)]
 pub(crate) struct Encoder {
     /// The free tail of the current shared payload buffer.
     payloads: BytesMut,
-    /// One shared copy of every event type name: stored events point at it instead of each
-    /// keeping its own allocation, so a replay touches one hot reference count, not one cold
-    /// one per event, and a stored event takes less memory.
-    event_types: Set<EventType>,
+    /// One shared [`Kind`] for every event type and encoding: stored events point at it instead
+    /// of each keeping its own type name and encoding, so a replay touches one hot reference
+    /// count, not one cold one per event, and a stored event takes less memory.
+    kinds: Map<(EventType, ContentType), Arc<Kind>>,
 }
 
 impl Encoder {
@@ -77,43 +82,49 @@ impl Encoder {
         version: u64,
         recorded_at: Timestamp,
     ) -> Record {
+        let Payload {
+            content_type,
+            bytes,
+        } = event.payload;
         Record {
             event_id: event.event_id,
             version,
             stream,
             schema_version: event.schema_version,
-            event_type: intern(&mut self.event_types, event.event_type),
+            kind: self.kind(event.event_type, content_type),
             occurred_at: event.occurred_at,
             recorded_at,
-            payload: compact(&mut self.payloads, event.payload),
+            payload: compact(&mut self.payloads, bytes),
             metadata: boxed(event.metadata),
         }
     }
-}
 
-/// The shared copy of `t`, kept in `types` from its first use on.
-fn intern(types: &mut Set<EventType>, t: EventType) -> EventType {
-    match types.get(&t) {
-        Some(shared) => shared.clone(),
-        None => {
-            types.insert(t.clone());
-            t
-        }
+    /// The shared kind of `event_type` and `content_type`, kept from its first use on.
+    fn kind(&mut self, event_type: EventType, content_type: ContentType) -> Arc<Kind> {
+        self.kinds
+            .entry((event_type, content_type))
+            .or_insert_with_key(|(event_type, content_type)| {
+                Arc::new(Kind {
+                    event_type: event_type.clone(),
+                    content_type: content_type.clone(),
+                })
+            })
+            .clone()
     }
 }
 
 /// A small payload copied into the shared buffer `buffers` (starting a new one when it is
 /// full); an empty or large one as given.
-fn compact(buffers: &mut BytesMut, mut payload: Payload) -> Payload {
-    let len = payload.bytes.len();
+fn compact(buffers: &mut BytesMut, bytes: Bytes) -> Bytes {
+    let len = bytes.len();
     if (1..=SMALL_PAYLOAD).contains(&len) {
         if buffers.capacity() - buffers.len() < len {
             *buffers = BytesMut::with_capacity(PAYLOAD_BUFFER);
         }
-        buffers.extend_from_slice(&payload.bytes);
-        payload.bytes = buffers.split().freeze();
+        buffers.extend_from_slice(&bytes);
+        return buffers.split().freeze();
     }
-    payload
+    bytes
 }
 
 /// Metadata to keep: None when it is empty, the common case.
