@@ -8,6 +8,8 @@ mod failure;
 mod process;
 mod repository;
 mod snapshot;
+#[cfg(feature = "sqlite")]
+mod sqlite_view;
 pub mod testing;
 mod typed_view;
 pub mod upcast;
@@ -34,8 +36,15 @@ pub use repository::{
     command_event_id, encode, CommandContext, ExecuteError, Executed, Loaded, Repository,
     RetryPolicy, RESERVED_CATEGORY_PREFIX,
 };
+/// `rusqlite`, re-exported so a SQLite view names the same `Transaction` type as newton.
+#[cfg(feature = "sqlite")]
+pub use rusqlite;
 pub use snapshot::{
     snapshot_stream, SnapshotDue, SnapshotPolicy, SNAPSHOT_CATEGORY, SNAPSHOT_EVENT_TYPE,
+};
+#[cfg(feature = "sqlite")]
+pub use sqlite_view::{
+    SqliteAdapter, SqliteView, SqliteViewError, SqliteViewRunner, CHECKPOINT_TABLE, SQLITE_BACKEND,
 };
 pub use typed_view::{AggregateView, Envelope, TypedView};
 pub use upcast::{Decoder, Upcasters};
