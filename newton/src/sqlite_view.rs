@@ -51,6 +51,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The handler runs on the database's own thread (never on an async worker), inside the open
 /// transaction of the current batch; each event runs in a savepoint, so an event the handler
 /// refuses leaves no partial change, whether the policy retries, skips, parks or stops.
+///
+/// [`ViewHandle::rebuild`] does not clear the view's tables (newton does not know them), so it
+/// would apply every event again: rebuild by a new view name, or by deleting the tables' rows
+/// and the view's checkpoint row while it is stopped.
 pub trait SqliteView: Send + Sync + 'static {
     /// Unique name including its version, e.g. `totals-v1`: the key of its checkpoint row.
     /// Allowed characters are those of a stream id (letters, digits, `_ - . : @`).
