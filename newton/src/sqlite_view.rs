@@ -192,18 +192,21 @@ impl SqliteViewRunner {
         self
     }
 
-    /// Opens the database, creates the checkpoint table and the view's tables, and starts the
-    /// view. Dropping every handle (or a stop) ends it; an uncommitted batch is rolled back.
+    /// Starts the view: its database thread opens the file and creates the checkpoint table and
+    /// the view's tables, then the view resumes from its checkpoint row. Dropping every handle
+    /// (or a stop) ends it; an uncommitted batch is rolled back.
     ///
     /// # Errors
-    /// - [`ViewError::Store`] with an [`Error::Backend`] holding [`SqliteViewError::Open`] when
-    ///   the database cannot be opened or migrated; the errors of [`ViewRunner::start`].
+    /// - The errors of [`ViewRunner::start`]; [`ViewError::Store`] when the thread cannot start.
+    /// - A database that cannot be opened or migrated fails the view (status `Failed`) with a
+    ///   [`ViewError::Store`] whose [`Error::Backend`] holds [`SqliteViewError::Open`]: opening
+    ///   blocks, so it happens on the database thread, not in this call.
     pub fn start<V: SqliteView>(&self, view: V) -> Result<ViewHandle<SqliteAdapter<V>>, ViewError> {
         let view = Arc::new(view);
         let name = view.name().to_owned();
-        let db = Database::open(view.clone(), &self.path).map_err(|e| ViewError::Store {
+        let db = Database::open(view.clone(), &self.path).map_err(|source| ViewError::Store {
             view: name.clone(),
-            source: e.into_store("opening the view's database"),
+            source,
         })?;
         let checkpoints = Arc::new(SqliteCheckpoints { db: db.clone() });
         ViewRunner::new(self.store.clone(), checkpoints)
@@ -330,44 +333,26 @@ impl fmt::Debug for Database {
 }
 
 impl Database {
-    fn open<V: SqliteView>(view: Arc<V>, path: &Path) -> Result<Self, SqliteViewError> {
+    /// Starts the database thread, which opens and migrates the file off the async workers (a
+    /// rival's lock can hold it for [`BUSY_TIMEOUT`]); an open failure answers the runner's
+    /// first request, its checkpoint load.
+    fn open<V: SqliteView>(view: Arc<V>, path: &Path) -> Result<Self, Error> {
         let name: Arc<str> = Arc::from(view.name());
-        let open = |source| SqliteViewError::Open {
-            view: name.to_string(),
-            path: path.to_owned(),
-            source,
-        };
-        let mut conn = Connection::open(path).map_err(open)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(open)?;
-        // WAL: readers of the read model do not block the view's commits, nor it them.
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(open)?;
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(open)?;
-        tx.execute_batch(&format!(
-            "CREATE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} (
-                view TEXT PRIMARY KEY NOT NULL,
-                positions BLOB NOT NULL,
-                revision INTEGER NOT NULL,
-                save_id TEXT NOT NULL
-            )"
-        ))
-        .map_err(open)?;
-        view.migrate(&tx).map_err(open)?;
-        tx.commit().map_err(open)?;
         let (requests, receiver) = mpsc::unbounded_channel();
         let thread = Thread {
             view,
             name: name.clone(),
         };
+        let path = path.to_owned();
         std::thread::Builder::new()
             .name(format!("sqlite-view-{name}"))
-            .spawn(move || thread.run(conn, receiver))
-            .map_err(|e| SqliteViewError::Open {
-                view: name.to_string(),
-                path: path.to_owned(),
-                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            .spawn(move || thread.start(&path, receiver))
+            .map_err(|e| {
+                Error::backend(
+                    SQLITE_BACKEND,
+                    format!("starting the database thread of view {name}"),
+                    e,
+                )
             })?;
         Ok(Self {
             view: name,
@@ -393,6 +378,52 @@ struct Thread<V> {
 }
 
 impl<V: SqliteView> Thread<V> {
+    fn start(self, path: &Path, mut requests: mpsc::UnboundedReceiver<Request>) {
+        match self.open(path) {
+            Ok(conn) => self.run(conn, requests),
+            Err(e) => {
+                if let Some(request) = requests.blocking_recv() {
+                    let e = e.into_store("opening the view's database");
+                    match request {
+                        Request::Load { reply } => drop(reply.send(Err(e))),
+                        Request::Commit { reply, .. } => drop(reply.send(Err(e))),
+                        Request::Handle { reply, .. } => drop(reply.send(Err(Box::new(e)))),
+                    }
+                }
+                // Later requests find the thread gone.
+            }
+        }
+    }
+
+    /// Opens the file and creates the checkpoint table and the view's tables.
+    fn open(&self, path: &Path) -> Result<Connection, SqliteViewError> {
+        let open = |source| SqliteViewError::Open {
+            view: self.name.to_string(),
+            path: path.to_owned(),
+            source,
+        };
+        let mut conn = Connection::open(path).map_err(open)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(open)?;
+        // WAL: readers of the read model do not block the view's commits, nor it them.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(open)?;
+        tx.execute_batch(&format!(
+            "CREATE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} (
+                view TEXT PRIMARY KEY NOT NULL,
+                positions BLOB NOT NULL,
+                revision INTEGER NOT NULL,
+                save_id TEXT NOT NULL
+            )"
+        ))
+        .map_err(open)?;
+        self.view.migrate(&tx).map_err(open)?;
+        tx.commit().map_err(open)?;
+        Ok(conn)
+    }
+
     fn run(self, mut conn: Connection, mut requests: mpsc::UnboundedReceiver<Request>) {
         // Outside a batch: wait for its first event (or a load, or an empty commit).
         while let Some(request) = requests.blocking_recv() {

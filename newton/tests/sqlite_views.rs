@@ -445,9 +445,11 @@ async fn a_database_that_cannot_open_is_a_typed_error() {
     let store = support::store();
     // A directory is not a database file.
     let dir = database().parent().unwrap().to_owned();
-    let error = SqliteViewRunner::new(store, &dir)
+    // Opening blocks, so it happens on the database thread: the view starts, then fails.
+    let handle = SqliteViewRunner::new(store, &dir)
         .start(Totals::new("open-v1", &[&category()]))
-        .unwrap_err();
+        .unwrap();
+    let error = failure(&handle).await;
     match sqlite_error(&error) {
         SqliteViewError::Open { view, path, .. } => {
             assert_eq!(view, "open-v1");
@@ -551,7 +553,13 @@ async fn a_second_runner_of_the_same_view_is_fenced() {
     let runner = SqliteViewRunner::new(store.clone(), &path).with_options(options(1));
     let first = runner.start(Totals::new("fence-v1", &[&category])).unwrap();
     let second = runner.start(Totals::new("fence-v1", &[&category])).unwrap();
-    // One of them commits first; the other finds a revision it did not load and stops.
+    // Both have the same revision once live (the later one loaded the earlier one's last
+    // commit); both handle the next event: one commits first, the other finds a revision it
+    // did not load and stops.
+    // (If both loaded before either committed, one is fenced already: waiting ends there.)
+    let _ = first.wait_until_live().await;
+    let _ = second.wait_until_live().await;
+    append(&*store, &category, "1", &[4]).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     let fenced = loop {
         match (first.status(), second.status()) {
