@@ -83,7 +83,8 @@ pub trait SqliteView: Send + Sync + 'static {
     ///
     /// # Errors
     /// - Any error is a refusal, dealt with by [`Self::failure_policy`]; the event's changes are
-    ///   rolled back to before it first. A [`photon_api::Error::Decode`] (e.g. from
+    ///   rolled back to before it first. A panic is a refusal too (caught on the database thread).
+    ///   A [`photon_api::Error::Decode`] (e.g. from
     ///   `event.decode()?`) is a [`ViewError::Decode`], not retried.
     fn handle(&self, tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), BoxError>;
 }
@@ -141,8 +142,9 @@ pub enum SqliteViewError {
         #[source]
         source: BoxError,
     },
-    /// The database thread ended (a handler panicked): its open batch was rolled back.
-    #[error("sqlite view {view}: the database thread ended (a handler panicked?); the open batch was rolled back")]
+    /// The database thread ended (its view stopped, or its database could not be opened): any
+    /// open batch was rolled back.
+    #[error("sqlite view {view}: the database thread ended; any open batch was rolled back")]
     Closed {
         /// The view.
         view: String,
@@ -379,7 +381,21 @@ struct Thread<V> {
 
 impl<V: SqliteView> Thread<V> {
     fn start(self, path: &Path, mut requests: mpsc::UnboundedReceiver<Request>) {
-        match self.open(path) {
+        // Switching a new file to WAL takes a lock SQLite does not wait for (no busy handler),
+        // so two runners opening one new file at once retry here, within the busy timeout.
+        let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+        let opened = loop {
+            match self.open(path) {
+                Err(SqliteViewError::Open { source, .. })
+                    if source.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                opened => break opened,
+            }
+        };
+        match opened {
             Ok(conn) => self.run(conn, requests),
             Err(e) => {
                 if let Some(request) = requests.blocking_recv() {
@@ -552,7 +568,20 @@ impl<V: SqliteView> Thread<V> {
         };
         tx.execute_batch("SAVEPOINT newton_event")
             .map_err(|e| failed("opening the event's savepoint", e))?;
-        match self.view.handle(tx, event) {
+        // A panicking handler refuses the event (rolled back like any refusal) rather than
+        // ending the thread: a dead thread would fail every later event, and a skip or park
+        // policy would then pass over events that were never refused.
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.view.handle(tx, event)))
+                .unwrap_or_else(|panic| {
+                    let message = panic
+                        .downcast_ref::<String>()
+                        .map(String::as_str)
+                        .or_else(|| panic.downcast_ref::<&str>().copied())
+                        .unwrap_or("a panic");
+                    Err(format!("the handler panicked: {message}").into())
+                });
+        match outcome {
             Ok(()) => tx
                 .execute_batch("RELEASE newton_event")
                 .map_err(|e| failed("releasing the event's savepoint", e)),
