@@ -28,6 +28,7 @@ const OPTIONS: &[&str] = &[
     "photon_gap_timeout_ms",
     "photon_timeout_ms",
     "photon_max_poll_ms",
+    "photon_append_races",
 ];
 
 /// The database when the URL names none.
@@ -54,6 +55,13 @@ pub struct MongoConfig {
     pub timeout: Duration,
     /// Longest pause between two polls of a live subscription with nothing new.
     pub max_poll_interval: Duration,
+    /// How many races for its version on its stream (another writer appended to the same
+    /// stream between this append's read and its insert) an append with `ExpectedVersion::Any`
+    /// or a holding expectation loses before it gives up with `Unavailable`: a stream written
+    /// by that many processes at once needs a different design, and the caller hears so instead
+    /// of waiting forever. Races for the global position, lost to appends to other streams, do
+    /// not count.
+    pub append_races: u32,
 }
 
 impl fmt::Debug for MongoConfig {
@@ -68,6 +76,7 @@ impl fmt::Debug for MongoConfig {
             .field("gap_timeout", &self.gap_timeout)
             .field("timeout", &self.timeout)
             .field("max_poll_interval", &self.max_poll_interval)
+            .field("append_races", &self.append_races)
             .finish()
     }
 }
@@ -106,6 +115,13 @@ impl MongoConfig {
             timeout: millis(&url, "photon_timeout_ms")?.unwrap_or(Duration::from_secs(5)),
             max_poll_interval: millis(&url, "photon_max_poll_ms")?
                 .unwrap_or(Duration::from_millis(250)),
+            append_races: url
+                .parsed_option(
+                    "photon_append_races",
+                    "must be a positive number of races",
+                    |v| v.parse().ok().filter(|n| *n > 0),
+                )?
+                .unwrap_or(200),
             url,
         })
     }
@@ -174,6 +190,12 @@ mod tests {
         assert!(!shown.contains("secret"), "{shown}");
         let d = MongoConfig::from_url("mongodb://h").unwrap();
         assert_eq!((d.database.as_str(), d.create), ("photon", true));
+        assert_eq!(d.append_races, 200);
+        let races = MongoConfig::from_url("mongodb://h/?photon_append_races=3").unwrap();
+        assert_eq!(
+            (races.append_races, races.driver_url().as_str()),
+            (3, "mongodb://h/")
+        );
         assert_eq!(d.driver_url(), "mongodb://h");
         let srv = MongoConfig::from_url("mongodb+srv://cluster.example.com/?photon_create=false");
         assert_eq!(
@@ -199,6 +221,14 @@ mod tests {
             (
                 "mongodb://h/?photon_max_event_size=x",
                 "positive number of bytes",
+            ),
+            (
+                "mongodb://h/?photon_append_races=0",
+                "photon_append_races must be a positive number of races",
+            ),
+            (
+                "mongodb://h/?photon_append_races=many",
+                "photon_append_races must be a positive number of races",
             ),
             ("kafka://h", "must start with mongodb://"),
         ] {

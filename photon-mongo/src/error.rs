@@ -192,11 +192,14 @@ pub(crate) fn shared_ids(collection: &str, shared: &[SharedId]) -> Error {
     }
 }
 
-/// An append that kept losing the race for a version or position.
-pub(crate) fn too_contended(stream: &StreamId, attempts: usize) -> Error {
+/// An append that kept losing its stream's next version to other writers of the stream.
+pub(crate) fn too_contended(stream: &StreamId, races: u32) -> Error {
     Error::Unavailable {
         backend: BACKEND,
-        message: format!("{stream}: lost {attempts} races in a row; the stream is too contended"),
+        message: format!(
+            "{stream}: lost its version to another writer of the stream {races} times; the \
+             stream is too contended (photon_append_races)"
+        ),
         source: None,
     }
 }

@@ -22,13 +22,15 @@ use crate::{codec, error, reader, subscription};
 /// MongoDB's document size limit, checked on the encoded commit before it is sent.
 const MAX_DOCUMENT_SIZE: usize = 16 * 1024 * 1024 - 16 * 1024;
 
-/// How many times an append retries after losing a race (another commit took its version or
-/// its position) before it reports the stream as too contended.
-const APPEND_ATTEMPTS: usize = 200;
-
 /// Appends `events` to `stream` if it is at `expected`; a re-send of a stored batch answers as
 /// the first send did, whatever `expected` says. `attempts` is set to the inserts tried (each
 /// one after the first lost a race).
+///
+/// Every append of the database races for the next global position, so losing an insert is
+/// normal under load and says nothing about this stream: such a loss is retried at once, for
+/// as long as it takes (the caller's own deadline bounds the wait). Only races for this stream's
+/// version (another writer appended to it in between) count against
+/// [`crate::MongoConfig::append_races`], with a growing random pause between them.
 pub(crate) async fn append(
     shared: &Arc<Shared>,
     stream: &StreamId,
@@ -43,21 +45,68 @@ pub(crate) async fn append(
         Some(MAX_APPEND_SIZE),
     )?;
     let ids_by_index = shared.ready().await?.ids_unique_per_element;
-    for attempt in 1..=APPEND_ATTEMPTS {
-        attempts.set(attempt as u32);
-        if let Some(result) = try_append(shared, stream, expected, &events, ids_by_index).await? {
-            return Ok(result);
+    let mut stream_races = 0;
+    let mut lost: Option<Lost> = None;
+    for attempt in 1u32.. {
+        attempts.set(attempt);
+        let current = reader::last_commit(shared, stream)
+            .await?
+            .map(|h| h.last_version());
+        if let Some(lost) = lost.take() {
+            if !lost.to_another_stream(shared, current).await? {
+                stream_races += 1;
+                if stream_races >= shared.config.append_races {
+                    return Err(error::too_contended(stream, stream_races));
+                }
+                // Another writer of this stream got in first: decide again after a short
+                // random pause that spreads the writers that collided.
+                tracing::debug!(%stream, stream_races, "append lost its version; retrying");
+                let jitter = u64::from(Uuid::new_v4().as_bytes()[0] % 8);
+                let pause = jitter * u64::from(stream_races.min(8));
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                continue;
+            }
+            tracing::trace!(%stream, "append lost the global position; retrying");
         }
-        // Another commit took this version or this position: decide again. A short random
-        // pause spreads writers that collided.
-        tracing::debug!(%stream, attempt, "append lost a race; retrying");
-        let jitter = u64::from(Uuid::new_v4().as_bytes()[0] % 8);
-        tokio::time::sleep(Duration::from_millis(jitter * attempt.min(8) as u64)).await;
+        match try_append(shared, stream, expected, current, &events, ids_by_index).await? {
+            Attempt::Stored(result) => return Ok(result),
+            Attempt::Lost(l) => lost = Some(l),
+        }
     }
-    Err(error::too_contended(stream, APPEND_ATTEMPTS))
+    unreachable!("the attempts above end by returning")
 }
 
-/// One attempt: the result, or None when another commit took the version or position first.
+/// What one attempt did.
+enum Attempt {
+    /// Stored now, or found stored by an earlier send.
+    Stored(AppendResult),
+    /// Refused by a unique index: another commit took the version or the position first.
+    Lost(Lost),
+}
+
+/// What a refused insert was based on, to tell afterwards which race it lost.
+struct Lost {
+    /// The stream's last version it read.
+    stream_head: Option<Version>,
+    /// The global position it claimed.
+    position: u64,
+}
+
+impl Lost {
+    /// Whether the insert lost its position to a commit of another stream: this stream is still
+    /// where the insert found it (`current`), and the position it claimed is taken now.
+    /// Anything else (this stream moved, or a refusal neither explains) counts as a race on the
+    /// stream, so an append cannot retry forever on a refusal nobody explains.
+    async fn to_another_stream(
+        &self,
+        shared: &Shared,
+        current: Option<Version>,
+    ) -> Result<bool, Error> {
+        Ok(current == self.stream_head && shared.head().await? >= self.position)
+    }
+}
+
+/// One attempt, based on the stream's last version as just read (`current`).
 ///
 /// Which ids are stored decides before the expectation does: a batch holding a stored id is a
 /// retry (answered as the first send was) or a conflict, whatever `expected` says. Where the
@@ -72,16 +121,14 @@ async fn try_append(
     shared: &Arc<Shared>,
     stream: &StreamId,
     expected: ExpectedVersion,
+    current: Option<Version>,
     events: &[EventData],
     ids_by_index: bool,
-) -> Result<Option<AppendResult>, Error> {
-    let current = reader::last_commit(shared, stream)
-        .await?
-        .map(|h| h.last_version());
+) -> Result<Attempt, Error> {
     let holds = expected.matches(current);
     if !holds || !ids_by_index {
         if let Some(earlier) = stored_batch(shared, stream, events).await? {
-            return Ok(Some(earlier));
+            return Ok(Attempt::Stored(earlier));
         }
     }
     if !holds {
@@ -113,14 +160,20 @@ async fn try_append(
     {
         Ok(true) => {
             fence.disarm();
-            Ok(Some(appended(first, position, events.len())))
+            Ok(Attempt::Stored(appended(first, position, events.len())))
         }
         // Refused, so nothing was stored: another commit holds this version or this position,
         // or (the `stream_event_ids` index) one of these ids. Only the last needs an answer
         // now; for the others the caller decides again.
         Ok(false) => {
             fence.disarm();
-            stored_batch(shared, stream, events).await
+            Ok(match stored_batch(shared, stream, events).await? {
+                Some(earlier) => Attempt::Stored(earlier),
+                None => Attempt::Lost(Lost {
+                    stream_head: current,
+                    position,
+                }),
+            })
         }
         // The outcome is unknown: the commit may have landed, or may still land. The fence
         // (on drop) closes that window; re-sending the same batch is safe, since the ids make

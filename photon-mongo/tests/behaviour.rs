@@ -517,3 +517,107 @@ async fn a_collection_with_commits_sharing_ids_is_refused_with_the_stream_and_id
         Err(Error::InvalidInput { .. })
     ));
 }
+
+/// Issue 16 item 3: every append of a database races for the next global position, but losing
+/// that race to an append to another stream is not contention on this stream. With a limit of
+/// two lost races, eight writers, each alone on its own stream, all get their appends stored
+/// (before, every lost position race counted and most of them were told `Unavailable`), and the
+/// log holds every event once, in one global order.
+#[tokio::test]
+async fn appends_to_uncontended_streams_never_fail_because_others_write_elsewhere() {
+    let Some(url) = server_url("mongo", "PHOTON_TEST_MONGO_URL") else {
+        return;
+    };
+    let url = with_options(
+        &url,
+        &format!("photon_prefix={}&photon_append_races=2", fresh_prefix()),
+    );
+    let store = MongoStore::from_url(&url).await.unwrap();
+    const WRITERS: usize = 8;
+    const APPENDS: u64 = 6;
+    let writers = (0..WRITERS).map(|w| {
+        let store = store.clone();
+        async move {
+            let stream = StreamId::parse(format!("race-w{w}")).unwrap();
+            for n in 0..APPENDS {
+                let expected = match n {
+                    0 => ExpectedVersion::NoStream,
+                    n => ExpectedVersion::Exact(photon_api::Version(n - 1)),
+                };
+                let event = EventData::json("Raced", &n).unwrap();
+                store.append(&stream, expected, vec![event]).await?;
+            }
+            Ok::<_, Error>(())
+        }
+    });
+    let results = futures::future::join_all(writers).await;
+    let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} writers failed: {failed:?}",
+        failed.len()
+    );
+    let all = store
+        .subscribe(
+            Selector::Category(Category::new("race").unwrap()),
+            Start::Beginning,
+            photon_api::SubscriptionMode::Cold,
+        )
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap();
+    let events = all
+        .iter()
+        .filter(|i| matches!(i, photon_api::SubscriptionItem::Event(_)))
+        .count();
+    assert_eq!(events as u64, WRITERS as u64 * APPENDS);
+}
+
+/// The other side of the limit: writers racing for one stream's versions do count, and one that
+/// loses more than `photon_append_races` of them hears `Unavailable` naming the stream and the
+/// option, with nothing of its batch stored; every append answered Ok is stored once.
+#[tokio::test]
+async fn an_append_that_keeps_losing_its_streams_version_gives_up_with_unavailable() {
+    let Some(url) = server_url("mongo", "PHOTON_TEST_MONGO_URL") else {
+        return;
+    };
+    let url = with_options(
+        &url,
+        &format!("photon_prefix={}&photon_append_races=1", fresh_prefix()),
+    );
+    let store = MongoStore::from_url(&url).await.unwrap();
+    let stream = StreamId::parse("race-shared").unwrap();
+    let mut refused = 0;
+    let mut stored = 0u64;
+    // Rounds of eight writers at once until one loses: with a limit of one race, the first
+    // race lost on the stream is the end of that append.
+    for _ in 0..20 {
+        let writers = (0..8).map(|n| {
+            let (store, stream) = (store.clone(), stream.clone());
+            async move {
+                let event = EventData::json("Raced", &n).unwrap();
+                store
+                    .append(&stream, ExpectedVersion::Any, vec![event])
+                    .await
+            }
+        });
+        for result in futures::future::join_all(writers).await {
+            match result {
+                Ok(_) => stored += 1,
+                Err(Error::Unavailable { message, .. }) => {
+                    assert!(message.contains("race-shared"), "{message}");
+                    assert!(message.contains("photon_append_races"), "{message}");
+                    refused += 1;
+                }
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+        if refused > 0 {
+            break;
+        }
+    }
+    assert!(refused > 0, "no append lost a race in 20 rounds of 8");
+    // One event per append: the stream's last version is the count of stored appends - 1.
+    let last = store.stream_version(&stream).await.unwrap();
+    assert_eq!(last.map(|v| v.value() + 1), Some(stored));
+}
