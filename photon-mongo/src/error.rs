@@ -204,6 +204,20 @@ pub(crate) fn too_contended(stream: &StreamId, races: u32) -> Error {
     }
 }
 
+/// An append that kept losing the global position to other streams' commits for longer than
+/// its time allows: the database is too busy (or refuses the insert for a reason it does not
+/// say). Nothing of the batch is stored.
+pub(crate) fn position_races(stream: &StreamId, inserts: u32) -> Error {
+    Error::Unavailable {
+        backend: BACKEND,
+        message: format!(
+            "{stream}: {inserts} inserts refused while other streams' commits took the next \
+             position; the database is too busy"
+        ),
+        source: None,
+    }
+}
+
 /// A stored commit that does not have the documented layout.
 pub(crate) fn corrupt(position: Option<i64>, what: impl Into<String>) -> Error {
     let at = position.map_or("?".into(), |p| p.to_string());

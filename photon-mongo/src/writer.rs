@@ -27,9 +27,9 @@ const MAX_DOCUMENT_SIZE: usize = 16 * 1024 * 1024 - 16 * 1024;
 /// one after the first lost a race).
 ///
 /// Every append of the database races for the next global position, so losing an insert is
-/// normal under load and says nothing about this stream: such a loss is retried at once, for
-/// as long as it takes (the caller's own deadline bounds the wait). Only races for this stream's
-/// version (another writer appended to it in between) count against
+/// normal under load and says nothing about this stream: such a loss is retried after a short
+/// pause, bounded only in time ([`POSITION_RACES_FOR`]). Only races for this stream's version
+/// (another writer appended to it in between, and the expectation still holds) count against
 /// [`crate::MongoConfig::append_races`], with a growing random pause between them.
 pub(crate) async fn append(
     shared: &Arc<Shared>,
@@ -46,34 +46,60 @@ pub(crate) async fn append(
     )?;
     let ids_by_index = shared.ready().await?.ids_unique_per_element;
     let mut stream_races = 0;
+    let mut inserts = 0;
     let mut lost: Option<Lost> = None;
-    for attempt in 1u32.. {
-        attempts.set(attempt);
+    // Position races are not counted, but they are bounded in time, so a refusal that only
+    // looks like one (a unique index of someone else's, a head read that lags) cannot retry
+    // forever.
+    let give_up = tokio::time::Instant::now() + POSITION_RACES_FOR * shared.config.timeout;
+    loop {
         let current = reader::last_commit(shared, stream)
             .await?
             .map(|h| h.last_version());
         if let Some(lost) = lost.take() {
             if !lost.to_another_stream(shared, current).await? {
-                stream_races += 1;
-                if stream_races >= shared.config.append_races {
-                    return Err(error::too_contended(stream, stream_races));
+                // When the expectation no longer holds, the next try answers
+                // WrongExpectedVersion (or the earlier send's result): no race to count.
+                if expected.matches(current) {
+                    stream_races += 1;
+                    if stream_races >= shared.config.append_races {
+                        return Err(error::too_contended(stream, stream_races));
+                    }
+                    // Another writer of this stream got in first: decide again after a short
+                    // random pause that spreads the writers that collided.
+                    tracing::debug!(%stream, stream_races, "append lost its version; retrying");
+                    pause(8 * u64::from(stream_races.min(8))).await;
+                    continue;
                 }
-                // Another writer of this stream got in first: decide again after a short
-                // random pause that spreads the writers that collided.
-                tracing::debug!(%stream, stream_races, "append lost its version; retrying");
-                let jitter = u64::from(Uuid::new_v4().as_bytes()[0] % 8);
-                let pause = jitter * u64::from(stream_races.min(8));
-                tokio::time::sleep(Duration::from_millis(pause)).await;
+            } else {
+                if tokio::time::Instant::now() >= give_up {
+                    return Err(error::position_races(stream, inserts));
+                }
+                tracing::debug!(%stream, inserts, "append lost the global position; retrying");
+                // A pause of up to 2 ms so the writers that all lost one position do not all
+                // claim the next one at once.
+                pause(3).await;
                 continue;
             }
-            tracing::trace!(%stream, "append lost the global position; retrying");
         }
+        inserts += 1;
+        attempts.set(inserts);
         match try_append(shared, stream, expected, current, &events, ids_by_index).await? {
             Attempt::Stored(result) => return Ok(result),
             Attempt::Lost(l) => lost = Some(l),
         }
     }
-    unreachable!("the attempts above end by returning")
+}
+
+/// How many `photon_timeout_ms` an append may spend losing the global position to other
+/// streams' commits before it answers `Unavailable`.
+const POSITION_RACES_FOR: u32 = 6;
+
+/// A random pause below `below_ms` milliseconds.
+async fn pause(below_ms: u64) {
+    let id = Uuid::new_v4();
+    let random = u64::from(u16::from_le_bytes([id.as_bytes()[0], id.as_bytes()[1]]));
+    tokio::time::sleep(Duration::from_millis(random % below_ms.max(1))).await;
 }
 
 /// What one attempt did.

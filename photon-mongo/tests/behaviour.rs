@@ -621,3 +621,114 @@ async fn an_append_that_keeps_losing_its_streams_version_gives_up_with_unavailab
     let last = store.stream_version(&stream).await.unwrap();
     assert_eq!(last.map(|v| v.value() + 1), Some(stored));
 }
+
+/// With `Exact`, a lost race for the stream's version is a conflict, whatever the race limit:
+/// the loser hears `WrongExpectedVersion` (not a retryable `Unavailable`), even with
+/// `photon_append_races=1`.
+#[tokio::test]
+async fn a_lost_race_under_exact_is_a_conflict_not_contention() {
+    let Some(url) = server_url("mongo", "PHOTON_TEST_MONGO_URL") else {
+        return;
+    };
+    let url = with_options(
+        &url,
+        &format!("photon_prefix={}&photon_append_races=1", fresh_prefix()),
+    );
+    let store = MongoStore::from_url(&url).await.unwrap();
+    let stream = StreamId::parse("race-exact").unwrap();
+    let mut conflicts = 0;
+    for round in 0..10u64 {
+        let expected = match round {
+            0 => ExpectedVersion::NoStream,
+            n => ExpectedVersion::Exact(photon_api::Version(n - 1)),
+        };
+        let writers = (0..6).map(|n| {
+            let (store, stream) = (store.clone(), stream.clone());
+            async move {
+                let event = EventData::json("Raced", &n).unwrap();
+                store.append(&stream, expected, vec![event]).await
+            }
+        });
+        let mut stored = 0;
+        for result in futures::future::join_all(writers).await {
+            match result {
+                Ok(_) => stored += 1,
+                Err(Error::WrongExpectedVersion { .. }) => conflicts += 1,
+                Err(other) => panic!("round {round}: {other:?}"),
+            }
+        }
+        assert_eq!(stored, 1, "round {round}");
+    }
+    assert!(conflicts > 0);
+}
+
+/// A refusal nobody explains, on a busy database: a unique index of someone else's (here on
+/// `event_ids` alone) refuses an id another stream holds, while other streams keep writing, so
+/// the refusal looks like a lost global position. The append gives up after 6 ×
+/// `photon_timeout_ms` with `Unavailable` and stores nothing (it looped forever before).
+#[tokio::test]
+async fn a_refusal_that_looks_like_a_lost_position_is_bounded_in_time() {
+    let Some(url) = server_url("mongo", "PHOTON_TEST_MONGO_URL") else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let url = with_options(
+        &url,
+        &format!("photon_prefix={prefix}&photon_timeout_ms=400"),
+    );
+    let store = MongoStore::from_url(&url).await.unwrap();
+    let mut first = EventData::json("Once", &1).unwrap();
+    let a = StreamId::parse("race-a").unwrap();
+    store
+        .append(&a, ExpectedVersion::NoStream, vec![first.clone()])
+        .await
+        .unwrap();
+    let driver_url = url.split('?').next().unwrap().to_owned();
+    let commits = commits_of(&driver_url, &prefix).await;
+    commits
+        .create_index(
+            mongodb::IndexModel::builder()
+                .keys(doc! {"event_ids": 1})
+                .options(
+                    mongodb::options::IndexOptions::builder()
+                        .unique(true)
+                        .name("foreign_ids".to_owned())
+                        .build(),
+                )
+                .build(),
+        )
+        .await
+        .unwrap();
+    // Other streams keep writing meanwhile.
+    let busy = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for n in 0u64.. {
+                let s = StreamId::parse(format!("race-busy{}", n % 4)).unwrap();
+                let e = EventData::json("Busy", &n).unwrap();
+                let _ = store.append(&s, ExpectedVersion::Any, vec![e]).await;
+            }
+        })
+    };
+    let b = StreamId::parse("race-b").unwrap();
+    first.event_type = photon_api::EventType::new("Again").unwrap();
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        store.append(&b, ExpectedVersion::Any, vec![first]),
+    )
+    .await;
+    busy.abort();
+    match answer {
+        // Either bound answers: the time one while the refusal looks like a lost position, the
+        // race limit when no other stream wrote in between.
+        Ok(Err(Error::Unavailable { message, .. })) => {
+            assert!(message.contains("race-b"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.stream_version(&b).await.unwrap(), None);
+    assert_eq!(
+        store.stream_version(&a).await.unwrap().map(|v| v.value()),
+        Some(0)
+    );
+}
