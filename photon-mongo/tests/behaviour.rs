@@ -518,6 +518,20 @@ async fn a_collection_with_commits_sharing_ids_is_refused_with_the_stream_and_id
     ));
 }
 
+/// A store on a fresh prefix that gives up after `races` lost races for a stream's version;
+/// None without a test server.
+async fn racing_store(races: u32) -> Option<MongoStore> {
+    let url = server_url("mongo", "PHOTON_TEST_MONGO_URL")?;
+    let url = with_options(
+        &url,
+        &format!(
+            "photon_prefix={}&photon_append_races={races}",
+            fresh_prefix()
+        ),
+    );
+    Some(MongoStore::from_url(&url).await.unwrap())
+}
+
 /// Issue 16 item 3: every append of a database races for the next global position, but losing
 /// that race to an append to another stream is not contention on this stream. With a limit of
 /// two lost races, eight writers, each alone on its own stream, all get their appends stored
@@ -525,14 +539,9 @@ async fn a_collection_with_commits_sharing_ids_is_refused_with_the_stream_and_id
 /// log holds every event once, in one global order.
 #[tokio::test]
 async fn appends_to_uncontended_streams_never_fail_because_others_write_elsewhere() {
-    let Some(url) = server_url("mongo", "PHOTON_TEST_MONGO_URL") else {
+    let Some(store) = racing_store(2).await else {
         return;
     };
-    let url = with_options(
-        &url,
-        &format!("photon_prefix={}&photon_append_races=2", fresh_prefix()),
-    );
-    let store = MongoStore::from_url(&url).await.unwrap();
     const WRITERS: usize = 8;
     const APPENDS: u64 = 6;
     let writers = (0..WRITERS).map(|w| {
@@ -578,14 +587,9 @@ async fn appends_to_uncontended_streams_never_fail_because_others_write_elsewher
 /// option, with nothing of its batch stored; every append answered Ok is stored once.
 #[tokio::test]
 async fn an_append_that_keeps_losing_its_streams_version_gives_up_with_unavailable() {
-    let Some(url) = server_url("mongo", "PHOTON_TEST_MONGO_URL") else {
+    let Some(store) = racing_store(1).await else {
         return;
     };
-    let url = with_options(
-        &url,
-        &format!("photon_prefix={}&photon_append_races=1", fresh_prefix()),
-    );
-    let store = MongoStore::from_url(&url).await.unwrap();
     let stream = StreamId::parse("race-shared").unwrap();
     let mut refused = 0;
     let mut stored = 0u64;
@@ -627,14 +631,9 @@ async fn an_append_that_keeps_losing_its_streams_version_gives_up_with_unavailab
 /// `photon_append_races=1`.
 #[tokio::test]
 async fn a_lost_race_under_exact_is_a_conflict_not_contention() {
-    let Some(url) = server_url("mongo", "PHOTON_TEST_MONGO_URL") else {
+    let Some(store) = racing_store(1).await else {
         return;
     };
-    let url = with_options(
-        &url,
-        &format!("photon_prefix={}&photon_append_races=1", fresh_prefix()),
-    );
-    let store = MongoStore::from_url(&url).await.unwrap();
     let stream = StreamId::parse("race-exact").unwrap();
     let mut conflicts = 0;
     for round in 0..10u64 {
