@@ -9,11 +9,13 @@
 //! byte chunks, so "a request" is whatever chunk contains the test's byte pattern.
 //!
 //! Every accepted connection gets two pump tasks, client→server and server→client. A pump reads a
-//! chunk, then (in this order) lets a matching hold claim it, waits out the latency, waits out a
-//! stall, and writes the chunk. Because one pump handles one direction sequentially, no fault can
-//! reorder or lose bytes; bytes not yet read stay in the kernel's buffers, which is also what
-//! applies back-pressure to the sender. Every wait is raced against the cut signal, so a cut closes a
-//! connection at once whatever its pumps are waiting for.
+//! chunk, lets a matching hold claim it (the reading stops there), and queues it; beside the
+//! reading, the pump takes the queue in order, waits out the latency (counted from the chunk's
+//! arrival), waits out a stall, and writes the chunk. Because one queue carries one direction in
+//! order, no fault can reorder or lose bytes; past [`CHUNKS_IN_FLIGHT`] queued chunks, bytes not
+//! yet read stay in the kernel's buffers, which is also what applies back-pressure to the sender.
+//! Every wait is raced against the cut signal, so a cut closes a connection at once whatever its
+//! pumps are waiting for.
 
 use std::fmt;
 use std::io;
@@ -25,7 +27,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -36,6 +38,10 @@ const CHUNK_SIZE: usize = 64 * 1024;
 /// How long a proxied connection waits for the upstream to accept before giving up and closing the
 /// client side; a test server that is down should show up as a closed connection, not a hang.
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Chunks read but not yet written, per direction of a connection: while a latency or a stall
+/// holds them, more than this waits in the kernel's buffers (back-pressure on the sender).
+const CHUNKS_IN_FLIGHT: usize = 256;
 
 /// Pause after a failed `accept` (for example too many open files) so the accept loop cannot spin.
 const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(50);
@@ -135,8 +141,8 @@ impl FaultProxy {
     /// Delays every chunk, in both directions, by `d` from when the proxy read it; `Duration::ZERO`
     /// turns latency off.
     ///
-    /// Order is kept because each direction is forwarded one chunk at a time; a side effect is that
-    /// one direction of one connection carries at most one chunk (64 KiB) per `d`.
+    /// Chunks are delayed side by side, as on a long link: a busy connection's chunks each arrive
+    /// `d` after they were sent, in order, not one `d` apart.
     pub fn set_latency(&self, d: Duration) {
         let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         self.shared.latency_nanos.store(nanos, Ordering::Relaxed);
@@ -633,36 +639,64 @@ async fn forward(
     read: &mut OwnedReadHalf,
     write: &mut OwnedWriteHalf,
 ) -> PumpEnd {
-    let mut buf = vec![0u8; CHUNK_SIZE];
-    let mut carry = Vec::new();
-    loop {
-        let n = match read.read(&mut buf).await {
-            Ok(0) => return PumpEnd::Eof,
-            Ok(n) => n,
-            Err(error) => return PumpEnd::Failed(error),
-        };
-        let arrived = Instant::now();
-        let chunk = &buf[..n];
-        if direction == Direction::ClientToServer {
-            if let Some(hold) = shared.claim_hold(&carry, chunk) {
-                tracing::debug!(bytes = n, "fault proxy holding a chunk");
-                if hold.decided().await == Decision::DropConnection {
-                    return PumpEnd::Dropped;
+    // Read and write run side by side, so a latency delays each chunk from its arrival, as a
+    // long link does, instead of spacing the chunks of a busy connection one latency apart.
+    let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(CHUNKS_IN_FLIGHT);
+    let reading = async move {
+        let mut buf = vec![0u8; CHUNK_SIZE];
+        let mut carry = Vec::new();
+        loop {
+            let n = match read.read(&mut buf).await {
+                Ok(0) => return PumpEnd::Eof,
+                Ok(n) => n,
+                Err(error) => return PumpEnd::Failed(error),
+            };
+            let arrived = Instant::now();
+            let chunk = &buf[..n];
+            if direction == Direction::ClientToServer {
+                if let Some(hold) = shared.claim_hold(&carry, chunk) {
+                    tracing::debug!(bytes = n, "fault proxy holding a chunk");
+                    if hold.decided().await == Decision::DropConnection {
+                        return PumpEnd::Dropped;
+                    }
                 }
+                shared.update_carry(&mut carry, chunk);
             }
-            shared.update_carry(&mut carry, chunk);
+            if tx.send((arrived, chunk.to_vec())).await.is_err() {
+                return PumpEnd::Killed;
+            }
         }
-        let latency = shared.latency();
-        if !latency.is_zero() {
-            tokio::time::sleep_until(arrived + latency).await;
+    };
+    let writing = async {
+        while let Some((arrived, chunk)) = rx.recv().await {
+            let latency = shared.latency();
+            if !latency.is_zero() {
+                tokio::time::sleep_until(arrived + latency).await;
+            }
+            shared.wait_unstalled().await;
+            write.write_all(&chunk).await?;
+            shared
+                .bytes_forwarded
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
         }
-        shared.wait_unstalled().await;
-        if let Err(error) = write.write_all(chunk).await {
-            return PumpEnd::Failed(error);
+        Ok::<(), io::Error>(())
+    };
+    tokio::pin!(reading, writing);
+    let mut read_end = None;
+    loop {
+        tokio::select! {
+            end = &mut reading, if read_end.is_none() => match end {
+                // What was read before the end is still written, then the end is passed on.
+                PumpEnd::Eof => read_end = Some(PumpEnd::Eof),
+                other => return other,
+            },
+            written = &mut writing => {
+                return match written {
+                    Err(error) => PumpEnd::Failed(error),
+                    Ok(()) => read_end.unwrap_or(PumpEnd::Killed),
+                };
+            }
         }
-        shared
-            .bytes_forwarded
-            .fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
