@@ -685,11 +685,9 @@ async fn forward(
     let mut read_end = None;
     loop {
         tokio::select! {
-            end = &mut reading, if read_end.is_none() => match end {
-                // What was read before the end is still written, then the end is passed on.
-                PumpEnd::Eof => read_end = Some(PumpEnd::Eof),
-                other => return other,
-            },
+            // What was read before the end (a FIN, a dropped hold, a reset) is still written,
+            // as bytes already on the wire would arrive; then the end is passed on.
+            end = &mut reading, if read_end.is_none() => read_end = Some(end),
             written = &mut writing => {
                 return match written {
                     Err(error) => PumpEnd::Failed(error),
@@ -856,6 +854,42 @@ mod tests {
             elapsed >= 2 * latency,
             "round trip took {elapsed:?}, latency is {latency:?} each way"
         );
+    }
+
+    #[tokio::test]
+    async fn latency_delays_chunks_side_by_side_not_one_after_the_other() {
+        let proxy = proxy_to_echo().await;
+        let latency = Duration::from_millis(300);
+        proxy.set_latency(latency);
+        let mut stream = connect(&proxy).await;
+        let started = Instant::now();
+        // Five chunks 20 ms apart: each arrives about two latencies after it was sent, so all
+        // are back after about 0.7 s; one latency per chunk and direction would take 3 s.
+        let mut sent = Vec::new();
+        for i in 0..5u8 {
+            let chunk = [b'a' + i; 8];
+            send(&mut stream, &chunk).await;
+            sent.extend_from_slice(&chunk);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(receive(&mut stream, sent.len()).await, sent, "in order");
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= 2 * latency && elapsed < 6 * latency,
+            "five chunks took {elapsed:?} with {latency:?} each way"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_end_of_stream_follows_the_chunks_still_waiting_out_the_latency() {
+        let proxy = proxy_to_echo().await;
+        proxy.set_latency(Duration::from_millis(200));
+        let mut stream = connect(&proxy).await;
+        send(&mut stream, b"last words").await;
+        stream.shutdown().await.expect("half-close");
+        // The echo server gets the bytes before the FIN, echoes them and closes back.
+        assert_eq!(receive(&mut stream, 10).await, b"last words");
+        assert_closed(&mut stream).await;
     }
 
     #[tokio::test]
