@@ -18,7 +18,9 @@ pub use event::{
     ContentType, EventData, EventType, Headers, Metadata, Payload, RecordedEvent, Timestamp,
     MAX_EVENT_TYPE_LEN,
 };
-pub use opener::{cursor_stream, open_subscription, SubscriptionCursor, SubscriptionRequest};
+pub use opener::{
+    cursor_stream, now_start_wait, open_subscription, SubscriptionCursor, SubscriptionRequest,
+};
 pub use store::{error_stream, AppendResult, Capabilities, EventStore, EventStoreExt, Health};
 pub use stream_id::{Category, StreamId, MAX_CATEGORY_LEN, MAX_ID_LEN};
 pub use subscription::{

@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::stream::{self, BoxStream, FusedStream, Stream};
 use futures::StreamExt;
@@ -18,6 +19,16 @@ use crate::error::Error;
 use crate::store::error_stream;
 use crate::subscription::{Selector, Start, SubscriptionItem, SubscriptionMode};
 use crate::telemetry::{SubscriptionTelemetry, Telemetry};
+
+/// How long a subscription from `Start::Now` waits before it says `CaughtUp`, for a backend
+/// whose writers answer Ok only within `answer_window` of the moment their write could first
+/// have become visible (a server that cannot tell a subscriber which stored writes have not
+/// answered their callers yet). The window and a quarter more: the margin covers the time
+/// between a writer's decision and its caller's return (a task switch, a channel) and clocks
+/// that run at slightly different rates on the writer's and the subscriber's machines.
+pub fn now_start_wait(answer_window: Duration) -> Duration {
+    answer_window + answer_window / 4
+}
 use crate::validate::validate_subscription;
 
 /// A subscription's arguments, checked, with the checkpoint decoded into the backend's position

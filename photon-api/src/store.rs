@@ -124,7 +124,12 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
     ///   poll), then the stream ends.
     /// - `HotCold` sends `CaughtUp` once it has delivered the history as of the call, even while
     ///   writers keep appending faster than the consumer reads.
-    /// - `Hot`: `CaughtUp` once live, then only events stored after that.
+    /// - `Hot`: `CaughtUp` once live, then only events stored after the start. Every append that
+    ///   returns Ok after the consumer received `CaughtUp` is delivered, including appends in
+    ///   flight when the subscription started; a backend that cannot tell which stored appends
+    ///   have not answered yet bounds how late a writer may answer Ok and says `CaughtUp` only
+    ///   after that bound ([`crate::now_start_wait`]), delivering what arrives meanwhile
+    ///   before it.
     /// - `HotCold`: replay from `start`, `CaughtUp` once at the head, then live; no event missed
     ///   or repeated at the switch, even with writers running.
     /// - Per-stream order always holds; each event carries the checkpoint to resume the same

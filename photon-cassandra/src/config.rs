@@ -38,6 +38,7 @@ const OPTIONS: &[&str] = &[
     "bucket_size",
     "time_bucket_s",
     "settle_ms",
+    "answer_window_ms",
     "repair_after_ms",
     "max_event_size",
     "max_append_size",
@@ -118,6 +119,15 @@ pub struct CassandraConfig {
     /// commit written with a slightly earlier time id (another writer's clock, a slow request)
     /// is not passed over.
     pub settle: Duration,
+    /// The longest an append may take from its conditional write to its Ok, and the wait of a
+    /// `Start::Now` subscription before it says `CaughtUp` (`answer_window_ms`, default
+    /// 2 000). A subscription from now passes over what is stored and indexed when it starts;
+    /// an append in that state may not have answered its caller yet. Its writer answers Ok only
+    /// within this window of sending the commit (later it says `Unavailable`: stored, and a
+    /// re-send is answered as a retry), so every append answered Ok after that `CaughtUp` was
+    /// still ahead of the subscriber. Every process on the same keyspace must use the same
+    /// value.
+    pub answer_window: Duration,
     /// How long an append may stay unresolved before readers repair it (`repair_after_ms`,
     /// default 30 000): a commit whose category rows were never written (the writer died).
     pub repair_after: Duration,
@@ -156,6 +166,7 @@ impl fmt::Debug for CassandraConfig {
             .field("bucket_size", &self.bucket_size)
             .field("time_bucket", &self.time_bucket)
             .field("settle", &self.settle)
+            .field("answer_window", &self.answer_window)
             .field("repair_after", &self.repair_after)
             .field("max_event_size", &self.max_event_size)
             .field("max_append_size", &self.max_append_size)
@@ -220,6 +231,9 @@ impl CassandraConfig {
             settle: url
                 .millis_option("settle_ms", 50..=600_000)?
                 .unwrap_or(Duration::from_millis(1_000)),
+            answer_window: url
+                .millis_option("answer_window_ms", 100..=600_000)?
+                .unwrap_or(Duration::from_secs(2)),
             repair_after: url
                 .millis_option("repair_after_ms", 10..=3_600_000)?
                 .unwrap_or(Duration::from_secs(30)),
@@ -372,7 +386,7 @@ mod tests {
     #[test]
     fn parses_every_option() {
         let c = CassandraConfig::from_url(
-            "cassandra://ann:p%40ss@a,b:9043/Events?replication=dc1:3,dc2:2&create=false&local_dc=dc1&tls_ca=/ca.pem&consistency=local_quorum&serial_consistency=local_serial&timeout_ms=400&bucket_size=100&time_bucket_s=60&settle_ms=200&repair_after_ms=1000&max_event_size=10&max_append_size=20&require_durable=true",
+            "cassandra://ann:p%40ss@a,b:9043/Events?replication=dc1:3,dc2:2&create=false&local_dc=dc1&tls_ca=/ca.pem&consistency=local_quorum&serial_consistency=local_serial&timeout_ms=400&bucket_size=100&time_bucket_s=60&settle_ms=200&answer_window_ms=900&repair_after_ms=1000&max_event_size=10&max_append_size=20&require_durable=true",
         )
         .unwrap();
         assert_eq!(c.contact_points, vec!["a:9042", "b:9043"]);
@@ -392,6 +406,7 @@ mod tests {
         assert_eq!(c.credentials, Some(("ann".into(), "p@ss".into())));
         assert_eq!((c.bucket_size, c.time_bucket.as_secs()), (100, 60));
         assert_eq!(c.settle, Duration::from_millis(200));
+        assert_eq!(c.answer_window, Duration::from_millis(900));
         assert!(c.require_durable);
         let shown = format!("{c:?}");
         assert!(!shown.contains("p@ss") && shown.contains("ann"), "{shown}");
@@ -471,6 +486,7 @@ mod tests {
             ("cassandra://h/ks?consistency=most", "consistency"),
             ("cassandra://h/ks?bucket_size=1", "bucket_size"),
             ("cassandra://h/ks?settle_ms=0", "settle_ms"),
+            ("cassandra://h/ks?answer_window_ms=10", "answer_window_ms"),
             ("cassandra://h/ks?repair_after_ms=5000", "repair_after_ms"),
             ("cassandra://u:secret@h/ks?nope=1", "nope"),
             ("cassandra://h1,,h2/ks", "empty host"),

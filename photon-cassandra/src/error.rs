@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use photon_api::Error;
+use photon_api::{Error, StreamId};
 use scylla::errors::{DbError, ExecutionError, NewSessionError, RequestAttemptError};
 
 use crate::client::BACKEND;
@@ -37,6 +37,44 @@ pub(crate) fn driver(
 
 /// Stored data or an answer that is not what this store writes or expects: `reason` is the
 /// source, as there is no driver error to keep.
+/// An append whose pending markers took longer than half the settle delay to write, `attempts`
+/// times in a row (the last in `took`): readers may pass a time once it is `settle` old, so
+/// such markers are cleared and the append takes a new time, which a link this slow never makes
+/// in time. Nothing was stored; the caller may retry once the link is faster, or raise
+/// `settle_ms` above twice the round trip.
+pub(crate) fn markers_too_slow(
+    stream: &StreamId,
+    attempts: u32,
+    took: Duration,
+    settle: Duration,
+) -> Error {
+    Error::Unavailable {
+        backend: BACKEND,
+        message: format!(
+            "{stream}: writing the pending markers took {took:?} in each of {attempts} attempts, \
+             more than half of settle_ms ({settle:?}); nothing was stored (the link to the \
+             cluster is slower than the settle delay allows: retry later, or raise settle_ms \
+             above twice the round trip)"
+        ),
+        source: None,
+    }
+}
+
+/// An append stored, but answered more than the answer window after its commit was sent: a
+/// `Start::Now` subscription may have started meanwhile, passed over it and said `CaughtUp`
+/// before this answer, so the caller is not told Ok (design.md, "Hot / Start::Now").
+pub(crate) fn answered_late(stream: &StreamId, took: Duration, window: Duration) -> Error {
+    Error::Unavailable {
+        backend: BACKEND,
+        message: format!(
+            "{stream}: the commit was stored, but answered {took:?} after it was sent, past the \
+             answer window of {window:?} (answer_window_ms); a re-send with the same ids is \
+             answered as a retry"
+        ),
+        source: None,
+    }
+}
+
 pub(crate) fn corrupt(context: impl Into<String>, reason: impl Into<String>) -> Error {
     Error::backend(BACKEND, context, reason.into())
 }

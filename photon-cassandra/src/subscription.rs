@@ -14,7 +14,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::stream::BoxStream;
 use futures::TryStreamExt;
@@ -86,6 +86,11 @@ struct Sub {
     state: State,
     buffer: VecDeque<RecordedEvent>,
     caught_up_sent: bool,
+    /// `Start::Now` in a live mode: `CaughtUp` not before this, a window and a quarter (`now_start_wait`) after the
+    /// start was resolved. An append the start passed over (stored and indexed, or committed
+    /// below a stream's head) may not have answered its caller yet; its writer answers Ok only
+    /// within the window of sending its commit, so before this.
+    live_at: Option<Instant>,
     pause: Duration,
 }
 
@@ -142,12 +147,16 @@ impl Sub {
             }
             Selector::All => State::Timeline(open_timeline(&shared, ALL, &request, since).await?),
         };
+        let from_now = request.start == Start::Now && request.mode != SubscriptionMode::Cold;
+        let wait = photon_api::now_start_wait(shared.config.answer_window);
+        let live_at = from_now.then(|| Instant::now() + wait);
         Ok(Sub {
             shared,
             mode: request.mode,
             state,
             buffer: VecDeque::new(),
             caught_up_sent: false,
+            live_at,
             pause: POLL,
         })
     }
@@ -164,12 +173,13 @@ impl Sub {
 
 impl SubscriptionCursor for Sub {
     async fn next_item(&mut self) -> Result<Option<SubscriptionItem>, Error> {
-        // Hot: caught up as soon as it is open, with nothing replayed.
-        if self.mode == SubscriptionMode::Hot && !self.caught_up_sent {
-            self.caught_up_sent = true;
-            return Ok(Some(SubscriptionItem::CaughtUp));
-        }
         loop {
+            // Hot: caught up as soon as it is open (and its answer window passed), with nothing
+            // replayed.
+            if self.mode == SubscriptionMode::Hot && !self.caught_up_sent && self.live() {
+                self.caught_up_sent = true;
+                return Ok(Some(SubscriptionItem::CaughtUp));
+            }
             if let Some(e) = self.buffer.pop_front() {
                 return Ok(Some(SubscriptionItem::Event(e)));
             }
@@ -181,7 +191,7 @@ impl SubscriptionCursor for Sub {
             if history_done {
                 match self.mode {
                     SubscriptionMode::Cold => return Ok(None),
-                    _ if !self.caught_up_sent => {
+                    _ if !self.caught_up_sent && self.live() => {
                         self.caught_up_sent = true;
                         return Ok(Some(SubscriptionItem::CaughtUp));
                     }
@@ -189,10 +199,22 @@ impl SubscriptionCursor for Sub {
                 }
             }
             if !progressed {
-                tokio::time::sleep(self.pause).await;
+                let mut wait = self.pause;
+                if let Some(at) = self.live_at.filter(|_| !self.caught_up_sent) {
+                    wait = wait.min(at.saturating_duration_since(Instant::now()));
+                }
+                tokio::time::sleep(wait).await;
                 self.pause = (self.pause * 2).min(MAX_POLL);
             }
         }
+    }
+}
+
+impl Sub {
+    /// Whether `CaughtUp` may be said: always, except within a `Start::Now` subscription's
+    /// answer window.
+    fn live(&self) -> bool {
+        self.live_at.is_none_or(|at| Instant::now() >= at)
     }
 }
 
@@ -230,7 +252,7 @@ async fn open_timeline(
         (Start::Time(t), _) => (codec::min_time_id(t.unix_micros()), true, None),
         (Start::Now, _) => {
             let (start, already) = now_start(shared, key, now).await?;
-            // Nothing to replay: caught up at once, live from the horizon on.
+            // Nothing to replay: caught up once the answer window passed, live from the horizon on.
             (end, stored) = (start, already);
             (codec::max_time_id(start), false, None)
         }

@@ -23,6 +23,11 @@ use crate::error;
 /// too long to write its markers).
 const MAX_ATTEMPTS: usize = 100;
 
+/// Attempts in a row whose markers took longer than half the settle delay to write before an
+/// append gives up: the link to the cluster is slower than `settle_ms` allows, and another
+/// attempt with a new time id would only be as slow.
+const SLOW_MARKER_ATTEMPTS: u32 = 3;
+
 /// Rounds of one repair before it gives up (each lost a race for the version's row).
 const MAX_FENCE_ROUNDS: usize = 10;
 
@@ -55,6 +60,17 @@ impl Shared {
             attempts.set(attempt as u32);
             if let Some(result) = append.attempt().await? {
                 return Ok(result);
+            }
+            if let Some(took) = append
+                .slow_markers
+                .filter(|(n, _)| *n >= SLOW_MARKER_ATTEMPTS)
+            {
+                return Err(error::markers_too_slow(
+                    stream,
+                    took.0,
+                    took.1,
+                    config.settle,
+                ));
             }
         }
         Err(Error::Unavailable {
@@ -266,6 +282,9 @@ struct Append<'a> {
     /// The time id of the stored append this batch re-sends, when it was found by reading the
     /// stream's older ids (not among the latest ones kept).
     retry_time: Option<Uuid>,
+    /// Attempts in a row whose markers were written too late (more than half the settle delay
+    /// after their time), and how long the last one took; None once one was in time.
+    slow_markers: Option<(u32, Duration)>,
 }
 
 /// Where a batch goes, once decided.
@@ -296,6 +315,7 @@ impl<'a> Append<'a> {
             meta: shared.cached_meta(stream),
             fresh: false,
             retry_time: None,
+            slow_markers: None,
         };
         if append.meta.next_first == 0 {
             append.refresh().await?;
@@ -341,6 +361,9 @@ impl<'a> Append<'a> {
         if !self.write_markers(first, time_id, micros).await? {
             return Ok(None);
         }
+        // Nothing of the batch is readable before the commit is sent: from here on, how long
+        // the answer takes counts against the answer window.
+        let committing = std::time::Instant::now();
         if !self.write_commit(first, time_id).await? {
             // Another commit took this version (maybe our own earlier attempt).
             let _ = self.clear_markers(time_id).await;
@@ -358,6 +381,15 @@ impl<'a> Append<'a> {
             ));
         }
         self.index(first, time_id).await;
+        let took = committing.elapsed();
+        if took > self.shared.config.answer_window {
+            // Stored, but a subscription from now may have started meanwhile, past it.
+            return Err(error::answered_late(
+                self.stream,
+                took,
+                self.shared.config.answer_window,
+            ));
+        }
         Ok(Some(self.result(Version(first), Some(time_id))))
     }
 
@@ -445,7 +477,12 @@ impl<'a> Append<'a> {
     /// time until it is indexed, or repair it when its writer died. False when writing them
     /// took so long that a reader may have passed their time: they are cleared, and the append
     /// must take a new time id.
-    async fn write_markers(&self, first: u64, time_id: Uuid, micros: i64) -> Result<bool, Error> {
+    async fn write_markers(
+        &mut self,
+        first: u64,
+        time_id: Uuid,
+        micros: i64,
+    ) -> Result<bool, Error> {
         let (session, st) = self.shared.ready().await?;
         let category = self.stream.category_name();
         let stream = self.stream.as_str();
@@ -466,10 +503,14 @@ impl<'a> Append<'a> {
             .map_err(|e| error::request(format!("appending to {stream}"), e))?;
         // Readers pass a time once it is `settle` old.
         let settle_micros = self.shared.config.settle.as_micros() as i64;
-        if self.shared.now_micros() - micros > settle_micros / 2 {
+        let took = self.shared.now_micros() - micros;
+        if took > settle_micros / 2 {
             let _ = self.clear_markers(time_id).await;
+            let slow = self.slow_markers.map_or(1, |(n, _)| n + 1);
+            self.slow_markers = Some((slow, Duration::from_micros(took as u64)));
             return Ok(false);
         }
+        self.slow_markers = None;
         Ok(true)
     }
 

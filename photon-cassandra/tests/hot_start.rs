@@ -114,7 +114,14 @@ async fn an_append_in_flight_at_start_now_is_delivered_and_stored_events_are_not
         .await
         .expect("the held append answered")
         .unwrap();
-    assert!(result.is_ok(), "the released append is stored: {result:?}");
+    // Its commit was sent before the subscriptions' answer window and answered after it, so
+    // the writer cannot tell it landed after their start: it says `Unavailable` (stored, a
+    // re-send answers as a retry) rather than a late Ok. Stored it is, and delivered below.
+    match &result {
+        Ok(_) => {}
+        Err(e @ Error::Unavailable { .. }) if e.to_string().contains("answer_window_ms") => {}
+        other => panic!("the released append is stored: {other:?}"),
+    }
     store
         .append(
             &stream("after"),

@@ -45,6 +45,7 @@ const OPTIONS: &[&str] = &[
     "max_producers",
     "warm_producers",
     "max_index_bytes",
+    "answer_window_ms",
     "security_protocol",
     "sasl_mechanism",
     "sasl_username",
@@ -124,6 +125,17 @@ pub struct KafkaConfig {
     /// 25 million events): past it the indexes (and producers) of the partitions used least
     /// recently are dropped and rebuilt by reading the partition again when next used.
     pub max_index_bytes: usize,
+    /// The longest between the last moment an append's records were known unreadable (the
+    /// commit asked for, or a look that found the stable end short of them) and its Ok, and,
+    /// with a quarter more, the wait of a `Start::Now` subscription before it says `CaughtUp`
+    /// (`answer_window_ms`, default 2 000). Kafka cannot tell a subscriber which committed
+    /// appends have not answered their callers yet; this bound can: an append not answered
+    /// within it hears `Unavailable` instead (it is stored; a re-send is answered as a retry),
+    /// so every append answered Ok after a `CaughtUp` from now became readable after the
+    /// subscription's start and is delivered. Every process on the same topics must use the
+    /// same value: a writer with a larger one (or an older version without it) can answer Ok
+    /// after a `CaughtUp` that did not wait for it.
+    pub answer_window: Duration,
     /// Further librdkafka settings: TLS and SASL from the URL (`security_protocol`,
     /// `sasl_mechanism`, `sasl_username`, `sasl_password`, `ssl_ca_location`,
     /// `ssl_certificate_location`, `ssl_key_location`, `ssl_key_password`, user:password in the
@@ -155,6 +167,7 @@ impl fmt::Debug for KafkaConfig {
             .field("max_producers", &self.max_producers)
             .field("warm_producers", &self.warm_producers)
             .field("max_index_bytes", &self.max_index_bytes)
+            .field("answer_window", &self.answer_window)
             .field("client_settings", &settings)
             .finish()
     }
@@ -176,6 +189,7 @@ impl KafkaConfig {
             max_producers: DEFAULT_MAX_PRODUCERS,
             warm_producers: true,
             max_index_bytes: 1 << 30,
+            answer_window: Duration::from_secs(2),
             client_settings: BTreeMap::new(),
         }
     }
@@ -241,6 +255,9 @@ impl KafkaConfig {
         }
         if let Some(n) = url.number_option("max_index_bytes", 1..=1usize << 40)? {
             self.max_index_bytes = n;
+        }
+        if let Some(window) = url.millis_option("answer_window_ms", 100..=600_000)? {
+            self.answer_window = window;
         }
         Ok(())
     }
@@ -430,7 +447,7 @@ mod tests {
     #[test]
     fn parses_every_option() {
         let c = KafkaConfig::from_url(
-            "kafka://a:9092,b:9093/?prefix=app.v1&partitions=12&replication_factor=3&create=false&timeout_ms=1500&max_event_size=2048&max_append_size=4096&security_protocol=ssl&ssl_ca_location=/ca.pem&rdkafka.client.id=me&allow_finite_retention=true&max_producers=40&max_index_bytes=5000&warm_producers=false",
+            "kafka://a:9092,b:9093/?prefix=app.v1&partitions=12&replication_factor=3&create=false&timeout_ms=1500&max_event_size=2048&max_append_size=4096&security_protocol=ssl&ssl_ca_location=/ca.pem&rdkafka.client.id=me&allow_finite_retention=true&max_producers=40&max_index_bytes=5000&warm_producers=false&answer_window_ms=750",
         )
         .unwrap();
         assert_eq!(c.bootstrap_servers, "a:9092,b:9093");
@@ -442,6 +459,7 @@ mod tests {
         assert!(c.allow_finite_retention);
         assert_eq!(c.max_producers, 40);
         assert_eq!(c.max_index_bytes, 5000);
+        assert_eq!(c.answer_window, Duration::from_millis(750));
         assert!(!c.warm_producers);
         assert!(KafkaConfig::from_url("kafka://a:1").unwrap().warm_producers);
         assert_eq!(c.client_settings["security.protocol"], "ssl");
@@ -520,6 +538,7 @@ mod tests {
             ("kafka://a:1?max_producers=0", "max_producers"),
             ("kafka://a:1?warm_producers=sometimes", "warm_producers"),
             ("kafka://a:1?max_index_bytes=0", "max_index_bytes"),
+            ("kafka://a:1?answer_window_ms=5", "answer_window_ms"),
             ("kafka://a:1?max_producers=4097", "from 1 to 4096"),
             ("kafka://a:1?timeout_ms=5", "timeout_ms"),
             ("kafka://a:1?rdkafka.acks=1", "acks"),

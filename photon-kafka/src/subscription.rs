@@ -140,6 +140,11 @@ struct Progress {
     /// Only events recorded at or after this (µs), for `Start::Time`.
     since: Option<i64>,
     caught_up_sent: bool,
+    /// `Start::Now` in a live mode: `CaughtUp` not before this, a window and a quarter (`now_start_wait`) after the
+    /// stable ends were taken (see `answer_window` in the config). An append whose records were
+    /// already readable at the start, below those ends, may not have answered its caller yet;
+    /// its writer answers Ok only within the window, so before this `CaughtUp`.
+    live_at: Option<Instant>,
     last_discovery: Instant,
     /// Time spent waiting on the broker since the replay last moved (a record or a partition's
     /// end arrived). Only waits inside `next()` count: the time the application takes between
@@ -194,6 +199,7 @@ impl Subscription {
             after,
             topics: BTreeMap::new(),
             caught_up_sent: false,
+            live_at: None,
             names: codec::Names::default(),
             last_discovery: Instant::now(),
             waited: Duration::ZERO,
@@ -216,6 +222,10 @@ impl Subscription {
         for c in categories {
             progress.add_topic(&c, true).await?;
         }
+        if progress.start == Start::Now && progress.mode != SubscriptionMode::Cold {
+            let wait = photon_api::now_start_wait(progress.shared.config.answer_window);
+            progress.live_at = Some(Instant::now() + wait);
+        }
         progress.assign(&consumer)?;
         Ok(Subscription {
             consumer: ClosingConsumer(Some(consumer)),
@@ -232,7 +242,7 @@ impl Subscription {
                 if self.progress.mode == SubscriptionMode::Cold {
                     return Ok(None);
                 }
-                tokio::time::sleep(POLL_WAIT).await;
+                tokio::time::sleep(self.progress.poll_wait()).await;
                 continue;
             }
             self.progress.check_stall()?;
@@ -243,7 +253,8 @@ impl Subscription {
                 Some(got) => (got, None),
                 None => {
                     let waiting = Instant::now();
-                    match tokio::time::timeout(POLL_WAIT, self.consumer.recv()).await {
+                    let wait = self.progress.poll_wait();
+                    match tokio::time::timeout(wait, self.consumer.recv()).await {
                         Err(_) => {
                             self.progress.waited += waiting.elapsed();
                             self.progress.check_positions(&self.consumer);
@@ -404,14 +415,26 @@ impl Progress {
             .all(|t| t.end.iter().all(Option::is_none))
     }
 
+    /// How long one wait for a record may last: [`POLL_WAIT`], shorter when `CaughtUp` is due
+    /// sooner.
+    fn poll_wait(&self) -> Duration {
+        match self.live_at {
+            Some(at) if !self.caught_up_sent => {
+                POLL_WAIT.min(at.saturating_duration_since(Instant::now()))
+            }
+            _ => POLL_WAIT,
+        }
+    }
+
     /// Once the replay is done: `Some(None)` ends a Cold subscription, `Some(CaughtUp)` is said
-    /// once by a live one; None to read on.
+    /// once by a live one (a `Start::Now` one not before `live_at`); None to read on.
     fn after_replay(&mut self) -> Option<Option<SubscriptionItem>> {
         if !self.replay_done() {
             return None;
         }
         match self.mode {
             SubscriptionMode::Cold => Some(None),
+            _ if !self.caught_up_sent && self.live_at.is_some_and(|at| Instant::now() < at) => None,
             _ if !self.caught_up_sent => {
                 self.caught_up_sent = true;
                 Some(Some(SubscriptionItem::CaughtUp))

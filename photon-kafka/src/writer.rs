@@ -35,6 +35,7 @@ use tokio::sync::oneshot;
 
 use crate::client::{blocking, PartitionState, Shared, BACKEND};
 use crate::codec::{self, partition_for};
+use crate::config::KafkaConfig;
 use crate::error;
 use crate::index::PartitionIndex;
 use crate::position::Position;
@@ -110,6 +111,10 @@ pub(crate) struct Queued {
     /// Attempts made at this append's group so far, reported with the answer (the append span's
     /// `attempts`, and the retries counted).
     attempts: u32,
+    /// When this call first began writing the batch (None until then): an attempt whose outcome
+    /// was unknown may have landed, and a later attempt that finds the batch stored answers
+    /// within the answer window of this, like the attempt that stored it.
+    sent_at: Option<Instant>,
     reply: oneshot::Sender<(Result<AppendResult, Error>, u32)>,
 }
 
@@ -255,6 +260,7 @@ pub(crate) async fn append(
             size,
             deadline,
             attempts: 0,
+            sent_at: None,
             reply,
         });
         (id, !std::mem::replace(&mut pending.holder, true))
@@ -391,17 +397,70 @@ struct Committed {
     /// Answered `Unavailable` when not seen readable by then: the request timeout after the
     /// commit, and never past the first deadline among them.
     until: Instant,
+    /// The last moment the records were known not to be readable yet: when the commit was asked
+    /// for, then when each look that found the stable end short of `last` was sent. For a batch
+    /// found stored by a later attempt of the same call, when the call first began writing it;
+    /// None for a re-send of a batch an earlier call stored (that call answered by its own
+    /// window, and the idempotent answer must stay possible however long ago that was).
+    ///
+    /// A `Start::Now` subscription starts at the stable end it finds and says `CaughtUp` one
+    /// answer window and a quarter later ([`KafkaConfig::answer_window`], [`photon_api::now_start_wait`]). An append whose records became
+    /// readable before that start is answered Ok only within the window after they became
+    /// readable, so before that `CaughtUp`: an append answered Ok after `CaughtUp` became
+    /// readable after the start, and the subscriber gets it. Past the window the caller hears
+    /// `Unavailable` (stored; a re-send is answered as a retry).
+    unreadable_at: Option<Instant>,
+    /// [`KafkaConfig::answer_window`].
+    window: Duration,
 }
 
 impl Committed {
-    fn new(answers: Vec<(Queued, AppendResult)>, last: i64, timeout: Duration) -> Self {
+    /// The appends of a transaction whose commit was asked for at `committing`.
+    fn new(
+        answers: Vec<(Queued, AppendResult)>,
+        last: i64,
+        committing: Instant,
+        config: &KafkaConfig,
+    ) -> Self {
+        let mut c = Self::retry(answers, last, config);
+        c.unreadable_at = Some(committing);
+        c
+    }
+
+    /// Retries of a batch stored earlier, maybe not readable yet.
+    fn retry(answers: Vec<(Queued, AppendResult)>, last: i64, config: &KafkaConfig) -> Self {
+        let unreadable_at = answers.iter().filter_map(|(q, _)| q.sent_at).min();
         let first_deadline = answers.iter().map(|(q, _)| q.deadline).min();
-        let until = first_deadline.map_or(Instant::now(), |d| d.min(Instant::now() + timeout));
+        let until =
+            first_deadline.map_or(Instant::now(), |d| d.min(Instant::now() + config.timeout));
         Self {
             answers,
             last,
             until,
+            unreadable_at,
+            window: config.answer_window,
         }
+    }
+
+    /// Answers the callers now that the records are readable: Ok within the answer window,
+    /// `Unavailable` past it.
+    fn answer_readable(self, topic: &str, p: i32) {
+        let late = self
+            .unreadable_at
+            .map(|at| at.elapsed())
+            .filter(|waited| *waited > self.window);
+        let Some(waited) = late else {
+            for (q, r) in self.answers {
+                q.answer(Ok(r));
+            }
+            return;
+        };
+        let why = error::unavailable(format!(
+            "{topic}/{p}: committed, but seen readable {waited:?} after it was last known unreadable (the commit asked for, or a look at the stable end), past the answer window of {:?} (answer_window_ms): a subscription started from now meanwhile may not deliver it; it is stored, and a re-send with the same ids is answered as a retry",
+            self.window
+        ));
+        tracing::warn!(topic, p, error = %why, "photon-kafka: committed, answered too late");
+        answer_all(self.answers.into_iter().map(|(q, _)| q).collect(), why);
     }
 }
 
@@ -424,7 +483,7 @@ impl Watch {
         let mut r = self.queue.readable.lock().expect("readable lock");
         if c.last < r.end {
             drop(r);
-            answer_ok(c);
+            c.answer_readable(&self.topic, self.p);
             return;
         }
         r.waiting.push(c);
@@ -438,12 +497,6 @@ impl Watch {
     /// Whether offset `last` was seen readable.
     fn readable(&self, last: i64) -> bool {
         last < self.queue.readable.lock().expect("readable lock").end
-    }
-}
-
-fn answer_ok(c: Committed) {
-    for (q, r) in c.answers {
-        q.answer(Ok(r));
     }
 }
 
@@ -467,6 +520,7 @@ async fn watch_readable(shared: Arc<Shared>, topic: String, p: i32, queue: Arc<Q
                 .timeout
                 .min(u.saturating_duration_since(Instant::now()))
         });
+        let asking = Instant::now();
         let asked = tokio::time::timeout(bound, stable_end(&shared, &topic, p))
             .await
             .unwrap_or_else(|_| {
@@ -482,9 +536,15 @@ async fn watch_readable(shared: Arc<Shared>, topic: String, p: i32, queue: Arc<Q
                 r.end = r.end.max(end);
             }
             let end = r.end;
-            let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut r.waiting)
+            let (ready, mut rest): (Vec<_>, Vec<_>) = std::mem::take(&mut r.waiting)
                 .into_iter()
                 .partition(|c| c.last < end);
+            if asked.is_ok() {
+                // Not readable when this look was sent.
+                for c in rest.iter_mut().filter(|c| c.unreadable_at.is_some()) {
+                    c.unreadable_at = c.unreadable_at.max(Some(asking));
+                }
+            }
             let (late, rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|c| c.until <= now);
             r.waiting = rest;
             if r.waiting.is_empty() {
@@ -495,7 +555,9 @@ async fn watch_readable(shared: Arc<Shared>, topic: String, p: i32, queue: Arc<Q
             }
             (ready, late, r.waiting.iter().map(|c| c.until).min())
         };
-        ready.into_iter().for_each(answer_ok);
+        for c in ready {
+            c.answer_readable(&topic, p);
+        }
         for c in late {
             let last = c.last;
             let why = match &asked {
@@ -820,9 +882,11 @@ async fn try_group(
             return Ok(());
         }
     }
+    let writing = Instant::now();
     let writes: Vec<(Queued, Version)> = std::mem::take(group)
         .into_iter()
-        .map(|q| {
+        .map(|mut q| {
+            q.sent_at.get_or_insert(writing);
             let first = state
                 .index
                 .current(q.stream.as_str())
@@ -831,7 +895,7 @@ async fn try_group(
         })
         .collect();
     match write(shared, topic, p, state, &writes, cutoff).await {
-        Ok(last) => {
+        Ok((last, committing)) => {
             let answers = writes
                 .into_iter()
                 .map(|(q, first)| {
@@ -839,7 +903,7 @@ async fn try_group(
                     (q, r)
                 })
                 .collect();
-            watch.when_readable(Committed::new(answers, last, shared.config.timeout));
+            watch.when_readable(Committed::new(answers, last, committing, &shared.config));
             Ok(())
         }
         Err(attempt) => {
@@ -919,11 +983,13 @@ fn settle_decided(
                 let r = result_of(&state.index, &q.stream, p, first, q.events.len());
                 let offsets = state.index.offsets(q.stream.as_str());
                 let last = offsets[(first.0 as usize) + q.events.len() - 1];
+                // Stored by this call's own earlier attempt (its outcome was unknown), or by
+                // an earlier call this one re-sends (see `Committed::unreadable_at`).
+                let c = Committed::retry(vec![(q, r)], last, &watch.shared.config);
                 if watch.readable(last) {
-                    q.answer(Ok(r));
+                    c.answer_readable(&watch.topic, p);
                 } else {
-                    let timeout = watch.shared.config.timeout;
-                    watch.when_readable(Committed::new(vec![(q, r)], last, timeout));
+                    watch.when_readable(c);
                 }
             }
             Ok(BatchKind::New) => left.push(q),
@@ -956,7 +1022,7 @@ async fn by<T>(
 }
 
 /// Writes `writes` in one transaction and indexes them once it is committed; returns the last
-/// offset written. The commit is asked for only before `cutoff` (the first deadline of the
+/// offset written and when the commit was asked for. The commit is asked for only before `cutoff` (the first deadline of the
 /// group) and waited for at most until then; past it the transaction is aborted instead.
 async fn write(
     shared: &Arc<Shared>,
@@ -965,7 +1031,7 @@ async fn write(
     state: &mut PartitionState,
     writes: &[(Queued, Version)],
     cutoff: Instant,
-) -> Result<i64, Attempt> {
+) -> Result<(i64, Instant), Attempt> {
     let writer = state.producer.as_mut().expect("taken over above");
     writer.last_used = Instant::now();
     let (producer, partitions) = (writer.producer.clone(), writer.partitions);
@@ -1003,6 +1069,9 @@ async fn write(
             "{topic}/{p}: a deadline passed before the transaction could be committed; not committed"
         ))));
     }
+    // The records cannot be readable before the commit is asked for: from here on, how long
+    // the callers wait for their answer counts against the answer window.
+    let committing = Instant::now();
     commit(&producer, timeout.min(left), topic, p).await?;
     index_written(&mut state.index, writes, &offsets, now);
     shared.bound_indexes();
@@ -1010,7 +1079,10 @@ async fn write(
     // readable reach the partition a moment later. The callers are answered once they did
     // (`Watch::when_readable`), so that whoever reads after an append returns sees it; the
     // partition is not held for that wait.
-    Ok(offsets.iter().copied().max().unwrap_or_default())
+    Ok((
+        offsets.iter().copied().max().unwrap_or_default(),
+        committing,
+    ))
 }
 
 /// Queues the records of `writes` strictly in order (a full queue is waited out on the record

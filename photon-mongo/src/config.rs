@@ -29,6 +29,7 @@ const OPTIONS: &[&str] = &[
     "photon_timeout_ms",
     "photon_max_poll_ms",
     "photon_append_races",
+    "photon_answer_window_ms",
 ];
 
 /// The database when the URL names none.
@@ -62,6 +63,16 @@ pub struct MongoConfig {
     /// of waiting forever. Races for the global position, lost to appends to other streams, do
     /// not count.
     pub append_races: u32,
+    /// The longest an append's insert may take to answer Ok, and the wait of a `Start::Now`
+    /// subscription before it says `CaughtUp` (`photon_answer_window_ms`, default 2 000). A
+    /// subscription from now starts at the highest position it finds; an insert already stored
+    /// there may not have answered its caller yet. Its writer answers Ok only within this window
+    /// of sending it (later it says `Unavailable`: stored, and a re-send is answered as a
+    /// retry), so every append answered Ok after that `CaughtUp` was stored after the start and
+    /// is delivered. Every process on the same database must use the same value: a writer with
+    /// a larger one (or an older version without it) can answer Ok after a `CaughtUp` that did
+    /// not wait for it.
+    pub answer_window: Duration,
 }
 
 impl fmt::Debug for MongoConfig {
@@ -77,6 +88,7 @@ impl fmt::Debug for MongoConfig {
             .field("timeout", &self.timeout)
             .field("max_poll_interval", &self.max_poll_interval)
             .field("append_races", &self.append_races)
+            .field("answer_window", &self.answer_window)
             .finish()
     }
 }
@@ -122,6 +134,9 @@ impl MongoConfig {
                     |v| v.parse().ok().filter(|n| *n > 0),
                 )?
                 .unwrap_or(200),
+            answer_window: url
+                .millis_option("photon_answer_window_ms", 100..=600_000)?
+                .unwrap_or(Duration::from_secs(2)),
             url,
         })
     }
@@ -191,10 +206,17 @@ mod tests {
         let d = MongoConfig::from_url("mongodb://h").unwrap();
         assert_eq!((d.database.as_str(), d.create), ("photon", true));
         assert_eq!(d.append_races, 200);
-        let races = MongoConfig::from_url("mongodb://h/?photon_append_races=3").unwrap();
+        assert_eq!(d.answer_window, Duration::from_secs(2));
+        let races =
+            MongoConfig::from_url("mongodb://h/?photon_append_races=3&photon_answer_window_ms=700")
+                .unwrap();
         assert_eq!(
-            (races.append_races, races.driver_url().as_str()),
-            (3, "mongodb://h/")
+            (
+                races.append_races,
+                races.answer_window,
+                races.driver_url().as_str()
+            ),
+            (3, Duration::from_millis(700), "mongodb://h/")
         );
         assert_eq!(d.driver_url(), "mongodb://h");
         let srv = MongoConfig::from_url("mongodb+srv://cluster.example.com/?photon_create=false");
@@ -225,6 +247,10 @@ mod tests {
             (
                 "mongodb://h/?photon_append_races=0",
                 "photon_append_races must be a positive number of races",
+            ),
+            (
+                "mongodb://h/?photon_answer_window_ms=0",
+                "photon_answer_window_ms",
             ),
             (
                 "mongodb://h/?photon_append_races=many",

@@ -192,6 +192,21 @@ pub(crate) fn shared_ids(collection: &str, shared: &[SharedId]) -> Error {
     }
 }
 
+/// An insert that was stored but answered more than the answer window after it was sent: a
+/// `Start::Now` subscription may have started after it was stored and said `CaughtUp` before
+/// this answer, so the caller is not told Ok (design.md, "Hot / Start::Now").
+pub(crate) fn answered_late(stream: &StreamId, took: Duration, window: Duration) -> Error {
+    Error::Unavailable {
+        backend: BACKEND,
+        message: format!(
+            "{stream}: the commit was stored, but its insert answered after {took:?}, past the \
+             answer window of {window:?} (photon_answer_window_ms); a re-send with the same ids \
+             is answered as a retry"
+        ),
+        source: None,
+    }
+}
+
 /// An append that kept losing its stream's next version to other writers of the stream.
 pub(crate) fn too_contended(stream: &StreamId, races: u32) -> Error {
     Error::Unavailable {

@@ -81,8 +81,13 @@ struct Reader {
     /// The last position of the replay (the head when the subscription started); unbounded live.
     end: u64,
     live: bool,
-    /// A Hot subscription says `CaughtUp` before anything else.
+    /// `CaughtUp` is to be said (a Hot subscription: before any event, unless `live_at` is
+    /// still ahead).
     caught_up_due: bool,
+    /// `Start::Now` in a live mode: `CaughtUp` not before this, a window and a quarter (`now_start_wait`) after the
+    /// head was read. An insert stored at or below that head may not have answered its caller
+    /// yet; its writer answers Ok only within the window of sending it, so before this.
+    live_at: Option<Instant>,
     buffer: VecDeque<RecordedEvent>,
     pause: Duration,
     /// How many commits one reply of the server carries: 1 for the first page (nothing is known
@@ -118,6 +123,9 @@ impl Reader {
             }
         };
         let hot = request.mode == SubscriptionMode::Hot;
+        let from_now = request.start == Start::Now && request.mode != SubscriptionMode::Cold;
+        let wait = photon_api::now_start_wait(shared.config.answer_window);
+        let live_at = from_now.then(|| Instant::now() + wait);
         Ok(Self {
             shared,
             filter,
@@ -128,6 +136,7 @@ impl Reader {
             end: if hot { u64::MAX } else { head },
             live: hot,
             caught_up_due: hot,
+            live_at,
             buffer: VecDeque::new(),
             pause: Duration::ZERO,
             batch: 1,
@@ -299,10 +308,11 @@ impl Reader {
 
 impl SubscriptionCursor for Reader {
     async fn next_item(&mut self) -> Result<Option<SubscriptionItem>, Error> {
-        if std::mem::take(&mut self.caught_up_due) {
-            return Ok(Some(SubscriptionItem::CaughtUp));
-        }
         loop {
+            if self.caught_up_due && self.live_at.is_none_or(|at| Instant::now() >= at) {
+                self.caught_up_due = false;
+                return Ok(Some(SubscriptionItem::CaughtUp));
+            }
             if let Some(e) = self.buffer.pop_front() {
                 return Ok(Some(SubscriptionItem::Event(e)));
             }
@@ -316,10 +326,15 @@ impl SubscriptionCursor for Reader {
                 self.live = true;
                 self.end = u64::MAX;
                 self.pause = Duration::ZERO;
-                return Ok(Some(SubscriptionItem::CaughtUp));
+                self.caught_up_due = true;
+                continue;
             }
             self.pause = next_pause(self.pause, self.shared.config.max_poll_interval);
-            tokio::time::sleep(self.pause).await;
+            let mut wait = self.pause;
+            if let Some(at) = self.live_at.filter(|_| self.caught_up_due) {
+                wait = wait.min(at.saturating_duration_since(Instant::now()));
+            }
+            tokio::time::sleep(wait).await;
         }
     }
 }

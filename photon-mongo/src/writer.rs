@@ -173,6 +173,9 @@ async fn try_append(
     let position = shared.head().await? + 1;
     let commit = encode(stream, first, position, events)?;
     let fence = Fence::arm(shared, position);
+    // The commit cannot be stored before it is sent: from here on, how long the answer takes
+    // counts against the answer window.
+    let sending = std::time::Instant::now();
     let insert = async {
         match shared.commits.insert_one(commit).await {
             Ok(_) => Ok(true),
@@ -186,6 +189,15 @@ async fn try_append(
     {
         Ok(true) => {
             fence.disarm();
+            let took = sending.elapsed();
+            if took > shared.config.answer_window {
+                // Stored, but a subscription from now may have started meanwhile, past it.
+                return Err(error::answered_late(
+                    stream,
+                    took,
+                    shared.config.answer_window,
+                ));
+            }
             Ok(Attempt::Stored(appended(first, position, events.len())))
         }
         // Refused, so nothing was stored: another commit holds this version or this position,

@@ -93,7 +93,12 @@ impl Target {
                 Some(Target {
                     backend,
                     server: Some("kafka"),
-                    url: with_options(&url, &format!("partitions=3&timeout_ms={ms}&prefix=faults")),
+                    url: with_options(
+                        &url,
+                        &format!(
+                            "partitions=3&timeout_ms={ms}&prefix=faults&answer_window_ms=1000"
+                        ),
+                    ),
                     proxy_upstream: Some((advertised, listener)),
                     repair: Duration::from_secs(30),
                     timeout: TIMEOUT,
@@ -130,7 +135,7 @@ impl Target {
                     url: with_options(
                         &url,
                         &format!(
-                            "photon_timeout_ms={ms}&serverSelectionTimeoutMS={ms}&connectTimeoutMS={ms}"
+                            "photon_timeout_ms={ms}&serverSelectionTimeoutMS={ms}&connectTimeoutMS={ms}&photon_answer_window_ms=800"
                         ),
                     ),
                     proxy_upstream: Some(("127.0.0.1:0".into(), upstream)),

@@ -12,6 +12,7 @@ photon_faults::fault_suite!(
         slow_consumers,
         paused_consumer_memory,
         hot_start_now,
+        hot_start_late_answer,
         newton_under_stall,
         killed_writers,
     ]

@@ -16,6 +16,7 @@ photon_faults::fault_suite!(
         cancelled_appends,
         slow_consumers,
         hot_start_now,
+        hot_start_late_answer,
         newton_under_stall,
         killed_writers,
     ]
