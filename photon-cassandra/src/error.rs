@@ -35,8 +35,6 @@ pub(crate) fn driver(
     Error::backend(BACKEND, context, e)
 }
 
-/// Stored data or an answer that is not what this store writes or expects: `reason` is the
-/// source, as there is no driver error to keep.
 /// An append whose pending markers took longer than half the settle delay to write, `attempts`
 /// times in a row (the last in `took`): readers may pass a time once it is `settle` old, so
 /// such markers are cleared and the append takes a new time, which a link this slow never makes
@@ -51,8 +49,8 @@ pub(crate) fn markers_too_slow(
     Error::Unavailable {
         backend: BACKEND,
         message: format!(
-            "{stream}: writing the pending markers took {took:?} in each of {attempts} attempts, \
-             more than half of settle_ms ({settle:?}); nothing was stored (the link to the \
+            "{stream}: writing the pending markers took more than half of settle_ms ({settle:?}) \
+             in {attempts} attempts in a row, the last {took:?}; nothing was stored (the link to the \
              cluster is slower than the settle delay allows: retry later, or raise settle_ms \
              above twice the round trip)"
         ),
@@ -75,6 +73,8 @@ pub(crate) fn answered_late(stream: &StreamId, took: Duration, window: Duration)
     }
 }
 
+/// Stored data or an answer that is not what this store writes or expects: `reason` is the
+/// source, as there is no driver error to keep.
 pub(crate) fn corrupt(context: impl Into<String>, reason: impl Into<String>) -> Error {
     Error::backend(BACKEND, context, reason.into())
 }

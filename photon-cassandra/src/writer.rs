@@ -7,7 +7,7 @@
 //! append must know (the stream's head and ids, by `reader`'s serial refresh).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use photon_api::telemetry::{record_outcome, Attempts};
 use photon_api::validate::{classify_batch, validate_batch, BatchKind};
@@ -282,6 +282,10 @@ struct Append<'a> {
     /// The time id of the stored append this batch re-sends, when it was found by reading the
     /// stream's older ids (not among the latest ones kept).
     retry_time: Option<Uuid>,
+    /// When this call first sent a conditional write: a later attempt may find that write
+    /// stored (a driver retry after an unknown outcome answers "not applied" for our own row),
+    /// and answers within the window of this, like the attempt that stored it.
+    committing: Option<Instant>,
     /// Attempts in a row whose markers were written too late (more than half the settle delay
     /// after their time), and how long the last one took; None once one was in time.
     slow_markers: Option<(u32, Duration)>,
@@ -315,6 +319,7 @@ impl<'a> Append<'a> {
             meta: shared.cached_meta(stream),
             fresh: false,
             retry_time: None,
+            committing: None,
             slow_markers: None,
         };
         if append.meta.next_first == 0 {
@@ -350,7 +355,7 @@ impl<'a> Append<'a> {
                 found.get(id).map(|(at, _)| *at)
             }) {
                 self.retry_time = found.get(&self.ids[0]).map(|(_, time_id)| *time_id);
-                return Ok(Some(self.retried(first)));
+                return Ok(Some(self.retried_in_window(first)?));
             }
             return Err(skewed);
         }
@@ -363,7 +368,8 @@ impl<'a> Append<'a> {
         }
         // Nothing of the batch is readable before the commit is sent: from here on, how long
         // the answer takes counts against the answer window.
-        let committing = std::time::Instant::now();
+        let committing = Instant::now();
+        self.committing.get_or_insert(committing);
         if !self.write_commit(first, time_id).await? {
             // Another commit took this version (maybe our own earlier attempt).
             let _ = self.clear_markers(time_id).await;
@@ -406,7 +412,7 @@ impl<'a> Append<'a> {
             other => other?,
         };
         if let BatchKind::Retry { first } = kind {
-            return Ok(Decision::Done(self.retried(first)));
+            return Ok(Decision::Done(self.retried_in_window(first)?));
         }
         if head_matches {
             return Ok(Decision::Write(self.meta.next_first));
@@ -424,6 +430,17 @@ impl<'a> Append<'a> {
 
     /// The answer to a re-send of the batch stored at `first`: the original versions and time
     /// (its category rows written again in the background, in case its writer died before them).
+    /// [`Self::retried`], unless this call's own earlier conditional write may be what stored
+    /// the batch and the answer window since it passed (then `Unavailable`, as for an append
+    /// answered late).
+    fn retried_in_window(&self, first: Version) -> Result<AppendResult, Error> {
+        let window = self.shared.config.answer_window;
+        match self.committing.map(|at| at.elapsed()) {
+            Some(took) if took > window => Err(error::answered_late(self.stream, took, window)),
+            _ => Ok(self.retried(first)),
+        }
+    }
+
     fn retried(&self, first: Version) -> AppendResult {
         self.reindex_in_background(first.0);
         let time_id = self.meta.time_of(first.0).or(self.retry_time);

@@ -139,6 +139,9 @@ pub(crate) struct Queue {
 struct Readable {
     /// The highest last stable offset seen: every record below it is readable.
     end: i64,
+    /// When the last look at the stable end that answered was sent: records at or past `end`
+    /// were not readable then.
+    looked_at: Option<Instant>,
     waiting: Vec<Committed>,
     /// A watcher task is running; set and cleared only with this locked.
     watching: bool,
@@ -399,9 +402,10 @@ struct Committed {
     until: Instant,
     /// The last moment the records were known not to be readable yet: when the commit was asked
     /// for, then when each look that found the stable end short of `last` was sent. For a batch
-    /// found stored by a later attempt of the same call, when the call first began writing it;
-    /// None for a re-send of a batch an earlier call stored (that call answered by its own
-    /// window, and the idempotent answer must stay possible however long ago that was).
+    /// found stored by a later attempt of the same call, when the call first began writing it.
+    /// For a re-send of a batch an earlier call stored: None when it was already seen readable
+    /// (that call answered by its own window, and the idempotent answer must stay possible
+    /// however long ago that was), else the last look that found it short.
     ///
     /// A `Start::Now` subscription starts at the stable end it finds and says `CaughtUp` one
     /// answer window and a quarter later ([`KafkaConfig::answer_window`], [`photon_api::now_start_wait`]). An append whose records became
@@ -494,9 +498,11 @@ impl Watch {
         }
     }
 
-    /// Whether offset `last` was seen readable.
-    fn readable(&self, last: i64) -> bool {
-        last < self.queue.readable.lock().expect("readable lock").end
+    /// None when offset `last` was seen readable; else when the last look at the stable end
+    /// (which found it short) was sent, if any was.
+    fn unreadable_since(&self, last: i64) -> Option<Option<Instant>> {
+        let r = self.queue.readable.lock().expect("readable lock");
+        (last >= r.end).then_some(r.looked_at)
     }
 }
 
@@ -540,8 +546,9 @@ async fn watch_readable(shared: Arc<Shared>, topic: String, p: i32, queue: Arc<Q
                 .into_iter()
                 .partition(|c| c.last < end);
             if asked.is_ok() {
-                // Not readable when this look was sent.
-                for c in rest.iter_mut().filter(|c| c.unreadable_at.is_some()) {
+                // Not readable when this look was sent, whoever stored them.
+                r.looked_at = Some(asking);
+                for c in rest.iter_mut() {
                     c.unreadable_at = c.unreadable_at.max(Some(asking));
                 }
             }
@@ -985,11 +992,15 @@ fn settle_decided(
                 let last = offsets[(first.0 as usize) + q.events.len() - 1];
                 // Stored by this call's own earlier attempt (its outcome was unknown), or by
                 // an earlier call this one re-sends (see `Committed::unreadable_at`).
-                let c = Committed::retry(vec![(q, r)], last, &watch.shared.config);
-                if watch.readable(last) {
-                    c.answer_readable(&watch.topic, p);
-                } else {
-                    watch.when_readable(c);
+                let mut c = Committed::retry(vec![(q, r)], last, &watch.shared.config);
+                match watch.unreadable_since(last) {
+                    None => c.answer_readable(&watch.topic, p),
+                    Some(looked_at) => {
+                        // Not seen readable yet: it may be by now, but not before the last
+                        // look that found it short, so its Ok is bound from there.
+                        c.unreadable_at = c.unreadable_at.max(looked_at);
+                        watch.when_readable(c);
+                    }
                 }
             }
             Ok(BatchKind::New) => left.push(q),

@@ -1033,7 +1033,13 @@ pub async fn hot_start_late_answer(target: &Target) {
         )
         .await
         .expect("the first append through the proxy");
-    for latency_ms in [40u64, 100, 500] {
+    // The first step must answer Ok (it is the one that shows an Ok after `CaughtUp` is
+    // delivered); on a loaded machine it may answer `Unavailable` (a window passed, or for
+    // Cassandra a markers write slower than half the settle delay): then it runs again, twice
+    // at most.
+    let mut steps = std::collections::VecDeque::from([40u64, 100, 500]);
+    let mut first_tries = 0;
+    while let Some(latency_ms) = steps.pop_front() {
         proxied.proxy.set_latency(Duration::from_millis(latency_ms));
         let events = batch("w", 1, "late");
         let id = events[0].event_id;
@@ -1047,7 +1053,9 @@ pub async fn hot_start_late_answer(target: &Target) {
             })
         };
         // The moment another client can read the event, open the subscription there.
-        let seen_by = Instant::now() + target.timeout * 6;
+        // Cassandra at 500 ms: three markers attempts of two slowed round trips each, and maybe
+        // a clock check, before it answers.
+        let seen_by = Instant::now() + target.timeout * 15;
         loop {
             let readable = reader
                 .read_stream(&stream, photon_api::ReadOptions::default())
@@ -1061,7 +1069,7 @@ pub async fn hot_start_late_answer(target: &Target) {
                 let late = tokio::time::timeout(target.timeout * 6, answered).await;
                 panic!(
                     "latency {latency_ms} ms: the append was neither readable nor answered within {:?}; then: {late:?}",
-                    target.timeout * 6
+                    target.timeout * 15
                 );
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1115,6 +1123,15 @@ pub async fn hot_start_late_answer(target: &Target) {
             ("cassandra", 100 | 500) => Some("settle_ms"),
             _ => None,
         };
+        if latency_ms == 40 && answer.is_err() {
+            first_tries += 1;
+            assert!(
+                first_tries < 3,
+                "latency 40 ms: three tries, none answered Ok; the last: {answer:?}"
+            );
+            steps.push_front(40);
+            continue;
+        }
         if let Some(option) = refused_by {
             match &answer {
                 Err(e @ Error::Unavailable { .. }) => assert!(
