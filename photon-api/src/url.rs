@@ -93,7 +93,8 @@ impl StoreUrl {
         if !schemes.contains(&scheme.as_str()) {
             return Err(invalid(format!("must start with {}", wanted())));
         }
-        let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (before_query, query) = rest.split_at(query_start(rest));
+        let query = query.strip_prefix('?').unwrap_or(query);
         // Credentials end at the last '@' before the query, so a password holding an unencoded
         // '/', '#' or '@' still parses (and is still hidden) as the old parsers allowed.
         let (userinfo, after_userinfo) = split_userinfo(before_query);
@@ -325,6 +326,51 @@ impl StoreUrl {
     }
 }
 
+impl StoreUrl {
+    /// `text` with every secret of this URL replaced by `***`, for a driver's error that may
+    /// quote what it was handed: the password and each secret option's value
+    /// ([`is_secret_option`]), decoded and as written, and each comma-separated entry of such a
+    /// value and the part of an entry after its first `:` or `=` (a driver that refuses one
+    /// entry of `authMechanismProperties=SERVICE_NAME:x,AWS_SESSION_TOKEN:...` quotes that
+    /// entry alone). Parts shorter than 3 characters are left, so that a `:x` does not turn
+    /// every `x` of the text into `***`; whole values are replaced whatever their length.
+    pub fn hide_secrets(&self, text: &str) -> String {
+        let raw_password = self
+            .raw_base
+            .split_once("://")
+            .and_then(|(_, rest)| split_userinfo(rest).0)
+            .and_then(|userinfo| userinfo.split_once(':'))
+            .map(|(_, password)| password);
+        let mut whole: Vec<&str> = self.password.iter().map(String::as_str).collect();
+        whole.extend(raw_password);
+        let mut parts = Vec::new();
+        for ((key, value), raw) in self.options.iter().zip(&self.raw_options) {
+            if !is_secret_option(key) {
+                continue;
+            }
+            let raw_value = raw.split_once('=').map_or("", |(_, v)| v);
+            for value in [value.as_str(), raw_value] {
+                whole.push(value);
+                for entry in value.split(',') {
+                    parts.push(entry);
+                    parts.extend(entry.split_once([':', '=']).map(|(_, v)| v));
+                }
+            }
+        }
+        parts.retain(|p| p.len() >= 3);
+        let mut secrets: Vec<&str> = whole.into_iter().chain(parts).collect();
+        secrets.retain(|s| !s.is_empty());
+        // Longest first, so a secret holding a shorter one is replaced whole.
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.dedup();
+        let mut out = text.to_owned();
+        for secret in secrets {
+            out = out.replace(secret, "***");
+        }
+        out
+    }
+}
+
 /// The URL with its password shown as `***`; secret-looking option values too.
 impl fmt::Display for StoreUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -371,6 +417,31 @@ pub fn is_secret_option(key: &str) -> bool {
     ]
     .iter()
     .any(|s| key.contains(s))
+}
+
+/// Where the query of what follows `://` starts (its `?`), or its length when there is none.
+/// A `?` in a password is not one: when nothing before the first `?` is followed by `@` but the
+/// first option holds an `@` before any `=` (an option's name never does), the `?` was in the
+/// user info, and the query starts at the first `?` after that `@`. (Before, the password of
+/// `user:pa?ss@host` was read as a host and an option, and shown in full by errors and `redact`.)
+fn query_start(rest: &str) -> usize {
+    let Some(first) = rest.find('?') else {
+        return rest.len();
+    };
+    if rest[..first].contains('@') {
+        return first;
+    }
+    let query = &rest[first + 1..];
+    let pair = &query[..query.find('&').unwrap_or(query.len())];
+    match pair.find('@') {
+        Some(at) if !pair[..at].contains('=') => {
+            let after_at = first + 1 + at;
+            rest[after_at..]
+                .find('?')
+                .map_or(rest.len(), |i| after_at + i)
+        }
+        _ => first,
+    }
 }
 
 /// `(user info, the rest)` of what stands between `://` and `?`: the user info ends at the last
@@ -426,8 +497,7 @@ pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let query_start = rest.find('?').unwrap_or(rest.len());
-    let (before_query, tail) = rest.split_at(query_start);
+    let (before_query, tail) = rest.split_at(query_start(rest));
     let (userinfo, after_userinfo) = split_userinfo(before_query);
     let authority = match userinfo {
         Some(userinfo) => match userinfo.split_once(':') {
@@ -567,6 +637,53 @@ mod tests {
             redact("test://user:p/a#s@s@h:1/db"),
             "test://user:***@h:1/db"
         );
+        // And an unencoded '?', which parse and redact read as the start of the options (an
+        // error then showed the URL as given, password and all).
+        for (url, password, shown) in [
+            (
+                "test://user:pa?ss@h:1/db?x=1",
+                "pa?ss",
+                "test://user:***@h:1/db?x=1",
+            ),
+            ("test://user:1234?x@h:1", "1234?x", "test://user:***@h:1"),
+            (
+                "test://user:a?b?c@h:1?x=y@z",
+                "a?b?c",
+                "test://user:***@h:1?x=y@z",
+            ),
+        ] {
+            let u = parse(url).unwrap();
+            assert_eq!(u.password(), Some(password));
+            assert_eq!(u.host_ports(0), vec!["h:1"]);
+            assert_eq!(u.to_string(), shown);
+            assert_eq!(redact(url), shown);
+        }
+        let e = parse("test://user:hun?ter2@h:bad").unwrap_err().to_string();
+        assert!(!e.contains("ter2"), "{e}");
+        // An '@' in an option's value is not user info.
+        let u = parse("test://h:1?user=bob@corp&x=1").unwrap();
+        assert_eq!((u.username(), u.option("user")), (None, Some("bob@corp")));
+        assert_eq!(
+            redact("test://h:1?user=bob@corp"),
+            "test://h:1?user=bob@corp"
+        );
+    }
+
+    #[test]
+    fn hide_secrets_replaces_passwords_option_values_and_their_entries() {
+        let u = parse(
+            "test://u:pa%3Ass@h/db?authMechanismProperties=SERVICE_NAME:x,AWS_SESSION_TOKEN:tok%2Fen&keyPassword=kp&w=majority",
+        )
+        .unwrap();
+        let quoted = "bad pa:ss pa%3Ass got AWS_SESSION_TOKEN:tok/en or tok%2Fen, kp; x w=majority";
+        assert_eq!(
+            u.hide_secrets(quoted),
+            "bad *** *** got *** or ***, ***; x w=majority"
+        );
+        assert_eq!(parse("test://h").unwrap().hide_secrets("as is"), "as is");
+        // As parse reads it: the user info ends at the last '@'.
+        let u = parse("test://u:p/a%40s@h/db").unwrap();
+        assert_eq!(u.hide_secrets("p/a@s or p/a%40s"), "*** or ***");
     }
 
     #[test]
