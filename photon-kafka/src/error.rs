@@ -149,11 +149,20 @@ pub(crate) fn blocking_failed(e: tokio::task::JoinError) -> Error {
 }
 
 /// librdkafka refused the settings a client was built with.
+///
+/// Names the setting and librdkafka's reason, never a value: librdkafka's refusal of one
+/// setting carries its value (`sasl.oauthbearer.client.secret` in a build without OIDC, a
+/// misspelt `sasl.pasword`), and a setting it does not know is not hidden by
+/// [`KafkaConfig`]'s `Debug`, so neither the value nor the config is shown.
 pub(crate) fn refused_settings(config: &KafkaConfig, e: KafkaError) -> Error {
-    Error::InvalidInput {
-        what: format!("Kafka settings {config:?}"),
-        reason: e.to_string(),
-    }
+    let what = format!("Kafka settings for {}", config.bootstrap_servers);
+    let reason = match &e {
+        KafkaError::ClientConfig(_, description, key, _value) => {
+            format!("librdkafka refuses setting {key}: {description}")
+        }
+        other => other.to_string(),
+    };
+    Error::InvalidInput { what, reason }
 }
 
 /// The same failure again, for the next append of a group that failed as one (`Error` is not
