@@ -147,6 +147,12 @@ impl MongoConfig {
         self.url.to_string_keeping(|key| !is_ours(key))
     }
 
+    /// `text` with the URL's password and secret option values hidden (a driver's error may
+    /// quote them).
+    pub(crate) fn hide_secrets(&self, text: &str) -> String {
+        self.url.hide_secrets(text)
+    }
+
     /// An [`Error::InvalidInput`] naming this URL (without its password) and `reason`.
     pub(crate) fn invalid(&self, reason: impl Into<String>) -> Error {
         self.url.invalid(reason)

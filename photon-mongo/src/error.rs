@@ -136,9 +136,11 @@ pub(crate) fn is_namespace_missing(e: &DriverError) -> bool {
     matches!(&*e.kind, ErrorKind::Command(c) if c.code == NAMESPACE_NOT_FOUND)
 }
 
-/// A connection string the driver refuses; `reason` is the driver's rule.
+/// A connection string the driver refuses; `reason` is the driver's rule, with the URL's
+/// secrets hidden: the driver quotes what it refuses (an entry of `authMechanismProperties`
+/// without its `:` came back whole, token and all).
 pub(crate) fn refused_url(config: &MongoConfig, e: &DriverError) -> Error {
-    config.invalid(e.to_string())
+    config.invalid(config.hide_secrets(&e.to_string()))
 }
 
 /// An index the guarantees need is missing and we may not create it.
