@@ -70,9 +70,10 @@ impl Secrets {
     }
 }
 
-/// A URL naming `hosts` with every kind of secret this backend takes: `user:password@` (SASL
-/// through the URL), `ssl_key_password`, a SASL password given as an `rdkafka.` setting is not
-/// possible beside the user (one `sasl.password`), so the SASL secret goes to the keystore.
+/// A URL naming `hosts` with a secret of each kind this backend passes on: the password of
+/// `user:password@` (which becomes `sasl.password`), `ssl_key_password`, and two `rdkafka.`
+/// settings (a keystore password and the OAuth bearer config). The `sasl_password` option is
+/// checked on its own, since the URL's password already sets `sasl.password`.
 fn url_with_secrets(s: &Secrets, hosts: &str, options: &str) -> String {
     format!(
         "kafka://alice:{}@{hosts}?ssl_key_password={}&rdkafka.ssl.keystore.password={}&rdkafka.sasl.oauthbearer.config=secret%3D{}&timeout_ms=1000{options}",
@@ -93,7 +94,8 @@ fn debug_and_display_of_urls_configs_and_settings_hide_secrets() {
     assert_eq!(config.client_settings["ssl.key.password"], s.key);
     s.assert_absent("KafkaConfig Debug", &format!("{config:?}"));
     s.assert_absent("KafkaConfig Debug, pretty", &format!("{config:#?}"));
-    // photon-kafka never formats these, but a caller may.
+    // photon-kafka never formats these, but a caller may. rdkafka's `Debug` leaves out its
+    // list of sensitive settings only: `sasl.oauthbearer.config` (and `ssl.key.pem`) show.
     for (what, settings) in [
         ("client_config", config.client_config()),
         ("producer_config", config.producer_config()),
