@@ -12,7 +12,7 @@ use std::sync::{Mutex, Once};
 use std::time::Duration;
 
 use photon_api::url::{redact, StoreUrl};
-use photon_api::{EventData, EventStore, ExpectedVersion, StreamId, Uuid};
+use photon_api::{Error, EventData, EventStore, ExpectedVersion, StreamId, Uuid};
 use photon_conformance::server_url;
 use photon_kafka::{KafkaConfig, KafkaStore, SCHEMES};
 
@@ -81,6 +81,22 @@ fn url_with_secrets(s: &Secrets, hosts: &str, options: &str) -> String {
     )
 }
 
+fn fresh_stream() -> StreamId {
+    StreamId::parse(format!("account-{}", Uuid::new_v4().simple())).unwrap()
+}
+
+/// One append to `stream`: what first reaches the brokers.
+async fn append(store: &KafkaStore, stream: &StreamId) -> Result<(), Error> {
+    let event = EventData::json("Opened", &serde_json::json!({ "n": 1 })).unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(15),
+        store.append(stream, ExpectedVersion::Any, vec![event]),
+    )
+    .await
+    .expect("the append answers within its deadline")
+    .map(|_| ())
+}
+
 #[test]
 fn debug_and_display_of_urls_configs_and_settings_hide_secrets() {
     let s = Secrets::new();
@@ -139,15 +155,10 @@ async fn store_and_failed_appends_to_an_unreachable_broker_hide_secrets() {
     );
     let store = KafkaStore::from_url(&raw).await.unwrap();
     s.assert_absent("KafkaStore Debug", &format!("{store:?}"));
-    let stream = StreamId::parse(format!("account-{}", Uuid::new_v4().simple())).unwrap();
-    let event = EventData::json("Opened", &serde_json::json!({ "n": 1 })).unwrap();
-    let append = tokio::time::timeout(
-        Duration::from_secs(15),
-        store.append(&stream, ExpectedVersion::Any, vec![event]),
-    )
-    .await
-    .expect("an append to an unreachable broker answers within its deadline");
-    let e = append.expect_err("no broker listens on port 1");
+    let stream = fresh_stream();
+    let e = append(&store, &stream)
+        .await
+        .expect_err("no broker listens on port 1");
     s.assert_absent_from_error("append error", &e);
     let version = tokio::time::timeout(Duration::from_secs(10), store.stream_version(&stream))
         .await
@@ -200,15 +211,9 @@ async fn failed_sasl_ssl_handshake_with_the_broker_hides_secrets() {
         &format!("&security_protocol=sasl_ssl&sasl_mechanism=SCRAM-SHA-512&prefix={prefix}&rdkafka.debug=security,broker,protocol"),
     );
     let store = KafkaStore::from_url(&raw).await.unwrap();
-    let stream = StreamId::parse(format!("account-{}", Uuid::new_v4().simple())).unwrap();
-    let event = EventData::json("Opened", &serde_json::json!({ "n": 1 })).unwrap();
-    let append = tokio::time::timeout(
-        Duration::from_secs(15),
-        store.append(&stream, ExpectedVersion::Any, vec![event]),
-    )
-    .await
-    .expect("the append answers within its deadline");
-    let e = append.expect_err("a plaintext broker cannot complete a TLS handshake");
+    let e = append(&store, &fresh_stream())
+        .await
+        .expect_err("a plaintext broker cannot complete a TLS handshake");
     s.assert_absent_from_error("append error", &e);
     drop(store);
     s.assert_absent_from_logs();
