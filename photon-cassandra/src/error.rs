@@ -36,7 +36,7 @@ pub(crate) fn driver(
 }
 
 /// An append whose pending markers took longer than half the settle delay to write, `attempts`
-/// times in a row (the last in `took`): readers may pass a time once it is `settle` old, so
+/// times in a row and for at least a request timeout (the last in `took`): readers may pass a time once it is `settle` old, so
 /// such markers are cleared and the append takes a new time, which a link this slow never makes
 /// in time. Nothing was stored; the caller may retry once the link is faster, or raise
 /// `settle_ms` above twice the round trip.

@@ -24,8 +24,10 @@ use crate::error;
 const MAX_ATTEMPTS: usize = 100;
 
 /// Attempts in a row whose markers took longer than half the settle delay to write before an
-/// append gives up: the link to the cluster is slower than `settle_ms` allows, and another
-/// attempt with a new time id would only be as slow.
+/// append gives up, if they also took at least `timeout_ms` together: the link to the cluster
+/// is slower than `settle_ms` allows, and another attempt with a new time id would only be as
+/// slow. (A short stall of a loaded node is waited out: attempts go on until it has lasted a
+/// request timeout.)
 const SLOW_MARKER_ATTEMPTS: u32 = 3;
 
 /// Rounds of one repair before it gives up (each lost a race for the version's row).
@@ -61,14 +63,13 @@ impl Shared {
             if let Some(result) = append.attempt().await? {
                 return Ok(result);
             }
-            if let Some(took) = append
-                .slow_markers
-                .filter(|(n, _)| *n >= SLOW_MARKER_ATTEMPTS)
-            {
+            if let Some(slow) = append.slow_markers.filter(|slow| {
+                slow.attempts >= SLOW_MARKER_ATTEMPTS && slow.since.elapsed() >= config.timeout
+            }) {
                 return Err(error::markers_too_slow(
                     stream,
-                    took.0,
-                    took.1,
+                    slow.attempts,
+                    slow.last,
                     config.settle,
                 ));
             }
@@ -287,8 +288,18 @@ struct Append<'a> {
     /// and answers within the window of this, like the attempt that stored it.
     committing: Option<Instant>,
     /// Attempts in a row whose markers were written too late (more than half the settle delay
-    /// after their time), and how long the last one took; None once one was in time.
-    slow_markers: Option<(u32, Duration)>,
+    /// after their time); None once one was in time.
+    slow_markers: Option<SlowMarkers>,
+}
+
+/// Markers written too late, attempt after attempt.
+#[derive(Clone, Copy)]
+struct SlowMarkers {
+    attempts: u32,
+    /// When the first of them was found late.
+    since: Instant,
+    /// How long the last one took.
+    last: Duration,
 }
 
 /// Where a batch goes, once decided.
@@ -523,8 +534,19 @@ impl<'a> Append<'a> {
         let took = self.shared.now_micros() - micros;
         if took > settle_micros / 2 {
             let _ = self.clear_markers(time_id).await;
-            let slow = self.slow_markers.map_or(1, |(n, _)| n + 1);
-            self.slow_markers = Some((slow, Duration::from_micros(took as u64)));
+            let last = Duration::from_micros(took as u64);
+            self.slow_markers = Some(match self.slow_markers {
+                Some(slow) => SlowMarkers {
+                    attempts: slow.attempts + 1,
+                    last,
+                    ..slow
+                },
+                None => SlowMarkers {
+                    attempts: 1,
+                    since: Instant::now(),
+                    last,
+                },
+            });
             return Ok(false);
         }
         self.slow_markers = None;
