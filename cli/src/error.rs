@@ -103,7 +103,7 @@ impl From<Error> for CliError {
 /// The credentials found in the URLs a command was given, so that no message shows them even if
 /// a driver's error quotes the connection string it was handed.
 #[derive(Default)]
-pub struct Secrets(Vec<String>);
+pub struct Secrets(Vec<String>, Vec<photon_api::url::StoreUrl>);
 
 impl fmt::Debug for Secrets {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -117,7 +117,15 @@ impl Secrets {
     /// each URL, as written and percent-decoded.
     pub fn from_urls<'a>(urls: impl IntoIterator<Item = &'a str>) -> Self {
         let mut found = Vec::new();
+        let mut parsed = Vec::new();
         for url in urls {
+            // The stores' own reading too, whose `hide_secrets` also knows the entries of a
+            // secret option and a password the simple reading below would miss.
+            if let Some((scheme, _)) = url.split_once("://") {
+                if let Ok(u) = photon_api::url::StoreUrl::parse(url, "URL", &[scheme]) {
+                    parsed.push(u);
+                }
+            }
             let Some((_, rest)) = url.split_once("://") else {
                 continue;
             };
@@ -143,7 +151,7 @@ impl Secrets {
         // Longest first, so a secret containing a shorter one is replaced whole.
         found.sort_by_key(|s| std::cmp::Reverse(s.len()));
         found.dedup();
-        Secrets(found)
+        Secrets(found, parsed)
     }
 
     /// `text` with every secret replaced by `***`.
@@ -151,6 +159,9 @@ impl Secrets {
         let mut out = text.to_owned();
         for secret in &self.0 {
             out = out.replace(secret.as_str(), "***");
+        }
+        for url in &self.1 {
+            out = url.hide_secrets(&out);
         }
         out
     }
@@ -195,6 +206,19 @@ mod tests {
         assert!(!scrubbed.contains("p@ss"), "{scrubbed}");
         assert!(!scrubbed.contains("k3y"), "{scrubbed}");
         assert!(scrubbed.contains("admin"), "{scrubbed}");
+    }
+
+    /// Review of issue 19 part 3: the simple reading ends the user info at the first '/' or
+    /// '?' and keeps `authMechanismProperties` whole, so these passed through.
+    #[test]
+    fn secrets_the_simple_reading_misses_are_scrubbed_too() {
+        let s = Secrets::from_urls([
+            "mongodb://u:hunter?2@h/db",
+            "mongodb://h/db?authMechanismProperties=SERVICE_NAME:x,AWS_SESSION_TOKEN:t0kenvalue",
+        ]);
+        let scrubbed = s.scrub("refused hunter?2 and got t0kenvalue");
+        assert!(!scrubbed.contains("hunter"), "{scrubbed}");
+        assert!(!scrubbed.contains("t0kenvalue"), "{scrubbed}");
     }
 
     #[test]

@@ -122,7 +122,16 @@ impl StoreUrl {
         } else {
             host_list
                 .split(',')
-                .map(|h| parse_host(h.trim()).map_err(&invalid))
+                .map(|h| {
+                    parse_host(h.trim()).map_err(|reason| {
+                        // What was read as a host may be the start of a password holding '?'.
+                        invalid(if ambiguous(url) {
+                            AMBIGUOUS.to_owned()
+                        } else {
+                            reason
+                        })
+                    })
+                })
                 .collect::<Result<_, _>>()?
         };
         let path = decode(path.strip_prefix('/').unwrap_or(path), "path")?;
@@ -318,10 +327,11 @@ impl StoreUrl {
             .filter(|((k, _), _)| keep(k))
             .map(|(_, raw)| raw.as_str())
             .collect();
+        let base = encode_userinfo(&self.raw_base);
         if kept.is_empty() {
-            self.raw_base.clone()
+            base
         } else {
-            format!("{}?{}", self.raw_base, kept.join("&"))
+            format!("{base}?{}", kept.join("&"))
         }
     }
 }
@@ -407,6 +417,7 @@ pub fn is_secret_option(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
     [
         "password",
+        "passphrase",
         "secret",
         "pem",
         "token",
@@ -417,6 +428,58 @@ pub fn is_secret_option(key: &str) -> bool {
     ]
     .iter()
     .any(|s| key.contains(s))
+}
+
+/// Why a URL whose reading is ambiguous is refused or shown hidden, without quoting any of it.
+const AMBIGUOUS: &str = "the hosts are not valid; if the password holds '?', '@', '/' or '#', \
+    percent-encode it (%3F, %40, %2F, %23)";
+
+/// Whether `url` reads as hosts that are not valid followed by options holding an `@`: then
+/// the "hosts" are most likely the start of a password holding an unencoded `?` (followed by
+/// `=` or `&`, which an option value holding `@` also has), so [`redact`] hides everything
+/// after the scheme and the refused host is not quoted.
+fn ambiguous(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let (before_query, query) = rest.split_at(query_start(rest));
+    if !query.contains('@') {
+        return false;
+    }
+    let (_, after_userinfo) = split_userinfo(before_query);
+    let host_list = &after_userinfo[..after_userinfo.find('/').unwrap_or(after_userinfo.len())];
+    host_list.split(',').any(|h| parse_host(h.trim()).is_err())
+}
+
+/// `base` (scheme, user info, hosts, path) with the user name and password percent-encoded
+/// where they hold a character that ends them in a connection string (`?`, `/`, `#`, `@`,
+/// `[`, `]`, and `:` in the password): a driver that splits at the first `?` would otherwise
+/// read part of a password as a host, and quote it in its error. What is already encoded
+/// stays as written.
+fn encode_userinfo(base: &str) -> String {
+    let Some((scheme, rest)) = base.split_once("://") else {
+        return base.to_owned();
+    };
+    let (Some(userinfo), after) = split_userinfo(rest) else {
+        return base.to_owned();
+    };
+    let encode = |part: &str, colon: bool| -> String {
+        part.chars()
+            .map(|c| match c {
+                '?' => "%3F".to_owned(),
+                '/' => "%2F".to_owned(),
+                '#' => "%23".to_owned(),
+                '@' => "%40".to_owned(),
+                '[' => "%5B".to_owned(),
+                ']' => "%5D".to_owned(),
+                ':' if colon => "%3A".to_owned(),
+                c => c.to_string(),
+            })
+            .collect()
+    };
+    let userinfo = match userinfo.split_once(':') {
+        Some((user, password)) => format!("{}:{}", encode(user, true), encode(password, true)),
+        None => encode(userinfo, true),
+    };
+    format!("{scheme}://{userinfo}@{after}")
 }
 
 /// Where the query of what follows `://` starts (its `?`), or its length when there is none.
@@ -497,6 +560,9 @@ pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
+    if ambiguous(url) {
+        return format!("{scheme}://***");
+    }
     let (before_query, tail) = rest.split_at(query_start(rest));
     let (userinfo, after_userinfo) = split_userinfo(before_query);
     let authority = match userinfo {
@@ -525,6 +591,56 @@ pub fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review of issue 19 part 3: a password holding an unencoded '?' followed by '=' or '&'
+    /// was read as hosts ("alice:pa") and options, and the error quoted the hosts and showed
+    /// the options, password and all.
+    #[test]
+    fn an_ambiguous_url_is_refused_and_shown_without_any_of_it() {
+        for url in [
+            "kafka://alice:pa?s=s@broker:9092",
+            "kafka://alice:pa?ss&x@broker:9092",
+        ] {
+            assert_eq!(redact(url), "kafka://***", "{url}");
+            let e = StoreUrl::parse(url, "Kafka URL", &["kafka"]).unwrap_err();
+            let shown = format!("{e} {e:?}");
+            assert!(shown.contains("percent-encode"), "{shown}");
+            for part in ["alice:pa", "pa?s", "s=s", "ss&x"] {
+                assert!(!shown.contains(part), "{url}: {shown}");
+            }
+        }
+        // An '@' in an option value of a URL whose hosts are valid is read as before.
+        assert_eq!(
+            redact("test://h:1?user=bob@corp"),
+            "test://h:1?user=bob@corp"
+        );
+    }
+
+    #[test]
+    fn a_driver_gets_the_user_info_encoded() {
+        let u = StoreUrl::parse("test://ann:hunter?2@h:1/db?x=1", "test URL", &["test"]).unwrap();
+        assert_eq!(u.password.as_deref(), Some("hunter?2"));
+        assert_eq!(
+            u.to_string_keeping(|_| true),
+            "test://ann:hunter%3F2@h:1/db?x=1"
+        );
+        let encoded = StoreUrl::parse("test://a%3Ab:p%40ss@h:1", "test URL", &["test"]).unwrap();
+        assert_eq!(
+            encoded.to_string_keeping(|_| true),
+            "test://a%3Ab:p%40ss@h:1"
+        );
+    }
+
+    #[test]
+    fn a_key_passphrase_is_a_secret() {
+        assert!(is_secret_option(
+            "rdkafka.sasl.oauthbearer.assertion.private.key.passphrase"
+        ));
+        assert_eq!(
+            redact("kafka://h:9092?rdkafka.sasl.oauthbearer.assertion.private.key.passphrase=S&colour=blue"),
+            "kafka://h:9092?rdkafka.sasl.oauthbearer.assertion.private.key.passphrase=***&colour=blue"
+        );
+    }
 
     fn parse(url: &str) -> Result<StoreUrl, Error> {
         StoreUrl::parse(url, "Test URL", &["test", "test+srv"])

@@ -232,6 +232,14 @@ mod tests {
         );
     }
 
+    /// Review of issue 19 part 3: the driver splits a connection string at its first '?', so a
+    /// password holding one was read as a host and quoted in the driver's error.
+    #[test]
+    fn the_driver_gets_a_password_with_a_question_mark_encoded() {
+        let c = MongoConfig::from_url("mongodb://ann:hunter?2@db1:27017/app").unwrap();
+        assert_eq!(c.driver_url(), "mongodb://ann:hunter%3F2@db1:27017/app");
+    }
+
     #[test]
     fn rejects_bad_options_naming_them() {
         for (url, needle) in [
