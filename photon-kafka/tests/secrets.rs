@@ -7,8 +7,6 @@
 //! No secured broker exists yet, so the failures are an unreachable port and, with
 //! `PHOTON_TEST_KAFKA_URL` set, SASL_SSL against the plaintext broker (the TLS handshake fails).
 
-use std::fmt;
-use std::sync::{Mutex, Once};
 use std::time::Duration;
 
 use photon_api::url::{redact, StoreUrl};
@@ -219,82 +217,30 @@ async fn failed_sasl_ssl_handshake_with_the_broker_hides_secrets() {
     s.assert_absent_from_logs();
 }
 
-/// Every tracing event and span field and every `log` record of this process, formatted, at
-/// every level, kept in memory. Global, since librdkafka logs from its own threads and the
-/// driver's tasks run on the runtime's workers.
+/// photon-conformance's capture of tracing lines, and librdkafka's lines, which go through the
+/// `log` crate, kept with them.
 mod capture {
-    use super::*;
-    use tracing::field::{Field, Visit};
-    use tracing::span::{Attributes, Id, Record};
-    use tracing::{Event, Subscriber};
-    use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+    use std::sync::Once;
 
-    static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    pub(super) use photon_conformance::capture::lines;
 
     pub(super) fn install() {
         static ONCE: Once = Once::new();
         ONCE.call_once(|| {
-            let subscriber = tracing_subscriber::registry().with(Capture);
-            tracing::subscriber::set_global_default(subscriber).expect("one subscriber");
-            log::set_logger(&Capture).expect("one logger");
+            photon_conformance::capture::install();
+            log::set_logger(&Log).expect("one logger");
             log::set_max_level(log::LevelFilter::Trace);
         });
     }
 
-    pub(super) fn lines() -> Vec<String> {
-        LINES.lock().unwrap().clone()
-    }
+    struct Log;
 
-    fn keep(line: String) {
-        LINES.lock().unwrap().push(line);
-    }
-
-    struct Capture;
-
-    /// `name=value` for each field, values by `Debug` (what a formatter would print).
-    struct Fields(String);
-
-    impl Visit for Fields {
-        fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-            self.0.push_str(&format!(" {}={value:?}", field.name()));
-        }
-        fn record_str(&mut self, field: &Field, value: &str) {
-            self.0.push_str(&format!(" {}={value}", field.name()));
-        }
-        fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-            self.0
-                .push_str(&format!(" {}={value} ({value:?})", field.name()));
-        }
-    }
-
-    impl<S: Subscriber> Layer<S> for Capture {
-        fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
-            let mut fields = Fields(format!(
-                "{} {}",
-                event.metadata().level(),
-                event.metadata().target()
-            ));
-            event.record(&mut fields);
-            keep(fields.0);
-        }
-        fn on_new_span(&self, attrs: &Attributes<'_>, _: &Id, _: Context<'_, S>) {
-            let mut fields = Fields(format!("span {}", attrs.metadata().name()));
-            attrs.record(&mut fields);
-            keep(fields.0);
-        }
-        fn on_record(&self, _: &Id, values: &Record<'_>, _: Context<'_, S>) {
-            let mut fields = Fields("span record".into());
-            values.record(&mut fields);
-            keep(fields.0);
-        }
-    }
-
-    impl log::Log for Capture {
+    impl log::Log for Log {
         fn enabled(&self, _: &log::Metadata<'_>) -> bool {
             true
         }
         fn log(&self, record: &log::Record<'_>) {
-            keep(format!(
+            photon_conformance::capture::keep(format!(
                 "{} {} {}",
                 record.level(),
                 record.target(),

@@ -9,13 +9,11 @@
 //! port, connection strings the driver refuses and, with `PHOTON_TEST_MONGO_URL` set, TLS
 //! against the plaintext server (the handshake fails) and credentials it does not know.
 
-use std::fmt;
-use std::sync::{Mutex, Once};
 use std::time::Duration;
 
 use photon_api::url::{redact, StoreUrl};
 use photon_api::{Error, EventData, EventStore, ExpectedVersion, StreamId, Uuid};
-use photon_conformance::server_url;
+use photon_conformance::{capture, server_url};
 use photon_mongo::{client_options, MongoConfig, MongoStore, SCHEMES};
 
 /// Distinct secrets for one test: a password, a key file's password, an AWS session token.
@@ -199,72 +197,4 @@ async fn connections_to_the_server_hide_secrets() {
         lines.iter().any(|l| l.contains("photon.append")),
         "photon's tracing was captured (the check above saw it): {lines:?}"
     );
-}
-
-/// Every tracing event and span field of this process (ours and the driver's), formatted, at
-/// every level, kept in memory. Global, since the driver's tasks run on the runtime's workers.
-mod capture {
-    use super::*;
-    use tracing::field::{Field, Visit};
-    use tracing::span::{Attributes, Id, Record};
-    use tracing::{Event, Subscriber};
-    use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
-
-    static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-    pub(super) fn install() {
-        static ONCE: Once = Once::new();
-        ONCE.call_once(|| {
-            let subscriber = tracing_subscriber::registry().with(Capture);
-            tracing::subscriber::set_global_default(subscriber).expect("one subscriber");
-        });
-    }
-
-    pub(super) fn lines() -> Vec<String> {
-        LINES.lock().unwrap().clone()
-    }
-
-    fn keep(line: String) {
-        LINES.lock().unwrap().push(line);
-    }
-
-    struct Capture;
-
-    /// `name=value` for each field, values by `Debug` (what a formatter would print).
-    struct Fields(String);
-
-    impl Visit for Fields {
-        fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-            self.0.push_str(&format!(" {}={value:?}", field.name()));
-        }
-        fn record_str(&mut self, field: &Field, value: &str) {
-            self.0.push_str(&format!(" {}={value}", field.name()));
-        }
-        fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-            self.0
-                .push_str(&format!(" {}={value} ({value:?})", field.name()));
-        }
-    }
-
-    impl<S: Subscriber> Layer<S> for Capture {
-        fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
-            let mut fields = Fields(format!(
-                "{} {}",
-                event.metadata().level(),
-                event.metadata().target()
-            ));
-            event.record(&mut fields);
-            keep(fields.0);
-        }
-        fn on_new_span(&self, attrs: &Attributes<'_>, _: &Id, _: Context<'_, S>) {
-            let mut fields = Fields(format!("span {}", attrs.metadata().name()));
-            attrs.record(&mut fields);
-            keep(fields.0);
-        }
-        fn on_record(&self, _: &Id, values: &Record<'_>, _: Context<'_, S>) {
-            let mut fields = Fields("span record".into());
-            values.record(&mut fields);
-            keep(fields.0);
-        }
-    }
 }

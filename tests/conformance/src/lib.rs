@@ -9,6 +9,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use photon_api::{Category, EventStore};
 
+pub mod capture;
 pub mod cases;
 mod support;
 
