@@ -181,6 +181,24 @@ pub enum Error {
         feature: &'static str,
     },
 
+    /// The server would not let this client in, or not let it do this: wrong credentials, an
+    /// unknown user, a server certificate the client does not trust, or a missing permission.
+    /// Not retryable: the same call is refused until the configuration or the server's grants
+    /// change, and retrying would hammer an authentication endpoint forever. Nothing was stored
+    /// by a refused append. The message never contains a password or key.
+    #[error("{backend} backend refused access ({kind}) while {context}: {source}")]
+    AccessDenied {
+        /// Which backend.
+        backend: &'static str,
+        /// Which check failed, so a caller (or an operator's alert) can tell them apart.
+        kind: AccessKind,
+        /// What was being done, e.g. `connecting to 127.0.0.1:9094` or `appending to account-7`.
+        context: String,
+        /// The driver's or server's own error, secrets removed.
+        #[source]
+        source: BoxError,
+    },
+
     /// Any other failure inside a backend (a driver error that is not a timeout, corrupt data,
     /// a refused permission). Not retryable: the same call fails the same way until something
     /// changes. `source()` is the driver's own error, so a caller can tell a TLS failure from an
@@ -195,6 +213,30 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+}
+
+/// Which access check refused a call ([`Error::AccessDenied`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum AccessKind {
+    /// The server did not accept the credentials: a wrong password or an unknown user (servers
+    /// deliberately do not say which).
+    Authentication,
+    /// The TLS handshake failed: the server's certificate is not trusted by the configured CA,
+    /// names another host, or the server refused the client's certificate.
+    Tls,
+    /// The credentials were accepted but the user may not do this (a missing ACL, grant or role).
+    Authorization,
+}
+
+impl std::fmt::Display for AccessKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AccessKind::Authentication => "authentication failed",
+            AccessKind::Tls => "TLS handshake failed",
+            AccessKind::Authorization => "not authorized",
+        })
+    }
 }
 
 impl Error {
@@ -215,6 +257,21 @@ impl Error {
     ) -> Self {
         Error::Backend {
             backend,
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
+    /// An `AccessDenied` error: the server refused `kind` of access while doing `context`.
+    pub fn access_denied(
+        backend: &'static str,
+        kind: AccessKind,
+        context: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Error::AccessDenied {
+            backend,
+            kind,
             context: context.into(),
             source: source.into(),
         }
@@ -275,6 +332,29 @@ mod tests {
         assert!(!e.is_retryable());
         let u = Error::unavailable("mongo", "127.0.0.1:27017 did not answer", driver_timeout());
         assert!(u.is_retryable() && u.source().is_some());
+    }
+
+    #[test]
+    fn access_denied_names_the_check_and_is_final() {
+        let driver = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "SASL failed");
+        let e = Error::access_denied(
+            "kafka",
+            AccessKind::Authentication,
+            "connecting to 127.0.0.1:9094",
+            driver,
+        );
+        assert_eq!(
+            e.to_string(),
+            "kafka backend refused access (authentication failed) while connecting to 127.0.0.1:9094: SASL failed"
+        );
+        assert!(!e.is_retryable());
+        assert!(matches!(
+            e,
+            Error::AccessDenied {
+                kind: AccessKind::Authentication,
+                ..
+            }
+        ));
     }
 
     fn driver_timeout() -> std::io::Error {

@@ -13,7 +13,7 @@ pub mod validate;
 mod version;
 
 pub use checkpoint::Checkpoint;
-pub use error::{BoxError, Error, Result};
+pub use error::{AccessKind, BoxError, Error, Result};
 pub use event::{
     ContentType, EventData, EventType, Headers, Metadata, Payload, RecordedEvent, Timestamp,
     MAX_EVENT_TYPE_LEN,
