@@ -20,6 +20,10 @@ pub const EXIT_DIFFERENCES: i32 = 3;
 pub const EXIT_CONFLICT: i32 = 4;
 /// Exit code for `Unavailable`: the store did not answer; running the command again may work.
 pub const EXIT_UNAVAILABLE: i32 = 5;
+/// Exit code for `AccessDenied`: the server refused the credentials, the certificate or the
+/// permission. Running the command again fails the same way until the URL or the grants change,
+/// so a script must not loop on it as it may on 5.
+pub const EXIT_ACCESS_DENIED: i32 = 6;
 
 /// A failed command.
 #[derive(Debug)]
@@ -55,6 +59,7 @@ impl CliError {
             CliError::Store(Error::WrongExpectedVersion { .. })
             | CliError::Store(Error::IdempotencyConflict { .. }) => EXIT_CONFLICT,
             CliError::Store(Error::Unavailable { .. }) => EXIT_UNAVAILABLE,
+            CliError::Store(Error::AccessDenied { .. }) => EXIT_ACCESS_DENIED,
             CliError::Usage(_) => EXIT_USAGE,
             CliError::Differences(_) => EXIT_DIFFERENCES,
             _ => EXIT_FAILURE,
@@ -230,6 +235,14 @@ mod tests {
         });
         assert_eq!(unavailable.exit_code(), EXIT_UNAVAILABLE);
         assert!(unavailable.to_string().contains("retryable"));
+        let denied = CliError::Store(Error::access_denied(
+            "kafka",
+            photon_api::AccessKind::Authentication,
+            "connecting to 127.0.0.1:9094",
+            "SASL authentication failed",
+        ));
+        assert_eq!(denied.exit_code(), EXIT_ACCESS_DENIED);
+        assert!(!denied.to_string().contains("retryable"));
         assert_eq!(CliError::Usage("x".into()).exit_code(), EXIT_USAGE);
         assert_eq!(CliError::Differences(2).exit_code(), EXIT_DIFFERENCES);
     }

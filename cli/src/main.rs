@@ -21,7 +21,7 @@ use photon_cli::{CliError, ImportReport};
 /// URL is a store URL: memory://, kafka://host:port,...?prefix=..., cassandra://host:port/keyspace,
 /// mongodb://host:port/database. Exit codes: 0 ok, 1 failure, 2 usage, 3 verify found
 /// differences, 4 append refused (wrong expected version, idempotency conflict), 5 store
-/// unavailable (retryable).
+/// unavailable (retryable), 6 access denied (credentials, certificate or permission; not retryable).
 #[derive(Parser, Debug)]
 #[command(name = "photon", version)]
 struct Cli {
