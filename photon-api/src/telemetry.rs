@@ -85,7 +85,8 @@ pub const VIEW_LAG_SECONDS: &str = "newton_view_lag_seconds";
 /// What an operation ended with, as the `outcome` span field and metric label say it: `ok`,
 /// `conflict` (someone else wrote first: reload and decide again), `unavailable` (retry),
 /// `invalid` (fix the input; an `IdempotencyConflict`, an event id reused for another batch, is
-/// one) or `error` (anything else). An append has one more, `cancelled`, which no `Result` maps
+/// one), `denied` (the server refused the credentials, the certificate or the permission: an
+/// operator alerts on it apart from outages, since no retry fixes it) or `error` (anything else). An append has one more, `cancelled`, which no `Result` maps
 /// to: its caller dropped it before it answered (a timeout, a client gone), so whether it was
 /// stored is unknown; these are the appends an operator most needs to see, so they are counted
 /// and timed (up to the drop) like any other.
@@ -96,13 +97,14 @@ pub fn outcome<T>(result: &Result<T, Error>) -> &'static str {
     }
 }
 
-const OUTCOMES: [&str; 6] = [
+const OUTCOMES: [&str; 7] = [
     "ok",
     "conflict",
     "unavailable",
     "invalid",
     "error",
     "cancelled",
+    "denied",
 ];
 
 /// [`OUTCOMES`]' index of `cancelled`, the outcome of an append dropped before its answer.
@@ -125,6 +127,7 @@ fn outcome_index(e: &Error) -> usize {
         | Error::Encode { .. }
         | Error::Unsupported { .. }
         | Error::BackendNotCompiled { .. } => 3,
+        Error::AccessDenied { .. } => 6,
         _ => 4,
     }
 }
@@ -203,7 +206,7 @@ const METADATA: Metadata<'static> = Metadata::new("photon", Level::INFO, Some(mo
 pub struct Labels {
     backend: &'static str,
     one: [Label; 1],
-    by_outcome: [[Label; 2]; 6],
+    by_outcome: [[Label; 2]; 7],
 }
 
 impl Labels {
@@ -225,6 +228,7 @@ impl Labels {
                 pair(backend, OUTCOMES[3]),
                 pair(backend, OUTCOMES[4]),
                 pair(backend, OUTCOMES[5]),
+                pair(backend, OUTCOMES[6]),
             ],
         }
     }
@@ -242,7 +246,7 @@ impl Labels {
 #[derive(Debug)]
 pub struct Telemetry {
     backend: &'static str,
-    appends: [Key; 6],
+    appends: [Key; 7],
     appended_events: Key,
     appended_bytes: Key,
     conflicts: Key,
@@ -271,6 +275,7 @@ impl Telemetry {
                 appends(3, labels),
                 appends(4, labels),
                 appends(5, labels),
+                appends(6, labels),
             ],
             appended_events: key(APPENDED_EVENTS, labels),
             appended_bytes: key(APPENDED_BYTES, labels),
@@ -856,5 +861,24 @@ mod tests {
         let all = recorded(&snapshotter);
         assert_eq!(counter(&all, APPENDS, Some("invalid")), 1, "{all:?}");
         assert_eq!(counter(&all, CONFLICTS, None), 0, "{all:?}");
+    }
+
+    #[test]
+    fn a_refused_credential_is_denied_not_an_error() {
+        let refused = Err::<AppendResult, _>(Error::access_denied(
+            "kafka",
+            crate::AccessKind::Authorization,
+            "appending to account-7",
+            "TOPIC_AUTHORIZATION_FAILED",
+        ));
+        assert_eq!(outcome(&refused), "denied");
+
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        TEST.append(&stream(), &[]).finish(&refused, 1);
+        let all = recorded(&snapshotter);
+        assert_eq!(counter(&all, APPENDS, Some("denied")), 1, "{all:?}");
+        assert_eq!(counter(&all, APPENDS, Some("error")), 0, "{all:?}");
     }
 }
