@@ -41,6 +41,8 @@ func main() {
 		info, err = kafka(ctx, os.Args[2])
 	case "cassandra":
 		info, err = cassandra(os.Args[2])
+	case "cassandra-secure":
+		info, err = cassandraSecure(os.Args[2])
 	case "mongo":
 		info, err = mongoPing(ctx, os.Args[2])
 	default:
