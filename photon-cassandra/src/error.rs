@@ -3,21 +3,28 @@
 //! to, say, the `DbError` the server answered.
 //!
 //! This module decides only which errors are transient (`Unavailable`: the request may or may not
-//! have taken effect; retry with the same event ids) and which are not (`Backend`). Refusals of
-//! the caller's input are built where the input is checked, not here.
+//! have taken effect; retry with the same event ids), which are the server refusing this client
+//! (`AccessDenied`: wrong credentials, an untrusted certificate, a missing permission; final, as
+//! retrying changes nothing) and which are neither (`Backend`). Refusals of the caller's input
+//! are built where the input is checked, not here.
 
 use std::time::Duration;
 
-use photon_api::{Error, StreamId};
-use scylla::errors::{DbError, ExecutionError, NewSessionError, RequestAttemptError};
+use photon_api::{AccessKind, Error, StreamId};
+use scylla::errors::{
+    ConnectionError, ConnectionPoolError, ConnectionSetupRequestErrorKind, DbError, ExecutionError,
+    MetadataError, NewSessionError, PrepareError, RequestAttemptError, UseKeyspaceError,
+};
 
 use crate::client::BACKEND;
 
-/// A failed request: timeouts, unavailable replicas and lost connections are `Unavailable`,
-/// the rest `Backend`.
+/// A failed request: a refused login, certificate or permission is `AccessDenied`; timeouts,
+/// unavailable replicas and lost connections are `Unavailable`; the rest `Backend`.
 pub(crate) fn request(context: impl Into<String>, e: impl Into<ExecutionError>) -> Error {
     let e = e.into();
-    if is_transient(&e) {
+    if let Some(kind) = execution_access(&e) {
+        Error::access_denied(BACKEND, kind, context, e)
+    } else if is_transient(&e) {
         // The driver's words in the message too: a log line that prints only Display still
         // says which replica timed out.
         Error::unavailable(BACKEND, format!("{}: {e}", context.into()), e)
@@ -79,13 +86,108 @@ pub(crate) fn corrupt(context: impl Into<String>, reason: impl Into<String>) -> 
     Error::backend(BACKEND, context, reason.into())
 }
 
-/// The session could not be built: the cluster is unreachable (or not answering yet).
+/// The session could not be built: the node refused this client (`AccessDenied`: the
+/// credentials, its certificate, a permission), or the cluster is unreachable or not answering
+/// yet (`Unavailable`).
 pub(crate) fn connecting(contact_points: &[String], e: NewSessionError) -> Error {
-    Error::unavailable(
-        BACKEND,
-        format!("connecting to {}", contact_points.join(",")),
-        e,
-    )
+    let context = format!("connecting to {}", contact_points.join(","));
+    match session_access(&e) {
+        Some(kind) => Error::access_denied(BACKEND, kind, context, e),
+        None => Error::unavailable(BACKEND, context, e),
+    }
+}
+
+/// Which access check a failed request is the refusal of, if any. A pool that broke because
+/// its connections were refused at login or at the TLS handshake counts: every new connection
+/// would be refused the same way.
+fn execution_access(e: &ExecutionError) -> Option<AccessKind> {
+    match e {
+        ExecutionError::LastAttemptError(a) => attempt_access(a),
+        ExecutionError::ConnectionPoolError(p) => pool_access(p),
+        ExecutionError::PrepareError(p) => prepare_access(p),
+        ExecutionError::UseKeyspaceError(u) => use_keyspace_access(u),
+        ExecutionError::MetadataError(m) => metadata_access(m),
+        _ => None,
+    }
+}
+
+fn session_access(e: &NewSessionError) -> Option<AccessKind> {
+    match e {
+        NewSessionError::MetadataError(m) => metadata_access(m),
+        NewSessionError::UseKeyspaceError(u) => use_keyspace_access(u),
+        _ => None,
+    }
+}
+
+fn metadata_access(e: &MetadataError) -> Option<AccessKind> {
+    match e {
+        MetadataError::ConnectionPoolError(p) => pool_access(p),
+        _ => None,
+    }
+}
+
+fn prepare_access(e: &PrepareError) -> Option<AccessKind> {
+    match e {
+        PrepareError::ConnectionPoolError(p) => pool_access(p),
+        PrepareError::AllAttemptsFailed { first_attempt } => attempt_access(first_attempt),
+        _ => None,
+    }
+}
+
+fn use_keyspace_access(e: &UseKeyspaceError) -> Option<AccessKind> {
+    match e {
+        UseKeyspaceError::RequestError(a) => attempt_access(a),
+        _ => None,
+    }
+}
+
+fn pool_access(e: &ConnectionPoolError) -> Option<AccessKind> {
+    match e {
+        ConnectionPoolError::Broken {
+            last_connection_error,
+        } => connection_access(last_connection_error),
+        _ => None,
+    }
+}
+
+/// A connection refused while it was set up: the server's answer to the login (wrong password,
+/// unknown user, or credentials missing where the node demands them), or a TLS handshake that
+/// OpenSSL refused (the server's certificate does not verify against the trusted CAs, no
+/// protocol in common, a plaintext port). An I/O error of the socket itself is not one: the
+/// node may come back.
+fn connection_access(e: &ConnectionError) -> Option<AccessKind> {
+    match e {
+        ConnectionError::ConnectionSetupRequestError(setup) => match setup.get_error() {
+            ConnectionSetupRequestErrorKind::DbError(db, _) => db_access(db),
+            ConnectionSetupRequestErrorKind::MissingAuthentication => {
+                Some(AccessKind::Authentication)
+            }
+            _ => None,
+        },
+        ConnectionError::IoError(io) => io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<openssl::ssl::Error>())
+            .filter(|tls| tls.ssl_error().is_some())
+            .map(|_| AccessKind::Tls),
+        ConnectionError::UseKeyspaceError(u) => use_keyspace_access(u),
+        _ => None,
+    }
+}
+
+fn attempt_access(e: &RequestAttemptError) -> Option<AccessKind> {
+    match e {
+        RequestAttemptError::DbError(db, _) => db_access(db),
+        _ => None,
+    }
+}
+
+/// The server's own refusals: `BadCredentials` (0x0100) and `Unauthorized` (0x2100).
+fn db_access(db: &DbError) -> Option<AccessKind> {
+    match db {
+        DbError::AuthenticationError => Some(AccessKind::Authentication),
+        DbError::Unauthorized => Some(AccessKind::Authorization),
+        _ => None,
+    }
 }
 
 /// No session within `bound`: the cluster is unreachable or too slow to give its metadata.
@@ -149,6 +251,48 @@ mod tests {
             source.downcast_ref::<ExecutionError>(),
             Some(ExecutionError::RequestTimeout(_))
         ));
+    }
+
+    #[test]
+    fn refused_permissions_and_logins_are_final_access_denials() {
+        let unauthorized = RequestAttemptError::DbError(
+            DbError::Unauthorized,
+            "User r has no MODIFY permission on <table ks.commits> or any of its parents".into(),
+        );
+        let e = request(
+            "appending to acc-1",
+            ExecutionError::LastAttemptError(unauthorized),
+        );
+        assert!(
+            matches!(
+                &e,
+                Error::AccessDenied { kind: AccessKind::Authorization, context, .. }
+                    if context == "appending to acc-1"
+            ),
+            "{e:?}"
+        );
+        assert!(!e.is_retryable());
+        assert!(e.to_string().contains("no MODIFY permission"), "{e}");
+        let bad_login = RequestAttemptError::DbError(
+            DbError::AuthenticationError,
+            "Provided username u and/or password are incorrect".into(),
+        );
+        let e = request(
+            "preparing a read",
+            PrepareError::AllAttemptsFailed {
+                first_attempt: bad_login,
+            },
+        );
+        assert!(
+            matches!(
+                e,
+                Error::AccessDenied {
+                    kind: AccessKind::Authentication,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
     }
 
     #[test]

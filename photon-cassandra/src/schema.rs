@@ -315,11 +315,21 @@ pub(crate) async fn create_or_check(
     check_settings(session, config).await
 }
 
+/// Creates what is missing of the keyspace and its tables, and leaves what exists alone without
+/// asking for it: Cassandra checks the CREATE permission of a `CREATE ... IF NOT EXISTS` before
+/// it looks whether the object exists, so a role with rights on its own keyspace only (in a
+/// keyspace an operator created, as in production) could not connect if the store sent them
+/// all. Two clients creating at once are harmless: each statement is `IF NOT EXISTS`.
 async fn create(session: &Session, config: &CassandraConfig) -> Result<(), Error> {
     let ks = &config.keyspace;
-    run(session, create_keyspace_cql(ks, &config.replication)).await?;
+    if !keyspace_exists(session, ks).await? {
+        run(session, create_keyspace_cql(ks, &config.replication)).await?;
+    }
+    let present = present_tables(session, ks).await?;
     for table in TABLES {
-        run(session, table.create_cql(ks)).await?;
+        if !present.iter().any(|p| p == table.name) {
+            run(session, table.create_cql(ks)).await?;
+        }
     }
     session
         .await_schema_agreement()
@@ -341,8 +351,24 @@ fn first_line(cql: &str) -> &str {
     cql.lines().next().unwrap_or(cql)
 }
 
-/// With creation off, a missing keyspace or table is an error that names it.
-async fn check_tables(session: &Session, ks: &str) -> Result<(), Error> {
+/// Whether keyspace `ks` exists (`system_schema`, which every role may read).
+async fn keyspace_exists(session: &Session, ks: &str) -> Result<bool, Error> {
+    let context = format!("looking for keyspace {ks}");
+    Ok(session
+        .query_unpaged(
+            "SELECT keyspace_name FROM system_schema.keyspaces WHERE keyspace_name = ?",
+            (ks,),
+        )
+        .await
+        .map_err(|e| error::request(&context, e))?
+        .into_rows_result()
+        .map_err(|e| error::driver(&context, e))?
+        .rows_num()
+        > 0)
+}
+
+/// The tables of keyspace `ks` (`system_schema`).
+async fn present_tables(session: &Session, ks: &str) -> Result<Vec<String>, Error> {
     let context = format!("reading the tables of keyspace {ks}");
     let rows = session
         .query_unpaged(
@@ -353,12 +379,17 @@ async fn check_tables(session: &Session, ks: &str) -> Result<(), Error> {
         .map_err(|e| error::request(&context, e))?
         .into_rows_result()
         .map_err(|e| error::driver(&context, e))?;
-    let present: Vec<String> = rows
+    Ok(rows
         .rows::<(String,)>()
         .map_err(|e| error::driver(&context, e))?
         .filter_map(Result::ok)
         .map(|(t,)| t)
-        .collect();
+        .collect())
+}
+
+/// With creation off, a missing keyspace or table is an error that names it.
+async fn check_tables(session: &Session, ks: &str) -> Result<(), Error> {
+    let present = present_tables(session, ks).await?;
     let missing: Vec<&str> = TABLES
         .iter()
         .map(|t| t.name)
@@ -378,16 +409,18 @@ async fn check_tables(session: &Session, ks: &str) -> Result<(), Error> {
 
 /// The layout settings every client of a keyspace must share: a stream's partition and a
 /// category's time bucket are computed from them. The first client records its values; a client
-/// configured differently is refused rather than writing where others do not look.
+/// configured differently is refused rather than writing where others do not look. A value
+/// already recorded is only read, so a role that may only SELECT (a reader) connects too.
 async fn check_settings(session: &Session, config: &CassandraConfig) -> Result<(), Error> {
     for (name, value) in [
         ("bucket_size", config.bucket_size as i64),
         ("time_bucket_s", config.time_bucket.as_secs() as i64),
     ] {
-        if config.create {
+        let mut stored = read_setting(session, config, name).await?;
+        if stored.is_none() && config.create {
             record_setting(session, config, name, value).await?;
+            stored = read_setting(session, config, name).await?;
         }
-        let stored = read_setting(session, config, name).await?;
         check_setting(config, name, value, stored)?;
     }
     Ok(())
