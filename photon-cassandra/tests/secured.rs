@@ -331,3 +331,64 @@ async fn a_reader_reads_and_subscribes_but_cannot_append() {
     let late = tokio::time::timeout(Duration::from_secs(2), sub.next()).await;
     assert!(late.is_err(), "{late:?}");
 }
+
+/// A subscriber of a category repairs the pending markers of writers that died between their
+/// commit and their category rows (README, "Repair"): that writes, so a SELECT-only role cannot.
+/// Its subscription then ends with `AccessDenied(Authorization)` naming the missing MODIFY
+/// (rather than waiting forever, unseen, for someone else to repair); once a subscriber with the
+/// writer's rights has repaired, the reader reads the category whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_cannot_repair_a_crashed_writer_and_says_so() {
+    let Some(node) = Node::from_env() else { return };
+    capture::install();
+    let writer = node.store(&node.writer).await;
+    let reader = node.store(&node.reader).await;
+    let category = format!("crashed{}", Uuid::new_v4().simple());
+    let s = StreamId::parse(format!("{category}-1")).unwrap();
+    writer
+        .append(&s, ExpectedVersion::NoStream, vec![event(0)])
+        .await
+        .expect("the writer appends");
+    writer.set_crash_after_commit(true);
+    writer
+        .append(
+            &s,
+            ExpectedVersion::Exact(photon_api::Version(0)),
+            vec![event(1)],
+        )
+        .await
+        .expect_err("the simulated crash");
+    writer.set_crash_after_commit(false);
+    // Past repair_after_ms (5 s): readers now repair the marker rather than wait for it.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    let category = photon_api::Category::new(&category).unwrap();
+    let selector = Selector::Category(category);
+    let e = tokio::time::timeout(
+        BOUND,
+        reader.replay_to_vec(selector.clone(), Start::Beginning),
+    )
+    .await
+    .expect("answers within the bound")
+    .expect_err("the reader may not repair");
+    assert_denied(
+        "the reader's repair",
+        &e,
+        AccessKind::Authorization,
+        "MODIFY permission",
+        &node.reader.1,
+    );
+    let repaired = writer
+        .replay_to_vec(selector.clone(), Start::Beginning)
+        .await
+        .expect("the writer repairs");
+    assert_eq!(repaired.len(), 2, "{repaired:?}");
+    let read = reader
+        .replay_to_vec(selector, Start::Beginning)
+        .await
+        .expect("repaired, the reader reads");
+    assert_eq!(
+        read.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+        repaired.iter().map(|e| e.event_id).collect::<Vec<_>>()
+    );
+}
