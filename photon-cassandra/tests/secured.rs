@@ -6,9 +6,9 @@
 //! same node is `tests/secured_conformance.rs` (a binary of its own, so this one's tracing
 //! capture does not hold the suite's lines).
 //!
-//! The node, its keyspaces and roles come from `scripts/servers env`: the writer has every
-//! permission on `PHOTON_TEST_CASSANDRA_SECURE_KEYSPACE` only, the reader SELECT there only,
-//! the outsider nothing.
+//! The node, its keyspaces and roles come from `scripts/servers env`: the writer has CREATE,
+//! SELECT and MODIFY on `PHOTON_TEST_CASSANDRA_SECURE_KEYSPACE` only (the grants the README
+//! documents), the reader SELECT there only, the outsider nothing.
 
 use std::time::{Duration, Instant};
 

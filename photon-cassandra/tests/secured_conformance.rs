@@ -1,6 +1,7 @@
 //! The shared conformance suite over TLS with credentials, against the secured Cassandra node
-//! of `scripts/servers` (issue 19): the writer role, which has every permission on its keyspace
-//! and none elsewhere, on a connection that verifies the node's certificate. The refusals are
+//! of `scripts/servers` (issue 19): the writer role, with CREATE, SELECT and MODIFY on its
+//! keyspace and nothing elsewhere (the grants the README documents), on a connection that
+//! verifies the node's certificate. The refusals are
 //! `tests/secured.rs`.
 
 use std::sync::Arc;

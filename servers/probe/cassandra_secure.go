@@ -13,7 +13,7 @@
 //	CASSANDRA_KEYSPACE                    the tests' keyspace: the writer may do anything in it,
 //	                                      the reader only SELECT
 //	CASSANDRA_OTHER_KEYSPACE              a keyspace no test role has any right on
-//	CASSANDRA_WRITER, _WRITER_PASSWORD    ALL PERMISSIONS on CASSANDRA_KEYSPACE only
+//	CASSANDRA_WRITER, _WRITER_PASSWORD    CREATE, SELECT, MODIFY on CASSANDRA_KEYSPACE only
 //	CASSANDRA_READER, _READER_PASSWORD    SELECT on CASSANDRA_KEYSPACE only
 //	CASSANDRA_OUTSIDER, _OUTSIDER_PASSWORD  a login with no permission at all
 package main
@@ -63,8 +63,12 @@ func cassandraSecure(addr string) (string, error) {
 	for _, r := range [][2]string{{s.writer, s.writerPassword}, {s.reader, s.readerPassword}, {s.outsider, s.outsiderPassword}} {
 		stmts = append(stmts, fmt.Sprintf("CREATE ROLE IF NOT EXISTS %s WITH PASSWORD = '%s' AND LOGIN = true", r[0], r[1]))
 	}
+	// Exactly the grants photon-cassandra/README.md documents, so the tests prove they are
+	// enough: the writer creates the tables (CREATE), reads (SELECT) and writes (MODIFY).
 	stmts = append(stmts,
-		"GRANT ALL PERMISSIONS ON KEYSPACE "+s.keyspace+" TO "+s.writer,
+		"GRANT CREATE ON KEYSPACE "+s.keyspace+" TO "+s.writer,
+		"GRANT SELECT ON KEYSPACE "+s.keyspace+" TO "+s.writer,
+		"GRANT MODIFY ON KEYSPACE "+s.keyspace+" TO "+s.writer,
 		"GRANT SELECT ON KEYSPACE "+s.keyspace+" TO "+s.reader,
 	)
 	for _, q := range stmts {
