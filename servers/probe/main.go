@@ -43,6 +43,8 @@ func main() {
 		info, err = cassandra(os.Args[2])
 	case "cassandra-secure":
 		info, err = cassandraSecure(os.Args[2])
+	case "kafka-secure":
+		info, err = kafkaSecure(ctx, os.Args[2])
 	case "mongo":
 		info, err = mongoPing(ctx, os.Args[2])
 	default:
