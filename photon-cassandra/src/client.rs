@@ -402,7 +402,7 @@ async fn connect(config: &CassandraConfig) -> Result<(Session, Statements), Erro
     let session = tokio::time::timeout(bound, session_builder(config)?.build())
         .await
         .map_err(|e| error::connect_timeout(&config.contact_points, bound, e))?
-        .map_err(|e| error::connecting(&config.contact_points, e))?;
+        .map_err(|e| error::connecting(&config.contact_points, config.tls, e))?;
     schema::create_or_check(&session, config).await?;
     let statements = schema::prepare_statements(&session, config).await?;
     Ok((session, statements))

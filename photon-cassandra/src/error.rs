@@ -88,13 +88,39 @@ pub(crate) fn corrupt(context: impl Into<String>, reason: impl Into<String>) -> 
 
 /// The session could not be built: the node refused this client (`AccessDenied`: the
 /// credentials, its certificate, a permission), or the cluster is unreachable or not answering
-/// yet (`Unavailable`).
-pub(crate) fn connecting(contact_points: &[String], e: NewSessionError) -> Error {
+/// yet (`Unavailable`, with the driver's words in the message, so a log line that prints only
+/// Display says why). `tls`: whether the client spoke TLS; a node that requires TLS resets a
+/// plaintext connection at its first request, which the driver cannot tell from a node going
+/// away, so that case stays `Unavailable` but says to check `tls`/`tls_ca`.
+pub(crate) fn connecting(contact_points: &[String], tls: bool, e: NewSessionError) -> Error {
     let context = format!("connecting to {}", contact_points.join(","));
     match session_access(&e) {
         Some(kind) => Error::access_denied(BACKEND, kind, context, e),
-        None => Error::unavailable(BACKEND, context, e),
+        None => {
+            let hint = if !tls && setup_connection_broken(&e) {
+                " (the connection was closed before the first answer: a node that requires TLS does that to a plaintext client; set tls_ca or tls=true if it does)"
+            } else {
+                ""
+            };
+            Error::unavailable(BACKEND, format!("{context}: {e}{hint}"), e)
+        }
     }
+}
+
+/// The control connection broke while it was being set up, before the node answered anything.
+fn setup_connection_broken(e: &NewSessionError) -> bool {
+    let NewSessionError::MetadataError(MetadataError::ConnectionPoolError(
+        ConnectionPoolError::Broken {
+            last_connection_error: ConnectionError::ConnectionSetupRequestError(setup),
+        },
+    )) = e
+    else {
+        return false;
+    };
+    matches!(
+        setup.get_error(),
+        ConnectionSetupRequestErrorKind::BrokenConnection(_)
+    )
 }
 
 /// Which access check a failed request is the refusal of, if any. A pool that broke because

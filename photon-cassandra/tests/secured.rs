@@ -392,3 +392,39 @@ async fn a_reader_cannot_repair_a_crashed_writer_and_says_so() {
         repaired.iter().map(|e| e.event_id).collect::<Vec<_>>()
     );
 }
+
+/// A client without credentials is refused at login; a plaintext client has its connection
+/// reset by the TLS-only node, which the driver cannot tell from a node going away: that stays
+/// `Unavailable`, but its message says to check the TLS settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_credentials_and_no_tls_say_what_is_missing() {
+    let Some(node) = Node::from_env() else { return };
+    capture::install();
+    let url = format!(
+        "cassandra://{}/{}?tls_ca={}&timeout_ms=2000",
+        node.addr, node.keyspace, node.ca
+    );
+    let store = CassandraStore::from_url(&url).await.expect("builds");
+    let e = append_fresh(&store).await.expect_err("no credentials");
+    assert_denied(
+        "no credentials",
+        &e,
+        AccessKind::Authentication,
+        "Authentication is required",
+        &node.writer.1,
+    );
+    let (user, password) = &node.writer;
+    let url = format!(
+        "cassandra://{user}:{password}@{}/{}?timeout_ms=2000",
+        node.addr, node.keyspace
+    );
+    let store = CassandraStore::from_url(&url).await.expect("builds");
+    let e = append_fresh(&store)
+        .await
+        .expect_err("plaintext to a TLS-only node");
+    println!("plaintext: {e}");
+    assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+    assert!(e.to_string().contains("set tls_ca or tls=true"), "{e}");
+    assert!(!e.to_string().contains(password.as_str()), "{e}");
+    assert!(!format!("{e:?}").contains(password.as_str()), "{e:?}");
+}
