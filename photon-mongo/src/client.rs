@@ -6,9 +6,12 @@
 
 use std::collections::HashMap;
 use std::future::IntoFuture;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document};
+use mongodb::event::sdam::SdamEvent;
+use mongodb::event::EventHandler;
 use mongodb::options::{
     Acknowledgment, ClientOptions, IndexOptions, ReadConcern, ReadPreference, SelectionCriteria,
     WriteConcern,
@@ -189,13 +192,28 @@ pub(crate) struct Shared {
     client: Client,
     pub(crate) commits: Collection<Document>,
     pub(crate) config: MongoConfig,
+    /// The monitor's last failed heartbeat, cleared by a successful one: what a server
+    /// selection that times out is classified by (see [`error::driver_after`]).
+    last_heartbeat: Arc<Mutex<error::LastHeartbeatFailure>>,
     ready: OnceCell<Readiness>,
 }
 
 impl Shared {
     /// A lazily connecting client for `config`: nothing is sent before the first operation.
     pub(crate) async fn connect(config: MongoConfig) -> Result<Self, Error> {
-        let options = client_options(&config).await?;
+        let mut options = client_options(&config).await?;
+        let last_heartbeat = Arc::new(Mutex::new(None));
+        let seen = Arc::clone(&last_heartbeat);
+        options.sdam_event_handler = Some(EventHandler::callback(move |event| {
+            let mut last = seen.lock().unwrap_or_else(PoisonError::into_inner);
+            match event {
+                SdamEvent::ServerHeartbeatFailed(e) => {
+                    *last = Some((e.server_address, e.failure));
+                }
+                SdamEvent::ServerHeartbeatSucceeded(_) => *last = None,
+                _ => {}
+            }
+        }));
         let client =
             Client::with_options(options).map_err(|e| error::driver("creating the client", e))?;
         Ok(Self {
@@ -204,6 +222,7 @@ impl Shared {
                 .collection(&config.commits()),
             client,
             config,
+            last_heartbeat,
             ready: OnceCell::new(),
         })
     }
@@ -226,9 +245,17 @@ impl Shared {
         let timeout = self.config.timeout;
         match tokio::time::timeout(timeout, op.into_future()).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(error::driver(context(), e)),
+            Ok(Err(e)) => Err(error::driver_after(context(), e, self.last_heartbeat())),
             Err(elapsed) => Err(error::timed_out(context(), timeout, elapsed)),
         }
+    }
+
+    /// The monitor's last failed heartbeat, if none succeeded since.
+    fn last_heartbeat(&self) -> error::LastHeartbeatFailure {
+        self.last_heartbeat
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Creates (or checks) the indexes the guarantees rest on and finds out how the server

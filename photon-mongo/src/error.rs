@@ -2,13 +2,14 @@
 //!
 //! A driver error keeps its place as `source()`, so a caller can walk the chain down to the
 //! `mongodb::error::Error` and its kind; the message only says what was being done. Which driver
-//! errors are transient (`Unavailable`, retryable) is decided here and nowhere else. Validation
-//! of the caller's input (`photon_api::validate`) builds its own errors; they are not repeated.
+//! errors are transient (`Unavailable`, retryable) and which refuse access (`AccessDenied`,
+//! final) is decided here and nowhere else. Validation of the caller's input (`photon_api::validate`) builds its own errors; they are not repeated.
 
 use std::time::Duration;
 
 use mongodb::error::{Error as DriverError, ErrorKind, WriteFailure};
-use photon_api::{Checkpoint, Error, StreamId};
+use mongodb::options::ServerAddress;
+use photon_api::{AccessKind, Checkpoint, Error, StreamId};
 
 use crate::client::BACKEND;
 use crate::config::MongoConfig;
@@ -19,18 +20,91 @@ const DUPLICATE_KEY: i32 = 11000;
 /// MongoDB's code for a command naming a collection that does not exist.
 const NAMESPACE_NOT_FOUND: i32 = 26;
 
+/// MongoDB's code for credentials the server does not accept: a wrong password or an unknown
+/// user (the server does not say which).
+const AUTHENTICATION_FAILED: i32 = 18;
+
+/// MongoDB's code for a command the connection may not run: its user lacks the role (the
+/// action, e.g. `insert` or `createIndex`), or, on a server that demands credentials, the
+/// connection has no user at all.
+const UNAUTHORIZED: i32 = 13;
+
 /// A driver error met while doing `context` (e.g. `appending to account-7`).
 ///
-/// Every error after which the operation may or may not have taken effect, or that a retry
-/// may get past (no server, a lost connection, a write-concern error, a step-down, a time
-/// limit), is `Unavailable`; anything else is `Backend`. Both keep the driver's error as their
-/// source.
+/// A refusal of access (credentials, the TLS handshake, a permission) is `AccessDenied`, final:
+/// retrying it would only hammer the server. Every other error after which the operation may
+/// or may not have taken effect, or that a retry may get past (no server, a lost connection, a
+/// write-concern error, a step-down, a time limit), is `Unavailable`; anything else is
+/// `Backend`. All keep the driver's error as their source.
 pub(crate) fn driver(context: impl Into<String>, e: DriverError) -> Error {
+    driver_after(context, e, None)
+}
+
+/// The failure of the driver's monitor's last attempt to reach a server (its heartbeat), kept by
+/// the client: a server selection that times out says only "no available servers", while the
+/// reason, for instance a certificate the client does not trust, is the heartbeat's.
+pub(crate) type LastHeartbeatFailure = Option<(ServerAddress, DriverError)>;
+
+/// [`driver`], knowing the monitor's last heartbeat failure: a server selection that timed out
+/// while the monitor's TLS handshake failed is `AccessDenied` (`Tls`), with that handshake error
+/// as its source, rather than `Unavailable`. The driver keeps trying a server whose handshake
+/// fails, so without this a certificate nobody trusts would read as a server that is down, and
+/// callers would retry it forever.
+pub(crate) fn driver_after(
+    context: impl Into<String>,
+    e: DriverError,
+    last_heartbeat: LastHeartbeatFailure,
+) -> Error {
     let context = context.into();
+    if let Some(kind) = denied(&e) {
+        return Error::access_denied(BACKEND, kind, context, e);
+    }
+    if matches!(*e.kind, ErrorKind::ServerSelection { .. }) {
+        if let Some((address, handshake)) = last_heartbeat.filter(|(_, h)| is_tls_failure(h)) {
+            return Error::access_denied(
+                BACKEND,
+                AccessKind::Tls,
+                format!("{context}: no server could be selected, the TLS handshake with {address} failed"),
+                handshake,
+            );
+        }
+    }
     match transient(&e) {
         Some(what) => Error::unavailable(BACKEND, format!("{context}: {what}"), e),
         None => Error::backend(BACKEND, context, e),
     }
+}
+
+/// Which access check `e` is a refusal by, if any: the credentials (the driver's own
+/// authentication error, or the server's code 18), a permission (code 13, as a command or a
+/// write error), or the TLS handshake of the connection the operation itself opened.
+fn denied(e: &DriverError) -> Option<AccessKind> {
+    let unauthorized_write = |m: &mongodb::error::InsertManyError| {
+        m.write_errors
+            .iter()
+            .flatten()
+            .any(|w| w.code == UNAUTHORIZED)
+    };
+    match &*e.kind {
+        ErrorKind::Authentication { .. } => Some(AccessKind::Authentication),
+        ErrorKind::Command(c) if c.code == AUTHENTICATION_FAILED => {
+            Some(AccessKind::Authentication)
+        }
+        ErrorKind::Command(c) if c.code == UNAUTHORIZED => Some(AccessKind::Authorization),
+        ErrorKind::Write(WriteFailure::WriteError(w)) if w.code == UNAUTHORIZED => {
+            Some(AccessKind::Authorization)
+        }
+        ErrorKind::InsertMany(m) if unauthorized_write(m) => Some(AccessKind::Authorization),
+        _ if is_tls_failure(e) => Some(AccessKind::Tls),
+        _ => None,
+    }
+}
+
+/// Whether `e` is a failed TLS handshake: the driver (built with rustls, its default) hands the
+/// handshake's `rustls::Error` (an untrusted or misnamed certificate, an alert from a server
+/// that refused the client's) over as the inner error of an I/O error.
+pub(crate) fn is_tls_failure(e: &DriverError) -> bool {
+    matches!(&*e.kind, ErrorKind::Io(io) if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()))
 }
 
 /// A round trip that got no answer within `timeout`: whatever it asked may still happen.
@@ -277,6 +351,7 @@ mod tests {
 
     use mongodb::bson::{doc, from_document, Document};
     use mongodb::error::{CommandError, InsertManyError, WriteConcernError, WriteError};
+    use photon_api::AccessKind;
 
     use super::*;
 
@@ -421,7 +496,6 @@ mod tests {
             duplicate,
             command(NAMESPACE_NOT_FOUND, "NamespaceNotFound"),
             command(2, "BadValue"),
-            command(13, "Unauthorized"),
             write_error(121),
         ] {
             let shown = e.to_string();
@@ -430,5 +504,125 @@ mod tests {
                 "{shown}"
             );
         }
+    }
+
+    /// `e`, mapped with `last_heartbeat`, is AccessDenied of `kind`, final, with `e` (or the
+    /// heartbeat's error, for a selection) as its source.
+    #[track_caller]
+    fn assert_denied(e: DriverError, last_heartbeat: LastHeartbeatFailure, kind: AccessKind) {
+        let shown = format!("{e:?}");
+        let mapped = driver_after("appending to a-1", e, last_heartbeat);
+        assert!(!mapped.is_retryable(), "{shown}");
+        match mapped {
+            Error::AccessDenied {
+                kind: k,
+                context,
+                source,
+                ..
+            } => {
+                assert_eq!(k, kind, "{shown}");
+                assert!(context.starts_with("appending to a-1"), "{context}");
+                assert!(source.downcast_ref::<DriverError>().is_some(), "{shown}");
+            }
+            other => panic!("{shown}: {other:?}"),
+        }
+    }
+
+    /// A TLS handshake failure as the driver reports it: tokio-rustls's I/O error (kind
+    /// `InvalidData`) around the handshake's `rustls::Error`.
+    fn tls_failure(e: rustls::Error) -> DriverError {
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        ErrorKind::Io(Arc::new(io)).into()
+    }
+
+    fn address() -> ServerAddress {
+        ServerAddress::parse("127.0.0.1:27018").expect("an address")
+    }
+
+    #[test]
+    fn refused_credentials_are_access_denied_authentication() {
+        // The server's AuthenticationFailed (a wrong password, an unknown user) ...
+        assert_denied(
+            command(AUTHENTICATION_FAILED, "AuthenticationFailed"),
+            None,
+            AccessKind::Authentication,
+        );
+        // The driver's own `ErrorKind::Authentication` (which wraps the server's code 18 in a
+        // handshake) cannot be built outside the driver: tests/secured.rs meets it for real.
+    }
+
+    /// A real server selection timeout: the driver's error for port 1 on the loopback, which
+    /// refuses connections (its variant cannot be built outside the driver).
+    async fn selection_error() -> DriverError {
+        let client = mongodb::Client::with_uri_str(
+            "mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=100&connectTimeoutMS=100",
+        )
+        .await
+        .expect("a client");
+        let e = client
+            .database("x")
+            .run_command(doc! { "ping": 1 })
+            .await
+            .expect_err("nothing listens there");
+        assert!(
+            matches!(*e.kind, ErrorKind::ServerSelection { .. }),
+            "{e:?}"
+        );
+        e
+    }
+
+    #[test]
+    fn a_missing_permission_is_access_denied_authorization() {
+        assert_denied(
+            command(UNAUTHORIZED, "Unauthorized"),
+            None,
+            AccessKind::Authorization,
+        );
+        assert_denied(write_error(UNAUTHORIZED), None, AccessKind::Authorization);
+        let reply = doc! { "writeErrors": [ { "index": 0, "code": UNAUTHORIZED, "errmsg": "not authorized" } ] };
+        let e: InsertManyError = from_document(reply).expect("an insert-many error");
+        assert_denied(
+            ErrorKind::InsertMany(e).into(),
+            None,
+            AccessKind::Authorization,
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_tls_handshake_is_access_denied_tls() {
+        use rustls::{AlertDescription, CertificateError};
+        for e in [
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
+            rustls::Error::InvalidCertificate(CertificateError::NotValidForName),
+            // The server refused the client's certificate.
+            rustls::Error::AlertReceived(AlertDescription::CertificateRequired),
+        ] {
+            // Met by the operation's own connection ...
+            assert_denied(tls_failure(e.clone()), None, AccessKind::Tls);
+            // ... or by the monitor, while the operation waited for a server.
+            assert_denied(
+                selection_error().await,
+                Some((address(), tls_failure(e))),
+                AccessKind::Tls,
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_selection_timeout_after_other_failures_stays_unavailable() {
+        let refused: DriverError =
+            ErrorKind::Io(Arc::new(std::io::ErrorKind::ConnectionRefused.into())).into();
+        for last in [None, Some((address(), refused))] {
+            match driver_after("appending to a-1", selection_error().await, last) {
+                Error::Unavailable { message, .. } => {
+                    assert!(message.contains("no server answered"), "{message}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // An I/O error that is not a TLS one (a reset) is not a refusal either.
+        let reset: DriverError =
+            ErrorKind::Io(Arc::new(std::io::ErrorKind::ConnectionReset.into())).into();
+        assert!(!is_tls_failure(&reset));
     }
 }

@@ -5,9 +5,10 @@
 //! chain), and from every tracing event and span (ours and the driver's) written meanwhile, at
 //! every level.
 //!
-//! No server that demands credentials or TLS exists yet, so the failures are an unreachable
-//! port, connection strings the driver refuses and, with `PHOTON_TEST_MONGO_URL` set, TLS
-//! against the plaintext server (the handshake fails) and credentials it does not know.
+//! The failures here are an unreachable port, connection strings the driver refuses and, with
+//! `PHOTON_TEST_MONGO_URL` set, TLS against the plaintext server (the handshake fails) and
+//! credentials it does not ask for. `tests/secured.rs` does the same check on the refusals of
+//! servers that demand TLS and credentials.
 
 use std::time::Duration;
 
