@@ -22,7 +22,7 @@ use rdkafka::metadata::Metadata;
 use rdkafka::types::RDKafkaRespErr;
 
 use crate::config::KafkaConfig;
-use crate::error::{self, Fault};
+use crate::error::{self, Fault, RefusalWatch};
 use crate::index::{IndexBytes, PartitionIndex};
 use crate::reader;
 use crate::topic::{self, TopicRefused};
@@ -40,6 +40,13 @@ pub(crate) static TELEMETRY: photon_api::telemetry::Telemetry =
 
 /// Idle reader consumers kept for the next read; more are closed (each holds librdkafka threads).
 pub(crate) const MAX_POOLED_READERS: usize = 8;
+
+/// Most error events of the metadata client read after one failed call (each is one failed
+/// connection attempt; librdkafka suppresses repeats, so there are few).
+const MAX_DRAINED_EVENTS: usize = 256;
+
+/// How long the drain waits for each of those events: a poll with no wait at all finds none.
+const DRAIN_WAIT: Duration = Duration::from_millis(10);
 
 /// How often topic creation looks for the new topic's partitions in the metadata.
 const TOPIC_POLL: Duration = Duration::from_millis(50);
@@ -97,7 +104,8 @@ pub(crate) type SharedPartition = Arc<tokio::sync::Mutex<PartitionState>>;
 pub(crate) struct Shared {
     pub(crate) config: KafkaConfig,
     /// Metadata, watermarks and offsets-for-times (read_committed: watermarks are stable offsets).
-    pub(crate) meta: Arc<BaseConsumer>,
+    /// Its context keeps a refused login or TLS handshake, which metadata calls answer with.
+    pub(crate) meta: Arc<BaseConsumer<RefusalWatch>>,
     admin: AdminClient<DefaultClientContext>,
     /// Topics checked (count, configuration, layout) and the count streams are placed with.
     topics: Mutex<HashMap<String, KnownTopic>>,
@@ -130,7 +138,10 @@ impl Shared {
     /// - [`Error::InvalidInput`] for a librdkafka setting that librdkafka refuses.
     pub(crate) fn connect(config: KafkaConfig) -> Result<Self, Error> {
         let refused = |e| error::refused_settings(&config, e);
-        let meta: BaseConsumer = config.consumer_config().create().map_err(refused)?;
+        let meta: BaseConsumer<RefusalWatch> = config
+            .consumer_config()
+            .create_with_context(RefusalWatch::default())
+            .map_err(refused)?;
         let admin = config.client_config().create().map_err(refused)?;
         Ok(Self {
             meta: Arc::new(meta),
@@ -151,12 +162,34 @@ impl Shared {
     }
 
     /// The cluster's metadata, of one topic or of all; `context` says why it is asked for.
+    ///
+    /// Every call of a store begins here, so this is where a refused login or TLS handshake
+    /// becomes `AccessDenied`: librdkafka reports it only to the client's error callback (its
+    /// events wait in the client's queue, read here after a failure) while the call times out.
     async fn metadata(&self, topic: Option<&str>, context: String) -> Result<Metadata, Error> {
         let meta = self.meta.clone();
         let (topic, timeout) = (topic.map(str::to_owned), self.config.timeout);
-        blocking(move || meta.fetch_metadata(topic.as_deref(), timeout))
-            .await?
-            .map_err(|e| error::from_kafka(context, e))
+        let answer = blocking(move || {
+            let answer = meta.fetch_metadata(topic.as_deref(), timeout);
+            if answer.is_err() {
+                // Hands the queued error events to the context (RefusalWatch). The client is
+                // assigned no partition, so nothing else is in its queue.
+                for _ in 0..MAX_DRAINED_EVENTS {
+                    if meta.poll(DRAIN_WAIT).is_none() {
+                        break;
+                    }
+                }
+            }
+            answer
+        })
+        .await?;
+        match answer {
+            Ok(md) => {
+                self.meta.context().clear();
+                Ok(md)
+            }
+            Err(e) => Err(error::refused_or(context, e, self.meta.context().last())),
+        }
     }
 
     /// The partition count of `topic` (None when it does not exist), checked: at this store's
@@ -280,11 +313,16 @@ impl Shared {
                 | RDKafkaRespErr::RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE,
             ) => Ok(None),
             None => Ok(None),
-            Some(e) => Err(Error::unavailable(
-                BACKEND,
-                format!("the metadata of topic {topic} reports an error"),
-                KafkaError::MetadataFetch(RDKafkaErrorCode::from(e)),
-            )),
+            // A topic the user may not describe is reported here, not as a failed call.
+            Some(e) => {
+                let code = RDKafkaErrorCode::from(e);
+                let context = format!("the metadata of topic {topic} reports an error");
+                let e = KafkaError::MetadataFetch(code);
+                Err(match error::access_kind(code) {
+                    Some(kind) => Error::access_denied(BACKEND, kind, context, e),
+                    None => Error::unavailable(BACKEND, context, e),
+                })
+            }
         }
     }
 
@@ -435,6 +473,17 @@ impl Shared {
         let config = self
             .describe(ResourceSpecifier::Broker(broker), context.clone())
             .await?;
+        if config.entries.is_empty() {
+            // rdkafka drops the per-resource error of DescribeConfigs; a broker that answers
+            // with none of its settings withheld them (Kafka does for a user without
+            // DescribeConfigs on the cluster).
+            return Err(Error::access_denied(
+                BACKEND,
+                photon_api::AccessKind::Authorization,
+                context,
+                format!("broker {broker} showed none of its settings: no authorization to DescribeConfigs on the cluster (needed to create topics with replication_factor=-1; or set replication_factor)"),
+            ));
+        }
         let value = config
             .get("default.replication.factor")
             .and_then(|e| e.value.as_deref())

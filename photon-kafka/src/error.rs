@@ -2,13 +2,19 @@
 //! (a caller walks the chain and downcasts to `rdkafka::error::KafkaError`), transient ones
 //! become `Unavailable` (retry with the same event ids), the rest `Backend` with a short context
 //! saying what was being done. Failures photon-kafka detects itself are a [`Fault`].
+//! A refused login, TLS handshake or permission is `AccessDenied` (final: retrying cannot help);
+//! librdkafka reports the first two only through a client's error callback while the call
+//! itself times out, so [`RefusalWatch`] keeps the last one for the call to answer with.
 //!
 //! Only the mapping lives here; which call failed, and whether a failed append is retried, is
 //! decided where the call is made.
 
 use std::fmt;
+use std::sync::Mutex;
 
-use photon_api::Error;
+use photon_api::{AccessKind, Error};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 use crate::client::BACKEND;
@@ -71,9 +77,118 @@ impl fmt::Display for Fault {
 
 impl std::error::Error for Fault {}
 
+/// A login or TLS handshake the brokers refused, as librdkafka reported it to a client's error
+/// callback: its code and its words (which name the mechanism or the certificate check, never a
+/// password). The source of an [`Error::AccessDenied`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub(crate) code: RDKafkaErrorCode,
+    pub(crate) reason: String,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({:?})", self.reason, self.code)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// The context of the store's metadata client: it remembers the last refused login or TLS
+/// handshake librdkafka reported, which a failed metadata call answers with instead of the
+/// timeout it saw (a wrong password would otherwise look like an unreachable broker, and be
+/// retried forever). Cleared by the next call that succeeds.
+#[derive(Debug, Default)]
+pub(crate) struct RefusalWatch {
+    last: Mutex<Option<Refusal>>,
+}
+
+impl RefusalWatch {
+    /// The refusal reported since the last success, if any.
+    pub(crate) fn last(&self) -> Option<Refusal> {
+        self.last.lock().expect("refusal lock").clone()
+    }
+
+    /// A call succeeded: whatever was refused before is no longer the answer.
+    pub(crate) fn clear(&self) {
+        *self.last.lock().expect("refusal lock") = None;
+    }
+}
+
+impl ClientContext for RefusalWatch {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(code) = error.rdkafka_error_code() {
+            if access_kind(code).is_some() {
+                *self.last.lock().expect("refusal lock") = Some(Refusal {
+                    code,
+                    reason: reason.to_owned(),
+                });
+            }
+        }
+        tracing::warn!(%error, reason, "photon-kafka: librdkafka reports an error");
+    }
+}
+
+impl ConsumerContext for RefusalWatch {}
+
+/// Which access check a librdkafka or broker error code says was refused, if any.
+pub(crate) fn access_kind(code: RDKafkaErrorCode) -> Option<AccessKind> {
+    use RDKafkaErrorCode as C;
+    match code {
+        C::Authentication
+        | C::SaslAuthenticationFailed
+        | C::UnsupportedSASLMechanism
+        | C::IllegalSASLState => Some(AccessKind::Authentication),
+        C::SSL => Some(AccessKind::Tls),
+        C::TopicAuthorizationFailed
+        | C::GroupAuthorizationFailed
+        | C::ClusterAuthorizationFailed
+        | C::TransactionalIdAuthorizationFailed
+        | C::DelegationTokenAuthorizationFailed => Some(AccessKind::Authorization),
+        _ => None,
+    }
+}
+
+/// The error code of `e`, admin results included (rdkafka's `rdkafka_error_code` leaves them out).
+fn code_of(e: &KafkaError) -> Option<RDKafkaErrorCode> {
+    match e {
+        KafkaError::AdminOp(code) => Some(*code),
+        other => other.rdkafka_error_code(),
+    }
+}
+
+/// `e` as `AccessDenied` when its code is a refused login, handshake or permission.
+fn denied(context: &dyn fmt::Display, e: KafkaError) -> Result<Error, KafkaError> {
+    match code_of(&e).and_then(access_kind) {
+        Some(kind) => Ok(Error::access_denied(BACKEND, kind, context.to_string(), e)),
+        None => Err(e),
+    }
+}
+
+/// The failure of a call that saw only a timeout or a lost connection (`e`), answered with the
+/// `refusal` a client's error callback reported meanwhile when there is one.
+pub(crate) fn refused_or(
+    context: impl fmt::Display,
+    e: KafkaError,
+    refusal: Option<Refusal>,
+) -> Error {
+    match refusal {
+        Some(r) if is_transient(&e) => {
+            let kind = access_kind(r.code).expect("only refusals are kept");
+            Error::access_denied(BACKEND, kind, context.to_string(), r)
+        }
+        _ => from_kafka(context, e),
+    }
+}
+
 /// `e`, which happened while doing `context` (e.g. `creating topic photon.account`), as ours:
-/// timeouts and transport failures are `Unavailable`, the rest `Backend`; `e` is the source.
+/// a refused login, handshake or permission is `AccessDenied`, timeouts and transport failures
+/// are `Unavailable`, the rest `Backend`; `e` is the source.
 pub(crate) fn from_kafka(context: impl fmt::Display, e: KafkaError) -> Error {
+    let e = match denied(&context, e) {
+        Ok(denied) => return denied,
+        Err(e) => e,
+    };
     if is_transient(&e) {
         // The driver's words in the message too: a log line that prints only Display still
         // says "Broker transport failure" or "timed out".
@@ -184,6 +299,17 @@ pub(crate) fn duplicate(e: &Error) -> Error {
             context: context.clone(),
             source: source_copy(e).unwrap_or_else(|| source_text(e).into()),
         },
+        Error::AccessDenied {
+            backend,
+            kind,
+            context,
+            ..
+        } => Error::AccessDenied {
+            backend,
+            kind: *kind,
+            context: context.clone(),
+            source: source_copy(e).unwrap_or_else(|| source_text(e).into()),
+        },
         other => Error::backend(BACKEND, "appending", other.to_string()),
     }
 }
@@ -195,6 +321,9 @@ fn source_copy(e: &Error) -> Option<photon_api::BoxError> {
     }
     if let Some(refused) = source.downcast_ref::<crate::topic::TopicRefused>() {
         return Some(Box::new(refused.clone()));
+    }
+    if let Some(refusal) = source.downcast_ref::<Refusal>() {
+        return Some(Box::new(refusal.clone()));
     }
     source
         .downcast_ref::<Fault>()
@@ -240,11 +369,75 @@ mod tests {
         assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
     }
 
+    /// Refused permissions come back as error codes (admin results and transactions too); a
+    /// refused login or handshake only through the error callback, while the call times out.
+    #[test]
+    fn refusals_are_final_access_denied_errors_of_their_kind() {
+        use photon_api::AccessKind as K;
+        for (e, kind) in [
+            (
+                KafkaError::AdminOp(RDKafkaErrorCode::TopicAuthorizationFailed),
+                K::Authorization,
+            ),
+            (
+                KafkaError::MetadataFetch(RDKafkaErrorCode::ClusterAuthorizationFailed),
+                K::Authorization,
+            ),
+            (
+                KafkaError::MessageConsumption(RDKafkaErrorCode::SaslAuthenticationFailed),
+                K::Authentication,
+            ),
+            (KafkaError::Global(RDKafkaErrorCode::SSL), K::Tls),
+        ] {
+            let e = from_kafka("appending to a-1", e);
+            assert!(
+                matches!(e, Error::AccessDenied { kind: k, .. } if k == kind),
+                "{e:?}"
+            );
+            assert!(!e.is_retryable());
+            let copy = duplicate(&e);
+            assert_eq!(copy.to_string(), e.to_string());
+            assert!(copy
+                .source()
+                .unwrap()
+                .downcast_ref::<KafkaError>()
+                .is_some());
+        }
+        let watch = RefusalWatch::default();
+        watch.error(
+            KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
+            "1/1 brokers are down",
+        );
+        assert_eq!(watch.last(), None, "only refusals are kept");
+        watch.error(
+            KafkaError::Global(RDKafkaErrorCode::Authentication),
+            "SASL authentication error: invalid credentials",
+        );
+        let timeout = KafkaError::MetadataFetch(RDKafkaErrorCode::BrokerTransportFailure);
+        let e = refused_or("asking for metadata", timeout.clone(), watch.last());
+        assert!(
+            matches!(
+                e,
+                Error::AccessDenied {
+                    kind: K::Authentication,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("invalid credentials"), "{e}");
+        let copy = duplicate(&e);
+        assert!(copy.source().unwrap().downcast_ref::<Refusal>().is_some());
+        watch.clear();
+        let e = refused_or("asking for metadata", timeout, watch.last());
+        assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+    }
+
     #[test]
     fn other_errors_are_backend_errors_with_context() {
         let e = from_kafka(
             "creating topic photon.a",
-            KafkaError::AdminOp(RDKafkaErrorCode::TopicAuthorizationFailed),
+            KafkaError::AdminOp(RDKafkaErrorCode::InvalidReplicationFactor),
         );
         let shown = e.to_string();
         assert!(shown.contains("while creating topic photon.a"), "{shown}");

@@ -4,8 +4,9 @@
 //! chain), and from every tracing event and every `log` record (where librdkafka's own lines go)
 //! written meanwhile, at every level.
 //!
-//! No secured broker exists yet, so the failures are an unreachable port and, with
-//! `PHOTON_TEST_KAFKA_URL` set, SASL_SSL against the plaintext broker (the TLS handshake fails).
+//! The failures here are an unreachable port and, with `PHOTON_TEST_KAFKA_URL` set, SASL_SSL
+//! against the plaintext broker (the TLS handshake fails); the refused logins, certificate and
+//! permissions of a broker that demands SCRAM over TLS are in tests/secured.rs, with the same checks.
 
 use std::time::Duration;
 
