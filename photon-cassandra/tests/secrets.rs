@@ -3,9 +3,11 @@
 //! connection that fails (the whole `source()` chain), and from every tracing event and span
 //! (ours and the driver's) written meanwhile, at every level.
 //!
-//! No server that demands credentials exists yet, so the failures are an unreachable port, a CA
-//! file that does not load and, with `PHOTON_TEST_CASSANDRA_URL` set, TLS against the plaintext
-//! node (the handshake fails); and a connection with credentials the open node ignores.
+//! Here the failures are an unreachable port, a CA file that does not load and, with
+//! `PHOTON_TEST_CASSANDRA_URL` set, TLS against the plaintext node (the handshake fails); and a
+//! connection with credentials the open node ignores. The refusals of a node that demands
+//! credentials and TLS (wrong password, unknown user, untrusted certificate, missing
+//! permission) are checked for the same leaks in `tests/secured.rs`.
 
 use std::time::Duration;
 
