@@ -17,8 +17,9 @@ use photon_api::{
 use photon_conformance::server_url;
 use photon_kafka::KafkaStore;
 
-/// How long a refused call may take: librdkafka gives up on a refused login or handshake at once,
-/// a call on a refused client answers within a request timeout (`timeout_ms=3000` below).
+/// How long a refused call may take: a refused login or handshake is answered when the call's
+/// request timeout ends (`timeout_ms=3000` below; librdkafka itself keeps trying), a refused
+/// permission at once; the rest is room for a loaded machine.
 const REFUSAL_BOUND: Duration = Duration::from_secs(12);
 
 /// The secured listener and its test users, as `scripts/servers env` exports them.
