@@ -19,7 +19,8 @@
 //! 1.24 has no roles), and reading back that a refused append stored nothing (the driver cannot
 //! log in to the secured server; its refusals come at the first command, before any insert).
 
-use std::sync::Arc;
+mod common;
+
 use std::time::{Duration, Instant};
 
 use photon_api::{AccessKind, Error, EventData, EventStore, ExpectedVersion, StreamId, Uuid};
@@ -93,12 +94,6 @@ fn fresh_prefix() -> String {
 
 async fn harness() -> Option<Harness> {
     let url = tls_url()?;
-    // As tests/conformance.rs: collections of its own per case, a short gap timeout.
-    let url = with_option(
-        &with_option(&url, "photon_gap_timeout_ms", "2000"),
-        "photon_prefix",
-        &fresh_prefix(),
-    );
     // The unreachable store keeps the TLS settings, on a port that refuses connections.
     let path = url["mongodb://".len()..].find('/').expect("a path") + "mongodb://".len();
     let unreachable = with_option(
@@ -106,26 +101,7 @@ async fn harness() -> Option<Harness> {
         "photon_timeout_ms",
         "1500",
     );
-    Some(
-        Harness::new("mongo", move || {
-            let url = url.clone();
-            async move {
-                let store: Arc<dyn EventStore> =
-                    Arc::new(MongoStore::from_url(&url).await.expect("connects"));
-                store
-            }
-        })
-        .with_max_parallel_cases(4)
-        .with_patience(Duration::from_secs(60))
-        .with_unreachable(move || {
-            let unreachable = unreachable.clone();
-            async move {
-                let store: Arc<dyn EventStore> =
-                    Arc::new(MongoStore::from_url(&unreachable).await.expect("builds"));
-                store
-            }
-        }),
-    )
+    Some(common::harness(&url, &unreachable))
 }
 
 conformance_suite!(harness);
