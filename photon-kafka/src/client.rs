@@ -48,6 +48,10 @@ const MAX_DRAINED_EVENTS: usize = 256;
 /// How long the drain waits for each of those events: a poll with no wait at all finds none.
 const DRAIN_WAIT: Duration = Duration::from_millis(10);
 
+/// How often a metadata call under way looks for a refused login or TLS handshake: a call that
+/// answers sooner (nearly all do) never looks.
+const REFUSAL_LOOK: Duration = Duration::from_millis(200);
+
 /// How often topic creation looks for the new topic's partitions in the metadata.
 const TOPIC_POLL: Duration = Duration::from_millis(50);
 
@@ -165,24 +169,37 @@ impl Shared {
     ///
     /// Every call of a store begins here, so this is where a refused login or TLS handshake
     /// becomes `AccessDenied`: librdkafka reports it only to the client's error callback (its
-    /// events wait in the client's queue, read here after a failure) while the call times out.
+    /// events wait in the client's queue) and keeps trying, while the call would wait out its
+    /// timeout. So while the call is under way its queue is read every [`REFUSAL_LOOK`], and a
+    /// refusal reported since the call began answers it at once; one reported earlier (librdkafka
+    /// does not repeat an error at once) answers it when it times out.
     async fn metadata(&self, topic: Option<&str>, context: String) -> Result<Metadata, Error> {
+        let started = Instant::now();
         let meta = self.meta.clone();
         let (topic, timeout) = (topic.map(str::to_owned), self.config.timeout);
-        let answer = blocking(move || {
+        let fetch = blocking(move || {
             let answer = meta.fetch_metadata(topic.as_deref(), timeout);
             if answer.is_err() {
-                // Hands the queued error events to the context (RefusalWatch). The client is
-                // assigned no partition, so nothing else is in its queue.
-                for _ in 0..MAX_DRAINED_EVENTS {
-                    if meta.poll(DRAIN_WAIT).is_none() {
-                        break;
+                read_errors(&meta);
+            }
+            answer
+        });
+        let mut fetch = std::pin::pin!(fetch);
+        let answer = loop {
+            let look = std::pin::pin!(tokio::time::sleep(REFUSAL_LOOK));
+            match futures::future::select(fetch.as_mut(), look).await {
+                futures::future::Either::Left((answer, _)) => break answer?,
+                futures::future::Either::Right(((), _)) => {
+                    // The fetch goes on in its thread; if refused, it ends by itself within
+                    // its timeout.
+                    let meta = self.meta.clone();
+                    blocking(move || read_errors(&meta)).await?;
+                    if let Some(refusal) = self.meta.context().since(started) {
+                        return Err(error::refused(context, refusal));
                     }
                 }
             }
-            answer
-        })
-        .await?;
+        };
         match answer {
             Ok(md) => {
                 self.meta.context().clear();
@@ -706,6 +723,16 @@ impl Shared {
                 max_index_bytes = self.config.max_index_bytes,
                 "photon-kafka: version indexes dropped to stay within max_index_bytes"
             );
+        }
+    }
+}
+
+/// Hands the metadata client's queued error events to its context ([`RefusalWatch`]). The client
+/// is assigned no partition, so nothing else is in its queue.
+fn read_errors(meta: &BaseConsumer<RefusalWatch>) {
+    for _ in 0..MAX_DRAINED_EVENTS {
+        if meta.poll(DRAIN_WAIT).is_none() {
+            break;
         }
     }
 }

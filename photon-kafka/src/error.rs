@@ -11,6 +11,7 @@
 
 use std::fmt;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use photon_api::{AccessKind, Error};
 use rdkafka::client::ClientContext;
@@ -95,18 +96,30 @@ impl fmt::Display for Refusal {
 impl std::error::Error for Refusal {}
 
 /// The context of the store's metadata client: it remembers the last refused login or TLS
-/// handshake librdkafka reported, which a failed metadata call answers with instead of the
-/// timeout it saw (a wrong password would otherwise look like an unreachable broker, and be
-/// retried forever). Cleared by the next call that succeeds.
+/// handshake librdkafka reported, and when, which a metadata call under way answers with
+/// (client.rs `metadata`) instead of waiting out its timeout and saying `Unavailable` (a wrong
+/// password would otherwise look like an unreachable broker, and be retried forever). Cleared
+/// by the next call that succeeds.
 #[derive(Debug, Default)]
 pub(crate) struct RefusalWatch {
-    last: Mutex<Option<Refusal>>,
+    /// The refusal and when it was reported.
+    last: Mutex<Option<(Instant, Refusal)>>,
 }
 
 impl RefusalWatch {
     /// The refusal reported since the last success, if any.
     pub(crate) fn last(&self) -> Option<Refusal> {
-        self.last.lock().expect("refusal lock").clone()
+        let last = self.last.lock().expect("refusal lock");
+        last.as_ref().map(|(_, r)| r.clone())
+    }
+
+    /// The refusal reported at or after `t`, if any: one the brokers gave a call that started
+    /// at `t` (an older one may be out of date: a call under way may yet succeed).
+    pub(crate) fn since(&self, t: Instant) -> Option<Refusal> {
+        let last = self.last.lock().expect("refusal lock");
+        last.as_ref()
+            .filter(|(at, _)| *at >= t)
+            .map(|(_, r)| r.clone())
     }
 
     /// A call succeeded: whatever was refused before is no longer the answer.
@@ -117,13 +130,21 @@ impl RefusalWatch {
 
 impl ClientContext for RefusalWatch {
     fn error(&self, error: KafkaError, reason: &str) {
-        if let Some(code) = error.rdkafka_error_code() {
-            if access_kind(code).is_some() {
-                *self.last.lock().expect("refusal lock") = Some(Refusal {
-                    code,
-                    reason: reason.to_owned(),
-                });
-            }
+        // Logins and handshakes only: a refused permission comes back as the failed call's
+        // own code, and the callback also reports GroupAuthorizationFailed for the coordinator
+        // lookup of the group.id the client carries but never joins, which fails nothing.
+        let code = error.rdkafka_error_code();
+        if let Some(code) = code.filter(|&c| {
+            matches!(
+                access_kind(c),
+                Some(AccessKind::Authentication | AccessKind::Tls)
+            )
+        }) {
+            let refusal = Refusal {
+                code,
+                reason: reason.to_owned(),
+            };
+            *self.last.lock().expect("refusal lock") = Some((Instant::now(), refusal));
         }
         tracing::warn!(%error, reason, "photon-kafka: librdkafka reports an error");
     }
@@ -173,12 +194,15 @@ pub(crate) fn refused_or(
     refusal: Option<Refusal>,
 ) -> Error {
     match refusal {
-        Some(r) if is_transient(&e) => {
-            let kind = access_kind(r.code).expect("only refusals are kept");
-            Error::access_denied(BACKEND, kind, context.to_string(), r)
-        }
+        Some(r) if is_transient(&e) => refused(context, r),
         _ => from_kafka(context, e),
     }
+}
+
+/// `refusal`, met while doing `context`, as `AccessDenied`.
+pub(crate) fn refused(context: impl fmt::Display, refusal: Refusal) -> Error {
+    let kind = access_kind(refusal.code).expect("only refusals are kept");
+    Error::access_denied(BACKEND, kind, context.to_string(), refusal)
 }
 
 /// `e`, which happened while doing `context` (e.g. `creating topic photon.account`), as ours:
@@ -408,10 +432,25 @@ mod tests {
             KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
             "1/1 brokers are down",
         );
-        assert_eq!(watch.last(), None, "only refusals are kept");
+        watch.error(
+            KafkaError::Global(RDKafkaErrorCode::GroupAuthorizationFailed),
+            "FindCoordinator response error: Group authorization failed.",
+        );
+        assert_eq!(
+            watch.last(),
+            None,
+            "only refused logins and handshakes are kept"
+        );
+        let before = Instant::now();
         watch.error(
             KafkaError::Global(RDKafkaErrorCode::Authentication),
             "SASL authentication error: invalid credentials",
+        );
+        assert!(watch.since(before).is_some());
+        assert_eq!(
+            watch.since(Instant::now()),
+            None,
+            "older than a call started now"
         );
         let timeout = KafkaError::MetadataFetch(RDKafkaErrorCode::BrokerTransportFailure);
         let e = refused_or("asking for metadata", timeout.clone(), watch.last());

@@ -83,6 +83,16 @@ impl Secure {
 /// and everything librdkafka says about the login reaches the leak check.
 const FAILING: &str = "&timeout_ms=3000&rdkafka.debug=security,broker,protocol";
 
+/// librdkafka's security and broker debug lines only, for [`every_call_refused`], which sets the
+/// timeouts itself.
+const DEBUG: &str = "&rdkafka.debug=security,broker,protocol";
+
+/// The request timeout of the store whose first call must be refused promptly, and how soon:
+/// a refused login or handshake must not wait out the timeout (before, it did, and then was
+/// `Unavailable`).
+const PATIENT_TIMEOUT_MS: u64 = 10_000;
+const PROMPT: Duration = Duration::from_secs(5);
+
 /// A stream of a category of its own (a new topic), so earlier runs' events are not in it.
 fn fresh_stream() -> StreamId {
     let id = Uuid::new_v4().simple().to_string();
@@ -158,9 +168,31 @@ async fn refused<T: std::fmt::Debug>(
 /// A store built from `url` refuses an append, a version look-up, a health check and a
 /// subscription (its first item) with `AccessDenied` of `kind` naming `cause`, each within the
 /// bound, and no error, `Debug` print or captured line shows `secrets`.
+///
+/// First, with a long request timeout, the first call's refusal must come within [`PROMPT`]:
+/// librdkafka's report of the refusal answers the call while it is under way.
 async fn every_call_refused(url: &str, kind: AccessKind, cause: &str, secrets: &[&str]) {
     capture::install();
-    let store = KafkaStore::from_url(url).await.expect("builds");
+    let patient = KafkaStore::from_url(&format!("{url}&timeout_ms={PATIENT_TIMEOUT_MS}"))
+        .await
+        .expect("builds");
+    let started = Instant::now();
+    let e = refused(
+        "first append, long timeout",
+        patient.append(&fresh_stream(), ExpectedVersion::Any, vec![event()]),
+    )
+    .await;
+    assert!(
+        started.elapsed() < PROMPT,
+        "refused only after {:?}, not within {PROMPT:?}",
+        started.elapsed()
+    );
+    assert_denied(&e, kind, cause);
+    assert_no_secret_in_error(secrets, "first append error", &e);
+    drop(patient);
+    let store = KafkaStore::from_url(&format!("{url}&timeout_ms=3000"))
+        .await
+        .expect("builds");
     assert_no_secret(secrets, "KafkaStore Debug", &format!("{store:?}"));
     let stream = fresh_stream();
     let e = refused(
@@ -200,7 +232,7 @@ async fn every_call_refused(url: &str, kind: AccessKind, cause: &str, secrets: &
 async fn a_wrong_password_is_refused_as_authentication() {
     let Some(s) = Secure::from_env() else { return };
     let wrong = format!("wrong-{}", Uuid::new_v4().simple());
-    let url = s.url((&s.writer.0, &wrong), &s.ca, &s.prefix, FAILING);
+    let url = s.url((&s.writer.0, &wrong), &s.ca, &s.prefix, DEBUG);
     let mut secrets = s.passwords().to_vec();
     secrets.push(&wrong);
     every_call_refused(&url, AccessKind::Authentication, "SASL", &secrets).await;
@@ -211,7 +243,7 @@ async fn an_unknown_user_is_refused_as_authentication() {
     let Some(s) = Secure::from_env() else { return };
     let user = format!("nobody-{}", Uuid::new_v4().simple());
     let password = format!("pw-{}", Uuid::new_v4().simple());
-    let url = s.url((&user, &password), &s.ca, &s.prefix, FAILING);
+    let url = s.url((&user, &password), &s.ca, &s.prefix, DEBUG);
     let mut secrets = s.passwords().to_vec();
     secrets.push(&password);
     every_call_refused(&url, AccessKind::Authentication, "SASL", &secrets).await;
@@ -222,7 +254,7 @@ async fn an_untrusted_certificate_is_refused_as_tls() {
     let Some(s) = Secure::from_env() else { return };
     // The writer's right password, but trusting a CA that did not sign the broker's certificate:
     // the handshake fails before the password is sent.
-    let url = s.url(s.writer(), &s.untrusted_ca, &s.prefix, FAILING);
+    let url = s.url(s.writer(), &s.untrusted_ca, &s.prefix, DEBUG);
     every_call_refused(&url, AccessKind::Tls, "certificate", &s.passwords()).await;
 }
 
