@@ -1,10 +1,9 @@
 //! The shared conformance suite against a real Kafka broker (`PHOTON_TEST_KAFKA_URL`).
 
-use std::sync::Arc;
-
-use photon_api::EventStore;
 use photon_conformance::{conformance_suite, server_url, Harness};
-use photon_kafka::KafkaStore;
+
+#[path = "support/harness.rs"]
+mod harness;
 
 async fn harness() -> Option<Harness> {
     let url = server_url("kafka", "PHOTON_TEST_KAFKA_URL")?;
@@ -14,23 +13,7 @@ async fn harness() -> Option<Harness> {
         "{url}{}partitions=3",
         if url.contains('?') { "&" } else { "?" }
     );
-    let unreachable = "kafka://127.0.0.1:1?timeout_ms=1500";
-    Some(
-        Harness::new("kafka", move || {
-            let url = url.clone();
-            async move {
-                let store: Arc<dyn EventStore> =
-                    Arc::new(KafkaStore::from_url(&url).await.expect("connects"));
-                store
-            }
-        })
-        .with_patience(std::time::Duration::from_secs(60))
-        .with_unreachable(move || async move {
-            let store: Arc<dyn EventStore> =
-                Arc::new(KafkaStore::from_url(unreachable).await.expect("builds"));
-            store
-        }),
-    )
+    Some(harness::kafka_harness(url))
 }
 
 conformance_suite!(harness);

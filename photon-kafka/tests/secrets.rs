@@ -218,36 +218,5 @@ async fn failed_sasl_ssl_handshake_with_the_broker_hides_secrets() {
     s.assert_absent_from_logs();
 }
 
-/// photon-conformance's capture of tracing lines, and librdkafka's lines, which go through the
-/// `log` crate, kept with them.
-mod capture {
-    use std::sync::Once;
-
-    pub(super) use photon_conformance::capture::lines;
-
-    pub(super) fn install() {
-        static ONCE: Once = Once::new();
-        ONCE.call_once(|| {
-            photon_conformance::capture::install();
-            log::set_logger(&Log).expect("one logger");
-            log::set_max_level(log::LevelFilter::Trace);
-        });
-    }
-
-    struct Log;
-
-    impl log::Log for Log {
-        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
-            true
-        }
-        fn log(&self, record: &log::Record<'_>) {
-            photon_conformance::capture::keep(format!(
-                "{} {} {}",
-                record.level(),
-                record.target(),
-                record.args()
-            ));
-        }
-        fn flush(&self) {}
-    }
-}
+#[path = "support/capture.rs"]
+mod capture;

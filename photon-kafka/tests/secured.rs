@@ -366,67 +366,18 @@ async fn the_reader_reads_and_subscribes_but_its_append_is_refused() {
 
 /// The shared conformance suite over SASL_SSL with the writer's credentials.
 mod conformance {
-    use std::sync::Arc;
-
-    use photon_api::EventStore;
     use photon_conformance::{conformance_suite, Harness};
-    use photon_kafka::KafkaStore;
 
     async fn harness() -> Option<Harness> {
         let s = super::Secure::from_env()?;
         let url = s.url(s.writer(), &s.ca, &s.prefix, "");
-        let unreachable = "kafka://127.0.0.1:1?timeout_ms=1500";
-        Some(
-            Harness::new("kafka", move || {
-                let url = url.clone();
-                async move {
-                    let store: Arc<dyn EventStore> =
-                        Arc::new(KafkaStore::from_url(&url).await.expect("connects"));
-                    store
-                }
-            })
-            .with_patience(std::time::Duration::from_secs(60))
-            .with_unreachable(move || async move {
-                let store: Arc<dyn EventStore> =
-                    Arc::new(KafkaStore::from_url(unreachable).await.expect("builds"));
-                store
-            }),
-        )
+        Some(super::harness::kafka_harness(url))
     }
 
     conformance_suite!(harness);
 }
 
-/// photon-conformance's capture of tracing lines, and librdkafka's lines, which go through the
-/// `log` crate, kept with them (as in tests/secrets.rs).
-mod capture {
-    use std::sync::Once;
-
-    pub(super) use photon_conformance::capture::lines;
-
-    pub(super) fn install() {
-        static ONCE: Once = Once::new();
-        ONCE.call_once(|| {
-            photon_conformance::capture::install();
-            log::set_logger(&Log).expect("one logger");
-            log::set_max_level(log::LevelFilter::Trace);
-        });
-    }
-
-    struct Log;
-
-    impl log::Log for Log {
-        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
-            true
-        }
-        fn log(&self, record: &log::Record<'_>) {
-            photon_conformance::capture::keep(format!(
-                "{} {} {}",
-                record.level(),
-                record.target(),
-                record.args()
-            ));
-        }
-        fn flush(&self) {}
-    }
-}
+#[path = "support/capture.rs"]
+mod capture;
+#[path = "support/harness.rs"]
+mod harness;
