@@ -14,7 +14,7 @@ use mongodb::event::sdam::SdamEvent;
 use mongodb::event::EventHandler;
 use mongodb::options::{
     Acknowledgment, ClientOptions, IndexOptions, ReadConcern, ReadPreference, SelectionCriteria,
-    WriteConcern,
+    ServerAddress, WriteConcern,
 };
 use mongodb::{Client, Collection, IndexModel};
 use photon_api::{Error, Health};
@@ -170,6 +170,43 @@ fn index(name: &str, keys: Document, unique: bool) -> IndexModel {
     IndexModel::builder().keys(keys).options(options).build()
 }
 
+/// Keeps the latest heartbeat of each server the monitor checks: a failure replaces only that
+/// server's entry and a success clears only its own, so one member's answer does not hide
+/// another's refused handshake, and one member's bad certificate does not speak for the
+/// others. A server the topology closes (removed from a replica set's configuration) is
+/// forgotten.
+fn record_heartbeat(heartbeats: &mut error::Heartbeats, event: SdamEvent) {
+    let beat = match event {
+        SdamEvent::ServerHeartbeatFailed(e) => Beat::Failed(e.server_address, e.failure),
+        SdamEvent::ServerHeartbeatSucceeded(e) => Beat::Succeeded(e.server_address),
+        SdamEvent::ServerClosed(e) => Beat::Closed(e.address),
+        _ => return,
+    };
+    record(heartbeats, beat);
+}
+
+/// What a monitor event says about one server (the driver's events cannot be built outside
+/// it, so the tests give these).
+enum Beat {
+    Failed(ServerAddress, mongodb::error::Error),
+    Succeeded(ServerAddress),
+    Closed(ServerAddress),
+}
+
+fn record(heartbeats: &mut error::Heartbeats, beat: Beat) {
+    match beat {
+        Beat::Failed(address, failure) => {
+            heartbeats.insert(address, Some(failure));
+        }
+        Beat::Succeeded(address) => {
+            heartbeats.insert(address, None);
+        }
+        Beat::Closed(address) => {
+            heartbeats.remove(&address);
+        }
+    }
+}
+
 /// What `health()` says when the `stream_event_ids` index refuses any repeated event id.
 pub const IDS_BY_INDEX: &str = "event ids enforced by the unique index";
 
@@ -192,9 +229,9 @@ pub(crate) struct Shared {
     client: Client,
     pub(crate) commits: Collection<Document>,
     pub(crate) config: MongoConfig,
-    /// The monitor's last failed heartbeat, cleared by a successful one: what a server
+    /// The monitor's latest heartbeat per server (see [`record_heartbeat`]): what a server
     /// selection that times out is classified by (see [`error::driver_after`]).
-    last_heartbeat: Arc<Mutex<error::LastHeartbeatFailure>>,
+    heartbeats: Arc<Mutex<error::Heartbeats>>,
     ready: OnceCell<Readiness>,
 }
 
@@ -202,17 +239,13 @@ impl Shared {
     /// A lazily connecting client for `config`: nothing is sent before the first operation.
     pub(crate) async fn connect(config: MongoConfig) -> Result<Self, Error> {
         let mut options = client_options(&config).await?;
-        let last_heartbeat = Arc::new(Mutex::new(None));
-        let seen = Arc::clone(&last_heartbeat);
+        let heartbeats = Arc::new(Mutex::new(error::Heartbeats::new()));
+        let seen = Arc::clone(&heartbeats);
         options.sdam_event_handler = Some(EventHandler::callback(move |event| {
-            let mut last = seen.lock().unwrap_or_else(PoisonError::into_inner);
-            match event {
-                SdamEvent::ServerHeartbeatFailed(e) => {
-                    *last = Some((e.server_address, e.failure));
-                }
-                SdamEvent::ServerHeartbeatSucceeded(_) => *last = None,
-                _ => {}
-            }
+            record_heartbeat(
+                &mut seen.lock().unwrap_or_else(PoisonError::into_inner),
+                event,
+            );
         }));
         let client =
             Client::with_options(options).map_err(|e| error::driver("creating the client", e))?;
@@ -222,7 +255,7 @@ impl Shared {
                 .collection(&config.commits()),
             client,
             config,
-            last_heartbeat,
+            heartbeats,
             ready: OnceCell::new(),
         })
     }
@@ -245,14 +278,14 @@ impl Shared {
         let timeout = self.config.timeout;
         match tokio::time::timeout(timeout, op.into_future()).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(error::driver_after(context(), e, self.last_heartbeat())),
+            Ok(Err(e)) => Err(error::driver_after(context(), e, &self.heartbeats())),
             Err(elapsed) => Err(error::timed_out(context(), timeout, elapsed)),
         }
     }
 
-    /// The monitor's last failed heartbeat, if none succeeded since.
-    fn last_heartbeat(&self) -> error::LastHeartbeatFailure {
-        self.last_heartbeat
+    /// The monitor's latest heartbeat per server, as it stands now.
+    fn heartbeats(&self) -> error::Heartbeats {
+        self.heartbeats
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()

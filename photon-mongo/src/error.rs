@@ -5,6 +5,7 @@
 //! errors are transient (`Unavailable`, retryable) and which refuse access (`AccessDenied`,
 //! final) is decided here and nowhere else. Validation of the caller's input (`photon_api::validate`) builds its own errors; they are not repeated.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use mongodb::error::{Error as DriverError, ErrorKind, WriteFailure};
@@ -37,34 +38,39 @@ const UNAUTHORIZED: i32 = 13;
 /// write-concern error, a step-down, a time limit), is `Unavailable`; anything else is
 /// `Backend`. All keep the driver's error as their source.
 pub(crate) fn driver(context: impl Into<String>, e: DriverError) -> Error {
-    driver_after(context, e, None)
+    driver_after(context, e, &Heartbeats::new())
 }
 
-/// The failure of the driver's monitor's last attempt to reach a server (its heartbeat), kept by
-/// the client: a server selection that times out says only "no available servers", while the
-/// reason, for instance a certificate the client does not trust, is the heartbeat's.
-pub(crate) type LastHeartbeatFailure = Option<(ServerAddress, DriverError)>;
+/// The latest heartbeat of the driver's monitor for each server it knows, kept by the client:
+/// `None` for one that succeeded, the error for one that failed. A server selection that times
+/// out says only "no available servers", while the reason, for instance a certificate the
+/// client does not trust, is the heartbeats'. A server the topology drops is dropped here too.
+pub(crate) type Heartbeats = HashMap<ServerAddress, Option<DriverError>>;
 
-/// [`driver`], knowing the monitor's last heartbeat failure: a server selection that timed out
-/// while the monitor's TLS handshake failed is `AccessDenied` (`Tls`), with that handshake error
-/// as its source, rather than `Unavailable`. The driver keeps trying a server whose handshake
-/// fails, so without this a certificate nobody trusts would read as a server that is down, and
-/// callers would retry it forever.
+/// [`driver`], knowing the monitor's latest heartbeat per server: a server selection that timed
+/// out while the latest heartbeat of every known server was a refused TLS handshake (a
+/// certificate one, see [`is_tls_failure`]) is `AccessDenied` (`Tls`), with one of those
+/// handshake errors as its source, rather than `Unavailable`. The driver keeps trying a server
+/// whose handshake fails, so without this a certificate nobody trusts would read as a server
+/// that is down, and callers would retry it forever. One server that answers, or fails for
+/// another reason (down, unreachable: a failover in progress), keeps the timeout
+/// `Unavailable`: on a replica set, a member with a bad certificate that the selection does
+/// not need must not turn an ordinary failover into a final refusal.
 pub(crate) fn driver_after(
     context: impl Into<String>,
     e: DriverError,
-    last_heartbeat: LastHeartbeatFailure,
+    heartbeats: &Heartbeats,
 ) -> Error {
     let context = context.into();
     if let Some(kind) = denied(&e) {
         return Error::access_denied(BACKEND, kind, context, e);
     }
     if matches!(*e.kind, ErrorKind::ServerSelection { .. }) {
-        if let Some((address, handshake)) = last_heartbeat.filter(|(_, h)| is_tls_failure(h)) {
+        if let Some((addresses, handshake)) = all_refused_tls(heartbeats) {
             return Error::access_denied(
                 BACKEND,
                 AccessKind::Tls,
-                format!("{context}: no server could be selected, the TLS handshake with {address} failed"),
+                format!("{context}: no server could be selected, the TLS handshake with {addresses} failed"),
                 handshake,
             );
         }
@@ -86,6 +92,10 @@ fn denied(e: &DriverError) -> Option<AccessKind> {
             .any(|w| w.code == UNAUTHORIZED)
     };
     match &*e.kind {
+        // The driver makes any ok:0 answer to saslStart / saslContinue an authentication
+        // error, keeping the server's as its source: a shutdown or step-down during a rolling
+        // restart is not a refusal (see `transient`).
+        ErrorKind::Authentication { .. } if login_interrupted(e) => None,
         ErrorKind::Authentication { .. } => Some(AccessKind::Authentication),
         ErrorKind::Command(c) if c.code == AUTHENTICATION_FAILED => {
             Some(AccessKind::Authentication)
@@ -100,11 +110,84 @@ fn denied(e: &DriverError) -> Option<AccessKind> {
     }
 }
 
-/// Whether `e` is a failed TLS handshake: the driver (built with rustls, its default) hands the
-/// handshake's `rustls::Error` (an untrusted or misnamed certificate, an alert from a server
-/// that refused the client's) over as the inner error of an I/O error.
+/// The addresses (sorted, joined) and one handshake error, when every server in `heartbeats`
+/// (at least one) last failed its TLS handshake; `None` otherwise.
+fn all_refused_tls(heartbeats: &Heartbeats) -> Option<(String, DriverError)> {
+    let mut refused = heartbeats
+        .iter()
+        .map(|(address, last)| match last {
+            Some(e) if is_tls_failure(e) => Some((address.to_string(), e)),
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()?;
+    refused.sort_by(|a, b| a.0.cmp(&b.0));
+    let (_, first) = refused.first()?;
+    let first = (*first).clone();
+    let addresses = refused
+        .iter()
+        .map(|(a, _)| a.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    Some((addresses, first))
+}
+
+/// Whether `e` is a refused TLS handshake: the driver (built with rustls, its default) hands
+/// rustls's error over as the inner error of an I/O error. tokio-rustls wraps errors met after
+/// the handshake (a record that does not decrypt, a malformed message, an internal-error
+/// alert) the same way, and a request may have been sent by then; so only the certificate
+/// kind counts: a certificate the client does not trust or that does not name the server, a
+/// server that presented none or whose parameters the client cannot use, and the alerts by
+/// which a server refuses the client's certificate or the handshake. Every other one stays an
+/// I/O error (`Unavailable`, outcome unknown).
 pub(crate) fn is_tls_failure(e: &DriverError) -> bool {
-    matches!(&*e.kind, ErrorKind::Io(io) if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()))
+    let ErrorKind::Io(io) = &*e.kind else {
+        return false;
+    };
+    io.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(is_certificate_refusal)
+}
+
+/// Whether a rustls error is a certificate (or handshake) refusal; see [`is_tls_failure`].
+fn is_certificate_refusal(e: &rustls::Error) -> bool {
+    use rustls::AlertDescription as A;
+    match e {
+        rustls::Error::InvalidCertificate(_)
+        | rustls::Error::NoCertificatesPresented
+        | rustls::Error::UnsupportedNameType
+        | rustls::Error::PeerIncompatible(_) => true,
+        rustls::Error::AlertReceived(alert) => matches!(
+            alert,
+            A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA
+                | A::CertificateRequired
+                | A::HandshakeFailure
+                | A::AccessDenied
+        ),
+        _ => false,
+    }
+}
+
+/// Whether the driver's authentication error wraps (as its source) a server's answer after
+/// which a retry may get past: a code of [`UNKNOWN_OUTCOME_CODES`] (a shutdown, a step-down,
+/// a network failure between nodes) or a retryable label. Not for a
+/// refusal (code 18) nor an error the driver raised itself (no source).
+fn login_interrupted(e: &DriverError) -> bool {
+    std::error::Error::source(e)
+        .and_then(|source| source.downcast_ref::<DriverError>())
+        .is_some_and(login_answer_is_transient)
+}
+
+/// Whether the server's answer to a login step is transient; see [`login_interrupted`].
+fn login_answer_is_transient(answer: &DriverError) -> bool {
+    let code = matches!(&*answer.kind, ErrorKind::Command(c) if unknown_outcome_code(c.code));
+    code || UNKNOWN_OUTCOME_LABELS
+        .iter()
+        .any(|label| answer.contains_label(label))
 }
 
 /// A round trip that got no answer within `timeout`: whatever it asked may still happen.
@@ -160,6 +243,9 @@ fn transient(e: &DriverError) -> Option<&'static str> {
         ErrorKind::Io(_) => Some("the connection failed; the outcome is unknown"),
         ErrorKind::ConnectionPoolCleared { .. } => Some("the connection pool was cleared"),
         ErrorKind::DnsResolve { .. } => Some("the server's name did not resolve"),
+        ErrorKind::Authentication { .. } if login_interrupted(e) => {
+            Some("the server could not complete the login (step-down, shutdown or time limit)")
+        }
         // The write was applied on the primary but not confirmed by a majority: it may stay
         // or be rolled back.
         ErrorKind::Write(WriteFailure::WriteConcernError(_)) => {
@@ -491,12 +577,12 @@ mod tests {
         }
     }
 
-    /// `e`, mapped with `last_heartbeat`, is AccessDenied of `kind`, final, with `e` (or the
+    /// `e`, mapped with `heartbeats`, is AccessDenied of `kind`, final, with `e` (or the
     /// heartbeat's error, for a selection) as its source.
     #[track_caller]
-    fn assert_denied(e: DriverError, last_heartbeat: LastHeartbeatFailure, kind: AccessKind) {
+    fn assert_denied(e: DriverError, heartbeats: &Heartbeats, kind: AccessKind) {
         let shown = format!("{e:?}");
-        let mapped = driver_after("appending to a-1", e, last_heartbeat);
+        let mapped = driver_after("appending to a-1", e, heartbeats);
         assert!(!mapped.is_retryable(), "{shown}");
         match mapped {
             Error::AccessDenied {
@@ -529,7 +615,7 @@ mod tests {
         // The server's AuthenticationFailed (a wrong password, an unknown user) ...
         assert_denied(
             command(AUTHENTICATION_FAILED, "AuthenticationFailed"),
-            None,
+            &Heartbeats::new(),
             AccessKind::Authentication,
         );
         // The driver's own `ErrorKind::Authentication` (which wraps the server's code 18 in a
@@ -560,15 +646,19 @@ mod tests {
     fn a_missing_permission_is_access_denied_authorization() {
         assert_denied(
             command(UNAUTHORIZED, "Unauthorized"),
-            None,
+            &Heartbeats::new(),
             AccessKind::Authorization,
         );
-        assert_denied(write_error(UNAUTHORIZED), None, AccessKind::Authorization);
+        assert_denied(
+            write_error(UNAUTHORIZED),
+            &Heartbeats::new(),
+            AccessKind::Authorization,
+        );
         let reply = doc! { "writeErrors": [ { "index": 0, "code": UNAUTHORIZED, "errmsg": "not authorized" } ] };
         let e: InsertManyError = from_document(reply).expect("an insert-many error");
         assert_denied(
             ErrorKind::InsertMany(e).into(),
-            None,
+            &Heartbeats::new(),
             AccessKind::Authorization,
         );
     }
@@ -583,11 +673,11 @@ mod tests {
             rustls::Error::AlertReceived(AlertDescription::CertificateRequired),
         ] {
             // Met by the operation's own connection ...
-            assert_denied(tls_failure(e.clone()), None, AccessKind::Tls);
+            assert_denied(tls_failure(e.clone()), &Heartbeats::new(), AccessKind::Tls);
             // ... or by the monitor, while the operation waited for a server.
             assert_denied(
                 selection_error().await,
-                Some((address(), tls_failure(e))),
+                &Heartbeats::from([(address(), Some(tls_failure(e)))]),
                 AccessKind::Tls,
             );
         }
@@ -597,8 +687,11 @@ mod tests {
     async fn a_selection_timeout_after_other_failures_stays_unavailable() {
         let refused: DriverError =
             ErrorKind::Io(Arc::new(std::io::ErrorKind::ConnectionRefused.into())).into();
-        for last in [None, Some((address(), refused))] {
-            match driver_after("appending to a-1", selection_error().await, last) {
+        for last in [
+            Heartbeats::new(),
+            Heartbeats::from([(address(), Some(refused))]),
+        ] {
+            match driver_after("appending to a-1", selection_error().await, &last) {
                 Error::Unavailable { message, .. } => {
                     assert!(message.contains("no server answered"), "{message}");
                 }
@@ -609,5 +702,121 @@ mod tests {
         let reset: DriverError =
             ErrorKind::Io(Arc::new(std::io::ErrorKind::ConnectionReset.into())).into();
         assert!(!is_tls_failure(&reset));
+    }
+
+    fn other_address() -> ServerAddress {
+        ServerAddress::parse("127.0.0.2:27018").expect("an address")
+    }
+
+    fn untrusted() -> DriverError {
+        tls_failure(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        ))
+    }
+
+    /// A selection timeout mapped with `heartbeats` is Unavailable (a server down or busy).
+    #[track_caller]
+    fn assert_selection_unavailable(e: DriverError, heartbeats: &Heartbeats) {
+        match driver_after("appending to a-1", e, heartbeats) {
+            Error::Unavailable { message, .. } => {
+                assert!(message.contains("no server answered"), "{message}");
+            }
+            other => panic!("{heartbeats:?}: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn one_member_with_a_bad_certificate_does_not_speak_for_the_others() {
+        let refused: DriverError =
+            ErrorKind::Io(Arc::new(std::io::ErrorKind::ConnectionRefused.into())).into();
+        // A replica set in a failover: the primary is down, a member nobody needs has a bad
+        // certificate. Not a refusal of access.
+        assert_selection_unavailable(
+            selection_error().await,
+            &Heartbeats::from([
+                (address(), Some(refused)),
+                (other_address(), Some(untrusted())),
+            ]),
+        );
+        // A healthy member's success does not hide a refused handshake, nor make one final.
+        assert_selection_unavailable(
+            selection_error().await,
+            &Heartbeats::from([(address(), None), (other_address(), Some(untrusted()))]),
+        );
+        // Every known member refusing the handshake is one.
+        assert_denied(
+            selection_error().await,
+            &Heartbeats::from([
+                (address(), Some(untrusted())),
+                (other_address(), Some(untrusted())),
+            ]),
+            AccessKind::Tls,
+        );
+    }
+
+    #[test]
+    fn a_tls_error_after_the_handshake_is_an_unknown_outcome() {
+        use rustls::{AlertDescription, PeerMisbehaved};
+        for e in [
+            rustls::Error::DecryptError,
+            rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType),
+            rustls::Error::PeerMisbehaved(PeerMisbehaved::TooMuchEarlyDataReceived),
+            rustls::Error::AlertReceived(AlertDescription::InternalError),
+            rustls::Error::AlertReceived(AlertDescription::DecodeError),
+            rustls::Error::General("x".into()),
+        ] {
+            let shown = format!("{e:?}");
+            let io = tls_failure(e);
+            assert!(!is_tls_failure(&io), "{shown}");
+            assert_unavailable(io, "the connection failed; the outcome is unknown");
+        }
+    }
+
+    #[test]
+    fn certificate_refusals_are_tls() {
+        use rustls::{AlertDescription as A, CertificateError, PeerIncompatible};
+        for e in [
+            rustls::Error::InvalidCertificate(CertificateError::Expired),
+            rustls::Error::NoCertificatesPresented,
+            rustls::Error::UnsupportedNameType,
+            rustls::Error::PeerIncompatible(PeerIncompatible::Tls12NotOffered),
+            rustls::Error::AlertReceived(A::BadCertificate),
+            rustls::Error::AlertReceived(A::UnsupportedCertificate),
+            rustls::Error::AlertReceived(A::CertificateRevoked),
+            rustls::Error::AlertReceived(A::CertificateExpired),
+            rustls::Error::AlertReceived(A::CertificateUnknown),
+            rustls::Error::AlertReceived(A::UnknownCA),
+            rustls::Error::AlertReceived(A::HandshakeFailure),
+            rustls::Error::AlertReceived(A::AccessDenied),
+        ] {
+            assert_denied(tls_failure(e), &Heartbeats::new(), AccessKind::Tls);
+        }
+    }
+
+    #[test]
+    fn a_login_interrupted_by_a_restart_is_transient() {
+        // The server's answers to saslStart / saslContinue that the driver wraps in its
+        // `ErrorKind::Authentication` (as the source; that error cannot be built outside the
+        // driver, so the classification of its source is what is tested here).
+        for (code, name) in [
+            (91, "ShutdownInProgress"),
+            (11600, "InterruptedAtShutdown"),
+            (11602, "InterruptedDueToReplStateChange"),
+            (6, "HostUnreachable"),
+            (89, "NetworkTimeout"),
+            (189, "PrimarySteppedDown"),
+        ] {
+            assert!(login_answer_is_transient(&command(code, name)), "{name}");
+        }
+        assert!(!login_answer_is_transient(&command(
+            AUTHENTICATION_FAILED,
+            "AuthenticationFailed"
+        )));
+        assert!(!login_answer_is_transient(&command(
+            UNAUTHORIZED,
+            "Unauthorized"
+        )));
+        // An error that is not the driver's authentication error has no login answer to read.
+        assert!(!login_interrupted(&command(91, "ShutdownInProgress")));
     }
 }

@@ -13,7 +13,7 @@ use mongodb::bson::{doc, Bson, Document};
 use photon_api::telemetry::Attempts;
 use photon_api::validate::{classify_batch, validate_batch, BatchKind, StoredId};
 use photon_api::{
-    AppendResult, Error, EventData, ExpectedVersion, StreamId, Timestamp, Uuid, Version,
+    AccessKind, AppendResult, Error, EventData, ExpectedVersion, StreamId, Timestamp, Uuid, Version,
 };
 
 use crate::client::{Shared, MAX_APPEND_SIZE};
@@ -213,11 +213,30 @@ async fn try_append(
                 }),
             })
         }
+        // Refused access (credentials, a permission): the server did not take the insert, so
+        // nothing is stored and there is no window to close; the fence would only be refused
+        // in turn (and log it, and log in again) on every such append.
+        Err(e) if refused_for_good(&e) => {
+            fence.disarm();
+            Err(e)
+        }
         // The outcome is unknown: the commit may have landed, or may still land. The fence
         // (on drop) closes that window; re-sending the same batch is safe, since the ids make
         // it idempotent.
         Err(e) => Err(e),
     }
+}
+
+/// Whether the insert's error is a refusal of the login or of the permission: the server
+/// answered and stored nothing.
+fn refused_for_good(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::AccessDenied {
+            kind: AccessKind::Authentication | AccessKind::Authorization,
+            ..
+        }
+    )
 }
 
 /// Closes the window in which an insert whose answer we did not get (a timeout, a lost
@@ -362,5 +381,24 @@ fn retry_result(
     match classify_batch(stream, events, |id| where_stored.get(id).copied())? {
         BatchKind::New => Ok(None),
         BatchKind::Retry { first } => Ok(Some(appended(first, positions[&first], events.len()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn denied(kind: AccessKind) -> Error {
+        Error::access_denied(crate::client::BACKEND, kind, "appending to a-1", "refused")
+    }
+
+    #[test]
+    fn only_a_refused_login_or_permission_disarms_the_fence() {
+        assert!(refused_for_good(&denied(AccessKind::Authentication)));
+        assert!(refused_for_good(&denied(AccessKind::Authorization)));
+        // An outcome that may be unknown keeps the fence armed.
+        assert!(!refused_for_good(&denied(AccessKind::Tls)));
+        let lost = Error::unavailable(crate::client::BACKEND, "appending to a-1", "reset");
+        assert!(!refused_for_good(&lost));
     }
 }
