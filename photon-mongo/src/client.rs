@@ -608,6 +608,32 @@ mod tests {
 
     use super::*;
 
+    /// A refused handshake as the monitor reports it (rustls's error inside an I/O error).
+    fn untrusted() -> mongodb::error::Error {
+        let e = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        mongodb::error::ErrorKind::Io(Arc::new(io)).into()
+    }
+
+    #[test]
+    fn each_server_keeps_its_own_latest_heartbeat() {
+        let a = ServerAddress::parse("db1:27017").expect("an address");
+        let b = ServerAddress::parse("db2:27017").expect("an address");
+        let mut heartbeats = error::Heartbeats::new();
+        record(&mut heartbeats, Beat::Failed(a.clone(), untrusted()));
+        record(&mut heartbeats, Beat::Succeeded(b.clone()));
+        // b's success does not clear a's refusal, and a's refusal is not b's.
+        assert!(heartbeats[&a].is_some());
+        assert!(heartbeats[&b].is_none());
+        record(&mut heartbeats, Beat::Failed(b.clone(), untrusted()));
+        record(&mut heartbeats, Beat::Succeeded(a.clone()));
+        assert!(heartbeats[&a].is_none());
+        assert!(heartbeats[&b].is_some());
+        // A server the topology closed no longer counts.
+        record(&mut heartbeats, Beat::Closed(a.clone()));
+        assert_eq!(heartbeats.keys().collect::<Vec<_>>(), [&b]);
+    }
+
     #[tokio::test]
     async fn the_driver_gets_its_options_and_ours_are_applied() {
         let config = MongoConfig::from_url("mongodb://h/db?photon_timeout_ms=1500&appName=x")
