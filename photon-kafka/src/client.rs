@@ -48,10 +48,6 @@ const MAX_DRAINED_EVENTS: usize = 256;
 /// How long the drain waits for each of those events: a poll with no wait at all finds none.
 const DRAIN_WAIT: Duration = Duration::from_millis(10);
 
-/// How often a metadata call under way looks for a refused login or TLS handshake: a call that
-/// answers sooner (nearly all do) never looks.
-const REFUSAL_LOOK: Duration = Duration::from_millis(200);
-
 /// How often topic creation looks for the new topic's partitions in the metadata.
 const TOPIC_POLL: Duration = Duration::from_millis(50);
 
@@ -169,40 +165,34 @@ impl Shared {
     ///
     /// Every call of a store begins here, so this is where a refused login or TLS handshake
     /// becomes `AccessDenied`: librdkafka reports it only to the client's error callback (its
-    /// events wait in the client's queue) and keeps trying, while the call would wait out its
-    /// timeout. So while the call is under way its queue is read every [`REFUSAL_LOOK`], and a
-    /// refusal reported since the call began answers it at once; one reported earlier (librdkafka
-    /// does not repeat an error at once) answers it when it times out.
+    /// events wait in the client's queue) and keeps trying, so the call waits out its timeout;
+    /// then the queue is read, and a refusal reported since the last success answers the call
+    /// instead of `Unavailable`. The call is not cut short on a refusal while it runs: in a
+    /// cluster another broker may yet answer, and a login cut by a restart is reported the same
+    /// way. After successes the queue is read and forgotten in the background (at most once per
+    /// second), so a refusal from a time calls succeeded never answers a later outage.
     async fn metadata(&self, topic: Option<&str>, context: String) -> Result<Metadata, Error> {
-        let started = Instant::now();
         let meta = self.meta.clone();
         let (topic, timeout) = (topic.map(str::to_owned), self.config.timeout);
-        let fetch = blocking(move || {
+        let answer = blocking(move || {
             let answer = meta.fetch_metadata(topic.as_deref(), timeout);
             if answer.is_err() {
                 read_errors(&meta);
             }
             answer
-        });
-        let mut fetch = std::pin::pin!(fetch);
-        let answer = loop {
-            let look = std::pin::pin!(tokio::time::sleep(REFUSAL_LOOK));
-            match futures::future::select(fetch.as_mut(), look).await {
-                futures::future::Either::Left((answer, _)) => break answer?,
-                futures::future::Either::Right(((), _)) => {
-                    // The fetch goes on in its thread; if refused, it ends by itself within
-                    // its timeout.
-                    let meta = self.meta.clone();
-                    blocking(move || read_errors(&meta)).await?;
-                    if let Some(refusal) = self.meta.context().since(started) {
-                        return Err(error::refused(context, refusal));
-                    }
-                }
-            }
-        };
+        })
+        .await?;
         match answer {
             Ok(md) => {
-                self.meta.context().clear();
+                let watch = self.meta.context();
+                watch.clear();
+                if watch.drain_due() {
+                    let meta = self.meta.clone();
+                    tokio::task::spawn_blocking(move || {
+                        read_errors(&meta);
+                        meta.context().clear();
+                    });
+                }
                 Ok(md)
             }
             Err(e) => Err(error::refused_or(context, e, self.meta.context().last())),

@@ -96,35 +96,75 @@ impl fmt::Display for Refusal {
 impl std::error::Error for Refusal {}
 
 /// The context of the store's metadata client: it remembers the last refused login or TLS
-/// handshake librdkafka reported, and when, which a metadata call under way answers with
-/// (client.rs `metadata`) instead of waiting out its timeout and saying `Unavailable` (a wrong
-/// password would otherwise look like an unreachable broker, and be retried forever). Cleared
-/// by the next call that succeeds.
-#[derive(Debug, Default)]
+/// handshake librdkafka reported, which a metadata call that failed answers with (client.rs
+/// `metadata`) instead of `Unavailable` (a wrong password would otherwise look like an
+/// unreachable broker, and be retried forever). Cleared by a call that succeeds, and the queue
+/// of reported errors is read and forgotten after successes (at most once per
+/// [`STALE_DRAIN`]), so a refusal reported while calls succeeded (one broker of several
+/// refusing, a login retried after a restart) does not turn a later outage into `AccessDenied`.
+#[derive(Debug)]
 pub(crate) struct RefusalWatch {
-    /// The refusal and when it was reported.
-    last: Mutex<Option<(Instant, Refusal)>>,
+    /// The refusal reported since the last success.
+    last: Mutex<Option<Refusal>>,
+    /// When the queue was last read and forgotten after a success.
+    drained: Mutex<Instant>,
+}
+
+/// How often, at most, the queue of reported errors is read and forgotten after a success.
+pub(crate) const STALE_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Default for RefusalWatch {
+    fn default() -> Self {
+        Self {
+            last: Mutex::default(),
+            drained: Mutex::new(Instant::now()),
+        }
+    }
 }
 
 impl RefusalWatch {
     /// The refusal reported since the last success, if any.
     pub(crate) fn last(&self) -> Option<Refusal> {
-        let last = self.last.lock().expect("refusal lock");
-        last.as_ref().map(|(_, r)| r.clone())
-    }
-
-    /// The refusal reported at or after `t`, if any: one the brokers gave a call that started
-    /// at `t` (an older one may be out of date: a call under way may yet succeed).
-    pub(crate) fn since(&self, t: Instant) -> Option<Refusal> {
-        let last = self.last.lock().expect("refusal lock");
-        last.as_ref()
-            .filter(|(at, _)| *at >= t)
-            .map(|(_, r)| r.clone())
+        self.last.lock().expect("refusal lock").clone()
     }
 
     /// A call succeeded: whatever was refused before is no longer the answer.
     pub(crate) fn clear(&self) {
         *self.last.lock().expect("refusal lock") = None;
+    }
+
+    /// Whether the queue is due to be read and forgotten after a success (then it counts as
+    /// done now).
+    pub(crate) fn drain_due(&self) -> bool {
+        let mut drained = self.drained.lock().expect("refusal lock");
+        if drained.elapsed() < STALE_DRAIN {
+            return false;
+        }
+        *drained = Instant::now();
+        true
+    }
+}
+
+/// Whether a refused login or handshake librdkafka reported (`code`, `reason`) is the brokers'
+/// verdict on the credentials or certificates, not a connection lost on the way: librdkafka
+/// also fails a login with `Authentication` when the connection drops or stalls during the SASL
+/// handshake ("mechanism handshake failed: Local: Broker transport failure" / "Local: Timed
+/// out", as in a broker restart), and a handshake with `SSL` for any socket error during it
+/// ("SSL transport error: Broken pipe"). Those pass by themselves and must stay `Unavailable`.
+fn is_verdict(code: RDKafkaErrorCode, reason: &str) -> bool {
+    let reason = reason.to_ascii_lowercase();
+    match code {
+        RDKafkaErrorCode::SSL => ["certificate", "verify", "alert"]
+            .iter()
+            .any(|w| reason.contains(w)),
+        _ => ![
+            "transport failure",
+            "timed out",
+            "disconnected",
+            "connection reset",
+        ]
+        .iter()
+        .any(|w| reason.contains(w)),
     }
 }
 
@@ -138,13 +178,13 @@ impl ClientContext for RefusalWatch {
             matches!(
                 access_kind(c),
                 Some(AccessKind::Authentication | AccessKind::Tls)
-            )
+            ) && is_verdict(c, reason)
         }) {
             let refusal = Refusal {
                 code,
                 reason: reason.to_owned(),
             };
-            *self.last.lock().expect("refusal lock") = Some((Instant::now(), refusal));
+            *self.last.lock().expect("refusal lock") = Some(refusal);
         }
         tracing::warn!(%error, reason, "photon-kafka: librdkafka reports an error");
     }
@@ -441,17 +481,41 @@ mod tests {
             None,
             "only refused logins and handshakes are kept"
         );
-        let before = Instant::now();
+        // A connection lost or stalled during the login or the handshake is no verdict
+        // (librdkafka's words in a broker restart; rdkafka_broker.c, rdkafka_ssl.c).
+        for (code, reason) in [
+            (
+                RDKafkaErrorCode::Authentication,
+                "sasl_ssl://b1:9094/1: SASL SCRAM-SHA-512 mechanism handshake failed: Local: Broker transport failure: broker's supported mechanisms: ",
+            ),
+            (
+                RDKafkaErrorCode::Authentication,
+                "sasl_ssl://b1:9094/1: SASL SCRAM-SHA-512 mechanism handshake failed: Local: Timed out: broker's supported mechanisms: ",
+            ),
+            (
+                RDKafkaErrorCode::SSL,
+                "sasl_ssl://b1:9094/1: SSL transport error: Broken pipe",
+            ),
+        ] {
+            watch.error(KafkaError::Global(code), reason);
+            assert_eq!(watch.last(), None, "{reason} is not a refusal");
+        }
+        watch.error(
+            KafkaError::Global(RDKafkaErrorCode::SSL),
+            "ssl://b1:9094/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify failed: broker certificate could not be verified",
+        );
+        assert!(matches!(
+            watch.last(),
+            Some(Refusal {
+                code: RDKafkaErrorCode::SSL,
+                ..
+            })
+        ));
         watch.error(
             KafkaError::Global(RDKafkaErrorCode::Authentication),
             "SASL authentication error: invalid credentials",
         );
-        assert!(watch.since(before).is_some());
-        assert_eq!(
-            watch.since(Instant::now()),
-            None,
-            "older than a call started now"
-        );
+        assert!(watch.last().is_some());
         let timeout = KafkaError::MetadataFetch(RDKafkaErrorCode::BrokerTransportFailure);
         let e = refused_or("asking for metadata", timeout.clone(), watch.last());
         assert!(
