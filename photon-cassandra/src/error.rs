@@ -184,7 +184,7 @@ fn pool_access(e: &ConnectionPoolError) -> Option<AccessKind> {
 fn connection_access(e: &ConnectionError) -> Option<AccessKind> {
     match e {
         ConnectionError::ConnectionSetupRequestError(setup) => match setup.get_error() {
-            ConnectionSetupRequestErrorKind::DbError(db, _) => db_access(db),
+            ConnectionSetupRequestErrorKind::DbError(db, msg) => db_access(db, msg),
             ConnectionSetupRequestErrorKind::MissingAuthentication => {
                 Some(AccessKind::Authentication)
             }
@@ -202,18 +202,39 @@ fn connection_access(e: &ConnectionError) -> Option<AccessKind> {
 
 fn attempt_access(e: &RequestAttemptError) -> Option<AccessKind> {
     match e {
-        RequestAttemptError::DbError(db, _) => db_access(db),
+        RequestAttemptError::DbError(db, msg) => db_access(db, msg),
         _ => None,
     }
 }
 
-/// The server's own refusals: `BadCredentials` (0x0100) and `Unauthorized` (0x2100).
-fn db_access(db: &DbError) -> Option<AccessKind> {
+/// The server's own refusals: `BadCredentials` (0x0100) and `Unauthorized` (0x2100), unless
+/// the node only failed to read `system_auth` (see `auth_lookup_failed`).
+fn db_access(db: &DbError, msg: &str) -> Option<AccessKind> {
+    if auth_lookup_failed(db, msg) {
+        return None;
+    }
     match db {
         DbError::AuthenticationError => Some(AccessKind::Authentication),
         DbError::Unauthorized => Some(AccessKind::Authorization),
         _ => None,
     }
+}
+
+/// Cassandra answers with the refusal codes when its own read of `system_auth` failed (a
+/// timeout or an unavailable replica): PasswordAuthenticator's "Unable to perform
+/// authentication: ..." (0x0100), CassandraAuthorizer's, Roles' and CassandraRoleManager's
+/// "Unable to perform authorization of permissions / super-user / login permission: ..."
+/// (0x2100). Those say nothing about this client's credentials or permissions: transient.
+fn auth_lookup_failed(db: &DbError, msg: &str) -> bool {
+    match db {
+        DbError::AuthenticationError => msg.starts_with("Unable to perform authentication"),
+        DbError::Unauthorized => msg.starts_with("Unable to perform authorization"),
+        _ => false,
+    }
+}
+
+fn attempt_auth_lookup_failed(a: &RequestAttemptError) -> bool {
+    matches!(a, RequestAttemptError::DbError(db, msg) if auth_lookup_failed(db, msg))
 }
 
 /// No session within `bound`: the cluster is unreachable or too slow to give its metadata.
@@ -239,6 +260,10 @@ fn is_transient(e: &ExecutionError) -> bool {
         ExecutionError::RequestTimeout(_)
         | ExecutionError::ConnectionPoolError(_)
         | ExecutionError::EmptyPlan => true,
+        ExecutionError::PrepareError(PrepareError::AllAttemptsFailed { first_attempt }) => {
+            attempt_auth_lookup_failed(first_attempt)
+        }
+        ExecutionError::LastAttemptError(a) if attempt_auth_lookup_failed(a) => true,
         ExecutionError::LastAttemptError(a) => match a {
             RequestAttemptError::BrokenConnectionError(_)
             | RequestAttemptError::UnableToAllocStreamId => true,
@@ -277,6 +302,51 @@ mod tests {
             source.downcast_ref::<ExecutionError>(),
             Some(ExecutionError::RequestTimeout(_))
         ));
+    }
+
+    #[test]
+    fn failed_system_auth_reads_are_unavailable_not_access_denied() {
+        // Cassandra 5.0's own failed reads of system_auth, answered with the refusal codes.
+        let authorization = RequestAttemptError::DbError(
+            DbError::Unauthorized,
+            "Unable to perform authorization of permissions: Operation timed out - received only 0 responses.".into(),
+        );
+        let e = request(
+            "appending to acc-1",
+            ExecutionError::LastAttemptError(authorization.clone()),
+        );
+        assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+        assert!(e.is_retryable(), "{e:?}");
+        assert!(
+            e.to_string().contains("Unable to perform authorization"),
+            "{e}"
+        );
+        let e = request(
+            "preparing a read",
+            PrepareError::AllAttemptsFailed {
+                first_attempt: authorization,
+            },
+        );
+        assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+        let authentication =
+            "Unable to perform authentication: Cannot achieve consistency level LOCAL_ONE";
+        let e = request(
+            "appending to acc-1",
+            ExecutionError::LastAttemptError(RequestAttemptError::DbError(
+                DbError::AuthenticationError,
+                authentication.into(),
+            )),
+        );
+        assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+        assert!(
+            db_access(&DbError::AuthenticationError, authentication).is_none(),
+            "the login path (ConnectionSetupRequestErrorKind::DbError) too"
+        );
+        assert!(db_access(
+            &DbError::Unauthorized,
+            "Unable to perform authorization of super-user permission: Cannot achieve consistency level QUORUM"
+        )
+        .is_none());
     }
 
     #[test]
