@@ -445,8 +445,69 @@ fn tls_context(config: &CassandraConfig) -> Result<openssl::ssl::SslContext, Err
     let mut ctx = SslContextBuilder::new(SslMethod::tls()).map_err(invalid)?;
     match &config.tls_ca {
         Some(ca) => ctx.set_ca_file(ca).map_err(invalid)?,
-        None => ctx.set_default_verify_paths().map_err(invalid)?,
+        None => {
+            // OpenSSL's default paths are those of its build: the vendored one looks under
+            // /usr/local/ssl, which a system rarely has. So the system's bundle and hashed
+            // directories are found where the distribution keeps them (SSL_CERT_FILE and
+            // SSL_CERT_DIR first), and the default paths loaded too.
+            ctx.set_default_verify_paths().map_err(invalid)?;
+            let found = openssl_probe::probe();
+            if let Some(file) = &found.cert_file {
+                ctx.load_verify_locations(Some(file), None)
+                    .map_err(invalid)?;
+            }
+            for dir in &found.cert_dir {
+                ctx.load_verify_locations(None, Some(dir))
+                    .map_err(invalid)?;
+            }
+        }
     }
     ctx.set_verify(SslVerifyMode::PEER);
     Ok(ctx.build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `tls=true` without `tls_ca` trusts the system's CAs even where nothing points OpenSSL at
+    /// them: the vendored OpenSSL's default paths are under /usr/local/ssl, which does not exist
+    /// here, so without SSL_CERT_FILE/SSL_CERT_DIR its store was empty. Run in a child process
+    /// (this test binary) with those variables removed.
+    #[test]
+    fn tls_without_a_ca_file_trusts_the_system_bundle() {
+        if !std::path::Path::new("/etc/ssl/certs").is_dir() {
+            eprintln!("no /etc/ssl/certs: nothing to check");
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--ignored",
+                "--exact",
+                "client::tests::system_trust_store_without_env",
+            ])
+            .env_remove("SSL_CERT_FILE")
+            .env_remove("SSL_CERT_DIR")
+            .env_remove("NIX_SSL_CERT_FILE")
+            .output()
+            .expect("runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("1 passed"), "{text}");
+    }
+
+    #[test]
+    #[ignore = "run by tls_without_a_ca_file_trusts_the_system_bundle without SSL_CERT_*"]
+    fn system_trust_store_without_env() {
+        let config = CassandraConfig::from_url("cassandra://127.0.0.1:9142/photon?tls=true")
+            .expect("a valid URL");
+        assert!(config.tls && config.tls_ca.is_none(), "{config:?}");
+        let ctx = tls_context(&config).expect("loads");
+        let trusted = ctx.cert_store().all_certificates().len();
+        assert!(trusted > 0, "no trusted CA loaded");
+    }
 }
