@@ -130,6 +130,31 @@ fn assert_denied(what: &str, e: &Error, kind: AccessKind, cause: &str, password:
     }
 }
 
+/// The README's grants include SELECT on system_views.settings: without it the node's commit log
+/// settings are unreadable, health says "commitlog_sync unknown" and require_durable refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_grants_let_writer_and_reader_read_the_commit_log_settings() {
+    let Some(node) = Node::from_env() else { return };
+    for role in [&node.writer, &node.reader] {
+        let health = node.store(role).await.health().await.expect("healthy");
+        assert!(
+            health.detail.contains("commitlog_sync batch"),
+            "{}: {}",
+            role.0,
+            health.detail
+        );
+    }
+    let url = format!(
+        "{}&require_durable=true",
+        node.url((&node.writer.0, &node.writer.1), &node.keyspace, &node.ca)
+    );
+    let store = CassandraStore::from_url(&url).await.expect("builds");
+    assert!(store.config().require_durable);
+    append_fresh(&store)
+        .await
+        .expect("the writer connects with require_durable=true");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_password_is_an_authentication_refusal() {
     let Some(node) = Node::from_env() else { return };

@@ -61,17 +61,39 @@ func cassandraSecure(addr string) (string, error) {
 		"CREATE KEYSPACE IF NOT EXISTS " + s.otherKeyspace + " WITH replication = " + replication,
 	}
 	for _, r := range [][2]string{{s.writer, s.writerPassword}, {s.reader, s.readerPassword}, {s.outsider, s.outsiderPassword}} {
-		stmts = append(stmts, fmt.Sprintf("CREATE ROLE IF NOT EXISTS %s WITH PASSWORD = '%s' AND LOGIN = true", r[0], r[1]))
+		stmts = append(stmts,
+			fmt.Sprintf("CREATE ROLE IF NOT EXISTS %s WITH PASSWORD = '%s' AND LOGIN = true", r[0], r[1]),
+		)
+		// Broader grants of an earlier run go, so the roles hold exactly the ones below.
+		for _, ks := range []string{s.keyspace, s.otherKeyspace} {
+			stmts = append(stmts, "REVOKE ALL PERMISSIONS ON KEYSPACE "+ks+" FROM "+r[0])
+		}
+		stmts = append(stmts, "REVOKE ALL PERMISSIONS ON TABLE system_views.settings FROM "+r[0])
 	}
 	// Exactly the grants photon-cassandra/README.md documents, so the tests prove they are
-	// enough: the writer creates the tables (CREATE), reads (SELECT) and writes (MODIFY).
+	// enough: the writer creates the tables (CREATE), reads (SELECT) and writes (MODIFY); both
+	// read the node's commit log settings (system_views.settings) for health and require_durable.
 	stmts = append(stmts,
 		"GRANT CREATE ON KEYSPACE "+s.keyspace+" TO "+s.writer,
 		"GRANT SELECT ON KEYSPACE "+s.keyspace+" TO "+s.writer,
 		"GRANT MODIFY ON KEYSPACE "+s.keyspace+" TO "+s.writer,
+		"GRANT SELECT ON system_views.settings TO "+s.writer,
 		"GRANT SELECT ON KEYSPACE "+s.keyspace+" TO "+s.reader,
+		"GRANT SELECT ON system_views.settings TO "+s.reader,
 	)
 	for _, q := range stmts {
+		if err := admin.Query(q).Exec(); err != nil {
+			return "", fmt.Errorf("setup: %s: %w", redactPasswords(q), err)
+		}
+	}
+	// A role left by an earlier run with another password keeps it otherwise. Only then: the
+	// node allows one password change per role every few seconds, and status probes often.
+	for _, r := range [][2]string{{s.writer, s.writerPassword}, {s.reader, s.readerPassword}, {s.outsider, s.outsiderPassword}} {
+		if login, err := secureSession(addr, s.ca, r[0], r[1]); err == nil {
+			login.Close()
+			continue
+		}
+		q := fmt.Sprintf("ALTER ROLE %s WITH PASSWORD = '%s' AND LOGIN = true", r[0], r[1])
 		if err := admin.Query(q).Exec(); err != nil {
 			return "", fmt.Errorf("setup: %s: %w", redactPasswords(q), err)
 		}
