@@ -6,7 +6,8 @@
 // logs in over TLS as the default superuser (cassandra/cassandra, test-only), creates what the
 // tests of photon-cassandra/tests/secured.rs need if it is missing, then logs in as the writer
 // and answers SELECT release_version FROM system.local. Every statement is idempotent (IF NOT
-// EXISTS, GRANT), so scripts/servers may call it on every poll and after a restart. The names
+// EXISTS, REVOKE of what a role must not hold, GRANT; a password is reset only when the role
+// cannot log in with it), so scripts/servers may call it on every poll and after a restart. The names
 // and passwords come from the environment (scripts/servers sets them):
 //
 //	CASSANDRA_TLS_CA                      PEM file of the CA that signed the node's certificate
@@ -64,12 +65,24 @@ func cassandraSecure(addr string) (string, error) {
 		stmts = append(stmts,
 			fmt.Sprintf("CREATE ROLE IF NOT EXISTS %s WITH PASSWORD = '%s' AND LOGIN = true", r[0], r[1]),
 		)
-		// Broader grants of an earlier run go, so the roles hold exactly the ones below.
-		for _, ks := range []string{s.keyspace, s.otherKeyspace} {
-			stmts = append(stmts, "REVOKE ALL PERMISSIONS ON KEYSPACE "+ks+" FROM "+r[0])
-		}
-		stmts = append(stmts, "REVOKE ALL PERMISSIONS ON TABLE system_views.settings FROM "+r[0])
 	}
+	// Broader grants of an earlier run go, so the roles hold exactly the ones below. Only the
+	// permissions a role must not hold are revoked, one by one: `status` runs this probe while
+	// tests may be running, and a REVOKE ALL before the GRANTs would refuse them meanwhile.
+	keep := map[string]map[string]bool{
+		s.writer + " " + s.keyspace: {"CREATE": true, "SELECT": true, "MODIFY": true},
+		s.reader + " " + s.keyspace: {"SELECT": true},
+	}
+	for _, role := range []string{s.writer, s.reader, s.outsider} {
+		for _, ks := range []string{s.keyspace, s.otherKeyspace} {
+			for _, p := range []string{"CREATE", "ALTER", "DROP", "SELECT", "MODIFY", "AUTHORIZE", "UNMASK", "SELECT_MASKED"} {
+				if !keep[role+" "+ks][p] {
+					stmts = append(stmts, "REVOKE "+p+" ON KEYSPACE "+ks+" FROM "+role)
+				}
+			}
+		}
+	}
+	stmts = append(stmts, "REVOKE ALL PERMISSIONS ON TABLE system_views.settings FROM "+s.outsider)
 	// Exactly the grants photon-cassandra/README.md documents, so the tests prove they are
 	// enough: the writer creates the tables (CREATE), reads (SELECT) and writes (MODIFY); both
 	// read the node's commit log settings (system_views.settings) for health and require_durable.
