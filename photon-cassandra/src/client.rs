@@ -472,8 +472,8 @@ mod tests {
 
     /// `tls=true` without `tls_ca` trusts the system's CAs even where nothing points OpenSSL at
     /// them: the vendored OpenSSL's default paths are under /usr/local/ssl, which does not exist
-    /// here, so without SSL_CERT_FILE/SSL_CERT_DIR its store was empty. Run in a child process
-    /// (this test binary) with those variables removed.
+    /// here, so without SSL_CERT_FILE/SSL_CERT_DIR its store was empty. Runs the check below in
+    /// a child process (this test binary) with those variables removed.
     #[test]
     fn tls_without_a_ca_file_trusts_the_system_bundle() {
         if !std::path::Path::new("/etc/ssl/certs").is_dir() {
@@ -481,11 +481,7 @@ mod tests {
             return;
         }
         let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
-            .args([
-                "--ignored",
-                "--exact",
-                "client::tests::system_trust_store_without_env",
-            ])
+            .args(["--exact", "client::tests::tls_true_loads_a_trust_store"])
             .env_remove("SSL_CERT_FILE")
             .env_remove("SSL_CERT_DIR")
             .env_remove("NIX_SSL_CERT_FILE")
@@ -500,9 +496,10 @@ mod tests {
         assert!(text.contains("1 passed"), "{text}");
     }
 
+    /// Run as is (with whatever SSL_CERT_* this machine sets) and, by the test above, again in a
+    /// child process without them.
     #[test]
-    #[ignore = "run by tls_without_a_ca_file_trusts_the_system_bundle without SSL_CERT_*"]
-    fn system_trust_store_without_env() {
+    fn tls_true_loads_a_trust_store() {
         let config = CassandraConfig::from_url("cassandra://127.0.0.1:9142/photon?tls=true")
             .expect("a valid URL");
         assert!(config.tls && config.tls_ca.is_none(), "{config:?}");

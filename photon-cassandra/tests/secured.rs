@@ -10,6 +10,8 @@
 //! SELECT and MODIFY on `PHOTON_TEST_CASSANDRA_SECURE_KEYSPACE` only (the grants the README
 //! documents), the reader SELECT there only, the outsider nothing.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -66,8 +68,9 @@ impl Node {
     /// client of the keyspace shares (tests/secured_conformance.rs uses the same).
     fn url(&self, (user, password): (&str, &str), keyspace: &str, ca: &str) -> String {
         format!(
-            "cassandra://{user}:{password}@{}/{keyspace}?tls=true&tls_ca={ca}&timeout_ms=2000&settle_ms=250&repair_after_ms=5000&bucket_size=16",
-            self.addr
+            "cassandra://{user}:{password}@{}/{keyspace}?tls=true&tls_ca={ca}&{}",
+            self.addr,
+            common::SUITE_OPTIONS
         )
     }
 

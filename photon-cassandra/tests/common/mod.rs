@@ -91,3 +91,31 @@ pub(crate) async fn proxied(url: &str) -> (FaultProxy, String) {
     assert_ne!(proxied_url, url, "the URL goes through the proxy");
     (proxy, proxied_url)
 }
+
+/// The conformance suite's options: a short settle delay keeps the many Cold replays of the
+/// suite quick on one local node, where clocks cannot disagree; a small bucket size makes
+/// streams span buckets. tests/conformance.rs (open node) and tests/secured_conformance.rs (TLS
+/// and credentials) both use them; tests/secured.rs shares the secured keyspace and so its
+/// layout settings.
+pub(crate) const SUITE_OPTIONS: &str =
+    "settle_ms=250&timeout_ms=2000&repair_after_ms=5000&bucket_size=16";
+
+/// The conformance harness over stores built from `url`, with an unreachable store beside it.
+pub(crate) fn suite_harness(url: String) -> photon_conformance::Harness {
+    use std::sync::Arc;
+    let unreachable = "cassandra://127.0.0.1:1/photon_test?timeout_ms=1500";
+    photon_conformance::Harness::new("cassandra", move || {
+        let url = url.clone();
+        async move {
+            let store: Arc<dyn EventStore> =
+                Arc::new(CassandraStore::from_url(&url).await.expect("builds"));
+            store
+        }
+    })
+    .with_patience(Duration::from_secs(60))
+    .with_unreachable(move || async move {
+        let store: Arc<dyn EventStore> =
+            Arc::new(CassandraStore::from_url(unreachable).await.expect("builds"));
+        store
+    })
+}
