@@ -57,7 +57,8 @@ impl CliError {
     pub fn exit_code(&self) -> i32 {
         match self {
             CliError::Store(Error::WrongExpectedVersion { .. })
-            | CliError::Store(Error::IdempotencyConflict { .. }) => EXIT_CONFLICT,
+            | CliError::Store(Error::IdempotencyConflict { .. })
+            | CliError::Store(Error::RevisionConflict { .. }) => EXIT_CONFLICT,
             CliError::Store(Error::Unavailable { .. }) => EXIT_UNAVAILABLE,
             CliError::Store(Error::AccessDenied { .. }) => EXIT_ACCESS_DENIED,
             CliError::Usage(_) => EXIT_USAGE,

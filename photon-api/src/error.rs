@@ -29,6 +29,19 @@ pub enum Error {
         actual: Option<Version>,
     },
 
+    /// A register save expected a revision the register is no longer at: someone else saved it
+    /// first (another runner of the same view, a taker of a lease). Nothing was saved. Load the
+    /// register again and decide whether to go on.
+    #[error("register {register} was saved by someone else: expected {}, it {}", .expected.map(|r| format!("revision {r}")).unwrap_or_else(|| "no save yet".into()), .actual.map(|r| format!("is at revision {r}")).unwrap_or_else(|| "has never been saved".into()))]
+    RevisionConflict {
+        /// The register's name.
+        register: String,
+        /// The revision the save expected (None: never saved).
+        expected: Option<u64>,
+        /// The register's revision when the store checked (None: never saved).
+        actual: Option<u64>,
+    },
+
     /// An event id of the batch is already stored in the stream, but the batch is not a retry of
     /// the append that stored it (other ids, other order or other place). Nothing was stored.
     #[error("event {event_id} is already stored in stream {stream} at version {version}, and this batch is not a retry of that append")]

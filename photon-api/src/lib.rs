@@ -4,6 +4,7 @@ mod checkpoint;
 mod error;
 mod event;
 mod opener;
+mod register;
 mod store;
 mod stream_id;
 mod subscription;
@@ -20,6 +21,9 @@ pub use event::{
 };
 pub use opener::{
     cursor_stream, now_start_wait, open_subscription, SubscriptionCursor, SubscriptionRequest,
+};
+pub use register::{
+    classify_save, validate_register, Register, MAX_REGISTER_NAME_LEN, MAX_REGISTER_VALUE,
 };
 pub use store::{error_stream, AppendResult, Capabilities, EventStore, EventStoreExt, Health};
 pub use stream_id::{Category, StreamId, MAX_CATEGORY_LEN, MAX_ID_LEN};

@@ -116,7 +116,7 @@ fn error_outcome(e: &Error) -> &'static str {
 
 fn outcome_index(e: &Error) -> usize {
     match e {
-        Error::WrongExpectedVersion { .. } => 1,
+        Error::WrongExpectedVersion { .. } | Error::RevisionConflict { .. } => 1,
         Error::Unavailable { .. } => 2,
         // A reused event id is the caller's bug, not contention: reloading does not fix it.
         Error::IdempotencyConflict { .. }
