@@ -5,6 +5,7 @@ mod cache;
 mod checkpoint_store;
 mod connect;
 mod failure;
+mod partitioned;
 mod process;
 mod repository;
 mod snapshot;
@@ -27,6 +28,11 @@ pub use connect::{
 pub use failure::{
     dead_letter_id, dead_letter_stream, dead_letters, DeadLetter, FailurePolicy, OnFailure, Retry,
     DEAD_LETTER_CATEGORY, DEAD_LETTER_EVENT_TYPE, MAX_DEAD_LETTER_ERROR_LEN,
+};
+pub use partitioned::{
+    load_partitions, members_key, partition_key, partition_of, MemberOverview, PartitionOptions,
+    PartitionedStatus, PartitionedViewHandle, PartitionedViewRunner, SavedPartition,
+    MAX_PARTITIONS,
 };
 pub use process::{
     process_stream, Instance, ProcessError, ProcessHandle, ProcessManager, ProcessOptions,
