@@ -32,7 +32,7 @@ pub use failure::{
 pub use partitioned::{
     load_partitions, members_key, partition_key, partition_of, MemberOverview, PartitionOptions,
     PartitionedStatus, PartitionedViewHandle, PartitionedViewRunner, SavedPartition,
-    MAX_PARTITIONS,
+    MAX_PARTITIONS, MIN_LEASE,
 };
 pub use process::{
     process_stream, Instance, ProcessError, ProcessHandle, ProcessManager, ProcessOptions,

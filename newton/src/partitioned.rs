@@ -45,6 +45,11 @@ use crate::view::{View, ViewError, ViewStatus};
 /// and one record renewed every lease / 4, so counts beyond this cost more than they spread.
 pub const MAX_PARTITIONS: u32 = 1024;
 
+/// The shortest lease a runner accepts: owners renew every quarter lease, and a quarter of
+/// less than this is within one save's latency on most stores, so partitions would be lost to
+/// takeovers while their owners live.
+pub const MIN_LEASE: Duration = Duration::from_millis(100);
+
 /// The partition of `stream` among `partitions`: FNV-1a (64 bit) of the stream's full name
 /// (`category-id`), modulo `partitions`.
 ///
@@ -89,14 +94,19 @@ pub struct PartitionOptions {
     /// (recorded by its first runner, a runner with another count is refused).
     pub partitions: u32,
     /// How long a partition record (and a member's heartbeat) may stay unchanged before others
-    /// take it over. Owners renew every lease / 4, so a crashed process's partitions move
-    /// after one to about one and a quarter leases; shorter means faster takeover and more saves.
+    /// take it over; at least [`MIN_LEASE`]. Owners renew every lease / 4. A crashed process's
+    /// partitions move after about 2 to 2.5 leases: one for its heartbeat to go stale (others
+    /// then count it gone and are assigned its partitions), one more for each partition record
+    /// to stand unchanged by the taker's clock, plus up to a quarter lease until the next
+    /// heartbeat. Shorter means faster takeover and more saves; it must stay well above the
+    /// checkpoint store's save latency (a save slower than a quarter lease risks the lease).
     pub lease: Duration,
-    /// Save a partition after this many handled events at the latest.
+    /// Save a partition after this many handled events at the latest; at least 1.
     pub save_every: usize,
     /// Save a partition this long after its first unsaved event at the latest.
     pub save_interval: Duration,
-    /// Wait before resubscribing after a retryable store error, and between save retries.
+    /// Wait before resubscribing after a retryable store error, and between save retries;
+    /// positive.
     pub retry_delay: Duration,
 }
 
@@ -339,7 +349,7 @@ impl<S> Shared<S> {
 }
 
 enum Control {
-    Shutdown(oneshot::Sender<()>),
+    Shutdown(oneshot::Sender<Result<(), ViewError>>),
 }
 
 /// A running member: which partitions it holds, their states, and a clean shutdown. Clones
@@ -458,19 +468,25 @@ impl<V: View> PartitionedViewHandle<V> {
         }
     }
 
-    /// Leaves the group cleanly: saves and releases every partition it holds (others take them
-    /// at their next heartbeat, without waiting out a lease) and removes itself from the members
-    /// record. Returns once that is done.
+    /// Leaves the group cleanly: removes itself from the members record (so the others are
+    /// assigned its partitions at once), then saves and releases every partition it holds
+    /// (others take them at their next heartbeat, without waiting out a lease). Returns once
+    /// that is done; the member is stopped either way.
     ///
     /// # Errors
     /// - [`ViewError::Stopped`] when it had already stopped.
+    /// - [`ViewError::Failed`] naming the partition when one was taken over before its release
+    ///   (its unsaved work dropped; the taker redoes it), or failed while releasing.
+    /// - [`ViewError::Store`] when the checkpoint store did not answer a partition's last save
+    ///   (retryable: the partition's record keeps this member as owner until its lease runs out,
+    ///   and its unsaved work is redone by the next owner).
     pub async fn shutdown(&self) -> Result<(), ViewError> {
         let (ack, done) = oneshot::channel();
         self.control
             .send(Control::Shutdown(ack))
             .await
             .map_err(|_| self.stopped())?;
-        done.await.map_err(|_| self.stopped())
+        done.await.map_err(|_| self.stopped())?
     }
 
     fn stopped(&self) -> ViewError {
@@ -498,13 +514,18 @@ impl PartitionedViewRunner {
 
     /// Joins `view`'s group as a new member (a fresh random id): registers in the members
     /// record (creating it, with the partition count, for the first member), then runs in tasks
-    /// of its own, taking its share of partitions. Returns once registered.
+    /// of its own, taking its share of partitions. Returns once registered: a heartbeat that
+    /// loses every race for the members record to other members' saves is tried again after a
+    /// random wait, for up to two leases.
     ///
     /// # Errors
     /// - [`ViewError::Store`] with [`Error::InvalidInput`] for a partition count of 0 or above
-    ///   [`MAX_PARTITIONS`], a zero lease, a view that reads no category or whose name does not
-    ///   make valid checkpoint keys, or a partition count other than the one the view's members
-    ///   record holds (naming the view and both counts).
+    ///   [`MAX_PARTITIONS`], a lease under [`MIN_LEASE`], a `save_every` of 0, a zero
+    ///   `retry_delay`, a view that reads no category, whose name contains `@` (reserved for
+    ///   the record keys) or does not make valid checkpoint keys, or a partition count other
+    ///   than the one the view's members record holds (naming the view and both counts).
+    /// - [`ViewError::Store`] with [`Error::Unavailable`] when other members' saves won the
+    ///   members record for two leases (retryable: try again).
     /// - [`ViewError::Store`] when the checkpoint store fails at registration (retryable ones
     ///   included: try again).
     /// - [`ViewError::State`] when the members record does not decode.
@@ -522,14 +543,43 @@ impl PartitionedViewRunner {
                 ),
             ));
         }
-        if options.lease.is_zero() || options.renew_every().is_zero() {
+        if options.lease < MIN_LEASE {
             return Err(invalid(
                 &name,
                 what(),
                 format!(
-                    "has a lease of {:?}; it must be positive (its owner renews every quarter)",
+                    "has a lease of {:?}; the least is {MIN_LEASE:?} (its owner renews every \
+                     quarter, which must stay above a save's latency)",
                     options.lease
                 ),
+            ));
+        }
+        if options.save_every == 0 {
+            return Err(invalid(
+                &name,
+                what(),
+                "has save_every 0; it must be at least 1 event".into(),
+            ));
+        }
+        if options.retry_delay.is_zero() {
+            return Err(invalid(
+                &name,
+                what(),
+                "has a retry_delay of 0; it must be positive (a store outage would be retried \
+                 in a busy loop)"
+                    .into(),
+            ));
+        }
+        // `<view>@members` and `<view>@partition-<k>` are this runner's keys: a view named with
+        // '@' could collide with another view's records (a view `x@members` is view x's
+        // members record), so the partitioned runner's view names have none.
+        if name.contains('@') {
+            return Err(invalid(
+                &name,
+                what(),
+                "name contains '@', which partitioned views reserve for their record keys \
+                 (`<view>@members`, `<view>@partition-<k>`)"
+                    .into(),
             ));
         }
         if view.categories().is_empty() {
@@ -587,11 +637,38 @@ impl PartitionedViewRunner {
             live: vec![member],
             seen: HashMap::new(),
             watched: HashMap::new(),
+            observed_at: None,
+            blind: false,
             running: BTreeMap::new(),
             tasks: JoinSet::new(),
             status: status_tx,
         };
-        coordinator.heartbeat().await?;
+        // Registered means in the members record: a member that counted only itself would
+        // take every free partition and hand most back at its next heartbeat. Losing every
+        // race of a heartbeat is tried again after a jittered wait, within a bound.
+        let deadline = Instant::now() + options.lease * 2;
+        let mut rounds = 1;
+        while !coordinator.heartbeat().await? {
+            if Instant::now() >= deadline {
+                return Err(store_error(
+                    &shared.name,
+                    Error::Unavailable {
+                        backend: self.store.backend(),
+                        message: format!(
+                            "partitioned view {:?}: could not register in its members record \
+                             {:?} within {:?} ({rounds} heartbeats of {HEARTBEAT_ATTEMPTS} tries \
+                             each lost to other members' saves); try again",
+                            &*shared.name,
+                            members_key(&shared.name),
+                            options.lease * 2
+                        ),
+                        source: None,
+                    },
+                ));
+            }
+            rounds += 1;
+            tokio::time::sleep(jitter(options.renew_every() / 2)).await;
+        }
         tracing::info!(
             view = %shared.name, %member, partitions = options.partitions,
             members = coordinator.live.len(), "joined a partitioned view"
@@ -683,6 +760,11 @@ struct Coordinator<V: View> {
     seen: HashMap<Uuid, Observed>,
     /// Revisions of partition records held by others, as this process saw them.
     watched: HashMap<u32, Observed>,
+    /// When a load of the checkpoint store last succeeded: time since then is time this
+    /// member could not watch others renew, which must not count towards their expiry.
+    observed_at: Option<Instant>,
+    /// A heartbeat or a take failed since the last successful load.
+    blind: bool,
     /// Partitions whose task runs and has not been asked to release: dropping the sender asks.
     running: BTreeMap<u32, mpsc::Sender<()>>,
     tasks: JoinSet<(u32, PartitionEnd)>,
@@ -691,6 +773,13 @@ struct Coordinator<V: View> {
 
 /// Tries of one heartbeat when other members' heartbeats win the record first.
 const HEARTBEAT_ATTEMPTS: u32 = 5;
+
+/// A random wait up to `max`, so members that collided do not collide again in step.
+fn jitter(max: Duration) -> Duration {
+    // A v4 UUID's low 32 bits are random; no random-number crate for one draw.
+    let draw = Uuid::new_v4().as_u128() as u32;
+    max.mul_f64(f64::from(draw) / f64::from(u32::MAX))
+}
 
 /// Tries of one partition save when the checkpoint store is unavailable.
 const SAVE_ATTEMPTS: u32 = 5;
@@ -704,7 +793,7 @@ impl<V: View> Coordinator<V> {
                 // None: every handle dropped, which shuts down as cleanly.
                 command = control.recv() => break Ok(command.map(|Control::Shutdown(ack)| ack)),
                 Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
-                    if let Err(e) = self.ended(joined) {
+                    if let Err(e) = self.ended(joined, false) {
                         break Err(e);
                     }
                 }
@@ -713,14 +802,21 @@ impl<V: View> Coordinator<V> {
                 },
             }
         };
-        self.leave().await;
+        let left = self.leave().await;
         let name = self.common.name.clone();
         match outcome {
             Ok(ack) => {
-                tracing::info!(view = %name, member = %self.common.member, "left a partitioned view");
+                match &left {
+                    Ok(()) => {
+                        tracing::info!(view = %name, member = %self.common.member, "left a partitioned view")
+                    }
+                    Err(e) => {
+                        tracing::warn!(view = %name, member = %self.common.member, error = %e, "left a partitioned view; a partition was not released")
+                    }
+                }
                 self.status.send_replace(PartitionedStatus::Stopped);
                 if let Some(ack) = ack {
-                    let _ = ack.send(());
+                    let _ = ack.send(left);
                 }
             }
             Err(e) => {
@@ -732,10 +828,12 @@ impl<V: View> Coordinator<V> {
         self.common.shared.changed.notify_waiters();
     }
 
-    /// A partition task ended: forget it, and fail the member if it failed.
+    /// A partition task ended: forget it, and fail the member if it failed. While `leaving`,
+    /// a partition lost or dropped is an error too: it was not released.
     fn ended(
         &mut self,
         joined: Result<(u32, PartitionEnd), tokio::task::JoinError>,
+        leaving: bool,
     ) -> Result<(), ViewError> {
         let name = &self.common.name;
         let (partition, end) = joined.map_err(|e| ViewError::Failed {
@@ -756,6 +854,16 @@ impl<V: View> Coordinator<V> {
                     view = %name, partition, expected,
                     "another member took the partition over; dropped its unsaved state"
                 );
+                if leaving {
+                    return Err(ViewError::Failed {
+                        view: name.to_string(),
+                        reason: format!(
+                            "partition {partition} was taken over by another member before its \
+                             release (its record was past revision {expected}); its unsaved \
+                             work was dropped"
+                        ),
+                    });
+                }
                 Ok(())
             }
             PartitionEnd::Dropped(e) => {
@@ -763,6 +871,9 @@ impl<V: View> Coordinator<V> {
                     view = %name, partition, error = %e,
                     "could not save the partition; dropped it until the store answers"
                 );
+                if leaving {
+                    return Err(store_error(name, e));
+                }
                 Ok(())
             }
             PartitionEnd::Failed(e) => Err(e),
@@ -772,8 +883,16 @@ impl<V: View> Coordinator<V> {
     /// One heartbeat and the moves it calls for.
     async fn round(&mut self) -> Result<(), ViewError> {
         match self.heartbeat().await {
-            Ok(()) => {}
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(
+                    view = %self.common.name, attempts = HEARTBEAT_ATTEMPTS,
+                    "heartbeat lost every race for the members record; the members seen last \
+                     stand until the next"
+                );
+            }
             Err(ViewError::Store { source, .. }) if source.is_retryable() => {
+                self.blind = true;
                 tracing::warn!(view = %self.common.name, error = %source, "heartbeat failed; trying again at the next");
             }
             Err(e) => return Err(e),
@@ -791,6 +910,7 @@ impl<V: View> Coordinator<V> {
                 match self.take(partition).await {
                     Ok(()) => {}
                     Err(ViewError::Store { source, .. }) if source.is_retryable() => {
+                        self.blind = true;
                         tracing::warn!(view = %self.common.name, partition, error = %source, "could not take a partition; trying again at the next heartbeat");
                     }
                     Err(e) => return Err(e),
@@ -801,10 +921,35 @@ impl<V: View> Coordinator<V> {
         Ok(())
     }
 
+    /// Notes a successful load of the checkpoint store. After a failed call, or a gap of more
+    /// than two renewals since the last successful load (a stalled process, a store call held
+    /// up), this member could not have seen others renew meanwhile: every beat and revision it
+    /// watches starts its clock again now, so an outage of its own never expires a live peer.
+    fn observed(&mut self) {
+        let now = Instant::now();
+        let gap = self
+            .observed_at
+            .map_or(Duration::MAX, |at| now.saturating_duration_since(at));
+        if self.blind || gap > self.common.options.renew_every() * 2 {
+            if !self.seen.is_empty() || !self.watched.is_empty() {
+                tracing::info!(
+                    view = %self.common.name, ?gap, blind = self.blind,
+                    "the checkpoint store was out of sight; expiry clocks start again"
+                );
+            }
+            for observed in self.seen.values_mut().chain(self.watched.values_mut()) {
+                observed.since = now;
+            }
+        }
+        self.blind = false;
+        self.observed_at = Some(now);
+    }
+
     /// Raises this member's beat in the members record (creating it for the first member),
     /// after dropping members whose beat this process has seen unchanged for their lease.
-    /// Sets `live`.
-    async fn heartbeat(&mut self) -> Result<(), ViewError> {
+    /// Sets `live` and returns true once saved; false when other members' saves won every
+    /// try (`live` then stays as it was).
+    async fn heartbeat(&mut self) -> Result<bool, ViewError> {
         let common = self.common.clone();
         let name = &*common.name;
         let key = members_key(name);
@@ -814,6 +959,7 @@ impl<V: View> Coordinator<V> {
                 .load(&key)
                 .await
                 .map_err(|e| store_error(name, e))?;
+            self.observed();
             let (mut record, revision) = match loaded {
                 None => (
                     MembersRecord {
@@ -872,15 +1018,19 @@ impl<V: View> Coordinator<V> {
                         .shared
                         .members
                         .store(self.live.len(), Ordering::Relaxed);
-                    return Ok(());
+                    return Ok(true);
                 }
-                // Another member beat first: read its beat and try again.
-                Err(Error::WrongExpectedVersion { .. }) => continue,
+                // Another member beat first: read its beat and try again, after a short
+                // random wait so the members that collided spread out.
+                Err(Error::WrongExpectedVersion { .. }) => {
+                    tokio::time::sleep(jitter(common.options.renew_every() / 10)).await;
+                    continue;
+                }
                 Err(e) => return Err(store_error(name, e)),
             }
         }
         // Lost every race this round; the members seen last time stand until the next.
-        Ok(())
+        Ok(false)
     }
 
     /// Takes `partition` if its record is free, this member's own (a task that ended), or
@@ -894,6 +1044,7 @@ impl<V: View> Coordinator<V> {
             .load(&key)
             .await
             .map_err(|e| store_error(name, e))?;
+        self.observed();
         let (positions, record, revision) = match loaded {
             None => (BTreeMap::new(), None, None),
             Some(loaded) => {
@@ -1002,14 +1153,28 @@ impl<V: View> Coordinator<V> {
         Ok(())
     }
 
-    /// Releases every partition (each saves first) and leaves the members record.
-    async fn leave(&mut self) {
+    /// Leaves the members record, then releases every partition (each saves first). Leaving
+    /// first lets the others count this member gone while it saves: they are assigned its
+    /// partitions and take each as soon as its release lands, instead of a heartbeat later.
+    /// Returns the first partition that was not released.
+    async fn leave(&mut self) -> Result<(), ViewError> {
+        self.leave_members().await;
         self.running.clear();
+        let mut first = Ok(());
         while let Some(joined) = self.tasks.join_next().await {
-            if let Err(e) = self.ended(joined) {
-                tracing::error!(view = %self.common.name, error = %e, "a partition failed while leaving");
+            if let Err(e) = self.ended(joined, true) {
+                tracing::error!(view = %self.common.name, error = %e, "a partition was not released while leaving");
+                if first.is_ok() {
+                    first = Err(e);
+                }
             }
         }
+        first
+    }
+
+    /// Removes this member from the members record (others drop it after its lease when that
+    /// fails).
+    async fn leave_members(&mut self) {
         let common = self.common.clone();
         let key = members_key(&common.name);
         for _ in 0..HEARTBEAT_ATTEMPTS {
@@ -1209,8 +1374,11 @@ impl<V: View> PartitionTask<V> {
                     view = %common.name, partition = self.partition, error = %error,
                     attempt = attempts, ?delay, "view refused an event; retrying"
                 );
-                // A wait past the lease loses the partition at the next save; its next owner
-                // meets the event again.
+                // The lease is renewed by saves, and none happens during this wait: a wait
+                // past the lease lets another member take the partition if one is assigned it
+                // meanwhile (a rebalance, or this member dropped from the members record), and
+                // then the next save is refused and the new owner meets the event again.
+                // Under steady membership nobody else is assigned it, so it stays here.
                 tokio::time::sleep(delay).await;
                 continue;
             }

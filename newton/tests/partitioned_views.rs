@@ -18,10 +18,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use newton::store::{EventData, EventStore, ExpectedVersion};
 use newton::{
-    load_partitions, members_key, partition_of, BoxError, Category, CheckpointStore, Error,
-    EventStoreCheckpointStore, InMemoryCheckpointStore, LoadedCheckpoint, MemberOverview,
-    PartitionOptions, PartitionedStatus, PartitionedViewHandle, PartitionedViewRunner,
-    RecordedEvent, SavedView, StreamId, Uuid, View, ViewError, ViewRunner, MAX_PARTITIONS,
+    dead_letters, load_partitions, members_key, partition_of, BoxError, Category, CheckpointStore,
+    Error, EventStoreCheckpointStore, FailurePolicy, InMemoryCheckpointStore, LoadedCheckpoint,
+    MemberOverview, OnFailure, PartitionOptions, PartitionedStatus, PartitionedViewHandle,
+    PartitionedViewRunner, RecordedEvent, SavedView, StreamId, Uuid, View, ViewError, ViewRunner,
+    MAX_PARTITIONS, MIN_LEASE,
 };
 use support::fresh_id;
 use tokio::sync::watch;
@@ -590,6 +591,438 @@ async fn memory_a_stalled_owner_is_fenced_once_its_partitions_are_taken_over() {
     b.shutdown().await.unwrap();
 }
 
+/// Faults a member's checkpoint store can be given, one at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// Every call passes.
+    None,
+    /// Saves of the members record wait until the fault changes (a heartbeat held up while the
+    /// partitions' saves pass).
+    StallMembersSaves,
+    /// Every call fails with `Unavailable` (a store outage).
+    Down,
+    /// Saves of partition records fail with `Unavailable`; the members record passes.
+    PartitionSavesDown,
+    /// Saves of the members record are refused as if another member saved first.
+    MembersSavesConflict,
+}
+
+/// A checkpoint store with injected faults, switched by a watch channel; `conflicts` limits
+/// how many members saves `MembersSavesConflict` refuses.
+#[derive(Debug)]
+struct Faulty {
+    inner: Arc<dyn CheckpointStore>,
+    fault: watch::Receiver<Fault>,
+    conflicts: AtomicUsize,
+}
+
+impl Faulty {
+    fn new(inner: Arc<dyn CheckpointStore>, fault: watch::Receiver<Fault>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            fault,
+            conflicts: AtomicUsize::new(usize::MAX),
+        })
+    }
+
+    fn unavailable(key: &str) -> Error {
+        Error::Unavailable {
+            backend: "faulty",
+            message: format!("injected outage at {key}"),
+            source: None,
+        }
+    }
+}
+
+#[async_trait]
+impl CheckpointStore for Faulty {
+    async fn load(&self, view: &str) -> Result<Option<LoadedCheckpoint>, Error> {
+        if *self.fault.borrow() == Fault::Down {
+            return Err(Self::unavailable(view));
+        }
+        self.inner.load(view).await
+    }
+
+    async fn save(
+        &self,
+        view: &str,
+        saved: &SavedView,
+        expected: Option<u64>,
+        save_id: Uuid,
+    ) -> Result<u64, Error> {
+        let members = view.ends_with("@members");
+        let fault = *self.fault.borrow();
+        match fault {
+            Fault::Down => return Err(Self::unavailable(view)),
+            Fault::PartitionSavesDown if !members => return Err(Self::unavailable(view)),
+            Fault::StallMembersSaves if members => {
+                let mut fault = self.fault.clone();
+                let _ = fault.wait_for(|f| *f != Fault::StallMembersSaves).await;
+            }
+            Fault::MembersSavesConflict if members => {
+                let left = self.conflicts.load(Ordering::SeqCst);
+                if left > 0 {
+                    self.conflicts.store(left - 1, Ordering::SeqCst);
+                    return Err(Error::WrongExpectedVersion {
+                        stream: StreamId::parse("faulty-members").unwrap(),
+                        expected: ExpectedVersion::Any,
+                        actual: None,
+                    });
+                }
+            }
+            _ => {}
+        }
+        self.inner.save(view, saved, expected, save_id).await
+    }
+}
+
+/// A member whose heartbeats lose every race (more than one heartbeat's tries) still returns
+/// from `start` registered: a second member counts it. One that cannot register within two
+/// leases gets a retryable `Unavailable` instead of a start that counts only itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_start_returns_only_once_registered() {
+    let scenario = Scenario::new(support::store());
+    let options = quick(4, Duration::from_millis(400));
+    let (_fault, faulted) = watch::channel(Fault::MembersSavesConflict);
+    let faulty = Faulty::new(scenario.checkpoints.clone(), faulted);
+    faulty.conflicts.store(8, Ordering::SeqCst);
+    let a = PartitionedViewRunner::new(scenario.store.clone(), faulty.clone(), options)
+        .start(scenario.view())
+        .await
+        .unwrap();
+    assert_eq!(
+        faulty.conflicts.load(Ordering::SeqCst),
+        0,
+        "every conflict met"
+    );
+    assert_eq!(a.overview().members, 1, "A counts itself once registered");
+    let b = scenario
+        .runner(options)
+        .start(scenario.view())
+        .await
+        .unwrap();
+    assert_eq!(b.overview().members, 2, "B counts A: A registered");
+    wait_all(&[&a, &b], Duration::from_secs(10), |o| {
+        split(o, 4, Some(2)) && o.iter().all(|o| o.members == 2)
+    })
+    .await;
+    assert_eq!((a.lost(), b.lost()), (0, 0));
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+
+    let (_fault, faulted) = watch::channel(Fault::MembersSavesConflict);
+    let always = Faulty::new(scenario.checkpoints.clone(), faulted);
+    let started = Instant::now();
+    let refused = PartitionedViewRunner::new(scenario.store.clone(), always, options)
+        .start(scenario.view())
+        .await;
+    match refused {
+        Err(ViewError::Store { source, .. }) => {
+            assert!(source.is_retryable(), "{source}");
+            assert!(
+                source.to_string().contains("could not register"),
+                "{source}"
+            );
+        }
+        other => panic!("expected a retryable Unavailable, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() >= options.lease * 2,
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// A member's heartbeats stall (its members-record saves held) while its partition saves pass:
+/// the other member drops it from the members record and is assigned all partitions, yet does
+/// not take the stalled member's, whose records keep changing; nothing is lost. Once the stall
+/// ends the two share the partitions again, and each event is saved once. (This is what the
+/// record lease adds to the members' heartbeats: without it the takeover would be at once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_a_member_dropped_from_the_members_record_keeps_partitions_it_renews() {
+    let mut scenario = Scenario::new(support::store());
+    let lease = Duration::from_millis(800);
+    let options = quick(4, lease);
+    scenario.append(0..12, 2, || {}).await;
+    let (fault, faulted) = watch::channel(Fault::None);
+    let a = PartitionedViewRunner::new(
+        scenario.store.clone(),
+        Faulty::new(scenario.checkpoints.clone(), faulted),
+        options,
+    )
+    .start(scenario.view())
+    .await
+    .unwrap();
+    let b = scenario
+        .runner(options)
+        .start(scenario.view())
+        .await
+        .unwrap();
+    wait_all(&[&a, &b], Duration::from_secs(10), |o| {
+        split(o, 4, Some(2)) && o.iter().all(|o| o.members == 2)
+    })
+    .await;
+    let (a_partitions, b_partitions) = (a.overview().owned(), b.overview().owned());
+    let (owners, _) = scenario.revisions().await;
+
+    fault.send_replace(Fault::StallMembersSaves);
+    scenario.append(0..12, 1, || {}).await;
+    within(b.wait_until(|o| o.members == 1)).await;
+    // B counts A gone and is assigned every partition; A's records keep changing, so for
+    // three leases B takes none of them.
+    let (_, revisions) = scenario.revisions().await;
+    let watch_until = Instant::now() + lease * 3;
+    while Instant::now() < watch_until {
+        assert_eq!(
+            b.overview().owned(),
+            b_partitions,
+            "B took a renewed partition"
+        );
+        assert_eq!(a.overview().owned(), a_partitions, "A lost a partition");
+        assert_eq!((a.lost(), b.lost()), (0, 0));
+        assert_eq!(scenario.revisions().await.0, owners, "owners changed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, now) = scenario.revisions().await;
+    for partition in &a_partitions {
+        let k = *partition as usize;
+        assert!(now[k] > revisions[k], "A renewed partition {k} meanwhile");
+    }
+
+    fault.send_replace(Fault::None);
+    wait_all(&[&a, &b], Duration::from_secs(10), |o| {
+        split(o, 4, Some(2)) && o.iter().all(|o| o.members == 2)
+    })
+    .await;
+    assert_eq!((a.lost(), b.lost()), (0, 0), "no takeover at all");
+    scenario.append(0..12, 1, || {}).await;
+    scenario
+        .wait_saved(Duration::from_secs(10), |owners| {
+            owners.iter().all(|o| o.is_some())
+        })
+        .await;
+    scenario.assert_equals_rebuild().await;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+/// The checkpoint store is down for both members for over two leases (every call
+/// `Unavailable`: heartbeats, takes and saves fail, retryably) while events arrive. When it
+/// answers again neither member counts the other gone or takes its partitions: the time they
+/// could not see each other does not count towards a lease. Each event is saved once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_a_store_outage_longer_than_a_lease_moves_nothing() {
+    let mut scenario = Scenario::new(support::store());
+    let lease = Duration::from_millis(600);
+    let options = quick(4, lease);
+    scenario.append(0..12, 2, || {}).await;
+    let (fault, faulted) = watch::channel(Fault::None);
+    let runner = |faulted: watch::Receiver<Fault>| {
+        PartitionedViewRunner::new(
+            scenario.store.clone(),
+            Faulty::new(scenario.checkpoints.clone(), faulted),
+            options,
+        )
+    };
+    let a = runner(faulted.clone())
+        .start(scenario.view())
+        .await
+        .unwrap();
+    let b = runner(faulted).start(scenario.view()).await.unwrap();
+    wait_all(&[&a, &b], Duration::from_secs(10), |o| {
+        split(o, 4, Some(2)) && o.iter().all(|o| o.members == 2)
+    })
+    .await;
+    let (a_partitions, b_partitions) = (a.overview().owned(), b.overview().owned());
+    let (owners, _) = scenario.revisions().await;
+
+    // Watches both members from the outage to well after it: each must keep counting two
+    // members and hold no partition of the other's.
+    let (done_tx, done_rx) = watch::channel(false);
+    let watcher = {
+        let (a, b) = (a.clone(), b.clone());
+        let (a_partitions, b_partitions) = (a_partitions.clone(), b_partitions.clone());
+        tokio::spawn(async move {
+            while !*done_rx.borrow() {
+                for (member, theirs) in [(&a, &b_partitions), (&b, &a_partitions)] {
+                    let o = member.overview();
+                    assert_eq!(o.members, 2, "a member was counted gone: {o:?}");
+                    assert!(
+                        o.owned().iter().all(|p| !theirs.contains(p)),
+                        "a member took the other's partition: {o:?}"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    fault.send_replace(Fault::Down);
+    scenario.append(0..12, 1, || {}).await;
+    // The outage: the scenario, not an assertion.
+    tokio::time::sleep(lease * 5 / 2).await;
+    fault.send_replace(Fault::None);
+    wait_all(&[&a, &b], Duration::from_secs(10), |o| {
+        split(o, 4, Some(2)) && o.iter().all(|o| o.members == 2)
+    })
+    .await;
+    // Two leases more of normal operation, watched.
+    let a_id = a.member_id();
+    let b_id = b.member_id();
+    scenario
+        .wait_saved(Duration::from_secs(10), |owners| {
+            owners.iter().all(|o| *o == Some(a_id) || *o == Some(b_id))
+        })
+        .await;
+    let calm = Instant::now() + lease * 2;
+    while Instant::now() < calm {
+        assert_eq!(scenario.revisions().await.0, owners, "owners changed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    done_tx.send_replace(true);
+    watcher.await.unwrap();
+    assert_eq!((a.lost(), b.lost()), (0, 0), "no takeover");
+    assert_eq!(
+        (a.overview().owned(), b.overview().owned()),
+        (a_partitions, b_partitions)
+    );
+    scenario.assert_equals_rebuild().await;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+/// Partition saves fail (`Unavailable`) past their retries: the member drops its partitions
+/// (their unsaved work with them), keeps running, and takes them again from their records once
+/// saves pass; nothing is taken over and each event is saved once. A shutdown whose release
+/// saves fail returns the store's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_partitions_whose_saves_fail_are_dropped_then_taken_again() {
+    let mut scenario = Scenario::new(support::store());
+    let mut options = quick(4, Duration::from_millis(800));
+    options.retry_delay = Duration::from_millis(20);
+    scenario.append(0..12, 2, || {}).await;
+    let (fault, faulted) = watch::channel(Fault::None);
+    let a = PartitionedViewRunner::new(
+        scenario.store.clone(),
+        Faulty::new(scenario.checkpoints.clone(), faulted),
+        options,
+    )
+    .start(scenario.view())
+    .await
+    .unwrap();
+    within(a.wait_until(|o| o.partitions.len() == 4 && o.all_live())).await;
+    fault.send_replace(Fault::PartitionSavesDown);
+    scenario.append(0..12, 1, || {}).await;
+    within(a.wait_until(|o| o.partitions.is_empty())).await;
+    assert!(matches!(a.status(), PartitionedStatus::Running));
+    fault.send_replace(Fault::None);
+    within(a.wait_until(|o| o.partitions.len() == 4 && o.all_live())).await;
+    let a_id = a.member_id();
+    scenario
+        .wait_saved(Duration::from_secs(10), |owners| {
+            owners.iter().all(|o| *o == Some(a_id))
+        })
+        .await;
+    assert_eq!(a.lost(), 0);
+    scenario.assert_equals_rebuild().await;
+
+    fault.send_replace(Fault::PartitionSavesDown);
+    match a.shutdown().await {
+        Err(ViewError::Store { source, .. }) => assert!(source.is_retryable(), "{source}"),
+        other => panic!("expected the release's store error, got {other:?}"),
+    }
+    assert!(matches!(a.status(), PartitionedStatus::Stopped));
+}
+
+/// `Versions` that refuses every event of one stream, under a given failure policy.
+struct Refusing {
+    versions: Versions,
+    refused: String,
+    policy: FailurePolicy,
+}
+
+#[async_trait]
+impl View for Refusing {
+    type State = VersionsState;
+    fn name(&self) -> &str {
+        self.versions.name()
+    }
+    fn categories(&self) -> Vec<Category> {
+        self.versions.categories()
+    }
+    fn failure_policy(&self) -> FailurePolicy {
+        self.policy
+    }
+    async fn handle(
+        &self,
+        state: &mut VersionsState,
+        event: &RecordedEvent,
+    ) -> Result<(), BoxError> {
+        if event.stream.to_string() == self.refused {
+            return Err(format!("refusing {}", event.stream).into());
+        }
+        self.versions.handle(state, event).await
+    }
+}
+
+/// Under skip and park policies a refused event does not stop a member: both members keep
+/// running, nothing is taken over, the saved states hold every other event once, and a parking
+/// view has each refused event in its dead-letter stream once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_skip_and_park_policies_keep_members_running() {
+    for policy in [FailurePolicy::skip(), FailurePolicy::park()] {
+        let mut scenario = Scenario::new(support::store());
+        let options = quick(4, Duration::from_millis(800));
+        let refused = scenario.stream(3).to_string();
+        let (name, category) = (scenario.name.clone(), scenario.category.clone());
+        let view = || Refusing {
+            versions: Versions {
+                name: name.clone(),
+                category: category.clone(),
+            },
+            refused: refused.clone(),
+            policy,
+        };
+        scenario.append(0..8, 2, || {}).await;
+        let a = scenario.runner(options).start(view()).await.unwrap();
+        let b = scenario.runner(options).start(view()).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (oa, ob) = (a.overview(), b.overview());
+            let mut held: Vec<u32> = oa.owned().into_iter().chain(ob.owned()).collect();
+            held.sort_unstable();
+            if held == [0, 1, 2, 3] && oa.all_live() && ob.all_live() && oa.members == 2 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{policy:?}: {oa:?} {ob:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        scenario.append(0..8, 1, || {}).await;
+        let refused_count = scenario.appended.remove(&refused).unwrap();
+        scenario
+            .wait_saved(Duration::from_secs(10), |owners| {
+                owners.iter().all(|o| o.is_some())
+            })
+            .await;
+        assert!(matches!(a.status(), PartitionedStatus::Running));
+        assert!(matches!(b.status(), PartitionedStatus::Running));
+        assert_eq!((a.lost(), b.lost()), (0, 0));
+        if policy.then == OnFailure::Park {
+            let parked = dead_letters(scenario.store.as_ref(), &scenario.name)
+                .await
+                .unwrap();
+            let versions: Vec<u64> = parked.iter().map(|d| d.version.value()).collect();
+            assert_eq!(
+                versions,
+                (0..refused_count).collect::<Vec<_>>(),
+                "{parked:?}"
+            );
+            assert!(parked.iter().all(|d| d.stream.to_string() == refused));
+        }
+        a.shutdown().await.unwrap();
+        b.shutdown().await.unwrap();
+    }
+}
+
 fn assert_invalid(result: Result<impl std::fmt::Debug, ViewError>, words: &[&str]) {
     match result {
         Err(ViewError::Store {
@@ -649,6 +1082,38 @@ async fn memory_bad_input_is_a_typed_error() {
     assert_invalid(
         start(quick(4, Duration::ZERO), scenario.view()).await,
         &[&scenario.name, "lease of 0ns"],
+    );
+    assert_invalid(
+        start(
+            quick(4, MIN_LEASE - Duration::from_millis(1)),
+            scenario.view(),
+        )
+        .await,
+        &[&scenario.name, "lease of 99ms", "the least is 100ms"],
+    );
+    let mut options = quick(4, lease);
+    options.save_every = 0;
+    assert_invalid(
+        start(options, scenario.view()).await,
+        &[&scenario.name, "save_every 0"],
+    );
+    let mut options = quick(4, lease);
+    options.retry_delay = Duration::ZERO;
+    assert_invalid(
+        start(options, scenario.view()).await,
+        &[&scenario.name, "retry_delay of 0"],
+    );
+    // `x@members` is view x's members record: a partitioned view's name has no '@'.
+    assert_invalid(
+        start(
+            quick(4, lease),
+            Versions {
+                name: format!("{}@members", scenario.name),
+                category: scenario.category.clone(),
+            },
+        )
+        .await,
+        &[&scenario.name, "contains '@'"],
     );
     assert_invalid(
         start(
