@@ -605,6 +605,8 @@ enum Fault {
     PartitionSavesDown,
     /// Saves of the members record are refused as if another member saved first.
     MembersSavesConflict,
+    /// Saves of partition records wait until the fault changes; the members record passes.
+    StallPartitionSaves,
 }
 
 /// A checkpoint store with injected faults, switched by a watch channel; `conflicts` limits
@@ -658,6 +660,10 @@ impl CheckpointStore for Faulty {
             Fault::StallMembersSaves if members => {
                 let mut fault = self.fault.clone();
                 let _ = fault.wait_for(|f| *f != Fault::StallMembersSaves).await;
+            }
+            Fault::StallPartitionSaves if !members => {
+                let mut fault = self.fault.clone();
+                let _ = fault.wait_for(|f| *f != Fault::StallPartitionSaves).await;
             }
             Fault::MembersSavesConflict if members => {
                 let left = self.conflicts.load(Ordering::SeqCst);
@@ -931,6 +937,64 @@ async fn memory_partitions_whose_saves_fail_are_dropped_then_taken_again() {
         other => panic!("expected the release's store error, got {other:?}"),
     }
     assert!(matches!(a.status(), PartitionedStatus::Stopped));
+}
+
+/// A member shutting down leaves the members record before it releases its partitions: while
+/// its release saves are held, the other member already counts it gone (long before its beat
+/// could go stale), and takes each partition once its release lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_a_shutdown_leaves_the_members_record_before_releasing() {
+    let mut scenario = Scenario::new(support::store());
+    let lease = Duration::from_secs(3);
+    let options = quick(4, lease);
+    scenario.append(0..12, 2, || {}).await;
+    let (fault, faulted) = watch::channel(Fault::None);
+    let a = PartitionedViewRunner::new(
+        scenario.store.clone(),
+        Faulty::new(scenario.checkpoints.clone(), faulted),
+        options,
+    )
+    .start(scenario.view())
+    .await
+    .unwrap();
+    let b = scenario
+        .runner(options)
+        .start(scenario.view())
+        .await
+        .unwrap();
+    wait_all(&[&a, &b], Duration::from_secs(10), |o| {
+        split(o, 4, Some(2)) && o.iter().all(|o| o.members == 2)
+    })
+    .await;
+    fault.send_replace(Fault::StallPartitionSaves);
+    let started = Instant::now();
+    let shutdown = {
+        let a = a.clone();
+        tokio::spawn(async move { a.shutdown().await })
+    };
+    within(b.wait_until(|o| o.members == 1)).await;
+    let counted_gone = started.elapsed();
+    assert!(
+        counted_gone < lease / 2,
+        "B counted A gone after {counted_gone:?}: as late as a stale beat (lease {lease:?})"
+    );
+    assert!(!shutdown.is_finished(), "A's releases are held");
+    assert_eq!(
+        b.overview().partitions.len(),
+        2,
+        "A's partitions not yet released"
+    );
+    fault.send_replace(Fault::None);
+    shutdown.await.unwrap().unwrap();
+    within(b.wait_until(|o| o.partitions.len() == 4 && o.all_live())).await;
+    assert_eq!((a.lost(), b.lost()), (0, 0));
+    let b_id = b.member_id();
+    scenario
+        .wait_saved(Duration::from_secs(10), |owners| {
+            owners.iter().all(|o| *o == Some(b_id))
+        })
+        .await;
+    b.shutdown().await.unwrap();
 }
 
 /// `Versions` that refuses every event of one stream, under a given failure policy.
