@@ -696,6 +696,20 @@ impl EventStore for Staged {
     async fn health(&self) -> Result<Health, Error> {
         self.inner.health().await
     }
+    async fn load_register(&self, name: &str) -> Result<Option<newton::store::Register>, Error> {
+        self.inner.load_register(name).await
+    }
+    async fn save_register(
+        &self,
+        name: &str,
+        expected: Option<u64>,
+        save_id: newton::store::Uuid,
+        value: newton::store::Bytes,
+    ) -> Result<u64, Error> {
+        self.inner
+            .save_register(name, expected, save_id, value)
+            .await
+    }
 }
 
 /// Node B loads an account (balance 50); before B's append of a command, another writer

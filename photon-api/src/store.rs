@@ -10,9 +10,13 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 
+use bytes::Bytes;
+use uuid::Uuid;
+
 use crate::checkpoint::Checkpoint;
 use crate::error::Error;
 use crate::event::{EventData, RecordedEvent};
+use crate::register::Register;
 use crate::stream_id::{Category, StreamId};
 use crate::subscription::{ReadOptions, Selector, Start, SubscriptionItem, SubscriptionMode};
 use crate::version::{ExpectedVersion, Version};
@@ -171,6 +175,48 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
     /// # Errors
     /// - [`Error::Unavailable`] naming the address and what failed.
     async fn health(&self) -> Result<Health, Error>;
+
+    /// The latest save of register `name` (see [`crate::Register`]); None when never saved.
+    ///
+    /// # Behavior
+    /// - Sees every save acknowledged before the call began, by any client: a register is read
+    ///   where its saves are decided, never from a replica that may lag.
+    ///
+    /// # Errors
+    /// - [`Error::InvalidInput`] for a name [`crate::validate_register`] refuses.
+    /// - [`Error::Unavailable`] when the backend does not answer.
+    async fn load_register(&self, name: &str) -> Result<Option<Register>, Error>;
+
+    /// Replaces register `name`'s value with `value` if its revision is `expected` (None: never
+    /// saved); returns the new revision (0 for the first save, one more for each after it).
+    ///
+    /// A view's checkpoint or a lease is saved this way rather than appended as an event, so it
+    /// takes the same storage after a million saves as after one.
+    ///
+    /// # Behavior
+    /// - Checked atomically with the write: of concurrent saves expecting one revision, exactly
+    ///   one is stored.
+    /// - Only the latest save is kept. A backend may hold a replaced value for a while before it
+    ///   reclaims the space (Kafka's log compaction), but never returns it.
+    /// - Durable as an append is before it returns.
+    /// - A re-send of the latest save (the same `save_id` and `expected`) after an unknown outcome
+    ///   stores nothing and returns that save's revision.
+    /// - Registers are not events: no stream, category, subscription or listing shows them.
+    ///
+    /// # Errors
+    /// - [`Error::RevisionConflict`] with the revision found when `expected` does not hold
+    ///   (including a re-send of a save that another save has since replaced).
+    /// - [`Error::InvalidInput`] for a name or value [`crate::validate_register`] refuses, or a
+    ///   nil `save_id`; nothing is stored.
+    /// - [`Error::Unavailable`] when the backend does not answer: the save may or may not be
+    ///   stored; re-send it with the same `save_id`.
+    async fn save_register(
+        &self,
+        name: &str,
+        expected: Option<u64>,
+        save_id: Uuid,
+        value: Bytes,
+    ) -> Result<u64, Error>;
 }
 
 macro_rules! forward_event_store {
@@ -220,6 +266,18 @@ macro_rules! forward_event_store {
             }
             async fn health(&self) -> Result<Health, Error> {
                 (**self).health().await
+            }
+            async fn load_register(&self, name: &str) -> Result<Option<Register>, Error> {
+                (**self).load_register(name).await
+            }
+            async fn save_register(
+                &self,
+                name: &str,
+                expected: Option<u64>,
+                save_id: Uuid,
+                value: Bytes,
+            ) -> Result<u64, Error> {
+                (**self).save_register(name, expected, save_id, value).await
             }
         }
     };

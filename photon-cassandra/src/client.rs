@@ -22,7 +22,7 @@ use crate::codec;
 use crate::config::CassandraConfig;
 use crate::durability::{self, Durability};
 use crate::error;
-use crate::schema::{self, Statements};
+use crate::schema::{self, RegisterStatements, Statements};
 
 /// The backend name, also the tag of its checkpoints.
 pub const BACKEND: &str = "cassandra";
@@ -176,6 +176,9 @@ impl ClockReading {
 pub(crate) struct Shared {
     pub(crate) config: CassandraConfig,
     ready: OnceCell<(Session, Statements)>,
+    /// The statements of `registers`, made on the first register call (the table is not
+    /// needed to connect); a failed attempt is not kept, so the next call tries again.
+    registers: OnceCell<RegisterStatements>,
     meta: Mutex<HashMap<String, StreamMeta>>,
     crash_after_commit: AtomicBool,
     /// µs added to the machine's clock (`CassandraStore::set_clock_offset_ms`, for tests).
@@ -191,6 +194,7 @@ impl Shared {
         Self {
             config,
             ready: OnceCell::new(),
+            registers: OnceCell::new(),
             meta: Mutex::default(),
             crash_after_commit: AtomicBool::new(false),
             clock_offset: AtomicI64::new(0),
@@ -212,6 +216,17 @@ impl Shared {
                 Ok(ready)
             })
             .await
+    }
+
+    /// The session and the statements of `registers`, creating the table on first use when it
+    /// is missing and creation is on (see `schema::prepare_register_statements`).
+    pub(crate) async fn registers_ready(&self) -> Result<(&Session, &RegisterStatements), Error> {
+        let (session, _) = self.ready().await?;
+        let statements = self
+            .registers
+            .get_or_try_init(|| schema::prepare_register_statements(session, &self.config))
+            .await?;
+        Ok((session, statements))
     }
 
     /// The stream partition (`bucket` of `commits`) holding the commit that starts at `version`.

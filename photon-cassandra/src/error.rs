@@ -33,6 +33,21 @@ pub(crate) fn request(context: impl Into<String>, e: impl Into<ExecutionError>) 
     }
 }
 
+/// A failed conditional save of a register: as [`request`], except that the server failing
+/// while it ran the write (`ServerError`, say an exception in its Paxos round) is
+/// `Unavailable` too. It is not a clean refusal: the write may have been accepted and be
+/// completed by the next Paxos round, so the caller must re-send with the same save id to learn
+/// the outcome. (Appends keep `request`'s mapping.)
+pub(crate) fn saving(context: impl Into<String>, e: impl Into<ExecutionError>) -> Error {
+    let e = e.into();
+    if let ExecutionError::LastAttemptError(RequestAttemptError::DbError(DbError::ServerError, _)) =
+        &e
+    {
+        return Error::unavailable(BACKEND, format!("{}: {e}", context.into()), e);
+    }
+    request(context, e)
+}
+
 /// A driver error that is not a request's (reading rows of an answer, a pager's page): kept
 /// whole as the source of a `Backend` error.
 pub(crate) fn driver(
@@ -408,5 +423,41 @@ mod tests {
             .unwrap()
             .downcast_ref::<ExecutionError>()
             .is_some());
+    }
+
+    #[test]
+    fn a_server_error_during_a_save_is_an_unknown_outcome() {
+        let failed = || {
+            ExecutionError::LastAttemptError(RequestAttemptError::DbError(
+                DbError::ServerError,
+                "java.lang.RuntimeException: paxos round failed".into(),
+            ))
+        };
+        let e = saving("saving register \"lease\"", failed());
+        assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+        assert!(e.is_retryable());
+        assert!(e.to_string().contains("saving register"), "{e}");
+        // Elsewhere (appends, reads) a server error stays `Backend`.
+        assert!(matches!(
+            request("appending to acc-1", failed()),
+            Error::Backend { .. }
+        ));
+        // A save's clean refusals keep their mapping.
+        let unauthorized = ExecutionError::LastAttemptError(RequestAttemptError::DbError(
+            DbError::Unauthorized,
+            "User r has no MODIFY permission on <table ks.registers> or any of its parents".into(),
+        ));
+        assert!(matches!(
+            saving("saving register \"lease\"", unauthorized),
+            Error::AccessDenied { .. }
+        ));
+        let invalid = ExecutionError::LastAttemptError(RequestAttemptError::DbError(
+            DbError::Invalid,
+            "no such column".into(),
+        ));
+        assert!(matches!(
+            saving("saving register \"lease\"", invalid),
+            Error::Backend { .. }
+        ));
     }
 }

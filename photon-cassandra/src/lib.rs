@@ -3,14 +3,16 @@
 // The rooms every backend crate has: settings, the connection and shared state, typed errors,
 // the append protocol, reads, subscriptions and the stored form; plus `schema`, the keyspace's
 // tables and statements (public, so tools create and read exactly what the store does), and
-// `durability`, what the cluster's settings mean for an acknowledged append in a crash. This
-// root only names the store and delegates to them.
+// `durability`, what the cluster's settings mean for an acknowledged append in a crash, and
+// `register`, the registers (a value a save replaces, not an event). This root only names the
+// store and delegates to them.
 mod client;
 mod codec;
 mod config;
 mod durability;
 mod error;
 mod reader;
+mod register;
 pub mod schema;
 mod subscription;
 mod writer;
@@ -22,9 +24,9 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use photon_api::telemetry::Attempts;
 use photon_api::{
-    AppendResult, Capabilities, Category, Error, EventData, EventStore, ExpectedVersion, Health,
-    ReadOptions, RecordedEvent, Selector, Start, StreamId, SubscriptionItem, SubscriptionMode,
-    Version,
+    AppendResult, Bytes, Capabilities, Category, Error, EventData, EventStore, ExpectedVersion,
+    Health, ReadOptions, RecordedEvent, Register, Selector, Start, StreamId, SubscriptionItem,
+    SubscriptionMode, Uuid, Version,
 };
 
 pub use crate::client::{session_builder, BACKEND, COMMITS_PER_PAGE};
@@ -155,5 +157,25 @@ impl EventStore for CassandraStore {
 
     async fn health(&self) -> Result<Health, Error> {
         self.inner.health().await
+    }
+
+    /// One serial (Paxos) read of the register's row: linearizable, so a save acknowledged to
+    /// any client before the call is seen (README, "Registers").
+    async fn load_register(&self, name: &str) -> Result<Option<Register>, Error> {
+        self.inner.load_register(name).await
+    }
+
+    /// One conditional write of the register's row, overwritten in place: storage does not grow
+    /// with saves, and a refusal carries what decides a re-send (README, "Registers").
+    async fn save_register(
+        &self,
+        name: &str,
+        expected: Option<u64>,
+        save_id: Uuid,
+        value: Bytes,
+    ) -> Result<u64, Error> {
+        self.inner
+            .save_register(name, expected, save_id, value)
+            .await
     }
 }

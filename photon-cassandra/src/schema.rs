@@ -1,6 +1,7 @@
 //! The keyspace's layout: its tables, every statement the store runs against them, prepared once
 //! with the configured consistency, the creation (or, with `create=false`, the check) of the
-//! tables, and the layout settings every client of a keyspace must share.
+//! tables (at connect, and of `registers` on its first use), and the layout settings every
+//! client of a keyspace must share.
 //!
 //! The tables are public so that tools create and read exactly what the store does (an
 //! operator creating the schema ahead of `create=false` clients, the benchmark's raw baseline);
@@ -9,6 +10,7 @@
 
 use photon_api::Error;
 use scylla::client::session::Session;
+use scylla::errors::{DbError, PrepareError, RequestAttemptError};
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::unprepared::Statement;
@@ -88,7 +90,18 @@ pub const PENDING: Table = Table {
             WITH gc_grace_seconds = 3600",
 };
 
-/// Every table, in creation order.
+/// Registers (`EventStore::save_register`): one row per register, overwritten in place by each
+/// save (a conditional write on `revision`), so a register takes the same room after a million
+/// saves as after one. Not an event: no category row, no stream listing. Not needed to connect:
+/// created (or looked for, with `create=false`) on a client's first register call.
+pub const REGISTERS: Table = Table {
+    name: "registers",
+    definition: "(name text PRIMARY KEY, revision bigint, save_id uuid, value blob)",
+};
+
+/// Every table of the keyspace, in creation order: what an operator creates ahead of
+/// `create=false` clients. The last, `REGISTERS`, is not needed to connect (see
+/// [`CONNECT_TABLES`]).
 pub const TABLES: &[Table] = &[
     COMMITS,
     CATEGORY_COMMITS,
@@ -96,7 +109,15 @@ pub const TABLES: &[Table] = &[
     STREAMS,
     SETTINGS,
     PENDING,
+    REGISTERS,
 ];
+
+/// The tables a client needs to connect (every table but `REGISTERS`), created at connect with
+/// `create=true` and checked with `create=false`. `REGISTERS` is created (or looked for) on the
+/// first `load_register` / `save_register` of a client instead, so that a keyspace made before
+/// registers keeps serving its clients, readers and `create=false` ones included, until
+/// something uses a register.
+pub const CONNECT_TABLES: &[Table] = TABLES.split_at(TABLES.len() - 1).0;
 
 /// The statement creating `keyspace` with `replication`, as the store runs it
 /// (`IF NOT EXISTS`).
@@ -127,6 +148,23 @@ pub const INSERT_COMMIT: Cql = Cql("INSERT INTO {ks}.commits (stream, bucket, ve
 /// the row is still the void of that time id, so a write prepared before the fence never lands.
 /// Values: count, time id, event ids, events, stream, bucket, first version, the void's time id.
 pub const FILL_VOID: Cql = Cql("UPDATE {ks}.commits SET count = ?, time_id = ?, event_ids = ?, events = ? WHERE stream = ? AND bucket = ? AND version = ? IF count = 0 AND time_id = ?");
+
+/// A register's first save, conditional on the register not existing. Values: name, revision
+/// (0), save id, value. Refused, it answers the whole row (what a re-send is told apart by).
+pub const SAVE_FIRST_REGISTER: Cql = Cql(
+    "INSERT INTO {ks}.registers (name, revision, save_id, value) VALUES (?, ?, ?, ?) IF NOT EXISTS",
+);
+
+/// A register's later save, conditional on the revision it replaces. Values: new revision, save
+/// id, value, name, expected revision. The condition on `save_id` always holds (a save id is
+/// never nil): it is there because a refused conditional write answers the columns of its
+/// conditions, and the save id is what tells a re-send of the latest save from a rival's, so the
+/// refusal is decided without a second round trip.
+pub const SAVE_NEXT_REGISTER: Cql = Cql("UPDATE {ks}.registers SET revision = ?, save_id = ?, value = ? WHERE name = ? IF revision = ? AND save_id != 00000000-0000-0000-0000-000000000000");
+
+/// A register's latest save, read with the serial consistency (see `register`). Values: name.
+pub const LOAD_REGISTER: Cql =
+    Cql("SELECT revision, save_id, value FROM {ks}.registers WHERE name = ?");
 
 /// An append's row in one category (or `$all`). Values: category, time bucket, time id, stream,
 /// first version, count, events.
@@ -206,6 +244,15 @@ pub(crate) struct Statements {
     pub(crate) streams: PreparedStatement,
 }
 
+/// The statements of `registers`, prepared on a client's first use of a register (see
+/// [`prepare_register_statements`]).
+pub(crate) struct RegisterStatements {
+    pub(crate) save_first: PreparedStatement,
+    pub(crate) save_next: PreparedStatement,
+    /// With the serial consistency: linearizable.
+    pub(crate) load: PreparedStatement,
+}
+
 /// Prepares `cql` in the configured keyspace as the store prepares its statements: the
 /// configured consistency and serial consistency, and `timeout_ms` as the request timeout.
 ///
@@ -227,14 +274,141 @@ async fn prepare_with(
     consistency: Consistency,
 ) -> Result<PreparedStatement, Error> {
     let text = cql.in_keyspace(&config.keyspace);
-    let mut p = session
+    let p = session
         .prepare(text.as_str())
         .await
         .map_err(|e| error::request(format!("preparing {text}"), e))?;
+    Ok(configured(p, config, consistency))
+}
+
+fn configured(
+    mut p: PreparedStatement,
+    config: &CassandraConfig,
+    consistency: Consistency,
+) -> PreparedStatement {
     p.set_consistency(consistency);
     p.set_serial_consistency(Some(config.serial_consistency));
     p.set_request_timeout(Some(config.timeout));
-    Ok(p)
+    p
+}
+
+/// A preparation of statements on `tables`, which this client has just created or found listed
+/// in `system_schema`. A table another client has just created can be listed a moment before
+/// the node prepares statements on it (seen on Cassandra 5.0 with clients connecting at once to
+/// a keyspace without `registers`, one creating it): the node refuses the prepare with "table
+/// registers does not exist" (`Invalid`), or, while it still sets up the table's storage, "Unknown
+/// CF <id>" (`ServerError`). Those refusals, and only those, are tried again every 50 ms until
+/// one deadline (`timeout_ms` from the start of the whole preparation); a refusal still there
+/// at the deadline is `Unavailable` (the table is not ready on the node yet; a later call tries
+/// again). Any other refusal is answered at once.
+struct Preparation<'a> {
+    session: &'a Session,
+    config: &'a CassandraConfig,
+    tables: &'a [Table],
+    deadline: tokio::time::Instant,
+}
+
+impl<'a> Preparation<'a> {
+    fn new(session: &'a Session, config: &'a CassandraConfig, tables: &'a [Table]) -> Self {
+        Self {
+            session,
+            config,
+            tables,
+            deadline: tokio::time::Instant::now() + config.timeout,
+        }
+    }
+
+    async fn plain(&self, cql: Cql) -> Result<PreparedStatement, Error> {
+        self.prepare(cql, self.config.consistency).await
+    }
+
+    async fn serial(&self, cql: Cql) -> Result<PreparedStatement, Error> {
+        self.prepare(cql, serial_read(self.config)).await
+    }
+
+    async fn prepare(
+        &self,
+        cql: Cql,
+        consistency: Consistency,
+    ) -> Result<PreparedStatement, Error> {
+        let text = cql.in_keyspace(&self.config.keyspace);
+        loop {
+            let e = match self.session.prepare(text.as_str()).await {
+                Ok(p) => return Ok(configured(p, self.config, consistency)),
+                Err(e) => e,
+            };
+            let context = format!("preparing {text}");
+            let Some(table) = table_not_yet_ready(&e, &self.config.keyspace, self.tables) else {
+                return Err(error::request(context, e));
+            };
+            let retry_at = tokio::time::Instant::now() + RETRY_PREPARE;
+            if retry_at > self.deadline {
+                return Err(not_ready_in_time(context, table, self.config.timeout, e));
+            }
+            tracing::debug!(table, error = %e, "photon-cassandra: a table just created or listed is not ready on the node yet; preparing again");
+            tokio::time::sleep_until(retry_at).await;
+        }
+    }
+}
+
+/// How soon a refused prepare of a table not yet ready is tried again.
+const RETRY_PREPARE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Which refusal of a prepare says that a table of `tables` (in keyspace `ks`) is not ready on
+/// the node yet: `Invalid` "unconfigured table <t>" or "table <t> does not exist" naming one
+/// of them (the name of the table found, "a table" for "Unknown CF <id>", which names its id
+/// only). A missing keyspace or any other table is not one of these.
+fn table_not_yet_ready(e: &PrepareError, ks: &str, tables: &[Table]) -> Option<&'static str> {
+    let PrepareError::AllAttemptsFailed {
+        first_attempt: RequestAttemptError::DbError(db, message),
+    } = e
+    else {
+        return None;
+    };
+    match db {
+        DbError::Invalid => tables
+            .iter()
+            .map(|t| t.name)
+            .find(|name| names_missing_table(message, ks, name)),
+        DbError::ServerError if message.contains("Unknown CF ") && !tables.is_empty() => {
+            Some(match tables {
+                [only] => only.name,
+                _ => "a table",
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Whether `message` is Cassandra's refusal of a statement on table `name` (or `ks.name`) as
+/// missing, the name matched whole (`registers` is not `registers_old`).
+fn names_missing_table(message: &str, ks: &str, name: &str) -> bool {
+    let qualified = format!("{ks}.{name}");
+    [name, qualified.as_str()].iter().any(|t| {
+        message.contains(&format!("table {t} does not exist"))
+            || message
+                .split_once(&format!("unconfigured table {t}"))
+                .is_some_and(|(_, rest)| {
+                    !rest.starts_with(|c: char| c.is_alphanumeric() || c == '_')
+                })
+    })
+}
+
+/// A table still not ready on the node at the preparation's deadline: `Unavailable`, as a
+/// later call may find it ready.
+fn not_ready_in_time(
+    context: String,
+    table: &str,
+    timeout: std::time::Duration,
+    e: PrepareError,
+) -> Error {
+    Error::unavailable(
+        crate::client::BACKEND,
+        format!(
+            "{context}: {table} (just created or listed in system_schema) was still not ready on the node after {timeout:?} (timeout_ms): {e}"
+        ),
+        e,
+    )
 }
 
 /// The consistency of a linearizable read, which also settles a conditional write in flight.
@@ -245,29 +419,28 @@ fn serial_read(config: &CassandraConfig) -> Consistency {
     }
 }
 
-/// Prepares every statement of [`Statements`].
+/// Prepares every statement of [`Statements`] (on [`CONNECT_TABLES`], just created or checked).
 pub(crate) async fn prepare_statements(
     session: &Session,
     config: &CassandraConfig,
 ) -> Result<Statements, Error> {
-    let plain = |cql| prepare(session, config, cql);
-    let serial = |cql| prepare_with(session, config, cql, serial_read(config));
-    let insert_pending = plain(INSERT_PENDING).await?;
-    let insert_bucket = plain(INSERT_BUCKET).await?;
-    let delete_pending = plain(DELETE_PENDING).await?;
+    let p = Preparation::new(session, config, CONNECT_TABLES);
+    let insert_pending = p.plain(INSERT_PENDING).await?;
+    let insert_bucket = p.plain(INSERT_BUCKET).await?;
+    let delete_pending = p.plain(DELETE_PENDING).await?;
     Ok(Statements {
-        insert_commit: plain(INSERT_COMMIT).await?,
-        fill_void: plain(FILL_VOID).await?,
-        commit_ids_from: plain(COMMIT_IDS_FROM).await?,
-        commit_ids_from_serial: serial(COMMIT_IDS_FROM).await?,
-        commit_at_or_before: plain(COMMIT_AT_OR_BEFORE).await?,
-        commit_at_serial: serial(COMMIT_AT).await?,
-        commits_from: plain(COMMITS_FROM).await?,
-        commits_down_from: plain(COMMITS_DOWN_FROM).await?,
-        commit_counts_from: plain(COMMIT_COUNTS_FROM).await?,
-        commit_counts_down_from: plain(COMMIT_COUNTS_DOWN_FROM).await?,
-        category_counts: plain(CATEGORY_COUNTS).await?,
-        category_counts_incl: plain(CATEGORY_COUNTS_INCL).await?,
+        insert_commit: p.plain(INSERT_COMMIT).await?,
+        fill_void: p.plain(FILL_VOID).await?,
+        commit_ids_from: p.plain(COMMIT_IDS_FROM).await?,
+        commit_ids_from_serial: p.serial(COMMIT_IDS_FROM).await?,
+        commit_at_or_before: p.plain(COMMIT_AT_OR_BEFORE).await?,
+        commit_at_serial: p.serial(COMMIT_AT).await?,
+        commits_from: p.plain(COMMITS_FROM).await?,
+        commits_down_from: p.plain(COMMITS_DOWN_FROM).await?,
+        commit_counts_from: p.plain(COMMIT_COUNTS_FROM).await?,
+        commit_counts_down_from: p.plain(COMMIT_COUNTS_DOWN_FROM).await?,
+        category_counts: p.plain(CATEGORY_COUNTS).await?,
+        category_counts_incl: p.plain(CATEGORY_COUNTS_INCL).await?,
         pending: batch(
             config,
             BatchType::Logged,
@@ -279,15 +452,44 @@ pub(crate) async fn prepare_statements(
             ],
         ),
         clear_pending: batch(config, BatchType::Unlogged, &[&delete_pending; 2]),
-        insert_category: plain(INSERT_CATEGORY_COMMIT).await?,
-        insert_stream: plain(INSERT_STREAM).await?,
-        pending_in: plain(PENDING_BETWEEN).await?,
-        category_page: plain(CATEGORY_PAGE).await?,
-        category_page_incl: plain(CATEGORY_PAGE_INCL).await?,
-        category_times: plain(CATEGORY_TIMES).await?,
-        buckets_from: plain(BUCKETS_FROM).await?,
-        categories: plain(CATEGORIES).await?,
-        streams: plain(STREAMS_OF).await?,
+        insert_category: p.plain(INSERT_CATEGORY_COMMIT).await?,
+        insert_stream: p.plain(INSERT_STREAM).await?,
+        pending_in: p.plain(PENDING_BETWEEN).await?,
+        category_page: p.plain(CATEGORY_PAGE).await?,
+        category_page_incl: p.plain(CATEGORY_PAGE_INCL).await?,
+        category_times: p.plain(CATEGORY_TIMES).await?,
+        buckets_from: p.plain(BUCKETS_FROM).await?,
+        categories: p.plain(CATEGORIES).await?,
+        streams: p.plain(STREAMS_OF).await?,
+    })
+}
+
+/// Makes `registers` ready for a client's first use of a register: creates the table if it is
+/// missing and creation is on (`create=true`; a role without CREATE is refused here, on the
+/// register call, not at connect), and prepares its statements. With `create=false` a missing
+/// table is an error naming it. A failure is not kept: the caller's next call tries again.
+pub(crate) async fn prepare_register_statements(
+    session: &Session,
+    config: &CassandraConfig,
+) -> Result<RegisterStatements, Error> {
+    let ks = &config.keyspace;
+    let present = present_tables(session, ks).await?;
+    if !present.iter().any(|t| t == REGISTERS.name) {
+        if !config.create {
+            return Err(missing_tables(
+                "preparing the registers",
+                ks,
+                &[REGISTERS.name],
+            ));
+        }
+        run(session, REGISTERS.create_cql(ks)).await?;
+        agree(session, ks).await?;
+    }
+    let p = Preparation::new(session, config, &[REGISTERS]);
+    Ok(RegisterStatements {
+        save_first: p.plain(SAVE_FIRST_REGISTER).await?,
+        save_next: p.plain(SAVE_NEXT_REGISTER).await?,
+        load: p.serial(LOAD_REGISTER).await?,
     })
 }
 
@@ -326,11 +528,15 @@ async fn create(session: &Session, config: &CassandraConfig) -> Result<(), Error
         run(session, create_keyspace_cql(ks, &config.replication)).await?;
     }
     let present = present_tables(session, ks).await?;
-    for table in TABLES {
+    for table in CONNECT_TABLES {
         if !present.iter().any(|p| p == table.name) {
             run(session, table.create_cql(ks)).await?;
         }
     }
+    agree(session, ks).await
+}
+
+async fn agree(session: &Session, ks: &str) -> Result<(), Error> {
     session
         .await_schema_agreement()
         .await
@@ -390,7 +596,7 @@ async fn present_tables(session: &Session, ks: &str) -> Result<Vec<String>, Erro
 /// With creation off, a missing keyspace or table is an error that names it.
 async fn check_tables(session: &Session, ks: &str) -> Result<(), Error> {
     let present = present_tables(session, ks).await?;
-    let missing: Vec<&str> = TABLES
+    let missing: Vec<&str> = CONNECT_TABLES
         .iter()
         .map(|t| t.name)
         .filter(|name| !present.iter().any(|p| p == name))
@@ -398,13 +604,17 @@ async fn check_tables(session: &Session, ks: &str) -> Result<(), Error> {
     if missing.is_empty() {
         return Ok(());
     }
-    Err(error::corrupt(
-        "checking the schema",
+    Err(missing_tables("checking the schema", ks, &missing))
+}
+
+fn missing_tables(context: &str, ks: &str, missing: &[&str]) -> Error {
+    error::corrupt(
+        context,
         format!(
             "keyspace {ks} lacks table(s) {} and schema creation is off (create=false); create them as the README shows",
             missing.join(", ")
         ),
-    ))
+    )
 }
 
 /// The layout settings every client of a keyspace must share: a stream's partition and a
@@ -498,9 +708,13 @@ mod tests {
                 "category_buckets",
                 "streams",
                 "settings",
-                "pending"
+                "pending",
+                "registers"
             ]
         );
+        // What a client needs to connect: every table but `registers` (created on first use).
+        assert_eq!(CONNECT_TABLES, &TABLES[..TABLES.len() - 1]);
+        assert!(!CONNECT_TABLES.contains(&REGISTERS));
         assert!(COMMITS
             .create_cql("ks")
             .starts_with("CREATE TABLE IF NOT EXISTS ks.commits ("));
@@ -510,6 +724,92 @@ mod tests {
         assert_eq!(
             create_keyspace_cql("ks", &Replication::Simple(1)),
             "CREATE KEYSPACE IF NOT EXISTS ks WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}"
+        );
+    }
+
+    fn refused(db: DbError, message: &str) -> PrepareError {
+        PrepareError::AllAttemptsFailed {
+            first_attempt: RequestAttemptError::DbError(db, message.into()),
+        }
+    }
+
+    #[test]
+    fn only_refusals_of_the_tables_being_prepared_are_tried_again() {
+        let registers = &[REGISTERS][..];
+        let not_ready = |db, message| table_not_yet_ready(&refused(db, message), "ks", registers);
+        // Cassandra 5.0's two refusals of a table just created or listed.
+        assert_eq!(
+            not_ready(DbError::Invalid, "table registers does not exist"),
+            Some("registers")
+        );
+        assert_eq!(
+            not_ready(DbError::Invalid, "table ks.registers does not exist"),
+            Some("registers")
+        );
+        assert_eq!(
+            not_ready(DbError::Invalid, "unconfigured table registers"),
+            Some("registers")
+        );
+        assert_eq!(
+            not_ready(
+                DbError::ServerError,
+                "java.lang.IllegalArgumentException: Unknown CF 5a1b9c30-0f9e-11f0-8a42-7d3c2e1f0a11"
+            ),
+            Some("registers")
+        );
+        // Not these: a missing keyspace, another table, a longer name, other refusals.
+        assert_eq!(
+            not_ready(DbError::Invalid, "Keyspace ks does not exist"),
+            None
+        );
+        assert_eq!(
+            not_ready(DbError::Invalid, "table commits does not exist"),
+            None
+        );
+        assert_eq!(
+            not_ready(DbError::Invalid, "unconfigured table registers_old"),
+            None
+        );
+        assert_eq!(
+            not_ready(DbError::Invalid, "Undefined column name nme"),
+            None
+        );
+        assert_eq!(
+            not_ready(DbError::ServerError, "java.lang.NullPointerException"),
+            None
+        );
+        assert_eq!(
+            table_not_yet_ready(
+                &refused(DbError::ServerError, "Unknown CF 5a1b9c30"),
+                "ks",
+                &[]
+            ),
+            None
+        );
+        assert_eq!(
+            table_not_yet_ready(
+                &refused(DbError::Invalid, "table pending does not exist"),
+                "ks",
+                CONNECT_TABLES
+            ),
+            Some("pending")
+        );
+    }
+
+    #[test]
+    fn a_table_still_not_ready_at_the_deadline_is_unavailable() {
+        let e = not_ready_in_time(
+            "preparing SELECT ... FROM ks.registers".into(),
+            "registers",
+            std::time::Duration::from_secs(2),
+            refused(DbError::ServerError, "Unknown CF 5a1b9c30"),
+        );
+        assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+        assert!(e.is_retryable());
+        let message = e.to_string();
+        assert!(
+            message.contains("registers") && message.contains("Unknown CF"),
+            "{message}"
         );
     }
 }

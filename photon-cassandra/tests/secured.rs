@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use photon_api::{
-    AccessKind, Error, EventData, EventStore, EventStoreExt, ExpectedVersion, ReadOptions,
-    Selector, Start, StreamId, SubscriptionItem, SubscriptionMode, Uuid,
+    AccessKind, Bytes, Error, EventData, EventStore, EventStoreExt, ExpectedVersion, ReadOptions,
+    Register, Selector, Start, StreamId, SubscriptionItem, SubscriptionMode, Uuid,
 };
 use photon_cassandra::CassandraStore;
 use photon_conformance::{capture, server_url};
@@ -358,6 +358,60 @@ async fn a_reader_reads_and_subscribes_but_cannot_append() {
     // Nothing the reader refused reached the live subscription either.
     let late = tokio::time::timeout(Duration::from_secs(2), sub.next()).await;
     assert!(late.is_err(), "{late:?}");
+}
+
+/// A reader loads registers (a serial read needs SELECT only) but cannot save one: its
+/// conditional write is refused with `AccessDenied(Authorization)` naming the missing MODIFY,
+/// within the bound, and the register keeps the writer's save.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_loads_registers_but_cannot_save_them() {
+    let Some(node) = Node::from_env() else { return };
+    capture::install();
+    let writer = node.store(&node.writer).await;
+    let reader = node.store(&node.reader).await;
+    let name = format!("secured-view-{}", Uuid::new_v4().simple());
+    let id = Uuid::new_v4();
+    writer
+        .save_register(&name, None, id, Bytes::from("the writer's"))
+        .await
+        .expect("the writer saves");
+    let saved = Register {
+        revision: 0,
+        save_id: id,
+        value: Bytes::from("the writer's"),
+    };
+    assert_eq!(
+        reader.load_register(&name).await.expect("the reader loads"),
+        Some(saved.clone())
+    );
+    let never = format!("{name}-never");
+    assert_eq!(reader.load_register(&never).await.unwrap(), None);
+
+    let started = Instant::now();
+    for (target, expected) in [(&name, Some(0)), (&never, None)] {
+        let e = tokio::time::timeout(
+            BOUND,
+            reader.save_register(
+                target,
+                expected,
+                Uuid::new_v4(),
+                Bytes::from("the reader's"),
+            ),
+        )
+        .await
+        .expect("answers within the bound")
+        .expect_err("the reader may not save");
+        assert_denied(
+            "the reader's save",
+            &e,
+            AccessKind::Authorization,
+            "no MODIFY permission",
+            &node.reader.1,
+        );
+    }
+    assert!(started.elapsed() < BOUND, "{:?}", started.elapsed());
+    assert_eq!(writer.load_register(&name).await.unwrap(), Some(saved));
+    assert_eq!(writer.load_register(&never).await.unwrap(), None);
 }
 
 /// A subscriber of a category repairs the pending markers of writers that died between their

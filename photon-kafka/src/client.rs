@@ -49,11 +49,11 @@ const MAX_DRAINED_EVENTS: usize = 256;
 const DRAIN_WAIT: Duration = Duration::from_millis(10);
 
 /// How often topic creation looks for the new topic's partitions in the metadata.
-const TOPIC_POLL: Duration = Duration::from_millis(50);
+pub(crate) const TOPIC_POLL: Duration = Duration::from_millis(50);
 
 /// How long a topic's partition count is trusted on the append and read paths before it is asked
 /// for again, so a store that takes nothing over still notices a changed count within this.
-const RECHECK: Duration = Duration::from_secs(2);
+pub(crate) const RECHECK: Duration = Duration::from_secs(2);
 
 /// At most one warning about `max_producers` per this long: a thrashing writer would otherwise
 /// log one per append.
@@ -250,7 +250,7 @@ impl Shared {
 
     /// What this store knows of `topic`: its count and when it was confirmed; the refusal once
     /// the count was seen changed.
-    fn known(&self, topic: &str) -> Result<Option<(i32, Instant)>, Error> {
+    pub(crate) fn known(&self, topic: &str) -> Result<Option<(i32, Instant)>, Error> {
         let topics = self.topics.lock().expect("topics lock");
         match topics.get(topic) {
             Some(KnownTopic {
@@ -302,7 +302,10 @@ impl Shared {
 
     /// The partition count and replication factor of `topic` as the brokers report them now;
     /// None when it does not exist.
-    async fn fetch_partition_count(&self, topic: &str) -> Result<Option<(i32, i32)>, Error> {
+    pub(crate) async fn fetch_partition_count(
+        &self,
+        topic: &str,
+    ) -> Result<Option<(i32, i32)>, Error> {
         let context = format!("fetching the metadata of topic {topic}");
         let md = self.metadata(Some(topic), context).await?;
         let Some(found) = md.topics().iter().find(|t| t.name() == topic) else {
@@ -350,7 +353,7 @@ impl Shared {
 
     /// The configuration of `resource`. A topic created a moment ago may not be known to the
     /// broker that answers yet; that answer is asked again within the request timeout.
-    async fn describe(
+    pub(crate) async fn describe(
         &self,
         resource: ResourceSpecifier<'_>,
         context: String,
@@ -387,7 +390,7 @@ impl Shared {
 
     /// Notes that the brokers just confirmed `topic` with `partitions` (the first count noted
     /// stays: it is the one streams are placed with).
-    fn remember(&self, topic: &str, partitions: i32) {
+    pub(crate) fn remember(&self, topic: &str, partitions: i32) {
         self.topics
             .lock()
             .expect("topics lock")
@@ -435,16 +438,27 @@ impl Shared {
     /// Asks the brokers for `topic` with the configured partitions and settings; one that
     /// already exists (created by another process meanwhile) is fine.
     async fn create_topic(&self, topic: &str) -> Result<(), Error> {
+        self.create_topic_with(topic, self.config.partitions, &self.config.topic_settings())
+            .await
+    }
+
+    /// Asks the brokers for `topic` with `partitions` and the configured replication, the
+    /// `min.insync.replicas` that goes with it, and `settings`; one that already exists
+    /// (created by another process meanwhile) is fine.
+    pub(crate) async fn create_topic_with(
+        &self,
+        topic: &str,
+        partitions: i32,
+        settings: &[(&'static str, String)],
+    ) -> Result<(), Error> {
         let replication = TopicReplication::Fixed(self.config.replication_factor);
         let copies = match self.config.replication_factor {
             n if n > 0 => n,
             _ => self.default_replication_factor(topic).await?,
         };
         let min_insync = topic::created_min_insync(copies).to_string();
-        let settings = self.config.topic_settings();
         let new = settings.iter().fold(
-            NewTopic::new(topic, self.config.partitions, replication)
-                .set("min.insync.replicas", &min_insync),
+            NewTopic::new(topic, partitions, replication).set("min.insync.replicas", &min_insync),
             |new, (key, value)| new.set(key, value),
         );
         let options = self.admin_options();

@@ -24,6 +24,18 @@ const DEFAULT_PORT: u16 = 9092;
 /// Room for the key, the `photon.*` headers and the record framing above the event's own size.
 const RECORD_OVERHEAD: usize = 64 * 1024;
 
+/// The name of the registers topic after `<prefix>.`; its `-` keeps it out of every category.
+const REGISTERS_TOPIC: &str = "photon-registers";
+
+/// Partitions of the registers topic a store creates, by default: saves of registers of one
+/// partition take turns across processes (one fence per partition), so more partitions let
+/// more processes save different registers at once (see the README's "Registers").
+const DEFAULT_REGISTER_PARTITIONS: i32 = 16;
+
+/// `segment.ms` (and `max.compaction.lag.ms`) of the registers topic: how long a replaced
+/// register value may stay before the cleaner may reclaim it (see `register_topic_settings`).
+const REGISTER_SEGMENT_MS: u64 = 600_000;
+
 /// Producers kept by default: six categories of six partitions (the issue that raised it) and
 /// many more fit, while a process stays within a few thousand librdkafka threads.
 const DEFAULT_MAX_PRODUCERS: usize = 256;
@@ -36,6 +48,7 @@ const MAX_PRODUCERS_BOUND: usize = 4096;
 const OPTIONS: &[&str] = &[
     "prefix",
     "partitions",
+    "register_partitions",
     "replication_factor",
     "create",
     "timeout_ms",
@@ -91,6 +104,11 @@ pub struct KafkaConfig {
     /// Partitions of topics this store creates (`partitions`, default 6). A topic's partition
     /// count must never change afterwards: a stream's partition is its key's hash modulo it.
     pub partitions: i32,
+    /// Partitions of the registers topic (`<prefix>.photon-registers`) this store creates
+    /// (`register_partitions`, default 16). Processes saving registers of one partition take
+    /// turns at its fence, each take-over aborting the other's open save, which then retries:
+    /// more partitions, fewer such meetings. Never changed afterwards, as for event topics.
+    pub register_partitions: i32,
     /// Replication factor of created topics (`replication_factor`, default -1: the broker's
     /// `default.replication.factor`).
     pub replication_factor: i32,
@@ -158,6 +176,7 @@ impl fmt::Debug for KafkaConfig {
             .field("bootstrap_servers", &self.bootstrap_servers)
             .field("topic_prefix", &self.topic_prefix)
             .field("partitions", &self.partitions)
+            .field("register_partitions", &self.register_partitions)
             .field("replication_factor", &self.replication_factor)
             .field("create_topics", &self.create_topics)
             .field("timeout", &self.timeout)
@@ -180,6 +199,7 @@ impl KafkaConfig {
             bootstrap_servers: bootstrap_servers.into(),
             topic_prefix: "photon".into(),
             partitions: 6,
+            register_partitions: DEFAULT_REGISTER_PARTITIONS,
             replication_factor: -1,
             create_topics: true,
             timeout: Duration::from_secs(10),
@@ -222,6 +242,9 @@ impl KafkaConfig {
         }
         if let Some(n) = url.number_option("partitions", 1..=10_000)? {
             self.partitions = n;
+        }
+        if let Some(n) = url.number_option("register_partitions", 1..=10_000)? {
+            self.register_partitions = n;
         }
         let replication_rule = "must be -1 (broker default) or 1 to 100";
         let replication = |v: &str| {
@@ -306,6 +329,52 @@ impl KafkaConfig {
             .strip_prefix(self.topic_prefix.as_str())?
             .strip_prefix('.')?;
         photon_api::Category::new(category).ok().map(|_| category)
+    }
+
+    /// The topic of this store's registers (register.rs): `<prefix>.photon-registers`. A `-`
+    /// can never be in a category (ASCII letters, digits and `_`), so this is never a category's
+    /// topic, [`KafkaConfig::category_of`] answers None for it, and every listing and the all
+    /// stream (which go by categories) pass it by.
+    pub fn registers_topic(&self) -> String {
+        format!("{}.{REGISTERS_TOPIC}", self.topic_prefix)
+    }
+
+    /// The largest register record: the largest value the contract allows, its name and
+    /// photon's framing, with the same room as events have. Register producers and the
+    /// registers topic take the larger of this and [`KafkaConfig::max_record_bytes`]. Readers
+    /// keep `fetch.message.max.bytes` at `max_record_bytes` (which may be less): brokers still
+    /// hand a reader a first record larger than that, so a register's record is read whole,
+    /// one fetch at a time.
+    pub fn register_record_bytes(&self) -> usize {
+        photon_api::MAX_REGISTER_VALUE + RECORD_OVERHEAD
+    }
+
+    /// The settings of the registers topic this store creates: compacted, so only each
+    /// register's latest save stays; `segment.ms` of 10 minutes because the cleaner never
+    /// touches the active segment (with Kafka's default of 7 days a replaced value would stay
+    /// a week), `max.compaction.lag.ms` of 10 minutes so a replaced value is cleaned within
+    /// that even when the log's dirty share is small, and `min.cleanable.dirty.ratio` 0.1
+    /// because a clean registers log is tiny (one record per register), so rewriting it often
+    /// costs little and keeps it within about 10% of its live size. Never deleted by age or
+    /// size (should `delete` ever be added to the policy), and never lost to an unclean leader
+    /// election.
+    pub(crate) fn register_topic_settings(&self) -> [(&'static str, String); 9] {
+        [
+            ("cleanup.policy", "compact".into()),
+            ("segment.ms", REGISTER_SEGMENT_MS.to_string()),
+            ("max.compaction.lag.ms", REGISTER_SEGMENT_MS.to_string()),
+            ("min.cleanable.dirty.ratio", "0.1".into()),
+            ("retention.ms", "-1".into()),
+            ("retention.bytes", "-1".into()),
+            ("message.timestamp.type", "CreateTime".into()),
+            (
+                "max.message.bytes",
+                self.register_record_bytes()
+                    .max(self.max_record_bytes())
+                    .to_string(),
+            ),
+            ("unclean.leader.election.enable", "false".into()),
+        ]
     }
 
     /// The largest record photon-kafka writes or reads: the largest event plus room for its key
@@ -447,12 +516,14 @@ mod tests {
     #[test]
     fn parses_every_option() {
         let c = KafkaConfig::from_url(
-            "kafka://a:9092,b:9093/?prefix=app.v1&partitions=12&replication_factor=3&create=false&timeout_ms=1500&max_event_size=2048&max_append_size=4096&security_protocol=ssl&ssl_ca_location=/ca.pem&rdkafka.client.id=me&allow_finite_retention=true&max_producers=40&max_index_bytes=5000&warm_producers=false&answer_window_ms=750",
+            "kafka://a:9092,b:9093/?prefix=app.v1&partitions=12&register_partitions=4&replication_factor=3&create=false&timeout_ms=1500&max_event_size=2048&max_append_size=4096&security_protocol=ssl&ssl_ca_location=/ca.pem&rdkafka.client.id=me&allow_finite_retention=true&max_producers=40&max_index_bytes=5000&warm_producers=false&answer_window_ms=750",
         )
         .unwrap();
         assert_eq!(c.bootstrap_servers, "a:9092,b:9093");
         assert_eq!(c.topic_prefix, "app.v1");
         assert_eq!((c.partitions, c.replication_factor), (12, 3));
+        assert_eq!(c.register_partitions, 4);
+        assert_eq!(KafkaConfig::new("a:1").register_partitions, 16);
         assert!(!c.create_topics);
         assert_eq!(c.timeout, Duration::from_millis(1500));
         assert_eq!((c.max_event_size, c.max_append_size), (2048, 4096));
@@ -469,6 +540,11 @@ mod tests {
         assert_eq!(c.category_of("app.v1.account"), Some("account"));
         assert_eq!(c.category_of("app.v1.bad name"), None);
         assert_eq!(c.category_of("other.account"), None);
+        // The registers topic is never a category's, whatever the prefix.
+        assert_eq!(c.registers_topic(), "app.v1.photon-registers");
+        assert_eq!(c.category_of(&c.registers_topic()), None);
+        let plain = KafkaConfig::new("a:1");
+        assert_eq!(plain.category_of(&plain.registers_topic()), None);
         let defaults = KafkaConfig::from_url("kafka://broker,[::1]").unwrap();
         assert_eq!(defaults.bootstrap_servers, "broker:9092,[::1]:9092");
         assert_eq!(defaults, KafkaConfig::new("broker:9092,[::1]:9092"));

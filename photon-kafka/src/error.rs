@@ -30,6 +30,28 @@ pub(crate) enum Fault {
         topic: String,
         max_record_bytes: usize,
     },
+    /// A save needs the registers topic, which does not exist, and creating topics is off.
+    MissingRegistersTopic {
+        topic: String,
+        max_record_bytes: usize,
+    },
+    /// A record of the registers topic that is not a register save this version can read (a
+    /// future format, a tombstone, a record of another tool): its register, or the topic, is
+    /// refused rather than the record passed by.
+    NotARegister {
+        topic: String,
+        partition: i32,
+        offset: i64,
+        reason: String,
+    },
+    /// A registers partition ends below where this store had read it: the topic was deleted
+    /// and made again (or truncated), so what was read of it no longer holds.
+    RegistersReset {
+        topic: String,
+        partition: i32,
+        stable_end: i64,
+        read_to: i64,
+    },
     /// A record with photon's headers that does not decode.
     NotAnEvent {
         topic: String,
@@ -54,6 +76,31 @@ impl fmt::Display for Fault {
             } => write!(
                 f,
                 "topic {topic} does not exist and topic creation is off (create=false): create it with a fixed partition count, retention.ms=-1 and max.message.bytes >= {max_record_bytes}"
+            ),
+            Fault::MissingRegistersTopic {
+                topic,
+                max_record_bytes,
+            } => write!(
+                f,
+                "registers topic {topic} does not exist and topic creation is off (create=false): create it with a fixed partition count (16 or more: saves of registers in one partition take turns), cleanup.policy=compact, segment.ms=600000, max.compaction.lag.ms=600000, min.cleanable.dirty.ratio=0.1, max.message.bytes >= {max_record_bytes}, min.insync.replicas=2 where the replication factor is 2 or more, unclean.leader.election.enable=false, and retention.ms=-1 with retention.bytes=-1 if the policy also says delete"
+            ),
+            Fault::NotARegister {
+                topic,
+                partition,
+                offset,
+                reason,
+            } => write!(
+                f,
+                "record {topic}/{partition}@{offset} is not a register save this version reads: {reason}; refused rather than passed by (its register's latest save could be lost)"
+            ),
+            Fault::RegistersReset {
+                topic,
+                partition,
+                stable_end,
+                read_to,
+            } => write!(
+                f,
+                "registers partition {topic}/{partition} ends at offset {stable_end}, below offset {read_to} this store had read or written to: the topic was deleted and made again (or truncated), so registers read before may be gone; the next call reads it anew"
             ),
             Fault::NotAnEvent {
                 topic,

@@ -3,8 +3,8 @@
 // The rooms every backend crate has: settings, connection and shared state, typed errors, the
 // append protocol, reads and listings, subscriptions and the record codec. Kafka adds two: the
 // version index of a partition (Kafka cannot find a stream's records by itself) and the
-// checkpoint layout (partition offsets), beside the codec. This root only names the store and
-// delegates to them.
+// checkpoint layout (partition offsets), beside the codec; and registers (register.rs), kept in
+// a compacted topic of their own. This root only names the store and delegates to them.
 mod client;
 mod codec;
 mod config;
@@ -12,6 +12,7 @@ mod error;
 mod index;
 mod position;
 mod reader;
+mod register;
 mod subscription;
 mod topic;
 mod writer;
@@ -23,9 +24,9 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use photon_api::telemetry::Attempts;
 use photon_api::{
-    AppendResult, Capabilities, Category, Error, EventData, EventStore, ExpectedVersion, Health,
-    ReadOptions, RecordedEvent, Selector, Start, StreamId, SubscriptionItem, SubscriptionMode,
-    Version,
+    AppendResult, Bytes, Capabilities, Category, Error, EventData, EventStore, ExpectedVersion,
+    Health, ReadOptions, RecordedEvent, Register, Selector, Start, StreamId, SubscriptionItem,
+    SubscriptionMode, Uuid, Version,
 };
 
 pub use crate::client::BACKEND;
@@ -47,11 +48,13 @@ pub fn partition_for(stream: &StreamId, partitions: i32) -> i32 {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct WriterStats {
-    /// Transactional producers alive in this store: one per partition it holds, and those
-    /// initialised ahead of a first append to their partition (`warm_producers`).
+    /// Transactional producers alive in this store: one per partition it holds, those
+    /// initialised ahead of a first append to their partition (`warm_producers`), and one per
+    /// registers fence (partition and bucket of names) it holds; together within
+    /// `max_producers`.
     pub producers: usize,
     /// Partitions taken over (a producer initialised, now or ahead of time, then the partition
-    /// read to its stable end) since the store was built.
+    /// read to its stable end) since the store was built, registers partitions included.
     pub take_overs: u64,
     /// Partition states (version index and producer) dropped to keep the indexes within
     /// `max_index_bytes`; each is rebuilt by reading its partition when used again, so a count
@@ -66,6 +69,8 @@ pub struct WriterStats {
 #[derive(Clone)]
 pub struct KafkaStore {
     inner: Arc<Shared>,
+    /// The registers topic's fences and what was read of it (register.rs).
+    registers: Arc<register::Registers>,
 }
 
 impl fmt::Debug for KafkaStore {
@@ -93,12 +98,67 @@ impl KafkaStore {
     pub fn connect(config: KafkaConfig) -> Result<Self, Error> {
         Ok(Self {
             inner: Arc::new(Shared::connect(config)?),
+            registers: Arc::default(),
         })
     }
 
     /// The settings in force.
     pub fn config(&self) -> &KafkaConfig {
         &self.inner.config
+    }
+
+    /// The latest save of register `name` (see [`EventStore::load_register`]), read from the
+    /// registers topic (`<prefix>.photon-registers`, compacted) up to the stable end of the
+    /// name's partition as of the call, so it sees every save acknowledged before, by any
+    /// process. What a store read of a partition is kept (each register's revision, save id
+    /// and offset, never its value), so a load reads only what was committed since, then the
+    /// value from its record's offset; a partition is read in full (after compaction, about one
+    /// record per register) when one of its registers is first used.
+    ///
+    /// # Errors
+    /// - [`Error::InvalidInput`] for a name [`photon_api::validate_register`] refuses (nothing is
+    ///   asked of the brokers).
+    /// - [`Error::Unavailable`] when the brokers do not answer within three `timeout_ms`.
+    /// - [`Error::Backend`] with a [`TopicRefused`] source for a registers topic that is not
+    ///   compacted, has finite retention where it deletes, a changed partition count or records
+    ///   too small for the largest value.
+    /// - [`Error::Backend`] naming the partition and offset for a record in the name's
+    ///   partition that is not a register save (a tombstone, a future format, another tool's),
+    ///   and for a partition that ends below where this store had read it (the topic was
+    ///   deleted and made again; the next call reads the new one).
+    pub async fn load_register(&self, name: &str) -> Result<Option<Register>, Error> {
+        self.registers.load(&self.inner, name).await
+    }
+
+    /// Saves `value` as register `name`'s next revision if it is at `expected` (see
+    /// [`EventStore::save_register`]). Kafka has no compare-and-set: the save takes the fence
+    /// of the name's partition of the registers topic and bucket of names (a transactional
+    /// producer with the id `photon.<prefix>.photon-registers.<partition>.<bucket>`, whose
+    /// `init_transactions` fences any other process's), reads the partition to its stable end,
+    /// checks `expected` and commits the record in a transaction; it answers once the record is
+    /// readable. While a store holds the fence its own saves of that bucket's names need no
+    /// read first; a store that lost it learns so when its commit fails, and reads and decides
+    /// again.
+    ///
+    /// # Errors
+    /// - [`Error::RevisionConflict`] when `expected` does not hold (decided against every
+    ///   committed save).
+    /// - [`Error::InvalidInput`] for a name, value or save id
+    ///   [`photon_api::validate_register`] refuses (nothing is sent).
+    /// - [`Error::Unavailable`] when the outcome is unknown (the brokers did not answer, a
+    ///   commit timed out, the save was committed but not readable in time): re-send with the
+    ///   same `save_id`.
+    /// - [`Error::Backend`] with a [`TopicRefused`] source as for [`KafkaStore::load_register`].
+    pub async fn save_register(
+        &self,
+        name: &str,
+        expected: Option<u64>,
+        save_id: Uuid,
+        value: Bytes,
+    ) -> Result<u64, Error> {
+        self.registers
+            .save(&self.inner, name, expected, save_id, value)
+            .await
     }
 
     /// Producers alive and take-overs so far (see [`WriterStats`]).
@@ -176,5 +236,23 @@ impl EventStore for KafkaStore {
 
     async fn health(&self) -> Result<Health, Error> {
         self.inner.health().await
+    }
+
+    /// Forwards to [`KafkaStore::load_register`]: the compacted registers topic, read to the
+    /// partition's stable end.
+    async fn load_register(&self, name: &str) -> Result<Option<Register>, Error> {
+        KafkaStore::load_register(self, name).await
+    }
+
+    /// Forwards to [`KafkaStore::save_register`]: fenced by the partition's transactional id,
+    /// checked against every committed save, written in a transaction.
+    async fn save_register(
+        &self,
+        name: &str,
+        expected: Option<u64>,
+        save_id: Uuid,
+        value: Bytes,
+    ) -> Result<u64, Error> {
+        KafkaStore::save_register(self, name, expected, save_id, value).await
     }
 }

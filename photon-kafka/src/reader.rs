@@ -118,7 +118,12 @@ fn new_reader(shared: &Arc<Shared>) -> Result<PooledReader, Error> {
     })
 }
 
-fn assign(consumer: &StreamConsumer, topic: &str, p: i32, offset: i64) -> Result<(), Error> {
+pub(crate) fn assign(
+    consumer: &StreamConsumer,
+    topic: &str,
+    p: i32,
+    offset: i64,
+) -> Result<(), Error> {
     let context = || format!("reading {topic}/{p} from offset {offset}");
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, p, Offset::Offset(offset))
@@ -210,7 +215,7 @@ fn leader_unknown(code: Option<rdkafka::error::RDKafkaErrorCode>) -> bool {
 /// The log start and last stable offset (read_committed watermarks) of `topic`/`p`. Right after
 /// a topic is created a client may not know its leader yet; that answer is retried within the
 /// request timeout.
-async fn watermarks(shared: &Shared, topic: &str, p: i32) -> Result<(i64, i64), Error> {
+pub(crate) async fn watermarks(shared: &Shared, topic: &str, p: i32) -> Result<(i64, i64), Error> {
     let deadline = tokio::time::Instant::now() + shared.config.timeout;
     loop {
         let meta = shared.meta.clone();
@@ -233,7 +238,7 @@ async fn watermarks(shared: &Shared, topic: &str, p: i32) -> Result<(i64, i64), 
 
 /// The next message or consumer error on `consumer`, within the request timeout; `at` says
 /// where the read is, for the error when nothing comes.
-async fn next_message<'c>(
+pub(crate) async fn next_message<'c>(
     shared: &Shared,
     consumer: &'c StreamConsumer,
     at: impl FnOnce() -> String,
@@ -453,7 +458,7 @@ fn index_record(index: &mut PartitionIndex, msg: &BorrowedMessage<'_>) -> bool {
 }
 
 /// A consumer error while reading `topic`/`p`: Ok for one that passes by itself, else the error.
-fn pass_or_fail(e: KafkaError, topic: &str, p: i32) -> Result<(), Error> {
+pub(crate) fn pass_or_fail(e: KafkaError, topic: &str, p: i32) -> Result<(), Error> {
     if error::is_passing(&e) {
         tracing::debug!(error = %e, "photon-kafka: passing client error while reading");
         return Ok(());

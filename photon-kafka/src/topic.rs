@@ -65,6 +65,25 @@ pub enum TopicRefused {
         /// The topic.
         topic: String,
     },
+    /// The registers topic (`<prefix>.photon-registers`) is not compacted: every save would stay
+    /// for good (or be deleted by age, registers with it), where compaction keeps each
+    /// register's latest.
+    NotCompacted {
+        /// The topic.
+        topic: String,
+        /// The topic's `cleanup.policy`.
+        cleanup_policy: String,
+    },
+    /// The registers topic's `max.message.bytes` is below a register record of the largest
+    /// value the contract allows.
+    RecordsTooSmall {
+        /// The topic.
+        topic: String,
+        /// The topic's `max.message.bytes`.
+        max_message_bytes: String,
+        /// What a register record of the largest value needs.
+        needed: usize,
+    },
 }
 
 impl TopicRefused {
@@ -75,7 +94,9 @@ impl TopicRefused {
             | TopicRefused::Compacted { topic, .. }
             | TopicRefused::FiniteRetention { topic, .. }
             | TopicRefused::TooFewInSyncReplicas { topic, .. }
-            | TopicRefused::UncleanLeaderElection { topic } => topic,
+            | TopicRefused::UncleanLeaderElection { topic }
+            | TopicRefused::NotCompacted { topic, .. }
+            | TopicRefused::RecordsTooSmall { topic, .. } => topic,
         }
     }
 
@@ -88,6 +109,8 @@ impl TopicRefused {
             TopicRefused::FiniteRetention { setting, .. } => setting,
             TopicRefused::TooFewInSyncReplicas { .. } => "min.insync.replicas",
             TopicRefused::UncleanLeaderElection { .. } => "unclean.leader.election.enable",
+            TopicRefused::NotCompacted { .. } => "cleanup.policy",
+            TopicRefused::RecordsTooSmall { .. } => "max.message.bytes",
         }
     }
 }
@@ -134,6 +157,21 @@ impl fmt::Display for TopicRefused {
             TopicRefused::UncleanLeaderElection { topic } => write!(
                 f,
                 "topic {topic} has unclean.leader.election.enable=true: a replica that missed acknowledged appends may become leader and drop them; set it to false"
+            ),
+            TopicRefused::NotCompacted {
+                topic,
+                cleanup_policy,
+            } => write!(
+                f,
+                "registers topic {topic} has cleanup.policy={cleanup_policy}: without compaction every register save stays for good (or registers are deleted by age); set cleanup.policy=compact (kafka-configs --alter --entity-type topics --entity-name {topic} --add-config cleanup.policy=compact)"
+            ),
+            TopicRefused::RecordsTooSmall {
+                topic,
+                max_message_bytes,
+                needed,
+            } => write!(
+                f,
+                "registers topic {topic} has max.message.bytes={max_message_bytes}: a register of the largest value allowed needs {needed}; set max.message.bytes={needed}"
             ),
         }
     }
@@ -197,6 +235,69 @@ pub(crate) fn check_config<'v>(
         });
     }
     Ok(())
+}
+
+/// Whether the registers topic with these settings keeps each register's latest save and only
+/// that: compacted (`NotCompacted` otherwise), never deleted by age or size should `delete` be
+/// part of the policy too (finite retention is refused whatever `allow_finite_retention` says:
+/// a lost register is a lost checkpoint), records of `needed` bytes accepted, and the
+/// replication rules of event topics. Compaction keeps the record of the highest offset per
+/// key, and one fenced writer per partition gives the latest save the highest offset.
+pub(crate) fn check_register_config<'v>(
+    topic: &str,
+    value: impl Fn(&str) -> Option<&'v str>,
+    replication_factor: i32,
+    needed: usize,
+) -> Result<(), TopicRefused> {
+    let policy = value("cleanup.policy").unwrap_or("delete");
+    let policies: Vec<&str> = policy.split(',').map(str::trim).collect();
+    if !policies.contains(&"compact") {
+        return Err(TopicRefused::NotCompacted {
+            topic: topic.to_owned(),
+            cleanup_policy: policy.to_owned(),
+        });
+    }
+    if let Some(v) = value("max.message.bytes") {
+        if v.trim().parse::<usize>().map_or(true, |n| n < needed) {
+            return Err(TopicRefused::RecordsTooSmall {
+                topic: topic.to_owned(),
+                max_message_bytes: v.to_owned(),
+                needed,
+            });
+        }
+    }
+    // Retention is checked only where it applies (a compact-only topic ignores it, and its
+    // broker default shows as finite); the rest as for events.
+    let deletes = policies.contains(&"delete");
+    let rest = |name: &str| match name {
+        "cleanup.policy" => None,
+        "retention.ms" | "retention.bytes" if !deletes => None,
+        other => value(other),
+    };
+    check_config(topic, rest, replication_factor, false)
+}
+
+/// The longest `segment.ms` or `min.compaction.lag.ms` of the registers topic not warned
+/// about: the cleaner never touches the active segment nor records younger than the lag, so
+/// every save within that time stays, and a store's first read of a partition reads them all.
+pub(crate) const REGISTER_LAG_WARNED_MS: u64 = 3_600_000;
+
+/// The settings of a registers topic that are accepted but keep replaced saves long (Kafka's
+/// default `segment.ms` of 7 days, a large `min.compaction.lag.ms`): each with its value, for a
+/// warning naming it. A missing value is taken as Kafka's default.
+pub(crate) fn register_config_warnings<'v>(
+    value: impl Fn(&str) -> Option<&'v str>,
+) -> Vec<(&'static str, String)> {
+    [("segment.ms", "604800000"), ("min.compaction.lag.ms", "0")]
+        .into_iter()
+        .filter_map(|(setting, default)| {
+            let v = value(setting).unwrap_or(default).trim();
+            let long = v
+                .parse::<u64>()
+                .map_or(true, |ms| ms > REGISTER_LAG_WARNED_MS);
+            long.then(|| (setting, v.to_owned()))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -277,6 +378,74 @@ mod tests {
         let refusal = refused(e);
         assert!(!refusal.is_retryable());
         assert!(refusal.to_string().contains("using topic p.t"), "{refusal}");
+    }
+
+    #[test]
+    fn a_registers_topic_must_be_compacted_and_take_the_largest_register() {
+        let compacted: Vec<(&str, &str)> = vec![
+            ("cleanup.policy", "compact"),
+            ("retention.ms", "604800000"),
+            ("max.message.bytes", "1000000"),
+            ("min.insync.replicas", "2"),
+        ];
+        let check = |s: &[(&str, &str)], rf: i32| {
+            check_register_config(
+                "p.photon-registers",
+                |name| s.iter().find(|(k, _)| *k == name).map(|(_, v)| *v),
+                rf,
+                1_065_536,
+            )
+        };
+        // A compact-only topic ignores retention: its broker default does not refuse it.
+        let e = check(&compacted, 3).unwrap_err();
+        assert_eq!(e.setting(), "max.message.bytes", "{e}");
+        let mut fine = compacted.clone();
+        fine[2] = ("max.message.bytes", "1065536");
+        assert_eq!(check(&fine, 3), Ok(()));
+        for (change, setting) in [
+            (("cleanup.policy", "delete"), "cleanup.policy"),
+            (("cleanup.policy", "compact,delete"), "retention.ms"),
+            (("min.insync.replicas", "1"), "min.insync.replicas"),
+            (
+                ("unclean.leader.election.enable", "true"),
+                "unclean.leader.election.enable",
+            ),
+        ] {
+            let mut s: Vec<_> = fine
+                .iter()
+                .filter(|(k, _)| *k != change.0)
+                .copied()
+                .collect();
+            s.push(change);
+            let e = check(&s, 3).expect_err(setting);
+            assert_eq!(e.setting(), setting, "{change:?}");
+            assert!(e.to_string().contains(setting), "{e}");
+        }
+        // No policy shown is Kafka's default, delete.
+        assert_eq!(check(&[], 1).unwrap_err().setting(), "cleanup.policy");
+    }
+
+    #[test]
+    fn a_registers_topic_that_keeps_saves_long_is_warned_about() {
+        let warned = |s: &[(&str, &str)]| {
+            register_config_warnings(|name| s.iter().find(|(k, _)| *k == name).map(|(_, v)| *v))
+                .into_iter()
+                .map(|(setting, _)| setting)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            warned(&[("segment.ms", "600000"), ("min.compaction.lag.ms", "0")]),
+            Vec::<&str>::new()
+        );
+        // Kafka's defaults: a week of saves in the active segment.
+        assert_eq!(warned(&[]), ["segment.ms"]);
+        assert_eq!(
+            warned(&[
+                ("segment.ms", "604800000"),
+                ("min.compaction.lag.ms", "86400000")
+            ]),
+            ["segment.ms", "min.compaction.lag.ms"]
+        );
     }
 
     #[test]

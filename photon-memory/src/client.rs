@@ -5,11 +5,13 @@
 //! an append or a read means (that is `writer` and `reader`), and nothing here reaches up into
 //! the crate root.
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use photon_api::validate::StoredId;
-use photon_api::{Bytes, ContentType, EventType, Metadata, StreamId, Timestamp, Uuid, Version};
+use photon_api::{
+    Bytes, ContentType, EventType, Metadata, Register, StreamId, Timestamp, Uuid, Version,
+};
 use tokio::sync::watch;
 
 use crate::codec::Encoder;
@@ -52,6 +54,8 @@ pub(crate) struct Shared {
     pub(crate) config: MemoryConfig,
     /// The weaker guarantees played, if any ([`crate::Faults`]); None costs each call one check.
     pub(crate) faults: Option<FaultState>,
+    /// Every register's latest save, by name ([`crate::register`]).
+    pub(crate) registers: Mutex<HashMap<String, Register>>,
 }
 
 impl Shared {
@@ -62,6 +66,7 @@ impl Shared {
             state: RwLock::new(State::default()),
             head,
             faults: config.faults.clone().map(FaultState::new),
+            registers: Mutex::default(),
             config,
         }
     }

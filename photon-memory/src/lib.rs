@@ -9,6 +9,7 @@ mod config;
 mod error;
 mod faults;
 mod reader;
+mod register;
 mod subscription;
 mod writer;
 
@@ -18,9 +19,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use photon_api::{
-    AppendResult, Capabilities, Category, Error, EventData, EventStore, ExpectedVersion, Health,
-    ReadOptions, RecordedEvent, Selector, Start, StreamId, SubscriptionItem, SubscriptionMode,
-    Version,
+    AppendResult, Bytes, Capabilities, Category, Error, EventData, EventStore, ExpectedVersion,
+    Health, ReadOptions, RecordedEvent, Register, Selector, Start, StreamId, SubscriptionItem,
+    SubscriptionMode, Uuid, Version,
 };
 
 pub use crate::client::BACKEND;
@@ -200,6 +201,20 @@ impl EventStore for MemoryStore {
                 reader::len(&self.shared)
             ),
         })
+    }
+
+    async fn load_register(&self, name: &str) -> Result<Option<Register>, Error> {
+        register::load(&self.shared, name)
+    }
+
+    async fn save_register(
+        &self,
+        name: &str,
+        expected: Option<u64>,
+        save_id: Uuid,
+        value: Bytes,
+    ) -> Result<u64, Error> {
+        register::save(&self.shared, name, expected, save_id, value)
     }
 }
 

@@ -129,6 +129,35 @@ fn index_name(model: &IndexModel) -> &str {
 /// collation). An index of that name made otherwise (by hand, or by another tool) may let a
 /// repeated id in, so the store does not rely on it.
 pub(crate) fn is_ids_index(index: &Document) -> bool {
+    is_index_as_defined(index, "stream_event_ids", ["stream", "event_ids"])
+}
+
+/// The index `name_revision` of the registers collection, unique on `{name: 1, revision: 1}`:
+/// the only check a register save rests on (see `register.rs`). Public for the same reason as
+/// [`commit_indexes`]: an administrator who runs with `photon_create=false` creates it.
+pub fn register_indexes() -> Vec<IndexModel> {
+    vec![index(
+        REGISTER_INDEX,
+        doc! { "name": 1, "revision": 1 },
+        true,
+    )]
+}
+
+/// How many register cleanups of one store may run at once after their saves answered; a save
+/// that finds them all busy leaves its old revisions to the next save.
+const REGISTER_CLEANUPS: usize = 8;
+
+/// The name of the registers collection's one index.
+pub(crate) const REGISTER_INDEX: &str = "name_revision";
+
+/// Whether `index`, an entry of `listIndexes`, is the unique index `name` on exactly `wanted`
+/// (ascending, in that order), over every document (no `partialFilterExpression`, not sparse)
+/// and comparing strings as bytes (no collation).
+pub(crate) fn is_index_as_defined<const N: usize>(
+    index: &Document,
+    name: &str,
+    wanted: [&str; N],
+) -> bool {
     let one = |b: &Bson| match b {
         Bson::Int32(n) => *n == 1,
         Bson::Int64(n) => *n == 1,
@@ -144,9 +173,13 @@ pub(crate) fn is_ids_index(index: &Document) -> bool {
         Ok(keys) => keys.iter().collect::<Vec<_>>(),
         Err(_) => return false,
     };
-    index.get_str("name") == Ok("stream_event_ids")
+    index.get_str("name") == Ok(name)
         && truthy(index.get("unique"))
-        && matches!(keys.as_slice(), [(s, a), (e, b)] if s.as_str() == "stream" && one(a) && e.as_str() == "event_ids" && one(b))
+        && keys.len() == N
+        && keys
+            .iter()
+            .zip(wanted)
+            .all(|((field, order), want)| field.as_str() == want && one(order))
         && !index.contains_key("partialFilterExpression")
         && !truthy(index.get("sparse"))
         && !index.contains_key("collation")
@@ -228,11 +261,20 @@ pub(crate) struct Readiness {
 pub(crate) struct Shared {
     client: Client,
     pub(crate) commits: Collection<Document>,
+    /// The registers, one document per save kept (see `register.rs`).
+    pub(crate) registers: Collection<Document>,
     pub(crate) config: MongoConfig,
     /// The monitor's latest heartbeat per server (see [`record_heartbeat`]): what a server
     /// selection that times out is classified by (see [`error::driver_after`]).
     heartbeats: Arc<Mutex<error::Heartbeats>>,
     ready: OnceCell<Readiness>,
+    /// Set once the registers' index is created (when allowed) and checked.
+    registers_ready: OnceCell<()>,
+    /// Set once a save has shown that this store may delete from the registers collection
+    /// (see [`Self::registers_writable`]).
+    registers_writable: OnceCell<()>,
+    /// Bounds the register cleanups running after their saves answered (see `register.rs`).
+    pub(crate) register_cleanups: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -253,10 +295,16 @@ impl Shared {
             commits: client
                 .database(&config.database)
                 .collection(&config.commits()),
+            registers: client
+                .database(&config.database)
+                .collection(&config.registers()),
             client,
             config,
             heartbeats,
             ready: OnceCell::new(),
+            registers_ready: OnceCell::new(),
+            registers_writable: OnceCell::new(),
+            register_cleanups: Arc::new(tokio::sync::Semaphore::new(REGISTER_CLEANUPS)),
         })
     }
 
@@ -318,6 +366,71 @@ impl Shared {
                 Ok(Readiness {
                     ids_unique_per_element: ids_index && self.ids_unique_per_element().await?,
                 })
+            })
+            .await
+            .copied()
+    }
+
+    /// Creates (when allowed) and checks the registers' index, once per store, at the first
+    /// register call: apart from [`Self::ready`], so a store that never uses registers (an
+    /// older deployment with `photon_create=false`, a reader with only the `read` role) neither
+    /// needs nor touches the collection. The index must be [`register_indexes`]' exactly
+    /// (unique on `{name: 1, revision: 1}` over every document): a save's revision check is
+    /// that index's refusal, so an index of that name defined otherwise (FerretDB 1.24 accepts
+    /// a `createIndexes` that differs only in `unique`, silently) is an error, not a warning.
+    pub(crate) async fn registers_ready(&self) -> Result<(), Error> {
+        self.registers_ready
+            .get_or_try_init(|| async {
+                let collection = self.registers.name();
+                if self.config.create {
+                    for model in register_indexes() {
+                        let name = index_name(&model).to_owned();
+                        if let Err(conflict) = self.create_index_on(&self.registers, model).await? {
+                            return Err(error::index_conflict(collection, &name, &conflict));
+                        }
+                    }
+                }
+                let indexes = self.indexes_of(&self.registers).await?;
+                match indexes
+                    .iter()
+                    .find(|i| i.get_str("name") == Ok(REGISTER_INDEX))
+                {
+                    None => Err(error::missing_index(collection, REGISTER_INDEX)),
+                    Some(i) if !is_index_as_defined(i, REGISTER_INDEX, ["name", "revision"]) => {
+                        Err(error::index_conflict(
+                            collection,
+                            REGISTER_INDEX,
+                            &i.to_string(),
+                        ))
+                    }
+                    Some(_) => Ok(()),
+                }
+            })
+            .await
+            .copied()
+    }
+
+    /// Checks, once per store at its first register save, that it may delete from the
+    /// registers collection: a save keeps storage bounded by deleting old revisions after it
+    /// answered, where a refusal would only be logged, so a role without `remove` would let
+    /// the collection grow without anyone being told. `delete_one` of a fresh `ObjectId`
+    /// matches nothing but needs that action; a refusal is `AccessDenied` (code 13, as
+    /// [`error::driver`] maps it).
+    pub(crate) async fn registers_writable(&self) -> Result<(), Error> {
+        self.registers_writable
+            .get_or_try_init(|| async {
+                let probe = doc! { "_id": mongodb::bson::oid::ObjectId::new() };
+                self.bounded(
+                    || {
+                        format!(
+                            "checking that old register revisions may be deleted from {}",
+                            self.registers.name()
+                        )
+                    },
+                    self.registers.delete_one(probe),
+                )
+                .await
+                .map(|_| ())
             })
             .await
             .copied()
@@ -426,9 +539,18 @@ impl Shared {
     /// Creates `model`: `Ok(Err(message))` when an index of that name (or those keys) exists
     /// with another definition (MongoDB's IndexOptionsConflict, IndexKeySpecsConflict).
     async fn create_index(&self, model: IndexModel) -> Result<Result<(), String>, Error> {
+        self.create_index_on(&self.commits, model).await
+    }
+
+    /// [`Self::create_index`] on `collection`.
+    async fn create_index_on(
+        &self,
+        collection: &Collection<Document>,
+        model: IndexModel,
+    ) -> Result<Result<(), String>, Error> {
         let name = index_name(&model).to_owned();
         let create = async {
-            match self.commits.create_index(model).await {
+            match collection.create_index(model).await {
                 Ok(_) => Ok(Ok(())),
                 Err(e) if error::is_index_conflict(&e) => Ok(Err(e.to_string())),
                 Err(e) => Err(e),
@@ -542,10 +664,15 @@ impl Shared {
 
     /// The commits collection's indexes as `listIndexes` describes them.
     async fn indexes(&self) -> Result<Vec<Document>, Error> {
+        self.indexes_of(&self.commits).await
+    }
+
+    /// `collection`'s indexes as `listIndexes` describes them.
+    async fn indexes_of(&self, collection: &Collection<Document>) -> Result<Vec<Document>, Error> {
         let indexes = async {
             match self
                 .database()
-                .run_cursor_command(doc! { "listIndexes": self.commits.name() })
+                .run_cursor_command(doc! { "listIndexes": collection.name() })
                 .await
             {
                 Ok(cursor) => cursor.try_collect().await,
@@ -749,6 +876,44 @@ mod tests {
         ] {
             assert!(!is_ids_index(&index), "{index}");
         }
+    }
+
+    #[test]
+    fn the_registers_index_is_relied_on_only_as_defined() {
+        let listed = doc! {
+            "v": 2, "key": { "name": 1, "revision": 1 }, "name": "name_revision", "unique": true,
+        };
+        assert!(is_index_as_defined(
+            &listed,
+            "name_revision",
+            ["name", "revision"]
+        ));
+        for (field, value) in [
+            ("unique", Bson::Boolean(false)),
+            ("key", Bson::Document(doc! { "name": 1 })),
+            ("key", Bson::Document(doc! { "revision": 1, "name": 1 })),
+            ("key", Bson::Document(doc! { "name": 1, "revision": -1 })),
+            ("sparse", Bson::Boolean(true)),
+            (
+                "partialFilterExpression",
+                Bson::Document(doc! { "revision": { "$gt": 0 } }),
+            ),
+            (
+                "collation",
+                Bson::Document(doc! { "locale": "en", "strength": 2 }),
+            ),
+        ] {
+            let mut index = listed.clone();
+            index.insert(field, value);
+            assert!(
+                !is_index_as_defined(&index, "name_revision", ["name", "revision"]),
+                "{index}"
+            );
+        }
+        let model = &register_indexes()[0];
+        assert_eq!(index_name(model), REGISTER_INDEX);
+        assert_eq!(model.keys, doc! { "name": 1, "revision": 1 });
+        assert_eq!(model.options.as_ref().and_then(|o| o.unique), Some(true));
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub struct MongoConfig {
     url: StoreUrl,
     /// The database; from the URL path, default `photon`.
     pub database: String,
-    /// Prefix of the collection: `<prefix>_commits`.
+    /// Prefix of the collections: `<prefix>_commits`, `<prefix>_registers`.
     pub collection_prefix: String,
     /// Create collections and indexes on first use; when false, missing ones are an error.
     pub create: bool,
@@ -162,6 +162,12 @@ impl MongoConfig {
     pub(crate) fn commits(&self) -> String {
         format!("{}_commits", self.collection_prefix)
     }
+
+    /// The name of the registers collection (see `register.rs`): apart from the commits, so
+    /// no reader, subscription or listing of events ever meets a register.
+    pub(crate) fn registers(&self) -> String {
+        format!("{}_registers", self.collection_prefix)
+    }
 }
 
 fn is_ours(key: &str) -> bool {
@@ -207,6 +213,7 @@ mod tests {
             "mongodb://u:secret@h1:27017,h2/events?directConnection=true&w=majority"
         );
         assert_eq!(c.commits(), "app_commits");
+        assert_eq!(c.registers(), "app_registers");
         let shown = format!("{c:?}");
         assert!(!shown.contains("secret"), "{shown}");
         let d = MongoConfig::from_url("mongodb://h").unwrap();

@@ -315,10 +315,16 @@ pub(crate) fn missing_index(collection: &str, index: &str) -> Error {
 
 /// An index of ours whose name another index holds, with other keys or options.
 pub(crate) fn index_conflict(collection: &str, index: &str, conflict: &str) -> Error {
+    // The README section that defines the index: the registers' one, or the commits'.
+    let section = if index == crate::client::REGISTER_INDEX {
+        "Registers"
+    } else {
+        "Documents"
+    };
     Error::InvalidInput {
         what: format!("collection {collection}"),
         reason: format!(
-            "an index named {index:?} exists with other keys or options than photon-mongo's (see the photon-mongo README, Documents); drop it so that the store can create its own ({conflict})"
+            "an index named {index:?} exists with other keys or options than photon-mongo's (see the photon-mongo README, {section}); drop it so that the store can create its own ({conflict})"
         ),
     }
 }
@@ -395,6 +401,40 @@ pub(crate) fn position_races(stream: &StreamId, inserts: u32) -> Error {
     }
 }
 
+/// A register save whose revision is held by an earlier send of the same save, which did not
+/// reach the majority snapshot within `photon_timeout_ms` (its writer still waits for the
+/// majority, or it is being rolled back).
+pub(crate) fn register_unsettled(name: &str, revision: u64) -> Error {
+    Error::Unavailable {
+        backend: BACKEND,
+        message: format!(
+            "register {name:?}: revision {revision} is taken by a save not yet confirmed by a \
+             majority; the outcome is unknown, re-send with the same save id"
+        ),
+        source: None,
+    }
+}
+
+/// A register save whose insert landed, but the register moved on by more than one revision
+/// before the check after it, so whether it was the latest for a moment cannot be told: it may
+/// or may not be stored (the contract's answer to an unknown outcome: re-send it).
+pub(crate) fn register_overtaken(name: &str, revision: u64, above: u64) -> Error {
+    Error::Unavailable {
+        backend: BACKEND,
+        message: format!(
+            "register {name:?}: the save at revision {revision} was overtaken by revision \
+             {above} before it could be checked; the outcome is unknown, re-send with the same \
+             save id"
+        ),
+        source: None,
+    }
+}
+
+/// A stored register document that does not have the documented layout.
+pub(crate) fn corrupt_register(name: &str, what: impl Into<String>) -> Error {
+    Error::backend(BACKEND, format!("decoding register {name:?}"), what.into())
+}
+
 /// A stored commit that does not have the documented layout.
 pub(crate) fn corrupt(position: Option<i64>, what: impl Into<String>) -> Error {
     let at = position.map_or("?".into(), |p| p.to_string());
@@ -440,6 +480,23 @@ mod tests {
     use photon_api::AccessKind;
 
     use super::*;
+
+    #[test]
+    fn register_errors_point_to_the_registers_and_ask_for_a_resend() {
+        let e = index_conflict("p_registers", crate::client::REGISTER_INDEX, "x").to_string();
+        assert!(e.contains("README, Registers"), "{e}");
+        let e = index_conflict("p_commits", "stream_version", "x").to_string();
+        assert!(e.contains("README, Documents"), "{e}");
+        for e in [
+            register_overtaken("view", 2, 5),
+            register_unsettled("view", 2),
+        ] {
+            assert!(e.is_retryable(), "{e}");
+            let shown = e.to_string();
+            assert!(shown.contains("re-send with the same save id"), "{shown}");
+            assert!(!shown.contains("load the register"), "{shown}");
+        }
+    }
 
     fn command(code: i32, name: &str) -> DriverError {
         let reply = doc! { "ok": 0, "code": code, "codeName": name, "errmsg": "from the server" };

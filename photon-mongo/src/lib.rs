@@ -1,13 +1,14 @@
 #![doc = include_str!("../README.md")]
 
 // The rooms every backend crate has: settings, the connection and shared state, typed errors,
-// the append protocol, reads, subscriptions and the document codec. This root only names the
-// store and delegates to them.
+// the append protocol, reads, subscriptions, registers and the document codec. This root only
+// names the store and delegates to them.
 mod client;
 mod codec;
 mod config;
 mod error;
 mod reader;
+mod register;
 mod subscription;
 mod writer;
 
@@ -18,14 +19,14 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use photon_api::telemetry::Attempts;
 use photon_api::{
-    AppendResult, Capabilities, Category, Error, EventData, EventStore, ExpectedVersion, Health,
-    ReadOptions, RecordedEvent, Selector, Start, StreamId, SubscriptionItem, SubscriptionMode,
-    Version,
+    AppendResult, Bytes, Capabilities, Category, Error, EventData, EventStore, ExpectedVersion,
+    Health, ReadOptions, RecordedEvent, Register, Selector, Start, StreamId, SubscriptionItem,
+    SubscriptionMode, Uuid, Version,
 };
 
 pub use crate::client::{
-    client_options, commit_indexes, idempotency_index, BACKEND, IDS_BY_INDEX, IDS_LOOKED_UP,
-    MAX_APPEND_SIZE,
+    client_options, commit_indexes, idempotency_index, register_indexes, BACKEND, IDS_BY_INDEX,
+    IDS_LOOKED_UP, MAX_APPEND_SIZE,
 };
 use crate::client::{Shared, TELEMETRY};
 pub use crate::config::{MongoConfig, SCHEME, SCHEMES};
@@ -67,6 +68,40 @@ impl MongoStore {
     /// The settings in force.
     pub fn config(&self) -> &MongoConfig {
         &self.shared.config
+    }
+
+    /// The latest save of register `name` (see [`EventStore::load_register`]), read from the
+    /// primary with read concern `linearizable` (bounded by `maxTimeMS`) in
+    /// `<prefix>_registers`, apart from the commits.
+    ///
+    /// # Errors
+    /// - [`Error::InvalidInput`] for a name `photon_api::validate_register` refuses, or a
+    ///   missing `name_revision` index with `photon_create=false`.
+    /// - [`Error::Unavailable`] when the server does not answer within `photon_timeout_ms`.
+    pub async fn load_register(&self, name: &str) -> Result<Option<Register>, Error> {
+        register::load(&self.shared, name).await
+    }
+
+    /// Saves register `name` if it is at `expected` (see [`EventStore::save_register`]): an
+    /// insert at the next revision that the unique index `name_revision` decides, because a
+    /// conditional update is not atomic on every server this store runs on (FerretDB); the
+    /// README's "Registers" says why it is correct.
+    ///
+    /// # Errors
+    /// - [`Error::RevisionConflict`] with the latest revision when `expected` does not hold.
+    /// - [`Error::InvalidInput`] for a name or value `photon_api::validate_register` refuses.
+    /// - [`Error::AccessDenied`] at the first save of a store whose user may not delete from
+    ///   `<prefix>_registers` (old revisions could never be deleted; see the README).
+    /// - [`Error::Unavailable`] when the outcome is unknown (no answer in time, a lost
+    ///   connection, a write-concern error, a step-down); re-send with the same `save_id`.
+    pub async fn save_register(
+        &self,
+        name: &str,
+        expected: Option<u64>,
+        save_id: Uuid,
+        value: Bytes,
+    ) -> Result<u64, Error> {
+        register::save(&self.shared, name, expected, save_id, value).await
     }
 }
 
@@ -132,5 +167,19 @@ impl EventStore for MongoStore {
 
     async fn health(&self) -> Result<Health, Error> {
         self.shared.health().await
+    }
+
+    async fn load_register(&self, name: &str) -> Result<Option<Register>, Error> {
+        MongoStore::load_register(self, name).await
+    }
+
+    async fn save_register(
+        &self,
+        name: &str,
+        expected: Option<u64>,
+        save_id: Uuid,
+        value: Bytes,
+    ) -> Result<u64, Error> {
+        MongoStore::save_register(self, name, expected, save_id, value).await
     }
 }

@@ -19,6 +19,7 @@ pub mod concurrency;
 pub mod idempotency;
 pub mod input;
 pub mod read;
+pub mod register;
 pub mod subscribe;
 pub mod telemetry;
 
@@ -30,6 +31,7 @@ pub use self::concurrency::*;
 pub use self::idempotency::*;
 pub use self::input::*;
 pub use self::read::*;
+pub use self::register::*;
 pub use self::subscribe::*;
 pub use self::telemetry::*;
 
@@ -48,6 +50,7 @@ macro_rules! __conformance_all_cases {
         $crate::__conformance_backpressure_cases! { $($then)* }
         $crate::__conformance_input_cases! { $($then)* }
         $crate::__conformance_telemetry_cases! { $($then)* }
+        $crate::__conformance_register_cases! { $($then)* }
     };
 }
 
