@@ -13,8 +13,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use photon_api::{
-    Category, Checkpoint, Error, EventData, EventStore, ExpectedVersion, ReadOptions, StreamId,
-    Uuid, Version,
+    Category, Checkpoint, Error, EventStore, ExpectedVersion, ReadOptions, StreamId, Uuid, Version,
 };
 use serde::{Deserialize, Serialize};
 
@@ -115,7 +114,9 @@ impl CheckpointStore for InMemoryCheckpointStore {
     }
 }
 
-/// The category of the streams that [`EventStoreCheckpointStore`] writes.
+/// The prefix of the registers [`EventStoreCheckpointStore`] writes (`newton_view-<view name>`),
+/// and the category of the streams earlier releases wrote them to, still read once to carry a
+/// view's last save over. Reserved: no aggregate may use it.
 pub const CHECKPOINT_CATEGORY: &str = "newton_view";
 
 fn checkpoint_stream(view: &str) -> Result<StreamId, Error> {
@@ -125,7 +126,7 @@ fn checkpoint_stream(view: &str) -> Result<StreamId, Error> {
     )
 }
 
-/// A revision expectation as the event store's: revision r is version r of the checkpoint stream.
+/// A revision expectation in the words of `WrongExpectedVersion`, which views are fenced by.
 fn expected_revision(expected: Option<u64>) -> ExpectedVersion {
     expected.map_or(ExpectedVersion::NoStream, |r| {
         ExpectedVersion::Exact(Version(r))
@@ -133,13 +134,17 @@ fn expected_revision(expected: Option<u64>) -> ExpectedVersion {
 }
 
 /// Checkpoints kept in the event store itself, so views resume on every backend with nothing
-/// else to run: each save is one event in stream `newton_view-<view name>`, the revision is its
-/// version, and loading reads the last event only.
+/// else to run: each view's save is the store's register `newton_view-<view name>`
+/// ([`EventStore::save_register`]), which keeps only the latest save. However often a view saves,
+/// its checkpoint takes the space of one save, and no subscriber of the all stream reads it.
 ///
-/// Each save is limited by the store's event size limit (1 MiB by default); views with large
-/// state should keep it in their own database and save only positions (state `()`). Every save is
-/// a new event (the store has no delete), so the stream grows by one event per save: the runner
-/// saves at most every `RunnerOptions::save_interval` while events arrive and never while idle.
+/// A view saved by an earlier release, as events in stream `newton_view-<view name>`, is carried
+/// over on its first load: the stream's last save becomes the register's first (with that event's
+/// id, so two runners doing it at once agree), and the stream is no longer written or read.
+///
+/// A save's encoded size is limited by [`photon_api::MAX_REGISTER_VALUE`] (about 1 MB); views
+/// with a larger state should keep it in their own database and save only positions (state
+/// `()`).
 #[derive(Debug, Clone)]
 pub struct EventStoreCheckpointStore {
     store: Arc<dyn EventStore>,
@@ -150,27 +155,58 @@ impl EventStoreCheckpointStore {
     pub fn new(store: Arc<dyn EventStore>) -> Self {
         Self { store }
     }
-}
 
-const SAVED_TYPE: &str = "ViewSaved";
-
-#[async_trait]
-impl CheckpointStore for EventStoreCheckpointStore {
-    async fn load(&self, view: &str) -> Result<Option<Loaded>, Error> {
+    /// The last save an earlier release appended to the view's stream, if any.
+    async fn legacy(&self, view: &str) -> Result<Option<(SavedView, Uuid)>, Error> {
         let stream = checkpoint_stream(view)?;
         let last = self
             .store
             .read_stream(&stream, ReadOptions::backwards().limit(1))
             .try_next()
             .await?;
-        match last {
-            None => Ok(None),
-            Some(e) => Ok(Some(Loaded {
-                saved: e.decode()?,
-                revision: e.version.0,
-                save_id: e.event_id,
-            })),
+        last.map(|e| Ok((e.decode()?, e.event_id))).transpose()
+    }
+}
+
+/// The register that holds `view`'s saves: the name its event stream had, so an operator finds it
+/// under the same name.
+fn register_name(view: &str) -> Result<String, Error> {
+    Ok(checkpoint_stream(view)?.to_string())
+}
+
+/// The type name a save is decoded as in errors (and was stored under as an event).
+const SAVED_TYPE: &str = "ViewSaved";
+
+#[async_trait]
+impl CheckpointStore for EventStoreCheckpointStore {
+    async fn load(&self, view: &str) -> Result<Option<Loaded>, Error> {
+        let name = register_name(view)?;
+        if let Some(register) = self.store.load_register(&name).await? {
+            let stream = checkpoint_stream(view)?;
+            let saved = rmp_serde::from_slice(&register.value).map_err(|e| Error::Decode {
+                stream,
+                version: Version(register.revision),
+                event_type: SAVED_TYPE.to_owned(),
+                content_type: "application/msgpack".to_owned(),
+                reason: e.to_string(),
+            })?;
+            return Ok(Some(Loaded {
+                saved,
+                revision: register.revision,
+                save_id: register.save_id,
+            }));
         }
+        let Some((saved, id)) = self.legacy(view).await? else {
+            return Ok(None);
+        };
+        // Carried over as the register's first save; a rival doing the same at once sends the
+        // same save, which the store answers as a re-send.
+        let revision = self.save(view, &saved, None, id).await?;
+        Ok(Some(Loaded {
+            saved,
+            revision,
+            save_id: id,
+        }))
     }
 
     async fn save(
@@ -180,13 +216,23 @@ impl CheckpointStore for EventStoreCheckpointStore {
         expected: Option<u64>,
         save_id: Uuid,
     ) -> Result<u64, Error> {
-        let stream = checkpoint_stream(view)?;
-        // The save id is the event id, so the store's idempotency makes a re-sent save a no-op.
-        let event = EventData::msgpack(SAVED_TYPE, saved)?.with_id(save_id);
-        let result = self
+        let name = register_name(view)?;
+        let value = rmp_serde::to_vec_named(saved).map_err(|e| Error::Encode {
+            content_type: "application/msgpack".to_owned(),
+            source: e.into(),
+        })?;
+        match self
             .store
-            .append(&stream, expected_revision(expected), vec![event])
-            .await?;
-        Ok(result.last_version.0)
+            .save_register(&name, expected, save_id, value.into())
+            .await
+        {
+            // The view runner tells a rival runner by the error every checkpoint store gives.
+            Err(Error::RevisionConflict { actual, .. }) => Err(Error::WrongExpectedVersion {
+                stream: checkpoint_stream(view)?,
+                expected: expected_revision(expected),
+                actual: actual.map(Version),
+            }),
+            other => other,
+        }
     }
 }

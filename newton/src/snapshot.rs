@@ -4,10 +4,10 @@
 //! The snapshot of stream `account-42` is an event in stream `newton_snapshot-account-42`:
 //! category [`SNAPSHOT_CATEGORY`], one category for every aggregate's snapshots. Snapshots are
 //! thus never in the aggregate's own category, so views and subscriptions of `account` never see
-//! them (subscribers of the all stream, `$all`, do, as they see view checkpoints). Each snapshot
-//! is one more event; loading reads the last one only (backwards, limit 1). Nothing trims a
-//! snapshot stream: the older snapshots stay, so it grows by one state per snapshot taken
-//! (bounding it is issue 17 part 6).
+//! them (subscribers of the all stream, `$all`, do). Each snapshot is one more event; loading
+//! reads the last one only (backwards, limit 1). Nothing trims a snapshot stream: the older
+//! snapshots stay, so it grows by one state per snapshot taken, at 1 / N of its stream's rate
+//! (view checkpoints, which grew with time, moved to the store's registers instead).
 //!
 //! The event's schema version is the aggregate's [`crate::Aggregate::SNAPSHOT_VERSION`]: a
 //! snapshot of another version is skipped before its payload is looked at, so a changed state

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::StreamExt;
 use newton::store::{EventStore, EventStoreExt, ExpectedVersion};
 use newton::{
     BoxError, Category, CheckpointStore, Error, EventStoreCheckpointStore, InMemoryCheckpointStore,
@@ -223,15 +224,19 @@ async fn two_versions_side_by_side_and_rebuild() {
     v1.wait_until(|s| s.events == 5).await.unwrap();
     assert_eq!(v2.read(|s| s.per_stream[&key]).await, 20);
     assert_eq!(v1.read(|s| s.per_stream[&key]).await, 20);
-    // Each version keeps its own checkpoint stream.
-    let saved: Vec<String> = store
+    // Each version keeps its own checkpoint, a register and not an event stream.
+    for view in ["sums-v1", "sums-v2"] {
+        let name = format!("{}-{view}", newton::CHECKPOINT_CATEGORY);
+        assert!(
+            store.load_register(&name).await.unwrap().is_some(),
+            "{name}"
+        );
+    }
+    assert!(store
         .streams_of(&Category::new(newton::CHECKPOINT_CATEGORY).unwrap())
         .await
         .unwrap()
-        .iter()
-        .map(|s| s.id().to_owned())
-        .collect();
-    assert_eq!(saved, vec!["sums-v1", "sums-v2"]);
+        .is_empty());
 
     let before = v1.handled();
     v1.rebuild().await.unwrap();
@@ -327,23 +332,151 @@ async fn bad_views_and_bad_saved_state_are_typed_errors() {
             .await,
         Err(Error::WrongExpectedVersion { .. })
     ));
-    // A checkpoint save that is too large for the store is refused, not truncated.
-    let tiny: Arc<dyn EventStore> = Arc::new(MemoryStore::builder().max_event_size(16).build());
-    let on_store = EventStoreCheckpointStore::new(tiny);
-    assert!(matches!(
-        on_store
-            .save(
-                "big-v1",
-                &SavedView {
-                    positions: Default::default(),
-                    state: vec![0u8; 64].into()
-                },
-                None,
-                Uuid::new_v4()
-            )
-            .await,
-        Err(Error::EventTooLarge { .. })
-    ));
+    // A checkpoint save that is too large for a register is refused, not truncated.
+    let on_store = EventStoreCheckpointStore::new(store.clone());
+    let big = SavedView {
+        positions: Default::default(),
+        state: vec![0u8; newton::store::MAX_REGISTER_VALUE].into(),
+    };
+    match on_store.save("big-v1", &big, None, Uuid::new_v4()).await {
+        Err(Error::InvalidInput { what, reason }) => {
+            assert!(what.contains("newton_view-big-v1"), "{what}");
+            assert!(reason.contains("limit"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(on_store.load("big-v1").await.unwrap().is_none());
+}
+
+/// Issue 17 part 6: a view saving a thousand times leaves one register and no event at all, so
+/// neither the store nor a subscriber of the all stream pays for its saves.
+#[tokio::test]
+async fn checkpoint_saves_do_not_grow_the_store() {
+    let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+    let checkpoints = Arc::new(EventStoreCheckpointStore::new(store.clone()));
+    let id = fresh_id();
+    let every_event = RunnerOptions {
+        save_every: 1,
+        ..quick()
+    };
+    let view = ViewRunner::new(store.clone(), checkpoints.clone())
+        .with_options(every_event)
+        .start(totals("frequent-v1", &["tally"]))
+        .unwrap();
+    view.wait_until_live().await.unwrap();
+    for n in 1..=300 {
+        add(&store, &id, n).await;
+    }
+    view.wait_until(|s| s.events == 300).await.unwrap();
+    let saved = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let loaded = checkpoints.load("frequent-v1").await.unwrap().unwrap();
+            let state: TotalsState = rmp_serde::from_slice(&loaded.saved.state).unwrap();
+            if state.events == 300 {
+                return loaded;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the last event's save");
+    assert!(saved.revision >= 30, "saved {} times", saved.revision + 1);
+    // Only the 300 appended events are in the store: no save became an event.
+    let everything = store
+        .subscribe(
+            newton::store::Selector::All,
+            newton::store::Start::Beginning,
+            newton::store::SubscriptionMode::Cold,
+        )
+        .count()
+        .await;
+    assert_eq!(everything, 300);
+    assert!(!store
+        .list_categories()
+        .await
+        .unwrap()
+        .contains(&Category::new(newton::CHECKPOINT_CATEGORY).unwrap()));
+}
+
+/// A view saved by an earlier release as events in `newton_view-<view>` resumes from the last
+/// of them (nothing handled twice), and its later saves go to the register.
+#[tokio::test]
+async fn a_checkpoint_saved_as_events_is_carried_over() {
+    let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+    let id = fresh_id();
+    for n in 1..=3 {
+        add(&store, &id, n).await;
+    }
+    // What the earlier release left: a view that handled the three events, saved twice.
+    let legacy_stream = newton::StreamId::new(
+        &Category::new(newton::CHECKPOINT_CATEGORY).unwrap(),
+        "old-v1",
+    )
+    .unwrap();
+    let in_memory = Arc::new(InMemoryCheckpointStore::new());
+    let h = ViewRunner::new(store.clone(), in_memory.clone())
+        .with_options(quick())
+        .start(totals("old-v1", &["tally"]))
+        .unwrap();
+    h.wait_until(|s| s.events == 3).await.unwrap();
+    h.stop().await.unwrap();
+    let last = in_memory.load("old-v1").await.unwrap().unwrap();
+    let legacy_id = Uuid::new_v4();
+    for (i, expected) in [
+        ExpectedVersion::NoStream,
+        ExpectedVersion::Exact(newton::Version(0)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut saved = last.saved.clone();
+        if i == 0 {
+            saved.state = rmp_serde::to_vec_named(&TotalsState::default())
+                .unwrap()
+                .into();
+            saved.positions.clear();
+        }
+        let event = newton::store::EventData::msgpack("ViewSaved", &saved).unwrap();
+        let event = if i == 1 {
+            event.with_id(legacy_id)
+        } else {
+            event
+        };
+        store
+            .append(&legacy_stream, expected, vec![event])
+            .await
+            .unwrap();
+    }
+
+    add(&store, &id, 10).await;
+    let checkpoints = Arc::new(EventStoreCheckpointStore::new(store.clone()));
+    let loaded = checkpoints.load("old-v1").await.unwrap().unwrap();
+    assert_eq!((loaded.revision, loaded.save_id), (0, legacy_id));
+    assert_eq!(loaded.saved, last.saved);
+    let h = ViewRunner::new(store.clone(), checkpoints.clone())
+        .with_options(quick())
+        .start(totals("old-v1", &["tally"]))
+        .unwrap();
+    h.wait_until(|s| s.events == 4).await.unwrap();
+    // Resumed after the third event: only the new one was handled.
+    assert_eq!(h.handled(), 1);
+    assert_eq!(h.read(|s| s.per_stream[&format!("tally-{id}")]).await, 16);
+    h.stop().await.unwrap();
+    let register = format!("{}-old-v1", newton::CHECKPOINT_CATEGORY);
+    assert!(
+        store
+            .load_register(&register)
+            .await
+            .unwrap()
+            .unwrap()
+            .revision
+            >= 1
+    );
+    // The old stream is no longer written.
+    assert_eq!(
+        store.stream_version(&legacy_stream).await.unwrap(),
+        Some(newton::Version(1))
+    );
 }
 
 #[tokio::test]
