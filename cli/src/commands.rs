@@ -31,6 +31,39 @@ pub async fn health(store: &dyn EventStore, mut out: impl Write) -> Result<(), C
     writeln!(out, "{} ok: {}", h.backend, h.detail).map_err(stdout_err)
 }
 
+/// Writes register `name` as one JSON object: its revision, the id of its latest save and the
+/// value decoded as MessagePack when it is (view checkpoints are), else base64; all three `null`
+/// when it was never saved. An operator sees where a view is, now that its saves are no longer
+/// events `read` would show.
+///
+/// # Errors
+/// - [`CliError::Store`] with `InvalidInput` for a name no register can have, `Unavailable` when
+///   the store does not answer.
+pub async fn register(
+    store: &dyn EventStore,
+    name: &str,
+    mut out: impl Write,
+) -> Result<(), CliError> {
+    let json = match store.load_register(name).await? {
+        Some(register) => serde_json::json!({
+            "register": name,
+            "revision": register.revision,
+            "save_id": register.save_id,
+            "value": crate::render::payload_json(&photon_api::Payload {
+                content_type: photon_api::ContentType::MessagePack,
+                bytes: register.value,
+            }),
+        }),
+        None => serde_json::json!({
+            "register": name,
+            "revision": null,
+            "save_id": null,
+            "value": null,
+        }),
+    };
+    writeln!(out, "{json}").map_err(stdout_err)
+}
+
 /// Writes every category, one per line.
 ///
 /// # Errors

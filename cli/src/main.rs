@@ -41,6 +41,14 @@ enum Command {
         /// Store URL.
         url: String,
     },
+    /// Prints a register (e.g. `newton_view-<view>`, a view's checkpoint) as JSON: revision,
+    /// latest save id and value.
+    Register {
+        /// Store URL.
+        url: String,
+        /// Register name, e.g. `newton_view-balances-v1`.
+        name: String,
+    },
     /// Lists every stream of a category.
     Streams {
         /// Store URL.
@@ -182,6 +190,7 @@ impl Command {
             Command::Health { url }
             | Command::Categories { url }
             | Command::Streams { url, .. }
+            | Command::Register { url, .. }
             | Command::Read { url, .. }
             | Command::Append { url, .. }
             | Command::Tail { url, .. }
@@ -262,6 +271,10 @@ async fn run(command: Command, secrets: &Secrets) -> Result<(), CliError> {
         Command::Categories { url } => {
             let store = connect(&url).await?;
             commands::categories(&*store, stdout.lock()).await
+        }
+        Command::Register { url, name } => {
+            let store = connect(&url).await?;
+            commands::register(&*store, &name, stdout.lock()).await
         }
         Command::Streams { url, category } => {
             let category = Category::new(&category)?;

@@ -588,3 +588,56 @@ async fn copy_follow_stays_live_until_stopped() {
     assert_eq!(report.events, n + 1);
     assert_same(&*source, &*target, 5, n + 1).await;
 }
+
+/// `register` prints a register's revision, latest save and value decoded (MessagePack as JSON,
+/// other bytes as base64), nulls for one never saved, and refuses a name no register can have.
+#[tokio::test]
+async fn register_prints_the_latest_save_decoded() {
+    let s = store();
+    let print = |name: &'static str| {
+        let s = s.clone();
+        async move {
+            let mut out = Vec::new();
+            commands::register(&*s, name, &mut out).await.map(|()| {
+                serde_json::from_slice::<serde_json::Value>(&out).expect("one JSON object")
+            })
+        }
+    };
+    assert_eq!(
+        print("newton_view-balances-v1").await.unwrap(),
+        json!({"register": "newton_view-balances-v1", "revision": null, "save_id": null, "value": null})
+    );
+    let id = Uuid::new_v4();
+    let value = rmp_serde::to_vec_named(&json!({"positions": {"account": "memory:00"}})).unwrap();
+    s.save_register(
+        "newton_view-balances-v1",
+        None,
+        Uuid::new_v4(),
+        value.clone().into(),
+    )
+    .await
+    .unwrap();
+    s.save_register("newton_view-balances-v1", Some(0), id, value.into())
+        .await
+        .unwrap();
+    assert_eq!(
+        print("newton_view-balances-v1").await.unwrap(),
+        json!({
+            "register": "newton_view-balances-v1",
+            "revision": 1,
+            "save_id": id,
+            "value": {"positions": {"account": "memory:00"}},
+        })
+    );
+    s.save_register("raw", None, id, vec![0xc1].into())
+        .await
+        .unwrap();
+    assert_eq!(
+        print("raw").await.unwrap()["value"],
+        json!({"content_type": "application/msgpack", "base64": "wQ=="})
+    );
+    match print("").await {
+        Err(CliError::Store(photon_api::Error::InvalidInput { .. })) => {}
+        other => panic!("{other:?}"),
+    }
+}
