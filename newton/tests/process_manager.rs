@@ -696,7 +696,11 @@ impl EventStore for Staged {
     async fn health(&self) -> Result<Health, Error> {
         self.inner.health().await
     }
+    // An outage is the whole store's: registers (where view and process positions live) too.
     async fn load_register(&self, name: &str) -> Result<Option<newton::store::Register>, Error> {
+        if let Some(e) = self.out() {
+            return Err(e);
+        }
         self.inner.load_register(name).await
     }
     async fn save_register(
@@ -706,6 +710,9 @@ impl EventStore for Staged {
         save_id: newton::store::Uuid,
         value: newton::store::Bytes,
     ) -> Result<u64, Error> {
+        if let Some(e) = self.out() {
+            return Err(e);
+        }
         self.inner
             .save_register(name, expected, save_id, value)
             .await
