@@ -5,9 +5,11 @@
 //! partition of that topic and bucket of the name's hash (`photon.<prefix>.photon-registers.
 //! <p>.<bucket>`, [`bucket_of`], fixed forever: every process must agree on it);
 //! `init_transactions` fences that id's writer in every other process (its open transaction is
-//! aborted, its later sends and commits fail), and only then is the partition read to its
-//! stable end and the expected revision checked, so the check sees every committed save of the
-//! name and no other process can commit one until this one is fenced. Registers of other
+//! aborted, its later sends and commits fail), and only then, once the stable end reached the
+//! log end as of the take-over (another bucket's open transaction can hold it below a save
+//! committed before), is the partition read to its stable end and the expected revision
+//! checked, so the check sees every committed save of the name and no other process can commit
+//! one until this one is fenced. Registers of other
 //! buckets are written meanwhile by other holders, in the same partition. Two shortcuts, both
 //! safe by the fence: a store that does not hold the bucket's fence first reads to the stable
 //! end and refuses a stale save from that read without fencing anyone; a store that holds it
@@ -33,6 +35,7 @@ use std::time::{Duration, Instant};
 use photon_api::{classify_save, validate_register, Bytes, Error, Register, Uuid};
 use rand::Rng;
 use rdkafka::admin::ResourceSpecifier;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -86,6 +89,9 @@ pub(crate) struct Registers {
     /// every partition), so concurrent first calls do it once.
     first_look: tokio::sync::Mutex<()>,
     fences: Mutex<HashMap<i32, Arc<tokio::sync::Mutex<Fence>>>>,
+    /// A read_uncommitted client, made on first need: its high watermark is a partition's log
+    /// end, open transactions included ([`log_end`]).
+    uncommitted: std::sync::OnceLock<Arc<BaseConsumer>>,
 }
 
 impl std::fmt::Debug for Registers {
@@ -458,7 +464,17 @@ impl Save<'_> {
                     .map_err(Attempt::Stop)?;
                 registers.make_room(shared, (p, self.bucket));
                 let held = take_fence(shared, topic, p, self.bucket, cutoff).await?;
-                // Everything committed before the fence was taken is below the stable end now.
+                // Every save committed before the fence was taken is below the log end now, but
+                // not always below the stable end: another bucket's transaction still open below
+                // a save the previous holder of this bucket committed holds the stable end back,
+                // and a read to it would miss that save (both answered Ok for one expectation).
+                // So the stable end must first reach the log end as of the take-over.
+                let end = log_end(shared, registers, topic, p)
+                    .await
+                    .map_err(retry_or_stop)?;
+                wait_stable(shared, topic, p, end, cutoff)
+                    .await
+                    .map_err(Attempt::Again)?;
                 catch_up(shared, topic, p, n, fence, None)
                     .await
                     .map_err(retry_or_stop)?;
@@ -877,6 +893,61 @@ async fn first_count(shared: &Arc<Shared>, topic: &str, p: i32, n: i32) -> Resul
             Err(shared.partitions_changed(topic, Some(was), n, evidence))
         }
         _ => Ok(()),
+    }
+}
+
+/// The log end of `topic`/`p` with the records of open transactions (the high watermark as a
+/// read_uncommitted client sees it): every save committed before now is below it.
+async fn log_end(
+    shared: &Shared,
+    registers: &Registers,
+    topic: &str,
+    p: i32,
+) -> Result<i64, Error> {
+    let client = match registers.uncommitted.get() {
+        Some(client) => client.clone(),
+        None => {
+            let mut settings = shared.config.consumer_config();
+            settings.set("isolation.level", "read_uncommitted");
+            let made: BaseConsumer = settings
+                .create()
+                .map_err(|e| error::from_kafka("creating a read_uncommitted client", e))?;
+            registers.uncommitted.get_or_init(|| Arc::new(made)).clone()
+        }
+    };
+    let (t, timeout) = (topic.to_owned(), shared.config.timeout);
+    match blocking(move || client.fetch_watermarks(&t, p, timeout)).await? {
+        Ok((_, high)) => Ok(high),
+        Err(e) => Err(error::from_kafka(
+            format!("fetching the log end of {topic}/{p}"),
+            e,
+        )),
+    }
+}
+
+/// Waits until the stable end of `topic`/`p` reached `end` (every transaction open below it
+/// ended), before `cutoff` and at most a request timeout.
+async fn wait_stable(
+    shared: &Shared,
+    topic: &str,
+    p: i32,
+    end: i64,
+    cutoff: Instant,
+) -> Result<(), Error> {
+    let until = cutoff.min(Instant::now() + shared.config.timeout);
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let stable = stable_end(shared, topic, p).await?;
+        if stable >= end {
+            return Ok(());
+        }
+        if Instant::now() + pause >= until {
+            return Err(error::unavailable(format!(
+                "{topic}/{p}: transactions open below offset {end} did not end in time (the last stable offset is {stable}); nothing was saved, re-send with the same save id"
+            )));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(VISIBLE_POLL_MAX);
     }
 }
 

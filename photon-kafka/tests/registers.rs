@@ -638,3 +638,101 @@ async fn saves_of_different_registers_of_one_partition_do_not_take_each_others_f
     let b = stores[0].load_register("b").await.unwrap().unwrap();
     assert_eq!((b.revision, b.value), (3, text("b")));
 }
+
+/// Kafka's last stable offset stops at the first open transaction of the partition, whoever
+/// holds it: with one fence per bucket, another bucket's transaction open below a save can keep
+/// that save (committed by the bucket's previous holder) above the stable end after a store takes
+/// the fence over. Here store B holds the fence of "n"'s bucket; a raw transaction opens in the
+/// registers partition; B saves "n" at revision 1 (committed, waiting to be readable); store A
+/// then saves "n" with the same expectation and takes the fence; the raw transaction aborts. Exactly one of them is answered Ok: A waits for
+/// the stable end to reach the log end it saw after the take-over, then reads B's save and is
+/// refused. (Both were answered Ok before.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_take_over_reads_saves_held_above_the_stable_end_by_another_transaction() {
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+    let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let url = with_options(
+        &url,
+        &format!("prefix={prefix}&register_partitions=1&timeout_ms=10000"),
+    );
+    let topic = format!("{prefix}.photon-registers");
+    let (a, b) = (
+        KafkaStore::from_url(&url).await.unwrap(),
+        KafkaStore::from_url(&url).await.unwrap(),
+    );
+    // Creates the topic (one partition); B holds the fence of n's bucket from here on.
+    b.save_register("n", None, Uuid::new_v4(), text("b0"))
+        .await
+        .unwrap();
+
+    let open: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap(&url))
+        .set("transactional.id", format!("{prefix}-other-tool"))
+        .create()
+        .unwrap();
+    open.init_transactions(TIMEOUT).unwrap();
+    open.begin_transaction().unwrap();
+    open.send(
+        FutureRecord::<str, [u8]>::to(&topic)
+            .partition(0)
+            .key("other")
+            .payload(b"open"),
+        TIMEOUT,
+    )
+    .await
+    .unwrap();
+    let uncommitted = |url: &str| {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap(url))
+            .set("isolation.level", "read_uncommitted")
+            .create()
+            .unwrap();
+        c.fetch_watermarks(&topic, 0, TIMEOUT).unwrap().1
+    };
+    let before = uncommitted(&url);
+
+    // B decides from what it holds (no take-over, no wait) and commits above the open record.
+    let b_save = tokio::spawn(async move {
+        let r = b
+            .save_register("n", Some(0), Uuid::new_v4(), text("b"))
+            .await;
+        (r, b)
+    });
+    // B's record and its commit marker are in the log: B's transaction is complete.
+    let waited = Instant::now();
+    while uncommitted(&url) < before + 2 {
+        assert!(waited.elapsed() < TIMEOUT, "B's save did not reach the log");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A reads to the stable end (revision 0 only), takes the fence over from B and must not
+    // decide before it has read B's revision 1.
+    let a_save = tokio::spawn(async move {
+        let r = a
+            .save_register("n", Some(0), Uuid::new_v4(), text("a"))
+            .await;
+        (r, a)
+    });
+    // Long enough for A to take the fence and read (the scenario, not an assertion).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    open.abort_transaction(TIMEOUT).unwrap();
+
+    let (from_b, b) = b_save.await.unwrap();
+    let (from_a, _a) = a_save.await.unwrap();
+    assert_eq!(from_b.as_ref().ok(), Some(&1), "B: {from_b:?}");
+    assert!(
+        matches!(
+            from_a,
+            Err(Error::RevisionConflict {
+                expected: Some(0),
+                actual: Some(1),
+                ..
+            })
+        ),
+        "A: {from_a:?}"
+    );
+    let n = b.load_register("n").await.unwrap().unwrap();
+    assert_eq!((n.revision, n.value), (1, text("b")));
+}
