@@ -109,7 +109,8 @@ pub(crate) async fn save(
     let read = latest(shared, &mut session, name).await?;
     let current = read.as_ref().map(|(head, _)| *head);
     if current.map(|(revision, _)| revision) != expected {
-        return classify_save(name, expected, save_id, current);
+        let answer = classify_save(name, expected, save_id, current);
+        return confirmed(shared, name, expected, save_id, answer).await;
     }
     let new = expected.map_or(0, |e| e + 1);
     let Ok(stored_new) = i64::try_from(new) else {
@@ -169,6 +170,25 @@ pub(crate) async fn save(
     };
     cleanup(shared, name, below, stale);
     answer
+}
+
+/// `answer`, decided from a read, when it is a conflict; when it is Ok (a re-send of the latest
+/// save, answered without a write of its own) decided again from a linearizable read. A majority
+/// read on a primary cut off from its majority (or a new primary whose majority point lags) can
+/// still show a save another primary has replaced: Ok from it would tell a re-sent lease that it
+/// still holds. A conflict from a stale read is at worst spurious, and stands.
+async fn confirmed(
+    shared: &Shared,
+    name: &str,
+    expected: Option<u64>,
+    save_id: Uuid,
+    answer: Result<u64, Error>,
+) -> Result<u64, Error> {
+    if answer.is_err() {
+        return answer;
+    }
+    let head = load(shared, name).await?.map(|r| (r.revision, r.save_id));
+    classify_save(name, expected, save_id, head)
 }
 
 /// What the one snapshot after an insert that landed says about it (step 3 of [`save`]).
@@ -262,7 +282,8 @@ async fn holder_decides(
     loop {
         let now = latest(shared, session, name).await?.map(|(head, _)| head);
         if now.is_some_and(|(revision, _)| revision >= new) {
-            return classify_save(name, expected, save_id, now);
+            let answer = classify_save(name, expected, save_id, now);
+            return confirmed(shared, name, expected, save_id, answer).await;
         }
         if tokio::time::Instant::now() + pause >= deadline {
             return Err(error::register_unsettled(name, new));
@@ -328,9 +349,14 @@ async fn latest(
         .transpose()
 }
 
-/// Every document of `name` (id, revision, parent), ascending by revision: one snapshot, which
-/// the check after an insert decides from. A name holds [`KEPT`] documents, plus stale inserts
-/// about to be deleted.
+/// Every document of `name` (id, revision, parent), ascending by revision, which the check
+/// after an insert decides from. A name holds [`KEPT`] documents, plus stale inserts about to be
+/// deleted.
+///
+/// Read descending and turned around: a MongoDB query is not one snapshot (it may yield and go
+/// on over a newer one), but cleanups delete upwards, so a scan that meets the revision just
+/// above ours before ours can never find ours while missing that one (it was deleted after ours,
+/// if at all). Read ascending, a cleanup between the two reads made a stored save look stale.
 async fn all_of(
     shared: &Shared,
     session: &mut ClientSession,
@@ -340,7 +366,7 @@ async fn all_of(
         let mut cursor = shared
             .registers
             .find(doc! { "name": name })
-            .sort(doc! { "revision": 1 })
+            .sort(doc! { "revision": -1 })
             .projection(doc! { "_id": 1, "revision": 1, "save_id": 1, "parent": 1 })
             .max_time(shared.config.timeout)
             .session(&mut *session)
@@ -352,6 +378,7 @@ async fn all_of(
         .await?;
     found
         .into_iter()
+        .rev()
         .map(|d| {
             let parent = match d.get("parent") {
                 None | Some(Bson::Null) => None,

@@ -72,8 +72,11 @@ async fn settled(url: &str, prefix: &str, name: &str, wanted: &[i64]) -> Vec<i64
 /// projection asks for `parent` (`"parent": Int32(1)`; an insert carries it as a UUID).
 const CHECK: &[u8] = b"\x10parent\x00\x01\x00\x00\x00";
 
-/// The bytes of a read of the latest revision (`sort: {revision: -1}`).
-const LATEST: &[u8] = b"\x10revision\x00\xff\xff\xff\xff";
+/// The bytes of a read of the latest revision: its projection `{_id: 1, revision: 1, save_id: 1}`
+/// as the last elements of a document (the check after the insert also sorts by `revision: -1`,
+/// and its projection goes on with `parent`; the holder read's has `_id: 0`).
+const LATEST: &[u8] =
+    b"\x10_id\x00\x01\x00\x00\x00\x10revision\x00\x01\x00\x00\x00\x10save_id\x00\x01\x00\x00\x00\x00";
 
 /// The bytes of a `delete` command (the cleanup, the deletion of a stale insert, the check of
 /// the `remove` permission).
