@@ -184,9 +184,7 @@ async fn confirmed(
     save_id: Uuid,
     answer: Result<u64, Error>,
 ) -> Result<u64, Error> {
-    if answer.is_err() {
-        return answer;
-    }
+    answer?;
     let head = load(shared, name).await?.map(|r| (r.revision, r.save_id));
     classify_save(name, expected, save_id, head)
 }
