@@ -1,6 +1,7 @@
 //! The cases, one file per guarantee of the contract (the guarantees numbered 1 to 10 in
-//! design.md, which is shared with the team rather than kept in this repository). Each case
-//! asserts the exact events, versions and error variants its guarantee promises.
+//! design.md, which is shared with the team rather than kept in this repository, and the
+//! registers, guarantee 11 of the root README, in `register.rs`). Each case asserts the exact
+//! events, versions and error variants its guarantee promises.
 //!
 //! Each file lists its own cases in one `macro_rules!` next to them; [`conformance_suite!`]
 //! gathers those lists through `__conformance_all_cases!` below, so adding a case touches only
