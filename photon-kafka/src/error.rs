@@ -314,6 +314,25 @@ pub(crate) fn fault(context: impl Into<String>, fault: Fault) -> Error {
     Error::backend(BACKEND, context, fault)
 }
 
+/// Whether a failed send, commit or begin of a transaction is final for the call: a record the
+/// broker refuses as too large, or a missing permission. Retrying after a take-over cannot help;
+/// anything else (fenced, timed out, a coordinator that moved) can. Appends and register saves
+/// decide alike.
+pub(crate) fn is_final_send(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::MessageBatchTooLarge
+                | C::TopicAuthorizationFailed
+                | C::TransactionalIdAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+        )
+    )
+}
+
 /// Whether `e` may pass by itself: a timeout, a lost or refused connection, a leader or
 /// coordinator that moved. Whatever the call was, it may or may not have taken effect.
 pub(crate) fn is_transient(e: &KafkaError) -> bool {

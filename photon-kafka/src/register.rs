@@ -36,7 +36,7 @@ use photon_api::{classify_save, validate_register, Bytes, Error, Register, Uuid}
 use rand::Rng;
 use rdkafka::admin::ResourceSpecifier;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::Message;
@@ -1090,18 +1090,7 @@ fn decode_value(bytes: &[u8]) -> Result<(i32, u64, Uuid, &[u8]), String> {
 /// A librdkafka failure of a save's step: a refused permission or record is final, anything
 /// else (fenced, timed out, a coordinator that moved) is tried again after a fresh read.
 fn failed(context: String, e: KafkaError) -> Attempt {
-    use RDKafkaErrorCode as C;
-    let last = matches!(
-        e.rdkafka_error_code(),
-        Some(
-            C::MessageSizeTooLarge
-                | C::InvalidMessageSize
-                | C::MessageBatchTooLarge
-                | C::TopicAuthorizationFailed
-                | C::TransactionalIdAuthorizationFailed
-                | C::ClusterAuthorizationFailed
-        )
-    );
+    let last = error::is_final_send(&e);
     let error = error::from_kafka(context, e);
     if last {
         Attempt::Stop(error)

@@ -1220,18 +1220,7 @@ fn index_written(
 /// (a record the broker refuses as too large, a missing permission: `Refused`). The transaction
 /// did not commit, or its outcome is unknown; either way the producer is replaced.
 fn failed(context: String, e: KafkaError) -> Attempt {
-    use RDKafkaErrorCode as C;
-    let last = matches!(
-        e.rdkafka_error_code(),
-        Some(
-            C::MessageSizeTooLarge
-                | C::InvalidMessageSize
-                | C::MessageBatchTooLarge
-                | C::TopicAuthorizationFailed
-                | C::TransactionalIdAuthorizationFailed
-                | C::ClusterAuthorizationFailed
-        )
-    );
+    let last = error::is_final_send(&e);
     let error = error::from_kafka(context, e);
     if last {
         Attempt::Refused(error)

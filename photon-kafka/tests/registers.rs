@@ -13,52 +13,14 @@ use std::time::{Duration, Instant};
 
 use photon_api::{Bytes, Error, EventStore, Uuid};
 use photon_conformance::server_url;
-use photon_kafka::{KafkaConfig, KafkaStore, TopicRefused};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use photon_kafka::{KafkaStore, TopicRefused};
+use rdkafka::admin::{NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
-const TIMEOUT: Duration = Duration::from_secs(10);
-
-fn with_options(url: &str, options: &str) -> String {
-    format!(
-        "{url}{}{options}",
-        if url.contains('?') { "&" } else { "?" }
-    )
-}
-
-fn fresh_prefix() -> String {
-    format!("r{}", &Uuid::new_v4().simple().to_string()[..12])
-}
-
-fn bootstrap(url: &str) -> String {
-    KafkaConfig::from_url(url).unwrap().bootstrap_servers
-}
-
-fn admin(url: &str) -> AdminClient<DefaultClientContext> {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap(url))
-        .create()
-        .unwrap()
-}
-
-fn options() -> AdminOptions {
-    AdminOptions::new()
-        .operation_timeout(Some(TIMEOUT))
-        .request_timeout(Some(TIMEOUT))
-}
-
-/// Makes `topic` by hand, as an operator would, with `settings`.
-async fn make_topic(url: &str, topic: &str, partitions: i32, settings: &[(&str, &str)]) {
-    let new = settings.iter().fold(
-        NewTopic::new(topic, partitions, TopicReplication::Fixed(1)),
-        |new, (k, v)| new.set(k, v),
-    );
-    for r in admin(url).create_topics([&new], &options()).await.unwrap() {
-        r.unwrap();
-    }
-}
+#[path = "support/admin.rs"]
+mod admin;
+use admin::{admin, bootstrap, fresh_prefix, make_topic, options, with_options, TIMEOUT};
 
 /// The [`TopicRefused`] in `e`'s chain of sources.
 fn refusal(e: &Error) -> Option<&TopicRefused> {
@@ -85,7 +47,7 @@ async fn the_registers_topic_is_created_compacted() {
     let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
         return;
     };
-    let prefix = fresh_prefix();
+    let prefix = fresh_prefix('r');
     let store = KafkaStore::from_url(&with_options(
         &url,
         &format!("prefix={prefix}&partitions=3"),
@@ -134,7 +96,7 @@ async fn a_registers_topic_that_is_not_compacted_is_refused() {
     let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
         return;
     };
-    let prefix = fresh_prefix();
+    let prefix = fresh_prefix('r');
     let topic = format!("{prefix}.photon-registers");
     make_topic(
         &url,
@@ -254,7 +216,7 @@ async fn compaction_reclaims_replaced_saves() {
     let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
         return;
     };
-    let prefix = fresh_prefix();
+    let prefix = fresh_prefix('r');
     let topic = format!("{prefix}.photon-registers");
     make_topic(
         &url,
@@ -433,7 +395,7 @@ async fn a_record_that_is_not_a_register_save_refuses_its_register() {
     let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
         return;
     };
-    let prefix = fresh_prefix();
+    let prefix = fresh_prefix('r');
     let topic = format!("{prefix}.photon-registers");
     let store_url = with_options(&url, &format!("prefix={prefix}&register_partitions=2"));
     let writer = KafkaStore::from_url(&store_url).await.unwrap();
@@ -489,7 +451,7 @@ async fn register_fences_count_as_producers_and_keep_to_max_producers() {
     let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
         return;
     };
-    let prefix = fresh_prefix();
+    let prefix = fresh_prefix('r');
     let topic = format!("{prefix}.photon-registers");
     let store = KafkaStore::from_url(&with_options(
         &url,
@@ -535,7 +497,7 @@ async fn a_registers_topic_made_again_is_noticed() {
     let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
         return;
     };
-    let prefix = fresh_prefix();
+    let prefix = fresh_prefix('r');
     let topic = format!("{prefix}.photon-registers");
     let store = KafkaStore::from_url(&with_options(
         &url,
@@ -609,7 +571,7 @@ async fn saves_of_different_registers_of_one_partition_do_not_take_each_others_f
     let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
         return;
     };
-    let prefix = fresh_prefix();
+    let prefix = fresh_prefix('r');
     let url = with_options(&url, &format!("prefix={prefix}&register_partitions=1"));
     let stores = [
         KafkaStore::from_url(&url).await.unwrap(),
@@ -653,7 +615,7 @@ async fn a_take_over_reads_saves_held_above_the_stable_end_by_another_transactio
     let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
         return;
     };
-    let prefix = fresh_prefix();
+    let prefix = fresh_prefix('r');
     let url = with_options(
         &url,
         &format!("prefix={prefix}&register_partitions=1&timeout_ms=10000"),

@@ -11,12 +11,8 @@ use photon_api::{
     Category, Error, EventData, EventStore, ExpectedVersion, ReadOptions, StreamId, Uuid, Version,
 };
 use photon_conformance::server_url;
-use photon_kafka::{KafkaConfig, KafkaStore, TopicRefused};
-use rdkafka::admin::{
-    AdminClient, AdminOptions, ConfigSource, NewPartitions, NewTopic, ResourceSpecifier,
-    TopicReplication,
-};
-use rdkafka::client::DefaultClientContext;
+use photon_kafka::{KafkaStore, TopicRefused};
+use rdkafka::admin::{ConfigSource, NewPartitions, ResourceSpecifier};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -24,66 +20,14 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 use rdkafka::Message;
 
-const TIMEOUT: Duration = Duration::from_secs(10);
-
-fn with_options(url: &str, options: &str) -> String {
-    format!(
-        "{url}{}{options}",
-        if url.contains('?') { "&" } else { "?" }
-    )
-}
-
-fn fresh_prefix() -> String {
-    format!("t{}", &Uuid::new_v4().simple().to_string()[..12])
-}
-
-fn bootstrap(url: &str) -> String {
-    KafkaConfig::from_url(url).unwrap().bootstrap_servers
-}
+#[path = "support/admin.rs"]
+mod admin;
+use admin::{
+    admin, bootstrap, fresh_prefix, make_topic, options, wait_for_partitions, with_options, TIMEOUT,
+};
 
 fn event(n: u64) -> EventData {
     EventData::json("Numbered", &serde_json::json!({ "n": n })).unwrap()
-}
-
-fn admin(url: &str) -> AdminClient<DefaultClientContext> {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap(url))
-        .create()
-        .unwrap()
-}
-
-fn options() -> AdminOptions {
-    AdminOptions::new()
-        .operation_timeout(Some(TIMEOUT))
-        .request_timeout(Some(TIMEOUT))
-}
-
-/// Makes `topic` by hand, as an operator or the broker's auto-create would, with `settings`.
-async fn make_topic(url: &str, topic: &str, partitions: i32, settings: &[(&str, &str)]) {
-    let new = settings.iter().fold(
-        NewTopic::new(topic, partitions, TopicReplication::Fixed(1)),
-        |new, (k, v)| new.set(k, v),
-    );
-    for r in admin(url).create_topics([&new], &options()).await.unwrap() {
-        r.unwrap();
-    }
-    wait_for_partitions(url, topic, partitions as usize).await;
-}
-
-/// Waits until the metadata shows `topic` with `n` partitions.
-async fn wait_for_partitions(url: &str, topic: &str, n: usize) {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap(url))
-        .create()
-        .unwrap();
-    for _ in 0..200 {
-        let md = consumer.fetch_metadata(Some(topic), TIMEOUT).unwrap();
-        if md.topics()[0].partitions().len() == n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{topic} never showed {n} partitions");
 }
 
 /// The records `topic` holds, committed or not (the sum of its partitions' high watermarks).
@@ -123,7 +67,7 @@ async fn a_changed_partition_count_is_refused_instead_of_splitting_streams() {
     let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
         return;
     };
-    let prefix = fresh_prefix();
+    let prefix = fresh_prefix('t');
     let url3 = with_options(&url, &format!("prefix={prefix}&partitions=3"));
     let early = KafkaStore::from_url(&url3).await.unwrap();
     let streams: Vec<StreamId> = (0..24)
@@ -252,7 +196,7 @@ async fn a_doubled_count_under_records_without_the_count_header_is_refused() {
     // Real photon records, keyed and placed by photon-kafka, in a topic of 6 partitions: a
     // record's partition there is its key's hash modulo 6, so modulo 3 it is its partition under
     // 3, and it stays in place when the count goes from 3 to 6 exactly when it is below 3.
-    let source = fresh_prefix();
+    let source = fresh_prefix('t');
     let store6 = KafkaStore::from_url(&with_options(
         &url,
         &format!("prefix={source}&partitions=6"),
@@ -323,7 +267,7 @@ async fn a_doubled_count_under_records_without_the_count_header_is_refused() {
             "{p} holds a stream that moves"
         );
     }
-    let prefix = fresh_prefix();
+    let prefix = fresh_prefix('t');
     let topic = format!("{prefix}.old");
     let keeps = [("retention.ms", "-1"), ("retention.bytes", "-1")];
     make_topic(&url, &topic, 3, &keeps).await;
@@ -389,7 +333,7 @@ async fn topics_that_lose_events_are_refused_naming_the_setting() {
     let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
         return;
     };
-    let prefix = fresh_prefix();
+    let prefix = fresh_prefix('t');
     let keeps: [(&str, &str); 3] = [
         ("cleanup.policy", "delete"),
         ("retention.ms", "-1"),
@@ -498,7 +442,7 @@ async fn created_topics_set_min_insync_replicas() {
     let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
         return;
     };
-    let prefix = fresh_prefix();
+    let prefix = fresh_prefix('t');
     let store = KafkaStore::from_url(&with_options(
         &url,
         &format!("prefix={prefix}&partitions=2"),
@@ -540,7 +484,7 @@ async fn topics_without_events_are_not_listed() {
     let Some(url) = server_url("kafka", "PHOTON_TEST_KAFKA_URL") else {
         return;
     };
-    let prefix = fresh_prefix();
+    let prefix = fresh_prefix('t');
     let keeps = [("retention.ms", "-1"), ("retention.bytes", "-1")];
     let store = KafkaStore::from_url(&with_options(
         &url,
