@@ -14,7 +14,7 @@ use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
 use photon_api::{Bytes, Error, Register, Uuid};
 use photon_conformance::server_url;
-use photon_faults::proxy::FaultProxy;
+use photon_faults::proxy::{FaultProxy, Hold};
 use photon_mongo::MongoStore;
 
 fn with_options(url: &str, options: &str) -> String {
@@ -203,6 +203,46 @@ async fn save_n(store: &MongoStore, name: &str, from: Option<u64>, count: u64) -
     ids
 }
 
+/// A's save of `name` expecting `expected`, spawned (its requests can then be held in the proxy
+/// while B saves).
+fn spawn_save(
+    a: &MongoStore,
+    name: &'static str,
+    expected: Option<u64>,
+    id: Uuid,
+    value: Bytes,
+) -> tokio::task::JoinHandle<Result<u64, Error>> {
+    let a = a.clone();
+    tokio::spawn(async move { a.save_register(name, expected, id, value).await })
+}
+
+/// Waits until the request `hold` waits for (`what`) reached the proxy.
+async fn reached(hold: &Hold, what: &str) {
+    tokio::time::timeout(Duration::from_secs(10), hold.matched())
+        .await
+        .unwrap_or_else(|_| panic!("{what} never reached the proxy"));
+}
+
+/// The answer of a spawned save, once released.
+async fn answer_of(held: tokio::task::JoinHandle<Result<u64, Error>>) -> Result<u64, Error> {
+    tokio::time::timeout(Duration::from_secs(30), held)
+        .await
+        .expect("A answers")
+        .unwrap()
+}
+
+/// `answer` is the conflict of a save that expected `expected`, with the register at `actual`.
+fn assert_conflict(answer: &Result<u64, Error>, expected: Option<u64>, actual: u64) {
+    assert!(
+        matches!(
+            answer,
+            Err(Error::RevisionConflict { expected: e, actual: Some(a), .. })
+                if *e == expected && *a == actual
+        ),
+        "{answer:?}"
+    );
+}
+
 /// A saves expecting revision 1 and its insert of revision 2 is held; meanwhile B saves 2 to 6,
 /// whose cleanup deletes revision 2 again. A's insert then lands at the free revision 2, below
 /// the register: the check after the insert finds revision 3, saved on top of B's 2, so A's
@@ -218,13 +258,8 @@ async fn an_insert_at_a_revision_deleted_meanwhile_is_refused_and_removed() {
 
     let mark = Uuid::new_v4().simple().to_string();
     let hold = proxy.hold_next(mark.as_bytes());
-    let held = {
-        let (a, value) = (a.clone(), Bytes::from(mark.clone()));
-        tokio::spawn(async move { a.save_register(name, Some(1), Uuid::new_v4(), value).await })
-    };
-    tokio::time::timeout(Duration::from_secs(10), hold.matched())
-        .await
-        .expect("A's insert reached the proxy");
+    let held = spawn_save(&a, name, Some(1), Uuid::new_v4(), Bytes::from(mark.clone()));
+    reached(&hold, "A's insert").await;
     save_n(&b, name, Some(1), 5).await;
     assert_eq!(
         settled(&url, &prefix, name, &[3, 4, 5, 6]).await,
@@ -232,21 +267,8 @@ async fn an_insert_at_a_revision_deleted_meanwhile_is_refused_and_removed() {
     );
     hold.release();
 
-    let answer = tokio::time::timeout(Duration::from_secs(30), held)
-        .await
-        .expect("A answers")
-        .unwrap();
-    assert!(
-        matches!(
-            answer,
-            Err(Error::RevisionConflict {
-                expected: Some(1),
-                actual: Some(6),
-                ..
-            })
-        ),
-        "{answer:?}"
-    );
+    let answer = answer_of(held).await;
+    assert_conflict(&answer, Some(1), 6);
     let loaded = a.load_register(name).await.unwrap().expect("saved");
     assert_eq!((loaded.revision, loaded.value), (6, Bytes::from("b")));
     assert_eq!(
@@ -270,13 +292,8 @@ async fn an_insert_further_below_the_register_is_refused_and_removed() {
 
     let mark = Uuid::new_v4().simple().to_string();
     let hold = proxy.hold_next(mark.as_bytes());
-    let held = {
-        let (a, value) = (a.clone(), Bytes::from(mark.clone()));
-        tokio::spawn(async move { a.save_register(name, Some(1), Uuid::new_v4(), value).await })
-    };
-    tokio::time::timeout(Duration::from_secs(10), hold.matched())
-        .await
-        .expect("A's insert reached the proxy");
+    let held = spawn_save(&a, name, Some(1), Uuid::new_v4(), Bytes::from(mark.clone()));
+    reached(&hold, "A's insert").await;
     save_n(&b, name, Some(1), 6).await;
     assert_eq!(
         settled(&url, &prefix, name, &[4, 5, 6, 7]).await,
@@ -284,21 +301,8 @@ async fn an_insert_further_below_the_register_is_refused_and_removed() {
     );
     hold.release();
 
-    let answer = tokio::time::timeout(Duration::from_secs(30), held)
-        .await
-        .expect("A answers")
-        .unwrap();
-    assert!(
-        matches!(
-            answer,
-            Err(Error::RevisionConflict {
-                expected: Some(1),
-                actual: Some(7),
-                ..
-            })
-        ),
-        "{answer:?}"
-    );
+    let answer = answer_of(held).await;
+    assert_conflict(&answer, Some(1), 7);
     assert_eq!(
         settled(&url, &prefix, name, &[4, 5, 6, 7]).await,
         [4, 5, 6, 7]
@@ -321,13 +325,8 @@ async fn a_save_whose_evidence_was_cleaned_up_answers_unavailable() {
     let insert = proxy.hold_next(mark.as_bytes());
     let check = proxy.hold_next(CHECK);
     let id = Uuid::new_v4();
-    let held = {
-        let (a, value) = (a.clone(), Bytes::from(mark.clone()));
-        tokio::spawn(async move { a.save_register(name, Some(1), id, value).await })
-    };
-    tokio::time::timeout(Duration::from_secs(10), insert.matched())
-        .await
-        .expect("A's insert reached the proxy");
+    let held = spawn_save(&a, name, Some(1), id, Bytes::from(mark.clone()));
+    reached(&insert, "A's insert").await;
     save_n(&b, name, Some(1), 6).await;
     assert_eq!(
         settled(&url, &prefix, name, &[4, 5, 6, 7]).await,
@@ -345,10 +344,7 @@ async fn a_save_whose_evidence_was_cleaned_up_answers_unavailable() {
     );
     check.release();
 
-    let answer = tokio::time::timeout(Duration::from_secs(30), held)
-        .await
-        .expect("A answers")
-        .unwrap();
+    let answer = answer_of(held).await;
     assert!(
         matches!(answer, Err(Error::Unavailable { .. })),
         "{answer:?}"
@@ -387,13 +383,8 @@ async fn a_save_another_was_saved_on_top_of_answers_its_revision() {
 
     let hold = proxy.hold_next(CHECK);
     let id = Uuid::new_v4();
-    let held = {
-        let a = a.clone();
-        tokio::spawn(async move { a.save_register(name, Some(1), id, Bytes::from("a")).await })
-    };
-    tokio::time::timeout(Duration::from_secs(10), hold.matched())
-        .await
-        .expect("A's check reached the proxy");
+    let held = spawn_save(&a, name, Some(1), id, Bytes::from("a"));
+    reached(&hold, "A's check").await;
     assert_eq!(
         b.load_register(name).await.unwrap(),
         Some(Register {
@@ -405,10 +396,7 @@ async fn a_save_another_was_saved_on_top_of_answers_its_revision() {
     save_n(&b, name, Some(2), 2).await;
     hold.release();
 
-    let answer = tokio::time::timeout(Duration::from_secs(30), held)
-        .await
-        .expect("A answers")
-        .unwrap();
+    let answer = answer_of(held).await;
     assert_eq!(answer.unwrap(), 2);
     assert_eq!(
         settled(&url, &prefix, name, &[1, 2, 3, 4]).await,
@@ -435,13 +423,8 @@ async fn a_save_four_others_were_saved_on_top_of_answers_its_revision() {
 
     let hold = proxy.hold_next(CHECK);
     let id = Uuid::new_v4();
-    let held = {
-        let a = a.clone();
-        tokio::spawn(async move { a.save_register(name, Some(1), id, Bytes::from("a")).await })
-    };
-    tokio::time::timeout(Duration::from_secs(10), hold.matched())
-        .await
-        .expect("A's check reached the proxy");
+    let held = spawn_save(&a, name, Some(1), id, Bytes::from("a"));
+    reached(&hold, "A's check").await;
     save_n(&b, name, Some(2), 4).await;
     assert_eq!(
         settled(&url, &prefix, name, &[3, 4, 5, 6]).await,
@@ -449,10 +432,7 @@ async fn a_save_four_others_were_saved_on_top_of_answers_its_revision() {
     );
     hold.release();
 
-    let answer = tokio::time::timeout(Duration::from_secs(30), held)
-        .await
-        .expect("A answers")
-        .unwrap();
+    let answer = answer_of(held).await;
     assert_eq!(answer.unwrap(), 2);
     assert_eq!(
         settled(&url, &prefix, name, &[3, 4, 5, 6]).await,
@@ -475,13 +455,8 @@ async fn a_save_shown_stale_answers_the_conflict_without_reading_again() {
 
     let mark = Uuid::new_v4().simple().to_string();
     let insert = proxy.hold_next(mark.as_bytes());
-    let held = {
-        let (a, value) = (a.clone(), Bytes::from(mark.clone()));
-        tokio::spawn(async move { a.save_register(name, Some(1), Uuid::new_v4(), value).await })
-    };
-    tokio::time::timeout(Duration::from_secs(10), insert.matched())
-        .await
-        .expect("A's insert reached the proxy");
+    let held = spawn_save(&a, name, Some(1), Uuid::new_v4(), Bytes::from(mark.clone()));
+    reached(&insert, "A's insert").await;
     // Every later read of A's of the latest revision is held (A's step 1 is done).
     let reread = proxy.hold_next(LATEST);
     save_n(&b, name, Some(1), 5).await;
@@ -496,17 +471,7 @@ async fn a_save_shown_stale_answers_the_conflict_without_reading_again() {
         .expect("A answers before its timeout, without reading the latest again")
         .unwrap();
     reread.release();
-    assert!(
-        matches!(
-            answer,
-            Err(Error::RevisionConflict {
-                expected: Some(1),
-                actual: Some(6),
-                ..
-            })
-        ),
-        "{answer:?}"
-    );
+    assert_conflict(&answer, Some(1), 6);
     assert_eq!(
         settled(&url, &prefix, name, &[3, 4, 5, 6]).await,
         [3, 4, 5, 6]
@@ -529,43 +494,23 @@ async fn a_refused_insert_is_decided_by_who_holds_the_revision() {
     // Another's save holds revision 2.
     let mark = Uuid::new_v4().simple().to_string();
     let insert = proxy.hold_next(mark.as_bytes());
-    let held = {
-        let (a, value) = (a.clone(), Bytes::from(mark.clone()));
-        tokio::spawn(async move { a.save_register(name, Some(1), Uuid::new_v4(), value).await })
-    };
-    tokio::time::timeout(Duration::from_secs(10), insert.matched())
-        .await
-        .expect("A's insert reached the proxy");
+    let held = spawn_save(&a, name, Some(1), Uuid::new_v4(), Bytes::from(mark.clone()));
+    reached(&insert, "A's insert").await;
     save_n(&b, name, Some(1), 1).await;
     insert.release();
     let answer = tokio::time::timeout(Duration::from_secs(8), held)
         .await
         .expect("A answers")
         .unwrap();
-    assert!(
-        matches!(
-            answer,
-            Err(Error::RevisionConflict {
-                expected: Some(1),
-                actual: Some(2),
-                ..
-            })
-        ),
-        "{answer:?}"
-    );
+    assert_conflict(&answer, Some(1), 2);
 
     // A's own earlier send holds revision 3: B re-sends A's save (same id and value) while A's
     // first send is held; both answer 3.
     let mark = Uuid::new_v4().simple().to_string();
     let id = Uuid::new_v4();
     let insert = proxy.hold_next(mark.as_bytes());
-    let held = {
-        let (a, value) = (a.clone(), Bytes::from(mark.clone()));
-        tokio::spawn(async move { a.save_register(name, Some(2), id, value).await })
-    };
-    tokio::time::timeout(Duration::from_secs(10), insert.matched())
-        .await
-        .expect("A's insert reached the proxy");
+    let held = spawn_save(&a, name, Some(2), id, Bytes::from(mark.clone()));
+    reached(&insert, "A's insert").await;
     assert_eq!(
         b.save_register(name, Some(2), id, Bytes::from(mark.clone()))
             .await
@@ -607,13 +552,8 @@ async fn a_resend_whose_insert_lands_after_its_save_was_replaced_is_a_conflict()
     let mark = Uuid::new_v4().simple().to_string();
     let id = Uuid::new_v4();
     let insert = proxy.hold_next(mark.as_bytes());
-    let held = {
-        let (a, value) = (a.clone(), Bytes::from(mark.clone()));
-        tokio::spawn(async move { a.save_register(name, Some(1), id, value).await })
-    };
-    tokio::time::timeout(Duration::from_secs(10), insert.matched())
-        .await
-        .expect("A's insert reached the proxy");
+    let held = spawn_save(&a, name, Some(1), id, Bytes::from(mark.clone()));
+    reached(&insert, "A's insert").await;
     assert_eq!(
         b.save_register(name, Some(1), id, Bytes::from(mark.clone()))
             .await
@@ -627,21 +567,8 @@ async fn a_resend_whose_insert_lands_after_its_save_was_replaced_is_a_conflict()
     );
     insert.release();
 
-    let answer = tokio::time::timeout(Duration::from_secs(30), held)
-        .await
-        .expect("A answers")
-        .unwrap();
-    assert!(
-        matches!(
-            answer,
-            Err(Error::RevisionConflict {
-                expected: Some(1),
-                actual: Some(6),
-                ..
-            })
-        ),
-        "{answer:?}"
-    );
+    let answer = answer_of(held).await;
+    assert_conflict(&answer, Some(1), 6);
     // The same answer as a re-send now, which step 1 decides.
     let again = a
         .save_register(name, Some(1), id, Bytes::from(mark))
