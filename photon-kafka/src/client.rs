@@ -41,12 +41,15 @@ pub(crate) static TELEMETRY: photon_api::telemetry::Telemetry =
 /// Idle reader consumers kept for the next read; more are closed (each holds librdkafka threads).
 pub(crate) const MAX_POOLED_READERS: usize = 8;
 
-/// Most error events of the metadata client read after one failed call (each is one failed
-/// connection attempt; librdkafka suppresses repeats, so there are few).
-const MAX_DRAINED_EVENTS: usize = 256;
-
-/// How long the drain waits for each of those events: a poll with no wait at all finds none.
+/// How long the drain of the metadata client's queue waits for a further event before it takes
+/// the queue as read: a poll with no wait at all finds none.
 const DRAIN_WAIT: Duration = Duration::from_millis(10);
+
+/// Longest a drain of the metadata client's queue may take, so a failed call still answers
+/// close to its timeout while librdkafka goes on queueing debug lines: a quarter of the
+/// timeout, within these bounds. Reading what a call's timeout queued takes milliseconds
+/// (librdkafka suppresses repeated errors); the rest is room for a loaded machine.
+const DRAIN_BUDGET: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(1));
 
 /// How often topic creation looks for the new topic's partitions in the metadata.
 pub(crate) const TOPIC_POLL: Duration = Duration::from_millis(50);
@@ -177,7 +180,7 @@ impl Shared {
         let answer = blocking(move || {
             let answer = meta.fetch_metadata(topic.as_deref(), timeout);
             if answer.is_err() {
-                read_errors(&meta);
+                read_errors(&meta, timeout);
             }
             answer
         })
@@ -189,7 +192,7 @@ impl Shared {
                 if watch.drain_due() {
                     let meta = self.meta.clone();
                     tokio::task::spawn_blocking(move || {
-                        read_errors(&meta);
+                        read_errors(&meta, timeout);
                         meta.context().clear();
                     });
                 }
@@ -731,14 +734,18 @@ impl Shared {
     }
 }
 
-/// Hands the metadata client's queued error events to its context ([`RefusalWatch`]). The client
-/// is assigned no partition, so nothing else is in its queue.
-fn read_errors(meta: &BaseConsumer<RefusalWatch>) {
-    for _ in 0..MAX_DRAINED_EVENTS {
-        if meta.poll(DRAIN_WAIT).is_none() {
-            break;
-        }
-    }
+/// Hands the metadata client's queued events (log lines and errors) to its context
+/// ([`RefusalWatch`]) until the queue is empty, within [`DRAIN_BUDGET`] for a client whose
+/// requests time out after `timeout`. The client is assigned no partition, so nothing else is
+/// in its queue.
+fn read_errors(meta: &BaseConsumer<RefusalWatch>, timeout: Duration) {
+    let budget = (timeout / 4).clamp(DRAIN_BUDGET.0, DRAIN_BUDGET.1);
+    error::drain(
+        || meta.poll(DRAIN_WAIT).is_some(),
+        || meta.context().events(),
+        DRAIN_WAIT,
+        budget,
+    );
 }
 
 /// A topic in use that the metadata no longer shows.

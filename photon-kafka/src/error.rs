@@ -10,11 +10,13 @@
 //! decided where the call is made.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use photon_api::{AccessKind, Error};
-use rdkafka::client::ClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
@@ -155,6 +157,10 @@ pub(crate) struct RefusalWatch {
     last: Mutex<Option<Refusal>>,
     /// When the queue was last read and forgotten after a success.
     drained: Mutex<Instant>,
+    /// Events of the client's queue handed over so far, log lines and errors alike: rdkafka's
+    /// `poll` answers `None` both for an empty queue and for a wait spent handing over log
+    /// lines, and only this count tells them apart (see [`drain`]).
+    events: AtomicU64,
 }
 
 /// How often, at most, the queue of reported errors is read and forgotten after a success.
@@ -165,6 +171,7 @@ impl Default for RefusalWatch {
         Self {
             last: Mutex::default(),
             drained: Mutex::new(Instant::now()),
+            events: AtomicU64::new(0),
         }
     }
 }
@@ -189,6 +196,43 @@ impl RefusalWatch {
         }
         *drained = Instant::now();
         true
+    }
+
+    /// How many events (log lines and errors) the client's queue handed over so far.
+    pub(crate) fn events(&self) -> u64 {
+        self.events.load(Ordering::Relaxed)
+    }
+}
+
+/// Reads a client's queue until it is empty: `poll` waits up to one `wait` and says whether it
+/// returned an event; `events` counts the events handed to the client's context. Stops after a
+/// wait in which nothing at all was handed over, or once `budget` is spent.
+///
+/// Not "until a poll answers nothing": librdkafka queues its log lines in the same queue as the
+/// errors (rdkafka sets `log.queue`), and rdkafka's `poll` hands log lines to the context and
+/// goes on until its wait is over, then answers `None` as for an empty queue. With
+/// `rdkafka.debug=security,broker,protocol` a call's 3 s timeout queues about a thousand lines,
+/// the refused handshake's error event among them; a 10 ms wait gets through about that many
+/// on an idle machine and through fewer on a loaded one, and a drain that stopped at the first
+/// `None` left the refusal queued, so the call answered `Unavailable` (BrokerTransportFailure)
+/// instead of `AccessDenied` (tests/secured.rs, under load).
+pub(crate) fn drain(
+    mut poll: impl FnMut() -> bool,
+    events: impl Fn() -> u64,
+    wait: Duration,
+    budget: Duration,
+) {
+    let started = Instant::now();
+    loop {
+        let seen = events();
+        let returned = poll();
+        if !returned && events() == seen {
+            // A whole wait with nothing queued: everything reported before it is read.
+            return;
+        }
+        if started.elapsed() + wait > budget {
+            return;
+        }
     }
 }
 
@@ -216,7 +260,14 @@ fn is_verdict(code: RDKafkaErrorCode, reason: &str) -> bool {
 }
 
 impl ClientContext for RefusalWatch {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.events.fetch_add(1, Ordering::Relaxed);
+        // Where every other client's lines go (the `log` facade).
+        DefaultClientContext.log(level, fac, log_message);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
+        self.events.fetch_add(1, Ordering::Relaxed);
         // Logins and handshakes only: a refused permission comes back as the failed call's
         // own code, and the callback also reports GroupAuthorizationFailed for the coordinator
         // lookup of the group.id the client carries but never joins, which fails nothing.
@@ -600,6 +651,93 @@ mod tests {
         watch.clear();
         let e = refused_or("asking for metadata", timeout, watch.last());
         assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+    }
+
+    /// The flake of `an_untrusted_certificate_is_refused_as_tls` on a loaded machine: the
+    /// refused handshake's error event queued behind librdkafka's debug lines, which rdkafka's
+    /// `poll` hands over while answering `None` until its wait is over. The drain goes on while
+    /// any event was handed over, reaches the refusal, and stops at the first quiet wait.
+    #[test]
+    fn a_drain_reads_past_log_lines_to_the_refusal_behind_them() {
+        let watch = RefusalWatch::default();
+        // Forty debug lines, then the verdict, then nothing; each poll hands over the lines a
+        // loaded thread gets through in one wait (three) and answers as rdkafka's does.
+        let mut queued: std::collections::VecDeque<Option<&str>> =
+            std::iter::repeat_n(None, 40).collect();
+        queued.push_back(Some(
+            "sasl_ssl://127.0.0.1:9094/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify failed",
+        ));
+        let mut polls = 0;
+        let poll = || {
+            polls += 1;
+            for _ in 0..3 {
+                match queued.pop_front() {
+                    Some(None) => watch.log(RDKafkaLogLevel::Debug, "CONNECT", "connecting"),
+                    Some(Some(reason)) => {
+                        watch.error(KafkaError::Global(RDKafkaErrorCode::SSL), reason);
+                        return true;
+                    }
+                    None => return false,
+                }
+            }
+            false
+        };
+        drain(
+            poll,
+            || watch.events(),
+            Duration::from_millis(10),
+            Duration::from_secs(60),
+        );
+        assert_eq!(
+            watch.events(),
+            41,
+            "every line and the error were handed over"
+        );
+        assert_eq!(polls, 15, "14 polls to the error, then one quiet wait");
+        let e = refused_or(
+            "fetching the metadata of topic photon.a",
+            KafkaError::MetadataFetch(RDKafkaErrorCode::BrokerTransportFailure),
+            watch.last(),
+        );
+        assert!(
+            matches!(
+                e,
+                Error::AccessDenied {
+                    kind: AccessKind::Tls,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+
+        // An empty queue: one wait, then done; a queue that never quiets: the budget ends it.
+        let mut polls = 0;
+        drain(
+            || {
+                polls += 1;
+                false
+            },
+            || 0,
+            Duration::ZERO,
+            Duration::from_secs(60),
+        );
+        assert_eq!(polls, 1);
+        let count = AtomicU64::new(0);
+        let started = Instant::now();
+        drain(
+            || {
+                std::thread::sleep(Duration::from_millis(5));
+                count.fetch_add(1, Ordering::Relaxed);
+                false
+            },
+            || count.load(Ordering::Relaxed),
+            Duration::from_millis(5),
+            Duration::from_millis(100),
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "bounded by the budget"
+        );
     }
 
     #[test]
