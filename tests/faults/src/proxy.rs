@@ -81,6 +81,8 @@ struct Shared {
     open_connections: AtomicUsize,
     bytes_forwarded: AtomicU64,
     next_connection_id: AtomicU64,
+    /// Patterns registered by `count`, each with its number of occurrences so far.
+    counters: Mutex<Vec<Arc<CounterState>>>,
 }
 
 /// What every connection watches to learn that it must close.
@@ -122,6 +124,7 @@ impl FaultProxy {
             open_connections: AtomicUsize::new(0),
             bytes_forwarded: AtomicU64::new(0),
             next_connection_id: AtomicU64::new(0),
+            counters: Mutex::new(Vec::new()),
         });
         let accept_task = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
         tracing::debug!(%local_addr, upstream, "fault proxy started");
@@ -240,6 +243,26 @@ impl FaultProxy {
             .push(Arc::clone(&state));
         tracing::debug!(pattern = %String::from_utf8_lossy(pattern), "fault proxy hold registered");
         Hold { state }
+    }
+
+    /// Counts, from now on, the occurrences of `pattern` in what clients send (every connection),
+    /// so a test can tell how many requests of a kind a call made (say, MongoDB's `insert`
+    /// commands, whose body starts with the key `insert`). Matched across chunk boundaries as
+    /// [`Self::hold_next`] does.
+    pub fn count(&self, pattern: &[u8]) -> Counter {
+        let state = Arc::new(CounterState {
+            pattern: pattern.to_vec(),
+            seen: AtomicUsize::new(0),
+        });
+        self.shared
+            .longest_pattern
+            .fetch_max(pattern.len(), Ordering::Relaxed);
+        self.shared
+            .counters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Arc::clone(&state));
+        Counter { state }
     }
 
     /// How many proxied connections are open now (client accepted and upstream connected), so a
@@ -423,6 +446,29 @@ impl Shared {
         Some(hold)
     }
 
+    /// Adds the occurrences of each counted pattern that end inside `chunk`.
+    fn count_matches(&self, carry: &[u8], chunk: &[u8]) {
+        let counters = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
+        if counters.is_empty() {
+            return;
+        }
+        let mut window = Vec::with_capacity(carry.len() + chunk.len());
+        window.extend_from_slice(carry);
+        window.extend_from_slice(chunk);
+        for counter in counters.iter() {
+            let len = counter.pattern.len();
+            if len == 0 {
+                continue;
+            }
+            let back = (len - 1).min(carry.len());
+            let found = window[carry.len() - back..]
+                .windows(len)
+                .filter(|w| *w == counter.pattern.as_slice())
+                .count();
+            counter.seen.fetch_add(found, Ordering::Relaxed);
+        }
+    }
+
     /// Keeps the last `longest_pattern - 1` bytes of the stream in `carry`.
     fn update_carry(&self, carry: &mut Vec<u8>, chunk: &[u8]) {
         let keep = self
@@ -437,6 +483,32 @@ impl Shared {
             let excess = carry.len().saturating_sub(keep);
             carry.drain(..excess);
         }
+    }
+}
+
+/// Occurrences of a pattern in what clients sent, from [`FaultProxy::count`].
+pub struct Counter {
+    state: Arc<CounterState>,
+}
+
+struct CounterState {
+    pattern: Vec<u8>,
+    seen: AtomicUsize,
+}
+
+impl Counter {
+    /// How many times the pattern was sent since the counter was made.
+    pub fn get(&self) -> usize {
+        self.state.seen.load(Ordering::Relaxed)
+    }
+}
+
+impl fmt::Debug for Counter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Counter")
+            .field("pattern", &String::from_utf8_lossy(&self.state.pattern))
+            .field("seen", &self.get())
+            .finish()
     }
 }
 
@@ -660,6 +732,7 @@ async fn forward(
                         return PumpEnd::Dropped;
                     }
                 }
+                shared.count_matches(&carry, chunk);
                 shared.update_carry(&mut carry, chunk);
             }
             if tx.send((arrived, chunk.to_vec())).await.is_err() {
@@ -990,6 +1063,23 @@ mod tests {
         assert_eq!(receive(&mut held, 23).await, b"do COMMIT now;then this");
         // The hold was for one chunk only.
         round_trip(&mut held, b"COMMIT again").await;
+    }
+
+    #[tokio::test]
+    async fn count_counts_what_clients_send_across_chunks_and_connections() {
+        let proxy = proxy_to_echo().await;
+        let before = proxy.count(b"insert");
+        let mut first = connect(&proxy).await;
+        round_trip(&mut first, b"insert").await;
+        let inserts = proxy.count(b"insert");
+        // Split across two chunks of one connection, twice in one chunk, on another connection;
+        // the echoed replies are not counted.
+        round_trip(&mut first, b"ins").await;
+        round_trip(&mut first, b"ert").await;
+        let mut second = connect(&proxy).await;
+        round_trip(&mut second, b"insert insert find").await;
+        assert_eq!(inserts.get(), 3, "{inserts:?}");
+        assert_eq!(before.get(), 4, "{before:?}");
     }
 
     #[tokio::test]
