@@ -23,6 +23,8 @@ use tokio::sync::OnceCell;
 use crate::codec::{self, TOMBSTONE_STREAM};
 use crate::config::MongoConfig;
 use crate::error;
+use crate::sequencer::Sequencer;
+use crate::writer::StreamHeads;
 
 /// The backend name, also the tag of its checkpoints.
 pub const BACKEND: &str = "mongo";
@@ -275,6 +277,10 @@ pub(crate) struct Shared {
     registers_writable: OnceCell<()>,
     /// Bounds the register cleanups running after their saves answered (see `register.rs`).
     pub(crate) register_cleanups: Arc<tokio::sync::Semaphore>,
+    /// The commits waiting for a global position, and the highest one this store knows.
+    pub(crate) sequencer: Sequencer,
+    /// The last version this store knows of each stream it appended to or read the head of.
+    pub(crate) stream_heads: StreamHeads,
 }
 
 impl Shared {
@@ -305,6 +311,8 @@ impl Shared {
             registers_ready: OnceCell::new(),
             registers_writable: OnceCell::new(),
             register_cleanups: Arc::new(tokio::sync::Semaphore::new(REGISTER_CLEANUPS)),
+            sequencer: Sequencer::new(),
+            stream_heads: StreamHeads::default(),
         })
     }
 
@@ -332,7 +340,7 @@ impl Shared {
     }
 
     /// The monitor's latest heartbeat per server, as it stands now.
-    fn heartbeats(&self) -> error::Heartbeats {
+    pub(crate) fn heartbeats(&self) -> error::Heartbeats {
         self.heartbeats
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -260,6 +260,15 @@ fn transient(e: &DriverError) -> Option<&'static str> {
         ErrorKind::Write(WriteFailure::WriteError(w)) if unknown_outcome_code(w.code) => {
             Some("the server could not complete the write (step-down, shutdown or time limit); the outcome is unknown")
         }
+        ErrorKind::InsertMany(m)
+            if m
+                .write_errors
+                .iter()
+                .flatten()
+                .any(|w| unknown_outcome_code(w.code)) =>
+        {
+            Some("the server could not complete the write (step-down, shutdown or time limit); the outcome is unknown")
+        }
         _ => None,
     };
     // The driver's labels first: they are its own verdict on the outcome.
@@ -279,6 +288,14 @@ pub(crate) fn is_duplicate_key(e: &DriverError) -> bool {
     match &*e.kind {
         ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
         ErrorKind::Command(c) => c.code == DUPLICATE_KEY,
+        // An ordered insert of several documents stops at its first refused one.
+        ErrorKind::InsertMany(m) => {
+            m.write_concern_error.is_none()
+                && m.write_errors
+                    .as_ref()
+                    .and_then(|errors| errors.iter().min_by_key(|w| w.index))
+                    .is_some_and(|first| first.code == DUPLICATE_KEY)
+        }
         _ => false,
     }
 }
@@ -370,6 +387,80 @@ pub(crate) fn answered_late(stream: &StreamId, took: Duration, window: Duration)
             "{stream}: the commit was stored, but its insert answered after {took:?}, past the \
              answer window of {window:?} (photon_answer_window_ms); a re-send with the same ids \
              is answered as a retry"
+        ),
+        source: None,
+    }
+}
+
+/// The failure of one insert (or head read) that carried several appends, for each of them:
+/// the same kind, backend and message, with the original's text as the source (photon errors
+/// are not `Clone`, and each append must hear whether the outcome is unknown, refused access,
+/// or an error of the server).
+pub(crate) fn copy_for(e: &Error) -> Error {
+    let source = || -> photon_api::BoxError { e.to_string().into() };
+    match e {
+        Error::Unavailable {
+            backend, message, ..
+        } => Error::Unavailable {
+            backend,
+            message: message.clone(),
+            source: Some(source()),
+        },
+        Error::AccessDenied {
+            backend,
+            kind,
+            context,
+            ..
+        } => Error::access_denied(backend, *kind, context.clone(), source()),
+        Error::Backend {
+            backend, context, ..
+        } => Error::backend(backend, context.clone(), source()),
+        other => Error::backend(BACKEND, "appending", other.to_string()),
+    }
+}
+
+/// What an append hears when the insert that carried its commit got no answer, or an answer
+/// that does not say what became of each commit: the commit may be stored (a re-send with the
+/// same ids answers as a retry). `e` is the insert's error; a refused login or permission
+/// (nothing stored) is kept as it is.
+pub(crate) fn unknown_outcome(stream: &StreamId, e: &Error) -> Error {
+    match e {
+        Error::Unavailable { .. } | Error::AccessDenied { .. } => copy_for(e),
+        other => Error::Unavailable {
+            backend: BACKEND,
+            message: format!(
+                "appending to {stream}: the insert's outcome is unknown; a re-send with the same \
+                 ids is answered as a retry"
+            ),
+            source: Some(other.to_string().into()),
+        },
+    }
+}
+
+/// [`unknown_outcome`] for the one append that gets the insert's error itself, kept as the
+/// source.
+pub(crate) fn into_unknown_outcome(stream: &StreamId, e: Error) -> Error {
+    match e {
+        Error::Unavailable { .. } | Error::AccessDenied { .. } => e,
+        other => Error::Unavailable {
+            backend: BACKEND,
+            message: format!(
+                "appending to {stream}: the insert's outcome is unknown; a re-send with the same \
+                 ids is answered as a retry"
+            ),
+            source: Some(Box::new(other)),
+        },
+    }
+}
+
+/// A commit that waited `waited` for its turn behind inserts that did not answer: it was
+/// never sent, and is not stored.
+pub(crate) fn not_sent(stream: &StreamId, waited: Duration) -> Error {
+    Error::Unavailable {
+        backend: BACKEND,
+        message: format!(
+            "appending to {stream}: not sent, after waiting {waited:?} (photon_timeout_ms) \
+             behind an insert that did not answer; nothing is stored"
         ),
         source: None,
     }

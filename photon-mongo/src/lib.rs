@@ -9,6 +9,7 @@ mod config;
 mod error;
 mod reader;
 mod register;
+mod sequencer;
 mod subscription;
 mod writer;
 

@@ -1,11 +1,13 @@
 //! The append protocol: one commit document per append, inserted at the stream's next version
 //! and the next global position, both claimed by unique indexes in that one insert.
 //!
-//! This module decides what an append stores and answers; it must not decide how commits are
-//! laid out (`codec.rs`) or read for callers (`reader.rs`).
+//! An append decides the version its commit claims (from the expectation and what this store
+//! knows of the stream, reading the stream only when it knows nothing that will do) and what a
+//! refusal means; `sequencer.rs` gives the commit its global position and sends it. This module
+//! must not decide how commits are laid out (`codec.rs`) or read for callers (`reader.rs`).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::TryStreamExt;
@@ -13,24 +15,27 @@ use mongodb::bson::{doc, Bson, Document};
 use photon_api::telemetry::Attempts;
 use photon_api::validate::{classify_batch, validate_batch, BatchKind, StoredId};
 use photon_api::{
-    AccessKind, AppendResult, Error, EventData, ExpectedVersion, StreamId, Timestamp, Uuid, Version,
+    AppendResult, Error, EventData, ExpectedVersion, StreamId, Timestamp, Uuid, Version,
 };
 
 use crate::client::{Shared, MAX_APPEND_SIZE};
-use crate::{codec, error, reader, subscription};
+use crate::sequencer::{self, Sent};
+use crate::{codec, error, reader};
 
 /// MongoDB's document size limit, checked on the encoded commit before it is sent.
 const MAX_DOCUMENT_SIZE: usize = 16 * 1024 * 1024 - 16 * 1024;
 
 /// Appends `events` to `stream` if it is at `expected`; a re-send of a stored batch answers as
-/// the first send did, whatever `expected` says. `attempts` is set to the inserts tried (each
-/// one after the first lost a race).
+/// the first send did, whatever `expected` says. `attempts` is set to the inserts sent (each
+/// one after the first lost a race, for the stream's version or for a global position).
 ///
-/// Every append of the database races for the next global position, so losing an insert is
-/// normal under load and says nothing about this stream: such a loss is retried after a short
-/// pause, bounded only in time ([`POSITION_RACES_FOR`]). Only races for this stream's version
-/// (another writer appended to it in between, and the expectation still holds) count against
-/// [`crate::MongoConfig::append_races`], with a growing random pause between them.
+/// In the common case this is one insert: the version comes from the expectation and what this
+/// store knows of the stream (its own last append to it, or its last read of it), the unique
+/// `stream_version` index is the concurrency check, and the stream is read only when the store
+/// knows nothing that will do or the insert was refused. Losing a global position to another
+/// store's commit is the sequencer's to retry, bounded in time; only races for this stream's
+/// version (another writer appended to it in between, and the expectation still holds) count
+/// against [`crate::MongoConfig::append_races`], with a growing random pause between them.
 pub(crate) async fn append(
     shared: &Arc<Shared>,
     stream: &StreamId,
@@ -45,246 +50,168 @@ pub(crate) async fn append(
         Some(MAX_APPEND_SIZE),
     )?;
     let ids_by_index = shared.ready().await?.ids_unique_per_element;
+    let (mut commit, bytes) = encode(stream, &events)?;
     let mut stream_races = 0;
     let mut inserts = 0;
-    let mut lost: Option<Lost> = None;
-    // Position races are not counted, but they are bounded in time, so a refusal that only
-    // looks like one (a unique index of someone else's, a head read that lags) cannot retry
-    // forever.
-    let give_up = tokio::time::Instant::now() + POSITION_RACES_FOR * shared.config.timeout;
+    // Whether the next decision must read the stream rather than trust what the store knows.
+    let mut read = false;
+    // Whether the last insert, based on a read of the stream, was refused for its version.
+    let mut lost = false;
     loop {
-        let current = reader::last_commit(shared, stream)
-            .await?
-            .map(|h| h.last_version());
-        if let Some(lost) = lost.take() {
-            if !lost.to_another_stream(shared, current).await? {
-                // When the expectation no longer holds, the next try answers
-                // WrongExpectedVersion (or the earlier send's result): no race to count.
-                if expected.matches(current) {
-                    stream_races += 1;
-                    if stream_races >= shared.config.append_races {
-                        return Err(error::too_contended(stream, stream_races));
-                    }
-                    // Another writer of this stream got in first: decide again after a short
-                    // random pause that spreads the writers that collided.
-                    tracing::debug!(%stream, stream_races, "append lost its version; retrying");
-                    pause(8 * u64::from(stream_races.min(8))).await;
-                    continue;
-                }
-            } else {
-                if tokio::time::Instant::now() >= give_up {
-                    return Err(error::position_races(stream, inserts));
-                }
-                tracing::debug!(%stream, inserts, "append lost the global position; retrying");
-                // A pause of up to 2 ms so the writers that all lost one position do not all
-                // claim the next one at once.
-                pause(3).await;
-                continue;
+        let (current, fresh) = match known_head(shared, stream, expected, read) {
+            Some(known) => (known, false),
+            None => (last_version(shared, stream).await?, true),
+        };
+        if std::mem::take(&mut lost) && expected.matches(current) {
+            // Another writer of this stream got in first and the expectation still holds: try
+            // again after a short random pause that spreads the writers that collided. (When
+            // it no longer holds, the next try answers WrongExpectedVersion or the earlier
+            // send's result: no race to count.)
+            stream_races += 1;
+            if stream_races >= shared.config.append_races {
+                return Err(error::too_contended(stream, stream_races));
+            }
+            tracing::debug!(%stream, stream_races, "append lost its version; retrying");
+            pause(8 * u64::from(stream_races.min(8))).await;
+            read = true;
+            continue;
+        }
+        let holds = expected.matches(current);
+        if !holds && !fresh {
+            // What the store knows may be behind the stream: read it before saying so.
+            read = true;
+            continue;
+        }
+        if !holds || !ids_by_index {
+            if let Some(earlier) = stored_batch(shared, stream, &events).await? {
+                return Ok(earlier);
             }
         }
-        inserts += 1;
-        attempts.set(inserts);
-        match try_append(shared, stream, expected, current, &events, ids_by_index).await? {
-            Attempt::Stored(result) => return Ok(result),
-            Attempt::Lost(l) => lost = Some(l),
+        if !holds {
+            return Err(Error::WrongExpectedVersion {
+                stream: stream.clone(),
+                expected,
+                actual: current,
+            });
+        }
+        let first = current.map_or(Version(0), Version::next);
+        commit.insert("version", first.0 as i64);
+        match sequencer::store(shared, stream, commit, bytes).await? {
+            Sent::Stored {
+                position,
+                took,
+                inserts: sent,
+            } => {
+                attempts.set(inserts + sent);
+                let result = appended(first, position, events.len());
+                shared.stream_heads.set(stream, result.last_version);
+                if took > shared.config.answer_window {
+                    // Stored, but a subscription from now may have started meanwhile, past it.
+                    return Err(error::answered_late(
+                        stream,
+                        took,
+                        shared.config.answer_window,
+                    ));
+                }
+                return Ok(result);
+            }
+            // Refused, so nothing was stored: another commit holds this version or (the
+            // `stream_event_ids` index) one of these ids. Only the last needs an answer now;
+            // for the other the caller decides again, from a read of the stream.
+            Sent::Refused {
+                inserts: sent,
+                commit: refused,
+            } => {
+                inserts += sent;
+                attempts.set(inserts);
+                commit = refused;
+                if let Some(earlier) = stored_batch(shared, stream, &events).await? {
+                    return Ok(earlier);
+                }
+                shared.stream_heads.forget(stream);
+                read = true;
+                // Refused while claiming the version after what the store remembered: the
+                // stream moved before, not in a race with this insert.
+                lost = fresh;
+            }
         }
     }
 }
 
-/// How many `photon_timeout_ms` an append may spend losing the global position to other
-/// streams' commits before it answers `Unavailable`.
-const POSITION_RACES_FOR: u32 = 6;
+/// The stream's head as this store knows it, when that will do for `expected` (and `read` does
+/// not ask for a read): `Some(None)` claims version 0 of a new stream, `Some(Some(v))` version
+/// `v + 1`. Knowing is enough because versions are never removed: if the stream moved on since,
+/// the insert is refused by `stream_version` and the append reads. A store that knows nothing,
+/// or whose memory contradicts the expectation, reads instead.
+fn known_head(
+    shared: &Shared,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    read: bool,
+) -> Option<Option<Version>> {
+    if read {
+        return None;
+    }
+    let known = shared.stream_heads.get(stream);
+    match (expected, known) {
+        // A new stream's first commit needs no read: version 0 is free or the insert is refused.
+        (ExpectedVersion::NoStream, None) => Some(None),
+        (ExpectedVersion::Exact(v), Some(k)) if v == k => Some(Some(k)),
+        (ExpectedVersion::Any | ExpectedVersion::StreamExists, Some(k)) => Some(Some(k)),
+        _ => None,
+    }
+}
+
+/// The version of the stream's last event, read, and remembered.
+async fn last_version(shared: &Shared, stream: &StreamId) -> Result<Option<Version>, Error> {
+    let current = reader::last_commit(shared, stream)
+        .await?
+        .map(|h| h.last_version());
+    match current {
+        Some(v) => shared.stream_heads.set(stream, v),
+        None => shared.stream_heads.forget(stream),
+    }
+    Ok(current)
+}
+
+/// The last version a store knows of the streams it appended to or read for an append: what
+/// lets an append claim its version without reading the stream. Bounded; when full it starts
+/// over (a forgotten stream costs one read).
+#[derive(Default)]
+pub(crate) struct StreamHeads(Mutex<HashMap<StreamId, Version>>);
+
+/// How many streams a store remembers the head of.
+const KNOWN_STREAMS: usize = 16_384;
+
+impl StreamHeads {
+    fn get(&self, stream: &StreamId) -> Option<Version> {
+        self.lock().get(stream).copied()
+    }
+
+    /// Remembers `version` unless a later one is known (concurrent appends answer in any order).
+    fn set(&self, stream: &StreamId, version: Version) {
+        let mut heads = self.lock();
+        if heads.len() >= KNOWN_STREAMS && !heads.contains_key(stream) {
+            heads.clear();
+        }
+        let known = heads.entry(stream.clone()).or_insert(version);
+        *known = (*known).max(version);
+    }
+
+    fn forget(&self, stream: &StreamId) {
+        self.lock().remove(stream);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<StreamId, Version>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
 
 /// A random pause below `below_ms` milliseconds.
 async fn pause(below_ms: u64) {
     let id = Uuid::new_v4();
     let random = u64::from(u16::from_le_bytes([id.as_bytes()[0], id.as_bytes()[1]]));
     tokio::time::sleep(Duration::from_millis(random % below_ms.max(1))).await;
-}
-
-/// What one attempt did.
-enum Attempt {
-    /// Stored now, or found stored by an earlier send.
-    Stored(AppendResult),
-    /// Refused by a unique index: another commit took the version or the position first.
-    Lost(Lost),
-}
-
-/// What a refused insert was based on, to tell afterwards which race it lost.
-struct Lost {
-    /// The stream's last version it read.
-    stream_head: Option<Version>,
-    /// The global position it claimed.
-    position: u64,
-}
-
-impl Lost {
-    /// Whether the insert lost its position to a commit of another stream: this stream is still
-    /// where the insert found it (`current`), and the position it claimed is taken now.
-    /// Anything else (this stream moved, or a refusal neither explains) counts as a race on the
-    /// stream, so an append cannot retry forever on a refusal nobody explains.
-    async fn to_another_stream(
-        &self,
-        shared: &Shared,
-        current: Option<Version>,
-    ) -> Result<bool, Error> {
-        Ok(current == self.stream_head && shared.head().await? >= self.position)
-    }
-}
-
-/// One attempt, based on the stream's last version as just read (`current`).
-///
-/// Which ids are stored decides before the expectation does: a batch holding a stored id is a
-/// retry (answered as the first send was) or a conflict, whatever `expected` says. Where the
-/// server's `stream_event_ids` index refuses any repeated id (`ids_by_index`, MongoDB), the
-/// insert itself is that check, and the ids are looked up only when it is refused or when the
-/// expectation fails. Elsewhere (FerretDB 1.24, whose unique index compares whole arrays) they
-/// are looked up before every insert, after the read of the stream's head, which makes the
-/// lookup exact: a commit holding one of these ids at a version up to the head was visible to
-/// that read, so to the lookup after it; one not visible yet can only be at head + 1, the
-/// version this insert claims, so at most one of the two lands.
-async fn try_append(
-    shared: &Arc<Shared>,
-    stream: &StreamId,
-    expected: ExpectedVersion,
-    current: Option<Version>,
-    events: &[EventData],
-    ids_by_index: bool,
-) -> Result<Attempt, Error> {
-    let holds = expected.matches(current);
-    if !holds || !ids_by_index {
-        if let Some(earlier) = stored_batch(shared, stream, events).await? {
-            return Ok(Attempt::Stored(earlier));
-        }
-    }
-    if !holds {
-        return Err(Error::WrongExpectedVersion {
-            stream: stream.clone(),
-            expected,
-            actual: current,
-        });
-    }
-    let first = current.map_or(Version(0), Version::next);
-    // The next global position is the highest one + 1, claimed by the unique index on
-    // `position`: a commit is written with its position in one insert, so no position is ever
-    // reserved and then left empty, and a position is only taken once the one below it is
-    // visible. (An $inc counter would be simpler, but FerretDB 1.24 loses concurrent
-    // increments; this works the same on both.)
-    let position = shared.head().await? + 1;
-    let commit = encode(stream, first, position, events)?;
-    let fence = Fence::arm(shared, position);
-    // The commit cannot be stored before it is sent: from here on, how long the answer takes
-    // counts against the answer window.
-    let sending = std::time::Instant::now();
-    let insert = async {
-        match shared.commits.insert_one(commit).await {
-            Ok(_) => Ok(true),
-            Err(e) if error::is_duplicate_key(&e) => Ok(false),
-            Err(e) => Err(e),
-        }
-    };
-    match shared
-        .bounded(|| format!("appending to {stream}"), insert)
-        .await
-    {
-        Ok(true) => {
-            fence.disarm();
-            let took = sending.elapsed();
-            if took > shared.config.answer_window {
-                // Stored, but a subscription from now may have started meanwhile, past it.
-                return Err(error::answered_late(
-                    stream,
-                    took,
-                    shared.config.answer_window,
-                ));
-            }
-            Ok(Attempt::Stored(appended(first, position, events.len())))
-        }
-        // Refused, so nothing was stored: another commit holds this version or this position,
-        // or (the `stream_event_ids` index) one of these ids. Only the last needs an answer
-        // now; for the others the caller decides again.
-        Ok(false) => {
-            fence.disarm();
-            Ok(match stored_batch(shared, stream, events).await? {
-                Some(earlier) => Attempt::Stored(earlier),
-                None => Attempt::Lost(Lost {
-                    stream_head: current,
-                    position,
-                }),
-            })
-        }
-        // Refused access (credentials, a permission): the server did not take the insert, so
-        // nothing is stored and there is no window to close; the fence would only be refused
-        // in turn (and log it, and log in again) on every such append.
-        Err(e) if refused_for_good(&e) => {
-            fence.disarm();
-            Err(e)
-        }
-        // The outcome is unknown: the commit may have landed, or may still land. The fence
-        // (on drop) closes that window; re-sending the same batch is safe, since the ids make
-        // it idempotent.
-        Err(e) => Err(e),
-    }
-}
-
-/// Whether the insert's error is a refusal of the login or of the permission: the server
-/// answered and stored nothing.
-fn refused_for_good(e: &Error) -> bool {
-    matches!(
-        e,
-        Error::AccessDenied {
-            kind: AccessKind::Authentication | AccessKind::Authorization,
-            ..
-        }
-    )
-}
-
-/// Closes the window in which an insert whose answer we did not get (a timeout, a lost
-/// connection, a dropped call) can still land: once armed and dropped, it fills the commit's
-/// position with a tombstone, in the background. The unique index on `position` then refuses
-/// the insert if it arrives later, so a write either landed before the fence or never does,
-/// and never after newer appends (they take this position or higher). If the commit did land
-/// first, the tombstone is refused and the commit stays, seen exactly once by every reader.
-/// A re-send that takes the position first is the same: the tombstone is refused.
-struct Fence {
-    shared: Option<Arc<Shared>>,
-    position: u64,
-}
-
-impl Fence {
-    fn arm(shared: &Arc<Shared>, position: u64) -> Self {
-        Self {
-            shared: Some(shared.clone()),
-            position,
-        }
-    }
-
-    /// The insert was answered: it is stored, or refused for good.
-    fn disarm(mut self) {
-        self.shared = None;
-    }
-}
-
-impl Drop for Fence {
-    fn drop(&mut self) {
-        let Some(shared) = self.shared.take() else {
-            return;
-        };
-        let position = self.position;
-        // Dropped outside a runtime (the runtime is shutting down): nothing can run the fence;
-        // the position stays open until a reader or a newer append takes it.
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        runtime.spawn(async move {
-            match subscription::tombstone(&shared, position).await {
-                Ok(()) => tracing::debug!(position, "fenced an append with an unknown outcome"),
-                // The fence itself got no answer: the late insert may still land, but only
-                // while this position is free, i.e. before any newer append.
-                Err(e) => tracing::warn!(position, error = %e, "could not fence an append"),
-            }
-        });
-    }
 }
 
 /// What a batch some of whose ids the stream holds already answers: the original append's
@@ -301,14 +228,11 @@ async fn stored_batch(
     retry_result(stream, events, &stored)
 }
 
-/// The commit document, refused before it is sent when MongoDB would refuse its size.
-fn encode(
-    stream: &StreamId,
-    first: Version,
-    position: u64,
-    events: &[EventData],
-) -> Result<Document, Error> {
-    let commit = codec::commit(stream, first, position, Timestamp::now(), events);
+/// The commit document and its encoded size, refused before it is sent when MongoDB would
+/// refuse its size. Its version is set per attempt, its position and time by its turn to be
+/// sent (neither changes the size).
+fn encode(stream: &StreamId, events: &[EventData]) -> Result<(Document, usize), Error> {
+    let commit = codec::commit(stream, Version(0), 0, Timestamp::now(), events);
     let encoded = mongodb::bson::to_vec(&commit)
         .map_err(|e| error::encoding(stream, e))?
         .len();
@@ -319,7 +243,7 @@ fn encode(
             limit: MAX_DOCUMENT_SIZE,
         });
     }
-    Ok(commit)
+    Ok((commit, encoded))
 }
 
 /// What an append of `count` events stored at `first` and `position` answers.
@@ -381,24 +305,5 @@ fn retry_result(
     match classify_batch(stream, events, |id| where_stored.get(id).copied())? {
         BatchKind::New => Ok(None),
         BatchKind::Retry { first } => Ok(Some(appended(first, positions[&first], events.len()))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn denied(kind: AccessKind) -> Error {
-        Error::access_denied(crate::client::BACKEND, kind, "appending to a-1", "refused")
-    }
-
-    #[test]
-    fn only_a_refused_login_or_permission_disarms_the_fence() {
-        assert!(refused_for_good(&denied(AccessKind::Authentication)));
-        assert!(refused_for_good(&denied(AccessKind::Authorization)));
-        // An outcome that may be unknown keeps the fence armed.
-        assert!(!refused_for_good(&denied(AccessKind::Tls)));
-        let lost = Error::unavailable(crate::client::BACKEND, "appending to a-1", "reset");
-        assert!(!refused_for_good(&lost));
     }
 }

@@ -15,30 +15,24 @@ use photon_conformance::server_url;
 use photon_faults::proxy::FaultProxy;
 use photon_mongo::MongoStore;
 
+#[path = "common/proxied.rs"]
+mod proxied;
+use proxied::proxied as common_proxied;
+
 /// The store's timeout in these tests.
 const TIMEOUT: Duration = Duration::from_millis(1000);
 
 /// How late past the timeout an answer may come (scheduling, a loaded machine).
 const SLACK: Duration = Duration::from_millis(1500);
 
-/// A store behind a fresh fault proxy, on a fresh collection; the proxy, the store, the direct
-/// URL (for the plain driver) and the prefix.
+/// A store behind a fresh fault proxy, on a fresh collection, with the timeouts above; the
+/// proxy, the store, the direct URL (for the plain driver) and the prefix.
 async fn proxied() -> Option<(FaultProxy, MongoStore, String, String)> {
     let url = server_url("mongo", "PHOTON_TEST_MONGO_URL")?;
-    let rest = &url["mongodb://".len()..];
-    let host = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
-    let proxy = FaultProxy::start("127.0.0.1:0", host).await.unwrap();
-    let prefix = format!("f{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let ms = TIMEOUT.as_millis();
-    let options = format!(
-        "photon_prefix={prefix}&photon_timeout_ms={ms}&serverSelectionTimeoutMS={ms}&connectTimeoutMS={ms}"
-    );
-    let through = url.replacen(host, &proxy.local_addr().to_string(), 1);
-    let through = format!(
-        "{through}{}{options}",
-        if through.contains('?') { "&" } else { "?" }
-    );
-    let store = MongoStore::from_url(&through).await.unwrap();
+    let options =
+        format!("photon_timeout_ms={ms}&serverSelectionTimeoutMS={ms}&connectTimeoutMS={ms}");
+    let (proxy, store, prefix) = common_proxied(&url, "f", &options).await;
     Some((proxy, store, url, prefix))
 }
 

@@ -12,8 +12,10 @@ use photon_api::{
     StreamId, SubscriptionItem, SubscriptionMode,
 };
 use photon_conformance::{fresh_category, server_url};
-use photon_faults::proxy::FaultProxy;
-use photon_mongo::MongoStore;
+
+#[path = "common/proxied.rs"]
+mod proxied;
+use proxied::proxied;
 
 /// Streams written for the listing: far more than one page.
 const STREAMS: usize = 2000;
@@ -44,28 +46,12 @@ fn commits(category: &str) -> Vec<Document> {
     firsts.chain(seconds).collect()
 }
 
-/// A store behind a fresh fault proxy, on fresh collections; the proxy, the store and the
-/// prefix of its collections.
-async fn proxied(url: &str) -> (FaultProxy, MongoStore, String) {
-    let rest = &url["mongodb://".len()..];
-    let host = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
-    let proxy = FaultProxy::start("127.0.0.1:0", host).await.unwrap();
-    let prefix = format!("l{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let through = url.replacen(host, &proxy.local_addr().to_string(), 1);
-    let through = format!(
-        "{through}{}photon_prefix={prefix}",
-        if through.contains('?') { "&" } else { "?" }
-    );
-    let store = MongoStore::from_url(&through).await.unwrap();
-    (proxy, store, prefix)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_are_listed_a_page_at_a_time() {
     let Some(url) = server_url("mongo", "PHOTON_TEST_MONGO_URL") else {
         return;
     };
-    let (proxy, store, prefix) = proxied(&url).await;
+    let (proxy, store, prefix) = proxied(&url, "l", "").await;
     // Connected, indexes made: what follows on the wire is the listing's.
     store.health().await.unwrap();
 
@@ -111,7 +97,7 @@ async fn a_replay_fetches_a_page_of_large_commits_bounded_in_bytes() {
     let Some(url) = server_url("mongo", "PHOTON_TEST_MONGO_URL") else {
         return;
     };
-    let (proxy, store, _) = proxied(&url).await;
+    let (proxy, store, _) = proxied(&url, "l", "").await;
     let category = fresh_category();
     let stream = StreamId::new(&category, "large").unwrap();
     let big = || {

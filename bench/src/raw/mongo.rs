@@ -29,6 +29,9 @@ use crate::{progress, BoxError, Sizes};
 
 const SUBJECT: &str = "raw mongodb (insert_one, w:majority, j:true)";
 
+/// The reference row: the id lookup photon-mongo needs on FerretDB, then the same insert.
+const LOOKUP_SUBJECT: &str = "raw mongodb (find by stream and event ids, then insert_one)";
+
 /// The raw client and its collection.
 pub struct RawMongo {
     coll: Collection<Document>,
@@ -122,15 +125,19 @@ fn apply(view: &mut Balances, commit: &Document) -> Result<(), BoxError> {
     Ok(())
 }
 
-#[async_trait]
-impl Raw for RawMongo {
-    async fn append(
+impl RawMongo {
+    /// `insert_one` per append; with `lookup`, each one after a `find` of the stream's commits
+    /// holding any of its event ids, the lookup photon-mongo makes before each insert on a
+    /// server whose unique index compares whole arrays (FerretDB 1.24), shown beside the
+    /// baseline so the part of the distance that server sets is visible.
+    async fn inserts(
         &self,
         sizes: &Sizes,
         batch: u64,
         writers: u64,
-    ) -> Result<Vec<Measurement>, BoxError> {
-        let category = format!("append{batch}x{writers}");
+        lookup: bool,
+    ) -> Result<Measurement, BoxError> {
+        let category = format!("append{batch}x{writers}{}", if lookup { "l" } else { "" });
         let per_writer = (sizes.append_events / writers).max(1);
         let cap = Cap::new(sizes.cap);
         let tasks = (0..writers)
@@ -158,6 +165,12 @@ impl Raw for RawMongo {
                         }
                         let n = doc.get_i64("count")? as u64;
                         let t0 = Instant::now();
+                        if lookup {
+                            let ids = doc.get_array("event_ids")?.clone();
+                            let stream = doc.get_str("stream")?.to_owned();
+                            coll.find_one(doc! { "stream": stream, "event_ids": { "$in": ids } })
+                                .await?;
+                        }
                         coll.insert_one(doc).await?;
                         latencies.record(t0.elapsed());
                         written += n;
@@ -168,17 +181,36 @@ impl Raw for RawMongo {
             .collect::<Vec<_>>();
         // Every writer's appends are built above, before the clock starts, as photon's are.
         let (total, latencies, elapsed) = run_writers(tasks).await?;
-        Ok(vec![Measurement::throughput(
+        let (subject, role) = if lookup {
+            (LOOKUP_SUBJECT, Role::Reference)
+        } else {
+            (SUBJECT, Role::Baseline)
+        };
+        Ok(Measurement::throughput(
             "mongo",
             "append",
             append_case(batch, writers),
-            SUBJECT,
-            Role::Baseline,
+            subject,
+            role,
             total,
             elapsed,
         )
         .with_latency(&latencies)
-        .capped(total < per_writer * writers)])
+        .capped(total < per_writer * writers))
+    }
+}
+
+#[async_trait]
+impl Raw for RawMongo {
+    async fn append(
+        &self,
+        sizes: &Sizes,
+        batch: u64,
+        writers: u64,
+    ) -> Result<Vec<Measurement>, BoxError> {
+        let mut rows = vec![self.inserts(sizes, batch, writers, false).await?];
+        rows.push(self.inserts(sizes, batch, writers, true).await?);
+        Ok(rows)
     }
 
     async fn load(&self, sizes: &Sizes) -> Result<Vec<Measurement>, BoxError> {
