@@ -13,8 +13,8 @@ use mongodb::bson::{doc, Bson, Document};
 use mongodb::event::sdam::SdamEvent;
 use mongodb::event::EventHandler;
 use mongodb::options::{
-    Acknowledgment, ClientOptions, IndexOptions, ReadConcern, ReadPreference, SelectionCriteria,
-    ServerAddress, WriteConcern,
+    Acknowledgment, ClientOptions, CollectionOptions, IndexOptions, ReadConcern, ReadPreference,
+    SelectionCriteria, ServerAddress, WriteConcern,
 };
 use mongodb::{Client, Collection, IndexModel};
 use photon_api::{Error, Health};
@@ -263,6 +263,9 @@ pub(crate) struct Readiness {
 pub(crate) struct Shared {
     client: Client,
     pub(crate) commits: Collection<Document>,
+    /// The commits, read with local read concern: what the unique indexes see on the primary
+    /// (see `sequencer.rs`, telling which index refused an insert).
+    pub(crate) commits_local: Collection<Document>,
     /// The registers, one document per save kept (see `register.rs`).
     pub(crate) registers: Collection<Document>,
     pub(crate) config: MongoConfig,
@@ -297,10 +300,17 @@ impl Shared {
         }));
         let client =
             Client::with_options(options).map_err(|e| error::driver("creating the client", e))?;
+        let commits: Collection<Document> = client
+            .database(&config.database)
+            .collection(&config.commits());
+        let local = CollectionOptions::builder()
+            .read_concern(ReadConcern::local())
+            .build();
         Ok(Self {
-            commits: client
+            commits_local: client
                 .database(&config.database)
-                .collection(&config.commits()),
+                .collection_with_options(&config.commits(), local),
+            commits,
             registers: client
                 .database(&config.database)
                 .collection(&config.registers()),

@@ -453,14 +453,28 @@ pub(crate) fn into_unknown_outcome(stream: &StreamId, e: Error) -> Error {
     }
 }
 
+/// A commit refused by a unique index that is not photon's (its version, ids and claimed
+/// position were all free): nothing is stored, and a re-send is refused the same way.
+pub(crate) fn foreign_index(stream: &StreamId, position: u64) -> Error {
+    Error::backend(
+        BACKEND,
+        format!("appending to {stream}"),
+        format!(
+            "a unique index that is not photon-mongo's refused the commit (its version, its event \
+             ids and global position {position} were free); nothing is stored: drop that index \
+             or change the events"
+        ),
+    )
+}
+
 /// A commit that waited `waited` for its turn behind inserts that did not answer: it was
 /// never sent, and is not stored.
 pub(crate) fn not_sent(stream: &StreamId, waited: Duration) -> Error {
     Error::Unavailable {
         backend: BACKEND,
         message: format!(
-            "appending to {stream}: not sent, after waiting {waited:?} (photon_timeout_ms) \
-             behind an insert that did not answer; nothing is stored"
+            "appending to {stream}: not sent, after waiting {waited:?} (photon_timeout_ms) for \
+             the inserts ahead of it; nothing is stored"
         ),
         source: None,
     }

@@ -182,9 +182,10 @@ async fn run(shared: Arc<Shared>, turn: OwnedMutexGuard<Option<u64>>) {
         if busy_since.elapsed() >= YIELD_AFTER && !lock(&shared.sequencer.queue).is_empty() {
             // Sending back to back, this store would take every position another store reads
             // the head for (its next claim leaves as soon as the last is answered, theirs after
-            // a read): leave them a window of a few inserts' time. Commits queued meanwhile go
-            // in the next group, so this costs latency, not throughput.
-            let window = (sending.elapsed() * 3).clamp(YIELD_MIN, YIELD_MAX);
+            // a read): leave them a window of two inserts' time every 100 ms. Commits queued
+            // meanwhile go in the next group; a saturated store (full groups) loses up to a
+            // sixth of its throughput to it.
+            let window = (sending.elapsed() * 2).clamp(YIELD_MIN, YIELD_MAX);
             tokio::time::sleep(window).await;
             busy_since = Instant::now();
         }
@@ -194,11 +195,11 @@ async fn run(shared: Arc<Shared>, turn: OwnedMutexGuard<Option<u64>>) {
 }
 
 /// How long a turn sends groups back to back before it yields (see [`run`]).
-const YIELD_AFTER: Duration = Duration::from_millis(20);
+const YIELD_AFTER: Duration = Duration::from_millis(100);
 
-/// Bounds of the pause a busy turn yields: three times its last insert, within these.
-const YIELD_MIN: Duration = Duration::from_millis(2);
-const YIELD_MAX: Duration = Duration::from_millis(50);
+/// Bounds of the pause a busy turn yields: twice its last insert, within these.
+const YIELD_MIN: Duration = Duration::from_millis(1);
+const YIELD_MAX: Duration = Duration::from_millis(20);
 
 /// Hands the queue to a new turn if a turn's task ends without finishing (a panic): the
 /// commits queued behind it would otherwise wait for the next append to start one.
@@ -323,9 +324,11 @@ async fn send(shared: &Arc<Shared>, head: &mut Option<u64>, mut group: Vec<Queue
         }
         // Which unique index refused it: the commit's own version or ids (held by a commit of
         // its stream; its append decides), or else the claimed position (another store's
-        // commit got there first: read the head and claim again).
-        match own_keys_taken(shared, &group[0]).await {
-            Ok(true) => {
+        // commit got there first: claim again after the head, with whatever was queued
+        // meanwhile), or else an index someone else made (refused for good).
+        let claimed = base + 1 + index as u64;
+        match refused_by(shared, &group[0], claimed).await {
+            Ok(Refusal::OwnKeys) => {
                 let q = group.remove(0);
                 let refused = Sent::Refused {
                     inserts: q.sent,
@@ -333,13 +336,39 @@ async fn send(shared: &Arc<Shared>, head: &mut Option<u64>, mut group: Vec<Queue
                 };
                 let _ = q.answer.send(Ok(refused));
             }
-            Ok(false) => *head = None,
+            Ok(Refusal::Position) => {
+                *head = None;
+                return requeue(shared, group);
+            }
+            Ok(Refusal::Foreign) => {
+                let q = group.remove(0);
+                let _ = q.answer.send(Err(error::foreign_index(&q.stream, claimed)));
+            }
             Err(e) => {
                 *head = None;
                 return fail(group, e);
             }
         }
     }
+}
+
+/// Puts commits that lost their positions back at the front of the queue, in order, to go
+/// with the commits queued meanwhile in the turn's next insert.
+fn requeue(shared: &Shared, group: Vec<Queued>) {
+    let mut queue = lock(&shared.sequencer.queue);
+    for q in group.into_iter().rev() {
+        queue.push_front(q);
+    }
+}
+
+/// Which unique index refused a commit.
+enum Refusal {
+    /// Its stream's version or one of its ids is taken.
+    OwnKeys,
+    /// Its claimed position is taken.
+    Position,
+    /// Neither: a unique index that is not photon's.
+    Foreign,
 }
 
 /// A group's insert got no answer (or one that does not say what it stored): its positions are
@@ -365,23 +394,45 @@ async fn unanswered(
     let _ = first.answer.send(Err(e));
 }
 
-/// Whether a commit of `q`'s stream holds the version `q` claims or one of its event ids: what
-/// its refusal was for, unless it was its position. (Reading the highest position cannot tell
-/// this: while other stores write, a position left free by a refused commit is taken a moment
-/// later.) The version and the ids only ever get taken, so what this finds after the refusal
-/// was there at the refusal.
-async fn own_keys_taken(shared: &Shared, q: &Queued) -> Result<bool, Error> {
+/// What refused `q`, claimed at `claimed`: a commit of its stream holding the version it claims
+/// or one of its ids, else a commit (or tombstone) at its position, else a unique index that is
+/// not photon's. The version, the ids and the position only ever get taken, so what this finds
+/// after the refusal was there at the refusal. (Reading the highest position cannot tell this:
+/// while other stores write, a position left free by a refused commit is taken a moment later.)
+/// Read with local read concern, as the unique indexes see the primary's own data: a majority
+/// read could miss what refused the commit.
+async fn refused_by(shared: &Shared, q: &Queued, claimed: u64) -> Result<Refusal, Error> {
     let version = q.commit.get("version").cloned().unwrap_or(Bson::Null);
     let ids = q.commit.get("event_ids").cloned().unwrap_or(Bson::Null);
-    let filter = doc! {
+    let own = doc! {
         "stream": q.stream.as_str(),
         "$or": [ { "version": version }, { "event_ids": { "$in": ids } } ],
     };
+    if holds(shared, own, || {
+        format!("reading what refused the commit to {}", q.stream)
+    })
+    .await?
+    {
+        return Ok(Refusal::OwnKeys);
+    }
+    let position = doc! { "position": claimed as i64 };
+    if holds(shared, position, || format!("reading position {claimed}")).await? {
+        return Ok(Refusal::Position);
+    }
+    Ok(Refusal::Foreign)
+}
+
+/// Whether a document matches `filter`, read from the primary's own data.
+async fn holds(
+    shared: &Shared,
+    filter: Document,
+    context: impl FnOnce() -> String,
+) -> Result<bool, Error> {
     let found = shared
         .bounded(
-            || format!("reading what refused the commit to {}", q.stream),
+            context,
             shared
-                .commits
+                .commits_local
                 .find_one(filter)
                 .projection(doc! { "_id": 1 })
                 .max_time(shared.config.timeout),
@@ -461,20 +512,34 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// and never after newer appends. A commit that did land first keeps its position (the
 /// tombstone is refused) and is seen exactly once by every reader.
 ///
-/// The fence stops at the first tombstone that gets no answer, and the store reads the head
+/// The fence stops at the first tombstone that gets no answer (or after one timeout in all), and
+/// the store reads the head
 /// before its next insert: the positions from there on stay free, so the store's next commits
 /// claim them and the late insert can only land before those, never above them. (Skipping a
 /// position and fencing the ones after it would let the late insert land there, below commits
 /// answered after it.)
 async fn fence(shared: &Shared, first: u64, count: usize) {
-    for position in first..first + count as u64 {
-        match subscription::tombstone(shared, position).await {
-            Ok(()) => tracing::debug!(position, "fenced an append with an unknown outcome"),
-            Err(e) => {
-                tracing::warn!(position, error = %e, "could not fence an append; the next insert claims this position");
-                return;
+    let tombstones = async {
+        for position in first..first + count as u64 {
+            match subscription::tombstone(shared, position).await {
+                Ok(()) => tracing::debug!(position, "fenced an append with an unknown outcome"),
+                Err(e) => {
+                    tracing::warn!(position, error = %e, "could not fence an append; the next insert claims this position");
+                    return;
+                }
             }
         }
+    };
+    // One timeout in all: stopping anywhere is as safe as a tombstone without answer.
+    if tokio::time::timeout(shared.config.timeout, tombstones)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            first,
+            count,
+            "fencing an append took too long; the next insert claims the positions left"
+        );
     }
 }
 
