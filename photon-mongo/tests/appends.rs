@@ -11,6 +11,7 @@ use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
 use photon_api::{Error, EventData, EventStore, ExpectedVersion, StreamId, Version};
 use photon_conformance::server_url;
+use photon_faults::proxy::FaultProxy;
 use photon_mongo::MongoStore;
 
 #[path = "common/proxied.rs"]
@@ -32,6 +33,18 @@ fn event(n: u64) -> EventData {
 async fn lookups(store: &MongoStore) -> usize {
     let health = store.health().await.unwrap();
     usize::from(!health.detail.contains(photon_mongo::IDS_BY_INDEX))
+}
+
+/// A store behind the proxy with `options`, which has made its first append (to `warm`), so its
+/// indexes are made and it knows the highest position: what follows on the wire is the test's.
+async fn warm_store(url: &str, options: &str, warm: &str) -> (FaultProxy, MongoStore, String) {
+    let (proxy, store, prefix) = proxied(url, "a", options).await;
+    let warm = StreamId::parse(warm).unwrap();
+    store
+        .append(&warm, ExpectedVersion::NoStream, vec![event(0)])
+        .await
+        .unwrap();
+    (proxy, store, prefix)
 }
 
 /// The commits collection of `prefix`, for the plain driver.
@@ -126,13 +139,8 @@ async fn appends_waiting_for_an_insert_in_flight_share_the_next_one() {
     };
     // Bounds well above the hold below, so the held insert answers Ok.
     let options = "photon_timeout_ms=10000&photon_answer_window_ms=10000";
-    let (proxy, store, prefix) = proxied(&url, "a", options).await;
+    let (proxy, store, prefix) = warm_store(&url, options, "group-warm").await;
     let lookups = lookups(&store).await;
-    let warm = StreamId::parse("group-warm").unwrap();
-    store
-        .append(&warm, ExpectedVersion::NoStream, vec![event(0)])
-        .await
-        .unwrap();
 
     let inserts = proxy.count(INSERT);
     let hold = proxy.hold_next(INSERT);
@@ -179,12 +187,7 @@ async fn a_queued_append_whose_caller_gave_up_is_never_sent() {
         return;
     };
     let options = "photon_timeout_ms=10000&photon_answer_window_ms=10000";
-    let (proxy, store, prefix) = proxied(&url, "a", options).await;
-    let warm = StreamId::parse("gaveup-warm").unwrap();
-    store
-        .append(&warm, ExpectedVersion::NoStream, vec![event(0)])
-        .await
-        .unwrap();
+    let (proxy, store, prefix) = warm_store(&url, options, "gaveup-warm").await;
 
     let hold = proxy.hold_next(INSERT);
     let held = {
@@ -339,12 +342,7 @@ async fn with_every_insert_held_every_queued_append_answers_in_time() {
         "photon_timeout_ms={ms}&serverSelectionTimeoutMS={ms}&connectTimeoutMS={ms}",
         ms = timeout.as_millis()
     );
-    let (proxy, store, prefix) = proxied(&url, "a", &options).await;
-    let warm = StreamId::parse("held-warm").unwrap();
-    store
-        .append(&warm, ExpectedVersion::NoStream, vec![event(0)])
-        .await
-        .unwrap();
+    let (proxy, store, prefix) = warm_store(&url, &options, "held-warm").await;
     // Each hold takes one insert (or tombstone) and whatever follows on its connection.
     let holds: Vec<_> = (0..40).map(|_| proxy.hold_next(INSERT)).collect();
     let started = std::time::Instant::now();
