@@ -35,6 +35,9 @@ const LOOKUP_SUBJECT: &str = "raw mongodb (find by stream and event ids, then in
 /// The raw client and its collection.
 pub struct RawMongo {
     coll: Collection<Document>,
+    /// The reference row's collection (lookup, then insert): its own, so its lookups scan only
+    /// what that row wrote, as photon's scan only what photon wrote.
+    lookup_coll: Collection<Document>,
     /// The next global position, handed out locally (photon reads it from the server).
     position: Arc<AtomicI64>,
 }
@@ -56,18 +59,21 @@ impl RawMongo {
     pub async fn connect(url: &str) -> Result<Self, BoxError> {
         let config = MongoConfig::from_url(url)?;
         let client = Client::with_options(photon_mongo::client_options(&config).await?)?;
-        let coll = client
-            .database(&config.database)
-            .collection::<Document>(&format!(
-                "rawbench_{}",
-                &uuid::Uuid::new_v4().simple().to_string()[..12]
-            ));
+        let name = format!(
+            "rawbench_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let database = client.database(&config.database);
+        let coll = database.collection::<Document>(&name);
+        let lookup_coll = database.collection::<Document>(&format!("{name}_lookup"));
         // One index per command, as photon-mongo creates them.
         for index in photon_mongo::commit_indexes() {
-            coll.create_index(index).await?;
+            coll.create_index(index.clone()).await?;
+            lookup_coll.create_index(index).await?;
         }
         Ok(Self {
             coll,
+            lookup_coll,
             position: Arc::new(AtomicI64::new(1)),
         })
     }
@@ -83,10 +89,22 @@ impl RawMongo {
                 })
             })
             .collect();
+        // Each event's id, as photon-mongo keeps them beside the events (what its id lookup
+        // reads, and the reference row's lookup too).
+        let ids: Vec<Bson> = payloads
+            .iter()
+            .map(|_| {
+                Bson::Binary(Binary {
+                    subtype: BinarySubtype::Uuid,
+                    bytes: uuid::Uuid::new_v4().as_bytes().to_vec(),
+                })
+            })
+            .collect();
         doc! {
             "stream": stream, "category": category, "version": version as i64,
             "count": payloads.len() as i64,
             "position": self.position.fetch_add(1, Ordering::Relaxed),
+            "event_ids": ids,
             "events": events,
         }
     }
@@ -155,7 +173,12 @@ impl RawMongo {
                         )
                     })
                     .collect();
-                let coll = self.coll.clone();
+                let coll = if lookup {
+                    &self.lookup_coll
+                } else {
+                    &self.coll
+                }
+                .clone();
                 async move {
                     let mut latencies = Latencies::default();
                     let mut written = 0u64;
@@ -285,6 +308,7 @@ impl Raw for RawMongo {
 
     async fn clean_up(&self) -> Result<(), BoxError> {
         self.coll.drop().await?;
+        self.lookup_coll.drop().await?;
         Ok(())
     }
 }
