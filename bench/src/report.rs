@@ -146,6 +146,22 @@ pub fn check_targets(rows: &[Measurement]) -> Vec<TargetCheck> {
             });
         }
     }
+    // Issue 16's for MongoDB's reads: a category replay near a raw sorted find, and live
+    // delivery within 50 ms at the median.
+    if let Some(r) = photon(rows, "mongo", "replay").find_map(|m| m.ratio) {
+        checks.push(TargetCheck {
+            target: "photon-mongo replay at least 0.7 of a raw sorted find".into(),
+            measured: format!("{r:.2}"),
+            met: r >= 0.7,
+        });
+    }
+    if let Some(p50) = photon(rows, "mongo", "live").find_map(|m| m.p50_us) {
+        checks.push(TargetCheck {
+            target: "photon-mongo live delivery: p50 under 50 ms".into(),
+            measured: format!("{:.0} ms", p50 / 1000.0),
+            met: p50 < 50_000.0,
+        });
+    }
     // Issue 17: ahead of cqrs-es by 1.5x on short streams and 10x on 1,000-event streams.
     for m in photon(rows, "memory", "commands") {
         let Some(r) = m.ratio else { continue };
@@ -445,6 +461,41 @@ mod tests {
         let md = markdown(&report, None);
         assert!(md.contains("| **no** |"), "{md}");
         assert!(md.contains("| 0.50 |"), "{md}");
+    }
+
+    #[test]
+    fn mongo_reads_are_checked_against_issue_16s_targets() {
+        let mut rows = vec![
+            Measurement::throughput(
+                "mongo",
+                "replay",
+                "5000 events",
+                "photon",
+                Role::Photon,
+                340,
+                Duration::from_secs(1),
+            ),
+            Measurement::throughput(
+                "mongo",
+                "replay",
+                "5000 events",
+                "raw",
+                Role::Baseline,
+                1000,
+                Duration::from_secs(1),
+            ),
+        ];
+        fill_ratios(&mut rows);
+        let mut live = row(Role::Photon, "photon", 1);
+        (live.backend, live.workload, live.p50_us) =
+            ("mongo".into(), "live".into(), Some(3_200_000.0));
+        rows.push(live);
+        let checks = check_targets(&rows);
+        let find = |name: &str| checks.iter().find(|c| c.target.contains(name)).unwrap();
+        let replay = find("photon-mongo replay");
+        assert_eq!((replay.measured.as_str(), replay.met), ("0.34", false));
+        let live = find("photon-mongo live");
+        assert_eq!((live.measured.as_str(), live.met), ("3200 ms", false));
     }
 
     #[test]
