@@ -275,7 +275,6 @@ async fn send(shared: &Arc<Shared>, head: &mut Option<u64>, mut group: Vec<Queue
             q.commit.insert("recorded_at", recorded_at);
             q.sent += 1;
         }
-        let context = format!("appending to {}", streams(&group));
         let sending = std::time::Instant::now();
         let insert = async {
             let docs = group.iter().map(|q| &q.commit);
@@ -287,7 +286,9 @@ async fn send(shared: &Arc<Shared>, head: &mut Option<u64>, mut group: Vec<Queue
                 },
             }
         };
-        let answer = shared.bounded(|| context.clone(), insert).await;
+        // The context is written only for an error, not on every insert.
+        let context = || format!("appending to {}", streams(&group));
+        let answer = shared.bounded(context, insert).await;
         let took = sending.elapsed();
         let (index, refusal) = match answer {
             Ok(Inserted::All) => {
@@ -300,6 +301,7 @@ async fn send(shared: &Arc<Shared>, head: &mut Option<u64>, mut group: Vec<Queue
             Ok(Inserted::Until { index, error }) if index < group.len() => (index, error),
             Ok(Inserted::Until { error, .. }) => {
                 // An index past the group: the answer cannot be read, so the outcome is not known.
+                let context = format!("appending to {}", streams(&group));
                 let e = error::driver_after(context, error, &shared.heartbeats());
                 return unanswered(shared, head, base, group, e).await;
             }
@@ -314,6 +316,7 @@ async fn send(shared: &Arc<Shared>, head: &mut Option<u64>, mut group: Vec<Queue
         if !error::is_duplicate_key(&refusal) {
             // Refused for a reason of its own: for that commit only, unless it is the login or
             // the permission, which every other commit would meet too.
+            let context = format!("appending to {}", group[0].stream);
             let e = error::driver_after(context, refusal, &shared.heartbeats());
             if refused_for_good(&e) {
                 return fail(group, e);

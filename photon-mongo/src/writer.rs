@@ -125,8 +125,13 @@ pub(crate) async fn append(
                 inserts += sent;
                 attempts.set(inserts);
                 commit = refused;
-                if let Some(earlier) = stored_batch(shared, stream, &events).await? {
-                    return Ok(earlier);
+                // Where the ids index refuses a repeated id, the refusal may be a re-send:
+                // answer it now. Elsewhere the next try looks the ids up anyway, after its read
+                // of the stream (once is enough).
+                if ids_by_index {
+                    if let Some(earlier) = stored_batch(shared, stream, &events).await? {
+                        return Ok(earlier);
+                    }
                 }
                 shared.stream_heads.forget(stream);
                 read = true;
