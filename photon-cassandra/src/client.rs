@@ -5,7 +5,7 @@
 //! This module connects and remembers; what an append or a read means is `writer` and
 //! `reader`, and the keyspace's layout is `schema`. Nothing here reaches up into the crate root.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -22,6 +22,7 @@ use crate::codec;
 use crate::config::CassandraConfig;
 use crate::durability::{self, Durability};
 use crate::error;
+use crate::indexer::{IndexQueue, MarkerQueue};
 use crate::schema::{self, RegisterStatements, Statements};
 
 /// The backend name, also the tag of its checkpoints.
@@ -52,6 +53,10 @@ pub(crate) const MAX_POLL: Duration = Duration::from_millis(500);
 /// Streams whose metadata is cached, at most; beyond it the cache is emptied (it is rebuilt
 /// from the table on demand).
 const META_CACHE_STREAMS: usize = 10_000;
+
+/// Time buckets remembered as registered, and streams as listed, at most each; beyond, the set
+/// is emptied (one registered or listed again costs one idempotent write).
+const REGISTERED_BUCKETS: usize = 10_000;
 
 /// A first connection fetches the cluster's metadata, which a node that just started can be
 /// slow to give: connecting may take at least this long, whatever `timeout_ms` says.
@@ -187,6 +192,15 @@ pub(crate) struct Shared {
     clock: tokio::sync::Mutex<Option<ClockReading>>,
     /// What a crash does to an acknowledged append, as read at connect.
     durability: OnceLock<Durability>,
+    /// Appends waiting for their pending markers (see `indexer`).
+    pub(crate) marker_queue: MarkerQueue,
+    /// Committed appends waiting for their category rows (see `indexer`).
+    pub(crate) index_queue: IndexQueue,
+    /// The time buckets (category or `$all`, bucket) this process registered: rows of
+    /// `category_buckets` are never removed, so each is written once per process.
+    registered: Mutex<HashSet<(String, i64)>>,
+    /// The streams this process listed in `streams` (rows never removed either).
+    listed: Mutex<HashSet<String>>,
 }
 
 impl Shared {
@@ -200,7 +214,42 @@ impl Shared {
             clock_offset: AtomicI64::new(0),
             clock: tokio::sync::Mutex::new(None),
             durability: OnceLock::new(),
+            marker_queue: MarkerQueue::default(),
+            index_queue: IndexQueue::default(),
+            registered: Mutex::default(),
+            listed: Mutex::default(),
         }
+    }
+
+    /// Whether this process listed `stream` in `streams`.
+    pub(crate) fn stream_listed(&self, stream: &str) -> bool {
+        self.listed.lock().expect("listed streams").contains(stream)
+    }
+
+    /// Records that `stream` is listed in `streams`.
+    pub(crate) fn remember_listed(&self, stream: &str) {
+        let mut listed = self.listed.lock().expect("listed streams");
+        if listed.len() >= REGISTERED_BUCKETS {
+            listed.clear();
+        }
+        listed.insert(stream.to_owned());
+    }
+
+    /// Whether this process registered time bucket `tb` of `category` (and of `$all`).
+    pub(crate) fn bucket_registered(&self, category: &str, tb: i64) -> bool {
+        self.registered
+            .lock()
+            .expect("registered buckets")
+            .contains(&(category.to_owned(), tb))
+    }
+
+    /// Records that time bucket `tb` of `category` and of `$all` are registered.
+    pub(crate) fn remember_bucket(&self, category: &str, tb: i64) {
+        let mut registered = self.registered.lock().expect("registered buckets");
+        if registered.len() >= REGISTERED_BUCKETS {
+            registered.clear();
+        }
+        registered.insert((category.to_owned(), tb));
     }
 
     /// The session and prepared statements, connecting and creating the schema on first use.
@@ -216,6 +265,11 @@ impl Shared {
                 Ok(ready)
             })
             .await
+    }
+
+    /// The session and prepared statements if connected, without connecting.
+    pub(crate) fn connected(&self) -> Option<&(Session, Statements)> {
+        self.ready.get()
     }
 
     /// The session and the statements of `registers`, creating the table on first use when it

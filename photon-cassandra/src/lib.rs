@@ -4,13 +4,15 @@
 // the append protocol, reads, subscriptions and the stored form; plus `schema`, the keyspace's
 // tables and statements (public, so tools create and read exactly what the store does), and
 // `durability`, what the cluster's settings mean for an acknowledged append in a crash, and
-// `register`, the registers (a value a save replaces, not an event). This root only names the
+// `register`, the registers (a value a save replaces, not an event), and `indexer`, an append's
+// category rows written after its caller has its answer. This root only names the
 // store and delegates to them.
 mod client;
 mod codec;
 mod config;
 mod durability;
 mod error;
+mod indexer;
 mod reader;
 mod register;
 pub mod schema;
@@ -33,8 +35,8 @@ pub use crate::client::{session_builder, BACKEND, COMMITS_PER_PAGE};
 use crate::client::{Shared, TELEMETRY};
 pub use crate::config::{CassandraConfig, Replication, SCHEME, SCHEMES};
 
-/// The event store on Apache Cassandra or ScyllaDB (tested on Cassandra 5.0). Clones share one
-/// session.
+/// The event store on Apache Cassandra (tested on Cassandra 5.0; ScyllaDB untested). Clones
+/// share one session.
 #[derive(Clone)]
 pub struct CassandraStore {
     inner: Arc<Shared>,

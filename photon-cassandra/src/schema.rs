@@ -223,16 +223,22 @@ pub(crate) struct Statements {
     pub(crate) commit_ids_from_serial: PreparedStatement,
     pub(crate) commit_at_or_before: PreparedStatement,
     pub(crate) commit_at_serial: PreparedStatement,
+    /// At the configured consistency: what a committed append left, without a Paxos round.
+    pub(crate) commit_at: PreparedStatement,
     pub(crate) commits_from: PreparedStatement,
     pub(crate) commits_down_from: PreparedStatement,
     pub(crate) commit_counts_from: PreparedStatement,
     pub(crate) commit_counts_down_from: PreparedStatement,
     pub(crate) category_counts: PreparedStatement,
     pub(crate) category_counts_incl: PreparedStatement,
-    /// Both pending markers (category, `$all`) and both bucket registrations, logged.
-    pub(crate) pending: Batch,
+    /// A pending marker, for the batches that write a group of appends' markers.
+    pub(crate) insert_pending: PreparedStatement,
+    /// A time bucket's registration.
+    pub(crate) insert_bucket: PreparedStatement,
     /// Both markers' deletes.
     pub(crate) clear_pending: Batch,
+    /// One marker's delete, for the batches that clear a group of commits' markers.
+    pub(crate) delete_pending: PreparedStatement,
     pub(crate) insert_category: PreparedStatement,
     pub(crate) insert_stream: PreparedStatement,
     pub(crate) pending_in: PreparedStatement,
@@ -435,23 +441,17 @@ pub(crate) async fn prepare_statements(
         commit_ids_from_serial: p.serial(COMMIT_IDS_FROM).await?,
         commit_at_or_before: p.plain(COMMIT_AT_OR_BEFORE).await?,
         commit_at_serial: p.serial(COMMIT_AT).await?,
+        commit_at: p.plain(COMMIT_AT).await?,
         commits_from: p.plain(COMMITS_FROM).await?,
         commits_down_from: p.plain(COMMITS_DOWN_FROM).await?,
         commit_counts_from: p.plain(COMMIT_COUNTS_FROM).await?,
         commit_counts_down_from: p.plain(COMMIT_COUNTS_DOWN_FROM).await?,
         category_counts: p.plain(CATEGORY_COUNTS).await?,
         category_counts_incl: p.plain(CATEGORY_COUNTS_INCL).await?,
-        pending: batch(
-            config,
-            BatchType::Logged,
-            &[
-                &insert_pending,
-                &insert_pending,
-                &insert_bucket,
-                &insert_bucket,
-            ],
-        ),
         clear_pending: batch(config, BatchType::Unlogged, &[&delete_pending; 2]),
+        delete_pending,
+        insert_pending,
+        insert_bucket,
         insert_category: p.plain(INSERT_CATEGORY_COMMIT).await?,
         insert_stream: p.plain(INSERT_STREAM).await?,
         pending_in: p.plain(PENDING_BETWEEN).await?,
@@ -493,7 +493,11 @@ pub(crate) async fn prepare_register_statements(
     })
 }
 
-fn batch(config: &CassandraConfig, kind: BatchType, statements: &[&PreparedStatement]) -> Batch {
+pub(crate) fn batch(
+    config: &CassandraConfig,
+    kind: BatchType,
+    statements: &[&PreparedStatement],
+) -> Batch {
     let mut b = Batch::new(kind);
     for s in statements {
         b.append_statement((*s).clone());

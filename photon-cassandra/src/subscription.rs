@@ -485,9 +485,12 @@ async fn page_reach(shared: &Shared, t: &Timeline, upper: i64) -> Result<i64, Er
 
 /// How far a reader may read, given the pending appends after its position up to `through`
 /// (µs): just before the oldest one still pending (`i64::MAX` when none is); markers older
-/// than `repair_after` are settled instead.
+/// than `repair_after` are settled instead, and those older than `settle` whose commit is
+/// stored are indexed (their writer answered, then stopped before the rows).
 async fn pending_cut(shared: &Shared, t: &Timeline, through: i64, now: i64) -> Result<i64, Error> {
     let repair_after = shared.config.repair_after.as_micros() as i64;
+    // A marker older than this holds the reader back (its horizon is `settle` behind).
+    let settle = shared.config.settle.as_micros() as i64;
     let mut cut = i64::MAX;
     // From what is delivered, not only from the last row: a reader at the head of a category
     // whose appends keep failing (markers cleared with no row, up to one per attempt) would
@@ -504,6 +507,9 @@ async fn pending_cut(shared: &Shared, t: &Timeline, through: i64, now: i64) -> R
         let at = codec::time_micros(&time_id);
         if now - at > repair_after {
             shared.settle_marker(time_id, &stream, version).await?;
+        } else if now - at > settle && shared.index_if_committed(time_id, &stream, version).await
+        {
+            // Committed, its writer gone before its rows: now indexed (see the writer).
         } else {
             cut = cut.min(at - 1);
         }

@@ -1,7 +1,7 @@
 //! The append protocol (README, "How an append works"): decide the version, write the pending
-//! markers, the one conditional write of the commit, then the category rows and the markers'
-//! deletes; and the repair of an append whose writer stopped between the commit and its
-//! category rows (which readers call too).
+//! markers, the one conditional write of the commit, and answer; the category rows and the
+//! markers' deletes follow in the background (`indexer`). Also the repair of an append whose
+//! writer stopped between the commit and its category rows (which readers call too).
 //!
 //! This module owns every write to the keyspace except the schema's. It reads only what an
 //! append must know (the stream's head and ids, by `reader`'s serial refresh).
@@ -18,6 +18,7 @@ use tracing::Instrument;
 use crate::client::{Shared, StreamMeta, ALL, BACKEND, TELEMETRY};
 use crate::codec::{self, Commit, Position};
 use crate::error;
+use crate::indexer::{Indexing, Marker};
 
 /// Attempts of one append before it gives up (each lost a race for the next version, or took
 /// too long to write its markers).
@@ -133,6 +134,71 @@ impl Shared {
                 error::request(format!("clearing the pending markers of {category}"), e)
             })?;
         Ok(())
+    }
+
+    /// Lists `stream` in `streams` (its category's listing), once a commit of it is stored.
+    /// Failing, the append is stored but answered `Unavailable`: its re-send is answered as a
+    /// retry, which lists it (see `index_commit`).
+    pub(crate) async fn list_stream(&self, stream: &StreamId) -> Result<(), Error> {
+        let (session, st) = self.ready().await?;
+        session
+            .execute_unpaged(&st.insert_stream, (stream.category_name(), stream.as_str()))
+            .await
+            .map_err(|e| error::request(format!("listing {stream}"), e))?;
+        self.remember_listed(stream.as_str());
+        Ok(())
+    }
+
+    /// Indexes the append of a pending marker if its commit is stored, by a plain read (no
+    /// Paxos round): what a reader does with a marker that holds it back but is not yet old
+    /// enough to repair. Its writer answered its caller and writes the rows in the background,
+    /// unless it stopped first (a process that exits right after its append), and then readers
+    /// need not wait `repair_after` for them. Whether the marker is settled; a commit not found
+    /// (still in flight, or never to come) is left to its writer or the repair, and so is any
+    /// error (a reader without MODIFY cannot write the rows: it waits, as before).
+    pub(crate) async fn index_if_committed(
+        &self,
+        time_id: Uuid,
+        stream: &StreamId,
+        version: u64,
+    ) -> bool {
+        let found = async {
+            let (session, st) = self.ready().await?;
+            let context = || format!("reading the commit {stream}@{version}");
+            let key = (stream.as_str(), self.bucket_of(version), version as i64);
+            let row = session
+                .execute_unpaged(&st.commit_at, key)
+                .await
+                .map_err(|e| error::request(context(), e))?
+                .into_rows_result()
+                .map_err(|e| error::driver(context(), e))?
+                .maybe_first_row::<(i32, CqlTimeuuid, Vec<u8>)>()
+                .map_err(|e| error::driver(context(), e))?;
+            Ok::<_, Error>(row.filter(|(count, t, _)| *count > 0 && Uuid::from(*t) == time_id))
+        };
+        let indexed = match found.await {
+            Ok(Some((count, _, events))) => {
+                let commit = Commit {
+                    stream: stream.clone(),
+                    first: version,
+                    time_id,
+                    events: Bytes::from(events),
+                };
+                self.index_commit(&commit, count).await
+            }
+            Ok(None) => return false,
+            Err(e) => Err(e),
+        };
+        match indexed {
+            Ok(()) => {
+                tracing::debug!(%stream, version, "photon-cassandra: a reader wrote the category rows of a committed append");
+                true
+            }
+            Err(e) => {
+                tracing::debug!(%stream, version, error = %e, "photon-cassandra: a reader could not index a committed append; waiting");
+                false
+            }
+        }
     }
 
     /// Settles a pending marker by *fencing*, not by observing: with serial reads and
@@ -397,7 +463,19 @@ impl<'a> Append<'a> {
                 ),
             ));
         }
-        self.index(first, time_id).await;
+        self.shared.index_later(Indexing {
+            commit: Commit {
+                stream: self.stream.clone(),
+                first,
+                time_id,
+                events: self.blob.clone(),
+            },
+            count: self.events.len() as i32,
+        });
+        // Listed before the answer, so a caller that appended can list it; once per process.
+        if !self.shared.stream_listed(self.stream.as_str()) {
+            self.shared.list_stream(self.stream).await?;
+        }
         let took = committing.elapsed();
         if took > self.shared.config.answer_window {
             // Stored, but a subscription from now may have started meanwhile, past it.
@@ -511,24 +589,14 @@ impl<'a> Append<'a> {
         time_id: Uuid,
         micros: i64,
     ) -> Result<bool, Error> {
-        let (session, st) = self.shared.ready().await?;
-        let category = self.stream.category_name();
-        let stream = self.stream.as_str();
-        let tb = self.shared.time_bucket_of(micros);
-        let t = CqlTimeuuid::from(time_id);
-        let first = first as i64;
-        session
-            .batch(
-                &st.pending,
-                (
-                    (category, tb, t, stream, first, micros),
-                    (ALL, tb, t, stream, first, micros),
-                    (category, tb),
-                    (ALL, tb),
-                ),
-            )
-            .await
-            .map_err(|e| error::request(format!("appending to {stream}"), e))?;
+        let marker = Marker {
+            stream: self.stream.clone(),
+            first,
+            time_id,
+            micros,
+            bucket: self.shared.time_bucket_of(micros),
+        };
+        self.shared.write_marker(marker).await?;
         // Readers pass a time once it is `settle` old.
         let settle_micros = self.shared.config.settle.as_micros() as i64;
         let took = self.shared.now_micros() - micros;
@@ -608,29 +676,6 @@ impl<'a> Append<'a> {
     fn remember_commit(&mut self, first: u64, time_id: Uuid) {
         self.meta.push(first, time_id, self.ids.as_slice().into());
         self.shared.remember(self.stream, &self.meta);
-    }
-
-    /// The append is committed. The category rows are written in a task of their own, so a
-    /// caller that goes away does not stop them; if they fail, the pending markers stay and
-    /// readers repair them. The caller's events are stored either way.
-    async fn index(&self, first: u64, time_id: Uuid) {
-        let commit = Commit {
-            stream: self.stream.clone(),
-            first,
-            time_id,
-            events: self.blob.clone(),
-        };
-        let (shared, count) = (self.shared.clone(), self.events.len() as i32);
-        let stream = self.stream;
-        match tokio::spawn(async move { shared.index_commit(&commit, count).await }).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(%stream, first, error = %e, "photon-cassandra: category rows left to repair")
-            }
-            Err(e) => {
-                tracing::warn!(%stream, first, error = %e, "photon-cassandra: indexing task failed")
-            }
-        }
     }
 
     /// The versions and checkpoints of the batch stored from `first` with `time_id`.

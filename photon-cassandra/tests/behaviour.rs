@@ -146,16 +146,78 @@ async fn an_append_whose_writer_died_before_its_category_rows_is_repaired() {
     assert_eq!(streams, vec!["a", "b"]);
 }
 
+/// An append is answered once its conditional write applied, and its category rows follow in
+/// the background: a writer that stops right after (a process that exits) leaves its commit
+/// stored, its markers pending and no rows. Readers held back by such a marker find the commit
+/// with a plain read and write the rows themselves, after `settle_ms`, instead of waiting
+/// `repair_after_ms` (a minute here) for the repair: before, this reader waited the whole
+/// minute.
+#[tokio::test]
+async fn a_commit_whose_writer_stopped_before_its_rows_is_delivered_without_waiting_for_the_repair()
+{
+    let Some(url) = server_url("cassandra", "PHOTON_TEST_CASSANDRA_URL") else {
+        return;
+    };
+    let url = with_options(
+        &url,
+        "settle_ms=200&timeout_ms=2000&repair_after_ms=60000&bucket_size=16",
+    );
+    let category = Category::new(fresh("stopped")).unwrap();
+    let stream = StreamId::new(&category, "a").unwrap();
+    let reader = CassandraStore::from_url(&url).await.unwrap();
+    let mut live = reader.subscribe(
+        Selector::Category(category.clone()),
+        Start::Beginning,
+        SubscriptionMode::HotCold,
+    );
+    let writer = CassandraStore::from_url(&url).await.unwrap();
+    writer.set_crash_after_commit(true);
+    let stopped = writer
+        .append(&stream, ExpectedVersion::NoStream, vec![numbered(0)])
+        .await;
+    assert!(
+        matches!(&stopped, Err(Error::Backend { source, .. }) if source.to_string().contains("simulated crash")),
+        "want the simulated stop, got {stopped:?}"
+    );
+    drop(writer);
+    let started = std::time::Instant::now();
+    let event = tokio::time::timeout(Duration::from_secs(10), next_event(&mut live))
+        .await
+        .expect("delivered well before repair_after_ms (60 s)");
+    assert_eq!(number(&event), 0);
+    eprintln!("delivered {:?} after the writer stopped", started.elapsed());
+    // The rows are real: a replay of the category and of the all stream holds it once.
+    let replay = reader
+        .replay_to_vec(Selector::Category(category.clone()), Start::Beginning)
+        .await
+        .unwrap();
+    assert_eq!(replay.iter().map(number).collect::<Vec<_>>(), vec![0]);
+}
+
 /// Plants a pending marker for `version` of `stream`, as a writer leaves it just before its
 /// conditional write (its write time is its time id's), in the category and the all stream.
 /// Returns the marker's bucket.
 async fn plant_marker(s: &Session, store: &CassandraStore, stream: &StreamId, version: i64) -> i64 {
+    plant_aged_marker(s, store, stream, version, Duration::ZERO).await
+}
+
+/// [`plant_marker`], with a time id `age` before the present (in the present time bucket).
+async fn plant_aged_marker(
+    s: &Session,
+    store: &CassandraStore,
+    stream: &StreamId,
+    version: i64,
+    age: Duration,
+) -> i64 {
     let ks = &store.config().keyspace;
-    let now = photon_api::Timestamp::now().unix_micros();
-    let bucket = now.div_euclid(store.config().time_bucket.as_micros() as i64);
-    let id = photon_api::Uuid::now_v1(&[1, 2, 3, 4, 5, 6]);
-    let (secs, nanos) = id.get_timestamp().unwrap().to_unix();
-    let micros = secs as i64 * 1_000_000 + nanos as i64 / 1_000;
+    let micros = photon_api::Timestamp::now().unix_micros() - age.as_micros() as i64;
+    let bucket = micros.div_euclid(store.config().time_bucket.as_micros() as i64);
+    let at = uuid::Timestamp::from_unix(
+        uuid::NoContext,
+        micros.div_euclid(1_000_000) as u64,
+        (micros.rem_euclid(1_000_000) * 1_000) as u32,
+    );
+    let id = photon_api::Uuid::new_v1(at, &[1, 2, 3, 4, 5, 6]);
     let t = scylla::value::CqlTimeuuid::from(id);
     for key in [stream.category_name(), "$all"] {
         s.query_unpaged(
@@ -240,11 +302,13 @@ async fn a_repair_round_that_is_not_answered_is_tried_again() {
         .append(&stored, ExpectedVersion::NoStream, vec![numbered(0)])
         .await
         .unwrap();
-    // A marker of a stream nothing else names: the first request that carries its name is
-    // the repair's serial read.
+    // A marker of a stream nothing else names, already older than `repair_after_ms` (planted
+    // with an earlier time id, so that no other reader meets it first): the first request that carries its name is the repair's serial read (a
+    // younger one would first be looked up by a plain read, see the test above).
     let ghost = StreamId::new(&category, "ghost").unwrap();
     let s = session(&url).await;
-    let bucket = plant_marker(&s, &store, &ghost, 0).await;
+    let age = store.config().repair_after + Duration::from_millis(500);
+    let bucket = plant_aged_marker(&s, &store, &ghost, 0, age).await;
     let hold = proxy.hold_next(ghost.as_str().as_bytes());
     let replay = {
         let (store, category) = (store.clone(), category.clone());

@@ -1,0 +1,404 @@
+//! The writes an append makes besides its conditional write, grouped across the appends of a
+//! process: before it, its pending markers (and the registration of a time bucket new to the
+//! process); after it, once its caller has its answer, its category and all-stream rows, then
+//! the clearing of its markers, in the background.
+//!
+//! Markers: every append waiting for its markers joins the next group, written while the
+//! previous one is in flight, one unlogged batch per `pending` partition (a category's or the
+//! all stream's time bucket). So concurrent appends to a category cost the server two writes
+//! per group, not two per append; an append alone waits for no one.
+//!
+//! Rows: an append is acknowledged once its conditional write applied: it is then stored, and its
+//! pending markers hold category readers back until its rows are written, by this module in
+//! a moment, or by a reader's repair if this process stops first (see `writer`'s
+//! `settle_marker`). So the caller does not wait for these writes, and the writes of appends
+//! committed meanwhile are sent together: one unlogged batch per partition (rows of one
+//! `category_commits` partition are one mutation, so such a batch is as cheap to the server as
+//! one row and is not subject to `batch_size_fail_threshold`), then one per `pending` partition
+//! for the markers' deletes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use futures::future::join_all;
+use photon_api::{Error, StreamId, Uuid};
+use scylla::errors::ExecutionError;
+use scylla::statement::batch::BatchType;
+use scylla::value::CqlTimeuuid;
+use tokio::sync::oneshot;
+
+use crate::client::{Shared, ALL, BACKEND};
+use crate::codec::{self, Commit};
+use crate::{error, schema};
+
+/// Appends whose markers are written together, at most.
+const MARKER_GROUP: usize = 256;
+
+/// Commits written together, at most.
+const GROUP_COMMITS: usize = 256;
+
+/// Bytes of events written together, at most (a single larger commit goes alone): a batch of
+/// one partition's rows is one mutation, which must stay under the server's
+/// `max_mutation_size` (half the commit log segment, 16 MiB by default).
+const GROUP_BYTES: usize = 4 * 1024 * 1024;
+
+/// An append's pending marker, written to its category's and the all stream's time bucket
+/// `bucket`, with its time (µs) as the write timestamp.
+pub(crate) struct Marker {
+    pub(crate) stream: StreamId,
+    pub(crate) first: u64,
+    pub(crate) time_id: Uuid,
+    pub(crate) micros: i64,
+    pub(crate) bucket: i64,
+}
+
+/// An append waiting for its marker, and where to tell it the outcome.
+struct MarkerWaiter {
+    marker: Marker,
+    written: oneshot::Sender<Result<(), ExecutionError>>,
+}
+
+/// The appends waiting for their markers, and whether a task is writing them.
+#[derive(Default)]
+pub(crate) struct MarkerQueue {
+    state: Mutex<Waiting<MarkerWaiter>>,
+}
+
+/// A committed append waiting for its rows.
+pub(crate) struct Indexing {
+    pub(crate) commit: Commit,
+    pub(crate) count: i32,
+}
+
+/// The appends waiting for their rows, and whether a task is writing them.
+#[derive(Default)]
+pub(crate) struct IndexQueue {
+    state: Mutex<Waiting<Indexing>>,
+}
+
+/// Writes waiting for a group, and whether a task is taking them.
+struct Waiting<T> {
+    waiting: Vec<T>,
+    /// A task is taking from `waiting`; it ends when it finds it empty.
+    running: bool,
+}
+
+impl<T> Default for Waiting<T> {
+    fn default() -> Self {
+        Self {
+            waiting: Vec::new(),
+            running: false,
+        }
+    }
+}
+
+impl<T> Waiting<T> {
+    /// Adds `item`; true when no task is taking them (the caller starts one).
+    fn push(&mut self, item: T) -> bool {
+        self.waiting.push(item);
+        !std::mem::replace(&mut self.running, true)
+    }
+
+    /// The next group, taken by `take`; None (and no task running) when none is waiting.
+    fn next(&mut self, take: impl FnOnce(&mut Vec<T>) -> Vec<T>) -> Option<Vec<T>> {
+        if self.waiting.is_empty() {
+            self.running = false;
+            return None;
+        }
+        Some(take(&mut self.waiting))
+    }
+}
+
+impl Shared {
+    /// Writes `marker` with the markers of the appends waiting meanwhile (see the module).
+    ///
+    /// # Errors
+    /// - As the driver's: the batch holding the marker failed (a timeout is `Unavailable`; the
+    ///   marker may be written, and is then repaired like any other).
+    pub(crate) async fn write_marker(self: &Arc<Self>, marker: Marker) -> Result<(), Error> {
+        let context = format!(
+            "writing the pending marker of {}@{}",
+            marker.stream, marker.first
+        );
+        // Connected before queueing, so the task writing the group has a session.
+        self.ready().await?;
+        let (written, answer) = oneshot::channel();
+        let start = self
+            .marker_queue
+            .state
+            .lock()
+            .expect("marker queue")
+            .push(MarkerWaiter { marker, written });
+        if start {
+            tokio::spawn(write_waiting_markers(self.clone()));
+        }
+        match answer.await {
+            Ok(result) => result.map_err(|e| error::request(context, e)),
+            // The task ends only after answering every waiter it took; a runtime shutting down
+            // is the one way here.
+            Err(_) => Err(Error::Unavailable {
+                backend: BACKEND,
+                message: format!("{context}: the task writing markers stopped"),
+                source: None,
+            }),
+        }
+    }
+
+    /// Writes a group's markers: one unlogged batch per `pending` partition (each one mutation),
+    /// and the registrations of time buckets this process has not registered, all at once.
+    async fn write_markers(&self, group: &[MarkerWaiter]) -> Result<(), ExecutionError> {
+        let (session, st) = self
+            .connected()
+            .expect("every waiter connected before queueing");
+        let mut partitions: HashMap<(&str, i64), Vec<&Marker>> = HashMap::new();
+        let mut unregistered: Vec<(&str, i64)> = Vec::new();
+        for w in group {
+            let m = &w.marker;
+            let category = m.stream.category_name();
+            for key in [category, ALL] {
+                partitions.entry((key, m.bucket)).or_default().push(m);
+            }
+            if !self.bucket_registered(category, m.bucket)
+                && !unregistered.contains(&(category, m.bucket))
+            {
+                unregistered.push((category, m.bucket));
+            }
+        }
+        let markers = partitions.iter().map(|(&(key, bucket), members)| {
+            let batch = schema::batch(
+                &self.config,
+                BatchType::Unlogged,
+                &vec![&st.insert_pending; members.len()],
+            );
+            let values: Vec<_> = members
+                .iter()
+                .map(|m| {
+                    let t = CqlTimeuuid::from(m.time_id);
+                    (key, bucket, t, m.stream.as_str(), m.first as i64, m.micros)
+                })
+                .collect();
+            async move { session.batch(&batch, values).await.map(drop) }
+        });
+        let registrations = unregistered.iter().flat_map(|&(category, bucket)| {
+            [category, ALL].map(|key| async move {
+                session
+                    .execute_unpaged(&st.insert_bucket, (key, bucket))
+                    .await
+                    .map(drop)
+            })
+        });
+        let (markers, registrations) = tokio::join!(join_all(markers), join_all(registrations));
+        markers
+            .into_iter()
+            .chain(registrations)
+            .collect::<Result<(), _>>()?;
+        for (category, bucket) in unregistered {
+            self.remember_bucket(category, bucket);
+        }
+        Ok(())
+    }
+
+    /// Queues a committed append's rows; they are written in a moment, with those of the
+    /// appends committed meanwhile. No task outlives the queue's last entry, so a store that is
+    /// dropped lets its session go.
+    pub(crate) fn index_later(self: &Arc<Self>, indexing: Indexing) {
+        let start = self
+            .index_queue
+            .state
+            .lock()
+            .expect("index queue")
+            .push(indexing);
+        if start {
+            tokio::spawn(index_waiting(self.clone()));
+        }
+    }
+
+    /// Writes one group's rows, then clears the markers of the commits whose rows are all
+    /// written. A commit whose rows failed keeps its markers: a reader repairs it.
+    async fn index_group(&self, group: &[Indexing]) -> Result<(), Error> {
+        let (session, st) = self.ready().await?;
+        // Rows, one batch per partition of `category_commits`, and the new streams' listing.
+        let mut rows: HashMap<(&str, i64), Vec<usize>> = HashMap::new();
+        for (i, job) in group.iter().enumerate() {
+            let tb = self.time_bucket_of(codec::time_micros(&job.commit.time_id));
+            rows.entry((job.commit.stream.category_name(), tb))
+                .or_default()
+                .push(i);
+            rows.entry((ALL, tb)).or_default().push(i);
+        }
+        let row_writes = rows.iter().map(|(&(category, tb), members)| async move {
+            let batch = schema::batch(
+                &self.config,
+                BatchType::Unlogged,
+                &vec![&st.insert_category; members.len()],
+            );
+            let values: Vec<_> = members
+                .iter()
+                .map(|&i| {
+                    let c = &group[i].commit;
+                    (
+                        category,
+                        tb,
+                        CqlTimeuuid::from(c.time_id),
+                        c.stream.as_str(),
+                        c.first as i64,
+                        group[i].count,
+                        &c.events[..],
+                    )
+                })
+                .collect();
+            let written = session.batch(&batch, values).await;
+            (members, written)
+        });
+        let written = join_all(row_writes).await;
+        // A commit is indexed once both its rows are written.
+        let mut failed: Option<Error> = None;
+        let mut indexed = vec![true; group.len()];
+        for (members, result) in written {
+            if let Err(e) = result {
+                members.iter().for_each(|&i| indexed[i] = false);
+                failed.get_or_insert(error::request("writing the category rows", e));
+            }
+        }
+        let done: Vec<&Commit> = group
+            .iter()
+            .zip(&indexed)
+            .filter(|(_, ok)| **ok)
+            .map(|(job, _)| &job.commit)
+            .collect();
+        let cleared = self.clear_group(&done).await;
+        match failed {
+            Some(e) => Err(e),
+            None => cleared,
+        }
+    }
+
+    /// Deletes the pending markers of `commits`: one batch per `pending` partition. Each delete
+    /// carries its marker's time plus one as its write timestamp, so it wins over the insert.
+    async fn clear_group(&self, commits: &[&Commit]) -> Result<(), Error> {
+        if commits.is_empty() {
+            return Ok(());
+        }
+        let (session, st) = self.ready().await?;
+        let mut partitions: HashMap<(&str, i64), Vec<&Commit>> = HashMap::new();
+        for c in commits {
+            let tb = self.time_bucket_of(codec::time_micros(&c.time_id));
+            partitions
+                .entry((c.stream.category_name(), tb))
+                .or_default()
+                .push(c);
+            partitions.entry((ALL, tb)).or_default().push(c);
+        }
+        let deletes = partitions
+            .iter()
+            .map(|(&(category, tb), members)| async move {
+                let batch = schema::batch(
+                    &self.config,
+                    BatchType::Unlogged,
+                    &vec![&st.delete_pending; members.len()],
+                );
+                let values: Vec<_> = members
+                    .iter()
+                    .map(|c| {
+                        let micros = codec::time_micros(&c.time_id);
+                        (micros + 1, category, tb, CqlTimeuuid::from(c.time_id))
+                    })
+                    .collect();
+                session.batch(&batch, values).await
+            });
+        for result in join_all(deletes).await {
+            // A timed-out delete is `Unavailable`: the marker stays, and a reader repairs it.
+            result.map_err(|e| error::request("clearing the pending markers", e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes the waiting appends' markers, a group at a time, until none wait.
+async fn write_waiting_markers(shared: Arc<Shared>) {
+    loop {
+        let next = shared
+            .marker_queue
+            .state
+            .lock()
+            .expect("marker queue")
+            .next(|w| {
+                let n = w.len().min(MARKER_GROUP);
+                w.drain(..n).collect()
+            });
+        let Some(group) = next else { return };
+        let result = shared.write_markers(&group).await;
+        for waiter in group {
+            // A caller that went away no longer needs the answer.
+            let _ = waiter.written.send(result.clone());
+        }
+    }
+}
+
+/// Writes the waiting appends' rows, a group at a time, until none wait.
+async fn index_waiting(shared: Arc<Shared>) {
+    loop {
+        let next = shared
+            .index_queue
+            .state
+            .lock()
+            .expect("index queue")
+            .next(take_group);
+        let Some(group) = next else { return };
+        if let Err(e) = shared.index_group(&group).await {
+            tracing::warn!(commits = group.len(), error = %e, "photon-cassandra: category rows left to repair");
+        }
+    }
+}
+
+/// The oldest waiting appends that fit in one group (at least one).
+fn take_group(waiting: &mut Vec<Indexing>) -> Vec<Indexing> {
+    let mut bytes = 0;
+    let mut n = 0;
+    for job in waiting.iter() {
+        bytes += job.commit.events.len();
+        if n > 0 && (n == GROUP_COMMITS || bytes > GROUP_BYTES) {
+            break;
+        }
+        n += 1;
+    }
+    waiting.drain(..n).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use photon_api::{Bytes, Category, StreamId, Uuid};
+
+    fn job(bytes: usize) -> Indexing {
+        let category = Category::new("c").unwrap();
+        Indexing {
+            commit: Commit {
+                stream: StreamId::new(&category, "s").unwrap(),
+                first: 0,
+                time_id: Uuid::nil(),
+                events: Bytes::from(vec![0; bytes]),
+            },
+            count: 1,
+        }
+    }
+
+    #[test]
+    fn a_group_is_bounded_by_commits_and_bytes_and_takes_at_least_one() {
+        let mut waiting: Vec<_> = (0..300).map(|_| job(10)).collect();
+        assert_eq!(take_group(&mut waiting).len(), GROUP_COMMITS);
+        assert_eq!(waiting.len(), 300 - GROUP_COMMITS);
+
+        let mut waiting: Vec<_> = (0..5).map(|_| job(GROUP_BYTES / 2)).collect();
+        assert_eq!(take_group(&mut waiting).len(), 2);
+
+        let mut waiting = vec![job(GROUP_BYTES * 2), job(1)];
+        assert_eq!(
+            take_group(&mut waiting).len(),
+            1,
+            "a large commit goes alone"
+        );
+        assert_eq!(take_group(&mut waiting).len(), 1);
+        assert!(waiting.is_empty());
+    }
+}
