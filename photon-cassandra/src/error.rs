@@ -95,6 +95,20 @@ pub(crate) fn answered_late(stream: &StreamId, took: Duration, window: Duration)
     }
 }
 
+/// An append stored (its conditional write applied) whose answer failed after it, listing its
+/// stream: whatever that failure was, the caller is told `Unavailable`, since a definite error
+/// would read as "nothing stored". A re-send with the same ids is answered as a retry.
+pub(crate) fn stored_but_unanswered(stream: &StreamId, first: u64, e: Error) -> Error {
+    Error::unavailable(
+        BACKEND,
+        format!(
+            "{stream}@{first}: the commit was stored, but listing the stream failed; a re-send \
+             with the same ids is answered as a retry"
+        ),
+        e,
+    )
+}
+
 /// Stored data or an answer that is not what this store writes or expects: `reason` is the
 /// source, as there is no driver error to keep.
 pub(crate) fn corrupt(context: impl Into<String>, reason: impl Into<String>) -> Error {

@@ -4,20 +4,22 @@
 //! the clearing of its markers, in the background.
 //!
 //! Markers: every append waiting for its markers joins the next group, written while the
-//! previous one is in flight, one unlogged batch per `pending` partition (a category's or the
-//! all stream's time bucket). So concurrent appends to a category cost the server two writes
-//! per group, not two per append; an append alone waits for no one.
+//! previous one is in flight, in one unlogged batch (one per `pending` partition, a category's
+//! or the all stream's time bucket, for a large group). So concurrent appends to a category
+//! cost the server one request per group, not one per append; an append alone waits for no
+//! one.
 //!
-//! Rows: an append is acknowledged once its conditional write applied: it is then stored, and its
-//! pending markers hold category readers back until its rows are written, by this module in
-//! a moment, or by a reader's repair if this process stops first (see `writer`'s
-//! `settle_marker`). So the caller does not wait for these writes, and the writes of appends
+//! Rows: an append is acknowledged once its conditional write applied: it is then stored, and
+//! its pending markers hold category readers back until its rows are written, by this module in
+//! a moment, or by a reader if this process stops first (see `writer`'s `index_if_committed`
+//! and `settle_marker`). So the caller does not wait for these writes, and the writes of appends
 //! committed meanwhile are sent together: one unlogged batch per partition (rows of one
 //! `category_commits` partition are one mutation, so such a batch is as cheap to the server as
-//! one row and is not subject to `batch_size_fail_threshold`), then one per `pending` partition
-//! for the markers' deletes.
+//! one row and is not subject to `batch_size_fail_threshold`), then the markers' deletes, as
+//! the markers were written.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::future::join_all;
@@ -74,7 +76,14 @@ pub(crate) struct Indexing {
 #[derive(Default)]
 pub(crate) struct IndexQueue {
     state: Mutex<Waiting<Indexing>>,
+    /// Bytes of events queued or being written.
+    bytes: AtomicUsize,
 }
+
+/// Bytes of events an index queue holds, at most: beyond, an append writes its own rows
+/// before it answers (the server is behind, and appends slow down to its pace rather than
+/// fill this process's memory).
+const INDEX_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Writes waiting for a group, and whether a task is taking them.
 struct Waiting<T> {
@@ -134,8 +143,7 @@ impl Shared {
         }
         match answer.await {
             Ok(result) => result.map_err(|e| error::request(context, e)),
-            // The task ends only after answering every waiter it took; a runtime shutting down
-            // is the one way here.
+            // The task ended without answering: it panicked, or the runtime is shutting down.
             Err(_) => Err(Error::Unavailable {
                 backend: BACKEND,
                 message: format!("{context}: the task writing markers stopped"),
@@ -144,64 +152,87 @@ impl Shared {
         }
     }
 
-    /// Writes a group's markers: one unlogged batch per `pending` partition (each one mutation),
-    /// and the registrations of time buckets this process has not registered, all at once.
-    async fn write_markers(&self, group: &[MarkerWaiter]) -> Result<(), ExecutionError> {
+    /// Writes a group's markers, with the registrations of time buckets this process has not
+    /// registered, all at once; the outcome for each waiter (the batch holding its markers and
+    /// its bucket's registration), so one partition's failure fails only its appends.
+    async fn write_markers(&self, group: &[MarkerWaiter]) -> Vec<Result<(), ExecutionError>> {
         let (session, st) = self
             .connected()
             .expect("every waiter connected before queueing");
-        let mut partitions: HashMap<(&str, i64), Vec<&Marker>> = HashMap::new();
-        let mut unregistered: Vec<(&str, i64)> = Vec::new();
-        for w in group {
+        let mut partitions: HashMap<(&str, i64), Vec<usize>> = HashMap::new();
+        let mut unregistered: HashMap<(&str, i64), Vec<usize>> = HashMap::new();
+        for (i, w) in group.iter().enumerate() {
             let m = &w.marker;
             let category = m.stream.category_name();
             for key in [category, ALL] {
-                partitions.entry((key, m.bucket)).or_default().push(m);
+                partitions.entry((key, m.bucket)).or_default().push(i);
             }
-            if !self.bucket_registered(category, m.bucket)
-                && !unregistered.contains(&(category, m.bucket))
-            {
-                unregistered.push((category, m.bucket));
+            if !self.bucket_registered(category, m.bucket) {
+                unregistered
+                    .entry((category, m.bucket))
+                    .or_default()
+                    .push(i);
             }
         }
-        let markers = partitions.iter().map(|(&(key, bucket), members)| {
+        let parts = partitions
+            .iter()
+            .map(|(&(key, bucket), members)| {
+                let rows = members.iter().map(|&i| {
+                    let m = &group[i].marker;
+                    let t = CqlTimeuuid::from(m.time_id);
+                    (key, bucket, t, m.stream.as_str(), m.first as i64, m.micros)
+                });
+                (members.clone(), rows.collect::<Vec<_>>())
+            })
+            .collect();
+        let markers = batches(parts).into_iter().map(|(members, values)| {
             let batch = schema::batch(
                 &self.config,
                 BatchType::Unlogged,
-                &vec![&st.insert_pending; members.len()],
+                &vec![&st.insert_pending; values.len()],
             );
-            let values: Vec<_> = members
-                .iter()
-                .map(|m| {
-                    let t = CqlTimeuuid::from(m.time_id);
-                    (key, bucket, t, m.stream.as_str(), m.first as i64, m.micros)
-                })
-                .collect();
-            async move { session.batch(&batch, values).await.map(drop) }
+            async move { (members, session.batch(&batch, values).await.map(drop)) }
         });
-        let registrations = unregistered.iter().flat_map(|&(category, bucket)| {
-            [category, ALL].map(|key| async move {
-                session
-                    .execute_unpaged(&st.insert_bucket, (key, bucket))
-                    .await
-                    .map(drop)
-            })
-        });
+        let registrations = unregistered
+            .iter()
+            .map(|(&(category, bucket), members)| async move {
+                let [c, a] = [category, ALL]
+                    .map(|key| session.execute_unpaged(&st.insert_bucket, (key, bucket)));
+                let (c, a) = tokio::join!(c, a);
+                let written = c.and(a).map(drop);
+                if written.is_ok() {
+                    self.remember_bucket(category, bucket);
+                }
+                (members.clone(), written)
+            });
         let (markers, registrations) = tokio::join!(join_all(markers), join_all(registrations));
-        markers
-            .into_iter()
-            .chain(registrations)
-            .collect::<Result<(), _>>()?;
-        for (category, bucket) in unregistered {
-            self.remember_bucket(category, bucket);
+        let mut results: Vec<Result<(), ExecutionError>> = vec![Ok(()); group.len()];
+        for (members, written) in markers.into_iter().chain(registrations) {
+            if let Err(e) = written {
+                for i in members {
+                    if results[i].is_ok() {
+                        results[i] = Err(e.clone());
+                    }
+                }
+            }
         }
-        Ok(())
+        results
     }
 
     /// Queues a committed append's rows; they are written in a moment, with those of the
     /// appends committed meanwhile. No task outlives the queue's last entry, so a store that is
-    /// dropped lets its session go.
-    pub(crate) fn index_later(self: &Arc<Self>, indexing: Indexing) {
+    /// dropped lets its session go. When the queue is full, the append writes its own rows
+    /// first (back-pressure); their failure is left to readers, as in the background.
+    pub(crate) async fn index(self: &Arc<Self>, indexing: Indexing) {
+        let bytes = indexing.commit.events.len();
+        let queued = self.index_queue.bytes.load(Ordering::Relaxed);
+        if queued > 0 && queued + bytes > INDEX_QUEUE_BYTES {
+            if let Err(e) = self.index_group(std::slice::from_ref(&indexing)).await {
+                tracing::warn!(stream = %indexing.commit.stream, error = %e, "photon-cassandra: category rows left for readers to write");
+            }
+            return;
+        }
+        self.index_queue.bytes.fetch_add(bytes, Ordering::Relaxed);
         let start = self
             .index_queue
             .state
@@ -217,7 +248,7 @@ impl Shared {
     /// written. A commit whose rows failed keeps its markers: a reader repairs it.
     async fn index_group(&self, group: &[Indexing]) -> Result<(), Error> {
         let (session, st) = self.ready().await?;
-        // Rows, one batch per partition of `category_commits`, and the new streams' listing.
+        // Rows, one batch per partition of `category_commits`.
         let mut rows: HashMap<(&str, i64), Vec<usize>> = HashMap::new();
         for (i, job) in group.iter().enumerate() {
             let tb = self.time_bucket_of(codec::time_micros(&job.commit.time_id));
@@ -250,14 +281,31 @@ impl Shared {
             let written = session.batch(&batch, values).await;
             (members, written)
         });
-        let written = join_all(row_writes).await;
-        // A commit is indexed once both its rows are written.
+        // Streams the writer could not list before its answer (it answered `Unavailable`).
+        let unlisted: Vec<&StreamId> = group
+            .iter()
+            .map(|job| &job.commit.stream)
+            .filter(|s| !self.stream_listed(s.as_str()))
+            .collect();
+        let listing = join_all(unlisted.iter().map(|s| self.list_stream(s)));
+        let (written, listed) = tokio::join!(join_all(row_writes), listing);
+        // A commit is indexed once both its rows are written and its stream listed.
         let mut failed: Option<Error> = None;
         let mut indexed = vec![true; group.len()];
         for (members, result) in written {
             if let Err(e) = result {
                 members.iter().for_each(|&i| indexed[i] = false);
                 failed.get_or_insert(error::request("writing the category rows", e));
+            }
+        }
+        for (stream, result) in unlisted.iter().zip(listed) {
+            if let Err(e) = result {
+                for (i, job) in group.iter().enumerate() {
+                    if &job.commit.stream == *stream {
+                        indexed[i] = false;
+                    }
+                }
+                failed.get_or_insert(e);
             }
         }
         let done: Vec<&Commit> = group
@@ -289,23 +337,24 @@ impl Shared {
                 .push(c);
             partitions.entry((ALL, tb)).or_default().push(c);
         }
-        let deletes = partitions
+        let parts = partitions
             .iter()
-            .map(|(&(category, tb), members)| async move {
-                let batch = schema::batch(
-                    &self.config,
-                    BatchType::Unlogged,
-                    &vec![&st.delete_pending; members.len()],
-                );
-                let values: Vec<_> = members
-                    .iter()
-                    .map(|c| {
-                        let micros = codec::time_micros(&c.time_id);
-                        (micros + 1, category, tb, CqlTimeuuid::from(c.time_id))
-                    })
-                    .collect();
-                session.batch(&batch, values).await
-            });
+            .map(|(&(category, tb), members)| {
+                let rows = members.iter().map(|c| {
+                    let micros = codec::time_micros(&c.time_id);
+                    (micros + 1, category, tb, CqlTimeuuid::from(c.time_id))
+                });
+                (Vec::new(), rows.collect::<Vec<_>>())
+            })
+            .collect();
+        let deletes = batches(parts).into_iter().map(|(_, values)| {
+            let batch = schema::batch(
+                &self.config,
+                BatchType::Unlogged,
+                &vec![&st.delete_pending; values.len()],
+            );
+            async move { session.batch(&batch, values).await }
+        });
         for result in join_all(deletes).await {
             // A timed-out delete is `Unavailable`: the marker stays, and a reader repairs it.
             result.map_err(|e| error::request("clearing the pending markers", e))?;
@@ -314,39 +363,102 @@ impl Shared {
     }
 }
 
-/// Writes the waiting appends' markers, a group at a time, until none wait.
+/// Rows of markers (or their deletes) sent in one batch across partitions, at most: a few
+/// KiB, under Cassandra's `batch_size_warn_threshold` (5 KiB) for a batch of several
+/// partitions. One request serves an append alone, or a few together.
+const SMALL_BATCH_ROWS: usize = 32;
+
+/// The batches that write `partitions` (each the appends it serves and its rows): all in one
+/// when they are few (one request, where one per partition would cost the server one request
+/// each), else one per partition (a batch of one partition is one mutation, held to no batch
+/// size threshold).
+fn batches<T>(partitions: Vec<(Vec<usize>, Vec<T>)>) -> Vec<(Vec<usize>, Vec<T>)> {
+    let rows: usize = partitions.iter().map(|(_, rows)| rows.len()).sum();
+    if rows > SMALL_BATCH_ROWS {
+        return partitions;
+    }
+    let mut one = (Vec::new(), Vec::new());
+    for (members, rows) in partitions {
+        one.0.extend(members);
+        one.1.extend(rows);
+    }
+    one.0.sort_unstable();
+    one.0.dedup();
+    vec![one]
+}
+
+/// Resets its queue when the task taking from it ends other than by finding it empty (a panic,
+/// or a runtime shutting down and dropping the task): the next append starts a new task, and
+/// appends waiting for their markers are answered (their senders dropped: `Unavailable`)
+/// rather than left waiting for a task that is gone.
+struct TaskGuard<'a, T> {
+    queue: &'a Mutex<Waiting<T>>,
+    drop_waiting: bool,
+    finished: bool,
+}
+
+impl<T> Drop for TaskGuard<'_, T> {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        if let Ok(mut state) = self.queue.lock() {
+            state.running = false;
+            if self.drop_waiting {
+                state.waiting.clear();
+            }
+        }
+    }
+}
+
+/// Writes the waiting appends' markers, a group at a time, until none wait. Appends whose
+/// caller went away while queued are dropped: a marker with no conditional write after it
+/// would only hold readers back until the repair.
 async fn write_waiting_markers(shared: Arc<Shared>) {
+    let mut guard = TaskGuard {
+        queue: &shared.marker_queue.state,
+        drop_waiting: true,
+        finished: false,
+    };
     loop {
-        let next = shared
-            .marker_queue
-            .state
-            .lock()
-            .expect("marker queue")
-            .next(|w| {
-                let n = w.len().min(MARKER_GROUP);
-                w.drain(..n).collect()
-            });
-        let Some(group) = next else { return };
-        let result = shared.write_markers(&group).await;
-        for waiter in group {
+        let next = guard.queue.lock().expect("marker queue").next(|w| {
+            w.retain(|waiter| !waiter.written.is_closed());
+            let n = w.len().min(MARKER_GROUP);
+            w.drain(..n).collect()
+        });
+        let Some(group) = next else {
+            guard.finished = true;
+            return;
+        };
+        if group.is_empty() {
+            continue;
+        }
+        let results = shared.write_markers(&group).await;
+        for (waiter, result) in group.into_iter().zip(results) {
             // A caller that went away no longer needs the answer.
-            let _ = waiter.written.send(result.clone());
+            let _ = waiter.written.send(result);
         }
     }
 }
 
 /// Writes the waiting appends' rows, a group at a time, until none wait.
 async fn index_waiting(shared: Arc<Shared>) {
+    let mut guard = TaskGuard {
+        queue: &shared.index_queue.state,
+        drop_waiting: false,
+        finished: false,
+    };
     loop {
-        let next = shared
-            .index_queue
-            .state
-            .lock()
-            .expect("index queue")
-            .next(take_group);
-        let Some(group) = next else { return };
-        if let Err(e) = shared.index_group(&group).await {
-            tracing::warn!(commits = group.len(), error = %e, "photon-cassandra: category rows left to repair");
+        let next = guard.queue.lock().expect("index queue").next(take_group);
+        let Some(group) = next else {
+            guard.finished = true;
+            return;
+        };
+        let bytes: usize = group.iter().map(|job| job.commit.events.len()).sum();
+        let indexed = shared.index_group(&group).await;
+        shared.index_queue.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        if let Err(e) = indexed {
+            tracing::warn!(commits = group.len(), error = %e, "photon-cassandra: category rows left for readers to write");
         }
     }
 }
@@ -381,6 +493,20 @@ mod tests {
             },
             count: 1,
         }
+    }
+
+    #[test]
+    fn few_rows_go_in_one_batch_and_many_in_one_per_partition() {
+        let few = batches(vec![(vec![0, 1], vec![1, 2]), (vec![1], vec![3])]);
+        assert_eq!(few, vec![(vec![0, 1], vec![1, 2, 3])]);
+        let many = batches(vec![
+            (vec![0], vec![0; SMALL_BATCH_ROWS]),
+            (vec![1], vec![1]),
+        ]);
+        assert_eq!(
+            many,
+            vec![(vec![0], vec![0; SMALL_BATCH_ROWS]), (vec![1], vec![1])]
+        );
     }
 
     #[test]

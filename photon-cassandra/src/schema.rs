@@ -189,6 +189,9 @@ const CATEGORY_COUNTS: Cql = Cql("SELECT count FROM {ks}.category_commits WHERE 
 const CATEGORY_COUNTS_INCL: Cql = Cql("SELECT count FROM {ks}.category_commits WHERE category = ? AND bucket = ? AND time_id >= ? AND time_id <= ? LIMIT ?");
 const COMMIT_IDS_FROM: Cql = Cql("SELECT version, count, time_id, event_ids FROM {ks}.commits WHERE stream = ? AND bucket = ? AND version >= ?");
 const COMMIT_AT_OR_BEFORE: Cql = Cql("SELECT version, count FROM {ks}.commits WHERE stream = ? AND bucket = ? AND version <= ? ORDER BY version DESC LIMIT 1");
+/// Whether a commit is stored at a version, and with which time id (no events).
+const COMMIT_STATE_AT: Cql =
+    Cql("SELECT count, time_id FROM {ks}.commits WHERE stream = ? AND bucket = ? AND version = ?");
 const COMMIT_AT: Cql = Cql(
     "SELECT count, time_id, events FROM {ks}.commits WHERE stream = ? AND bucket = ? AND version = ?",
 );
@@ -225,6 +228,8 @@ pub(crate) struct Statements {
     pub(crate) commit_at_serial: PreparedStatement,
     /// At the configured consistency: what a committed append left, without a Paxos round.
     pub(crate) commit_at: PreparedStatement,
+    /// At the configured consistency: the count and time id at a version.
+    pub(crate) commit_state_at: PreparedStatement,
     pub(crate) commits_from: PreparedStatement,
     pub(crate) commits_down_from: PreparedStatement,
     pub(crate) commit_counts_from: PreparedStatement,
@@ -442,6 +447,7 @@ pub(crate) async fn prepare_statements(
         commit_at_or_before: p.plain(COMMIT_AT_OR_BEFORE).await?,
         commit_at_serial: p.serial(COMMIT_AT).await?,
         commit_at: p.plain(COMMIT_AT).await?,
+        commit_state_at: p.plain(COMMIT_STATE_AT).await?,
         commits_from: p.plain(COMMITS_FROM).await?,
         commits_down_from: p.plain(COMMITS_DOWN_FROM).await?,
         commit_counts_from: p.plain(COMMIT_COUNTS_FROM).await?,

@@ -283,21 +283,27 @@ async fn open_timeline(
 /// already stored. Readers pass only times that can no longer receive a commit, so the start is
 /// their horizon: `settle` behind the present, and before the oldest pending append (one older
 /// than `repair_after` is left to the repair, as readers do). Every commit after the start is
-/// the subscriber's except those stored and indexed now with their append no longer pending:
-/// read the rows, then the markers, so an append whose rows were read but whose marker is still
-/// there (it has not returned yet) is delivered, and one that ran entirely in between is too.
+/// the subscriber's except those whose conditional write applied before now: they answered
+/// before `CaughtUp` (an append answers Ok only within the answer window of sending it, and
+/// `CaughtUp` comes a window and a quarter after opening) or `Unavailable`, so they are earlier
+/// events (design.md, "Hot delivers only later events"). An append answers before its rows and
+/// the clearing of its markers, so those are the rows read now and the pending appends whose
+/// commit is found stored; a pending append whose commit is not (in flight) is delivered, and
+/// so is one that ran entirely between the two reads.
 async fn now_start(shared: &Shared, key: &str, now: i64) -> Result<(i64, HashSet<Uuid>), Error> {
     let config = &shared.config;
     let floor = now - config.repair_after.as_micros() as i64;
     let mut start = now - config.settle.as_micros() as i64;
     // A marker at or before the settle horizon was written before now (an append whose marker
     // takes longer than settle/2 takes a new time), so this read sees every one that matters.
-    if let Some(oldest) = markers_between(shared, key, floor, start).await?.first() {
+    if let Some((oldest, _, _)) = markers_between(shared, key, floor, start).await?.first() {
         start = start.min(codec::time_micros(oldest) - 1);
     }
     let mut stored = stored_between(shared, key, start, now).await?;
-    for pending in markers_between(shared, key, start, now).await? {
-        stored.remove(&pending);
+    for (time_id, stream, version) in markers_between(shared, key, start, now).await? {
+        if !stored.contains(&time_id) && shared.committed_at(time_id, &stream, version).await? {
+            stored.insert(time_id);
+        }
     }
     Ok((start, stored))
 }
@@ -318,22 +324,20 @@ async fn buckets_between(
     Ok(buckets)
 }
 
-/// The time ids of the pending markers of `key` in `(from, to]` (µs), oldest first.
+/// The pending markers of `key` in `(from, to]` (µs), oldest first: time id, stream, version.
 async fn markers_between(
     shared: &Shared,
     key: &str,
     from: i64,
     to: i64,
-) -> Result<Vec<Uuid>, Error> {
-    let mut times = Vec::new();
+) -> Result<Vec<(Uuid, StreamId, u64)>, Error> {
+    let mut markers = Vec::new();
     for b in buckets_between(shared, key, from, to).await? {
         let (after, through) = (codec::max_time_id(from), codec::max_time_id(to));
-        for (t, _, _) in pending_in(shared, key, b, after, through).await? {
-            times.push(t);
-        }
+        markers.extend(pending_in(shared, key, b, after, through).await?);
     }
-    times.sort_by_key(codec::time_micros);
-    Ok(times)
+    markers.sort_by_key(|(t, _, _)| codec::time_micros(t));
+    Ok(markers)
 }
 
 /// The time ids of the category rows of `key` in `(from, to]` (µs), a page at a time.
@@ -485,12 +489,15 @@ async fn page_reach(shared: &Shared, t: &Timeline, upper: i64) -> Result<i64, Er
 
 /// How far a reader may read, given the pending appends after its position up to `through`
 /// (µs): just before the oldest one still pending (`i64::MAX` when none is); markers older
-/// than `repair_after` are settled instead, and those older than `settle` whose commit is
-/// stored are indexed (their writer answered, then stopped before the rows).
+/// than `repair_after` are settled instead, and those older than `settle` and a request
+/// timeout whose commit is stored are indexed (their writer answered, then stopped before the
+/// rows).
 async fn pending_cut(shared: &Shared, t: &Timeline, through: i64, now: i64) -> Result<i64, Error> {
     let repair_after = shared.config.repair_after.as_micros() as i64;
-    // A marker older than this holds the reader back (its horizon is `settle` behind).
-    let settle = shared.config.settle.as_micros() as i64;
+    // A marker older than this is not its writer's any more: the writer's own rows would have
+    // been written within a request timeout of its horizon (waiting that long keeps readers
+    // from adding their writes to a server that is merely slow).
+    let abandoned = (shared.config.settle + shared.config.timeout).as_micros() as i64;
     let mut cut = i64::MAX;
     // From what is delivered, not only from the last row: a reader at the head of a category
     // whose appends keep failing (markers cleared with no row, up to one per attempt) would
@@ -507,7 +514,8 @@ async fn pending_cut(shared: &Shared, t: &Timeline, through: i64, now: i64) -> R
         let at = codec::time_micros(&time_id);
         if now - at > repair_after {
             shared.settle_marker(time_id, &stream, version).await?;
-        } else if now - at > settle && shared.index_if_committed(time_id, &stream, version).await
+        } else if now - at > abandoned
+            && shared.index_if_committed(time_id, &stream, version).await
         {
             // Committed, its writer gone before its rows: now indexed (see the writer).
         } else {

@@ -137,8 +137,6 @@ impl Shared {
     }
 
     /// Lists `stream` in `streams` (its category's listing), once a commit of it is stored.
-    /// Failing, the append is stored but answered `Unavailable`: its re-send is answered as a
-    /// retry, which lists it (see `index_commit`).
     pub(crate) async fn list_stream(&self, stream: &StreamId) -> Result<(), Error> {
         let (session, st) = self.ready().await?;
         session
@@ -149,9 +147,32 @@ impl Shared {
         Ok(())
     }
 
+    /// Whether the commit of the pending marker at `time_id` (for `version` of `stream`) is
+    /// stored, by a plain read of its count and time id (no Paxos round, no events).
+    pub(crate) async fn committed_at(
+        &self,
+        time_id: Uuid,
+        stream: &StreamId,
+        version: u64,
+    ) -> Result<bool, Error> {
+        let (session, st) = self.ready().await?;
+        let context = || format!("reading the commit {stream}@{version}");
+        let key = (stream.as_str(), self.bucket_of(version), version as i64);
+        let row = session
+            .execute_unpaged(&st.commit_state_at, key)
+            .await
+            .map_err(|e| error::request(context(), e))?
+            .into_rows_result()
+            .map_err(|e| error::driver(context(), e))?
+            .maybe_first_row::<(i32, CqlTimeuuid)>()
+            .map_err(|e| error::driver(context(), e))?;
+        Ok(row.is_some_and(|(count, t)| count > 0 && Uuid::from(t) == time_id))
+    }
+
     /// Indexes the append of a pending marker if its commit is stored, by a plain read (no
-    /// Paxos round): what a reader does with a marker that holds it back but is not yet old
-    /// enough to repair. Its writer answered its caller and writes the rows in the background,
+    /// Paxos round): what a reader does with a marker that holds it back, older than its
+    /// writer's own rows would be (`settle` and a request timeout), but not yet old enough to
+    /// repair. Its writer answered its caller and writes the rows in the background,
     /// unless it stopped first (a process that exits right after its append), and then readers
     /// need not wait `repair_after` for them. Whether the marker is settled; a commit not found
     /// (still in flight, or never to come) is left to its writer or the repair, and so is any
@@ -463,18 +484,27 @@ impl<'a> Append<'a> {
                 ),
             ));
         }
-        self.shared.index_later(Indexing {
-            commit: Commit {
-                stream: self.stream.clone(),
-                first,
-                time_id,
-                events: self.blob.clone(),
-            },
-            count: self.events.len() as i32,
-        });
         // Listed before the answer, so a caller that appended can list it; once per process.
-        if !self.shared.stream_listed(self.stream.as_str()) {
-            self.shared.list_stream(self.stream).await?;
+        let listed = if self.shared.stream_listed(self.stream.as_str()) {
+            Ok(())
+        } else {
+            self.shared.list_stream(self.stream).await
+        };
+        self.shared
+            .index(Indexing {
+                commit: Commit {
+                    stream: self.stream.clone(),
+                    first,
+                    time_id,
+                    events: self.blob.clone(),
+                },
+                count: self.events.len() as i32,
+            })
+            .await;
+        // Stored whatever the listing's outcome: a failure is `Unavailable` (the re-send is
+        // answered as a retry), and the rows' background writes list the stream again.
+        if let Err(e) = listed {
+            return Err(error::stored_but_unanswered(self.stream, first, e));
         }
         let took = committing.elapsed();
         if took > self.shared.config.answer_window {
@@ -596,7 +626,14 @@ impl<'a> Append<'a> {
             micros,
             bucket: self.shared.time_bucket_of(micros),
         };
-        self.shared.write_marker(marker).await?;
+        if let Err(e) = self.shared.write_marker(marker).await {
+            // Its markers may be written all the same (a timeout, or one partition's batch of
+            // a group): cleared in the background, best effort, so that readers need not wait
+            // for the repair. No conditional write follows them.
+            let (shared, category) = (self.shared.clone(), self.stream.category_name().to_owned());
+            tokio::spawn(async move { shared.clear_markers(&category, time_id).await });
+            return Err(e);
+        }
         // Readers pass a time once it is `settle` old.
         let settle_micros = self.shared.config.settle.as_micros() as i64;
         let took = self.shared.now_micros() - micros;

@@ -82,44 +82,6 @@ pub(crate) async fn session(url: &str) -> Session {
         .unwrap()
 }
 
-/// Waits until the pending markers of the stored `event` are cleared: an append's category rows
-/// and the clearing of its markers follow its answer, in the background. For tests that need an
-/// append settled, not merely stored, before their next step.
-pub(crate) async fn wait_settled(session: &Session, store: &CassandraStore, event: &RecordedEvent) {
-    let config = store.config();
-    let micros = event.recorded_at.unix_micros();
-    let bucket = micros.div_euclid(config.time_bucket.as_micros() as i64);
-    let cql = format!(
-        "SELECT stream, version FROM {}.pending WHERE category = ? AND bucket = ?",
-        config.keyspace
-    );
-    let category = event.stream.category_name();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let rows = session
-            .query_unpaged(cql.as_str(), (category, bucket))
-            .await
-            .unwrap()
-            .into_rows_result()
-            .unwrap();
-        let pending = rows
-            .rows::<(String, i64)>()
-            .unwrap()
-            .map(Result::unwrap)
-            .any(|(s, v)| s == event.stream.as_str() && v as u64 == event.version.0);
-        if !pending {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the markers of {}@{} were not cleared within 30 s",
-            event.stream,
-            event.version.0
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// A fault proxy in front of the first contact point of `url`, and `url` through it.
 pub(crate) async fn proxied(url: &str) -> (FaultProxy, String) {
     let config = CassandraConfig::from_url(url).unwrap();
