@@ -19,7 +19,7 @@ use crate::client::BACKEND;
 use crate::error;
 
 /// One event inside a commit's `events` blob: a MessagePack array of maps with these names.
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize)]
 struct StoredEvent {
     id: Uuid,
     #[serde(rename = "type")]
@@ -72,50 +72,86 @@ pub(crate) struct Commit {
     pub(crate) events: Bytes,
 }
 
+/// One event of a stored blob as read: borrowed from the commit's bytes, so decoding copies
+/// neither the payload (shared with the commit's `Bytes`) nor the names.
+#[derive(Deserialize)]
+struct StoredEventRef<'a> {
+    id: Uuid,
+    #[serde(rename = "type", borrow)]
+    event_type: &'a str,
+    schema_version: u32,
+    occurred_at: i64,
+    #[serde(borrow)]
+    content_type: &'a str,
+    #[serde(borrow)]
+    payload: &'a [u8],
+    #[serde(default)]
+    causation_id: Option<Uuid>,
+    #[serde(default)]
+    correlation_id: Option<Uuid>,
+    #[serde(default, borrow)]
+    headers: BTreeMap<&'a str, &'a str>,
+}
+
 /// Decodes a commit's events; event `i` gets the checkpoint `checkpoint(i)`.
+///
+/// The replay's hot path: per event it allocates nothing but the `RecordedEvent` itself
+/// (and its headers when it has some). Payloads are slices of the commit's blob, and the
+/// event type and content type are shared with the previous event's when they are the same,
+/// as they usually are within one commit.
 pub(crate) fn decode_events(
     commit: &Commit,
     checkpoint: impl Fn(usize) -> Checkpoint,
 ) -> Result<Vec<RecordedEvent>, Error> {
     let context = || format!("decoding commit {}@{}", commit.stream, commit.first);
-    let stored: Vec<StoredEvent> =
+    let stored: Vec<StoredEventRef<'_>> =
         rmp_serde::from_slice(&commit.events).map_err(|e| error::driver(context(), e))?;
     let recorded_at = Timestamp::from_unix_micros(time_micros(&commit.time_id))
         .ok_or_else(|| error::corrupt(context(), "its time id is out of range"))?;
-    stored
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let bad = |what: &str| {
-                let event = format!(
-                    "decoding event {}@{}",
-                    commit.stream,
-                    commit.first + i as u64
-                );
-                error::corrupt(event, what)
-            };
-            Ok(RecordedEvent {
-                stream: commit.stream.clone(),
-                version: Version(commit.first + i as u64),
-                event_id: s.id,
-                event_type: EventType::new(&s.event_type).map_err(|_| bad("bad event type"))?,
-                schema_version: s.schema_version,
-                occurred_at: Timestamp::from_unix_micros(s.occurred_at)
-                    .ok_or_else(|| bad("occurred_at out of range"))?,
-                recorded_at,
-                payload: Payload {
-                    content_type: ContentType::from_mime(&s.content_type),
-                    bytes: s.payload,
-                },
-                metadata: Metadata {
-                    causation_id: s.causation_id,
-                    correlation_id: s.correlation_id,
-                    headers: s.headers.into_iter().collect::<Headers>(),
-                },
-                checkpoint: checkpoint(i),
-            })
-        })
-        .collect()
+    let mut types: Option<EventType> = None;
+    let mut contents: Option<ContentType> = None;
+    let mut out = Vec::with_capacity(stored.len());
+    for (i, s) in stored.into_iter().enumerate() {
+        let bad = |what: &str| {
+            let event = format!(
+                "decoding event {}@{}",
+                commit.stream,
+                commit.first + i as u64
+            );
+            error::corrupt(event, what)
+        };
+        let event_type = match &types {
+            Some(t) if t.as_str() == s.event_type => t.clone(),
+            _ => EventType::new(s.event_type).map_err(|_| bad("bad event type"))?,
+        };
+        types = Some(event_type.clone());
+        let content_type = match &contents {
+            Some(c) if c.as_str() == s.content_type => c.clone(),
+            _ => ContentType::from_mime(s.content_type),
+        };
+        contents = Some(content_type.clone());
+        out.push(RecordedEvent {
+            stream: commit.stream.clone(),
+            version: Version(commit.first + i as u64),
+            event_id: s.id,
+            event_type,
+            schema_version: s.schema_version,
+            occurred_at: Timestamp::from_unix_micros(s.occurred_at)
+                .ok_or_else(|| bad("occurred_at out of range"))?,
+            recorded_at,
+            payload: Payload {
+                content_type,
+                bytes: commit.events.slice_ref(s.payload),
+            },
+            metadata: Metadata {
+                causation_id: s.causation_id,
+                correlation_id: s.correlation_id,
+                headers: s.headers.into_iter().collect::<Headers>(),
+            },
+            checkpoint: checkpoint(i),
+        });
+    }
+    Ok(out)
 }
 
 /// Decodes a commit's events with their checkpoints.

@@ -16,8 +16,9 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::RemoteHandle;
 use futures::stream::BoxStream;
-use futures::TryStreamExt;
+use futures::{FutureExt, TryStreamExt};
 use photon_api::{
     cursor_stream, open_subscription, Bytes, Error, ReadOptions, RecordedEvent, Selector, Start,
     StreamId, SubscriptionCursor, SubscriptionItem, SubscriptionMode, SubscriptionRequest, Uuid,
@@ -36,6 +37,13 @@ const TIMES_PER_PAGE: i32 = 1_000;
 /// Events a stream subscription reads per step.
 const STREAM_STEP: usize = 256;
 
+/// The shortest pause of an idle live reader between polls, whatever `settle_ms`.
+const MIN_POLL: Duration = Duration::from_millis(20);
+
+/// Added to a wake-up at the time a row becomes readable: timers and the clock reading are
+/// millisecond-grained, and a reader that wakes a moment early polls once more for nothing.
+const WAKE_MARGIN: Duration = Duration::from_millis(1);
+
 /// A subscription, opened (and its checkpoint decoded) the way every backend does it.
 pub(crate) fn subscribe(
     shared: Arc<Shared>,
@@ -51,7 +59,9 @@ pub(crate) fn subscribe(
         |checkpoint, _| Position::from_checkpoint(checkpoint),
         |request| {
             check_start_time(&request)?;
-            Ok(cursor_stream(Sub::open(shared, request)))
+            // Boxed: the opening future is large (9 KiB) and the stream moves its state, as
+            // large as that, with every item; the cursor it opens is small (352 bytes).
+            Ok(cursor_stream(Box::pin(Sub::open(shared, request))))
         },
     )
 }
@@ -92,6 +102,9 @@ struct Sub {
     /// within the window of sending its commit, so before this.
     live_at: Option<Instant>,
     pause: Duration,
+    /// The longest pause between polls: `MAX_POLL`, and at most half the settle delay, so an
+    /// append is seen (and its wake-up planned) before it may be delivered.
+    max_pause: Duration,
 }
 
 enum State {
@@ -126,7 +139,34 @@ struct Timeline {
     /// subscription started, at times after its start: they are not the subscriber's. Each is
     /// removed when the reader meets it, so the set empties as the reader passes the present.
     stored: HashSet<Uuid>,
+    /// The rows counted ahead and cleared of pending appends, still to fetch.
+    window: Option<Window>,
+    /// When (µs, by `reader_now`) the reader may next move: the first row seen past the
+    /// horizon becomes readable then (or, `Cold`, the end of its history). The reader sleeps
+    /// until then rather than polling on.
+    due: Option<i64>,
 }
+
+/// The next commits of a timeline, up to a page's reach (`COMMITS_PER_PAGE` rows), counted
+/// after their pending appends were settled: every row in `(lower, upper]` is stored, so the
+/// pages that fetch them (each within `page_bytes`) need no further reads of counts or markers.
+struct Window {
+    /// The event counts of the commits not fetched yet, in time order.
+    counts: VecDeque<i32>,
+    /// The window ends here (µs, inclusive).
+    upper: i64,
+    /// The horizon it was read under, and the end of its bucket (µs).
+    horizon: i64,
+    bucket_end: i64,
+    /// It counted as many rows as a window holds: more may follow before `upper`.
+    more: bool,
+    /// The next page, fetched and decoded in a task of its own while the consumer drains the
+    /// current one (at most one page ahead; dropped, it stops).
+    next: Option<RemoteHandle<Result<Page, Error>>>,
+}
+
+/// A page of commits, fetched and decoded: each commit with its count and events.
+type Page = Vec<(Commit, i32, Vec<RecordedEvent>)>;
 
 impl Sub {
     /// Finds where the subscription starts: the stream's head, or the first category bucket.
@@ -150,6 +190,7 @@ impl Sub {
         let from_now = request.start == Start::Now && request.mode != SubscriptionMode::Cold;
         let wait = photon_api::now_start_wait(shared.config.answer_window);
         let live_at = from_now.then(|| Instant::now() + wait);
+        let max_pause = MAX_POLL.min(shared.config.settle / 2).max(MIN_POLL);
         Ok(Sub {
             shared,
             mode: request.mode,
@@ -157,8 +198,25 @@ impl Sub {
             buffer: VecDeque::new(),
             caught_up_sent: false,
             live_at,
-            pause: POLL,
+            pause: POLL.min(max_pause),
+            max_pause,
         })
+    }
+
+    /// How long to pause after a step that found nothing to deliver: until the next row seen
+    /// ahead becomes readable, and at most the poll pause (rows not seen yet, pending appends).
+    async fn idle_wait(&self) -> Result<Duration, Error> {
+        let mut wait = self.pause;
+        if let State::Timeline(Timeline { due: Some(due), .. }) = &self.state {
+            let now = self.shared.reader_now().await?;
+            if *due > now {
+                wait = wait.min(Duration::from_micros((*due - now) as u64) + WAKE_MARGIN);
+            }
+        }
+        if let Some(at) = self.live_at.filter(|_| !self.caught_up_sent) {
+            wait = wait.min(at.saturating_duration_since(Instant::now()));
+        }
+        Ok(wait)
     }
 
     /// Reads one step further: (progressed, history delivered).
@@ -185,7 +243,7 @@ impl SubscriptionCursor for Sub {
             }
             let (progressed, history_done) = self.step().await?;
             if !self.buffer.is_empty() {
-                self.pause = POLL;
+                self.pause = POLL.min(self.max_pause);
                 continue;
             }
             if history_done {
@@ -199,12 +257,8 @@ impl SubscriptionCursor for Sub {
                 }
             }
             if !progressed {
-                let mut wait = self.pause;
-                if let Some(at) = self.live_at.filter(|_| !self.caught_up_sent) {
-                    wait = wait.min(at.saturating_duration_since(Instant::now()));
-                }
-                tokio::time::sleep(wait).await;
-                self.pause = (self.pause * 2).min(MAX_POLL);
+                tokio::time::sleep(self.idle_wait().await?).await;
+                self.pause = (self.pause * 2).min(self.max_pause);
             }
         }
     }
@@ -276,6 +330,8 @@ async fn open_timeline(
         end,
         since,
         stored,
+        window: None,
+        due: None,
     })
 }
 
@@ -409,64 +465,148 @@ async fn stream_step(
 }
 
 /// One step of a category or all-stream subscription: find how far a page reaches, resolve
-/// the pending appends before that, then read the page up to the horizon, or move to the next
-/// bucket. Returns (progressed, history delivered).
+/// the pending appends before that, count the commits there, then fetch them a page at a time
+/// (one page per step) up to the horizon, or move to the next bucket. Returns (progressed,
+/// history delivered).
 ///
 /// The markers are read only up to the page's reach (the `COMMITS_PER_PAGE`th row after the
 /// reader's position), never to the end of the bucket: every append leaves its cleared
 /// markers behind as tombstones, and a reader far back in a bucket that read the rest of it
 /// on every step would scan them all again each time (quadratic, and refused by the server
 /// past its `tombstone_failure_threshold`). Bounded, a step scans about a page of them.
+///
+/// Three reads (reach, markers, counts) open a window of up to `COMMITS_PER_PAGE` commits;
+/// each page of it is then one fetch. Commits of many events, which `page_bytes` lets only a
+/// few of into a page, no longer pay the three reads again for every page.
 async fn timeline_step(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     t: &mut Timeline,
     mode: SubscriptionMode,
     out: &mut VecDeque<RecordedEvent>,
 ) -> Result<(bool, bool), Error> {
+    if let Some(window) = t.window.take() {
+        return window_step(shared, t, window, out).await;
+    }
     let now = shared.reader_now().await?;
-    let mut horizon = now - shared.config.settle.as_micros() as i64;
+    let settle = shared.config.settle.as_micros() as i64;
+    let mut horizon = now - settle;
     if mode == SubscriptionMode::Cold {
         horizon = horizon.min(t.end);
     }
     let bucket_end = (t.bucket + 1) * shared.config.time_bucket_micros() - 1;
     let mut upper = horizon.min(bucket_end);
-    let mut progressed = false;
     if upper >= codec::time_micros(&t.lower) {
         // The markers first, then the rows: a marker cleared after this read belongs to an
-        // append whose rows are written by then, so the page below sees them.
-        let reach = page_reach(shared, t, upper).await?;
+        // append whose rows are written by then, so the counts below see them.
+        let (reach, ahead) = page_reach(shared, t, upper, now.min(bucket_end)).await?;
+        let cold_end = (mode == SubscriptionMode::Cold).then_some(t.end);
+        t.due = [ahead, cold_end]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|at| at + settle);
         horizon = horizon.min(pending_cut(shared, t, reach, now).await?);
         upper = horizon.min(reach);
     }
     if upper >= codec::time_micros(&t.lower) {
-        let (page, full) = category_page(shared, t, upper).await?;
-        progressed = !page.is_empty();
-        t.deliver(page, out)?;
-        if full {
+        let counts = category_counts(shared, t, upper).await?;
+        let window = Window {
+            more: counts.len() == COMMITS_PER_PAGE as usize,
+            counts: counts.into(),
+            upper,
+            horizon,
+            bucket_end,
+            next: None,
+        };
+        return window_step(shared, t, window, out).await;
+    }
+    t.window_done(shared, upper, horizon, bucket_end, false)
+        .await
+}
+
+/// Fetches the next page of `window` (as many of its commits as fit in `page_bytes`), or,
+/// when it is fetched, moves on as the window ends: to a new window while more may follow,
+/// else past its `upper`.
+async fn window_step(
+    shared: &Arc<Shared>,
+    t: &mut Timeline,
+    mut window: Window,
+    out: &mut VecDeque<RecordedEvent>,
+) -> Result<(bool, bool), Error> {
+    let mut progressed = false;
+    if !window.counts.is_empty() {
+        let limit = shared
+            .config
+            .commits_in_a_page(window.counts.iter().copied());
+        let page = match window.next.take() {
+            Some(next) => next.await?,
+            None => {
+                let at = PageAt::of(t, window.upper, limit);
+                fetch_page(shared.clone(), at).await?
+            }
+        };
+        let fetched = page.len();
+        progressed = fetched > 0;
+        if fetched < limit as usize {
+            // Fewer rows than counted (none is ever removed): count again from here.
+            window.counts.clear();
+            window.more = true;
+        }
+        window.counts.drain(..fetched.min(window.counts.len()));
+        if let (false, Some((last, _, _))) = (window.counts.is_empty(), page.last()) {
+            // The next page starts after this one's last commit.
+            let limit = shared
+                .config
+                .commits_in_a_page(window.counts.iter().copied());
+            let at = PageAt {
+                key: t.key.clone(),
+                bucket: t.bucket,
+                lower: last.time_id,
+                inclusive: false,
+                upper: window.upper,
+                limit,
+            };
+            let (task, next) = fetch_page(shared.clone(), at).remote_handle();
+            tokio::spawn(task);
+            window.next = Some(next);
+        }
+        t.deliver(page, out);
+        if !window.counts.is_empty() {
+            t.window = Some(window);
             return Ok((true, false));
         }
     }
-    // Everything up to `upper` in this bucket is delivered.
-    if upper >= bucket_end {
-        progressed |= t.next_bucket(shared, horizon).await?;
-    } else {
-        t.delivered_through = t.delivered_through.max(upper);
+    if window.more {
+        return Ok((true, false));
     }
-    Ok((progressed, t.delivered_through >= t.end))
+    let Window {
+        upper,
+        horizon,
+        bucket_end,
+        ..
+    } = window;
+    t.window_done(shared, upper, horizon, bucket_end, progressed)
+        .await
 }
 
 /// How far one page after the reader's position can reach, at most `upper` (µs): the time of
 /// the `COMMITS_PER_PAGE`th category row after it, or `upper` when fewer rows are there. Rows
 /// indexed after this read only make the page fuller, so a page read up to the reach is full
-/// or ends there.
-async fn page_reach(shared: &Shared, t: &Timeline, upper: i64) -> Result<i64, Error> {
+/// or ends there. The same read looks past `upper` up to `ahead` (the present): the time of
+/// the first row there, if any, says when the reader may move again.
+async fn page_reach(
+    shared: &Shared,
+    t: &Timeline,
+    upper: i64,
+    ahead: i64,
+) -> Result<(i64, Option<i64>), Error> {
     let (session, st) = shared.ready().await?;
     let context = || format!("reading the category {} ahead of a page", t.key);
     let values = (
         t.key.as_str(),
         t.bucket,
         CqlTimeuuid::from(t.lower),
-        CqlTimeuuid::from(codec::max_time_id(upper)),
+        CqlTimeuuid::from(codec::max_time_id(upper.max(ahead))),
         COMMITS_PER_PAGE,
     );
     let rows = session
@@ -475,16 +615,25 @@ async fn page_reach(shared: &Shared, t: &Timeline, upper: i64) -> Result<i64, Er
         .map_err(|e| error::request(context(), e))?
         .into_rows_result()
         .map_err(|e| error::driver(context(), e))?;
-    let times = rows
+    let mut within = 0;
+    let mut reach = upper;
+    let mut next = None;
+    for row in rows
         .rows::<(CqlTimeuuid,)>()
         .map_err(|e| error::driver(context(), e))?
-        .map(|r| r.map(|(t,)| Uuid::from(t)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| error::driver(context(), e))?;
-    Ok(match times.last() {
-        Some(last) if times.len() == COMMITS_PER_PAGE as usize => codec::time_micros(last),
-        _ => upper,
-    })
+    {
+        let (time_id,) = row.map_err(|e| error::driver(context(), e))?;
+        let at = codec::time_micros(&Uuid::from(time_id));
+        if at > upper {
+            next = Some(at);
+            break;
+        }
+        within += 1;
+        if within == COMMITS_PER_PAGE {
+            reach = at;
+        }
+    }
+    Ok((reach, next))
 }
 
 /// How far a reader may read, given the pending appends after its position up to `through`
@@ -515,8 +664,7 @@ async fn pending_cut(shared: &Shared, t: &Timeline, through: i64, now: i64) -> R
         if now - at > repair_after {
             shared.settle_marker(time_id, &stream, version).await?;
         } else if now - at > abandoned
-            && shared.index_if_committed(time_id, &stream, version).await
-        {
+            && shared.index_if_committed(time_id, &stream, version).await {
             // Committed, its writer gone before its rows: now indexed (see the writer).
         } else {
             cut = cut.min(at - 1);
@@ -527,13 +675,8 @@ async fn pending_cut(shared: &Shared, t: &Timeline, through: i64, now: i64) -> R
 
 impl Timeline {
     /// Delivers a page of commits into `out`, skipping what a resumed checkpoint already had.
-    fn deliver(
-        &mut self,
-        page: Vec<(Commit, i32)>,
-        out: &mut VecDeque<RecordedEvent>,
-    ) -> Result<(), Error> {
-        for (commit, _count) in page {
-            let mut events = codec::events_of(&commit)?;
+    fn deliver(&mut self, page: Page, out: &mut VecDeque<RecordedEvent>) {
+        for (commit, _count, mut events) in page {
             if let Some((id, index)) = self.skip_through {
                 if id == commit.time_id {
                     events.retain(|e| e.version.0 > commit.first + index as u64);
@@ -552,7 +695,24 @@ impl Timeline {
                     .filter(|e| since.is_none_or(|s| e.recorded_at.unix_micros() >= s)),
             );
         }
-        Ok(())
+    }
+
+    /// Everything up to `upper` (µs) in this bucket is delivered: moves past it, to the next
+    /// bucket when that is the bucket's end.
+    async fn window_done(
+        &mut self,
+        shared: &Shared,
+        upper: i64,
+        horizon: i64,
+        bucket_end: i64,
+        mut progressed: bool,
+    ) -> Result<(bool, bool), Error> {
+        if upper >= bucket_end {
+            progressed |= self.next_bucket(shared, horizon).await?;
+        } else {
+            self.delivered_through = self.delivered_through.max(upper);
+        }
+        Ok((progressed, self.delivered_through >= self.end))
     }
 
     /// The current bucket is complete up to its end: moves to the next one with rows (or
@@ -626,48 +786,97 @@ async fn pending_in(
         .collect()
 }
 
-async fn category_page(
-    shared: &Shared,
-    t: &Timeline,
-    upper: i64,
-) -> Result<(Vec<(Commit, i32)>, bool), Error> {
+/// The event counts of the next commits of `t` up to `upper` (µs), at most
+/// `COMMITS_PER_PAGE`: a window's, read after its pending appends were settled.
+async fn category_counts(shared: &Shared, t: &Timeline, upper: i64) -> Result<Vec<i32>, Error> {
     let (session, st) = shared.ready().await?;
     let context = || format!("reading the category {}", t.key);
-    let (q, counts) = if t.inclusive {
-        (&st.category_page_incl, &st.category_counts_incl)
+    let counts = if t.inclusive {
+        &st.category_counts_incl
     } else {
-        (&st.category_page, &st.category_counts)
+        &st.category_counts
     };
-    let (key, lower, upper) = (
+    let values = (
         t.key.as_str(),
+        t.bucket,
         CqlTimeuuid::from(t.lower),
         CqlTimeuuid::from(codec::max_time_id(upper)),
+        COMMITS_PER_PAGE,
     );
-    // The counts first, so the page fetches only what fits in `page_bytes`.
-    let values = (key, t.bucket, lower, upper, COMMITS_PER_PAGE);
-    let (limit, more) = shared.page_limit(counts, values, &context()).await?;
+    session
+        .execute_unpaged(counts, values)
+        .await
+        .map_err(|e| error::request(context(), e))?
+        .into_rows_result()
+        .map_err(|e| error::driver(context(), e))?
+        .rows::<(i32,)>()
+        .map_err(|e| error::driver(context(), e))?
+        .map(|r| r.map(|(count,)| count))
+        .collect::<Result<Vec<i32>, _>>()
+        .map_err(|e| error::driver(context(), e))
+}
+
+/// Where a page of a timeline is: after (or from, `inclusive`) `lower` in `bucket` of `key`,
+/// up to `upper` (µs), `limit` commits.
+struct PageAt {
+    key: String,
+    bucket: i64,
+    lower: Uuid,
+    inclusive: bool,
+    upper: i64,
+    limit: i32,
+}
+
+impl PageAt {
+    /// The page of `t` from its position.
+    fn of(t: &Timeline, upper: i64, limit: i32) -> Self {
+        PageAt {
+            key: t.key.clone(),
+            bucket: t.bucket,
+            lower: t.lower,
+            inclusive: t.inclusive,
+            upper,
+            limit,
+        }
+    }
+}
+
+/// The commits of a page, fetched and decoded. Owns what it needs, so that it can run in a
+/// task of its own ahead of the consumer.
+async fn fetch_page(shared: Arc<Shared>, at: PageAt) -> Result<Page, Error> {
+    let (session, st) = shared.ready().await?;
+    let context = || format!("reading the category {}", at.key);
+    let q = if at.inclusive {
+        &st.category_page_incl
+    } else {
+        &st.category_page
+    };
+    let values = (
+        at.key.as_str(),
+        at.bucket,
+        CqlTimeuuid::from(at.lower),
+        CqlTimeuuid::from(codec::max_time_id(at.upper)),
+        at.limit,
+    );
     let rows = session
-        .execute_unpaged(q, (key, t.bucket, lower, upper, limit))
+        .execute_unpaged(q, values)
         .await
         .map_err(|e| error::request(context(), e))?
         .into_rows_result()
         .map_err(|e| error::driver(context(), e))?;
-    let page = rows
-        .rows::<(CqlTimeuuid, String, i64, i32, Vec<u8>)>()
+    rows.rows::<(CqlTimeuuid, String, i64, i32, Vec<u8>)>()
         .map_err(|e| error::driver(context(), e))?
         .map(|r| {
             let (time_id, stream, first, count, events) =
                 r.map_err(|e| error::driver(context(), e))?;
-            Ok((
-                Commit {
-                    stream: StreamId::parse(stream)?,
-                    first: first as u64,
-                    time_id: time_id.into(),
-                    events: Bytes::from(events),
-                },
-                count,
-            ))
+            let commit = Commit {
+                stream: StreamId::parse(stream)?,
+                first: first as u64,
+                time_id: time_id.into(),
+                events: Bytes::from(events),
+            };
+            let events = codec::events_of(&commit)?;
+            Ok((commit, count, events))
         })
-        .collect::<Result<Vec<_>, Error>>()?;
-    Ok((page, more))
+        .collect()
 }
