@@ -93,12 +93,23 @@ struct StoredEventRef<'a> {
     headers: BTreeMap<&'a str, &'a str>,
 }
 
+/// An event's payload: a slice of its commit's bytes when the event is the commit's only one
+/// (the common case: no copy) or its payload most of the bytes, else a copy of its own, so
+/// that an event a consumer keeps does not keep the rest of a large commit in memory with it.
+fn payload_bytes(commit: &Commit, sole: bool, payload: &[u8]) -> Bytes {
+    if sole || payload.len() * 2 >= commit.events.len() {
+        commit.events.slice_ref(payload)
+    } else {
+        Bytes::copy_from_slice(payload)
+    }
+}
+
 /// Decodes a commit's events; event `i` gets the checkpoint `checkpoint(i)`.
 ///
-/// The replay's hot path: per event it allocates nothing but the `RecordedEvent` itself
-/// (and its headers when it has some). Payloads are slices of the commit's blob, and the
-/// event type and content type are shared with the previous event's when they are the same,
-/// as they usually are within one commit.
+/// The replay's hot path: the names are borrowed from the commit's blob while decoding, a
+/// commit of one event shares its payload with the blob (see [`payload_bytes`]), and the event
+/// type and content type are shared with the previous event's when they are the same, as they
+/// usually are within one commit.
 pub(crate) fn decode_events(
     commit: &Commit,
     checkpoint: impl Fn(usize) -> Checkpoint,
@@ -111,6 +122,7 @@ pub(crate) fn decode_events(
     let mut types: Option<EventType> = None;
     let mut contents: Option<ContentType> = None;
     let mut out = Vec::with_capacity(stored.len());
+    let sole = stored.len() == 1;
     for (i, s) in stored.into_iter().enumerate() {
         let bad = |what: &str| {
             let event = format!(
@@ -141,7 +153,7 @@ pub(crate) fn decode_events(
             recorded_at,
             payload: Payload {
                 content_type,
-                bytes: commit.events.slice_ref(s.payload),
+                bytes: payload_bytes(commit, sole, s.payload),
             },
             metadata: Metadata {
                 causation_id: s.causation_id,
@@ -338,6 +350,36 @@ mod tests {
         assert_eq!(r.metadata, e.metadata);
         assert_eq!(r.occurred_at, e.occurred_at);
         assert_eq!(r.recorded_at.unix_micros(), 1_700_000_000_123_456);
+    }
+
+    /// A kept event does not keep a commit of several events in memory: their payloads are
+    /// copies; the one event of a commit shares its payload with the blob.
+    #[test]
+    fn payloads_share_the_blob_only_in_a_commit_of_one_event() {
+        let event = |n: i32| EventData::json("Opened", &serde_json::json!({ "n": n })).unwrap();
+        let within = |commit: &Commit, bytes: &Bytes| {
+            let blob = commit.events.as_ptr_range();
+            blob.contains(&bytes.as_ptr())
+        };
+        for (events, shared) in [(vec![event(1)], true), (vec![event(1), event(2)], false)] {
+            let commit = Commit {
+                stream: StreamId::parse("acc-1").unwrap(),
+                first: 0,
+                time_id: time_id(1_700_000_000_000_000),
+                events: Bytes::from(encode_events(&events).unwrap()),
+            };
+            let out =
+                decode_events(&commit, |i| Checkpoint::from_position(BACKEND, i as u64)).unwrap();
+            for (got, sent) in out.iter().zip(&events) {
+                assert_eq!(got.payload, sent.payload);
+                assert_eq!(
+                    within(&commit, &got.payload.bytes),
+                    shared,
+                    "{} events",
+                    events.len()
+                );
+            }
+        }
     }
 
     #[test]

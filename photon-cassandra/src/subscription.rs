@@ -16,9 +16,8 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::RemoteHandle;
 use futures::stream::BoxStream;
-use futures::{FutureExt, TryStreamExt};
+use futures::TryStreamExt;
 use photon_api::{
     cursor_stream, open_subscription, Bytes, Error, ReadOptions, RecordedEvent, Selector, Start,
     StreamId, SubscriptionCursor, SubscriptionItem, SubscriptionMode, SubscriptionRequest, Uuid,
@@ -26,7 +25,7 @@ use photon_api::{
 };
 use scylla::value::CqlTimeuuid;
 
-use crate::client::{Shared, ALL, COMMITS_PER_PAGE, MAX_POLL, POLL, TELEMETRY};
+use crate::client::{Shared, ALL, BACKEND, COMMITS_PER_PAGE, MAX_POLL, POLL, TELEMETRY};
 use crate::codec::{self, Commit, Position};
 use crate::error;
 use crate::reader;
@@ -162,7 +161,35 @@ struct Window {
     more: bool,
     /// The next page, fetched and decoded in a task of its own while the consumer drains the
     /// current one (at most one page ahead; dropped, it stops).
-    next: Option<RemoteHandle<Result<Page, Error>>>,
+    next: Option<Prefetch>,
+}
+
+/// The next page of a window, fetched in a task of its own: aborted when the window is
+/// dropped (the subscription went away), so it holds nothing longer than the reader.
+struct Prefetch(Option<tokio::task::JoinHandle<Result<Page, Error>>>);
+
+impl Prefetch {
+    /// The page, or the fetch's error; a task that did not finish (its runtime shut down) is
+    /// `Unavailable`, never a panic.
+    async fn page(mut self) -> Result<Page, Error> {
+        let task = self.0.take().expect("a prefetch is awaited once");
+        match task.await {
+            Ok(page) => page,
+            Err(e) => Err(Error::unavailable(
+                BACKEND,
+                "reading the next page of a category: the task fetching it did not finish",
+                e,
+            )),
+        }
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
 }
 
 /// A page of commits, fetched and decoded: each commit with its count and events.
@@ -539,7 +566,7 @@ async fn window_step(
             .config
             .commits_in_a_page(window.counts.iter().copied());
         let page = match window.next.take() {
-            Some(next) => next.await?,
+            Some(next) => next.page().await?,
             None => {
                 let at = PageAt::of(t, window.upper, limit);
                 fetch_page(shared.clone(), at).await?
@@ -566,9 +593,7 @@ async fn window_step(
                 upper: window.upper,
                 limit,
             };
-            let (task, next) = fetch_page(shared.clone(), at).remote_handle();
-            tokio::spawn(task);
-            window.next = Some(next);
+            window.next = Some(Prefetch(Some(tokio::spawn(fetch_page(shared.clone(), at)))));
         }
         t.deliver(page, out);
         if !window.counts.is_empty() {
@@ -663,8 +688,8 @@ async fn pending_cut(shared: &Shared, t: &Timeline, through: i64, now: i64) -> R
         let at = codec::time_micros(&time_id);
         if now - at > repair_after {
             shared.settle_marker(time_id, &stream, version).await?;
-        } else if now - at > abandoned
-            && shared.index_if_committed(time_id, &stream, version).await {
+        } else if now - at > abandoned && shared.index_if_committed(time_id, &stream, version).await
+        {
             // Committed, its writer gone before its rows: now indexed (see the writer).
         } else {
             cut = cut.min(at - 1);
