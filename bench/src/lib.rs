@@ -310,7 +310,8 @@ async fn run_backend(
     }
     if on(Workload::Live) {
         progress::phase(&format!("{backend}: live latency"));
-        push(vec![photon::live(&target, sizes).await?], out);
+        let live = photon::live(&target, sizes).await?;
+        push(vec![with_settle_note(live, &backend, url)], out);
         if let Some(raw) = &raw {
             push(raw.live(sizes).await?, out);
         }
@@ -360,6 +361,25 @@ async fn run_backend(
         raw.clean_up().await?;
     }
     Ok(())
+}
+
+/// A Cassandra live row notes the settle delay it was measured with: live delivery lags by it,
+/// and the report checks the row against it.
+fn with_settle_note(m: Measurement, backend: &str, url: &str) -> Measurement {
+    #[cfg(feature = "cassandra")]
+    if backend == "cassandra" {
+        if let Ok(config) = photon_cassandra::CassandraConfig::from_url(url) {
+            let settle = format!("settle_ms {}", config.settle.as_millis());
+            let note = match &m.note {
+                Some(n) => format!("{n}; {settle}"),
+                None => settle,
+            };
+            return m.note(note);
+        }
+    }
+    #[cfg(not(feature = "cassandra"))]
+    let _ = (backend, url);
+    m
 }
 
 /// The round with the median throughput, noting the spread of all rounds.

@@ -162,6 +162,25 @@ pub fn check_targets(rows: &[Measurement]) -> Vec<TargetCheck> {
             met: p50 < 50_000.0,
         });
     }
+    // Issue 15's for Cassandra's reads: a category replay near a raw paged SELECT, and live
+    // delivery within the settle delay (which the run notes on the live row) and 50 ms.
+    if let Some(r) = photon(rows, "cassandra", "replay").find_map(|m| m.ratio) {
+        checks.push(TargetCheck {
+            target: "photon-cassandra replay at least 0.7 of a raw paged SELECT".into(),
+            measured: format!("{r:.2}"),
+            met: r >= 0.7,
+        });
+    }
+    if let Some(m) = photon(rows, "cassandra", "live").find(|m| m.p50_us.is_some()) {
+        let p50 = m.p50_us.unwrap_or_default();
+        if let Some(settle_ms) = settle_ms_of(m) {
+            checks.push(TargetCheck {
+                target: "photon-cassandra live delivery: p50 at most settle_ms + 50 ms".into(),
+                measured: format!("{:.0} ms (settle_ms {settle_ms})", p50 / 1000.0),
+                met: p50 <= (settle_ms + 50) as f64 * 1000.0,
+            });
+        }
+    }
     // Issue 17: ahead of cqrs-es by 1.5x on short streams and 10x on 1,000-event streams.
     for m in photon(rows, "memory", "commands") {
         let Some(r) = m.ratio else { continue };
@@ -411,6 +430,15 @@ pub fn write(r: &Report, dir: &Path) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// The settle delay a Cassandra live row was measured with, as its note says
+/// (`settle_ms N`, written by the run).
+fn settle_ms_of(m: &Measurement) -> Option<u64> {
+    let note = m.note.as_deref()?;
+    let rest = &note[note.find("settle_ms ")? + "settle_ms ".len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -496,6 +524,48 @@ mod tests {
         assert_eq!((replay.measured.as_str(), replay.met), ("0.34", false));
         let live = find("photon-mongo live");
         assert_eq!((live.measured.as_str(), live.met), ("3200 ms", false));
+    }
+
+    #[test]
+    fn cassandra_reads_are_checked_against_issue_15s_targets() {
+        let mut rows = vec![
+            Measurement::throughput(
+                "cassandra",
+                "replay",
+                "200000 events",
+                "photon",
+                Role::Photon,
+                480,
+                Duration::from_secs(1),
+            ),
+            Measurement::throughput(
+                "cassandra",
+                "replay",
+                "200000 events",
+                "raw",
+                Role::Baseline,
+                1000,
+                Duration::from_secs(1),
+            ),
+        ];
+        fill_ratios(&mut rows);
+        let mut live = row(Role::Photon, "photon", 1).note("settle_ms 250");
+        (live.backend, live.workload, live.p50_us) =
+            ("cassandra".into(), "live".into(), Some(255_000.0));
+        rows.push(live);
+        let checks = check_targets(&rows);
+        let find = |name: &str| checks.iter().find(|c| c.target.contains(name)).unwrap();
+        let replay = find("photon-cassandra replay");
+        assert_eq!((replay.measured.as_str(), replay.met), ("0.48", false));
+        let live = find("photon-cassandra live");
+        assert_eq!(
+            (live.measured.as_str(), live.met),
+            ("255 ms (settle_ms 250)", true)
+        );
+        let mut late = rows.pop().unwrap();
+        late.p50_us = Some(301_000.0);
+        rows.push(late);
+        assert!(!check_targets(&rows).iter().any(|c| c.target.contains("live") && c.met));
     }
 
     #[test]
