@@ -565,7 +565,9 @@ mod tests {
         let mut late = rows.pop().unwrap();
         late.p50_us = Some(301_000.0);
         rows.push(late);
-        assert!(!check_targets(&rows).iter().any(|c| c.target.contains("live") && c.met));
+        assert!(!check_targets(&rows)
+            .iter()
+            .any(|c| c.target.contains("live") && c.met));
     }
 
     #[test]
