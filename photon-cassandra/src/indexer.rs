@@ -27,7 +27,7 @@ use photon_api::{Error, StreamId, Uuid};
 use scylla::errors::ExecutionError;
 use scylla::statement::batch::BatchType;
 use scylla::value::CqlTimeuuid;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 use crate::client::{Shared, ALL, BACKEND};
 use crate::codec::{self, Commit};
@@ -66,23 +66,61 @@ pub(crate) struct MarkerQueue {
     state: Mutex<Waiting<MarkerWaiter>>,
 }
 
-/// A committed append waiting for its rows.
+/// A committed append waiting for its rows, its events counted in the queue's room until it
+/// is dropped (written, or given up to readers).
 pub(crate) struct Indexing {
-    pub(crate) commit: Commit,
-    pub(crate) count: i32,
+    commit: Commit,
+    count: i32,
+    _held: Held,
 }
 
 /// The appends waiting for their rows, and whether a task is writing them.
 #[derive(Default)]
 pub(crate) struct IndexQueue {
     state: Mutex<Waiting<Indexing>>,
-    /// Bytes of events queued or being written.
-    bytes: AtomicUsize,
+    room: Arc<Room>,
 }
 
-/// Bytes of events an index queue holds, at most: beyond, an append writes its own rows
-/// before it answers (the server is behind, and appends slow down to its pace rather than
-/// fill this process's memory).
+/// Bytes of events queued or being written, and a wake-up when some are let go.
+#[derive(Default)]
+struct Room {
+    bytes: AtomicUsize,
+    freed: Notify,
+}
+
+/// One append's bytes in a [`Room`], let go when it is dropped, however it ends (written,
+/// failed, or dropped with a task that stopped), so the count cannot drift.
+struct Held {
+    room: Arc<Room>,
+    bytes: usize,
+}
+
+impl Room {
+    /// Returns once fewer than `limit` bytes are held.
+    async fn below(&self, limit: usize) {
+        loop {
+            // Registered before the check, so a release between the two is not missed.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.bytes.load(Ordering::Relaxed) < limit {
+                return;
+            }
+            freed.await;
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.room.bytes.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.room.freed.notify_waiters();
+    }
+}
+
+/// Bytes of events an index queue holds before appends wait for room (the server is behind,
+/// and appends slow down to its pace rather than fill this process's memory). Each append may
+/// add its own on top, so the queue holds at most this and one append per caller.
 const INDEX_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Writes waiting for a group, and whether a task is taking them.
@@ -219,20 +257,28 @@ impl Shared {
         results
     }
 
+    /// Waits until the index queue has room: called before an append picks its time id, so
+    /// that its wait does not count against its answer window nor hold a marker that readers
+    /// wait behind.
+    pub(crate) async fn index_room(&self) {
+        self.index_queue.room.below(INDEX_QUEUE_BYTES).await;
+    }
+
     /// Queues a committed append's rows; they are written in a moment, with those of the
     /// appends committed meanwhile. No task outlives the queue's last entry, so a store that is
-    /// dropped lets its session go. When the queue is full, the append writes its own rows
-    /// first (back-pressure); their failure is left to readers, as in the background.
-    pub(crate) async fn index(self: &Arc<Self>, indexing: Indexing) {
-        let bytes = indexing.commit.events.len();
-        let queued = self.index_queue.bytes.load(Ordering::Relaxed);
-        if queued > 0 && queued + bytes > INDEX_QUEUE_BYTES {
-            if let Err(e) = self.index_group(std::slice::from_ref(&indexing)).await {
-                tracing::warn!(stream = %indexing.commit.stream, error = %e, "photon-cassandra: category rows left for readers to write");
-            }
-            return;
-        }
-        self.index_queue.bytes.fetch_add(bytes, Ordering::Relaxed);
+    /// dropped lets its session go.
+    pub(crate) fn index(self: &Arc<Self>, commit: Commit, count: i32) {
+        let room = &self.index_queue.room;
+        let bytes = commit.events.len();
+        room.bytes.fetch_add(bytes, Ordering::Relaxed);
+        let indexing = Indexing {
+            commit,
+            count,
+            _held: Held {
+                room: room.clone(),
+                bytes,
+            },
+        };
         let start = self
             .index_queue
             .state
@@ -443,9 +489,11 @@ async fn write_waiting_markers(shared: Arc<Shared>) {
 
 /// Writes the waiting appends' rows, a group at a time, until none wait.
 async fn index_waiting(shared: Arc<Shared>) {
+    // A task that stops abnormally drops what waits: those appends' markers stay, and readers
+    // write their rows (see `writer`'s `index_if_committed`); their bytes are let go.
     let mut guard = TaskGuard {
         queue: &shared.index_queue.state,
-        drop_waiting: false,
+        drop_waiting: true,
         finished: false,
     };
     loop {
@@ -454,9 +502,7 @@ async fn index_waiting(shared: Arc<Shared>) {
             guard.finished = true;
             return;
         };
-        let bytes: usize = group.iter().map(|job| job.commit.events.len()).sum();
         let indexed = shared.index_group(&group).await;
-        shared.index_queue.bytes.fetch_sub(bytes, Ordering::Relaxed);
         if let Err(e) = indexed {
             tracing::warn!(commits = group.len(), error = %e, "photon-cassandra: category rows left for readers to write");
         }
@@ -484,6 +530,8 @@ mod tests {
 
     fn job(bytes: usize) -> Indexing {
         let category = Category::new("c").unwrap();
+        let room = Arc::new(Room::default());
+        room.bytes.fetch_add(bytes, Ordering::Relaxed);
         Indexing {
             commit: Commit {
                 stream: StreamId::new(&category, "s").unwrap(),
@@ -492,7 +540,39 @@ mod tests {
                 events: Bytes::from(vec![0; bytes]),
             },
             count: 1,
+            _held: Held { room, bytes },
         }
+    }
+
+    /// Appends wait for room while the queue holds its bound, and go on once enough is let
+    /// go, whichever way an entry ends.
+    #[tokio::test]
+    async fn appends_wait_for_room_until_queued_bytes_are_let_go() {
+        let room = Arc::new(Room::default());
+        let held = |bytes: usize| {
+            room.bytes.fetch_add(bytes, Ordering::Relaxed);
+            Held {
+                room: room.clone(),
+                bytes,
+            }
+        };
+        let full = held(INDEX_QUEUE_BYTES);
+        let small = held(10);
+        let waiter = {
+            let room = room.clone();
+            tokio::spawn(async move { room.below(INDEX_QUEUE_BYTES).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "waits while the queue is full");
+        drop(small);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "still full");
+        drop(full);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("goes on once room is let go")
+            .unwrap();
+        assert_eq!(room.bytes.load(Ordering::Relaxed), 0);
     }
 
     #[test]

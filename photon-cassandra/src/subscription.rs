@@ -172,8 +172,11 @@ impl Prefetch {
     /// The page, or the fetch's error; a task that did not finish (its runtime shut down) is
     /// `Unavailable`, never a panic.
     async fn page(mut self) -> Result<Page, Error> {
-        let task = self.0.take().expect("a prefetch is awaited once");
-        match task.await {
+        // Awaited in place: a caller that stops waiting drops `self`, which aborts the task.
+        let task = self.0.as_mut().expect("a prefetch is awaited once");
+        let finished = task.await;
+        self.0 = None;
+        match finished {
             Ok(page) => page,
             Err(e) => Err(Error::unavailable(
                 BACKEND,
@@ -366,13 +369,13 @@ async fn open_timeline(
 /// already stored. Readers pass only times that can no longer receive a commit, so the start is
 /// their horizon: `settle` behind the present, and before the oldest pending append (one older
 /// than `repair_after` is left to the repair, as readers do). Every commit after the start is
-/// the subscriber's except those whose conditional write applied before now: they answered
-/// before `CaughtUp` (an append answers Ok only within the answer window of sending it, and
-/// `CaughtUp` comes a window and a quarter after opening) or `Unavailable`, so they are earlier
-/// events (design.md, "Hot delivers only later events"). An append answers before its rows and
-/// the clearing of its markers, so those are the rows read now and the pending appends whose
-/// commit is found stored; a pending append whose commit is not (in flight) is delivered, and
-/// so is one that ran entirely between the two reads.
+/// the subscriber's except those whose conditional write applied before the call: they
+/// answered before `CaughtUp` (an append answers Ok only within the answer window of sending
+/// it, and `CaughtUp` comes a window and a quarter after opening) or `Unavailable`, so they are
+/// earlier events (design.md, "Hot delivers only later events"). An append answers before its
+/// rows and the clearing of its markers, so those are the pending appends whose commit is found
+/// stored and the rows read after them; a pending append whose commit is not stored yet is in
+/// flight, and delivered.
 async fn now_start(shared: &Shared, key: &str, now: i64) -> Result<(i64, HashSet<Uuid>), Error> {
     let config = &shared.config;
     let floor = now - config.repair_after.as_micros() as i64;
@@ -382,12 +385,26 @@ async fn now_start(shared: &Shared, key: &str, now: i64) -> Result<(i64, HashSet
     if let Some((oldest, _, _)) = markers_between(shared, key, floor, start).await?.first() {
         start = start.min(codec::time_micros(oldest) - 1);
     }
-    let mut stored = stored_between(shared, key, start, now).await?;
-    for (time_id, stream, version) in markers_between(shared, key, start, now).await? {
-        if !stored.contains(&time_id) && shared.committed_at(time_id, &stream, version).await? {
-            stored.insert(time_id);
+    // Through a settle delay past the present: a writer's clock may run ahead of this reader's
+    // (by up to settle/4), so an append answered before the call may carry a later time id.
+    // Only commits found stored are skipped, and those answered before `CaughtUp`.
+    let through = now + config.settle.as_micros() as i64;
+    // The markers first, then the rows: an append's rows are written before its markers are
+    // deleted, so an append answered before the call is found by one of the two reads, its
+    // marker with its commit stored or its row.
+    let (mut answered, mut in_flight) = (HashSet::new(), HashSet::new());
+    for (time_id, stream, version) in markers_between(shared, key, start, through).await? {
+        if shared.committed_at(time_id, &stream, version).await? {
+            answered.insert(time_id);
+        } else {
+            in_flight.insert(time_id);
         }
     }
+    let mut stored = stored_between(shared, key, start, through).await?;
+    // A row whose append was in flight at the first read (its marker there, no commit yet):
+    // committed since the call, so the subscriber's.
+    stored.retain(|t| !in_flight.contains(t));
+    stored.extend(answered);
     Ok((start, stored))
 }
 

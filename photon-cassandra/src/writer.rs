@@ -18,7 +18,7 @@ use tracing::Instrument;
 use crate::client::{Shared, StreamMeta, ALL, BACKEND, TELEMETRY};
 use crate::codec::{self, Commit, Position};
 use crate::error;
-use crate::indexer::{Indexing, Marker};
+use crate::indexer::Marker;
 
 /// Attempts of one append before it gives up (each lost a race for the next version, or took
 /// too long to write its markers).
@@ -457,6 +457,9 @@ impl<'a> Append<'a> {
             }
             return Err(skewed);
         }
+        // Room in the queue of category rows first (back-pressure while the server is behind),
+        // so the wait counts neither against the answer window nor behind a marker.
+        self.shared.index_room().await;
         // A stream's time ids only grow, so its commits keep their order in the category,
         // whatever the writers' clocks say.
         let micros = self.shared.now_micros().max(self.meta.last_time + 1);
@@ -490,17 +493,13 @@ impl<'a> Append<'a> {
         } else {
             self.shared.list_stream(self.stream).await
         };
-        self.shared
-            .index(Indexing {
-                commit: Commit {
-                    stream: self.stream.clone(),
-                    first,
-                    time_id,
-                    events: self.blob.clone(),
-                },
-                count: self.events.len() as i32,
-            })
-            .await;
+        let commit = Commit {
+            stream: self.stream.clone(),
+            first,
+            time_id,
+            events: self.blob.clone(),
+        };
+        self.shared.index(commit, self.events.len() as i32);
         // Stored whatever the listing's outcome: a failure is `Unavailable` (the re-send is
         // answered as a retry), and the rows' background writes list the stream again.
         if let Err(e) = listed {
