@@ -3,11 +3,11 @@
 //! process); after it, once its caller has its answer, its category and all-stream rows, then
 //! the clearing of its markers, in the background.
 //!
-//! Markers: every append waiting for its markers joins the next group, written while the
-//! previous one is in flight, in one unlogged batch (one per `pending` partition, a category's
-//! or the all stream's time bucket, for a large group). So concurrent appends to a category
-//! cost the server one request per group, not one per append; an append alone waits for no
-//! one.
+//! Markers: the appends that queue for their markers while a group is in flight make up the
+//! next group (groups go one after another), written in one unlogged batch (one per `pending`
+//! partition, a category's or the all stream's time bucket, for a large group). So concurrent
+//! appends to a category cost the server one request per group, not one per append; an append
+//! alone waits for no one.
 //!
 //! Rows: an append is acknowledged once its conditional write applied: it is then stored, and
 //! its pending markers hold category readers back until its rows are written, by this module in
