@@ -192,29 +192,7 @@ async fn an_append_answered_before_start_now_is_not_delivered_while_its_rows_are
 
     // The mark is in the payload only: its first request is the conditional write, let
     // through; its second is the batch of category rows, held.
-    let mark = Uuid::new_v4().simple().to_string();
-    let commit = proxy.hold_next(mark.as_bytes());
-    let rows = proxy.hold_next(mark.as_bytes());
-    let append = {
-        let (writer, stream) = (writer.clone(), stream("early"));
-        tokio::spawn(async move {
-            writer
-                .append(&stream, ExpectedVersion::NoStream, vec![numbered(1, &mark)])
-                .await
-        })
-    };
-    tokio::time::timeout(Duration::from_secs(30), commit.matched())
-        .await
-        .expect("the commit reached the proxy");
-    commit.release();
-    tokio::time::timeout(Duration::from_secs(30), append)
-        .await
-        .expect("the append answered")
-        .unwrap()
-        .expect("stored and answered before its rows");
-    tokio::time::timeout(Duration::from_secs(30), rows.matched())
-        .await
-        .expect("the category rows reached the proxy");
+    let rows = answered_with_rows_held(&proxy, &writer, &stream("early")).await;
 
     let mut hot = store.subscribe(
         Selector::Category(category.clone()),
@@ -250,6 +228,40 @@ async fn an_append_answered_before_start_now_is_not_delivered_while_its_rows_are
             break;
         }
     }
+}
+
+/// Appends event 1 to `stream` through `proxy`: its conditional write goes through and it is
+/// answered, while its category rows (the second request with its mark, in the payload only)
+/// are held; the hold is returned, matched.
+async fn answered_with_rows_held(
+    proxy: &photon_faults::proxy::FaultProxy,
+    writer: &CassandraStore,
+    stream: &StreamId,
+) -> photon_faults::proxy::Hold {
+    let mark = Uuid::new_v4().simple().to_string();
+    let commit = proxy.hold_next(mark.as_bytes());
+    let rows = proxy.hold_next(mark.as_bytes());
+    let append = {
+        let (writer, stream) = (writer.clone(), stream.clone());
+        tokio::spawn(async move {
+            writer
+                .append(&stream, ExpectedVersion::NoStream, vec![numbered(1, &mark)])
+                .await
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(30), commit.matched())
+        .await
+        .expect("the commit reached the proxy");
+    commit.release();
+    tokio::time::timeout(Duration::from_secs(30), append)
+        .await
+        .expect("the append answered")
+        .unwrap()
+        .expect("stored and answered before its rows");
+    tokio::time::timeout(Duration::from_secs(30), rows.matched())
+        .await
+        .expect("the category rows reached the proxy");
+    rows
 }
 
 /// The pending markers of `stream` in its category's time bucket holding `micros`.
@@ -301,30 +313,8 @@ async fn an_append_settled_between_the_opening_reads_is_not_delivered() {
     let session = common::session(&url).await;
 
     // Stored and answered, its rows held in the writer's proxy.
-    let mark = Uuid::new_v4().simple().to_string();
-    let commit = writer_proxy.hold_next(mark.as_bytes());
-    let rows = writer_proxy.hold_next(mark.as_bytes());
     let early = stream("early");
-    let append = {
-        let (writer, early) = (writer.clone(), early.clone());
-        tokio::spawn(async move {
-            writer
-                .append(&early, ExpectedVersion::NoStream, vec![numbered(1, &mark)])
-                .await
-        })
-    };
-    tokio::time::timeout(Duration::from_secs(30), commit.matched())
-        .await
-        .expect("the commit reached the proxy");
-    commit.release();
-    tokio::time::timeout(Duration::from_secs(30), append)
-        .await
-        .expect("the append answered")
-        .unwrap()
-        .expect("stored and answered before its rows");
-    tokio::time::timeout(Duration::from_secs(30), rows.matched())
-        .await
-        .expect("the category rows reached the proxy");
+    let rows = answered_with_rows_held(&writer_proxy, &writer, &early).await;
     let at = store
         .read_to_vec(&early, ReadOptions::forwards())
         .await
