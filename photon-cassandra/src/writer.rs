@@ -147,6 +147,29 @@ impl Shared {
         Ok(())
     }
 
+    /// The row `statement` reads at `version` of `stream` (a plain read of the commit there).
+    async fn row_at<R>(
+        &self,
+        statement: &scylla::statement::prepared::PreparedStatement,
+        stream: &StreamId,
+        version: u64,
+    ) -> Result<Option<R>, Error>
+    where
+        R: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm>,
+    {
+        let (session, _) = self.ready().await?;
+        let context = || format!("reading the commit {stream}@{version}");
+        let key = (stream.as_str(), self.bucket_of(version), version as i64);
+        session
+            .execute_unpaged(statement, key)
+            .await
+            .map_err(|e| error::request(context(), e))?
+            .into_rows_result()
+            .map_err(|e| error::driver(context(), e))?
+            .maybe_first_row::<R>()
+            .map_err(|e| error::driver(context(), e))
+    }
+
     /// Whether the commit of the pending marker at `time_id` (for `version` of `stream`) is
     /// stored, by a plain read of its count and time id (no Paxos round, no events).
     pub(crate) async fn committed_at(
@@ -155,17 +178,10 @@ impl Shared {
         stream: &StreamId,
         version: u64,
     ) -> Result<bool, Error> {
-        let (session, st) = self.ready().await?;
-        let context = || format!("reading the commit {stream}@{version}");
-        let key = (stream.as_str(), self.bucket_of(version), version as i64);
-        let row = session
-            .execute_unpaged(&st.commit_state_at, key)
-            .await
-            .map_err(|e| error::request(context(), e))?
-            .into_rows_result()
-            .map_err(|e| error::driver(context(), e))?
-            .maybe_first_row::<(i32, CqlTimeuuid)>()
-            .map_err(|e| error::driver(context(), e))?;
+        let (_, st) = self.ready().await?;
+        let row = self
+            .row_at::<(i32, CqlTimeuuid)>(&st.commit_state_at, stream, version)
+            .await?;
         Ok(row.is_some_and(|(count, t)| count > 0 && Uuid::from(t) == time_id))
     }
 
@@ -184,17 +200,10 @@ impl Shared {
         version: u64,
     ) -> bool {
         let found = async {
-            let (session, st) = self.ready().await?;
-            let context = || format!("reading the commit {stream}@{version}");
-            let key = (stream.as_str(), self.bucket_of(version), version as i64);
-            let row = session
-                .execute_unpaged(&st.commit_at, key)
-                .await
-                .map_err(|e| error::request(context(), e))?
-                .into_rows_result()
-                .map_err(|e| error::driver(context(), e))?
-                .maybe_first_row::<(i32, CqlTimeuuid, Vec<u8>)>()
-                .map_err(|e| error::driver(context(), e))?;
+            let (_, st) = self.ready().await?;
+            let row = self
+                .row_at::<(i32, CqlTimeuuid, Vec<u8>)>(&st.commit_at, stream, version)
+                .await?;
             Ok::<_, Error>(row.filter(|(count, t, _)| *count > 0 && Uuid::from(*t) == time_id))
         };
         let indexed = match found.await {
