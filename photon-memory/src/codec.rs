@@ -27,6 +27,8 @@ pub(crate) fn position(checkpoint: &Checkpoint) -> Result<u64, Error> {
 }
 
 /// The event a reader gets for `record`, stored at `position` in `stream`.
+// Inlined so the event is built where the subscription answers it, not built and then copied.
+#[inline(always)]
 fn recorded_event(record: &Record, stream: &StreamId, position: u64) -> RecordedEvent {
     RecordedEvent {
         stream: stream.clone(),
@@ -56,6 +58,7 @@ impl Log {
 
 impl Sealed {
     /// The event at `position`, which must be below [`Sealed::len`], as readers get it.
+    #[inline(always)]
     pub(crate) fn event(&self, position: u64) -> RecordedEvent {
         let record = self.get(position);
         recorded_event(record, self.name(record.stream), position)

@@ -92,9 +92,10 @@ struct Cursor {
     head: watch::Receiver<u64>,
 }
 
-/// Fetched events not yet delivered: positions in sealed segments, made into events [`BATCH`]
-/// at a time as the consumer reaches them (a batch is made in one tight loop, and the consumer
-/// reads it while it is still in the cache), or events copied under the lock from the tail.
+/// Fetched events not yet delivered: positions in sealed segments, each made into an event as
+/// the consumer reaches it (built straight into the poll's answer, not copied through a queue:
+/// an event is 264 bytes, and every copy of it is a measurable share of a replay), or events
+/// copied under the lock from the tail.
 #[derive(Default)]
 struct Fetched {
     sealed: Option<Arc<Sealed>>,
@@ -105,26 +106,7 @@ struct Fetched {
     copied: VecDeque<RecordedEvent>,
 }
 
-/// How many events of sealed segments a subscription makes at once.
-const BATCH: usize = 32;
-
 impl Fetched {
-    fn pop(&mut self) -> Option<RecordedEvent> {
-        if self.copied.is_empty() {
-            if let Some(sealed) = &self.sealed {
-                let rest = &self.positions[self.taken..];
-                let batch = &rest[..rest.len().min(BATCH)];
-                self.copied.extend(batch.iter().map(|p| sealed.event(*p)));
-                self.taken += batch.len();
-                if self.taken == self.positions.len() {
-                    // Let the segments go: a seal need not copy their list while a reader holds it.
-                    self.clear();
-                }
-            }
-        }
-        self.copied.pop_front()
-    }
-
     fn is_empty(&self) -> bool {
         self.sealed.is_none() && self.copied.is_empty()
     }
@@ -136,11 +118,11 @@ impl Fetched {
     }
 }
 
-/// What a subscription does next.
-// Boxing the item would cost an allocation per event; the other variants are rare.
-#[allow(clippy::large_enum_variant)]
+/// What a subscription does next when it has no fetched event left.
 enum Step {
-    Item(SubscriptionItem),
+    /// Events were fetched: take them.
+    Fetched,
+    CaughtUp,
     /// Live and nothing new: wait for the head to move.
     Wait,
     End,
@@ -175,27 +157,22 @@ impl Cursor {
         len
     }
 
-    /// Takes the next item without waiting.
+    /// Fetches the next chunk, or says what comes instead, without waiting.
     fn step(&mut self) -> Step {
-        loop {
-            if let Some(e) = self.fetched.pop() {
-                return Step::Item(SubscriptionItem::Event(e));
-            }
-            let len = self.fetch();
-            if !self.fetched.is_empty() {
-                continue;
-            }
-            // Nothing of ours below min(end, len): skip the cursor past it.
-            self.place.next = self.place.next.max(self.end.min(len));
-            if self.live {
-                return Step::Wait;
-            } else if self.mode == SubscriptionMode::Cold {
-                return Step::End;
-            } else {
-                self.live = true;
-                self.end = u64::MAX;
-                return Step::Item(SubscriptionItem::CaughtUp);
-            }
+        let len = self.fetch();
+        if !self.fetched.is_empty() {
+            return Step::Fetched;
+        }
+        // Nothing of ours below min(end, len): skip the cursor past it.
+        self.place.next = self.place.next.max(self.end.min(len));
+        if self.live {
+            Step::Wait
+        } else if self.mode == SubscriptionMode::Cold {
+            Step::End
+        } else {
+            self.live = true;
+            self.end = u64::MAX;
+            Step::CaughtUp
         }
     }
 }
@@ -213,11 +190,25 @@ impl Stream for Subscription {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        // The common case first: an event already fetched.
-        if let Some(e) = this.cursor.fetched.pop() {
-            return Poll::Ready(Some(Ok(SubscriptionItem::Event(e))));
-        }
         loop {
+            // An event of a sealed chunk already fetched, the replay's common case, is built in
+            // the answer itself: a local or an `Option` between would cost a copy of the event.
+            let fetched = &mut this.cursor.fetched;
+            if let Some(sealed) = &fetched.sealed {
+                let position = fetched.positions[fetched.taken];
+                fetched.taken += 1;
+                if fetched.taken < fetched.positions.len() {
+                    return Poll::Ready(Some(Ok(SubscriptionItem::Event(sealed.event(position)))));
+                }
+                // The chunk's last event. Let the segments go once it is built: a seal need
+                // not copy their list while a reader holds it.
+                let sealed = sealed.clone();
+                fetched.clear();
+                return Poll::Ready(Some(Ok(SubscriptionItem::Event(sealed.event(position)))));
+            }
+            if let Some(e) = fetched.copied.pop_front() {
+                return Poll::Ready(Some(Ok(SubscriptionItem::Event(e))));
+            }
             if let Some(wait) = &mut this.wait {
                 let alive = ready!(wait.as_mut().poll(cx));
                 this.wait = None;
@@ -226,7 +217,8 @@ impl Stream for Subscription {
                 }
             }
             match this.cursor.step() {
-                Step::Item(item) => return Poll::Ready(Some(Ok(item))),
+                Step::Fetched => {}
+                Step::CaughtUp => return Poll::Ready(Some(Ok(SubscriptionItem::CaughtUp))),
                 Step::End => return Poll::Ready(None),
                 Step::Wait => {
                     // A clone has seen what the cursor has seen, so it wakes on the next append.
