@@ -30,6 +30,10 @@ pub(crate) fn position(checkpoint: &Checkpoint) -> Result<u64, Error> {
 // Inlined so the event is built where the subscription answers it, not built and then copied.
 #[inline(always)]
 fn recorded_event(record: &Record, stream: &StreamId, position: u64) -> RecordedEvent {
+    // The payload's clone is a call through `Bytes`' vtable: made first, before any field is
+    // written, the fields after it go straight where the event is answered instead of being
+    // spilled around the call and copied.
+    let bytes = record.payload.clone();
     RecordedEvent {
         stream: stream.clone(),
         version: Version(record.version),
@@ -40,7 +44,7 @@ fn recorded_event(record: &Record, stream: &StreamId, position: u64) -> Recorded
         recorded_at: record.recorded_at,
         payload: Payload {
             content_type: record.kind.content_type.clone(),
-            bytes: record.payload.clone(),
+            bytes,
         },
         // Empty metadata is not stored, and an empty one costs nothing to make.
         metadata: record.metadata.as_deref().cloned().unwrap_or_default(),
