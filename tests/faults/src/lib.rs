@@ -12,19 +12,72 @@ pub mod scenarios;
 pub mod servers;
 pub mod target;
 
-/// Expands each named scenario of [`scenarios`] into a `#[tokio::test]` against the server
-/// backend `$backend` (`Target::server`; skipped without its URL unless `PHOTON_TEST_REQUIRE`
-/// names it). `killed_writers` also gets the path of the `fault-writer` binary, which only an
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The longest one scenario may take, its wait for the other scenarios sharing the server
+/// included (the slowest suite passes in about 3 minutes on the 2-core CI machine, one test at
+/// most 2): past it the test binary is stopped. A hang then fails the suite naming its test,
+/// instead of running until CI's own limit with nothing said.
+pub const TEST_LIMIT: Duration = Duration::from_secs(600);
+
+/// Stops the process when the test `name` is still running after a limit. A plain thread, not a
+/// timer of the test's runtime: a hang may block the runtime's threads (a client's close that
+/// never returns) or its shutdown (which waits for blocking tasks), and a timer there would
+/// never fire.
+#[derive(Debug)]
+pub struct Watchdog {
+    /// Dropped when the test ends, which lets the watching thread go.
+    _done: mpsc::Sender<()>,
+}
+
+impl Watchdog {
+    /// Watches the test `name`, stopping the process with a message `limit` from now.
+    pub fn start(name: &'static str, limit: Duration) -> Self {
+        let (done, ended) = mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("watchdog {name}"))
+            .spawn(move || {
+                if let Err(mpsc::RecvTimeoutError::Timeout) = ended.recv_timeout(limit) {
+                    eprintln!(
+                        "fault suite: {name} still running after {limit:?} (a hang: the suite's tests each pass in a few minutes); stopping the test binary"
+                    );
+                    std::process::abort();
+                }
+            })
+            .expect("a watchdog thread");
+        Self { _done: done }
+    }
+}
+
+/// Expands each named scenario of [`scenarios`] into a test against the server backend
+/// `$backend` (`Target::server`; skipped without its URL unless `PHOTON_TEST_REQUIRE` names it),
+/// on a runtime of its own under a [`Watchdog`] of [`TEST_LIMIT`] that also covers the runtime's
+/// shutdown. `killed_writers` also gets the path of the `fault-writer` binary, which only an
 /// integration test of this crate knows.
 #[macro_export]
 macro_rules! fault_suite {
     ($backend:literal, [$($name:ident),* $(,)?]) => {
         $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $name() {
-                if let Some(target) = $crate::target::Target::server($backend) {
-                    $crate::fault_suite!(@run $name, target);
-                }
+            #[test]
+            fn $name() {
+                let _watchdog = $crate::Watchdog::start(
+                    concat!($backend, "::", stringify!($name)),
+                    $crate::TEST_LIMIT,
+                );
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(4)
+                    .enable_all()
+                    .build()
+                    .expect("a runtime");
+                runtime.block_on(async {
+                    if let Some(target) = $crate::target::Target::server($backend) {
+                        $crate::fault_suite!(@run $name, target);
+                    }
+                });
+                // Dropped here, under the watchdog: a shutdown waiting forever on a blocking
+                // task is a hang too.
+                drop(runtime);
             }
         )*
     };
@@ -34,4 +87,47 @@ macro_rules! fault_suite {
     (@run $name:ident, $target:ident) => {
         $crate::scenarios::$name(&$target).await
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Set in the child process [`a_hung_test_stops_the_binary_with_its_name`] starts.
+    const PROBE: &str = "PHOTON_FAULTS_WATCHDOG_PROBE";
+
+    /// Hangs under a short watchdog, only in the child process the test below starts.
+    #[test]
+    fn watchdog_probe() {
+        if std::env::var_os(PROBE).is_none() {
+            return;
+        }
+        let _watchdog = Watchdog::start("faults::watchdog_probe", Duration::from_millis(200));
+        std::thread::sleep(Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_hung_test_stops_the_binary_with_its_name() {
+        let started = std::time::Instant::now();
+        let out = std::process::Command::new(std::env::current_exe().expect("this test binary"))
+            .args(["--exact", "tests::watchdog_probe", "--nocapture"])
+            .env(PROBE, "1")
+            .output()
+            .expect("the test binary runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "the hung probe passed: {stderr}");
+        assert!(
+            stderr.contains("faults::watchdog_probe still running after 200ms"),
+            "no message naming the test: {stderr}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(20), "stopped only after the hang ended");
+    }
+
+    #[test]
+    fn a_test_that_ends_lets_its_watchdog_go() {
+        let watchdog = Watchdog::start("faults::quick", Duration::from_millis(100));
+        drop(watchdog);
+        // Past the limit: a watchdog still armed would have stopped this binary.
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
