@@ -34,6 +34,7 @@ use crate::client::{Shared, TELEMETRY};
 pub use crate::codec::header;
 pub use crate::config::{KafkaConfig, SCHEME, SCHEMES};
 pub use crate::topic::TopicRefused;
+pub use crate::writer::commit_delivered;
 
 /// The partition of `stream` in a topic of `partitions` partitions (the README's partitioning
 /// rule: Kafka's murmur2 of the key), for tools that read or route a stream's records themselves.

@@ -571,7 +571,7 @@ impl Save<'_> {
             ))));
         }
         let pr = producer.clone();
-        match blocking(move || pr.commit_transaction(left)).await {
+        match blocking(move || crate::writer::commit_delivered(&pr, left)).await {
             Ok(Ok(())) => Ok(offset),
             // The outcome is unknown (a commit can land and still report an error): the next
             // attempt takes the fence, which settles the transaction, and reads it, so a landed
