@@ -48,10 +48,6 @@ const PRODUCER_IDLE: Duration = Duration::from_secs(600);
 /// Most appends one transaction carries.
 const MAX_GROUP: usize = 256;
 
-/// Groups one holder commits before it lets readers waiting for the partition's lock go first
-/// (the lock is fair; the holder queues for it again while appends are left).
-const MAX_GROUPS_PER_TURN: usize = 8;
-
 /// Most appends waiting for one partition; one more is answered `Unavailable` at once.
 const MAX_QUEUED: usize = 1024;
 
@@ -62,8 +58,8 @@ const MAX_QUEUED_APPENDS_BYTES: usize = 2;
 /// How long a record waits before it is queued again when librdkafka's send queue is full.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
 
-/// The longest pause between two looks at whether a commit is readable yet, for the first
-/// [`VISIBLE_FAST_FOR`] of a wait: markers usually land within a few milliseconds of the
+/// The longest pause between two looks at whether a commit is readable yet, until the stable
+/// end has not moved for [`VISIBLE_FAST_FOR`]: markers usually land within a few milliseconds of the
 /// commit, and every millisecond a look comes late is added to the caller's answer (with 20 ms
 /// from the start, one writer's median append took 4.0-4.4 ms; with 2 ms, 3.0-3.2 ms).
 const VISIBLE_POLL_FAST: Duration = Duration::from_millis(2);
@@ -163,6 +159,8 @@ struct Readable {
     waiting: Vec<Committed>,
     /// A watcher task is running; set and cleared only with this locked.
     watching: bool,
+    /// When the last transaction's commit returned.
+    committed_at: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -181,10 +179,24 @@ impl Queue {
         self.pending.lock().expect("queue lock")
     }
 
-    /// Waits until no committed append of this partition waits to be readable, at most `bound`:
-    /// then the last transaction's markers are written, so the coordinator has completed it.
-    async fn settled(&self, bound: Duration) {
-        let until = tokio::time::Instant::now() + bound;
+    /// Before the partition's next transaction: waits until no committed append of this
+    /// partition waits to be readable, so the last transaction's markers are written and its
+    /// coordinator has (most likely) completed it, but not past [`SETTLE_WAIT_MAX`] after that
+    /// transaction's commit returned, nor past half the time left to the first queued
+    /// append's deadline. A transaction begun before the last one is complete has its
+    /// partition refused (CONCURRENT_TRANSACTIONS), which librdkafka asks again for only after
+    /// a fixed 20 ms; past that waiting gains nothing (another client's open transaction may
+    /// hold the stable end back for long).
+    async fn settled(&self) {
+        let Some(committed_at) = self.readable.lock().expect("readable lock").committed_at else {
+            return;
+        };
+        let now = Instant::now();
+        let mut until = committed_at + SETTLE_WAIT_MAX;
+        if let Some(first) = self.lock().appends.iter().map(|q| q.deadline).min() {
+            until = until.min(now + first.saturating_duration_since(now) / 2);
+        }
+        let until = tokio::time::Instant::from_std(until);
         loop {
             let answered = self.answered.notified();
             tokio::pin!(answered);
@@ -401,7 +413,7 @@ fn warm_up(shared: &Arc<Shared>, topic: &str, n: i32, first: i32) {
 }
 
 /// The holder of a partition: commits what is queued, group by group, until the queue is empty.
-/// After [`MAX_GROUPS_PER_TURN`] groups it lets the partition's lock go and queues for it again,
+/// It takes the partition's lock for each group and lets it go between two (the lock is fair),
 /// so readers waiting for it are not starved; nothing is left queued without a holder.
 async fn hold_partition(
     shared: Arc<Shared>,
@@ -421,16 +433,16 @@ async fn hold_partition(
         queue: queue.clone(),
     };
     loop {
+        // Without the partition's lock, which readers may be waiting for.
+        queue.settled().await;
         let mut guard = state.lock().await;
-        for _ in 0..MAX_GROUPS_PER_TURN {
-            let Some(group) = take_group(&queue, &topic, p, shared.config.max_append_size) else {
-                holding.done = true;
-                return;
-            };
-            // The next group is decided and written while the last one's callers wait for it
-            // to be readable (`Watch`): it is decided against the index, which holds it.
-            commit_group(&watch, &mut guard, group, None).await;
-        }
+        let Some(group) = take_group(&queue, &topic, p, shared.config.max_append_size) else {
+            holding.done = true;
+            return;
+        };
+        // The next group is decided while the last one's callers wait for it to be readable
+        // (`Watch`): it is decided against the index, which holds it.
+        commit_group(&watch, &mut guard, group, None).await;
     }
 }
 
@@ -527,6 +539,7 @@ impl Watch {
     /// request at a time, however many groups wait.
     fn when_readable(&self, c: Committed) {
         let mut r = self.queue.readable.lock().expect("readable lock");
+        r.committed_at = Some(Instant::now());
         if c.last < r.end {
             drop(r);
             c.answer_readable(&self.topic, self.p);
@@ -944,13 +957,6 @@ async fn try_group(
             return Ok(());
         }
     }
-    // The previous group's transaction is complete on the coordinator only once its markers
-    // are written; a transaction begun before that has its partition refused
-    // (CONCURRENT_TRANSACTIONS), which librdkafka retries only after a fixed 20 ms.
-    watch
-        .queue
-        .settled(SETTLE_WAIT_MAX.min(remaining(cutoff)))
-        .await;
     let writing = Instant::now();
     let writes: Vec<(Queued, Version)> = std::mem::take(group)
         .into_iter()
@@ -1238,20 +1244,23 @@ const RELEASE_WAIT_MAX: Duration = Duration::from_millis(100);
 /// delivery futures resolved), blocking the calling thread.
 ///
 /// rust-rdkafka's `commit_transaction` flushes first, and its flush, finding a record still
-/// counted in flight, polls the producer's event queue for up to 100 ms. A delivered record is
-/// counted until the polling thread that resolved its future has freed it, a moment after the
-/// future resolved; the flush's poll then waits on a queue that thread serves, for the full
-/// 100 ms. Measured here: one commit in 50 to 100 took 100 ms that way. So the commit waits
-/// (up to [`RELEASE_WAIT_MAX`]) until nothing is in flight.
+/// counted, polls the producer's event queue in steps of 100 ms, each step waiting its full
+/// length whatever arrives. A delivered record is counted until its delivery event is freed,
+/// a moment after its future resolved, so a commit right after the last delivery now and then
+/// took 100 ms longer (1 commit in 50 to 100 measured here; librdkafka's debug log shows
+/// `commit_transaction` called 100 ms after the delivery). So the commit first waits (up to
+/// [`RELEASE_WAIT_MAX`], and a quarter of `timeout`) until no record is counted, asking librdkafka with flushes that do not
+/// wait (they count only records, not log or statistics events queued for the application).
 ///
 /// # Errors
 /// - As `commit_transaction`: the outcome is unknown unless the error says otherwise.
 pub fn commit_delivered(producer: &FutureProducer, timeout: Duration) -> KafkaResult<()> {
-    let until = Instant::now() + RELEASE_WAIT_MAX.min(timeout);
-    while producer.in_flight_count() > 0 && Instant::now() < until {
+    let started = Instant::now();
+    let until = started + RELEASE_WAIT_MAX.min(timeout / 4);
+    while producer.flush(Duration::ZERO).is_err() && Instant::now() < until {
         std::thread::sleep(Duration::from_micros(50));
     }
-    producer.commit_transaction(timeout)
+    producer.commit_transaction(timeout.saturating_sub(started.elapsed()))
 }
 
 /// Commits the open transaction.
