@@ -120,7 +120,10 @@ mod tests {
             stderr.contains("faults::watchdog_probe still running after 200ms"),
             "no message naming the test: {stderr}"
         );
-        assert!(started.elapsed() < Duration::from_secs(20), "stopped only after the hang ended");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "stopped only after the hang ended"
+        );
     }
 
     #[test]
