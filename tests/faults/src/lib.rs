@@ -12,6 +12,7 @@ pub mod scenarios;
 pub mod servers;
 pub mod target;
 
+use std::io::Write as _;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -39,7 +40,10 @@ impl Watchdog {
             .name(format!("watchdog {name}"))
             .spawn(move || {
                 if let Err(mpsc::RecvTimeoutError::Timeout) = ended.recv_timeout(limit) {
-                    eprintln!(
+                    // Straight to the process's stderr: `eprintln!` in a thread a test spawned
+                    // goes to the test's captured output, which the abort throws away.
+                    let _ = writeln!(
+                        std::io::stderr(),
                         "fault suite: {name} still running after {limit:?} (a hang: the suite's tests each pass in a few minutes); stopping the test binary"
                     );
                     std::process::abort();
@@ -110,7 +114,8 @@ mod tests {
     fn a_hung_test_stops_the_binary_with_its_name() {
         let started = std::time::Instant::now();
         let out = std::process::Command::new(std::env::current_exe().expect("this test binary"))
-            .args(["--exact", "tests::watchdog_probe", "--nocapture"])
+            // Captured, as in a suite run: the message must get out anyway.
+            .args(["--exact", "tests::watchdog_probe"])
             .env(PROBE, "1")
             .output()
             .expect("the test binary runs");
