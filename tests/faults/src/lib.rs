@@ -46,11 +46,28 @@ impl Watchdog {
                         std::io::stderr(),
                         "fault suite: {name} still running after {limit:?} (a hang: the suite's tests each pass in a few minutes); stopping the test binary"
                     );
+                    dump_threads();
                     std::process::abort();
                 }
             })
             .expect("a watchdog thread");
         Self { _done: done }
+    }
+}
+
+/// Writes every thread's stack of this process to stderr with gdb, where gdb is installed and
+/// may attach (nothing otherwise): where a hang waits is what its diagnosis needs, and CI keeps
+/// only the output.
+fn dump_threads() {
+    let pid = std::process::id().to_string();
+    let dumped = std::process::Command::new("gdb")
+        .args(["-p", &pid, "-batch", "-nx", "-ex", "thread apply all bt"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::inherit())
+        .stderr(std::process::Stdio::inherit())
+        .status();
+    if let Err(e) = dumped {
+        let _ = writeln!(std::io::stderr(), "fault suite: no thread dump ({e})");
     }
 }
 
@@ -126,9 +143,16 @@ mod tests {
             "no message naming the test: {stderr}"
         );
         assert!(
-            started.elapsed() < Duration::from_secs(20),
+            started.elapsed() < Duration::from_secs(25),
             "stopped only after the hang ended"
         );
+        if std::path::Path::new("/usr/bin/gdb").exists() {
+            // The hung thread's stack is in the dump.
+            assert!(
+                stderr.contains("watchdog_probe"),
+                "no thread dump: {stderr}"
+            );
+        }
     }
 
     #[test]
