@@ -98,6 +98,8 @@ struct Cursor {
 /// copied under the lock from the tail.
 #[derive(Default)]
 struct Fetched {
+    /// Some only with `positions[taken..]` not empty (`State::fetch` hands out segments only
+    /// with positions in them, and the last position's poll clears them).
     sealed: Option<Arc<Sealed>>,
     /// The positions in `sealed`; reused from fetch to fetch.
     positions: Vec<u64>,
