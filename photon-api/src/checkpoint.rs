@@ -8,78 +8,97 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 
-const INLINE: usize = 30;
+/// The longest token kept inline: a position (8 bytes) with room to spare, in a checkpoint of 32
+/// bytes, where every event of a replay carries one and each move of an event copies it.
+const INLINE: usize = 15;
 
 #[derive(Clone)]
-enum Token {
-    Inline { len: u8, buf: [u8; INLINE] },
-    Shared(Bytes),
+enum Repr {
+    /// A backend of this process (a `&'static` tag) with a short token: no allocation.
+    Inline {
+        backend: &'static str,
+        len: u8,
+        buf: [u8; INLINE],
+    },
+    /// A long token, or a tag parsed from text: one shared allocation, cloned by count.
+    Shared(Arc<Owned>),
 }
+
+struct Owned {
+    backend: Cow<'static, str>,
+    token: Vec<u8>,
+}
+
+// Every recorded event carries a checkpoint: keep it at 32 bytes.
+const _: () = assert!(std::mem::size_of::<Checkpoint>() <= 32);
 
 /// An opaque, serialisable token from which a subscription resumes exactly after one event.
 ///
 /// Its text form is `<backend>:<hex token>`, stable across versions of this crate, so it can be
 /// stored in any database column or file; serde uses the same text.
 #[derive(Clone)]
-pub struct Checkpoint {
-    backend: Cow<'static, str>,
-    token: Token,
-}
+pub struct Checkpoint(Repr);
 
 impl Checkpoint {
     /// A checkpoint of `backend` holding `token`.
     pub fn new(backend: &'static str, token: &[u8]) -> Self {
-        Self::from_parts(Cow::Borrowed(backend), token)
+        if token.len() <= INLINE {
+            return Self::inline(backend, token);
+        }
+        Self::shared(Cow::Borrowed(backend), token.to_vec())
     }
 
     /// A checkpoint of `backend` holding `token`, taken without a copy when it is too long to
     /// keep inline: a backend that builds a long token per event (several partitions' offsets)
-    /// pays one allocation for it, not two. Equal to [`Self::new`] of the same bytes.
+    /// pays one allocation for it besides its own. Equal to [`Self::new`] of the same bytes.
     pub fn from_vec(backend: &'static str, token: Vec<u8>) -> Self {
         if token.len() <= INLINE {
-            return Self::new(backend, &token);
+            return Self::inline(backend, &token);
         }
-        Self {
-            backend: Cow::Borrowed(backend),
-            token: Token::Shared(Bytes::from(token)),
-        }
+        Self::shared(Cow::Borrowed(backend), token)
     }
 
-    fn from_parts(backend: Cow<'static, str>, token: &[u8]) -> Self {
-        let token = if token.len() <= INLINE {
-            let mut buf = [0u8; INLINE];
-            buf[..token.len()].copy_from_slice(token);
-            Token::Inline {
-                len: token.len() as u8,
-                buf,
-            }
-        } else {
-            Token::Shared(Bytes::copy_from_slice(token))
-        };
-        Self { backend, token }
+    // Inlined so a backend's per-event checkpoint is written where the event is built.
+    #[inline(always)]
+    fn inline(backend: &'static str, token: &[u8]) -> Self {
+        let mut buf = [0u8; INLINE];
+        buf[..token.len()].copy_from_slice(token);
+        Self(Repr::Inline {
+            backend,
+            len: token.len() as u8,
+            buf,
+        })
+    }
+
+    fn shared(backend: Cow<'static, str>, token: Vec<u8>) -> Self {
+        Self(Repr::Shared(Arc::new(Owned { backend, token })))
     }
 
     /// A checkpoint holding one big-endian `u64` position, the common case of log-shaped backends.
+    #[inline(always)]
     pub fn from_position(backend: &'static str, position: u64) -> Self {
-        Self::new(backend, &position.to_be_bytes())
+        Self::inline(backend, &position.to_be_bytes())
     }
 
     /// The backend that made it.
     pub fn backend(&self) -> &str {
-        &self.backend
+        match &self.0 {
+            Repr::Inline { backend, .. } => backend,
+            Repr::Shared(owned) => &owned.backend,
+        }
     }
 
     /// The backend's bytes.
     pub fn token(&self) -> &[u8] {
-        match &self.token {
-            Token::Inline { len, buf } => &buf[..*len as usize],
-            Token::Shared(b) => b,
+        match &self.0 {
+            Repr::Inline { len, buf, .. } => &buf[..*len as usize],
+            Repr::Shared(owned) => &owned.token,
         }
     }
 
@@ -117,7 +136,7 @@ impl Checkpoint {
 
 impl PartialEq for Checkpoint {
     fn eq(&self, other: &Self) -> bool {
-        self.backend == other.backend && self.token() == other.token()
+        self.backend() == other.backend() && self.token() == other.token()
     }
 }
 
@@ -125,14 +144,14 @@ impl Eq for Checkpoint {}
 
 impl std::hash::Hash for Checkpoint {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.backend.hash(state);
+        self.backend().hash(state);
         self.token().hash(state);
     }
 }
 
 impl fmt::Display for Checkpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.backend)?;
+        f.write_str(self.backend())?;
         f.write_str(":")?;
         for b in self.token() {
             write!(f, "{b:02x}")?;
@@ -173,7 +192,7 @@ impl FromStr for Checkpoint {
             .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
             .collect::<Result<Vec<u8>, _>>()
             .map_err(|_| invalid("token is not hexadecimal"))?;
-        Ok(Self::from_parts(Cow::Owned(backend.to_owned()), &token))
+        Ok(Self::shared(Cow::Owned(backend.to_owned()), token))
     }
 }
 
