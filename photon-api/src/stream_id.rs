@@ -138,8 +138,9 @@ impl<'de> Deserialize<'de> for Category {
 /// every recorded event carries its stream.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StreamId {
+    // The name alone (16 bytes): every recorded event carries its stream, and each move of an
+    // event copies it. The category ends at the first `-`, found again when asked for.
     name: Arc<str>,
-    category_len: usize,
 }
 
 impl StreamId {
@@ -152,7 +153,6 @@ impl StreamId {
         let name = format!("{}-{}", category.as_str(), id);
         validate_id(&name, id)?;
         Ok(Self {
-            category_len: category.as_str().len(),
             name: Arc::from(name),
         })
     }
@@ -178,7 +178,6 @@ impl StreamId {
         })?;
         validate_id(name, id)?;
         Ok(Self {
-            category_len: category.len(),
             name: Arc::from(name),
         })
     }
@@ -190,7 +189,7 @@ impl StreamId {
 
     /// The category part, as a borrowed name.
     pub fn category_name(&self) -> &str {
-        &self.name[..self.category_len]
+        &self.name[..self.category_len()]
     }
 
     /// The category part; allocates a new shared name, so prefer [`Self::category_name`] in loops.
@@ -200,7 +199,12 @@ impl StreamId {
 
     /// The id part (after the first `-`).
     pub fn id(&self) -> &str {
-        &self.name[self.category_len + 1..]
+        &self.name[self.category_len() + 1..]
+    }
+
+    /// Where the category ends: at the first `-`, which every valid name has.
+    fn category_len(&self) -> usize {
+        self.name.find('-').unwrap_or(self.name.len())
     }
 }
 
