@@ -26,13 +26,9 @@ enum Repr {
         len: u8,
         buf: [u8; INLINE],
     },
-    /// A long token, or a tag parsed from text: one shared allocation, cloned by count.
-    Shared(Arc<Owned>),
-}
-
-struct Owned {
-    backend: Cow<'static, str>,
-    token: Vec<u8>,
+    /// A long token, or a tag parsed from text, in one shared allocation (cloned by count): the
+    /// tag's length (one byte), the tag, the token.
+    Shared(Arc<[u8]>),
 }
 
 // Every recorded event carries a checkpoint: keep it at 32 bytes.
@@ -51,17 +47,13 @@ impl Checkpoint {
         if token.len() <= INLINE {
             return Self::inline(backend, token);
         }
-        Self::shared(Cow::Borrowed(backend), token.to_vec())
+        Self::shared(backend, token)
     }
 
-    /// A checkpoint of `backend` holding `token`, taken without a copy when it is too long to
-    /// keep inline: a backend that builds a long token per event (several partitions' offsets)
-    /// pays one allocation for it besides its own. Equal to [`Self::new`] of the same bytes.
+    /// A checkpoint of `backend` holding `token`; equal to [`Self::new`] of the same bytes, for a
+    /// backend that builds its token in a `Vec`.
     pub fn from_vec(backend: &'static str, token: Vec<u8>) -> Self {
-        if token.len() <= INLINE {
-            return Self::inline(backend, &token);
-        }
-        Self::shared(Cow::Borrowed(backend), token)
+        Self::new(backend, &token)
     }
 
     // Inlined so a backend's per-event checkpoint is written where the event is built.
@@ -76,8 +68,14 @@ impl Checkpoint {
         })
     }
 
-    fn shared(backend: Cow<'static, str>, token: Vec<u8>) -> Self {
-        Self(Repr::Shared(Arc::new(Owned { backend, token })))
+    /// `backend` is at most 255 bytes: a `&'static` tag is a backend's name, a parsed one is
+    /// checked.
+    fn shared(backend: &str, token: &[u8]) -> Self {
+        let mut bytes = Vec::with_capacity(1 + backend.len() + token.len());
+        bytes.push(u8::try_from(backend.len()).expect("a backend tag of at most 255 bytes"));
+        bytes.extend_from_slice(backend.as_bytes());
+        bytes.extend_from_slice(token);
+        Self(Repr::Shared(Arc::from(bytes)))
     }
 
     /// A checkpoint holding one big-endian `u64` position, the common case of log-shaped backends.
@@ -90,7 +88,10 @@ impl Checkpoint {
     pub fn backend(&self) -> &str {
         match &self.0 {
             Repr::Inline { backend, .. } => backend,
-            Repr::Shared(owned) => &owned.backend,
+            Repr::Shared(bytes) => {
+                let len = usize::from(bytes[0]);
+                std::str::from_utf8(&bytes[1..1 + len]).expect("made from a str")
+            }
         }
     }
 
@@ -98,7 +99,7 @@ impl Checkpoint {
     pub fn token(&self) -> &[u8] {
         match &self.0 {
             Repr::Inline { len, buf, .. } => &buf[..*len as usize],
-            Repr::Shared(owned) => &owned.token,
+            Repr::Shared(bytes) => &bytes[1 + usize::from(bytes[0])..],
         }
     }
 
@@ -178,11 +179,14 @@ impl FromStr for Checkpoint {
             .split_once(':')
             .ok_or_else(|| invalid("must be <backend>:<hex token>"))?;
         if backend.is_empty()
+            || backend.len() > 255
             || !backend
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_')
         {
-            return Err(invalid("backend tag must be ASCII letters, digits or '_'"));
+            return Err(invalid(
+                "backend tag must be 1 to 255 ASCII letters, digits or '_'",
+            ));
         }
         if hex.len() % 2 != 0 {
             return Err(invalid("token has an odd number of hex digits"));
@@ -192,7 +196,7 @@ impl FromStr for Checkpoint {
             .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
             .collect::<Result<Vec<u8>, _>>()
             .map_err(|_| invalid("token is not hexadecimal"))?;
-        Ok(Self::shared(Cow::Owned(backend.to_owned()), token))
+        Ok(Self::shared(backend, &token))
     }
 }
 
@@ -220,6 +224,7 @@ mod tests {
             let text = c.to_string();
             let back: Checkpoint = text.parse().unwrap();
             assert_eq!(back, c);
+            assert_eq!(back.backend(), "memory");
             assert_eq!(back.token(), &token[..]);
             let json = serde_json::to_string(&c).unwrap();
             assert_eq!(serde_json::from_str::<Checkpoint>(&json).unwrap(), c);
@@ -256,7 +261,19 @@ mod tests {
             Checkpoint::new("memory", &[1, 2]).position_for("memory"),
             Err(Error::InvalidInput { .. })
         ));
-        for bad in ["", "memory", "memory:0", "memory:zz", ":00", "me mory:00"] {
+        let longest = format!("{}:0a", "m".repeat(255));
+        let parsed: Checkpoint = longest.parse().unwrap();
+        assert_eq!((parsed.backend().len(), parsed.token()), (255, &[10u8][..]));
+        let long_tag = format!("{}:00", "m".repeat(256));
+        for bad in [
+            "",
+            "memory",
+            "memory:0",
+            "memory:zz",
+            ":00",
+            "me mory:00",
+            &long_tag,
+        ] {
             assert!(
                 matches!(bad.parse::<Checkpoint>(), Err(Error::InvalidInput { .. })),
                 "{bad:?}"
