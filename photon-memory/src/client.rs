@@ -115,10 +115,10 @@ pub(crate) struct Record {
 }
 
 // A replay reads every record of the log: keep them this small.
-const _: () = assert!(std::mem::size_of::<Record>() <= 104);
+const _: () = assert!(std::mem::size_of::<Record>() <= 96);
 
 /// An event type and payload encoding, kept once for every record of that pair: a record then
-/// holds one pointer where the two took 40 bytes (104 bytes a record instead of 136), which a
+/// holds one pointer where the two took 40 bytes (96 bytes a record instead of 128), which a
 /// replay of a large log reads less of, and the store takes less memory.
 #[derive(PartialEq, Eq, Hash)]
 pub(crate) struct Kind {

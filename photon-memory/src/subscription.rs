@@ -94,7 +94,7 @@ struct Cursor {
 
 /// Fetched events not yet delivered: positions in sealed segments, each made into an event as
 /// the consumer reaches it (built straight into the poll's answer, not copied through a queue:
-/// an event is 264 bytes, and every copy of it is a measurable share of a replay), or events
+/// an event is 216 bytes, and every copy of it is a measurable share of a replay), or events
 /// copied under the lock from the tail.
 #[derive(Default)]
 struct Fetched {
