@@ -108,7 +108,8 @@ struct Sub {
 
 enum State {
     Stream(StreamState),
-    Timeline(Timeline),
+    /// Boxed: five times a stream's state, and a subscription holds one or the other.
+    Timeline(Box<Timeline>),
 }
 
 struct StreamState {
@@ -212,10 +213,12 @@ impl Sub {
             Selector::Stream(stream) => {
                 State::Stream(open_stream(&shared, stream, &request, since).await?)
             }
-            Selector::Category(c) => {
-                State::Timeline(open_timeline(&shared, c.as_str(), &request, since).await?)
-            }
-            Selector::All => State::Timeline(open_timeline(&shared, ALL, &request, since).await?),
+            Selector::Category(c) => State::Timeline(Box::new(
+                open_timeline(&shared, c.as_str(), &request, since).await?,
+            )),
+            Selector::All => State::Timeline(Box::new(
+                open_timeline(&shared, ALL, &request, since).await?,
+            )),
         };
         let from_now = request.start == Start::Now && request.mode != SubscriptionMode::Cold;
         let wait = photon_api::now_start_wait(shared.config.answer_window);
@@ -237,10 +240,12 @@ impl Sub {
     /// ahead becomes readable, and at most the poll pause (rows not seen yet, pending appends).
     async fn idle_wait(&self) -> Result<Duration, Error> {
         let mut wait = self.pause;
-        if let State::Timeline(Timeline { due: Some(due), .. }) = &self.state {
-            let now = self.shared.reader_now().await?;
-            if *due > now {
-                wait = wait.min(Duration::from_micros((*due - now) as u64) + WAKE_MARGIN);
+        if let State::Timeline(t) = &self.state {
+            if let Some(due) = &t.due {
+                let now = self.shared.reader_now().await?;
+                if *due > now {
+                    wait = wait.min(Duration::from_micros((*due - now) as u64) + WAKE_MARGIN);
+                }
             }
         }
         if let Some(at) = self.live_at.filter(|_| !self.caught_up_sent) {
