@@ -62,6 +62,30 @@ pub(crate) const RECHECK: Duration = Duration::from_secs(2);
 /// log one per append.
 const PRODUCER_WARNING_EVERY: Duration = Duration::from_secs(60);
 
+/// The shortest time the metadata client must have reached no broker, without a request that
+/// reached one, before it is replaced (with the admin client and the idle readers), and the
+/// shortest time between two replacements: longer than librdkafka's longest pause between two
+/// connection attempts (`reconnect.backoff.max.ms`, 10 s), so a client that would reconnect by
+/// itself is left to do so. The bound is this or three request timeouts, the longer.
+const REPLACE_AFTER_MIN: Duration = Duration::from_secs(10);
+
+/// The shortest time between two replacements after a metadata answer that lists no broker.
+const REPLACE_AGAIN_MIN: Duration = Duration::from_secs(1);
+
+/// The client that asks for metadata, watermarks and offsets-for-times.
+pub(crate) type MetaClient = BaseConsumer<RefusalWatch>;
+
+/// Whether the metadata client reaches the brokers, and when it was last replaced.
+#[derive(Debug)]
+struct Reach {
+    /// Since when every request of the current client failed without reaching a broker.
+    failing_since: Option<Instant>,
+    /// When the current client was made.
+    made: Instant,
+    /// When a client was last replaced.
+    replaced: Option<Instant>,
+}
+
 /// What this store knows of a topic it checked.
 struct KnownTopic {
     /// The partition count streams are placed with.
@@ -108,8 +132,11 @@ pub(crate) struct Shared {
     pub(crate) config: KafkaConfig,
     /// Metadata, watermarks and offsets-for-times (read_committed: watermarks are stable offsets).
     /// Its context keeps a refused login or TLS handshake, which metadata calls answer with.
-    pub(crate) meta: Arc<BaseConsumer<RefusalWatch>>,
-    admin: AdminClient<DefaultClientContext>,
+    /// Replaced (with `admin`) when it stays without a broker ([`Shared::reached`]).
+    meta: std::sync::RwLock<Arc<MetaClient>>,
+    admin: std::sync::RwLock<Arc<AdminClient<DefaultClientContext>>>,
+    /// Whether `meta` reaches the brokers.
+    reach: Mutex<Reach>,
     /// Topics checked (count, configuration, layout) and the count streams are placed with.
     topics: Mutex<HashMap<String, KnownTopic>>,
     /// Topics seen to hold at least one photon event (a topic never loses that).
@@ -147,8 +174,13 @@ impl Shared {
             .map_err(refused)?;
         let admin = config.client_config().create().map_err(refused)?;
         Ok(Self {
-            meta: Arc::new(meta),
-            admin,
+            meta: std::sync::RwLock::new(Arc::new(meta)),
+            admin: std::sync::RwLock::new(Arc::new(admin)),
+            reach: Mutex::new(Reach {
+                failing_since: None,
+                made: Instant::now(),
+                replaced: None,
+            }),
             topics: Mutex::default(),
             with_events: Mutex::default(),
             producer_warning: Mutex::default(),
@@ -175,22 +207,32 @@ impl Shared {
     /// way. After successes the queue is read and forgotten in the background (at most once per
     /// second), so a refusal from a time calls succeeded never answers a later outage.
     async fn metadata(&self, topic: Option<&str>, context: String) -> Result<Metadata, Error> {
-        let meta = self.meta.clone();
+        let meta = self.meta();
+        let client = meta.clone();
         let (topic, timeout) = (topic.map(str::to_owned), self.config.timeout);
         let answer = blocking(move || {
-            let answer = meta.fetch_metadata(topic.as_deref(), timeout);
+            let answer = client.fetch_metadata(topic.as_deref(), timeout);
             if answer.is_err() {
-                read_errors(&meta, timeout);
+                read_errors(&client, timeout);
             }
             answer
         })
         .await?;
+        self.reached(&meta, &answer);
         match answer {
+            Ok(md) if md.brokers().is_empty() => {
+                // librdkafka takes such an answer (a broker that is starting and not yet
+                // unfenced gives it) as the whole cluster: it forgets every broker it knew,
+                // the bootstrap ones too, and never connects again (librdkafka issue 5301).
+                self.replace_clients(&meta, "the brokers answered metadata listing no broker");
+                Err(error::unavailable(format!(
+                    "{context}: the brokers listed no broker (starting up?)"
+                )))
+            }
             Ok(md) => {
-                let watch = self.meta.context();
+                let watch = meta.context();
                 watch.clear();
                 if watch.drain_due() {
-                    let meta = self.meta.clone();
                     tokio::task::spawn_blocking(move || {
                         read_errors(&meta, timeout);
                         meta.context().clear();
@@ -198,7 +240,101 @@ impl Shared {
                 }
                 Ok(md)
             }
-            Err(e) => Err(error::refused_or(context, e, self.meta.context().last())),
+            Err(e) => Err(error::refused_or(context, e, meta.context().last())),
+        }
+    }
+
+    /// The client for metadata, watermarks and offsets-for-times, as it is now.
+    pub(crate) fn meta(&self) -> Arc<MetaClient> {
+        self.meta.read().expect("meta lock").clone()
+    }
+
+    fn admin(&self) -> Arc<AdminClient<DefaultClientContext>> {
+        self.admin.read().expect("admin lock").clone()
+    }
+
+    /// Notes how a request of `client` (the metadata client when it was asked) went. A client
+    /// whose requests have reached no broker for [`REPLACE_AFTER_MIN`] (or three request
+    /// timeouts, the longer) is replaced by a new one, at most once per that long: librdkafka
+    /// can leave a client without any broker for good after an outage (a broker starting up
+    /// answers metadata listing no broker: the client forgets every broker it knew and never
+    /// connects again, librdkafka issue 5301), while a new client bootstraps from the URL's
+    /// brokers. During a real outage this makes a new client every so often, which costs
+    /// little.
+    pub(crate) fn reached<T>(&self, client: &Arc<MetaClient>, answer: &Result<T, KafkaError>) {
+        let no_broker = match answer {
+            Ok(_) => false,
+            Err(e) => reached_no_broker(e),
+        };
+        let replace_after = REPLACE_AFTER_MIN.max(self.config.timeout * 3);
+        {
+            let mut reach = self.reach.lock().expect("reach lock");
+            if !Arc::ptr_eq(client, &self.meta()) {
+                // Asked of a client replaced since: says nothing of the current one.
+                return;
+            }
+            if !no_broker {
+                reach.failing_since = None;
+                return;
+            }
+            let since = *reach.failing_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < replace_after || reach.made.elapsed() < replace_after {
+                return;
+            }
+        }
+        self.replace_clients(
+            client,
+            &format!("its requests reached no broker for {replace_after:?}"),
+        );
+    }
+
+    /// Replaces `failed` (if it is still the metadata client) and the admin client with new
+    /// ones, and closes the idle readers (made before, they may be as stuck); at most once per
+    /// [`REPLACE_AGAIN_MIN`] (a new client is not stuck by an answer that lists no broker: it
+    /// forgets brokers only once it learned some). The old clients are closed off the async
+    /// threads.
+    fn replace_clients(&self, failed: &Arc<MetaClient>, why: &str) {
+        let mut reach = self.reach.lock().expect("reach lock");
+        let mut meta = self.meta.write().expect("meta lock");
+        let again_soon = reach
+            .replaced
+            .is_some_and(|at| at.elapsed() < REPLACE_AGAIN_MIN);
+        if !Arc::ptr_eq(failed, &meta) || again_soon {
+            return;
+        }
+        let made = self
+            .config
+            .consumer_config()
+            .create_with_context(RefusalWatch::default())
+            .and_then(|m| Ok((m, self.config.client_config().create()?)));
+        let (new_meta, new_admin) = match made {
+            Ok(made) => made,
+            Err(e) => {
+                tracing::warn!(error = %e, "photon-kafka: the metadata client could not be replaced");
+                return;
+            }
+        };
+        let old_meta = std::mem::replace(&mut *meta, Arc::new(new_meta));
+        drop(meta);
+        let old_admin = std::mem::replace(
+            &mut *self.admin.write().expect("admin lock"),
+            Arc::new(new_admin),
+        );
+        reach.failing_since = None;
+        reach.made = Instant::now();
+        reach.replaced = Some(reach.made);
+        drop(reach);
+        let idle = std::mem::take(&mut *self.readers.lock().expect("readers lock"));
+        tracing::warn!(
+            brokers = %self.config.bootstrap_servers,
+            "photon-kafka: replaced the metadata client, the admin client and {} idle readers: {why}",
+            idle.len()
+        );
+        // Closing a client joins librdkafka's threads.
+        let close = move || drop((old_meta, old_admin, idle));
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(close)),
+            Err(_) => close(),
         }
     }
 
@@ -364,7 +500,7 @@ impl Shared {
         let deadline = tokio::time::Instant::now() + self.config.timeout;
         loop {
             let answers = self
-                .admin
+                .admin()
                 .describe_configs([&resource], &self.admin_options())
                 .await
                 .map_err(|e| error::from_kafka(&context, e))?;
@@ -467,7 +603,7 @@ impl Shared {
         let options = self.admin_options();
         let context = format!("creating topic {topic}");
         let results = self
-            .admin
+            .admin()
             .create_topics([&new], &options)
             .await
             .map_err(|e| error::from_kafka(&context, e))?;
@@ -738,7 +874,7 @@ impl Shared {
 /// ([`RefusalWatch`]) until the queue is empty, within [`DRAIN_BUDGET`] for a client whose
 /// requests time out after `timeout`. The client is assigned no partition, so nothing else is
 /// in its queue.
-fn read_errors(meta: &BaseConsumer<RefusalWatch>, timeout: Duration) {
+fn read_errors(meta: &MetaClient, timeout: Duration) {
     let budget = (timeout / 4).clamp(DRAIN_BUDGET.0, DRAIN_BUDGET.1);
     error::drain(
         || meta.poll(DRAIN_WAIT).is_some(),
@@ -746,6 +882,24 @@ fn read_errors(meta: &BaseConsumer<RefusalWatch>, timeout: Duration) {
         DRAIN_WAIT,
         budget,
     );
+}
+
+/// Whether a request failed without reaching any broker: the client had none it could use, or
+/// none answered in time (an error a broker answered with says the client works).
+fn reached_no_broker(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::BrokerTransportFailure
+                | C::AllBrokersDown
+                | C::OperationTimedOut
+                | C::RequestTimedOut
+                | C::DestroyBroker
+                | C::NetworkException
+                | C::Resolve
+        )
+    )
 }
 
 /// A topic in use that the metadata no longer shows.

@@ -53,6 +53,10 @@ pub(crate) struct PooledReader {
     shared: Arc<Shared>,
     /// Handed back to the pool when dropped; else closed.
     pool: bool,
+    /// Set when a wait for its next message ran out ([`next_message`]): such a consumer may
+    /// have no broker left (librdkafka can leave a client so after an outage), so it is closed
+    /// rather than handed to the next read.
+    unanswered: std::sync::atomic::AtomicBool,
 }
 
 impl std::ops::Deref for PooledReader {
@@ -67,7 +71,7 @@ impl Drop for PooledReader {
         let Some(c) = self.consumer.take() else {
             return;
         };
-        if self.pool && c.unassign().is_ok() {
+        if self.pool && !self.unanswered.load(Ordering::Relaxed) && c.unassign().is_ok() {
             let mut pool = self.shared.readers.lock().expect("readers lock");
             if pool.len() < MAX_POOLED_READERS {
                 pool.push(c);
@@ -98,6 +102,7 @@ pub(crate) fn pooled_reader(shared: &Arc<Shared>) -> Result<PooledReader, Error>
         consumer: Some(consumer),
         shared: shared.clone(),
         pool: true,
+        unanswered: Default::default(),
     })
 }
 
@@ -115,6 +120,7 @@ fn new_reader(shared: &Arc<Shared>) -> Result<PooledReader, Error> {
         consumer: Some(consumer),
         shared: shared.clone(),
         pool: false,
+        unanswered: Default::default(),
     })
 }
 
@@ -167,12 +173,13 @@ pub(crate) async fn stable_end(shared: &Shared, topic: &str, p: i32) -> Result<i
     let deadline = tokio::time::Instant::now() + shared.config.timeout;
     let context = || format!("fetching the last stable offset of {topic}/{p}");
     loop {
-        let meta = shared.meta.clone();
+        let meta = shared.meta();
+        let client = meta.clone();
         let (t, timeout) = (topic.to_owned(), shared.config.timeout);
         let asked = blocking(move || {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(&t, p, Offset::End)?;
-            let found = meta.offsets_for_times(tpl, timeout)?;
+            let found = client.offsets_for_times(tpl, timeout)?;
             let e = found.find_partition(&t, p).ok_or(KafkaError::OffsetFetch(
                 rdkafka::error::RDKafkaErrorCode::UnknownPartition,
             ))?;
@@ -180,6 +187,7 @@ pub(crate) async fn stable_end(shared: &Shared, topic: &str, p: i32) -> Result<i
             Ok::<_, KafkaError>(e.offset())
         })
         .await?;
+        shared.reached(&meta, &asked);
         let code = asked.as_ref().err().and_then(|e| e.rdkafka_error_code());
         match asked {
             Ok(Offset::Offset(o)) => return Ok(o),
@@ -218,9 +226,12 @@ fn leader_unknown(code: Option<rdkafka::error::RDKafkaErrorCode>) -> bool {
 pub(crate) async fn watermarks(shared: &Shared, topic: &str, p: i32) -> Result<(i64, i64), Error> {
     let deadline = tokio::time::Instant::now() + shared.config.timeout;
     loop {
-        let meta = shared.meta.clone();
+        let meta = shared.meta();
+        let client = meta.clone();
         let (t, timeout) = (topic.to_owned(), shared.config.timeout);
-        match blocking(move || meta.fetch_watermarks(&t, p, timeout)).await? {
+        let asked = blocking(move || client.fetch_watermarks(&t, p, timeout)).await?;
+        shared.reached(&meta, &asked);
+        match asked {
             Ok(marks) => return Ok(marks),
             Err(e)
                 if leader_unknown(e.rdkafka_error_code())
@@ -240,13 +251,16 @@ pub(crate) async fn watermarks(shared: &Shared, topic: &str, p: i32) -> Result<(
 /// where the read is, for the error when nothing comes.
 pub(crate) async fn next_message<'c>(
     shared: &Shared,
-    consumer: &'c StreamConsumer,
+    consumer: &'c PooledReader,
     at: impl FnOnce() -> String,
 ) -> Result<KafkaResult<BorrowedMessage<'c>>, Error> {
     let timeout = shared.config.timeout;
     tokio::time::timeout(timeout, consumer.recv())
         .await
-        .map_err(|_| error::unavailable(format!("{}: no answer within {timeout:?}", at())))
+        .map_err(|_| {
+            consumer.unanswered.store(true, Ordering::Relaxed);
+            error::unavailable(format!("{}: no answer within {timeout:?}", at()))
+        })
 }
 
 /// How far a catch-up reads.

@@ -378,11 +378,12 @@ impl Progress {
             tpl.add_partition_offset(topic, p, Offset::Offset(t.unix_millis()))
                 .map_err(|e| error::from_kafka(context(), e))?;
         }
-        let meta = self.shared.meta.clone();
+        let meta = self.shared.meta();
+        let client = meta.clone();
         let timeout = self.shared.config.timeout;
-        let found = blocking(move || meta.offsets_for_times(tpl, timeout))
-            .await?
-            .map_err(|e| error::from_kafka(context(), e))?;
+        let found = blocking(move || client.offsets_for_times(tpl, timeout)).await?;
+        self.shared.reached(&meta, &found);
+        let found = found.map_err(|e| error::from_kafka(context(), e))?;
         let mut next = ends.to_vec();
         for &p in read {
             if let Some(Offset::Offset(o)) = found.find_partition(topic, p).map(|e| e.offset()) {
