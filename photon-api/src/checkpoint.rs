@@ -2,8 +2,9 @@
 //!
 //! Each backend decides what is inside (a log position, partition offsets, a time bucket and id);
 //! this module only carries the bytes and the tag, so that a token handed to the wrong backend is
-//! a typed error instead of a silent wrong position. Small tokens are kept inline, because every
-//! recorded event carries one and replay should not allocate per event.
+//! a typed error instead of a silent wrong position. Tokens of up to 15 bytes (a position) are kept
+//! inline, because every recorded event carries one and replay should not allocate per event;
+//! a longer token takes one allocation.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -27,7 +28,7 @@ enum Repr {
         buf: [u8; INLINE],
     },
     /// A long token, or a tag parsed from text, in one shared allocation (cloned by count): the
-    /// tag's length (one byte), the tag, the token.
+    /// tag's length (4 bytes, little-endian), the tag, the token.
     Shared(Arc<[u8]>),
 }
 
@@ -68,14 +69,26 @@ impl Checkpoint {
         })
     }
 
-    /// `backend` is at most 255 bytes: a `&'static` tag is a backend's name, a parsed one is
-    /// checked.
     fn shared(backend: &str, token: &[u8]) -> Self {
-        let mut bytes = Vec::with_capacity(1 + backend.len() + token.len());
-        bytes.push(u8::try_from(backend.len()).expect("a backend tag of at most 255 bytes"));
-        bytes.extend_from_slice(backend.as_bytes());
-        bytes.extend_from_slice(token);
-        Self(Repr::Shared(Arc::from(bytes)))
+        // Collected from iterators of known length: one allocation, no `Vec` first. A tag is a
+        // backend's name or parsed from text, so its length fits in 4 bytes.
+        let len = u32::try_from(backend.len())
+            .unwrap_or(u32::MAX)
+            .to_le_bytes();
+        let bytes: Arc<[u8]> = len
+            .into_iter()
+            .chain(backend.bytes())
+            .chain(token.iter().copied())
+            .collect();
+        Self(Repr::Shared(bytes))
+    }
+
+    /// Where the tag ends in a shared checkpoint's bytes.
+    fn tag_end(bytes: &[u8]) -> usize {
+        let len: [u8; 4] = bytes[..4]
+            .try_into()
+            .expect("a shared checkpoint starts with its tag's length");
+        4 + u32::from_le_bytes(len) as usize
     }
 
     /// A checkpoint holding one big-endian `u64` position, the common case of log-shaped backends.
@@ -89,8 +102,7 @@ impl Checkpoint {
         match &self.0 {
             Repr::Inline { backend, .. } => backend,
             Repr::Shared(bytes) => {
-                let len = usize::from(bytes[0]);
-                std::str::from_utf8(&bytes[1..1 + len]).expect("made from a str")
+                std::str::from_utf8(&bytes[4..Self::tag_end(bytes)]).expect("made from a str")
             }
         }
     }
@@ -99,7 +111,7 @@ impl Checkpoint {
     pub fn token(&self) -> &[u8] {
         match &self.0 {
             Repr::Inline { len, buf, .. } => &buf[..*len as usize],
-            Repr::Shared(bytes) => &bytes[1 + usize::from(bytes[0])..],
+            Repr::Shared(bytes) => &bytes[Self::tag_end(bytes)..],
         }
     }
 
@@ -179,14 +191,11 @@ impl FromStr for Checkpoint {
             .split_once(':')
             .ok_or_else(|| invalid("must be <backend>:<hex token>"))?;
         if backend.is_empty()
-            || backend.len() > 255
             || !backend
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_')
         {
-            return Err(invalid(
-                "backend tag must be 1 to 255 ASCII letters, digits or '_'",
-            ));
+            return Err(invalid("backend tag must be ASCII letters, digits or '_'"));
         }
         if hex.len() % 2 != 0 {
             return Err(invalid("token has an odd number of hex digits"));
@@ -261,19 +270,12 @@ mod tests {
             Checkpoint::new("memory", &[1, 2]).position_for("memory"),
             Err(Error::InvalidInput { .. })
         ));
-        let longest = format!("{}:0a", "m".repeat(255));
-        let parsed: Checkpoint = longest.parse().unwrap();
-        assert_eq!((parsed.backend().len(), parsed.token()), (255, &[10u8][..]));
-        let long_tag = format!("{}:00", "m".repeat(256));
-        for bad in [
-            "",
-            "memory",
-            "memory:0",
-            "memory:zz",
-            ":00",
-            "me mory:00",
-            &long_tag,
-        ] {
+        // Any tag length, as before the inline form (a tag of 300 bytes, a token of 1).
+        let long = format!("{}:0a", "m".repeat(300));
+        let parsed: Checkpoint = long.parse().unwrap();
+        assert_eq!((parsed.backend().len(), parsed.token()), (300, &[10u8][..]));
+        assert_eq!(parsed.to_string(), long);
+        for bad in ["", "memory", "memory:0", "memory:zz", ":00", "me mory:00"] {
             assert!(
                 matches!(bad.parse::<Checkpoint>(), Err(Error::InvalidInput { .. })),
                 "{bad:?}"
