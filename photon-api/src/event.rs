@@ -65,8 +65,12 @@ impl Timestamp {
 }
 
 impl From<DateTime<Utc>> for Timestamp {
+    /// Truncated to microseconds. A leap second (`23:59:60.x`) becomes the microseconds of the
+    /// next second, as every backend has always stored it; on chrono's very last day that would
+    /// be out of range, so it stays at the last representable microsecond.
     fn from(t: DateTime<Utc>) -> Self {
-        Self(t.trunc_subsecs(6).timestamp_micros())
+        let last = DateTime::<Utc>::MAX_UTC.timestamp_micros();
+        Self(t.trunc_subsecs(6).timestamp_micros().min(last))
     }
 }
 
@@ -77,6 +81,7 @@ impl Serialize for Timestamp {
 }
 
 impl<'de> Deserialize<'de> for Timestamp {
+    /// As chrono reads a time, truncated to microseconds; a leap second as [`From`] says.
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         DateTime::<Utc>::deserialize(d).map(Self::from)
     }
@@ -590,6 +595,15 @@ mod tests {
         assert_eq!(Timestamp::from(nanos).unix_micros(), 5_123_456);
         assert_eq!(Timestamp::from_unix_micros(i64::MAX), None);
         assert!(Timestamp::from_unix_micros(-5).unwrap() < Timestamp::from_unix_micros(3).unwrap());
+        // A leap second on chrono's last day (serde reads one) stays in range and prints.
+        let last: Timestamp = serde_json::from_str("\"+262142-12-31T23:59:60.5Z\"").unwrap();
+        assert_eq!(
+            last.unix_micros(),
+            DateTime::<Utc>::MAX_UTC.timestamp_micros()
+        );
+        assert!(last.to_string().starts_with("+262142-12-31T23:59:59"));
+        let leap: Timestamp = serde_json::from_str("\"2016-12-31T23:59:60.5Z\"").unwrap();
+        assert_eq!(leap.to_string(), "2017-01-01T00:00:00.500000Z");
     }
 
     #[test]
