@@ -44,25 +44,36 @@ fn put_offsets(out: &mut Vec<u8>, next: &[i64]) {
 }
 
 /// The checkpoint of `Position::Category` from borrowed parts: a subscription makes one per
-/// event, so it does not clone its offsets first, and the token is built at its exact length and
-/// handed over, one allocation in all.
+/// event, so it does not clone its offsets first, and the token is built in a reused buffer,
+/// one allocation in all (the checkpoint's).
 pub(crate) fn category_checkpoint(category: &str, next: &[i64]) -> Checkpoint {
-    let mut out = Vec::with_capacity(4 + category.len() + 8 * next.len());
-    out.push(1);
-    put_name(&mut out, category);
-    put_offsets(&mut out, next);
-    debug_assert_eq!(out.len(), out.capacity());
-    Checkpoint::from_vec(BACKEND, out)
+    built(|out| {
+        out.push(1);
+        put_name(out, category);
+        put_offsets(out, next);
+    })
 }
 
-/// The checkpoint of `Position::Partition` from borrowed parts.
+/// The checkpoint of `Position::Partition` from borrowed parts, the same way.
 pub(crate) fn partition_checkpoint(category: &str, partition: i32, next: i64) -> Checkpoint {
-    let mut out = Vec::with_capacity(12 + category.len());
-    out.push(2);
-    put_name(&mut out, category);
-    out.extend_from_slice(&(partition as u16).to_be_bytes());
-    out.extend_from_slice(&next.to_be_bytes());
-    Checkpoint::new(BACKEND, &out)
+    built(|out| {
+        out.push(2);
+        put_name(out, category);
+        out.extend_from_slice(&(partition as u16).to_be_bytes());
+        out.extend_from_slice(&next.to_be_bytes());
+    })
+}
+
+/// A checkpoint of the token `build` writes into this thread's reused buffer.
+fn built(build: impl FnOnce(&mut Vec<u8>)) -> Checkpoint {
+    thread_local! {
+        static TOKEN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    TOKEN.with_borrow_mut(|out| {
+        out.clear();
+        build(out);
+        Checkpoint::new(BACKEND, out)
+    })
 }
 
 impl Position {
