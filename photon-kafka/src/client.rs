@@ -264,7 +264,12 @@ impl Shared {
     pub(crate) fn reached<T>(&self, client: &Arc<MetaClient>, answer: &Result<T, KafkaError>) {
         let no_broker = match answer {
             Ok(_) => false,
-            Err(e) => reached_no_broker(e),
+            Err(e) if reached_no_broker(e) => true,
+            // Answered by a broker, or locally from the client's cache (a client without brokers
+            // answers a partition with no known leader at once): says nothing either way, so
+            // it neither starts nor resets the count (review: resetting it kept a stuck client
+            // under load from ever being replaced).
+            Err(_) => return,
         };
         let replace_after = REPLACE_AFTER_MIN.max(self.config.timeout * 3);
         {
@@ -294,14 +299,16 @@ impl Shared {
     /// forgets brokers only once it learned some). The old clients are closed off the async
     /// threads.
     fn replace_clients(&self, failed: &Arc<MetaClient>, why: &str) {
-        let mut reach = self.reach.lock().expect("reach lock");
-        let mut meta = self.meta.write().expect("meta lock");
-        let again_soon = reach
-            .replaced
-            .is_some_and(|at| at.elapsed() < REPLACE_AGAIN_MIN);
-        if !Arc::ptr_eq(failed, &meta) || again_soon {
+        let due = |reach: &Reach, meta: &Arc<MetaClient>| {
+            Arc::ptr_eq(failed, meta)
+                && reach
+                    .replaced
+                    .is_none_or(|at| at.elapsed() >= REPLACE_AGAIN_MIN)
+        };
+        if !due(&self.reach.lock().expect("reach lock"), &self.meta()) {
             return;
         }
+        // Made with no lock held: librdkafka starts its threads (and loads TLS files) here.
         let made = self
             .config
             .consumer_config()
@@ -314,6 +321,19 @@ impl Shared {
                 return;
             }
         };
+        let mut reach = self.reach.lock().expect("reach lock");
+        let mut meta = self.meta.write().expect("meta lock");
+        if !due(&reach, &meta) {
+            // Another call replaced it meanwhile.
+            drop((meta, reach));
+            close_off_async(
+                Arc::new(new_meta),
+                Arc::new(new_admin),
+                Vec::new(),
+                Duration::ZERO,
+            );
+            return;
+        }
         let old_meta = std::mem::replace(&mut *meta, Arc::new(new_meta));
         drop(meta);
         let old_admin = std::mem::replace(
@@ -330,12 +350,14 @@ impl Shared {
             "photon-kafka: replaced the metadata client, the admin client and {} idle readers: {why}",
             idle.len()
         );
-        // Closing a client joins librdkafka's threads.
-        let close = move || drop((old_meta, old_admin, idle));
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(rt.spawn_blocking(close)),
-            Err(_) => close(),
-        }
+        // Requests in flight still hold the old clients: wait for them (each ends within three
+        // timeouts) so the last drop is not theirs, on an async thread.
+        close_off_async(
+            old_meta,
+            old_admin,
+            idle,
+            self.config.timeout * 3 + Duration::from_secs(1),
+        );
     }
 
     /// The partition count of `topic` (None when it does not exist), checked: at this store's
@@ -884,6 +906,29 @@ fn read_errors(meta: &MetaClient, timeout: Duration) {
     );
 }
 
+/// Closes replaced clients on a blocking thread (closing one joins librdkafka's threads), after
+/// the other holders of `meta` and `admin` let go of them, for at most `wait`.
+fn close_off_async(
+    meta: Arc<MetaClient>,
+    admin: Arc<AdminClient<DefaultClientContext>>,
+    idle: Vec<StreamConsumer>,
+    wait: Duration,
+) {
+    let close = move || {
+        let until = Instant::now() + wait;
+        while (Arc::strong_count(&meta) > 1 || Arc::strong_count(&admin) > 1)
+            && Instant::now() < until
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop((meta, admin, idle));
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn_blocking(close)),
+        Err(_) => close(),
+    }
+}
+
 /// Whether a request failed without reaching any broker: the client had none it could use, or
 /// none answered in time (an error a broker answered with says the client works).
 fn reached_no_broker(e: &KafkaError) -> bool {
@@ -894,9 +939,7 @@ fn reached_no_broker(e: &KafkaError) -> bool {
             C::BrokerTransportFailure
                 | C::AllBrokersDown
                 | C::OperationTimedOut
-                | C::RequestTimedOut
                 | C::DestroyBroker
-                | C::NetworkException
                 | C::Resolve
         )
     )

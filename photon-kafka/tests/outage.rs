@@ -23,6 +23,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const API_METADATA: i16 = 3;
+
+/// Metadata answers that listed no broker, by every fake broker of this binary.
+static EMPTY_ANSWERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 const API_VERSIONS: i16 = 18;
 
 /// A broker that knows one topic, `t`, of one partition, and answers only ApiVersions and
@@ -31,6 +34,8 @@ struct FakeBroker {
     port: u16,
     starting: Arc<AtomicBool>,
     connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// Closes every open connection, as a broker that restarts does.
+    restart: Arc<tokio::sync::Notify>,
 }
 
 impl FakeBroker {
@@ -39,17 +44,25 @@ impl FakeBroker {
         let port = listener.local_addr().unwrap().port();
         let starting = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (s, c) = (starting.clone(), connections.clone());
+        let restart = Arc::new(tokio::sync::Notify::new());
+        let (s, c, r) = (starting.clone(), connections.clone(), restart.clone());
         tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
                 c.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(serve(socket, port, s.clone()));
+                let (s, r) = (s.clone(), r.clone());
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = serve(socket, port, s) => {}
+                        () = r.notified() => {}
+                    }
+                });
             }
         });
         FakeBroker {
             port,
             starting,
             connections,
+            restart,
         }
     }
 }
@@ -69,7 +82,13 @@ async fn serve(mut socket: TcpStream, port: u16, starting: Arc<AtomicBool>) {
         let correlation = &request[4..8];
         let body = match api_key {
             API_VERSIONS => api_versions(version),
-            API_METADATA => metadata(port, starting.load(Ordering::Relaxed)),
+            API_METADATA => {
+                let starting = starting.load(Ordering::Relaxed);
+                if starting {
+                    EMPTY_ANSWERS.fetch_add(1, Ordering::Relaxed);
+                }
+                metadata(port, starting)
+            }
             // Nothing else is advertised.
             _ => continue,
         };
@@ -214,4 +233,66 @@ async fn a_store_works_again_after_a_starting_broker_listed_no_broker() {
     // the same broker works too (the broker itself is fine).
     let fresh = KafkaStore::from_url(&url).await.unwrap();
     fresh.health().await.expect("a new store works");
+}
+
+/// The same, when the client learns of the empty list by itself: the broker closes every
+/// connection as it restarts, and librdkafka's own metadata request on reconnecting gets the
+/// answer. The store's calls then only ever fail without reaching a broker, and the store
+/// replaces the client once they have for 10 s. Before, nothing replaced it: every call failed
+/// for as long as the test waited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_replaces_a_client_that_lost_every_broker_by_itself() {
+    let broker = FakeBroker::start().await;
+    let url = format!("kafka://127.0.0.1:{}?timeout_ms=1000", broker.port);
+    let store = KafkaStore::from_url(&url).await.unwrap();
+    store.health().await.expect("the broker answers");
+
+    // The broker restarts without the store asking anything meanwhile, until the store's
+    // metadata client is the one that got the empty answer (the admin client may get it
+    // instead): its next call then fails although the broker answers again.
+    let mut poisoned = false;
+    for _ in 0..10 {
+        let before = EMPTY_ANSWERS.load(Ordering::Relaxed);
+        broker.starting.store(true, Ordering::Relaxed);
+        broker.restart.notify_waiters();
+        let restarted = Instant::now();
+        while EMPTY_ANSWERS.load(Ordering::Relaxed) < before + 2
+            && restarted.elapsed() < Duration::from_secs(3)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        broker.starting.store(false, Ordering::Relaxed);
+        if store.health().await.is_err() {
+            poisoned = true;
+            break;
+        }
+    }
+    assert!(
+        poisoned,
+        "the client never lost every broker: the test did not set the bug up"
+    );
+
+    let back = Instant::now();
+    let mut last = None;
+    while back.elapsed() < Duration::from_secs(40) {
+        match store.health().await {
+            Ok(_) => {
+                last = None;
+                break;
+            }
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        last.is_none(),
+        "the store still fails {:?} after the broker answers again: {last:?}",
+        back.elapsed()
+    );
+    // Within the 10 s of failures it waits for, and a few requests.
+    assert!(
+        back.elapsed() < Duration::from_secs(20),
+        "the store took {:?} to work again",
+        back.elapsed()
+    );
 }
