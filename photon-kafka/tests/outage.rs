@@ -199,27 +199,10 @@ async fn a_store_works_again_after_a_starting_broker_listed_no_broker() {
     broker.starting.store(false, Ordering::Relaxed);
 
     // Started: the store works again, at once (it needs no outage of its own to notice).
-    let back = Instant::now();
-    let mut last = None;
-    while back.elapsed() < Duration::from_secs(20) {
-        match store.health().await {
-            Ok(_) => {
-                last = None;
-                break;
-            }
-            Err(e) => last = Some(e),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let took = works_again(&store, Duration::from_secs(20), Duration::from_millis(100)).await;
     assert!(
-        last.is_none(),
-        "the store still fails {:?} after the broker answers again: {last:?}",
-        back.elapsed()
-    );
-    assert!(
-        back.elapsed() < Duration::from_secs(5),
-        "the store took {:?} to work again",
-        back.elapsed()
+        took < Duration::from_secs(5),
+        "the store took {took:?} to work again"
     );
     assert!(
         broker.connections.load(Ordering::Relaxed) > connections,
@@ -272,27 +255,26 @@ async fn a_store_replaces_a_client_that_lost_every_broker_by_itself() {
         "the client never lost every broker: the test did not set the bug up"
     );
 
-    let back = Instant::now();
-    let mut last = None;
-    while back.elapsed() < Duration::from_secs(40) {
-        match store.health().await {
-            Ok(_) => {
-                last = None;
-                break;
-            }
-            Err(e) => last = Some(e),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(
-        last.is_none(),
-        "the store still fails {:?} after the broker answers again: {last:?}",
-        back.elapsed()
-    );
+    let took = works_again(&store, Duration::from_secs(40), Duration::from_millis(200)).await;
     // Within the 10 s of failures it waits for, and a few requests.
     assert!(
-        back.elapsed() < Duration::from_secs(20),
-        "the store took {:?} to work again",
-        back.elapsed()
+        took < Duration::from_secs(20),
+        "the store took {took:?} to work again"
     );
+}
+
+/// How long until `store` answers a health check again, asking every `pause`; fails the test
+/// with the last error when it still fails after `limit`.
+async fn works_again(store: &KafkaStore, limit: Duration, pause: Duration) -> Duration {
+    let back = Instant::now();
+    loop {
+        match store.health().await {
+            Ok(_) => return back.elapsed(),
+            Err(e) if back.elapsed() >= limit => panic!(
+                "the store still fails {:?} after the broker answers again: {e:?}",
+                back.elapsed()
+            ),
+            Err(_) => tokio::time::sleep(pause).await,
+        }
+    }
 }
