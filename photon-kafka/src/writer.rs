@@ -38,7 +38,7 @@ use crate::codec::{self, partition_for};
 use crate::config::KafkaConfig;
 use crate::error;
 use crate::index::PartitionIndex;
-use crate::position::Position;
+use crate::position;
 use crate::reader::{catch_up, stable_end};
 
 /// A producer unused this long is closed at the next take-over: the producers kept follow the
@@ -915,14 +915,7 @@ fn result_of(
 ) -> AppendResult {
     let offsets = index.offsets(stream.as_str());
     let checkpoints = (first.0..first.0 + len as u64)
-        .map(|v| {
-            Position::Partition {
-                category: stream.category_name().to_owned(),
-                partition: p,
-                next: offsets[v as usize] + 1,
-            }
-            .to_checkpoint()
-        })
+        .map(|v| position::partition_checkpoint(stream.category_name(), p, offsets[v as usize] + 1))
         .collect();
     AppendResult {
         first_version: first,
