@@ -20,7 +20,8 @@ pub use event::{
     MAX_EVENT_TYPE_LEN,
 };
 pub use opener::{
-    cursor_stream, now_start_wait, open_subscription, SubscriptionCursor, SubscriptionRequest,
+    batched, cursor_stream, now_start_wait, open_batched_subscription, open_subscription,
+    SubscriptionCursor, SubscriptionRequest,
 };
 pub use register::{
     classify_save, validate_register, Register, MAX_REGISTER_NAME_LEN, MAX_REGISTER_VALUE,
@@ -28,7 +29,7 @@ pub use register::{
 pub use store::{error_stream, AppendResult, Capabilities, EventStore, EventStoreExt, Health};
 pub use stream_id::{Category, StreamId, MAX_CATEGORY_LEN, MAX_ID_LEN};
 pub use subscription::{
-    Direction, ReadOptions, Selector, Start, SubscriptionItem, SubscriptionMode,
+    Direction, ReadOptions, Selector, Start, SubscriptionBatch, SubscriptionItem, SubscriptionMode,
 };
 pub use version::{ExpectedVersion, Version};
 

@@ -17,7 +17,7 @@ use futures::StreamExt;
 use crate::checkpoint::Checkpoint;
 use crate::error::Error;
 use crate::store::error_stream;
-use crate::subscription::{Selector, Start, SubscriptionItem, SubscriptionMode};
+use crate::subscription::{Selector, Start, SubscriptionBatch, SubscriptionItem, SubscriptionMode};
 use crate::telemetry::{SubscriptionTelemetry, Telemetry};
 
 /// How long a subscription from `Start::Now` waits before it says `CaughtUp`, for a backend
@@ -78,8 +78,66 @@ pub fn open_subscription<P, S>(
 where
     S: Stream<Item = Result<SubscriptionItem, Error>> + Send + 'static,
 {
+    open_traced(telemetry, selector, start, mode, Ok(()), decode, open)
+}
+
+/// Opens a batched subscription ([`crate::EventStore::subscribe_batches`]) the way
+/// [`open_subscription`] opens one, for a backend that builds its batches itself.
+///
+/// # Errors
+/// - [`Error::InvalidInput`] as the first item for `max_batch` 0, or for `Hot` with a start
+///   other than `Now`.
+/// - Whatever `decode` or `open` return, as the first item.
+pub fn open_batched_subscription<P, S>(
+    telemetry: &'static Telemetry,
+    selector: Selector,
+    start: Start,
+    mode: SubscriptionMode,
+    max_batch: usize,
+    decode: impl FnOnce(&Checkpoint, &Selector) -> Result<P, Error>,
+    open: impl FnOnce(SubscriptionRequest<P>) -> Result<S, Error>,
+) -> BoxStream<'static, Result<SubscriptionBatch, Error>>
+where
+    S: Stream<Item = Result<SubscriptionBatch, Error>> + Send + 'static,
+{
+    let checked = crate::validate::validate_max_batch(max_batch);
+    open_traced(telemetry, selector, start, mode, checked, decode, open)
+}
+
+/// What a subscription stream hands out, single items or batches, as telemetry sees it.
+trait Delivered: Sized + Send + 'static {
+    fn observe(telemetry: &mut SubscriptionTelemetry, polled: &Poll<Option<Result<Self, Error>>>);
+}
+
+impl Delivered for SubscriptionItem {
+    fn observe(telemetry: &mut SubscriptionTelemetry, polled: &Poll<Option<Result<Self, Error>>>) {
+        telemetry.observe(polled);
+    }
+}
+
+impl Delivered for SubscriptionBatch {
+    fn observe(telemetry: &mut SubscriptionTelemetry, polled: &Poll<Option<Result<Self, Error>>>) {
+        telemetry.observe_batch(polled);
+    }
+}
+
+/// Both openers: checks, decodes, opens, and wraps the stream in [`EndAfterError`].
+fn open_traced<P, S, T>(
+    telemetry: &'static Telemetry,
+    selector: Selector,
+    start: Start,
+    mode: SubscriptionMode,
+    checked: Result<(), Error>,
+    decode: impl FnOnce(&Checkpoint, &Selector) -> Result<P, Error>,
+    open: impl FnOnce(SubscriptionRequest<P>) -> Result<S, Error>,
+) -> BoxStream<'static, Result<T, Error>>
+where
+    S: Stream<Item = Result<T, Error>> + Send + 'static,
+    T: Delivered,
+{
     let mut traced = SubscriptionTelemetry::new(telemetry, &selector, &start, mode);
-    let request = validate_subscription(&start, mode)
+    let request = checked
+        .and_then(|()| validate_subscription(&start, mode))
         .and_then(|()| match &start {
             Start::After(cp) => decode(cp, &selector).map(Some),
             _ => Ok(None),
@@ -101,6 +159,79 @@ where
             traced.end(Err(&e));
             error_stream(e)
         }
+    }
+}
+
+/// A subscription's items in batches of up to `max_batch`: the events ready without waiting,
+/// cut at `CaughtUp`, at an error (which comes next, alone) and at the end. What
+/// [`crate::EventStore::subscribe_batches`] gives for a backend that builds no batches of its
+/// own.
+///
+/// # Errors
+/// - [`Error::InvalidInput`] as the only item for `max_batch` 0 (`items` is dropped unpolled).
+pub fn batched(
+    items: BoxStream<'static, Result<SubscriptionItem, Error>>,
+    max_batch: usize,
+) -> BoxStream<'static, Result<SubscriptionBatch, Error>> {
+    if let Err(e) = crate::validate::validate_max_batch(max_batch) {
+        return error_stream(e);
+    }
+    Batched {
+        items,
+        max_batch,
+        held: None,
+        ended: false,
+    }
+    .boxed()
+}
+
+/// [`batched`]'s stream.
+struct Batched {
+    items: BoxStream<'static, Result<SubscriptionItem, Error>>,
+    max_batch: usize,
+    /// What cut the last batch short, handed out next: `CaughtUp` or the error.
+    held: Option<Result<SubscriptionBatch, Error>>,
+    /// The items ended (after an error, or at a Cold subscription's end).
+    ended: bool,
+}
+
+impl Stream for Batched {
+    type Item = Result<SubscriptionBatch, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if let Some(held) = this.held.take() {
+            return Poll::Ready(Some(held));
+        }
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        let mut events = Vec::new();
+        while events.len() < this.max_batch {
+            match this.items.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(SubscriptionItem::Event(e)))) => events.push(e),
+                Poll::Ready(Some(Ok(SubscriptionItem::CaughtUp))) => {
+                    this.held = Some(Ok(SubscriptionBatch::CaughtUp));
+                    break;
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.held = Some(Err(e));
+                    this.ended = true;
+                    break;
+                }
+                Poll::Ready(None) => {
+                    this.ended = true;
+                    break;
+                }
+                // Woken when the next item is ready; the events so far go now.
+                Poll::Pending if events.is_empty() => return Poll::Pending,
+                Poll::Pending => break,
+            }
+        }
+        if events.is_empty() {
+            return Poll::Ready(this.held.take());
+        }
+        Poll::Ready(Some(Ok(SubscriptionBatch::Events(events))))
     }
 }
 
@@ -143,11 +274,12 @@ struct EndAfterError<S> {
     telemetry: SubscriptionTelemetry,
 }
 
-impl<S> Stream for EndAfterError<S>
+impl<S, T> Stream for EndAfterError<S>
 where
-    S: Stream<Item = Result<SubscriptionItem, Error>>,
+    S: Stream<Item = Result<T, Error>>,
+    T: Delivered,
 {
-    type Item = Result<SubscriptionItem, Error>;
+    type Item = Result<T, Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if self.done {
@@ -158,7 +290,7 @@ where
             let _entered = this.telemetry.span().enter();
             this.inner.as_mut().poll_next(cx)
         };
-        this.telemetry.observe(&polled);
+        T::observe(&mut this.telemetry, &polled);
         if let Poll::Ready(None) | Poll::Ready(Some(Err(_))) = &polled {
             this.done = true;
         }
@@ -166,9 +298,10 @@ where
     }
 }
 
-impl<S> FusedStream for EndAfterError<S>
+impl<S, T> FusedStream for EndAfterError<S>
 where
-    S: Stream<Item = Result<SubscriptionItem, Error>>,
+    S: Stream<Item = Result<T, Error>>,
+    T: Delivered,
 {
     fn is_terminated(&self) -> bool {
         self.done
@@ -279,5 +412,99 @@ mod tests {
         );
         let items: Vec<_> = block_on(s.collect());
         assert!(matches!(&items[..], [Err(Error::Unsupported { .. })]));
+    }
+
+    fn event(n: u64) -> SubscriptionItem {
+        SubscriptionItem::Event(crate::RecordedEvent {
+            stream: crate::StreamId::parse("t-1").unwrap(),
+            version: crate::Version(n),
+            event_id: crate::Uuid::now_v7(),
+            event_type: crate::EventType::new("Numbered").unwrap(),
+            schema_version: 1,
+            occurred_at: crate::Timestamp::now(),
+            recorded_at: crate::Timestamp::now(),
+            payload: crate::Payload::json(&n).unwrap(),
+            metadata: crate::Metadata::default(),
+            checkpoint: Checkpoint::from_position("test", n),
+        })
+    }
+
+    /// What `batched` makes of `items`, one poll per batch, `Pending` shown as `None`.
+    fn batches_of(
+        items: Vec<Poll<Option<Result<SubscriptionItem, Error>>>>,
+        max_batch: usize,
+    ) -> Vec<Option<Result<Vec<u64>, String>>> {
+        let mut items = items.into_iter();
+        let source = stream::poll_fn(move |_| items.next().unwrap_or(Poll::Ready(None))).boxed();
+        let mut batches = batched(source, max_batch);
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut seen = Vec::new();
+        loop {
+            match batches.poll_next_unpin(&mut cx) {
+                Poll::Pending => seen.push(None),
+                Poll::Ready(None) => return seen,
+                Poll::Ready(Some(b)) => seen.push(Some(match b {
+                    Ok(SubscriptionBatch::Events(events)) => {
+                        Ok(events.iter().map(|e| e.version.value()).collect())
+                    }
+                    Ok(SubscriptionBatch::CaughtUp) => Err("CaughtUp".into()),
+                    Err(e) => Err(e.to_string()),
+                })),
+            }
+        }
+    }
+
+    #[test]
+    fn batches_are_cut_at_their_size_at_caught_up_at_a_wait_and_before_an_error() {
+        let ready = |n| Poll::Ready(Some(Ok(event(n))));
+        let items = vec![
+            ready(0),
+            ready(1),
+            ready(2),
+            Poll::Ready(Some(Ok(SubscriptionItem::CaughtUp))),
+            ready(3),
+            Poll::Pending,
+            Poll::Pending,
+            ready(4),
+            Poll::Ready(Some(Err(Error::Unavailable {
+                backend: "test",
+                message: "gone".into(),
+                source: None,
+            }))),
+            ready(5),
+        ];
+        let seen = batches_of(items, 2);
+        assert_eq!(
+            seen[..6],
+            [
+                Some(Ok(vec![0, 1])),
+                Some(Ok(vec![2])),
+                Some(Err("CaughtUp".into())),
+                // Ready events go at once when the next item must be waited for.
+                Some(Ok(vec![3])),
+                None,
+                Some(Ok(vec![4])),
+            ]
+        );
+        // The error alone, after the events before it, and nothing after it.
+        assert!(
+            matches!(&seen[6..], [Some(Err(e))] if e.contains("gone")),
+            "{seen:?}"
+        );
+        // A Cold end after events: the events, then the end.
+        assert_eq!(
+            batches_of(vec![ready(0), Poll::Ready(None)], 10),
+            vec![Some(Ok(vec![0]))]
+        );
+    }
+
+    #[test]
+    fn a_largest_batch_of_zero_is_refused() {
+        let seen = batches_of(vec![Poll::Ready(Some(Ok(event(0))))], 0);
+        assert!(
+            matches!(&seen[..], [Some(Err(e))] if e.contains("max_batch")),
+            "{seen:?}"
+        );
     }
 }

@@ -18,7 +18,9 @@ use crate::error::Error;
 use crate::event::{EventData, RecordedEvent};
 use crate::register::Register;
 use crate::stream_id::{Category, StreamId};
-use crate::subscription::{ReadOptions, Selector, Start, SubscriptionItem, SubscriptionMode};
+use crate::subscription::{
+    ReadOptions, Selector, Start, SubscriptionBatch, SubscriptionItem, SubscriptionMode,
+};
 use crate::version::{ExpectedVersion, Version};
 
 /// What a backend can and cannot do; the conformance suite reads this to decide what to run, and
@@ -152,6 +154,33 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
         mode: SubscriptionMode,
     ) -> BoxStream<'static, Result<SubscriptionItem, Error>>;
 
+    /// Subscribes as [`EventStore::subscribe`] does, with the same guarantees and errors, and
+    /// delivers the events in batches of up to `max_batch`: for replays and views that read
+    /// many events, which then pay once per batch what `subscribe` pays per event.
+    ///
+    /// # Behavior
+    /// - The events, `CaughtUp` and the first error come in the order `subscribe` gives them;
+    ///   a batch is never empty and never spans `CaughtUp`.
+    /// - A batch holds the events ready without waiting, up to `max_batch`: a live
+    ///   subscription hands out each event as soon as `subscribe` would, not when a batch fills.
+    /// - Events a batch delivered before an error were delivered; the error comes after them.
+    ///
+    /// Backends override it where they can build batches directly (photon-memory); the
+    /// default gathers `subscribe`'s items.
+    ///
+    /// # Errors
+    /// - [`Error::InvalidInput`] as the first item for `max_batch` 0.
+    /// - As [`EventStore::subscribe`].
+    fn subscribe_batches(
+        &self,
+        selector: Selector,
+        start: Start,
+        mode: SubscriptionMode,
+        max_batch: usize,
+    ) -> BoxStream<'static, Result<SubscriptionBatch, Error>> {
+        crate::opener::batched(self.subscribe(selector, start, mode), max_batch)
+    }
+
     /// The version of the stream's last event; None when the stream does not exist.
     ///
     /// # Errors
@@ -251,6 +280,15 @@ macro_rules! forward_event_store {
                 mode: SubscriptionMode,
             ) -> BoxStream<'static, Result<SubscriptionItem, Error>> {
                 (**self).subscribe(selector, start, mode)
+            }
+            fn subscribe_batches(
+                &self,
+                selector: Selector,
+                start: Start,
+                mode: SubscriptionMode,
+                max_batch: usize,
+            ) -> BoxStream<'static, Result<SubscriptionBatch, Error>> {
+                (**self).subscribe_batches(selector, start, mode, max_batch)
             }
             async fn stream_version(&self, stream: &StreamId) -> Result<Option<Version>, Error> {
                 (**self).stream_version(stream).await

@@ -101,6 +101,21 @@ pub enum SubscriptionItem {
     CaughtUp,
 }
 
+/// A run of a subscription's items, as [`crate::EventStore::subscribe_batches`] delivers them:
+/// consecutive events, or `CaughtUp`.
+///
+/// A replay handed out one event per poll pays for every event what a batch pays once (a
+/// poll through the stream's layers, a move of the event through each) — on photon-memory
+/// about a tenth of a replay's time. A batch is read in place.
+#[derive(Clone, PartialEq, Debug)]
+pub enum SubscriptionBatch {
+    /// One or more events, in the order [`crate::EventStore::subscribe`] delivers them; never
+    /// empty.
+    Events(Vec<RecordedEvent>),
+    /// As [`SubscriptionItem::CaughtUp`]: sent once, between the events before it and after.
+    CaughtUp,
+}
+
 impl SubscriptionItem {
     /// The event, if this item is one.
     pub fn into_event(self) -> Option<RecordedEvent> {

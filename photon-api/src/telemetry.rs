@@ -38,7 +38,7 @@ use crate::event::{EventData, RecordedEvent, Timestamp};
 use crate::store::AppendResult;
 use crate::stream_id::StreamId;
 use crate::subscription::{
-    Direction, ReadOptions, Selector, Start, SubscriptionItem, SubscriptionMode,
+    Direction, ReadOptions, Selector, Start, SubscriptionBatch, SubscriptionItem, SubscriptionMode,
 };
 
 /// Counter: appends answered, labels `backend` and `outcome` (see [`outcome`]).
@@ -710,6 +710,42 @@ impl SubscriptionTelemetry {
                     span.record("outcome", OUTCOMES[0]);
                 }
                 tracing::info!(target: "photon", events = self.events, "photon: caught up");
+            }
+            Poll::Ready(Some(Err(e))) => self.end(Err(e)),
+            Poll::Ready(None) => self.end(Ok(())),
+        }
+    }
+
+    /// As [`SubscriptionTelemetry::observe`], for a batched subscription: the batch's events
+    /// are counted together, and lag is sampled from its last event (after a wait, or when the
+    /// count passes a multiple of the sampling period).
+    pub(crate) fn observe_batch(
+        &mut self,
+        polled: &Poll<Option<Result<SubscriptionBatch, Error>>>,
+    ) {
+        match polled {
+            Poll::Pending => self.waited = true,
+            Poll::Ready(Some(Ok(SubscriptionBatch::Events(events)))) => {
+                let Some(last) = events.last() else { return };
+                let before = self.events;
+                self.events += events.len() as u64;
+                self.bytes += events
+                    .iter()
+                    .map(|e| e.payload.bytes.len() as u64)
+                    .sum::<u64>();
+                if self.waited || before / LAG_SAMPLE_EVERY != self.events / LAG_SAMPLE_EVERY {
+                    self.sample_lag(last.recorded_at);
+                }
+                self.waited = false;
+                tracing::trace!(
+                    events = events.len(),
+                    stream = %last.stream,
+                    version = last.version.value(),
+                    "photon: delivered a batch"
+                );
+            }
+            Poll::Ready(Some(Ok(SubscriptionBatch::CaughtUp))) => {
+                self.observe(&Poll::Ready(Some(Ok(SubscriptionItem::CaughtUp))));
             }
             Poll::Ready(Some(Err(e))) => self.end(Err(e)),
             Poll::Ready(None) => self.end(Ok(())),

@@ -88,6 +88,21 @@ pub fn validate_subscription(start: &Start, mode: SubscriptionMode) -> Result<()
     Ok(())
 }
 
+/// Checks a batched subscription's largest batch.
+///
+/// # Errors
+/// - [`Error::InvalidInput`] for 0: a batch holds at least one event, and a subscription that
+///   could deliver nothing would never end.
+pub fn validate_max_batch(max_batch: usize) -> Result<(), Error> {
+    if max_batch == 0 {
+        return Err(Error::InvalidInput {
+            what: "max_batch 0 of a batched subscription".into(),
+            reason: "a batch holds at least one event; give 1 or more".into(),
+        });
+    }
+    Ok(())
+}
+
 /// What a batch is, given which of its ids the stream already holds.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum BatchKind {
