@@ -20,8 +20,8 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use photon_api::{
     AppendResult, Bytes, Capabilities, Category, Error, EventData, EventStore, ExpectedVersion,
-    Health, ReadOptions, RecordedEvent, Register, Selector, Start, StreamId, SubscriptionItem,
-    SubscriptionMode, Uuid, Version,
+    Health, ReadOptions, RecordedEvent, Register, Selector, Start, StreamId, SubscriptionBatch,
+    SubscriptionItem, SubscriptionMode, Uuid, Version,
 };
 
 pub use crate::client::BACKEND;
@@ -178,6 +178,21 @@ impl EventStore for MemoryStore {
         match &self.shared.faults {
             None => subscription::subscribe(&self.shared, selector, start, mode),
             Some(faults) => faults::subscribe(&self.shared, faults, selector, start, mode),
+        }
+    }
+
+    fn subscribe_batches(
+        &self,
+        selector: Selector,
+        start: Start,
+        mode: SubscriptionMode,
+        max_batch: usize,
+    ) -> BoxStream<'static, Result<SubscriptionBatch, Error>> {
+        match &self.shared.faults {
+            None => subscription::subscribe_batches(&self.shared, selector, start, mode, max_batch),
+            // Faults act on single items (a dropped subscription after an event, a weak
+            // order): batches are gathered from those.
+            Some(_) => photon_api::batched(self.subscribe(selector, start, mode), max_batch),
         }
     }
 

@@ -13,8 +13,8 @@ use std::task::{ready, Context, Poll};
 use futures::future::BoxFuture;
 use futures::stream::{BoxStream, Stream};
 use photon_api::{
-    open_subscription, Checkpoint, Error, RecordedEvent, Selector, Start, SubscriptionItem,
-    SubscriptionMode, SubscriptionRequest,
+    open_batched_subscription, open_subscription, Checkpoint, Error, RecordedEvent, Selector,
+    Start, SubscriptionBatch, SubscriptionItem, SubscriptionMode, SubscriptionRequest,
 };
 use tokio::sync::watch;
 
@@ -39,6 +39,33 @@ pub(crate) fn subscribe(
         |request| {
             let cursor = open(shared, request)?;
             Ok(Subscription { cursor, wait: None })
+        },
+    )
+}
+
+/// A batched subscription, as [`photon_api::EventStore::subscribe_batches`] describes: the
+/// same cursor, each fetched chunk's events built straight into the batch.
+pub(crate) fn subscribe_batches(
+    shared: &Arc<Shared>,
+    selector: Selector,
+    start: Start,
+    mode: SubscriptionMode,
+    max_batch: usize,
+) -> BoxStream<'static, Result<SubscriptionBatch, Error>> {
+    open_batched_subscription(
+        &TELEMETRY,
+        selector,
+        start,
+        mode,
+        max_batch,
+        |checkpoint, _| codec::position(checkpoint).map(|p| (p, checkpoint.clone())),
+        |request| {
+            let cursor = open(shared, request)?;
+            Ok(Batches {
+                cursor,
+                wait: None,
+                max_batch,
+            })
         },
     )
 }
@@ -159,6 +186,32 @@ impl Cursor {
         len
     }
 
+    /// Fetches the next chunk, or says what comes instead: waits (on `wait`) only when live
+    /// and idle. `Step::Wait` is never answered.
+    fn advance(
+        &mut self,
+        wait: &mut Option<BoxFuture<'static, bool>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Step> {
+        loop {
+            if let Some(w) = wait {
+                let alive = ready!(w.as_mut().poll(cx));
+                *wait = None;
+                if !alive {
+                    return Poll::Ready(Step::End); // the store is gone: no more events can come
+                }
+            }
+            match self.step() {
+                Step::Wait => {
+                    // A clone has seen what the cursor has seen, so it wakes on the next append.
+                    let mut head = self.head.clone();
+                    *wait = Some(Box::pin(async move { head.changed().await.is_ok() }));
+                }
+                step => return Poll::Ready(step),
+            }
+        }
+    }
+
     /// Fetches the next chunk, or says what comes instead, without waiting.
     fn step(&mut self) -> Step {
         let len = self.fetch();
@@ -211,22 +264,50 @@ impl Stream for Subscription {
             if let Some(e) = fetched.copied.pop_front() {
                 return Poll::Ready(Some(Ok(SubscriptionItem::Event(e))));
             }
-            if let Some(wait) = &mut this.wait {
-                let alive = ready!(wait.as_mut().poll(cx));
-                this.wait = None;
-                if !alive {
-                    return Poll::Ready(None); // the store is gone: no more events can come
-                }
-            }
-            match this.cursor.step() {
-                Step::Fetched => {}
+            match ready!(this.cursor.advance(&mut this.wait, cx)) {
+                Step::Fetched | Step::Wait => {}
                 Step::CaughtUp => return Poll::Ready(Some(Ok(SubscriptionItem::CaughtUp))),
                 Step::End => return Poll::Ready(None),
-                Step::Wait => {
-                    // A clone has seen what the cursor has seen, so it wakes on the next append.
-                    let mut head = this.cursor.head.clone();
-                    this.wait = Some(Box::pin(async move { head.changed().await.is_ok() }));
+            }
+        }
+    }
+}
+
+/// A batched subscription: each batch built from the cursor's fetched chunk (up to
+/// `max_batch` of it), a wait on the head only when live and idle.
+struct Batches {
+    cursor: Cursor,
+    wait: Option<BoxFuture<'static, bool>>,
+    max_batch: usize,
+}
+
+impl Stream for Batches {
+    type Item = Result<SubscriptionBatch, Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            let fetched = &mut this.cursor.fetched;
+            if let Some(sealed) = &fetched.sealed {
+                let positions = &fetched.positions[fetched.taken..];
+                let positions = &positions[..positions.len().min(this.max_batch)];
+                let mut events = Vec::with_capacity(positions.len());
+                events.extend(positions.iter().map(|&p| sealed.event(p)));
+                fetched.taken += positions.len();
+                if fetched.taken == fetched.positions.len() {
+                    fetched.clear();
                 }
+                return Poll::Ready(Some(Ok(SubscriptionBatch::Events(events))));
+            }
+            if !fetched.copied.is_empty() {
+                let n = fetched.copied.len().min(this.max_batch);
+                let events = fetched.copied.drain(..n).collect();
+                return Poll::Ready(Some(Ok(SubscriptionBatch::Events(events))));
+            }
+            match ready!(this.cursor.advance(&mut this.wait, cx)) {
+                Step::Fetched | Step::Wait => {}
+                Step::CaughtUp => return Poll::Ready(Some(Ok(SubscriptionBatch::CaughtUp))),
+                Step::End => return Poll::Ready(None),
             }
         }
     }

@@ -5,15 +5,16 @@
 //! a new case is a `pub async fn name(h: &Harness)` here plus its name in that list. Tools other
 //! files use too belong in `support.rs`.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
 use photon_api::{
-    Error, ExpectedVersion, RecordedEvent, Selector, Start, SubscriptionItem, SubscriptionMode,
-    Uuid, Version,
+    Checkpoint, Error, EventStore, ExpectedVersion, RecordedEvent, Selector, Start, StreamId,
+    SubscriptionBatch, SubscriptionItem, SubscriptionMode, Uuid, Version,
 };
 
 use crate::support::{
@@ -33,6 +34,8 @@ macro_rules! __conformance_subscribe_cases {
             hot_cold_with_concurrent_writers,
             hot_cold_catches_up_under_load,
             stream_subscription_hot_cold,
+            batches_deliver_what_subscribe_delivers,
+            batches_hot_cold_switch_live,
         }
     };
 }
@@ -289,4 +292,181 @@ pub async fn stream_subscription_hot_cold(h: &Harness) {
         (mine, Version(2), 2)
     );
     assert_quiet(&mut sub, Duration::from_millis(300), "from other streams").await;
+}
+
+/// A batched subscription's items one by one, as `subscribe` gives them, checking each batch on
+/// the way: never empty, never over `max_batch`.
+fn flattened(
+    batches: BoxStream<'static, Result<SubscriptionBatch, Error>>,
+    max_batch: usize,
+) -> impl Stream<Item = Result<SubscriptionItem, Error>> + Unpin {
+    batches.flat_map(move |batch| {
+        let items: Vec<Result<SubscriptionItem, Error>> = match batch {
+            Ok(SubscriptionBatch::Events(events)) => {
+                assert!(
+                    (1..=max_batch).contains(&events.len()),
+                    "a batch of {} events, asked for at most {max_batch}",
+                    events.len()
+                );
+                events
+                    .into_iter()
+                    .map(|e| Ok(SubscriptionItem::Event(e)))
+                    .collect()
+            }
+            Ok(SubscriptionBatch::CaughtUp) => vec![Ok(SubscriptionItem::CaughtUp)],
+            Err(e) => vec![Err(e)],
+        };
+        futures::stream::iter(items)
+    })
+}
+
+/// A Cold batched replay of `selector` from `start`, its events collected.
+async fn collect_cold_batches(
+    store: &dyn EventStore,
+    selector: Selector,
+    start: Start,
+    max_batch: usize,
+) -> Result<Vec<RecordedEvent>, Error> {
+    let batches = store.subscribe_batches(selector, start, SubscriptionMode::Cold, max_batch);
+    let mut items = flattened(batches, max_batch);
+    let mut events = Vec::new();
+    while let Some(item) = items.next().await {
+        match item? {
+            SubscriptionItem::Event(e) => events.push(e),
+            SubscriptionItem::CaughtUp => panic!("a Cold batched subscription sent CaughtUp"),
+        }
+    }
+    Ok(events)
+}
+
+/// Each stream's event ids, in the order delivered.
+fn per_stream(events: &[RecordedEvent]) -> BTreeMap<StreamId, Vec<Uuid>> {
+    let mut m: BTreeMap<StreamId, Vec<Uuid>> = BTreeMap::new();
+    for e in events {
+        m.entry(e.stream.clone()).or_default().push(e.event_id);
+    }
+    m
+}
+
+/// Guarantee 7 in batches: `subscribe_batches` delivers what `subscribe` delivers (the same
+/// order where the backend has a total order, per-stream order always), in batches of at most
+/// the size asked for; resumes after a batch's checkpoint like `subscribe`; refuses a largest
+/// batch of 0 and a Hot start other than Now as its first item.
+pub async fn batches_deliver_what_subscribe_delivers(h: &Harness) {
+    let store = h.client().await;
+    let category = h.category();
+    // 300 events, more than one of photon-memory's fetch chunks (256).
+    for s in 0..3u64 {
+        let stream = fresh_stream(&category, format!("b{s}"));
+        for b in 0..4u64 {
+            append_numbered(
+                &*store,
+                &stream,
+                ExpectedVersion::Any,
+                s * 1000 + b * 25,
+                25,
+            )
+            .await;
+        }
+    }
+    let selector = Selector::Category(category.clone());
+    let single = collect_cold(&*store, selector.clone(), Start::Beginning)
+        .await
+        .unwrap();
+    assert_eq!(single.len(), 300);
+    for max_batch in [1, 7, 1000] {
+        let batched = collect_cold_batches(&*store, selector.clone(), Start::Beginning, max_batch)
+            .await
+            .unwrap();
+        if store.capabilities().total_order {
+            let ids =
+                |events: &[RecordedEvent]| events.iter().map(|e| e.event_id).collect::<Vec<_>>();
+            assert_eq!(ids(&batched), ids(&single), "batches of up to {max_batch}");
+        }
+        assert_eq!(
+            per_stream(&batched),
+            per_stream(&single),
+            "batches of up to {max_batch}"
+        );
+        assert_per_stream_order(&batched);
+    }
+
+    // Resuming after an event a batch delivered, through the checkpoint's text form.
+    let batched = collect_cold_batches(&*store, selector.clone(), Start::Beginning, 64)
+        .await
+        .unwrap();
+    let other_client = h.client().await;
+    for i in [0, 63, 64, 200, 299] {
+        let stored: Checkpoint = batched[i].checkpoint.to_string().parse().unwrap();
+        let resumed =
+            collect_cold_batches(&*other_client, selector.clone(), Start::After(stored), 50)
+                .await
+                .unwrap();
+        assert_eq!(
+            per_stream(&resumed),
+            per_stream(&batched[i + 1..]),
+            "resume after event {i}"
+        );
+    }
+
+    let mut zero = store.subscribe_batches(
+        selector.clone(),
+        Start::Beginning,
+        SubscriptionMode::Cold,
+        0,
+    );
+    match zero.next().await {
+        Some(Err(Error::InvalidInput { what, .. })) => {
+            assert!(what.contains("max_batch"), "{what}")
+        }
+        other => panic!("want InvalidInput for a largest batch of 0, got {other:?}"),
+    }
+    assert!(zero.next().await.is_none(), "the error is the only item");
+    let mut hot = store.subscribe_batches(selector, Start::Beginning, SubscriptionMode::Hot, 10);
+    match hot.next().await {
+        Some(Err(Error::InvalidInput { what, .. })) => assert!(what.contains("Hot"), "{what}"),
+        other => panic!("want InvalidInput for Hot from Beginning, got {other:?}"),
+    }
+}
+
+/// Guarantee 7 in batches, HotCold: the history, `CaughtUp` once (in no batch), then each live
+/// append as soon as it is stored, not when a batch fills.
+pub async fn batches_hot_cold_switch_live(h: &Harness) {
+    let store = h.client().await;
+    let category = h.category();
+    let stream = fresh_stream(&category, "batched");
+    append_numbered(&*store, &stream, ExpectedVersion::NoStream, 0, 30).await;
+    let batches = store.subscribe_batches(
+        Selector::Category(category.clone()),
+        Start::Beginning,
+        SubscriptionMode::HotCold,
+        1000,
+    );
+    let mut sub = flattened(batches, 1000);
+    let mut history = Vec::new();
+    for _ in 0..30 {
+        history.push(next_event(&mut sub, h.patience, "the history").await);
+    }
+    assert_eq!(numbers(&history), (0..30).collect::<Vec<_>>());
+    expect_caught_up(&mut sub, h.patience).await;
+    let writer = h.client().await;
+    for n in 30..33 {
+        append_numbered(
+            &*writer,
+            &stream,
+            ExpectedVersion::Exact(Version(n - 1)),
+            n,
+            1,
+        )
+        .await;
+        // Delivered alone, though the batch could hold 1,000.
+        let e = next_event(&mut sub, h.patience, "a live event").await;
+        assert_eq!((number_of(&e), e.version), (n, Version(n)));
+    }
+    assert_quiet(
+        &mut sub,
+        Duration::from_millis(300),
+        "after the live events",
+    )
+    .await;
 }

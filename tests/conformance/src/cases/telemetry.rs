@@ -10,11 +10,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
+use futures::StreamExt;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use photon_api::telemetry::{
     APPENDED_BYTES, APPENDED_EVENTS, APPENDS, APPEND_SECONDS, CONFLICTS, SUBSCRIPTION_LAG_SECONDS,
 };
-use photon_api::{Error, EventStoreExt, ExpectedVersion, ReadOptions, Selector, Start};
+use photon_api::{
+    Error, EventStoreExt, ExpectedVersion, ReadOptions, Selector, Start, SubscriptionBatch,
+    SubscriptionMode,
+};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::Subscriber;
@@ -74,6 +78,20 @@ pub async fn spans_and_metrics(h: &Harness) {
             .await
             .unwrap();
         assert_eq!(replayed.len(), 3);
+        // A batched replay is traced and counted as one subscription too.
+        let mut batches = store.subscribe_batches(
+            Selector::Category(category.clone()),
+            Start::Beginning,
+            SubscriptionMode::Cold,
+            2,
+        );
+        let mut batched = 0;
+        while let Some(batch) = batches.next().await {
+            if let SubscriptionBatch::Events(events) = batch.unwrap() {
+                batched += events.len();
+            }
+        }
+        assert_eq!(batched, 3);
     }
 
     let backend = h.backend();
@@ -121,6 +139,20 @@ pub async fn spans_and_metrics(h: &Harness) {
             "{backend}: no {name} span with {want:?}; spans seen: {spans:#?}"
         );
     }
+    let replays = spans
+        .iter()
+        .filter(|s| {
+            s.name == "photon.subscribe"
+                && s.get("selector") == Some(selector.as_str())
+                && s.get("events") == Some("3")
+                && s.get("bytes").is_some_and(|b| b != "0")
+                && s.get("outcome") == Some("ok")
+        })
+        .count();
+    assert_eq!(
+        replays, 2,
+        "{backend}: the replay and the batched replay each have their span: {spans:#?}"
+    );
     assert!(
         spans.iter().any(|s| s.name == "photon.append"
             && s.get("outcome") == Some("ok")
