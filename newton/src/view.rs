@@ -22,7 +22,7 @@ use bytes::Bytes;
 use futures::stream::{select_all, StreamExt};
 use photon_api::{
     BoxError, Category, Checkpoint, Error, EventData, EventStore, ExpectedVersion, RecordedEvent,
-    Selector, Start, StreamId, SubscriptionItem, SubscriptionMode, Timestamp, Uuid, Version,
+    Selector, Start, StreamId, SubscriptionBatch, SubscriptionMode, Timestamp, Uuid, Version,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -619,6 +619,11 @@ struct Task<V: View> {
 /// Attempts of one checkpoint save when the checkpoint store is unavailable.
 const SAVE_ATTEMPTS: u32 = 10;
 
+/// The largest batch a view asks its subscriptions for: enough that a replay pays the
+/// subscription's per-poll cost rarely, few enough that a command (stop, rebuild) waits for
+/// at most that many events to be handled.
+const VIEW_BATCH: usize = 256;
+
 /// Why the inner loop of a task returned.
 enum Next {
     Resubscribe,
@@ -689,11 +694,14 @@ impl<V: View> Task<V> {
                 message: format!("the subscription to category {category} ended"),
                 source: None,
             };
+            // In batches: a replay then pays per batch, not per event, for the subscription's
+            // layers; commands are read between batches.
             self.store
-                .subscribe(
+                .subscribe_batches(
                     Selector::Category(category.clone()),
                     start,
                     SubscriptionMode::HotCold,
+                    VIEW_BATCH,
                 )
                 .chain(futures::stream::iter([Err(ended)]))
         });
@@ -714,17 +722,19 @@ impl<V: View> Task<V> {
                     }
                 }
                 item = merged.next() => match item {
-                    Some(Ok(SubscriptionItem::Event(event))) => {
-                        self.shared.handling(event.recorded_at);
-                        if let Some(next) = self.handle(&event, control).await? {
-                            return Ok(next);
-                        }
-                        self.shared.handled(event.recorded_at);
-                        if self.unsaved >= self.options.save_every {
-                            self.save().await?;
+                    Some(Ok(SubscriptionBatch::Events(events))) => {
+                        for event in &events {
+                            self.shared.handling(event.recorded_at);
+                            if let Some(next) = self.handle(event, control).await? {
+                                return Ok(next);
+                            }
+                            self.shared.handled(event.recorded_at);
+                            if self.unsaved >= self.options.save_every {
+                                self.save().await?;
+                            }
                         }
                     }
-                    Some(Ok(SubscriptionItem::CaughtUp)) => {
+                    Some(Ok(SubscriptionBatch::CaughtUp)) => {
                         caught_up += 1;
                         if caught_up == categories.len() {
                             self.save().await?;
