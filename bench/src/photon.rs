@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use newton::store::{
-    EventData, EventStore, ExpectedVersion, Selector, Start, SubscriptionItem, SubscriptionMode,
+    EventData, EventStore, ExpectedVersion, Selector, Start, SubscriptionBatch, SubscriptionItem,
+    SubscriptionMode,
 };
 use newton::{CacheOptions, Category, Repository, SnapshotPolicy, StreamId, Version};
 use tokio::sync::Barrier;
@@ -482,6 +483,9 @@ pub async fn write_replay_set(t: &Target, sizes: &Sizes) -> Result<ReplaySet, Bo
     })
 }
 
+/// The largest batch a replay asks for: photon-memory's fetch chunk.
+const REPLAY_BATCH: usize = 256;
+
 /// Replays `category` Cold from the beginning into a [`Balances`] view, decoding every
 /// payload; returns the view and the time taken.
 async fn replay_into_view(
@@ -492,15 +496,20 @@ async fn replay_into_view(
     let bar = progress::bar(expected_events, "replaying into a view");
     let started = Instant::now();
     let mut view = Balances::default();
-    let mut events = store.subscribe(
+    // In batches, as a view that replays reads: each event is read in place.
+    let mut batches = store.subscribe_batches(
         Selector::Category(category.clone()),
         Start::Beginning,
         SubscriptionMode::Cold,
+        REPLAY_BATCH,
     );
-    while let Some(item) = events.next().await {
-        if let SubscriptionItem::Event(e) = item? {
-            view.apply(&e.decode::<Deposited>()?);
-            if view.events() % 65_536 == 0 {
+    while let Some(batch) = batches.next().await {
+        if let SubscriptionBatch::Events(events) = batch? {
+            let before = view.events();
+            for e in &events {
+                view.apply(&e.decode::<Deposited>()?);
+            }
+            if before / 65_536 != view.events() / 65_536 {
                 bar.set_position(view.events());
             }
         }
