@@ -620,9 +620,9 @@ struct Task<V: View> {
 const SAVE_ATTEMPTS: u32 = 10;
 
 /// The largest batch a view asks its subscriptions for: enough that a replay pays the
-/// subscription's per-poll cost rarely, few enough that a command (stop, rebuild) waits for
-/// at most that many events to be handled.
-const VIEW_BATCH: usize = 256;
+/// subscription's per-poll cost rarely, few enough that a command (stop, rebuild) or a save
+/// tick, read between batches, waits for at most that many events to be handled.
+const VIEW_BATCH: usize = 64;
 
 /// Why the inner loop of a task returned.
 enum Next {

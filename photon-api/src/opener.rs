@@ -167,17 +167,19 @@ where
 /// [`crate::EventStore::subscribe_batches`] gives for a backend that builds no batches of its
 /// own.
 ///
+/// `subscribe` opens the subscription, once `max_batch` is checked.
+///
 /// # Errors
-/// - [`Error::InvalidInput`] as the only item for `max_batch` 0 (`items` is dropped unpolled).
+/// - [`Error::InvalidInput`] as the only item for `max_batch` 0 (no subscription is opened).
 pub fn batched(
-    items: BoxStream<'static, Result<SubscriptionItem, Error>>,
     max_batch: usize,
+    subscribe: impl FnOnce() -> BoxStream<'static, Result<SubscriptionItem, Error>>,
 ) -> BoxStream<'static, Result<SubscriptionBatch, Error>> {
     if let Err(e) = crate::validate::validate_max_batch(max_batch) {
         return error_stream(e);
     }
     Batched {
-        items,
+        items: subscribe(),
         max_batch,
         held: None,
         ended: false,
@@ -436,7 +438,7 @@ mod tests {
     ) -> Vec<Option<Result<Vec<u64>, String>>> {
         let mut items = items.into_iter();
         let source = stream::poll_fn(move |_| items.next().unwrap_or(Poll::Ready(None))).boxed();
-        let mut batches = batched(source, max_batch);
+        let mut batches = batched(max_batch, || source);
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
         let mut seen = Vec::new();

@@ -161,7 +161,8 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
     /// # Behavior
     /// - The events, `CaughtUp` and the first error come in the order `subscribe` gives them;
     ///   a batch is never empty and never spans `CaughtUp`.
-    /// - A batch holds the events ready without waiting, up to `max_batch`: a live
+    /// - A batch holds events that are ready without waiting, at most `max_batch` of them and
+    ///   possibly fewer (photon-memory's hold at most one fetch of its log, 256 events): a live
     ///   subscription hands out each event as soon as `subscribe` would, not when a batch fills.
     /// - Events a batch delivered before an error were delivered; the error comes after them.
     ///
@@ -178,7 +179,7 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
         mode: SubscriptionMode,
         max_batch: usize,
     ) -> BoxStream<'static, Result<SubscriptionBatch, Error>> {
-        crate::opener::batched(self.subscribe(selector, start, mode), max_batch)
+        crate::opener::batched(max_batch, || self.subscribe(selector, start, mode))
     }
 
     /// The version of the stream's last event; None when the stream does not exist.

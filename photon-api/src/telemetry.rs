@@ -63,8 +63,9 @@ pub const UNAVAILABLE: &str = "photon_unavailable_errors_total";
 /// `cancelled` one, to when its caller dropped it), label `backend`.
 pub const APPEND_SECONDS: &str = "photon_append_duration_seconds";
 /// Histogram: how long ago a subscription's delivered event was recorded, in seconds, sampled
-/// (the first event, every 256th, and every one that follows a wait for the store), label
-/// `backend`.
+/// (the first event, every 256th, and every one that follows a wait for the store; of a batched
+/// subscription, a batch's first event when the batch follows a wait or passes a multiple of
+/// 256), label `backend`.
 pub const SUBSCRIPTION_LAG_SECONDS: &str = "photon_subscription_lag_seconds";
 /// Histogram: how far behind the head of the store's log a subscription's delivered events
 /// are, in log positions (every category's events, not only the subscription's), label
@@ -717,8 +718,9 @@ impl SubscriptionTelemetry {
     }
 
     /// As [`SubscriptionTelemetry::observe`], for a batched subscription: the batch's events
-    /// are counted together, and lag is sampled from its last event (after a wait, or when the
-    /// count passes a multiple of the sampling period).
+    /// are counted together, and lag is sampled from its first event (the one the single-item
+    /// path samples after a wait) when the batch follows a wait or the count passes a multiple
+    /// of the sampling period.
     pub(crate) fn observe_batch(
         &mut self,
         polled: &Poll<Option<Result<SubscriptionBatch, Error>>>,
@@ -726,7 +728,9 @@ impl SubscriptionTelemetry {
         match polled {
             Poll::Pending => self.waited = true,
             Poll::Ready(Some(Ok(SubscriptionBatch::Events(events)))) => {
-                let Some(last) = events.last() else { return };
+                let (Some(first), Some(last)) = (events.first(), events.last()) else {
+                    return;
+                };
                 let before = self.events;
                 self.events += events.len() as u64;
                 self.bytes += events
@@ -734,7 +738,7 @@ impl SubscriptionTelemetry {
                     .map(|e| e.payload.bytes.len() as u64)
                     .sum::<u64>();
                 if self.waited || before / LAG_SAMPLE_EVERY != self.events / LAG_SAMPLE_EVERY {
-                    self.sample_lag(last.recorded_at);
+                    self.sample_lag(first.recorded_at);
                 }
                 self.waited = false;
                 tracing::trace!(
@@ -916,5 +920,65 @@ mod tests {
         let all = recorded(&snapshotter);
         assert_eq!(counter(&all, APPENDS, Some("denied")), 1, "{all:?}");
         assert_eq!(counter(&all, APPENDS, Some("error")), 0, "{all:?}");
+    }
+
+    /// An event recorded `ago` before now.
+    fn recorded_ago(ago: Duration) -> RecordedEvent {
+        let now = Timestamp::now().unix_micros();
+        let at = Timestamp::from_unix_micros(now - ago.as_micros() as i64).unwrap();
+        RecordedEvent {
+            stream: stream(),
+            version: Version::FIRST,
+            event_id: Uuid::now_v7(),
+            event_type: crate::EventType::new("Deposited").unwrap(),
+            schema_version: 1,
+            occurred_at: at,
+            recorded_at: at,
+            payload: crate::Payload::json(&1).unwrap(),
+            metadata: crate::Metadata::default(),
+            checkpoint: crate::Checkpoint::from_position("test", 0),
+        }
+    }
+
+    #[test]
+    fn a_batched_subscription_samples_lag_from_a_batch_s_first_event() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let mut traced = SubscriptionTelemetry::new(
+            &TEST,
+            &Selector::All,
+            &Start::Beginning,
+            SubscriptionMode::HotCold,
+        );
+        let batch = |n: usize| {
+            // The first event is old, the rest new: which one was sampled shows in the value.
+            let mut events = vec![recorded_ago(Duration::from_secs(100))];
+            events.extend((1..n).map(|_| recorded_ago(Duration::ZERO)));
+            Poll::Ready(Some(Ok(SubscriptionBatch::Events(events))))
+        };
+        traced.observe_batch(&batch(300)); // the first batch: sampled
+        traced.observe_batch(&batch(100)); // 300 to 400, no multiple of 256 passed: not
+        traced.observe_batch(&Poll::Pending);
+        traced.observe_batch(&batch(1)); // after a wait: sampled
+        traced.observe_batch(&batch(200)); // 401 to 601 passes 512: sampled
+        traced.observe_batch(&Poll::Ready(None));
+
+        let all = recorded(&snapshotter);
+        let lags: Vec<f64> = all
+            .iter()
+            .find_map(|(n, _, v)| match v {
+                DebugValue::Histogram(values) if n == SUBSCRIPTION_LAG_SECONDS => {
+                    Some(values.iter().map(|v| v.into_inner()).collect())
+                }
+                _ => None,
+            })
+            .unwrap_or_default();
+        assert_eq!(lags.len(), 3, "{lags:?}");
+        assert!(
+            lags.iter().all(|lag| *lag >= 99.0),
+            "each sample is a first event's: {lags:?}"
+        );
+        assert_eq!((traced.events, traced.bytes), (601, 601));
     }
 }

@@ -192,7 +192,7 @@ impl EventStore for MemoryStore {
             None => subscription::subscribe_batches(&self.shared, selector, start, mode, max_batch),
             // Faults act on single items (a dropped subscription after an event, a weak
             // order): batches are gathered from those.
-            Some(_) => photon_api::batched(self.subscribe(selector, start, mode), max_batch),
+            Some(_) => photon_api::batched(max_batch, || self.subscribe(selector, start, mode)),
         }
     }
 

@@ -5,8 +5,8 @@
 use futures::{Stream, StreamExt};
 use photon_api::{
     Checkpoint, ContentType, EventData, EventStore, EventType, ExpectedVersion, Payload,
-    ReadOptions, RecordedEvent, Selector, Start, StreamId, SubscriptionItem, SubscriptionMode,
-    Version,
+    ReadOptions, RecordedEvent, Selector, Start, StreamId, SubscriptionBatch, SubscriptionItem,
+    SubscriptionMode, Version,
 };
 use photon_memory::MemoryStore;
 
@@ -96,6 +96,32 @@ async fn cold(store: &MemoryStore, selector: Selector, start: Start) -> Vec<Reco
     events(store.subscribe(selector, start, SubscriptionMode::Cold)).await
 }
 
+/// The next batch's events, checking its size: never empty, never over `max_batch`.
+fn batch_events(batch: SubscriptionBatch, max_batch: usize) -> Vec<RecordedEvent> {
+    match batch {
+        SubscriptionBatch::Events(events) => {
+            assert!((1..=max_batch).contains(&events.len()), "{}", events.len());
+            events
+        }
+        SubscriptionBatch::CaughtUp => panic!("CaughtUp where events were due"),
+    }
+}
+
+/// A Cold batched replay's events, in batches of up to `max_batch`.
+async fn cold_batches(
+    store: &MemoryStore,
+    selector: Selector,
+    start: Start,
+    max_batch: usize,
+) -> Vec<RecordedEvent> {
+    let batches = store.subscribe_batches(selector, start, SubscriptionMode::Cold, max_batch);
+    let batches: Vec<_> = batches.map(Result::unwrap).collect().await;
+    batches
+        .into_iter()
+        .flat_map(|b| batch_events(b, max_batch))
+        .collect()
+}
+
 async fn read(store: &MemoryStore, stream: &str, options: ReadOptions) -> Vec<RecordedEvent> {
     let stream = StreamId::parse(stream).unwrap();
     let read = store.read_stream(&stream, options);
@@ -111,12 +137,20 @@ async fn reads_and_subscriptions_cross_segment_ends() {
     // Live subscriptions opened before the first segment is full, read while later ones fill.
     let mut live_b = store.subscribe(category("b"), Start::Beginning, SubscriptionMode::HotCold);
     let mut live_all = store.subscribe(Selector::All, Start::Beginning, SubscriptionMode::HotCold);
+    // And in batches, of a size that does not divide the fetch chunks (256).
+    let mut live_batches = store.subscribe_batches(
+        Selector::All,
+        Start::Beginning,
+        SubscriptionMode::HotCold,
+        100,
+    );
     let mut got_b = Vec::new();
     for _ in 0..10 {
         got_b.push(live_b.next().await.unwrap().unwrap());
     }
     // `live_all` reads between appends, so it holds sealed segments while later ones are sealed.
     let mut got_all = Vec::new();
+    let (mut got_batches, mut batches_caught_up) = (Vec::new(), false);
     while written.events.len() < 140_000 {
         let until = written.events.len() + 10_000;
         append_until(&store, &mut written, until).await;
@@ -124,6 +158,9 @@ async fn reads_and_subscriptions_cross_segment_ends() {
             if let SubscriptionItem::Event(e) = live_all.next().await.unwrap().unwrap() {
                 got_all.push(e);
             }
+        }
+        while got_batches.len() < got_all.len() {
+            live_batch(&mut live_batches, &mut got_batches, &mut batches_caught_up).await;
         }
     }
     let n = written.events.len();
@@ -140,11 +177,29 @@ async fn reads_and_subscriptions_cross_segment_ends() {
         a.clone(),
         &written,
     );
+    // In batches: across the segment ends, and of sizes that do and do not divide a chunk.
+    for max_batch in [1, 7, 256, 1_000] {
+        check(
+            &cold_batches(&store, Selector::All, Start::Beginning, max_batch).await,
+            0..n,
+            &written,
+        );
+    }
+    check(
+        &cold_batches(&store, category("a"), Start::Beginning, 100).await,
+        a.clone(),
+        &written,
+    );
     // Resuming right before, at and after the first segment's end.
     for k in [65_534, 65_535, 65_536, 65_537, 131_071] {
         let after = Start::After(written.events[k].2.clone());
         check(
-            &cold(&store, Selector::All, after).await,
+            &cold(&store, Selector::All, after.clone()).await,
+            k + 1..n,
+            &written,
+        );
+        check(
+            &cold_batches(&store, Selector::All, after, 3).await,
             k + 1..n,
             &written,
         );
@@ -204,4 +259,24 @@ async fn reads_and_subscriptions_cross_segment_ends() {
         }
     }
     check(&got_all, 0..n, &written);
+    while got_batches.len() < n {
+        live_batch(&mut live_batches, &mut got_batches, &mut batches_caught_up).await;
+    }
+    check(&got_batches, 0..n, &written);
+    assert!(batches_caught_up);
+}
+
+/// Takes the next batch of a HotCold batched subscription of everything opened when the log
+/// held 60,000 events: its events, or `CaughtUp`, once, right after those 60,000.
+async fn live_batch<S>(batches: &mut S, got: &mut Vec<RecordedEvent>, caught_up: &mut bool)
+where
+    S: Stream<Item = Result<SubscriptionBatch, photon_api::Error>> + Unpin,
+{
+    match batches.next().await.unwrap().unwrap() {
+        SubscriptionBatch::CaughtUp => {
+            assert_eq!((got.len(), *caught_up), (60_000, false));
+            *caught_up = true;
+        }
+        batch => got.extend(batch_events(batch, 100)),
+    }
 }

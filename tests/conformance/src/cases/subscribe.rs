@@ -374,13 +374,12 @@ pub async fn batches_deliver_what_subscribe_delivers(h: &Harness) {
         .await
         .unwrap();
     assert_eq!(single.len(), 300);
+    let ids = |events: &[RecordedEvent]| events.iter().map(|e| e.event_id).collect::<Vec<_>>();
     for max_batch in [1, 7, 1000] {
         let batched = collect_cold_batches(&*store, selector.clone(), Start::Beginning, max_batch)
             .await
             .unwrap();
         if store.capabilities().total_order {
-            let ids =
-                |events: &[RecordedEvent]| events.iter().map(|e| e.event_id).collect::<Vec<_>>();
             assert_eq!(ids(&batched), ids(&single), "batches of up to {max_batch}");
         }
         assert_eq!(
@@ -402,6 +401,13 @@ pub async fn batches_deliver_what_subscribe_delivers(h: &Harness) {
             collect_cold_batches(&*other_client, selector.clone(), Start::After(stored), 50)
                 .await
                 .unwrap();
+        if store.capabilities().total_order {
+            assert_eq!(
+                ids(&resumed),
+                ids(&batched[i + 1..]),
+                "resume after event {i}"
+            );
+        }
         assert_eq!(
             per_stream(&resumed),
             per_stream(&batched[i + 1..]),
@@ -436,19 +442,25 @@ pub async fn batches_hot_cold_switch_live(h: &Harness) {
     let category = h.category();
     let stream = fresh_stream(&category, "batched");
     append_numbered(&*store, &stream, ExpectedVersion::NoStream, 0, 30).await;
-    let batches = store.subscribe_batches(
+    let mut batches = store.subscribe_batches(
         Selector::Category(category.clone()),
         Start::Beginning,
         SubscriptionMode::HotCold,
         1000,
     );
-    let mut sub = flattened(batches, 1000);
+    let mut next = async || match tokio::time::timeout(h.patience, batches.next()).await {
+        Ok(Some(Ok(batch))) => batch,
+        other => panic!("want a batch within {:?}, got {other:?}", h.patience),
+    };
     let mut history = Vec::new();
-    for _ in 0..30 {
-        history.push(next_event(&mut sub, h.patience, "the history").await);
+    while history.len() < 30 {
+        match next().await {
+            SubscriptionBatch::Events(events) => history.extend(events),
+            SubscriptionBatch::CaughtUp => panic!("CaughtUp after {} of 30 events", history.len()),
+        }
     }
     assert_eq!(numbers(&history), (0..30).collect::<Vec<_>>());
-    expect_caught_up(&mut sub, h.patience).await;
+    assert_eq!(next().await, SubscriptionBatch::CaughtUp);
     let writer = h.client().await;
     for n in 30..33 {
         append_numbered(
@@ -460,13 +472,13 @@ pub async fn batches_hot_cold_switch_live(h: &Harness) {
         )
         .await;
         // Delivered alone, though the batch could hold 1,000.
-        let e = next_event(&mut sub, h.patience, "a live event").await;
-        assert_eq!((number_of(&e), e.version), (n, Version(n)));
+        let SubscriptionBatch::Events(live) = next().await else {
+            panic!("a second CaughtUp");
+        };
+        assert_eq!(numbers(&live), [n], "a live batch");
+        assert_eq!(live[0].version, Version(n));
     }
-    assert_quiet(
-        &mut sub,
-        Duration::from_millis(300),
-        "after the live events",
-    )
-    .await;
+    if let Ok(more) = tokio::time::timeout(Duration::from_millis(300), batches.next()).await {
+        panic!("expected nothing after the live events, got {more:?}");
+    }
 }
