@@ -207,18 +207,16 @@ impl Shared {
     /// way. After successes the queue is read and forgotten in the background (at most once per
     /// second), so a refusal from a time calls succeeded never answers a later outage.
     async fn metadata(&self, topic: Option<&str>, context: String) -> Result<Metadata, Error> {
-        let meta = self.meta();
-        let client = meta.clone();
         let (topic, timeout) = (topic.map(str::to_owned), self.config.timeout);
-        let answer = blocking(move || {
-            let answer = client.fetch_metadata(topic.as_deref(), timeout);
-            if answer.is_err() {
-                read_errors(&client, timeout);
-            }
-            answer
-        })
-        .await?;
-        self.reached(&meta, &answer);
+        let (meta, answer) = self
+            .ask_meta(move |client| {
+                let answer = client.fetch_metadata(topic.as_deref(), timeout);
+                if answer.is_err() {
+                    read_errors(client, timeout);
+                }
+                answer
+            })
+            .await?;
         match answer {
             Ok(md) if md.brokers().is_empty() => {
                 // librdkafka takes such an answer (a broker that is starting and not yet
@@ -242,6 +240,20 @@ impl Shared {
             }
             Err(e) => Err(error::refused_or(context, e, meta.context().last())),
         }
+    }
+
+    /// Runs `ask` with the metadata client, off the async threads, and notes whether it reached
+    /// a broker ([`Shared::reached`]): every request of that client goes through here, so none
+    /// escapes the count that replaces a client left without brokers. Answers the client asked.
+    pub(crate) async fn ask_meta<T: Send + 'static>(
+        &self,
+        ask: impl FnOnce(&MetaClient) -> rdkafka::error::KafkaResult<T> + Send + 'static,
+    ) -> Result<(Arc<MetaClient>, rdkafka::error::KafkaResult<T>), Error> {
+        let meta = self.meta();
+        let client = meta.clone();
+        let answer = blocking(move || ask(&client)).await?;
+        self.reached(&meta, &answer);
+        Ok((meta, answer))
     }
 
     /// The client for metadata, watermarks and offsets-for-times, as it is now.

@@ -19,7 +19,7 @@ use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tracing::Instrument;
 
-use crate::client::{blocking, Shared, SharedPartition, MAX_POOLED_READERS, TELEMETRY};
+use crate::client::{Shared, SharedPartition, MAX_POOLED_READERS, TELEMETRY};
 use crate::codec::{self, partition_for};
 use crate::error::{self, Fault};
 use crate::index::PartitionIndex;
@@ -173,21 +173,19 @@ pub(crate) async fn stable_end(shared: &Shared, topic: &str, p: i32) -> Result<i
     let deadline = tokio::time::Instant::now() + shared.config.timeout;
     let context = || format!("fetching the last stable offset of {topic}/{p}");
     loop {
-        let meta = shared.meta();
-        let client = meta.clone();
         let (t, timeout) = (topic.to_owned(), shared.config.timeout);
-        let asked = blocking(move || {
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition_offset(&t, p, Offset::End)?;
-            let found = client.offsets_for_times(tpl, timeout)?;
-            let e = found.find_partition(&t, p).ok_or(KafkaError::OffsetFetch(
-                rdkafka::error::RDKafkaErrorCode::UnknownPartition,
-            ))?;
-            e.error()?;
-            Ok::<_, KafkaError>(e.offset())
-        })
-        .await?;
-        shared.reached(&meta, &asked);
+        let (_, asked) = shared
+            .ask_meta(move |client| {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&t, p, Offset::End)?;
+                let found = client.offsets_for_times(tpl, timeout)?;
+                let e = found.find_partition(&t, p).ok_or(KafkaError::OffsetFetch(
+                    rdkafka::error::RDKafkaErrorCode::UnknownPartition,
+                ))?;
+                e.error()?;
+                Ok(e.offset())
+            })
+            .await?;
         let code = asked.as_ref().err().and_then(|e| e.rdkafka_error_code());
         match asked {
             Ok(Offset::Offset(o)) => return Ok(o),
@@ -226,11 +224,10 @@ fn leader_unknown(code: Option<rdkafka::error::RDKafkaErrorCode>) -> bool {
 pub(crate) async fn watermarks(shared: &Shared, topic: &str, p: i32) -> Result<(i64, i64), Error> {
     let deadline = tokio::time::Instant::now() + shared.config.timeout;
     loop {
-        let meta = shared.meta();
-        let client = meta.clone();
         let (t, timeout) = (topic.to_owned(), shared.config.timeout);
-        let asked = blocking(move || client.fetch_watermarks(&t, p, timeout)).await?;
-        shared.reached(&meta, &asked);
+        let (_, asked) = shared
+            .ask_meta(move |client| client.fetch_watermarks(&t, p, timeout))
+            .await?;
         match asked {
             Ok(marks) => return Ok(marks),
             Err(e)

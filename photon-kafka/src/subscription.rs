@@ -27,7 +27,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use crate::client::{blocking, Shared, TELEMETRY};
+use crate::client::{Shared, TELEMETRY};
 use crate::codec::{self, partition_for};
 use crate::error;
 use crate::position::{self, Position};
@@ -378,11 +378,11 @@ impl Progress {
             tpl.add_partition_offset(topic, p, Offset::Offset(t.unix_millis()))
                 .map_err(|e| error::from_kafka(context(), e))?;
         }
-        let meta = self.shared.meta();
-        let client = meta.clone();
         let timeout = self.shared.config.timeout;
-        let found = blocking(move || client.offsets_for_times(tpl, timeout)).await?;
-        self.shared.reached(&meta, &found);
+        let (_, found) = self
+            .shared
+            .ask_meta(move |client| client.offsets_for_times(tpl, timeout))
+            .await?;
         let found = found.map_err(|e| error::from_kafka(context(), e))?;
         let mut next = ends.to_vec();
         for &p in read {
